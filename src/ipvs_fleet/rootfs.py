@@ -1,0 +1,89 @@
+"""Debian root filesystems made with mmdebstrap: lab VM images and builder roots.
+
+A root is cached in a folder named by a key that covers everything it is made from
+(release, pinned kernel, package list), so a changed input makes a new root and an
+unchanged one is reused. A root is published by rename only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ipvs_fleet.debian import MIRROR, SECURITY_MIRROR, check_release
+from ipvs_fleet.errors import FleetError
+
+
+def sources(release: str) -> list[str]:
+    """The apt source lines for a release: main, -updates and -security."""
+    return [
+        f"deb {MIRROR} {release} main",
+        f"deb {MIRROR} {release}-updates main",
+        f"deb {SECURITY_MIRROR} {release}-security main",
+    ]
+
+
+def root_key(release: str, packages: Sequence[str], extra: str = "") -> str:
+    """A short digest naming a root made from exactly these inputs."""
+    h = hashlib.sha256("\n".join([release, *sorted(packages), extra]).encode()).hexdigest()
+    return f"{release}-{h[:16]}"
+
+
+def make_root(
+    release: str,
+    packages: Sequence[str],
+    dest: Path,
+    *,
+    variant: str = "apt",
+    hooks: Sequence[str] = (),
+    log: Path | None = None,
+) -> Path:
+    """Make a Debian root at `dest` (a directory) unless it already exists complete.
+
+    + release: Debian codename (bullseye, bookworm, trixie)
+    + packages: packages to include; `name=version` pins an exact version
+    + dest: the directory; built as `dest.partial` and renamed when done
+    + variant: mmdebstrap variant
+    + hooks: extra mmdebstrap options (e.g. `--customize-hook=...`)
+    + log: file for mmdebstrap's output (else inherited stderr)
+    """
+    check_release(release)
+    if (dest / ".complete").exists():
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        "mmdebstrap",
+        f"--variant={variant}",
+        "--mode=root",
+        "--format=directory",
+        "--skip=check/empty",
+        "--aptopt=Acquire::Retries=3",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/locale/*",
+        f"--include={','.join(packages)}",
+        *hooks,
+        release,
+        str(partial),
+        *sources(release),
+    ]
+    out = log.open("ab") if log else None
+    try:
+        r = subprocess.run(cmd, stdout=out or sys.stderr, stderr=subprocess.STDOUT)
+    finally:
+        if out:
+            out.close()
+    if r.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        where = f" (log: {log})" if log else ""
+        raise FleetError(f"mmdebstrap {release} failed with exit {r.returncode}{where}")
+    (partial / ".complete").write_text(" ".join(packages) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest
