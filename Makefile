@@ -1,0 +1,45 @@
+# Two commands for a newcomer on a fresh Debian machine (as root):
+#   make demo   - install, boot the lab fleet, run the main job on it, print a summary
+#   make test   - install and run the whole test suite, lab end-to-end tests included
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test unit lint deps venv clean lab-down
+
+deps: .deps-installed
+.deps-installed: deps/apt-packages.txt
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    $$(grep -v '^#' deps/apt-packages.txt) >/dev/null; \
+	else echo "not root: make sure these are installed: $$(grep -v '^#' deps/apt-packages.txt)"; fi
+	@touch $@
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (pyenv install 3.11 or apt python3.11)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	@touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -m 'not lab'
+
+test: deps venv lint
+	$(BIN)/pytest
+
+demo: deps venv
+	$(BIN)/ipvs-fleet demo
+
+lab-down: venv
+	$(BIN)/ipvs-fleet lab down
+
+clean: lab-down
+	rm -rf .lab artifacts reports

@@ -1,0 +1,164 @@
+"""Host-class policy: what each class of host wants from IPVS, validated before any host is touched.
+
+The policy file (`roles/ipvs_fleet/vars/host_classes.yml`) is the one source that the pyinfra
+deploy, the Ansible role and the checks read. Host data may override a class per host:
+
+- `ipvs_host_class`: the class name (required)
+- `ipvs_sysctls`: {key: value} merged over the class's sysctls
+- `ipvs_latency_budget`: {key: value} merged over the class's budget
+- `ipvs_allow_reuse_with`: a stated reason to allow knob=1 on a host that uses FTP or connmark
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipvs_fleet.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY_FILE = Path(
+    os.environ.get("IPVS_FLEET_POLICY", REPO / "roles" / "ipvs_fleet" / "vars" / "host_classes.yml")
+)
+KNOB = "conn_reuse_old_conntrack"
+BUDGET_KEYS = {"slow_ms", "max_slow", "max_errors", "p99_ms"}
+HOST_KEYS = {"ipvs_host_class", "ipvs_sysctls", "ipvs_latency_budget", "ipvs_allow_reuse_with"}
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """What one host should look like, after class and host overrides.
+
+    >>> HostSettings("k8s-canary", "k8s_node", {"conn_reuse_old_conntrack": 1, ...}, {...})
+    """
+
+    name: str
+    host_class: str
+    sysctls: dict[str, int]
+    latency_budget: dict[str, int | None]
+    allow_reuse_with: str | None = None
+
+    @property
+    def knob(self) -> int | None:
+        return self.sysctls.get(KNOB)
+
+    def sysctl_lines(self) -> list[str]:
+        """`net.ipv4.vs.<key> = <value>` lines, sorted, as the sysctl.d file holds them."""
+        return [f"net.ipv4.vs.{k} = {v}" for k, v in sorted(self.sysctls.items())]
+
+
+@dataclass
+class Policy:
+    """The parsed policy file."""
+
+    path: Path
+    classes: dict[str, dict[str, Any]]
+    schema: dict[str, dict[str, int]]
+    _cache: dict[str, HostSettings] = field(default_factory=dict, repr=False)
+
+    def check_sysctls(self, values: Mapping[str, Any], where: str) -> dict[str, int]:
+        """Validated {key: int} or ConfigError naming `where`, the key and the range."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: must be a mapping of net.ipv4.vs keys to integers")
+        out: dict[str, int] = {}
+        for key, value in values.items():
+            rng = self.schema.get(str(key))
+            if rng is None:
+                known = ", ".join(sorted(self.schema))
+                raise ConfigError(f"{where}: unknown IPVS sysctl {key!r} (known: {known})")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+            if not rng["min"] <= value <= rng["max"]:
+                raise ConfigError(
+                    f"{where}: {key}={value} is out of range {rng['min']}..{rng['max']}"
+                )
+            out[str(key)] = value
+        return out
+
+    def check_budget(self, values: Mapping[str, Any], where: str) -> dict[str, int | None]:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: must be a mapping")
+        out: dict[str, int | None] = {}
+        for key, value in values.items():
+            if key not in BUDGET_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown budget key {key!r} (known: {', '.join(sorted(BUDGET_KEYS))})"
+                )
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ConfigError(f"{where}: {key} must be a non-negative integer or null")
+            out[str(key)] = value
+        return out
+
+    def for_host(self, name: str, data: Mapping[str, Any]) -> HostSettings:
+        """The settings for one host, or ConfigError naming the host, key and file."""
+        where = f"host {name}"
+        unknown = {k for k in data if str(k).startswith("ipvs_") and k not in HOST_KEYS}
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown host data {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(HOST_KEYS))})"
+            )
+        cls = data.get("ipvs_host_class")
+        if cls is None:
+            raise ConfigError(f"{where}: no ipvs_host_class in its host or group data")
+        if cls not in self.classes:
+            raise ConfigError(
+                f"{where}: unknown host class {cls!r} (classes in {self.path}: "
+                f"{', '.join(sorted(self.classes))})"
+            )
+        base = self.classes[cls]
+        sysctls = dict(base["sysctls"])
+        sysctls.update(self.check_sysctls(data.get("ipvs_sysctls") or {}, f"{where}: ipvs_sysctls"))
+        budget = dict(base["latency_budget"])
+        overrides = data.get("ipvs_latency_budget") or {}
+        budget.update(self.check_budget(overrides, f"{where}: ipvs_latency_budget"))
+        reason = data.get("ipvs_allow_reuse_with")
+        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+            raise ConfigError(f"{where}: ipvs_allow_reuse_with must be a non-empty reason")
+        return HostSettings(name, cls, sysctls, budget, reason)
+
+
+def load_policy(path: Path | str | None = None) -> Policy:
+    """Parse and validate the policy file; every error names the file and the field."""
+    p = Path(path) if path else POLICY_FILE
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read policy: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: must be a mapping with host_classes and sysctl_schema")
+    for top in ("host_classes", "sysctl_schema"):
+        if not isinstance(doc.get(top), dict) or not doc[top]:
+            raise ConfigError(f"{p}: {top} must be a non-empty mapping")
+    schema: dict[str, dict[str, int]] = {}
+    for key, rng in doc["sysctl_schema"].items():
+        if not isinstance(rng, dict) or not {"min", "max"} <= set(rng):
+            raise ConfigError(f"{p}: sysctl_schema.{key} needs min and max")
+        schema[str(key)] = {"min": int(rng["min"]), "max": int(rng["max"])}
+    policy = Policy(p, {}, schema)
+    for name, body in doc["host_classes"].items():
+        where = f"{p}: host_classes.{name}"
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        extra = set(body) - {"description", "sysctls", "latency_budget"}
+        if extra:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
+        if "sysctls" not in body:
+            raise ConfigError(f"{where}: missing sysctls")
+        policy.classes[str(name)] = {
+            "description": body.get("description", ""),
+            "sysctls": policy.check_sysctls(body["sysctls"], f"{where}.sysctls"),
+            "latency_budget": policy.check_budget(
+                body.get("latency_budget") or {}, f"{where}.latency_budget"
+            ),
+        }
+    return policy
