@@ -6,12 +6,14 @@ deploy, the Ansible role and the checks read. Host data may override a class per
 - `ipvs_host_class`: the class name (required)
 - `ipvs_sysctls`: {key: value} merged over the class's sysctls
 - `ipvs_latency_budget`: {key: value} merged over the class's budget
+- `ipvs_activation`: reload | reboot | next-boot, over the class's activation
 - `ipvs_allow_reuse_with`: a stated reason to allow knob=1 on a host that uses FTP or connmark
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,15 @@ POLICY_FILE = Path(
 )
 KNOB = "conn_reuse_old_conntrack"
 BUDGET_KEYS = {"slow_ms", "max_slow", "max_errors", "p99_ms"}
-HOST_KEYS = {"ipvs_host_class", "ipvs_sysctls", "ipvs_latency_budget", "ipvs_allow_reuse_with"}
+HOST_KEYS = {
+    "ipvs_host_class",
+    "ipvs_sysctls",
+    "ipvs_latency_budget",
+    "ipvs_activation",
+    "ipvs_allow_reuse_with",
+}
+ACTIVATIONS = ("reload", "reboot", "next-boot")
+MODULE_RE = r"(ip_vs|ip_vs_[a-z0-9_]+|xt_ipvs)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class HostSettings:
     host_class: str
     sysctls: dict[str, int]
     latency_budget: dict[str, int | None]
+    activation: str = "reload"
+    modules: tuple[str, ...] = ("ip_vs",)
     allow_reuse_with: str | None = None
 
     @property
@@ -122,7 +134,24 @@ class Policy:
         reason = data.get("ipvs_allow_reuse_with")
         if reason is not None and (not isinstance(reason, str) or not reason.strip()):
             raise ConfigError(f"{where}: ipvs_allow_reuse_with must be a non-empty reason")
-        return HostSettings(name, cls, sysctls, budget, reason)
+        activation = data.get("ipvs_activation", base["activation"])
+        check_activation(activation, f"{where}: ipvs_activation")
+        return HostSettings(name, cls, sysctls, budget, activation, base["modules"], reason)
+
+
+def check_activation(value: Any, where: str) -> str:
+    if value not in ACTIVATIONS:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(ACTIVATIONS)}")
+    return str(value)
+
+
+def check_modules(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or "ip_vs" not in value:
+        raise ConfigError(f"{where}: must be a list of IPVS modules that includes ip_vs")
+    for m in value:
+        if not isinstance(m, str) or not re.fullmatch(MODULE_RE, m):
+            raise ConfigError(f"{where}: {m!r} is not an IPVS module name")
+    return tuple(value)
 
 
 def load_policy(path: Path | str | None = None) -> Policy:
@@ -149,7 +178,7 @@ def load_policy(path: Path | str | None = None) -> Policy:
         where = f"{p}: host_classes.{name}"
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: must be a mapping")
-        extra = set(body) - {"description", "sysctls", "latency_budget"}
+        extra = set(body) - {"description", "sysctls", "latency_budget", "activation", "modules"}
         if extra:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
         if "sysctls" not in body:
@@ -160,5 +189,7 @@ def load_policy(path: Path | str | None = None) -> Policy:
             "latency_budget": policy.check_budget(
                 body.get("latency_budget") or {}, f"{where}.latency_budget"
             ),
+            "activation": check_activation(body.get("activation", "reload"), f"{where}.activation"),
+            "modules": check_modules(body.get("modules", ["ip_vs"]), f"{where}.modules"),
         }
     return policy
