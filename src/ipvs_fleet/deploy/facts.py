@@ -1,0 +1,219 @@
+"""pyinfra facts about a host's IPVS stack: what is loaded, installed, set and in use."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pyinfra.api import FactBase, QuoteString, StringCommand
+
+UPDATES_SUBDIR = "updates/ipvs-fleet"
+# Custom modinfo fields that the patched build carries (see src/ipvs_fleet/kernel).
+PATCHSET_FIELD = "ipvs_fleet"
+REUSE_FIELD = "ipvs_fleet_reuse"
+
+
+def updates_dir(kernel_release: str) -> str:
+    return f"/lib/modules/{kernel_release}/{UPDATES_SUBDIR}"
+
+
+class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
+    """
+    The loaded IPVS modules (ip_vs*, xt_ipvs) and whether each is our installed build.
+
+    .. code:: python
+
+        {
+            "ip_vs": {
+                "srcversion": "8C1F...", "taint": "OE",
+                "patched": True, "patchset": "ipvs-fleet-1", "reuse": "consistent",
+            },
+        }
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        # srcversion in sysfs identifies the loaded code; compare it with the file in
+        # updates/ (modinfo on a name would describe the file modprobe would pick instead).
+        return (
+            'kr=$(uname -r); u="/lib/modules/$kr/' + UPDATES_SUBDIR + '"; '
+            "for d in /sys/module/ip_vs /sys/module/ip_vs_* /sys/module/xt_ipvs; do "
+            '[ -d "$d" ] || continue; m=${d##*/}; '
+            'sv=$(cat "$d/srcversion" 2>/dev/null || echo -); '
+            't=$(cat "$d/taint" 2>/dev/null); '
+            'f="$u/$m.ko"; usv=-; ps=-; ru=-; '
+            'if [ -f "$f" ]; then usv=$(modinfo -F srcversion "$f"); '
+            f'ps=$(modinfo -F {PATCHSET_FIELD} "$f"); ru=$(modinfo -F {REUSE_FIELD} "$f"); fi; '
+            'echo "$m|$sv|${t:--}|${usv:--}|${ps:--}|${ru:--}"; done'
+        )
+
+    def process(self, output: list[str]) -> dict[str, dict[str, Any]]:
+        mods: dict[str, dict[str, Any]] = {}
+        for line in output:
+            parts = line.strip().split("|")
+            if len(parts) != 6:
+                continue
+            name, sv, taint, usv, patchset, reuse = (None if p == "-" else p for p in parts)
+            assert name is not None
+            patched = sv is not None and sv == usv
+            mods[name] = {
+                "srcversion": sv,
+                "taint": taint or "",
+                "patched": patched,
+                "patchset": patchset if patched else None,
+                "reuse": reuse if patched else None,
+            }
+        return mods
+
+
+class IpvsInstalledModules(FactBase[dict[str, str]]):
+    """
+    sha256 of each module file installed by ipvs-fleet for a kernel release.
+
+    .. code:: python
+
+        {"ip_vs.ko": "3f5c...", "ip_vs_rr.ko": "9a1b..."}
+    """
+
+    default = dict
+
+    def command(self, kernel_release: str) -> StringCommand:
+        return StringCommand(
+            "cd",
+            QuoteString(updates_dir(kernel_release)),
+            "2>/dev/null && sha256sum -- *.ko 2>/dev/null || true",
+        )
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        out = {}
+        for line in output:
+            m = re.match(r"^([0-9a-f]{64})\s+\*?(\S+)$", line.strip())
+            if m:
+                out[m.group(2)] = m.group(1)
+        return out
+
+
+class IpvsSysctls(FactBase[dict[str, int | list[int]]]):
+    """
+    The live net.ipv4.vs.* values of the host's initial network namespace ({} when
+    ip_vs is not loaded).
+
+    .. code:: python
+
+        {"conn_reuse_mode": 1, "conn_reuse_old_conntrack": 1, "sync_threshold": [3, 50]}
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        return (
+            "cd /proc/sys/net/ipv4/vs 2>/dev/null && for f in *; do "
+            '[ -r "$f" ] && printf "%s=%s\\n" "$f" "$(cat "$f" 2>/dev/null | tr "\\t" " ")"; '
+            "done || true"
+        )
+
+    def process(self, output: list[str]) -> dict[str, int | list[int]]:
+        out: dict[str, int | list[int]] = {}
+        for line in output:
+            key, sep, value = line.partition("=")
+            if not sep:
+                continue
+            parts = value.split()
+            if parts and all(re.fullmatch(r"-?\d+", p) for p in parts):
+                ints = [int(p) for p in parts]
+                out[key.strip()] = ints[0] if len(ints) == 1 else ints
+        return out
+
+
+class IpvsUsage(FactBase[dict[str, Any]]):
+    """
+    What on the host depends on conntrack staying tied to its real server, and whether a
+    kube-proxy style INVALID-drop rule is present.
+
+    .. code:: python
+
+        {"ftp": False, "ftp_reason": None, "connmark": False, "connmark_reason": None,
+         "invalid_drop": True}
+    """
+
+    def command(self) -> str:
+        return (
+            "echo '## lsmod'; cat /proc/modules 2>/dev/null | cut -d' ' -f1; "
+            "echo '## ipvsadm'; ipvsadm -Ln 2>/dev/null; "
+            "echo '## iptables'; (iptables-save 2>/dev/null; ip6tables-save 2>/dev/null); "
+            "echo '## nft'; nft list ruleset 2>/dev/null; true"
+        )
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        section = ""
+        sections: dict[str, list[str]] = {}
+        for line in output:
+            if line.startswith("## "):
+                section = line[3:].strip()
+                continue
+            sections.setdefault(section, []).append(line)
+        modules = {m.strip() for m in sections.get("lsmod", [])}
+        ftp_reason = None
+        if "ip_vs_ftp" in modules:
+            ftp_reason = "ip_vs_ftp is loaded"
+        for line in sections.get("ipvsadm", []):
+            if re.match(r"^(TCP|SCTP)\s+\S+:(21|ftp)\s", line.strip()):
+                ftp_reason = f"FTP virtual service: {line.split()[1]}"
+                break
+        rules = sections.get("iptables", []) + sections.get("nft", [])
+        connmark_reason = None
+        invalid_drop = False
+        for line in rules:
+            low = line.lower()
+            if re.search(r"connmark|ct mark|-m state\b|\bmeta mark set ct mark", low):
+                connmark_reason = connmark_reason or f"rule: {line.strip()}"
+            if re.search(r"(--ctstate|--state|ct state) invalid\b.*(-j drop|\bdrop\b)", low):
+                invalid_drop = True
+        return {
+            "ftp": ftp_reason is not None,
+            "ftp_reason": ftp_reason,
+            "connmark": connmark_reason is not None,
+            "connmark_reason": connmark_reason,
+            "invalid_drop": invalid_drop,
+        }
+
+
+class Lockdown(FactBase[dict[str, Any]]):
+    """
+    Whether the kernel would refuse an unsigned module (lockdown or Secure Boot with
+    module signature enforcement).
+
+    .. code:: python
+
+        {"lockdown": "none", "secure_boot": False, "sig_enforce": False}
+    """
+
+    def command(self) -> str:
+        return (
+            "echo lockdown=$(cat /sys/kernel/security/lockdown 2>/dev/null | "
+            "sed -n 's/.*\\[\\(.*\\)\\].*/\\1/p'); "
+            "echo sig_enforce=$(cat /sys/module/module/parameters/sig_enforce 2>/dev/null); "
+            "sb=$(od -An -t u1 /sys/firmware/efi/efivars/SecureBoot-* 2>/dev/null | "
+            "awk '{print $NF}'); echo secure_boot=${sb:-0}"
+        )
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        kv = dict(line.split("=", 1) for line in output if "=" in line)
+        return {
+            "lockdown": kv.get("lockdown") or "none",
+            "secure_boot": kv.get("secure_boot", "0").strip() == "1",
+            "sig_enforce": kv.get("sig_enforce", "").strip() == "Y",
+        }
+
+
+
+def refuses_unsigned(lockdown: dict[str, Any]) -> str | None:
+    """Why this host would refuse an unsigned out-of-tree module, or None."""
+    if lockdown["lockdown"] in ("integrity", "confidentiality"):
+        return f"kernel lockdown is {lockdown['lockdown']}"
+    if lockdown["sig_enforce"]:
+        return "module.sig_enforce is on"
+    if lockdown["secure_boot"]:
+        return "Secure Boot is on"
+    return None

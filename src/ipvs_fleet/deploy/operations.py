@@ -1,0 +1,245 @@
+"""pyinfra operations that converge a host's IPVS stack; each yields only what closes the gap."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Generator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import OperationError, QuoteString, StringCommand, operation
+from pyinfra.facts.files import File
+from pyinfra.operations import files, server
+
+from ipvs_fleet.deploy.facts import (
+    IpvsInstalledModules,
+    IpvsLoadedModules,
+    IpvsSysctls,
+    updates_dir,
+)
+from ipvs_fleet.policy import KNOB, HostSettings
+
+STATE_DIR = "/var/lib/ipvs-fleet"
+ROLE = Path(__file__).resolve().parents[3] / "roles" / "ipvs_fleet"
+TEMPLATES = ROLE / "templates"
+SWAP_SCRIPT = ROLE / "files" / "ipvs-swap.sh"
+SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
+MODULES_LOAD_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
+MODPROBE_FILE = "/etc/modprobe.d/ipvs-fleet.conf"
+# Files the deploy owns: target path -> template; each is backed up once before the first
+# write so that rollback can put the previous one back (or remove ours).
+MANAGED_FILES = {
+    SYSCTL_FILE: "90-ipvs-fleet.conf.j2",
+    MODULES_LOAD_FILE: "ipvs-fleet-modules.conf.j2",
+    MODPROBE_FILE: "ipvs-fleet-modprobe.conf.j2",
+}
+
+
+def backup_path(path: str) -> str:
+    return f"{STATE_DIR}/backup{path}"
+
+
+@operation()
+def modules_installed(
+    kernel_release: str,
+    tarball: str,
+    tarball_sha256: str,
+    modules: Mapping[str, str],
+) -> Generator[Any, None, None]:
+    """
+    Install a verified module set under /lib/modules/<release>/updates/ipvs-fleet.
+
+    + kernel_release: the host's `uname -r`
+    + tarball: local path of the artifact archive (*.ko at its top level)
+    + tarball_sha256: its expected sha256, checked again on the host before extracting
+    + modules: {file name: sha256} of every module the set must hold, no more, no less
+
+    **Example:**
+
+    .. code:: python
+
+        modules_installed(
+            name="Install the patched IPVS modules",
+            kernel_release="6.1.0-56-cloud-amd64",
+            tarball="artifacts/6.1.0-56-cloud-amd64/ipvs-fleet-modules.tar.gz",
+            tarball_sha256="…",
+            modules={"ip_vs.ko": "…"},
+        )
+    """
+    installed = host.get_fact(IpvsInstalledModules, kernel_release=kernel_release)
+    if installed == dict(modules):
+        host.noop(f"the patched IPVS modules are already installed for {kernel_release}")
+        return
+    dest = updates_dir(kernel_release)
+    remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
+    yield from files.put._inner(src=tarball, dest=remote_tar, mode="0600")
+    staging = f"{dest}.new"
+    sums = "\n".join(f"{sha}  {name}" for name, sha in sorted(modules.items()))
+    # Verify the archive, then every module, before anything replaces the live set.
+    yield StringCommand(
+        "echo", QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet"
+    )
+    yield StringCommand(
+        "rm -rf", QuoteString(staging), "&& mkdir -p", QuoteString(staging),
+        "&& tar -xzf", QuoteString(remote_tar), "-C", QuoteString(staging),
+        "&& cd", QuoteString(staging),
+        "&& printf '%s\\n'", QuoteString(sums), "| sha256sum -c --quiet --strict",
+        "&& [ $(ls", QuoteString(staging), "| wc -l) -eq", str(len(modules)), "]",
+    )  # fmt: skip
+    old = f"{dest}.old"
+    yield StringCommand(
+        "rm -rf", QuoteString(old),
+        "&& { [ ! -d", QuoteString(dest), "] || mv", QuoteString(dest), QuoteString(old), "; }",
+        "&& mv", QuoteString(staging), QuoteString(dest),
+        "&& rm -rf", QuoteString(old), QuoteString(remote_tar),
+        "&& depmod", QuoteString(kernel_release),
+    )  # fmt: skip
+
+
+@operation()
+def modules_removed(kernel_release: str) -> Generator[Any, None, None]:
+    """
+    Remove the ipvs-fleet module set so that modprobe resolves the stock modules again.
+
+    + kernel_release: the host's `uname -r`
+    """
+    dest = updates_dir(kernel_release)
+    if not host.get_fact(IpvsInstalledModules, kernel_release=kernel_release) and not (
+        host.get_fact(File, path=f"{dest}.failed")
+    ):
+        host.noop(f"no ipvs-fleet modules are installed for {kernel_release}")
+        return
+    yield StringCommand(
+        "rm -rf", QuoteString(dest), QuoteString(f"{dest}.failed"),
+        "&& depmod", QuoteString(kernel_release),
+    )  # fmt: skip
+
+
+@operation()
+def config_files(settings: HostSettings) -> Generator[Any, None, None]:
+    """
+    Write the sysctl.d, modules-load.d and modprobe.d files of the host's class, keeping a
+    one-time backup of whatever was there before.
+
+    + settings: the host's policy settings
+    """
+    for path, template in MANAGED_FILES.items():
+        backup = backup_path(path)
+        if host.get_fact(File, path=backup) is None and (
+            host.get_fact(File, path=backup + ".absent") is None
+        ):
+            q, b = QuoteString(path), QuoteString(backup)
+            yield StringCommand(
+                "mkdir -p", QuoteString(posixpath.dirname(backup)),
+                "&& if [ -f", q, "]; then cp -p", q, b,
+                "; else touch", QuoteString(backup + ".absent"), "; fi",
+            )  # fmt: skip
+        yield from files.template._inner(
+            src=str(TEMPLATES / template),
+            dest=path,
+            mode="0644",
+            ipvs_host_class=settings.host_class,
+            ipvs_sysctls=settings.sysctls,
+            ipvs_modules=list(settings.modules),
+        )
+
+
+@operation()
+def config_files_restored() -> Generator[Any, None, None]:
+    """Put back the files the deploy replaced (or remove the ones it created)."""
+    for path in MANAGED_FILES:
+        backup = backup_path(path)
+        q, b, absent = QuoteString(path), QuoteString(backup), QuoteString(backup + ".absent")
+        if host.get_fact(File, path=backup):
+            yield StringCommand("cp -p", b, q, "&& rm -f", b)
+        elif host.get_fact(File, path=backup + ".absent"):
+            yield StringCommand("rm -f", q, absent)
+        else:
+            host.noop(f"{path} has no backup to restore")
+
+
+@operation()
+def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None, None]:
+    """
+    Make the running kernel use the installed module set, by the host's activation strategy.
+
+    + settings: the host's policy settings (activation, modules to load)
+    + patchset: the patch-set version the loaded ip_vs must report; "" for the stock build
+    """
+    loaded = host.get_fact(IpvsLoadedModules)
+    want_patched = bool(patchset)
+
+    def current(info: dict[str, object]) -> bool:
+        if want_patched:
+            return bool(info["patched"]) and info["patchset"] == patchset
+        return not info["taint"] or "O" not in str(info["taint"])
+
+    stale = sorted(m for m, info in loaded.items() if not current(info))
+    if loaded and stale:
+        what = "patched" if want_patched else "stock"
+        if settings.activation == "next-boot":
+            host.noop(f"{', '.join(stale)} switch to the {what} build at next boot")
+            return
+        if settings.activation == "reboot":
+            yield from server.reboot._inner(delay=5, reboot_timeout=600)
+        else:
+            script = f"{STATE_DIR}/ipvs-swap.sh"
+            yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
+            yield StringCommand(QuoteString(script))
+    missing = [m for m in settings.modules if m not in loaded or m in stale]
+    if missing:
+        names = [QuoteString(m) for m in missing]
+        yield StringCommand("for m in", *names, '; do modprobe "$m"; done')
+    elif not stale:
+        host.noop(f"the {'patched' if want_patched else 'stock'} IPVS modules are active")
+
+
+@operation()
+def sysctls_live(settings: HostSettings) -> Generator[Any, None, None]:
+    """
+    Set the class's net.ipv4.vs.* values in the running kernel.
+
+    + settings: the host's policy settings
+    """
+    live = host.get_fact(IpvsSysctls)
+    for key, value in sorted(settings.sysctls.items()):
+        if key not in live:
+            if settings.activation == "next-boot":
+                host.noop(f"net.ipv4.vs.{key} appears with the patched module at next boot")
+                continue
+            raise OperationError(
+                f"net.ipv4.vs.{key} does not exist on {host.name}: ip_vs not loaded or stock"
+            )
+        yield from server.sysctl._inner(key=f"net.ipv4.vs.{key}", value=value)
+
+
+@operation()
+def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, None]:
+    """
+    Fail the host unless the running state is what was deployed (reads facts, changes
+    nothing): every loaded IPVS module from the expected build, the given values live.
+
+    + patchset: the expected patch-set version; "" for the stock build (then the knob
+      must not exist)
+    + sysctls: {key: value} that must be live
+    """
+    loaded = host.get_fact(IpvsLoadedModules)
+    live = host.get_fact(IpvsSysctls)
+    problems = []
+    if "ip_vs" not in loaded:
+        problems.append("ip_vs is not loaded")
+    for m, info in sorted(loaded.items()):
+        if patchset and info["patchset"] != patchset:
+            problems.append(f"{m}: the loaded build is not patch set {patchset}")
+        if not patchset and "O" in str(info["taint"]):
+            problems.append(f"{m}: an out-of-tree build is still loaded")
+    if not patchset and KNOB in live:
+        problems.append(f"net.ipv4.vs.{KNOB} still exists")
+    for key, value in sorted(sysctls.items()):
+        if live.get(key) != value:
+            problems.append(f"net.ipv4.vs.{key}: expected {value}, live {live.get(key)}")
+    if problems:
+        raise OperationError(f"{host.name} not verified: " + "; ".join(problems))
+    host.noop(f"verified: {'patch set ' + patchset if patchset else 'stock build'}")
+    yield from ()

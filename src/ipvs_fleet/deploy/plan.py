@@ -1,0 +1,115 @@
+"""Preflight: decide, before any host is changed, what each host gets, or refuse the whole run.
+
+pyinfra loads the deploy file for every host before it executes any operation, and an
+exception raised while loading aborts the run for all hosts. So everything that can make a
+host's deploy invalid (policy, missing artifact, lockdown, the reuse interlock) is checked
+here, at load time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.host import Host
+from pyinfra.facts.server import KernelVersion
+
+from ipvs_fleet.deploy.facts import IpvsUsage, Lockdown, refuses_unsigned
+from ipvs_fleet.errors import FleetError
+from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
+
+ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
+CONSISTENT = "consistent"
+
+
+class DeployRefused(PyinfraError):
+    """A host cannot be deployed as asked; nothing has been changed on any host."""
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What one host gets: its settings and the verified artifact for its kernel."""
+
+    host: str
+    settings: HostSettings
+    kernel_release: str
+    tarball: str
+    tarball_sha256: str
+    modules: dict[str, str]
+    patchset: str
+    reuse: str
+    usage: dict[str, Any]
+
+
+def host_data(host: Host) -> dict[str, Any]:
+    """The ipvs_* keys of a host's merged host/group data."""
+    return {k: v for k, v in host.data.dict().items() if str(k).startswith("ipvs_")}
+
+
+def settings_for(host: Host) -> HostSettings:
+    try:
+        return load_policy().for_host(host.name, host_data(host))
+    except FleetError as e:
+        raise DeployRefused(str(e)) from None
+
+
+def interlock(settings: HostSettings, usage: dict[str, Any], reuse: str) -> str | None:
+    """Why knob=1 must not be set on this host, or None."""
+    if settings.knob != 1:
+        return None
+    for what in ("ftp", "connmark"):
+        if usage[what] and not settings.allow_reuse_with:
+            return (
+                f"{KNOB}=1 refused: host uses {what} ({usage[what + '_reason']}); "
+                f"set host data ipvs_allow_reuse_with to a reason to override, or give it "
+                f"the '{what}' class"
+            )
+    if usage["invalid_drop"] and reuse != CONSISTENT:
+        return (
+            f"{KNOB}=1 refused: an INVALID-drop rule is present and this kernel's module "
+            f"reuse is '{reuse}', not conntrack-consistent"
+        )
+    return None
+
+
+def artifact_for(kernel_release: str, where: str) -> Any:
+    """The built, checksum-verified artifact for a kernel release."""
+    from ipvs_fleet.build.artifact import load_artifact
+
+    try:
+        art = load_artifact(ARTIFACTS, kernel_release)
+        art.verify()
+    except FleetError as e:
+        raise DeployRefused(
+            f"{where}: {e} (build it: ipvs-fleet build --kernel-release {kernel_release})"
+        ) from None
+    return art
+
+
+def plan_host(host: Host) -> HostPlan:
+    """Check one host and return its plan, or raise DeployRefused naming host and reason."""
+    settings = settings_for(host)
+    kr = host.get_fact(KernelVersion).strip()
+    where = f"host {host.name} (kernel {kr})"
+    lock = refuses_unsigned(host.get_fact(Lockdown))
+    if lock:
+        raise DeployRefused(f"{where}: {lock}; it would refuse the unsigned patched modules")
+    art = artifact_for(kr, where)
+    usage = host.get_fact(IpvsUsage)
+    why = interlock(settings, usage, art.reuse)
+    if why:
+        raise DeployRefused(f"{where}: {why}")
+    return HostPlan(
+        host=host.name,
+        settings=settings,
+        kernel_release=kr,
+        tarball=str(art.tarball),
+        tarball_sha256=art.sha256,
+        modules=dict(art.modules),
+        patchset=art.patchset,
+        reuse=art.reuse,
+        usage=usage,
+    )

@@ -1,0 +1,101 @@
+"""Parsing of the deploy's facts and the reuse interlock (pure logic; the lab tests run them
+against real hosts)."""
+
+from __future__ import annotations
+
+from ipvs_fleet.deploy.facts import (
+    IpvsInstalledModules,
+    IpvsLoadedModules,
+    IpvsSysctls,
+    IpvsUsage,
+    Lockdown,
+    refuses_unsigned,
+)
+from ipvs_fleet.deploy.plan import interlock
+from ipvs_fleet.policy import load_policy
+
+SHA = "a" * 64
+
+
+def test_loaded_modules_patched_only_when_srcversion_matches_updates():
+    out = IpvsLoadedModules().process(
+        [
+            "ip_vs|ABC|OE|ABC|1.0|consistent",
+            "ip_vs_rr|DEF|-|XYZ|1.0|-",
+            "xt_ipvs|GHI|-|-|-|-",
+        ]
+    )
+    assert out["ip_vs"] == {
+        "srcversion": "ABC",
+        "taint": "OE",
+        "patched": True,
+        "patchset": "1.0",
+        "reuse": "consistent",
+    }
+    assert out["ip_vs_rr"]["patched"] is False and out["ip_vs_rr"]["patchset"] is None
+    assert out["xt_ipvs"]["patched"] is False
+
+
+def test_installed_modules():
+    lines = [f"{SHA}  ip_vs.ko", f"{'b' * 64} *ip_vs_rr.ko", "garbage"]
+    assert IpvsInstalledModules().process(lines) == {"ip_vs.ko": SHA, "ip_vs_rr.ko": "b" * 64}
+
+
+def test_sysctls_parse_ints_and_pairs():
+    out = IpvsSysctls().process(
+        ["conn_reuse_mode=1", "sync_threshold=3 50", "est_cpulist=0-1", "conntrack=0"]
+    )
+    assert out == {"conn_reuse_mode": 1, "sync_threshold": [3, 50], "conntrack": 0}
+
+
+def usage(lines):
+    return IpvsUsage().process(lines)
+
+
+def test_usage_ftp_by_module_and_by_service():
+    assert usage(["## lsmod", "ip_vs_ftp", "ip_vs"])["ftp"]
+    u = usage(["## lsmod", "ip_vs", "## ipvsadm", "TCP  10.0.0.1:21 rr"])
+    assert u["ftp"] and "10.0.0.1:21" in u["ftp_reason"]
+    assert not usage(["## lsmod", "ip_vs", "## ipvsadm", "TCP  10.0.0.1:2121 rr"])["ftp"]
+
+
+def test_usage_connmark_and_invalid_drop():
+    u = usage(
+        [
+            "## iptables",
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+            "-A PREROUTING -j CONNMARK --restore-mark",
+        ]
+    )
+    assert u["invalid_drop"] and u["connmark"]
+    u = usage(["## nft", "ct state invalid drop"])
+    assert u["invalid_drop"] and not u["connmark"]
+    assert not usage(["## iptables", "-A FORWARD -m conntrack --ctstate INVALID -j ACCEPT"])[
+        "invalid_drop"
+    ]
+
+
+def test_lockdown():
+    off = Lockdown().process(["lockdown=", "sig_enforce=N", "secure_boot=0"])
+    assert refuses_unsigned(off) is None
+    on = Lockdown().process(["lockdown=integrity", "sig_enforce=N", "secure_boot=0"])
+    assert "integrity" in (refuses_unsigned(on) or "")
+    assert refuses_unsigned(Lockdown().process(["lockdown=", "sig_enforce=Y", "secure_boot=0"]))
+
+
+def test_interlock():
+    policy = load_policy()
+    k8s = policy.for_host("n", {"ipvs_host_class": "k8s_node"})
+    ftp = policy.for_host("f", {"ipvs_host_class": "ftp"})
+    clean = usage([])
+    with_ftp = usage(["## ipvsadm", "TCP  10.0.0.1:21 rr"])
+    with_drop = usage(["## iptables", "-A F -m conntrack --ctstate INVALID -j DROP"])
+    assert interlock(k8s, clean, "consistent") is None
+    assert "ftp" in (interlock(k8s, with_ftp, "consistent") or "")
+    assert interlock(ftp, with_ftp, "consistent") is None  # knob 0: nothing to refuse
+    assert interlock(k8s, with_drop, "consistent") is None
+    assert "not conntrack-consistent" in (interlock(k8s, with_drop, "stock-drop") or "")
+    allowed = policy.for_host(
+        "n", {"ipvs_host_class": "k8s_node", "ipvs_allow_reuse_with": "FTP is active mode only"}
+    )
+    assert interlock(allowed, with_ftp, "consistent") is None
