@@ -17,6 +17,7 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.facts.server import KernelVersion
 
+from ipvs_fleet.build.artifact import Artifact, load_artifact
 from ipvs_fleet.deploy.facts import IpvsUsage, Lockdown, refuses_unsigned
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
@@ -75,17 +76,12 @@ def interlock(settings: HostSettings, usage: dict[str, Any], reuse: str) -> str 
     return None
 
 
-def artifact_for(kernel_release: str, where: str) -> Any:
+def artifact_for(kernel_release: str, where: str) -> Artifact:
     """The built, checksum-verified artifact for a kernel release."""
-    from ipvs_fleet.build.artifact import load_artifact
-
     try:
-        art = load_artifact(ARTIFACTS, kernel_release)
-        art.verify()
+        art = load_artifact(ARTIFACTS, kernel_release)  # checks the tarball's sha256
     except FleetError as e:
-        raise DeployRefused(
-            f"{where}: {e} (build it: ipvs-fleet build --kernel-release {kernel_release})"
-        ) from None
+        raise DeployRefused(f"{where}: {e}") from None
     return art
 
 
@@ -99,7 +95,7 @@ def plan_host(host: Host) -> HostPlan:
         raise DeployRefused(f"{where}: {lock}; it would refuse the unsigned patched modules")
     art = artifact_for(kr, where)
     usage = host.get_fact(IpvsUsage)
-    why = interlock(settings, usage, art.reuse)
+    why = interlock(settings, usage, art.reuse_design)
     if why:
         raise DeployRefused(f"{where}: {why}")
     return HostPlan(
@@ -107,9 +103,9 @@ def plan_host(host: Host) -> HostPlan:
         settings=settings,
         kernel_release=kr,
         tarball=str(art.tarball),
-        tarball_sha256=art.sha256,
-        modules=dict(art.modules),
-        patchset=art.patchset,
-        reuse=art.reuse,
+        tarball_sha256=art.tarball_sha256,
+        modules=art.modules,
+        patchset=art.set_id,
+        reuse=art.reuse_design,
         usage=usage,
     )
