@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.artifacts",
+    "tests.fixtures.deploy",
 ]

@@ -1,0 +1,130 @@
+"""The main job end to end on the lab: `pyinfra -y inventory/lab.py deploy.py` on real VMs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ipvs_fleet.policy import KNOB, load_policy
+
+pytestmark = pytest.mark.lab
+
+MANAGED = "/etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf"
+
+
+def live_state(lab, name: str) -> dict:
+    """What a host runs now: ip_vs taint and set id, the IPVS sysctls, managed files."""
+    r = lab.run(
+        name,
+        "u=/lib/modules/$(uname -r)/updates/ipvs-fleet; "
+        "echo taint=$(cat /sys/module/ip_vs/taint 2>/dev/null); "
+        "echo loaded_sv=$(cat /sys/module/ip_vs/srcversion 2>/dev/null); "
+        "echo updates_sv=$(modinfo -F srcversion $u/ip_vs.ko 2>/dev/null); "
+        "echo set=$(modinfo -F ipvs_fleet $u/ip_vs.ko 2>/dev/null); "
+        "cd /proc/sys/net/ipv4/vs 2>/dev/null && for f in *; do echo vs.$f=$(cat $f); done; "
+        f"echo files=$(cat {MANAGED} 2>/dev/null | md5sum | cut -c1-8)",
+        check=False,
+    )
+    out = {}
+    for line in r.stdout.splitlines():
+        k, _, v = line.partition("=")
+        out[k] = v
+    return out
+
+
+def expected_sysctls(lab, name: str) -> dict[str, int]:
+    return load_policy().for_host(name, {"ipvs_host_class": lab.hosts[name].host_class}).sysctls
+
+
+def assert_converged(lab, artifacts, name: str) -> None:
+    st = live_state(lab, name)
+    kr = lab.hosts[name].kernel_release
+    assert "O" in st["taint"], f"{name}: ip_vs is not the out-of-tree build: {st}"
+    assert st["loaded_sv"] == st["updates_sv"] != "", f"{name}: loaded ip_vs is not updates/"
+    assert st["set"] == artifacts[kr].set_id
+    for key, value in expected_sysctls(lab, name).items():
+        assert st.get(f"vs.{key}") == str(value), f"{name}: {key} {st.get('vs.' + key)} != {value}"
+
+
+def test_fresh_deploy_converges_every_host(lab, artifacts, deployed):
+    print(f"fresh deploy: {deployed.seconds:.1f} s")
+    for name in lab.hosts:
+        assert_converged(lab, artifacts, name)
+
+
+def test_second_run_changes_nothing(deployer, deployed):
+    again = deployer.run()
+    print(f"no-op deploy: {again.seconds:.1f} s")
+    assert again.rc == 0
+    assert again.totals["success"] == 0, f"changed on a no-op run: {again.changed()}"
+    assert again.totals["error"] == 0
+    assert again.totals["no_change"] > 0
+
+
+def test_bad_host_class_touches_nothing(lab, deployer, deployed):
+    before = {n: live_state(lab, n) for n in lab.hosts}
+    r = deployer.run("deploy.py", "--data", "ipvs_host_class=web", check=False)
+    assert r.rc != 0
+    assert "unknown host class 'web'" in r.stdout + r.stderr
+    assert {n: live_state(lab, n) for n in lab.hosts} == before
+
+
+def test_missing_artifact_is_named_and_touches_nothing(lab, deployer, deployed, tmp_path):
+    before = {n: live_state(lab, n) for n in lab.hosts}
+    env = dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(tmp_path))
+    r = type(deployer)(deployer.inventory, env).run(check=False)
+    assert r.rc != 0
+    assert "no module artifact for kernel" in r.stdout + r.stderr
+    assert {n: live_state(lab, n) for n in lab.hosts} == before
+
+
+def test_interlock_refuses_knob_on_host_with_ftp_service(lab, deployer, deployed):
+    lab.run("k8s-canary", "ipvsadm -A -t 10.99.0.1:21 -s rr")
+    try:
+        before = {n: live_state(lab, n) for n in lab.hosts}
+        r = deployer.run(check=False)
+        out = r.stdout + r.stderr
+        assert r.rc != 0
+        assert "k8s-canary" in out and f"{KNOB}=1 refused" in out and "10.99.0.1:21" in out
+        assert {n: live_state(lab, n) for n in lab.hosts} == before
+    finally:
+        lab.run("k8s-canary", "ipvsadm -D -t 10.99.0.1:21")
+
+
+def test_reload_keeps_the_service_table_and_rollback_restores_stock(
+    lab, artifacts, deployer, deployed
+):
+    host = "k8s-canary"
+    lab.run(
+        host,
+        "ipvsadm -A -t 10.99.0.2:80 -s rr && ipvsadm -a -t 10.99.0.2:80 -r 10.99.1.1:80 -m "
+        "&& ipvsadm -a -t 10.99.0.2:80 -r 10.99.1.2:80 -m -w 3",
+    )
+    table = lab.run(host, "ipvsadm-save -n").stdout
+    try:
+        back = deployer.run("deploy/rollback.py", "--limit", host)
+        assert back.rc == 0
+        st = live_state(lab, host)
+        assert "O" not in st["taint"], f"stock ip_vs expected after rollback: {st}"
+        assert f"vs.{KNOB}" not in st, "the knob must disappear with the stock module"
+        assert lab.run(host, "ipvsadm-save -n").stdout == table
+        again = deployer.run("deploy.py", "--limit", host)
+        assert again.rc == 0
+        assert_converged(lab, artifacts, host)
+        assert lab.run(host, "ipvsadm-save -n").stdout == table
+    finally:
+        lab.run(host, "ipvsadm -D -t 10.99.0.2:80", check=False)
+
+
+def test_module_and_values_survive_reboot(lab, artifacts, deployed):
+    for name in lab.hosts:
+        lab.reboot(name)
+    for name in lab.hosts:
+        assert_converged(lab, artifacts, name)
+
+
+def test_fresh_deploy_reports_changes_per_host(lab, deployed):
+    # Run first in the session on a fresh lab, so every host had something to change.
+    assert deployed.totals["error"] == 0, json.dumps(deployed.doc)[:2000]
+    assert set(deployed.changed()) == set(lab.hosts)
