@@ -1,0 +1,159 @@
+"""What an IPVS host must look like once ipvs-fleet has converged it (one test per check).
+
+Each test gets `target` (inventory host + class settings), `facts` (read once per host) and
+`expect` (collects expected-vs-actual differences and fails once with all of them).
+"""
+
+from __future__ import annotations
+
+from ipvs_fleet.compliance import artifacts, latency, sysctl_defaults
+from ipvs_fleet.compliance.expect import Expect
+from ipvs_fleet.compliance.facts import (
+    MODULES_FILE,
+    SYSCTL_FILE,
+    TAINT_OOT,
+    TAINT_UNSIGNED,
+    HostFacts,
+)
+from ipvs_fleet.compliance.session import CheckSession, Target
+from ipvs_fleet.deploy.facts import updates_dir
+from ipvs_fleet.policy import KNOB
+
+VS = "net.ipv4.vs."
+ALLOWED_TAINT = TAINT_OOT | TAINT_UNSIGNED
+
+
+def test_patched_module(target: Target, facts: HostFacts, expect: Expect) -> None:
+    """ip_vs and every other loaded IPVS module are the patched build from updates/."""
+    loaded = facts.loaded
+    where = updates_dir(facts.kernel_release)
+    if "ip_vs" not in loaded:
+        expect.differ("ip_vs", f"patched build from {where}", "not loaded")
+    for name, m in sorted(loaded.items()):
+        if not m["patched"]:
+            expect.problem(
+                f"stock module loaded: {name} (srcversion {m['srcversion'] or '?'}, "
+                f"not the build in {where})"
+            )
+    sets = {m["patchset"] for m in loaded.values() if m["patched"]}
+    if len(sets) > 1:
+        expect.problem(f"modules from different builds loaded: {', '.join(sorted(sets))}")
+    want = artifacts.patchset(facts.kernel_release)
+    if want is not None:
+        for s in sets:
+            expect.equal(f"patch set ({artifacts.manifest_path(facts.kernel_release)})", want, s)
+    expect.details(kernel_release=facts.kernel_release, patchsets=sorted(sets))
+    expect.done(f"IPVS modules on kernel {facts.kernel_release} are not the patched build")
+
+
+def test_knob_present(facts: HostFacts, expect: Expect) -> None:
+    """net.ipv4.vs.conn_reuse_old_conntrack exists (only a patched ip_vs has it)."""
+    if KNOB not in facts.sysctls:
+        state = "loaded" if "ip_vs" in facts.loaded else "not loaded"
+        expect.differ(VS + KNOB, "present", f"absent (ip_vs {state})")
+    expect.done("the conn_reuse_old_conntrack sysctl is missing")
+
+
+def test_sysctls(target: Target, facts: HostFacts, expect: Expect) -> None:
+    """Every IPVS sysctl of the host's class has the class's value (live, init netns)."""
+    for key, want in sorted(target.settings.sysctls.items()):
+        expect.equal(VS + key, want, facts.sysctls.get(key, "absent"))
+    expect.done(f"live IPVS sysctls differ from class {target.settings.host_class}")
+
+
+def test_persisted(target: Target, facts: HostFacts, expect: Expect) -> None:
+    """The sysctl.d and modules-load.d files hold the class's values, and boot gives them."""
+    s = target.settings
+    if not facts.fleet_file_present:
+        expect.differ(SYSCTL_FILE, "present", "absent")
+    for key, want in sorted(s.sysctls.items()):
+        if facts.fleet_file_present:
+            expect.equal(f"{SYSCTL_FILE}: {VS}{key}", want, facts.fleet_file.get(key, "absent"))
+        boot = facts.persisted.get(key)
+        if boot is not None and str(boot[0]) != str(want):
+            # The last file to set a key wins at boot: the live value flips on the next reboot.
+            expect.differ(f"{VS}{key} at boot (set last by {boot[1]})", want, boot[0])
+    if facts.modules_load is None:
+        expect.differ(MODULES_FILE, "present", "absent")
+    else:
+        missing = [m for m in s.modules if m not in facts.modules_load]
+        if missing:
+            expect.differ(MODULES_FILE, " ".join(s.modules), " ".join(facts.modules_load))
+            expect.problem(f"not loaded at boot: {', '.join(missing)}")
+    expect.done("persisted IPVS configuration differs from the class")
+
+
+def test_sysctl_table(facts: HostFacts, expect: Expect) -> None:
+    """In a fresh netns every IPVS sysctl reads its documented default, and flipping one
+    changes no other (a dislocated sysctl table, the seed patch's bug, fails here)."""
+    t = facts.netns
+    if not t.ipvs:
+        expect.problem("ip_vs not loaded: no IPVS sysctls in a fresh network namespace")
+    elif not t.complete:
+        expect.problem("the fresh-netns table check did not finish (unshare or bash missing?)")
+    defaults = sysctl_defaults.for_kernel(facts.kernel_release)
+    for key, want in sorted(defaults.items()):
+        if t.ipvs and key in t.defaults:
+            expect.equal(f"{VS}{key} default in a new netns", want, t.defaults[key])
+        elif t.ipvs:
+            expect.differ(f"{VS}{key} in a new netns", want, "absent")
+    for p in t.problems:
+        expect.problem(p)
+    expect.details(netns_defaults=t.defaults)
+    expect.done("the IPVS sysctl table is inconsistent")
+
+
+def test_taint(facts: HostFacts, expect: Expect) -> None:
+    """The kernel carries no taint but O+E (out-of-tree, unsigned: our modules)."""
+    extra = facts.tainted & ~ALLOWED_TAINT
+    if extra:
+        expect.differ(
+            "/proc/sys/kernel/tainted",
+            f"{ALLOWED_TAINT} (O+E) or less",
+            f"{facts.tainted} ({facts.taint_flags()}; unexpected {facts.taint_flags(extra)})",
+        )
+    expect.done("the kernel is tainted by something other than ipvs-fleet's modules")
+
+
+def test_kube_proxy_drift(target: Target, facts: HostFacts, expect: Expect) -> None:
+    """conn_reuse_mode was not forced to 0 behind the policy's back (kube-proxy does so on
+    kernels before 5.9, and older kube-proxy releases on any kernel)."""
+    want = target.settings.sysctls.get("conn_reuse_mode")
+    live = facts.sysctls.get("conn_reuse_mode")
+    if want is not None and want != 0 and live == 0:
+        who = "kube-proxy is running" if facts.kube_proxy else "kube-proxy not running now"
+        expect.differ(f"{VS}conn_reuse_mode", want, f"0 ({who}; it forces 0 on kernels < 5.9)")
+    expect.details(kube_proxy=facts.kube_proxy)
+    expect.done("conn_reuse_mode was reset to 0 (kube-proxy drift)")
+
+
+def test_reuse_safety(target: Target, facts: HostFacts, expect: Expect) -> None:
+    """knob=1 only where it is safe: with an INVALID-drop rule only on a build whose reuse
+    keeps conntrack consistent; never on FTP/connmark hosts without a stated reason."""
+    if facts.sysctls.get(KNOB) != 1:
+        expect.done("")
+        return
+    u = facts.usage
+    reuse = (facts.loaded.get("ip_vs") or {}).get("reuse")
+    if u.get("invalid_drop") and reuse != "consistent":
+        expect.differ(
+            "ip_vs ipvs_fleet_reuse (INVALID-drop rule present, knob=1)",
+            "consistent",
+            reuse or "none",
+        )
+    if not target.settings.allow_reuse_with:
+        for what in ("ftp", "connmark"):
+            if u.get(what):
+                expect.problem(f"knob=1 but the host relies on conntrack: {u[what + '_reason']}")
+    expect.details(usage=u, reuse=reuse)
+    expect.done(f"{VS}{KNOB}=1 is unsafe on this host")
+
+
+def test_latency_budget(fleet: CheckSession, target: Target, expect: Expect) -> None:
+    """Short connections that reuse a source port meet the class's latency budget."""
+    result = latency.measure(fleet, target)
+    expect.details(probe=result)
+    for v in latency.violations(result, target.settings.latency_budget):
+        expect.problem(v)
+    expect.done(f"latency budget of class {target.settings.host_class} not met "
+                f"({latency.describe(result)})")

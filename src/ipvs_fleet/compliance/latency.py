@@ -1,0 +1,132 @@
+"""The latency-budget check: the probe's own reuse scenario, run on the host itself.
+
+A host in a fleet rarely offers an IPVS service the checks may hammer with same-port
+reconnects, so the check measures the host's kernel instead: `scenario.py` (the probe's
+self-contained scenario, standard library only) builds client, director and two real
+servers in fresh network namespaces on the host, with the kube-proxy style INVALID-drop rule
+and the host's live knob value, and runs scenario A of DOMAIN.md (the real server aborts with
+RST, the client reconnects from the same source port). The host's own namespaces and IPVS
+table are not touched. The result says exactly what was measured (`describe`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import ipvs_fleet.probe
+from ipvs_fleet.compliance.facts import HostFacts
+from ipvs_fleet.compliance.session import CheckSession, Target
+from ipvs_fleet.policy import KNOB
+from ipvs_fleet.probe.probe import evaluate_budget
+
+PROBE_DIR = Path(ipvs_fleet.probe.__file__).parent
+PROBE_FILES = ("probe.py", "scenario.py")
+REMOTE_DIR = "/run/ipvs-fleet-check"
+# Where no slow connect is allowed, enough attempts to see a rare one; where the ~1 s drop
+# is expected (knob 0 or absent), three attempts show it without costing many seconds.
+COUNT_STRICT = 20
+COUNT_EXPECTED_SLOW = 3
+SCENARIO = "A"
+
+
+class ProbeError(RuntimeError):
+    """The probe could not run on the host (the check then reports "could not check")."""
+
+
+def plan_for(target: Target, facts: HostFacts) -> dict[str, Any]:
+    """The scenario plan for one host: its live knob, the INVALID-drop rule, scenario A."""
+    knob = facts.sysctls.get(KNOB)
+    knob = knob if knob in (0, 1) else None
+    strict = target.settings.latency_budget.get("max_slow") is not None and knob == 1
+    return {
+        "rule": "drop",
+        "knob": knob,
+        "scenarios": {SCENARIO: COUNT_STRICT if strict else COUNT_EXPECTED_SLOW},
+        "conntrack_check": knob == 1,
+        "timeout": 5,
+        "deadline": 40,
+    }
+
+
+def run_remote(session: CheckSession, target: Target, facts: HostFacts) -> dict[str, Any]:
+    """Copy the probe to the host, run the plan, return its JSON result."""
+    host = session.connection(target.host.name)
+    client = host.backend.__dict__["client"]
+    plan = plan_for(target, facts)
+    try:
+        host.run_expect([0], "mkdir -p -m 700 %s", REMOTE_DIR)
+        with client.open_sftp() as sftp:
+            for name in PROBE_FILES:
+                sftp.put(str(PROBE_DIR / name), f"{REMOTE_DIR}/{name}")
+    except Exception as e:  # sftp/paramiko errors have no common base worth naming
+        raise ProbeError(f"cannot copy the probe to {target.host.name}: {e}") from e
+    cmd = (
+        f"printf %s {shlex.quote(json.dumps(plan))} | "
+        f"python3 {REMOTE_DIR}/scenario.py run"
+    )
+    out = host.run(cmd)
+    try:
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise ProbeError(f"probe gave no result (rc {out.rc}): {out.stderr.strip()[-400:]}") from e
+    if "error" in result:
+        raise ProbeError(f"probe scenario failed: {result['error']}")
+    result["plan"] = plan
+    return result
+
+
+def measure_async(session: CheckSession, target: Target) -> Future[dict[str, Any]]:
+    """Start (once) the probe of this host, to run as soon as its facts are in."""
+    name = target.host.name
+    return session.after_facts(
+        name, "latency", lambda: run_remote(session, target, session.facts(name))
+    )
+
+
+def measure(session: CheckSession, target: Target) -> dict[str, Any]:
+    """The probe result for this host (usually started when the session began)."""
+    return measure_async(session, target).result()
+
+
+def scenario_result(result: dict[str, Any]) -> dict[str, Any]:
+    res: dict[str, Any] = result.get("scenarios", {}).get(SCENARIO, {})
+    return res
+
+
+def violations(result: dict[str, Any], budget: dict[str, Any]) -> list[str]:
+    """Budget violations of scenario A, an inconsistent conntrack after a reuse under
+    knob=1, and kernel warnings logged during the run."""
+    out = evaluate_budget(scenario_result(result), budget)
+    for name, view in sorted((result.get("conntrack") or {}).items()):
+        if view.get("error"):
+            out.append(f"conntrack after a scenario {name} reuse: {view['error']}")
+        elif not view.get("consistent"):
+            entries = view.get("entries") or []
+            replies = ", ".join(str(e.get("reply", {}).get("src")) for e in entries) or "none"
+            out.append(
+                f"conntrack after a scenario {name} reuse: expected one entry replying from "
+                f"{view.get('new_server_ip')}, actual {len(entries)} (reply from {replies})"
+            )
+    for w in result.get("kernel_warnings") or []:
+        out.append(f"kernel warning during the probe: {w}")
+    return out
+
+
+def describe(result: dict[str, Any]) -> str:
+    """What was measured, in one line."""
+    plan = result.get("plan", {})
+    res = scenario_result(result)
+    lat = res.get("latency_ms") or {}
+    p99 = lat.get("p99")
+    p99s = f"{p99:.1f} ms" if isinstance(p99, int | float) else "n/a"
+    knob = plan.get("knob")
+    return (
+        f"scenario {SCENARIO} (real server RST, same-port reconnect) in a private netns, "
+        f"INVALID-drop rule, knob={'absent' if knob is None else knob}: "
+        f"{res.get('count', 0)} connects, {res.get('slow', '?')} slow, "
+        f"{res.get('errors', '?')} failed, p99 {p99s}"
+    )

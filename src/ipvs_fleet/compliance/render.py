@@ -1,0 +1,364 @@
+"""Render check results: terminal summary, JUnit XML, JSON, Markdown and HTML reports."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import socket
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+from ipvs_fleet.compliance.model import (
+    ERROR,
+    FAILED,
+    PASSED,
+    SKIPPED,
+    WAIVED,
+    CheckResult,
+    by_class,
+    by_host,
+    exit_code,
+    verdict,
+)
+from ipvs_fleet.compliance.waivers import Waiver
+
+
+def converge_command(inventory: str | Path, host: str) -> str:
+    """The command that brings one host back to its class (the deploy, limited to it)."""
+    return f"pyinfra -y {inventory} deploy.py --limit {host}"
+
+
+def _indent(text: str, pad: str = "      ") -> str:
+    return "\n".join(pad + line for line in text.splitlines())
+
+
+def summary(
+    results: list[CheckResult],
+    inventory: str | Path,
+    unused: list[Waiver] | None = None,
+    wall: float | None = None,
+) -> str:
+    """The readable summary: per host class, hosts passing/failing; then every problem."""
+    code = exit_code(results)
+    out = []
+    for cls, hosts in by_class(results).items():
+        n_ok = sum(1 for h in hosts if h.status in (PASSED, WAIVED))
+        out.append(f"{cls}: {n_ok}/{len(hosts)} hosts compliant")
+        for h in hosts:
+            bad = [r for r in h.results if r.status != PASSED]
+            marks = ", ".join(f"{r.check} {r.status}" for r in bad) or "all checks passed"
+            out.append(f"  {h.host:<24} {h.status.upper():<7} {marks}")
+    problems = [r for r in results if r.status in (FAILED, ERROR)]
+    if problems:
+        out.append("")
+        out.append("Problems:")
+        for h in by_host(problems):
+            errors = {r.message for r in h.results if r.status == ERROR}
+            if len(errors) == 1 and all(r.status == ERROR for r in h.results):
+                # Unreachable: the same reason for every check; say it once.
+                out.append(f"  {h.host}: could not check ({len(h.results)} checks)")
+                out.append(_indent(errors.pop()))
+                continue
+            for r in h.results:
+                label = "could not check" if r.status == ERROR else "FAILED"
+                out.append(f"  {r.host} / {r.check}: {label}")
+                out.append(_indent(r.message))
+        drifted = sorted({r.host for r in problems if r.status == FAILED})
+        if drifted:
+            out.append("")
+            out.append("To converge (the deploy, limited to the host):")
+            out += [f"  {converge_command(inventory, h)}" for h in drifted]
+    waived = [r for r in results if r.status == WAIVED or (r.waiver and r.waiver.get("expired"))]
+    if waived:
+        out.append("")
+        out.append("Waivers:")
+        for r in waived:
+            w = r.waiver or {}
+            state = "EXPIRED" if w.get("expired") else "waived"
+            out.append(
+                f"  {r.host} / {r.check}: {state} until {w.get('expires')} "
+                f"({w.get('justification')})"
+            )
+    for uw in unused or []:
+        out.append(f"  unused waiver: {uw.where} ({uw.check}) matches no failure")
+    n = len(results)
+    counts = {s: sum(1 for r in results if r.status == s) for s in (PASSED, FAILED, WAIVED, ERROR)}
+    tail = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    took = f" in {wall:.1f} s" if wall is not None else ""
+    out.append("")
+    out.append(f"{verdict(code)} (exit {code}): {n} checks on {len(by_host(results))} hosts, "
+               f"{tail}{took}")
+    return "\n".join(out)
+
+
+def to_json(
+    results: list[CheckResult],
+    inventory: str | Path,
+    unused: list[Waiver] | None = None,
+    wall: float | None = None,
+) -> dict[str, Any]:
+    code = exit_code(results)
+    return {
+        "format": 1,
+        "inventory": str(inventory),
+        "exit_code": code,
+        "verdict": verdict(code),
+        "wall_seconds": round(wall, 3) if wall is not None else None,
+        "classes": {
+            cls: {
+                "compliant": [h.host for h in hosts if h.status in (PASSED, WAIVED)],
+                "not_compliant": [h.host for h in hosts if h.status == FAILED],
+                "not_checked": [h.host for h in hosts if h.status == ERROR],
+            }
+            for cls, hosts in by_class(results).items()
+        },
+        "results": [
+            {
+                **r.to_dict(),
+                "converge": converge_command(inventory, r.host) if r.status == FAILED else None,
+            }
+            for r in results
+        ],
+        "unused_waivers": [w.to_dict() for w in unused or []],
+    }
+
+
+def junit_xml(results: list[CheckResult], inventory: str | Path) -> bytes:
+    """JUnit XML (Ant format, as Jenkins and GitLab read it): a testsuite per host, a
+    testcase per check. Waived failures are `skipped` with the waiver as message."""
+    root = ET.Element("testsuites", name=f"ipvs-fleet check {inventory}")
+    stamp = dt.datetime.now().replace(microsecond=0).isoformat()
+    hostname = socket.gethostname() or "localhost"
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    wall = 0.0
+    for i, h in enumerate(by_host(results)):
+        counts = {
+            "tests": len(h.results),
+            "failures": sum(r.status == FAILED for r in h.results),
+            "errors": sum(r.status == ERROR for r in h.results),
+            "skipped": sum(r.status in (WAIVED, SKIPPED) for r in h.results),
+        }
+        t = sum(r.duration for r in h.results)
+        wall += t
+        for k in totals:
+            totals[k] += counts[k]
+        attrs = {
+            "name": f"{h.host_class}.{h.host}",
+            "package": h.host_class,
+            "id": str(i),
+            "hostname": hostname,
+            "timestamp": stamp,
+            "time": f"{t:.3f}",
+            **{k: str(v) for k, v in counts.items()},
+        }
+        suite = ET.SubElement(root, "testsuite", attrs)
+        props = ET.SubElement(suite, "properties")
+        ET.SubElement(props, "property", name="host", value=h.host)
+        ET.SubElement(props, "property", name="host_class", value=h.host_class)
+        ET.SubElement(props, "property", name="groups", value=",".join(h.results[0].groups))
+        for r in h.results:
+            case = ET.SubElement(
+                suite, "testcase", name=r.check, classname=f"{h.host_class}.{h.host}",
+                time=f"{r.duration:.3f}",
+            )
+            first = r.message.splitlines()[0] if r.message else ""
+            if r.status == FAILED:
+                body = r.message + f"\nconverge: {converge_command(inventory, r.host)}"
+                el = ET.SubElement(case, "failure", message=first, type="NotCompliant")
+                el.text = body
+            elif r.status == ERROR:
+                el = ET.SubElement(case, "error", message=first, type="CouldNotCheck")
+                el.text = r.message
+            elif r.status == WAIVED:
+                w = r.waiver or {}
+                ET.SubElement(
+                    case,
+                    "skipped",
+                    message=f"waived until {w.get('expires')}: {w.get('justification')} "
+                    f"[{first}]",
+                )
+            elif r.status == SKIPPED:
+                ET.SubElement(case, "skipped", message=first)
+        ET.SubElement(suite, "system-out").text = ""
+        ET.SubElement(suite, "system-err").text = ""
+    for k, v in totals.items():
+        root.set(k, str(v))
+    root.set("time", f"{wall:.3f}")
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+# --- reports -------------------------------------------------------------------------------
+
+
+def latency_plot(probe: dict[str, Any], title: str) -> bytes | None:
+    """A CDF (PNG) of one probe run's per-connection latency, None if it has no attempts."""
+    attempts = [a for a in probe.get("attempts") or [] if a.get("error") is None]
+    if not attempts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(float(a["total_ms"]) for a in attempts)
+    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.step(xs, ys, where="post")
+    ax.set_xscale("log")
+    ax.set_xlabel("connect + request (ms, log)")
+    ax.set_ylabel("fraction of connections")
+    ax.axvline(float(probe.get("slow_ms") or 900), color="red", linestyle=":", label="slow")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plots(results: list[CheckResult]) -> list[tuple[str, bytes]]:
+    out = []
+    for r in results:
+        probe = r.details.get("probe")
+        if isinstance(probe, dict):
+            png = latency_plot(probe, f"{r.host} ({r.host_class}): {probe.get('scenario', '')}")
+            if png:
+                out.append((r.host, png))
+    return out
+
+
+def markdown(
+    results: list[CheckResult],
+    inventory: str | Path,
+    out_path: Path,
+    unused: list[Waiver] | None = None,
+    wall: float | None = None,
+) -> str:
+    """A Markdown report; latency plots are written next to it as `<stem>-<host>.png`."""
+    code = exit_code(results)
+    lines = [f"# IPVS fleet compliance: {verdict(code)}", ""]
+    lines.append(f"Inventory `{inventory}`, exit code {code}" + (f", {wall:.1f} s" if wall else ""))
+    lines += ["", "| host class | compliant | not compliant | not checked |", "|---|---|---|---|"]
+    for cls, hosts in by_class(results).items():
+        ok = [h.host for h in hosts if h.status in (PASSED, WAIVED)]
+        bad = [h.host for h in hosts if h.status == FAILED]
+        err = [h.host for h in hosts if h.status == ERROR]
+        lines.append(f"| {cls} | {', '.join(ok) or '-'} | {', '.join(bad) or '-'} | "
+                     f"{', '.join(err) or '-'} |")
+    checks = list(dict.fromkeys(r.check for r in results))
+    lines += ["", "| host | " + " | ".join(checks) + " |", "|---" * (len(checks) + 1) + "|"]
+    for h in by_host(results):
+        st = {r.check: r.status for r in h.results}
+        lines.append(f"| {h.host} | " + " | ".join(st.get(c, "") for c in checks) + " |")
+    findings = [r for r in results if r.status in (FAILED, ERROR, WAIVED)]
+    if findings:
+        lines += ["", "## Findings", ""]
+        for r in findings:
+            lines.append(f"### {r.host} / {r.check}: {r.status}")
+            if r.drift:
+                lines += ["", "| key | expected | actual |", "|---|---|---|"]
+                lines += [f"| {d.key} | {d.expected} | {d.actual} |" for d in r.drift]
+            lines += ["", "```", r.message, "```"]
+            if r.waiver:
+                w = r.waiver
+                lines.append(f"Waiver ({'expired' if w.get('expired') else 'valid'} "
+                             f"{w.get('expires')}): {w.get('justification')}")
+            if r.status == FAILED:
+                lines.append(f"Converge: `{converge_command(inventory, r.host)}`")
+            lines.append("")
+    for uw in unused or []:
+        lines.append(f"- unused waiver {uw.where}: {uw.check}")
+    plots = _plots(results)
+    if plots:
+        lines += ["", "## Latency", ""]
+        for host, png in plots:
+            name = f"{out_path.stem}-{host}.png"
+            (out_path.parent / name).write_bytes(png)
+            lines.append(f"![{host} latency CDF]({name})")
+    return "\n".join(lines) + "\n"
+
+
+def html_report(
+    results: list[CheckResult],
+    inventory: str | Path,
+    unused: list[Waiver] | None = None,
+    wall: float | None = None,
+) -> str:
+    """A self-contained HTML report (plots embedded)."""
+    code = exit_code(results)
+    e = html.escape
+    css = {PASSED: "#2e7d32", FAILED: "#c62828", ERROR: "#6a1b9a", WAIVED: "#ef6c00"}
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>IPVS fleet compliance</title>",
+        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;"
+        "padding:.2em .5em}table{border-collapse:collapse}pre{background:#f6f6f6;"
+        "padding:.5em}</style>",
+        f"<h1>IPVS fleet compliance: {e(verdict(code))}</h1>",
+        f"<p>Inventory <code>{e(str(inventory))}</code>, exit code {code}"
+        + (f", {wall:.1f} s" if wall else "") + "</p>",
+    ]
+    checks = list(dict.fromkeys(r.check for r in results))
+    parts.append("<table><tr><th>host</th><th>class</th>"
+                 + "".join(f"<th>{e(c)}</th>" for c in checks) + "</tr>")
+    for h in by_host(results):
+        st = {r.check: r.status for r in h.results}
+        cells = "".join(
+            f"<td style='color:{css.get(st.get(c, ''), '#000')}'>{e(st.get(c, ''))}</td>"
+            for c in checks
+        )
+        parts.append(f"<tr><td>{e(h.host)}</td><td>{e(h.host_class)}</td>{cells}</tr>")
+    parts.append("</table>")
+    for r in results:
+        if r.status not in (FAILED, ERROR, WAIVED):
+            continue
+        parts.append(f"<h3>{e(r.host)} / {e(r.check)}: {e(r.status)}</h3>")
+        if r.drift:
+            parts.append("<table><tr><th>key</th><th>expected</th><th>actual</th></tr>")
+            parts += [f"<tr><td>{e(d.key)}</td><td>{e(d.expected)}</td><td>{e(d.actual)}</td>"
+                      "</tr>" for d in r.drift]
+            parts.append("</table>")
+        parts.append(f"<pre>{e(r.message)}</pre>")
+        if r.waiver:
+            parts.append(f"<p>Waiver until {e(str(r.waiver.get('expires')))}"
+                         f"{' (EXPIRED)' if r.waiver.get('expired') else ''}: "
+                         f"{e(str(r.waiver.get('justification')))}</p>")
+        if r.status == FAILED:
+            parts.append(f"<p>Converge: <code>{e(converge_command(inventory, r.host))}</code></p>")
+    for w in unused or []:
+        parts.append(f"<p>Unused waiver {e(w.where)}: {e(w.check)}</p>")
+    for host, png in _plots(results):
+        b64 = base64.b64encode(png).decode()
+        parts.append(f"<h3>Latency: {e(host)}</h3><img alt='{e(host)} latency CDF' "
+                     f"src='data:image/png;base64,{b64}'>")
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(
+    results: list[CheckResult],
+    inventory: str | Path,
+    *,
+    junitxml: Path | None = None,
+    json_path: Path | None = None,
+    report: Path | None = None,
+    unused: list[Waiver] | None = None,
+    wall: float | None = None,
+) -> None:
+    for p in (junitxml, json_path, report):
+        if p is not None:
+            p.parent.mkdir(parents=True, exist_ok=True)
+    if junitxml:
+        junitxml.write_bytes(junit_xml(results, inventory))
+    if json_path:
+        json_path.write_text(json.dumps(to_json(results, inventory, unused, wall), indent=2))
+    if report:
+        if report.suffix.lower() in (".html", ".htm"):
+            report.write_text(html_report(results, inventory, unused, wall))
+        else:
+            report.write_text(markdown(results, inventory, report, unused, wall))

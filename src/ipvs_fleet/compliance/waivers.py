@@ -1,0 +1,162 @@
+"""Waivers: a known failure excused, with a justification, until an expiry date.
+
+File format (YAML), as InSpec waivers but per host or inventory group:
+
+    waivers:
+      - host: lab-2                 # or `group: <inventory group>`; exactly one of the two
+        check: patched_module       # a check name, as in the report
+        justification: kernel 6.12 artifact not built yet, see TICKET-42
+        expires: 2026-12-31         # the waiver applies up to and including this day
+
+A waived failure is reported as waived; after the expiry date it fails again. An entry
+without a justification, expiry or target is rejected (ConfigError naming file and entry).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipvs_fleet.compliance.model import FAILED, WAIVED, CheckResult
+from ipvs_fleet.errors import ConfigError
+
+FIELDS = {"host", "group", "check", "justification", "expires"}
+
+
+@dataclass(frozen=True)
+class Waiver:
+    """One entry of a waivers file."""
+
+    check: str
+    justification: str
+    expires: dt.date
+    host: str | None = None
+    group: str | None = None
+    where: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"host {self.host}" if self.host else f"group {self.group}"
+
+    def matches(self, r: CheckResult) -> bool:
+        if r.check != self.check:
+            return False
+        return r.host == self.host if self.host else self.group in r.groups
+
+    def expired(self, today: dt.date) -> bool:
+        return today > self.expires
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "group": self.group,
+            "check": self.check,
+            "justification": self.justification,
+            "expires": self.expires.isoformat(),
+            "where": self.where,
+        }
+
+
+def _date(value: Any, where: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expires must be a date YYYY-MM-DD, got {value!r}")
+
+
+def parse_waivers(doc: Any, source: str) -> list[Waiver]:
+    """Validated waivers from a parsed YAML document; `source` names the file in errors."""
+    entries = doc.get("waivers") if isinstance(doc, dict) else doc
+    if doc is None or entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: expected a list under `waivers:`")
+    out: list[Waiver] = []
+    for i, e in enumerate(entries):
+        where = f"{source}: waivers[{i}]"
+        if not isinstance(e, dict):
+            raise ConfigError(f"{where}: must be a mapping with {', '.join(sorted(FIELDS))}")
+        extra = set(e) - FIELDS
+        if extra:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, extra)))}")
+        host, group = e.get("host"), e.get("group")
+        if (host is None) == (group is None):
+            raise ConfigError(f"{where}: give exactly one of host or group")
+        where = f"{where} ({'host ' + str(host) if host else 'group ' + str(group)})"
+        check = e.get("check")
+        if not isinstance(check, str) or not check.strip():
+            raise ConfigError(f"{where}: check is required (a check name from the report)")
+        just = e.get("justification")
+        if not isinstance(just, str) or not just.strip():
+            raise ConfigError(f"{where}: a waiver needs a justification")
+        if "expires" not in e:
+            raise ConfigError(f"{where}: expires is required (YYYY-MM-DD)")
+        out.append(
+            Waiver(
+                check=check.strip(),
+                justification=just.strip(),
+                expires=_date(e["expires"], where),
+                host=str(host) if host is not None else None,
+                group=str(group) if group is not None else None,
+                where=where,
+            )
+        )
+    return out
+
+
+def load_waivers(path: str | Path) -> list[Waiver]:
+    """Parse and validate a waivers file; ConfigError names the file and the entry."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read waivers: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    return parse_waivers(doc, str(p))
+
+
+def check_names(waivers: list[Waiver], known: set[str]) -> None:
+    """ConfigError for a waiver naming a check that does not exist (a typo waives nothing)."""
+    for w in waivers:
+        if w.check not in known:
+            raise ConfigError(
+                f"{w.where}: unknown check {w.check!r} (checks: {', '.join(sorted(known))})"
+            )
+
+
+def apply_waivers(
+    results: list[CheckResult], waivers: list[Waiver], today: dt.date | None = None
+) -> list[Waiver]:
+    """Mark failures covered by a valid waiver as waived, in place; note expired ones.
+
+    Returns the waivers that matched no failure (stale waivers worth removing).
+    """
+    today = today or dt.date.today()
+    used: set[Waiver] = set()
+    for r in results:
+        if r.status != FAILED:
+            continue
+        matching = [w for w in waivers if w.matches(r)]
+        valid = [w for w in matching if not w.expired(today)]
+        if valid:
+            w = max(valid, key=lambda w: w.expires)
+            r.status = WAIVED
+            r.waiver = w.to_dict()
+            used.add(w)
+        elif matching:
+            w = max(matching, key=lambda w: w.expires)
+            r.waiver = {**w.to_dict(), "expired": True}
+            r.message = f"{r.message}\nwaiver expired on {w.expires.isoformat()}: {w.where}"
+            used.add(w)
+    return [w for w in waivers if w not in used]
