@@ -1,0 +1,120 @@
+"""`ipvs-fleet probe connect|serve|scenario|plot|budget`.
+
+connect/serve are probe.py's own commands (standard library, also runnable as a copied file);
+scenario runs the reuse scenarios in a lab VM; plot draws latency CDFs; budget checks a probe
+result against a host class's latency budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ipvs_fleet.errors import ConfigError, FleetError
+from ipvs_fleet.probe import probe
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "probe",
+        help="short-connection latency probe and the reuse scenarios",
+        description="Measure short connections through an IPVS virtual service.",
+    )
+    sub = p.add_subparsers(dest="probe_command", required=True)
+    probe.add_arguments(sub)
+
+    s = sub.add_parser("scenario", help="run the reuse scenarios in a lab VM (JSON out)")
+    s.add_argument("--lab-dir", type=Path, help="lab dir (default: $IPVS_FLEET_LAB_DIR)")
+    s.add_argument("--host", required=True, help="lab host, e.g. k8s-canary")
+    s.add_argument("--modules", choices=("stock", "patched", "loaded"), default="loaded",
+                   help="load the stock or the built modules first (default: keep loaded)")
+    s.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                   help="artifacts dir of `ipvs-fleet build` (for --modules patched)")
+    s.add_argument("--rule", choices=("drop", "accept"), default="drop",
+                   help="INVALID rule in the director's FORWARD chain")
+    s.add_argument("--knob", type=int, choices=(0, 1), help="conn_reuse_old_conntrack")
+    s.add_argument("--scenarios", default="A=50,B=50,B2=50,C1=50,C2=50",
+                   help="NAME=COUNT,... (A, B, B2, C1, C2)")
+    s.add_argument("--ordinary", type=int, default=0, help="ordinary short connections")
+    s.add_argument("--ftp", action="store_true", help="passive FTP through ip_vs_ftp")
+    s.add_argument("--conntrack", action="store_true", help="conntrack view after a reuse")
+    s.add_argument("-o", "--output", type=Path, help="write the JSON result here")
+    s.set_defaults(func=_cmd_scenario)
+
+    pl = sub.add_parser("plot", help="latency CDF (PNG) from probe/scenario JSON")
+    pl.add_argument("inputs", nargs="+", type=Path)
+    pl.add_argument("-o", "--output", type=Path, required=True)
+    pl.add_argument("--scenario", help="only this scenario (A, B, ..., ordinary)")
+    pl.add_argument("--title")
+    pl.set_defaults(func=_cmd_plot)
+
+    b = sub.add_parser("budget", help="check a probe result against a host class's budget")
+    b.add_argument("input", type=Path)
+    b.add_argument("--host-class", required=True)
+    b.set_defaults(func=_cmd_budget)
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    """`A=200,B=200` -> {"A": 200, "B": 200}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, n = part.partition("=")
+        if not eq or not n.isdigit():
+            raise ConfigError(f"--scenarios: {part!r} is not NAME=COUNT")
+        out[name] = int(n)
+    return out
+
+
+def _cmd_scenario(args: argparse.Namespace) -> int:
+    from ipvs_fleet.lab.lab import Lab
+    from ipvs_fleet.probe.harness import Guest, Plan, summarize
+
+    guest = Guest(Lab(args.lab_dir), args.host)
+    if args.modules == "stock":
+        guest.load_modules(None)
+    elif args.modules == "patched":
+        from ipvs_fleet.build.artifact import load_artifact
+
+        guest.load_modules(load_artifact(args.artifacts, guest.kernel_release))
+    plan = Plan(rule=args.rule, knob=args.knob, scenarios=parse_counts(args.scenarios),
+                ordinary=args.ordinary, ftp=args.ftp, conntrack_check=args.conntrack)
+    result = guest.run_plan(plan)
+    text = json.dumps(result, indent=1)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+        for name, row in summarize(result).items():
+            print(f"{name:<9} " + " ".join(f"{k}={v}" for k, v in row.items()))
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ipvs_fleet.probe.plot import plot_files
+
+    n = plot_files(args.inputs, args.output, args.scenario, args.title)
+    print(f"{args.output}: {n} curves")
+    return 0
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from ipvs_fleet.policy import load_policy
+
+    policy = load_policy()
+    if args.host_class not in policy.classes:
+        known = ", ".join(sorted(policy.classes))
+        raise ConfigError(f"unknown host class {args.host_class!r} (known: {known})")
+    try:
+        result = json.loads(args.input.read_text())
+    except (OSError, ValueError) as e:
+        raise FleetError(f"{args.input}: {e}") from e
+    budget = policy.classes[args.host_class]["latency_budget"]
+    violations = probe.evaluate_budget(result, budget)
+    for v in violations:
+        print(v, file=sys.stderr)
+    print("within budget" if not violations else f"{len(violations)} budget violations")
+    return 1 if violations else 0
