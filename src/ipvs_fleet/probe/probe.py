@@ -346,11 +346,13 @@ class IdentityServer:
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
         # socket -> [received bytes, deadline, holding?]
         self.conns: dict[socket.socket, list[Any]] = {}
+        self.stopped = False
 
-    def serve_forever(self) -> None:
-        while True:
+    def serve_forever(self, poll: float = 1.0) -> None:
+        """Serve until `stop()` (noticed within `poll` seconds)."""
+        while not self.stopped:
             now = time.monotonic()
-            for key, _ in self.sel.select(timeout=1.0):
+            for key, _ in self.sel.select(timeout=poll):
                 if key.data is None:
                     self._accept()
                 else:
@@ -400,6 +402,9 @@ class IdentityServer:
             with contextlib.suppress(OSError):
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def close(self) -> None:
         for c in list(self.conns):

@@ -1,0 +1,231 @@
+"""The probe's pure parts, and the probe against its identity server on loopback."""
+
+from __future__ import annotations
+
+import ast
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ipvs_fleet.errors import FleetError
+from ipvs_fleet.probe import probe, scenario
+from ipvs_fleet.probe.cli import parse_counts
+from ipvs_fleet.probe.harness import Plan, modules_label, summarize
+
+PROBE_DIR = Path(probe.__file__).parent
+K8S_BUDGET = {"slow_ms": 900, "max_slow": 0, "max_errors": 0, "p99_ms": 100}
+
+
+@pytest.mark.parametrize("name", ["probe.py", "scenario.py"])
+def test_guest_files_parse_as_python_39(name: str) -> None:
+    # bullseye guests have Python 3.9: no match, no parenthesised with-items, etc.
+    ast.parse((PROBE_DIR / name).read_text(), feature_version=(3, 9))
+
+
+def test_guest_files_import_only_the_standard_library() -> None:
+    import sys
+
+    for name in ("probe.py", "scenario.py"):
+        tree = ast.parse((PROBE_DIR / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for m in mods:
+                top = m.split(".")[0]
+                assert top in sys.stdlib_module_names or m in (
+                    "probe", "ipvs_fleet.probe"), f"{name} imports {m}"
+
+
+def test_percentile_nearest_rank() -> None:
+    vals = [float(x) for x in range(1, 101)]
+    assert probe.percentile(vals, 50) == 50
+    assert probe.percentile(vals, 99) == 99
+    assert probe.percentile(vals, 100) == 100
+    assert probe.percentile([7.0], 99) == 7.0
+    assert probe.percentile([], 50) is None
+    assert probe.summarize([1.0, 3.0])["mean"] == 2.0
+
+
+def test_parse_netstat_reads_tcpext() -> None:
+    lines = ["TcpExt: SyncookiesSent TCPSynRetrans", "TcpExt: 0 17",
+             "IpExt: InNoRoutes", "IpExt: 4"]
+    assert probe.parse_netstat(lines) == {
+        "TcpExt": {"SyncookiesSent": 0, "TCPSynRetrans": 17}, "IpExt": {"InNoRoutes": 4}}
+    assert isinstance(probe.syn_retrans(), int)  # the controller's own netns
+    assert probe.syn_retrans("/nonexistent") is None
+
+
+def _result(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"count": 100, "ok": 100, "errors": 0, "error_kinds": {},
+                               "slow": 0, "slow_ms": 900.0,
+                               "latency_ms": {"p99": 8.0}, "attempts": []}
+    base.update(kw)
+    return base
+
+
+def test_budget_met() -> None:
+    assert probe.evaluate_budget(_result(), K8S_BUDGET) == []
+
+
+def test_budget_violations_name_expected_and_actual() -> None:
+    r = _result(slow=3, errors=2, error_kinds={"connect: timeout": 2}, latency_ms={"p99": 1020})
+    v = probe.evaluate_budget(r, K8S_BUDGET)
+    assert v == [
+        "3 connects at or above 900 ms (allowed 0)",
+        "2 failed connections (allowed 0) [connect: timeout: 2]",
+        "p99 1020.0 ms above 100 ms",
+    ]
+
+
+def test_budget_null_limits_are_not_budgeted() -> None:
+    ftp = {"slow_ms": 900, "max_slow": None, "max_errors": 0, "p99_ms": None}
+    assert probe.evaluate_budget(_result(slow=50, latency_ms={"p99": 1020}), ftp) == []
+    assert probe.evaluate_budget(_result(count=0), ftp) == ["no connection attempted"]
+
+
+def test_budget_recounts_with_its_own_threshold() -> None:
+    attempts = [{"connect_ms": ms} for ms in (5.0, 600.0, 950.0)]
+    r = _result(count=3, slow=1, attempts=attempts)
+    assert probe.evaluate_budget(r, {**K8S_BUDGET, "slow_ms": 500}) == [
+        "2 connects at or above 500 ms (allowed 0)"]
+
+
+def test_split_target() -> None:
+    assert probe.split_target("10.10.9.1:8080") == ("10.10.9.1", 8080)
+    for bad in ("10.10.9.1", ":80", "h:0", "h:x"):
+        with pytest.raises(ValueError):
+            probe.split_target(bad)
+
+
+@pytest.fixture
+def identity_server() -> Iterator[int]:
+    srv = probe.IdentityServer(("127.0.0.1", 0), "rs-test", hold=1.0)
+    port = srv.lsock.getsockname()[1]
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    yield port
+    srv.stop()
+    t.join(5)
+    srv.close()
+
+
+@pytest.mark.parametrize("mode", ["fin", "rst"])
+def test_probe_reuses_one_source_port(identity_server: int, mode: str) -> None:
+    r = probe.run_probe("127.0.0.1", identity_server, 50, src_ip="127.0.0.1", mode=mode)
+    assert (r["count"], r["ok"], r["errors"], r["slow"]) == (50, 50, 0, 0)
+    assert r["servers"] == {"rs-test": 50}
+    assert {a["src_port"] for a in r["attempts"]} == {r["src_port"]}
+    assert r["latency_ms"]["p99"] < 900
+    json.dumps(r)
+
+
+def test_probe_ephemeral_ports(identity_server: int) -> None:
+    r = probe.run_probe("127.0.0.1", identity_server, 20, reuse=False, with_attempts=False)
+    assert r["ok"] == 20 and "attempts" not in r and r["src_port"] is None
+
+
+def test_probe_counts_refused_connects_as_errors() -> None:
+    port = probe.pick_port("127.0.0.1")  # nothing listens there
+    r = probe.run_probe("127.0.0.1", port, 3, timeout=1)
+    assert r["errors"] == 3 and r["error_kinds"] == {"connect: ECONNREFUSED": 3}
+    assert probe.evaluate_budget(r, K8S_BUDGET)[0].startswith("3 failed connections")
+
+
+def test_probe_is_bounded_in_time(identity_server: int) -> None:
+    r = probe.run_probe("127.0.0.1", identity_server, 100_000, deadline=0.2)
+    assert r["count"] < 100_000 and "deadline" in r["stopped"]
+    with pytest.raises(ValueError):
+        probe.run_probe("127.0.0.1", identity_server, 100_001)
+
+
+def test_hold_then_client_rst(identity_server: int) -> None:
+    a = probe.connect_once("127.0.0.1", identity_server, mode="hold", close="rst")
+    assert a.error is None and a.server == "rs-test"
+
+
+CT_LINES = """\
+tcp      6 117 TIME_WAIT src=10.10.1.2 dst=10.10.9.1 sport=10001 dport=8080 \
+src=10.10.3.2 dst=10.10.1.2 sport=8080 dport=10001 [ASSURED] mark=0 use=1
+ipv4     2 tcp      6 9 CLOSE src=10.10.1.2 dst=10.10.9.1 sport=10002 dport=8080 \
+src=10.10.2.2 dst=10.10.1.2 sport=8080 dport=10002 mark=0 zone=0 use=2
+tcp      6 431999 ESTABLISHED src=10.10.1.2 dst=10.10.3.2 sport=10002 dport=8080 \
+src=10.10.3.2 dst=10.10.1.2 sport=8080 dport=10002 [ASSURED] mark=0 use=1
+udp      17 29 src=10.0.2.15 dst=10.0.2.3 sport=5353 dport=53 src=10.0.2.3 dst=10.0.2.15
+"""
+
+
+def test_parse_conntrack_lines() -> None:
+    entries = scenario.parse_conntrack(CT_LINES)
+    assert len(entries) == 3
+    assert entries[0]["state"] == "TIME_WAIT" and entries[0]["flags"] == ["ASSURED"]
+    assert entries[1]["orig"]["sport"] == "10002" and entries[1]["reply"]["src"] == "10.10.2.2"
+
+
+def test_conntrack_view_consistent_after_reuse() -> None:
+    v = scenario.conntrack_view(scenario.parse_conntrack(CT_LINES), "10.10.1.2", 10001,
+                                "10.10.3.2")
+    assert v["consistent"] and len(v["entries"]) == 1
+
+
+def test_conntrack_view_catches_the_seed_semantics() -> None:
+    # Two entries for one connection, the old one still naming the old real server.
+    v = scenario.conntrack_view(scenario.parse_conntrack(CT_LINES), "10.10.1.2", 10002,
+                                "10.10.3.2")
+    assert not v["consistent"] and len(v["entries"]) == 2
+    # One entry, but its reply side on the old real server: also inconsistent.
+    one = scenario.parse_conntrack(CT_LINES.splitlines()[1])
+    assert not scenario.conntrack_view(one, "10.10.1.2", 10002, "10.10.3.2")["consistent"]
+
+
+def test_kernel_warnings_filter() -> None:
+    lines = ["[ 1.0] ip_vs: loading out-of-tree module taints kernel.",
+             "[ 2.0] WARNING: CPU: 0 PID: 1 at net/netfilter/ipvs/ip_vs_core.c:2100",
+             "[ 2.1] Call Trace:"]
+    assert scenario.kernel_warnings(lines) == lines[1:]
+
+
+def test_plan_validation_and_counts() -> None:
+    assert parse_counts("A=200, B=10") == {"A": 200, "B": 10}
+    with pytest.raises(FleetError):
+        Plan(scenarios={"Z": 1})
+    with pytest.raises(FleetError):
+        Plan(rule="reject")
+    with pytest.raises(FleetError):
+        Plan(knob=2)
+    assert Plan(scenarios={"A": 10}).estimate_s(slow=True) > 10
+
+
+def _run_result() -> dict[str, object]:
+    sc = _result(count=3, ok=3, slow=1, answered_by_live=3, moved=3, syn_retrans_delta=1,
+                 latency_ms={"p50": 3.0, "p99": 1010.0, "max": 1010.0},
+                 attempts=[{"total_ms": t, "connect_ms": t, "error": None}
+                           for t in (3.0, 4.0, 1010.0)])
+    return {"modules": {"kernel_release": "6.1.0-56-cloud-amd64", "knob_present": True},
+            "sysctls": {"conn_reuse_old_conntrack": 0}, "plan": {"rule": "drop"},
+            "scenarios": {"A": sc}}
+
+
+def test_summarize_and_label() -> None:
+    r = _run_result()
+    row = summarize(r)["A"]
+    assert (row["count"], row["slow"], row["p99"], row["live"]) == (3, 1, 1010.0, 3)
+    assert modules_label(r) == "patched knob=0"
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    from ipvs_fleet.probe.plot import plot_files
+
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(_run_result()))
+    out = tmp_path / "A.png"
+    assert plot_files([src, src], out, scenario="A") == 2
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FleetError):
+        plot_files([src], out, scenario="B")
