@@ -1,0 +1,154 @@
+"""The rollout journal: one JSON object per line, fsync'ed before the step it records proceeds.
+
+Events (`event` key):
+- `start`: a run began (`run`, `inventory`, `waves` as [[spec, [hosts]]], `resume`)
+- `host`: a host changed state (`host`, `state`, `wave`, `detail`)
+- `wave`: a wave finished (`wave`, `passed`, `failed` hosts)
+- `end`: the run ended (`outcome`: completed | halted)
+
+Host states, in order: deploying -> deployed -> gating -> verified | failed; then for failed
+hosts rolling-back -> rolled-back | rollback-failed. A host whose last state is not verified,
+rolled-back or failed was interrupted mid-step: its state is unknown until it is deployed again.
+A torn last line (the controller killed mid-write) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipvs_fleet.errors import FleetError
+
+DEPLOYING, DEPLOYED, GATING = "deploying", "deployed", "gating"
+VERIFIED, FAILED = "verified", "failed"
+ROLLING_BACK, ROLLED_BACK, ROLLBACK_FAILED = "rolling-back", "rolled-back", "rollback-failed"
+HOST_STATES = (DEPLOYING, DEPLOYED, GATING, VERIFIED, FAILED, ROLLING_BACK, ROLLED_BACK,
+               ROLLBACK_FAILED)  # fmt: skip
+
+# What the report calls each journal state.
+OLD, NEW_VERIFIED = "old", "new-verified"
+REPORT_ROLLED_BACK, FAILED_UNKNOWN = "rolled-back", "failed-unknown"
+
+
+def report_state(journal_state: str | None) -> str:
+    """old | new-verified | rolled-back | failed-unknown, from a host's last journal state."""
+    if journal_state is None:
+        return OLD
+    if journal_state == VERIFIED:
+        return NEW_VERIFIED
+    if journal_state == ROLLED_BACK:
+        return REPORT_ROLLED_BACK
+    return FAILED_UNKNOWN
+
+
+@dataclass
+class HostRecord:
+    state: str
+    wave: int
+    detail: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JournalView:
+    """What a journal says: the planned waves of its first run and each host's last state."""
+
+    waves: list[tuple[str, list[str]]] = field(default_factory=list)
+    hosts: dict[str, HostRecord] = field(default_factory=dict)
+    runs: int = 0
+    outcome: str | None = None
+    inventory: str | None = None
+
+
+class Journal:
+    """Append-only, fsync'ed JSON-lines journal."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # A torn last line from a killed controller: end it so the next record parses.
+        size = os.fstat(self._fd).st_size
+        if size:
+            with self.path.open("rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self._fd, b"\n")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self._fd is None:
+            self.open()
+        assert self._fd is not None
+        rec = {"ts": round(time.time(), 3), "event": event, **fields}
+        os.write(self._fd, (json.dumps(rec, sort_keys=True) + "\n").encode())
+        os.fsync(self._fd)
+
+    def host(self, host: str, state: str, wave: int, detail: str = "") -> None:
+        assert state in HOST_STATES, state
+        self.write("host", host=host, state=state, wave=wave, detail=detail)
+
+    def hosts(self, hosts: list[str] | tuple[str, ...], state: str, wave: int) -> None:
+        """One record per host, one fsync for all (a wave of 25 hosts is one disk flush)."""
+        if self._fd is None:
+            self.open()
+        assert self._fd is not None
+        ts = round(time.time(), 3)
+        lines = "".join(
+            json.dumps(
+                {"ts": ts, "event": "host", "host": h, "state": state, "wave": wave, "detail": ""},
+                sort_keys=True,
+            )
+            + "\n"
+            for h in hosts
+        )
+        os.write(self._fd, lines.encode())
+        os.fsync(self._fd)
+
+
+def read_journal(path: Path | str) -> JournalView:
+    """Replay a journal file (missing file: empty view)."""
+    p = Path(path)
+    view = JournalView()
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        return view
+    except OSError as e:
+        raise FleetError(f"{p}: cannot read journal: {e.strerror}") from e
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # torn write of a killed controller
+        if not isinstance(rec, dict):
+            raise FleetError(f"{p}:{n}: not a journal record")
+        ev = rec.get("event")
+        if ev == "start":
+            view.runs += 1
+            if not view.waves:
+                view.waves = [(str(s), list(h)) for s, h in rec.get("waves", [])]
+                view.inventory = rec.get("inventory")
+            view.outcome = None
+        elif ev == "host":
+            h = view.hosts.get(rec["host"])
+            if h is None:
+                h = view.hosts[rec["host"]] = HostRecord(rec["state"], int(rec["wave"]))
+            h.state, h.wave, h.detail = rec["state"], int(rec["wave"]), rec.get("detail", "")
+            h.history.append(rec["state"])
+        elif ev == "end":
+            view.outcome = rec.get("outcome")
+    return view

@@ -1,0 +1,146 @@
+"""Terminal output of a rollout (progress per wave, host and step; final tables) and its JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ipvs_fleet.rollout import journal as J
+from ipvs_fleet.rollout.config import Wave
+from ipvs_fleet.rollout.engine import UI, RolloutResult
+
+STYLE = {
+    J.NEW_VERIFIED: "green",
+    J.OLD: "dim",
+    J.REPORT_ROLLED_BACK: "yellow",
+    J.FAILED_UNKNOWN: "bold red",
+}
+
+
+class RichUI(UI):
+    """One line per wave step and per host verdict, on stderr."""
+
+    def __init__(self, console: Console | None = None, verbose: bool = False) -> None:
+        self.console = console or Console(stderr=True, highlight=False)
+        self.verbose = verbose
+        self.total = 0
+        self._last_step = ""
+
+    def wave_start(self, wave: Wave, todo: Sequence[str], total: int) -> None:
+        self.total = total
+        skip = len(wave.hosts) - len(todo)
+        extra = f", {skip} already verified" if skip else ""
+        self.console.rule(
+            f"[bold]wave {wave.index}/{total}[/] ({wave.spec}): {len(wave.hosts)} host(s){extra}, "
+            f"max fail {wave.max_fail_percent:g}%"
+        )
+
+    def step(self, wave: Wave, step: str, host: str = "") -> None:
+        if host:
+            if self.verbose:
+                self.console.print(f"  [dim]w{wave.index}[/] {host}: {step}")
+            return
+        if step != self._last_step:
+            self._last_step = step
+            self.console.print(f"  [cyan]w{wave.index}[/] {step}")
+
+    def host_done(self, wave: Wave, host: str, state: str, reason: str = "") -> None:
+        colour = {J.VERIFIED: "green", J.ROLLED_BACK: "yellow"}.get(state, "red")
+        why = f" - {reason[:160]}" if reason else ""
+        self.console.print(f"  [cyan]w{wave.index}[/] {host}: [{colour}]{state}[/]{why}")
+
+    def wave_end(self, wave: Wave, passed: bool, failed: Sequence[str]) -> None:
+        n = len(wave.hosts)
+        if passed:
+            self.console.print(
+                f"  [green]wave {wave.index} passed[/] ({len(failed)}/{n} failed, "
+                f"allowed {wave.max_fail_percent:g}%)"
+            )
+        else:
+            self.console.print(
+                f"  [bold red]wave {wave.index} FAILED[/] ({len(failed)}/{n} failed, allowed "
+                f"{wave.max_fail_percent:g}%): rollout halted, later waves untouched"
+            )
+
+    def message(self, text: str) -> None:
+        self.console.print(f"  {text}")
+
+
+def print_plan(
+    waves: Sequence[Wave],
+    console: Console,
+    changes: dict[str, list[str]] | None = None,
+    states: dict[str, str] | None = None,
+) -> None:
+    """The waves in order, their hosts, and what the deploy would change on each (dry run)."""
+    t = Table(title="Rollout plan", show_lines=False)
+    for col in ("wave", "spec", "hosts", "max fail", "soak", "would change"):
+        t.add_column(col)
+    for w in waves:
+        names = ", ".join(w.hosts) if len(w.hosts) <= 6 else (
+            ", ".join(w.hosts[:3]) + f" ... {w.hosts[-1]} ({len(w.hosts)})"
+        )
+        if states:
+            done = sum(1 for h in w.hosts if states.get(h) == J.VERIFIED)
+            if done:
+                names += f" [green]({done} verified, skipped on resume)[/]"
+        change = "-"
+        if changes is not None:
+            ops = sorted({op for h in w.hosts for op in changes.get(h, [])})
+            change = "\n".join(ops) if ops else "nothing (already converged)"
+        t.add_row(str(w.index), w.spec, names, f"{w.max_fail_percent:g}%",
+                  f"{w.soak_seconds:g} s", change)  # fmt: skip
+    console.print(t)
+
+
+def changes_by_host(plan_doc: dict[str, Any]) -> dict[str, list[str]]:
+    """Host -> names of the operations a pyinfra dry run says would change it."""
+    out: dict[str, list[str]] = {}
+    for op in plan_doc.get("plan") or []:
+        for h in list(op.get("hosts_with_change") or []) + list(
+            op.get("hosts_with_conditional_change") or []
+        ):
+            out.setdefault(h, []).append(str(op.get("name")))
+    return out
+
+
+def print_summary(result: RolloutResult, console: Console) -> None:
+    """Per-wave table, then every host with its state."""
+    wt = Table(title=f"Rollout {result.outcome} in {result.seconds:.1f} s")
+    for col in ("wave", "spec", "hosts", "failed", "rolled back", "result", "deploy s", "gate s"):
+        wt.add_column(col)
+    for w in result.waves:
+        res = "[green]passed[/]" if w.passed else "[bold red]FAILED[/]"
+        wt.add_row(
+            str(w.index), w.spec, str(len(w.hosts)), str(len(w.failed)), str(len(w.rolled_back)),
+            res, f"{w.seconds.get('deploy', 0):.1f}", f"{w.seconds.get('gate', 0):.1f}",
+        )  # fmt: skip
+    for pw in result.planned[len(result.waves):]:
+        wt.add_row(str(pw.index), pw.spec, str(len(pw.hosts)), "-", "-", "[dim]not started[/]",
+                   "-", "-")  # fmt: skip
+    console.print(wt)
+    ht = Table(title="Hosts")
+    for col in ("host", "wave", "state", "detail"):
+        ht.add_column(col)
+    states = result.states()
+    for pw in result.planned:
+        for h in pw.hosts:
+            s = states[h]
+            rec = result.hosts.get(h)
+            ht.add_row(h, str(pw.index), f"[{STYLE[s]}]{s}[/]", (rec.detail if rec else "")[:120])
+    console.print(ht)
+    counts: dict[str, int] = {}
+    for s in states.values():
+        counts[s] = counts.get(s, 0) + 1
+    console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+def write_json(result: RolloutResult, path: Path | str, **extra: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({**extra, **result.to_dict()}, indent=2) + "\n")

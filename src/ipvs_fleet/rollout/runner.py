@@ -1,0 +1,300 @@
+"""Running the deploy, the rollback and the gate on a set of hosts, through subprocesses.
+
+The deploy and rollback go through the pyinfra CLI (`pyinfra -y --json --limit <host> ...`),
+one run per wave: pyinfra has no waves of its own (its `--serial` orders hosts at random and
+its `--fail-percent` counts per operation). The gate runs the fleet checks
+(`ipvs_fleet.compliance`, which include the latency probe of classes with a budget) in a child
+process too, so that a hung check cannot wedge the controller and every run starts clean.
+
+Children die with the controller (PR_SET_PDEATHSIG): a controller killed with SIGKILL leaves
+no orphaned run touching hosts behind it, as a crashed controller machine would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ipvs_fleet.policy import REPO
+
+PYINFRA = Path(sys.executable).with_name("pyinfra")
+VERIFY_DEPLOY = Path(__file__).with_name("verify_deploy.py")
+PR_SET_PDEATHSIG = 1
+# pyinfra's per-host output lines: "    [host] Success", "    [host] Error: ..."
+HOST_LINE = re.compile(r"^\s*\[([^\]]+)\]\s+(.*)$")
+OP_LINE = re.compile(r"^--> Starting (?:operation|deploy): (.*)$")
+
+Progress = Callable[[str, str], None]  # (host or "", step)
+
+
+@dataclass
+class Outcome:
+    """One host's result of a deploy, rollback or gate."""
+
+    ok: bool
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """Per-host outcomes of one step on a set of hosts, its wall time and log."""
+
+    hosts: dict[str, Outcome]
+    seconds: float
+    log: str = ""
+
+    @property
+    def failed(self) -> list[str]:
+        return [h for h, o in self.hosts.items() if not o.ok]
+
+
+class Runner(Protocol):
+    def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult: ...
+
+    def rollback(self, hosts: Sequence[str], progress: Progress) -> StepResult: ...
+
+    def gate(self, hosts: Sequence[str], progress: Progress) -> StepResult: ...
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_child(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+    timeout: float | None = None,
+    on_line: Callable[[str], None] | None = None,
+    log_path: Path | None = None,
+) -> tuple[int, str, str]:
+    """Run a child that dies with us; stream its stderr to `on_line`; (rc, stdout, stderr)."""
+    proc = subprocess.Popen(
+        list(cmd),
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent,
+    )
+    err_lines: list[str] = []
+    out_chunks: list[str] = []
+    assert proc.stderr is not None and proc.stdout is not None
+    stdout = proc.stdout
+
+    def read_out() -> None:
+        out_chunks.append(stdout.read())
+
+    t = threading.Thread(target=read_out, daemon=True)
+    t.start()
+    timer = threading.Timer(timeout, proc.kill) if timeout else None
+    if timer:
+        timer.start()
+    for line in proc.stderr:
+        err_lines.append(line)
+        if on_line:
+            on_line(line.rstrip("\n"))
+    rc = proc.wait()
+    killed = bool(timer and not timer.is_alive() and rc < 0)
+    if timer:
+        timer.cancel()
+    t.join()
+    stderr = "".join(err_lines)
+    if killed:
+        stderr += f"\n(killed after the {timeout:.0f} s timeout)\n"
+    if log_path:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"$ {' '.join(cmd)}\n# exit {rc}\n{stderr}\n--- stdout ---\n"
+                            + "".join(out_chunks))
+    return rc, "".join(out_chunks), stderr
+
+
+def _host_errors(stderr: str, hosts: Sequence[str]) -> dict[str, str]:
+    """The last error-looking pyinfra line of each host."""
+    wanted = set(hosts)
+    out: dict[str, str] = {}
+    for line in stderr.splitlines():
+        m = HOST_LINE.match(line)
+        if m and m.group(1) in wanted:
+            msg = m.group(2).strip()
+            if re.search(r"error|fail|could not|unable|refused|timed out|no route", msg, re.I):
+                out[m.group(1)] = msg[:500]
+    return out
+
+
+def _tail(text: str, n: int = 6) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[-800:]
+
+
+@dataclass
+class PyinfraRunner:
+    """Deploy, rollback and gate of one inventory through child processes."""
+
+    inventory: Path
+    deploy_file: str = "deploy.py"
+    rollback_file: str = "deploy/rollback.py"
+    rollback_data: dict[str, str] = field(default_factory=dict)
+    use_checks: bool = True
+    check_args: tuple[str, ...] = ()
+    gate_timeout: float = 900.0
+    log_dir: Path | None = None
+    env: dict[str, str] | None = None
+    _seq: int = 0
+
+    def _log(self, what: str) -> Path | None:
+        if self.log_dir is None:
+            return None
+        self._seq += 1
+        return self.log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{self._seq:03d}-{what}.log"
+
+    def pyinfra(
+        self,
+        deploy_file: str | Path,
+        hosts: Sequence[str],
+        progress: Progress,
+        *,
+        data: dict[str, str] | None = None,
+        dry: bool = False,
+        what: str = "deploy",
+    ) -> tuple[StepResult, dict[str, Any]]:
+        """One pyinfra CLI run limited to `hosts`: per-host outcomes and its --json document."""
+        cmd = [str(PYINFRA), "-y", "--json"]
+        if dry:
+            cmd.append("--dry")
+        for h in hosts:
+            cmd += ["--limit", h]
+        for k, v in (data or {}).items():
+            cmd += ["--data", f"{k}={v}"]
+        cmd += [str(self.inventory), str(deploy_file)]
+        t0 = time.monotonic()
+
+        def on_line(line: str) -> None:
+            m = OP_LINE.match(line.strip())
+            if m:
+                progress("", m.group(1).strip())
+                return
+            hm = HOST_LINE.match(line)
+            if hm and hm.group(1) in hosts:
+                progress(hm.group(1), hm.group(2).strip()[:80])
+
+        rc, out, err = run_child(cmd, env=self.env, on_line=on_line, log_path=self._log(what))
+        secs = time.monotonic() - t0
+        doc: dict[str, Any] = {}
+        try:
+            doc = json.loads(out) if out.strip().startswith("{") else {}
+        except ValueError:
+            doc = {}
+        results = doc.get("results") or {}
+        errors = _host_errors(err, hosts)
+        outcomes: dict[str, Outcome] = {}
+        if not doc or (not dry and not results):
+            # No per-host result (preflight refused the run, every host failed, pyinfra
+            # crashed): no host of this run can count as a success.
+            why = _tail(err) or f"pyinfra exited {rc} without a result"
+            for h in hosts:
+                outcomes[h] = Outcome(False, errors.get(h, why))
+        else:
+            failed = set(results.get("failed_hosts") or [])
+            for h in hosts:
+                if h in failed:
+                    outcomes[h] = Outcome(False, errors.get(h, "pyinfra marked the host failed"))
+                else:
+                    outcomes[h] = Outcome(True)
+        return StepResult(outcomes, secs), doc
+
+    def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult:
+        return self.pyinfra(self.deploy_file, hosts, progress, what="deploy")[0]
+
+    def rollback(self, hosts: Sequence[str], progress: Progress) -> StepResult:
+        return self.pyinfra(
+            self.rollback_file, hosts, progress, data=self.rollback_data, what="rollback"
+        )[0]
+
+    def plan(self, hosts: Sequence[str], progress: Progress) -> tuple[StepResult, dict[str, Any]]:
+        """A dry run: what each operation would change on which host, changing nothing."""
+        return self.pyinfra(self.deploy_file, hosts, progress, dry=True, what="plan")
+
+    def gate(self, hosts: Sequence[str], progress: Progress) -> StepResult:
+        if self.use_checks and checks_available():
+            return self._checks_gate(hosts, progress)
+        res = self.pyinfra(VERIFY_DEPLOY, hosts, progress, what="verify")[0]
+        for o in res.hosts.values():
+            o.details["gate"] = "pyinfra verification"
+        return res
+
+    def _checks_gate(self, hosts: Sequence[str], progress: Progress) -> StepResult:
+        progress("", f"checks on {len(hosts)} host(s)")
+        fd, out = tempfile.mkstemp(prefix="ipvs-fleet-gate-", suffix=".json")
+        os.close(fd)
+        cmd = [sys.executable, "-m", "ipvs_fleet.rollout.gate_checks",
+               "--inventory", str(self.inventory), "--limit", ",".join(hosts), "--out", out,
+               "--", *self.check_args]  # fmt: skip
+        t0 = time.monotonic()
+        try:
+            rc, _, err = run_child(
+                cmd, env=self.env, timeout=self.gate_timeout, log_path=self._log("gate")
+            )
+            try:
+                results = json.loads(Path(out).read_text() or "null")
+            except (OSError, ValueError):
+                results = None
+        finally:
+            Path(out).unlink(missing_ok=True)
+        secs = time.monotonic() - t0
+        if not isinstance(results, list):
+            why = f"checks did not run (exit {rc}): {_tail(err)}"
+            return StepResult({h: Outcome(False, why) for h in hosts}, secs)
+        return StepResult(gate_outcomes(results, hosts), secs)
+
+
+def gate_outcomes(results: list[dict[str, Any]], hosts: Sequence[str]) -> dict[str, Outcome]:
+    """Per-host gate verdict from check results: any failed or error check fails the host,
+    and a host with no result at all (never reached) fails too."""
+    per: dict[str, list[dict[str, Any]]] = {h: [] for h in hosts}
+    for r in results:
+        if r.get("host") in per:
+            per[r["host"]].append(r)
+    out: dict[str, Outcome] = {}
+    for h, rs in per.items():
+        if not rs:
+            out[h] = Outcome(False, "no check result (host not reached)")
+            continue
+        bad = [r for r in rs if r.get("status") in ("failed", "error")]
+        probe = next((r["details"]["probe"] for r in rs if (r.get("details") or {}).get("probe")),
+                     None)  # fmt: skip
+        details: dict[str, Any] = {"gate": "checks", "checks": len(rs)}
+        if probe is not None:
+            details["probe"] = {k: probe.get(k) for k in ("count", "slow", "errors", "latency_ms")}
+        if bad:
+            msg = "; ".join(f"{r.get('check')}: {str(r.get('message', ''))[:200]}" for r in bad)
+            out[h] = Outcome(False, msg, details)
+        else:
+            out[h] = Outcome(True, "", details)
+    return out
+
+
+def checks_available() -> bool:
+    """Whether the CHECKS capability (runner and checks/) is installed in this checkout."""
+    try:
+        from ipvs_fleet.compliance import runner
+    except ImportError:
+        return False
+    return (runner.checks_dir() / "conftest.py").is_file()

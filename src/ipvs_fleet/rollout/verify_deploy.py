@@ -1,0 +1,18 @@
+"""Gate fallback when the fleet checks are not installed: `pyinfra INV verify_deploy.py`.
+
+Reads facts only: the loaded modules are the host's planned patch set and its class's values
+are live (hosts activating at next boot: the installed set and persisted files only).
+"""
+
+from pyinfra import host
+
+from ipvs_fleet.deploy import operations as ipvs
+from ipvs_fleet.deploy.plan import plan_host
+
+plan = plan_host(host)
+if plan.settings.activation != "next-boot":
+    ipvs.verified(
+        name="Verify the patched modules and the class values are live",
+        patchset=plan.patchset,
+        sysctls=plan.settings.sysctls,
+    )
