@@ -51,6 +51,8 @@ def summary(
         for h in hosts:
             bad = [r for r in h.results if r.status != PASSED]
             marks = ", ".join(f"{r.check} {r.status}" for r in bad) or "all checks passed"
+            if bad and all(r.status == ERROR for r in h.results):
+                marks = "could not check"
             out.append(f"  {h.host:<24} {h.status.upper():<7} {marks}")
     problems = [r for r in results if r.status in (FAILED, ERROR)]
     if problems:

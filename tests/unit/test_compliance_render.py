@@ -1,0 +1,152 @@
+"""Summary, exit codes, JSON and JUnit rendering of check results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from ipvs_fleet.compliance import render
+from ipvs_fleet.compliance.model import (
+    COMPLIANT,
+    COULD_NOT_CHECK,
+    ERROR,
+    FAILED,
+    NOT_COMPLIANT,
+    PASSED,
+    WAIVED,
+    CheckResult,
+    Drift,
+    exit_code,
+)
+
+XSD = Path(__file__).parents[1] / "data" / "junit.xsd"
+INV = "inventory/prod.py"
+
+
+def fleet(**overrides: str) -> list[CheckResult]:
+    """Two k8s nodes and an ftp director, two checks each; overrides: 'host/check' -> status."""
+    out = []
+    for host, cls in (("k8s-1", "k8s_node"), ("k8s-2", "k8s_node"), ("ftp-1", "ftp")):
+        for check in ("patched_module", "sysctls"):
+            status = overrides.get(f"{host}/{check}", PASSED)
+            r = CheckResult(host, check, status, cls, (f"{cls}s",), duration=0.25)
+            if status == FAILED:
+                r.message = "sysctls differ\n  net.ipv4.vs.conntrack: expected 1, actual 0"
+                r.drift = [Drift("net.ipv4.vs.conntrack", "1", "0")]
+            if status == ERROR:
+                r.message = "HostUnreachable: 127.0.0.1:2203: Connection refused"
+            if status == WAIVED:
+                r.message = "stock module loaded: ip_vs"
+                r.waiver = {"justification": "TICKET-7", "expires": "2026-12-31"}
+            out.append(r)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({}, COMPLIANT),
+        ({"k8s-2/patched_module": WAIVED}, COMPLIANT),
+        ({"k8s-2/sysctls": FAILED}, NOT_COMPLIANT),
+        ({"ftp-1/sysctls": ERROR}, COULD_NOT_CHECK),
+        ({"k8s-2/sysctls": FAILED, "ftp-1/sysctls": ERROR}, COULD_NOT_CHECK),
+    ],
+)
+def test_exit_codes(overrides: dict[str, str], code: int) -> None:
+    assert exit_code(fleet(**overrides)) == code
+
+
+def test_no_results_means_could_not_check() -> None:
+    assert exit_code([]) == COULD_NOT_CHECK
+
+
+def test_summary_per_class_names_host_key_expected_actual_and_converge_command() -> None:
+    text = render.summary(fleet(**{"k8s-2/sysctls": FAILED}), INV)
+    assert "k8s_node: 1/2 hosts compliant" in text
+    assert "ftp: 1/1 hosts compliant" in text
+    assert "k8s-2 / sysctls: FAILED" in text
+    assert "net.ipv4.vs.conntrack: expected 1, actual 0" in text
+    assert "pyinfra -y inventory/prod.py deploy.py --limit k8s-2" in text
+    assert text.rstrip().endswith(
+        "NOT compliant (exit 1): 6 checks on 3 hosts, 5 passed, 1 failed"
+    )
+
+
+def test_summary_lists_waivers_and_says_unreachable_once() -> None:
+    results = fleet(**{"k8s-1/patched_module": WAIVED, "ftp-1/patched_module": ERROR,
+                       "ftp-1/sysctls": ERROR})
+    text = render.summary(results, INV)
+    assert "k8s-1 / patched_module: waived until 2026-12-31 (TICKET-7)" in text
+    assert text.count("Connection refused") == 1
+    assert "ftp-1: could not check (2 checks)" in text
+
+
+def test_json_has_classes_results_and_converge() -> None:
+    doc = render.to_json(fleet(**{"k8s-2/sysctls": FAILED}), INV, wall=3.2)
+    assert doc["exit_code"] == 1
+    assert doc["classes"]["k8s_node"] == {
+        "compliant": ["k8s-1"], "not_compliant": ["k8s-2"], "not_checked": []
+    }
+    failed = [r for r in doc["results"] if r["status"] == FAILED]
+    assert failed[0]["drift"] == [
+        {"key": "net.ipv4.vs.conntrack", "expected": "1", "actual": "0"}
+    ]
+    assert failed[0]["converge"].endswith("--limit k8s-2")
+    json.dumps(doc)
+
+
+def _schema() -> etree.XMLSchema:
+    return etree.XMLSchema(etree.parse(str(XSD)))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED, "ftp-1/sysctls": ERROR}],
+)
+def test_junit_is_valid_against_the_schema(overrides: dict[str, str]) -> None:
+    xml = render.junit_xml(fleet(**overrides), INV)
+    doc = etree.fromstring(xml)
+    schema = _schema()
+    assert schema.validate(doc), schema.error_log
+    cases = doc.findall(".//testcase")
+    assert len(cases) == 6  # a testcase per host and check
+    assert {c.get("classname") for c in cases} == {"k8s_node.k8s-1", "k8s_node.k8s-2", "ftp.ftp-1"}
+
+
+def test_junit_outcomes() -> None:
+    xml = render.junit_xml(
+        fleet(**{"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED, "ftp-1/sysctls": ERROR}),
+        INV,
+    )
+    doc = etree.fromstring(xml)
+    assert doc.get("tests") == "6" and doc.get("failures") == "1" and doc.get("errors") == "1"
+    failure = doc.find(".//testcase[@classname='k8s_node.k8s-2'][@name='sysctls']/failure")
+    assert failure is not None
+    assert "expected 1, actual 0" in (failure.text or "")
+    skipped = doc.find(".//testcase[@classname='k8s_node.k8s-1'][@name='patched_module']/skipped")
+    assert skipped is not None and "waived until 2026-12-31: TICKET-7" in skipped.get("message", "")
+
+
+def test_schema_rejects_a_broken_report() -> None:
+    doc = etree.fromstring(render.junit_xml(fleet(), INV))
+    del doc.find(".//testcase").attrib["classname"]
+    assert not _schema().validate(doc)
+
+
+def test_markdown_and_html_reports(tmp_path: Path) -> None:
+    results = fleet(**{"k8s-2/sysctls": FAILED})
+    results[0].details["probe"] = {
+        "slow_ms": 900,
+        "attempts": [{"total_ms": 5.0 + i, "error": None} for i in range(20)],
+    }
+    md = tmp_path / "report.md"
+    render.write_outputs(results, INV, report=md, junitxml=tmp_path / "j.xml")
+    text = md.read_text()
+    assert "| net.ipv4.vs.conntrack | 1 | 0 |" in text
+    assert "![k8s-1 latency CDF](report-k8s-1.png)" in text
+    assert (tmp_path / "report-k8s-1.png").read_bytes()[:4] == b"\x89PNG"
+    page = render.html_report(results, INV)
+    assert "data:image/png;base64," in page and "NOT compliant" in page
