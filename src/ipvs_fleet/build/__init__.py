@@ -1,0 +1,1 @@
+"""Build the patched IPVS module set per kernel release: builder roots, artifacts, DKMS."""

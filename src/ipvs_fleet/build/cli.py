@@ -1,0 +1,82 @@
+"""`ipvs-fleet build`: build the patched IPVS module set for pinned Debian kernels.
+
+**Example:**
+
+    ipvs-fleet build --release bookworm --out artifacts/
+    ipvs-fleet build --all-lab --out artifacts/
+    ipvs-fleet build --kernel-release 6.1.0-56-cloud-amd64 --release bookworm
+    ipvs-fleet build --release bookworm --dkms dkms/
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ipvs_fleet.debian import RELEASES, KernelPin, check_release, resolve_kernel
+from ipvs_fleet.errors import ConfigError
+
+
+def targets(args: argparse.Namespace) -> list[KernelPin]:
+    """The pinned kernels the arguments name."""
+    from ipvs_fleet.build.build import pin_for
+
+    if args.all_lab:
+        return [resolve_kernel(r) for r in RELEASES]
+    if not args.release:
+        raise ConfigError("name a target: --release R [--kernel-release K], or --all-lab")
+    check_release(args.release, "--release")
+    return [pin_for(args.release, args.kernel_release, args.source_version)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ipvs_fleet.build.build import build_for
+    from ipvs_fleet.build.dkms import dkms_build, make_dkms_tree
+
+    out = Path(args.out)
+    for pin in targets(args):
+        t0 = time.monotonic()
+        art = build_for(pin, out, variant=args.variant, force=args.force)
+        took = time.monotonic() - t0
+        print(
+            f"{pin.kernel_release}: {art.path} ({len(art.modules)} modules, "
+            f"{art.set_id}, reuse={art.reuse_design}, {took:.1f}s)"
+        )
+        if args.dkms:
+            tree = make_dkms_tree(pin.line, Path(args.dkms), [m[:-3] for m in art.modules])
+            print(f"{pin.line}: DKMS source tree {tree}")
+            if args.dkms_test:
+                dkms_build(pin, tree)
+                print(f"{pin.kernel_release}: dkms build ok")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build the patched IPVS modules (artifact per kernel)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--release", help="Debian release (bullseye, bookworm, trixie)")
+    p.add_argument("--kernel-release", help="`uname -r` to build for (default: the pinned one)")
+    p.add_argument(
+        "--source-version",
+        help="Debian package version of that kernel's headers/linux-source "
+        "(needed when --kernel-release is not the release's pinned kernel)",
+    )
+    p.add_argument("--all-lab", action="store_true", help="the pinned kernel of every release")
+    p.add_argument("--out", default="artifacts", help="artifacts folder (default: artifacts)")
+    p.add_argument(
+        "--variant",
+        choices=["dislocated"],
+        help="test-only variant (seed's sysctl-table bug); never deploy it",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--dkms", metavar="DIR", help="also write the DKMS source tree under DIR")
+    p.add_argument(
+        "--dkms-test", action="store_true", help="and run `dkms build` of it in the builder root"
+    )
+    p.set_defaults(func=run)

@@ -1,0 +1,69 @@
+"""The IPVS patch series, one per supported kernel line, and what identifies a build of it.
+
+Layout: `patches/<line>/NNNN-*.patch` (applied in name order with `patch -p1` to the root of
+the matching Debian `linux-source`), `patches/reference/` (the seed in its pre-5.9 form, never
+built), `patches/dislocated/<line>/` (a test-only replacement for 0001 that reproduces the
+seed's sysctl-table bug, so the table-integrity check can be shown to fail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from ipvs_fleet.errors import ConfigError
+
+# Bump when the series changes in a way a reader should see in `modinfo`.
+PATCHSET_VERSION = "1.0"
+PATCHES = Path(__file__).parent / "patches"
+SYSCTL_DEFAULTS = Path(__file__).parent / "sysctl_defaults.yml"
+# Module info fields carried by every built module (MODINFO_SET) and by ip_vs (MODINFO_REUSE).
+MODINFO_SET = "ipvs_fleet"
+MODINFO_REUSE = "ipvs_fleet_reuse"
+# Build variants besides the shipped one; test-only, never deployed.
+VARIANTS = ("dislocated",)
+
+
+def lines() -> list[str]:
+    """Kernel lines that have a patch series."""
+    return sorted(p.name for p in PATCHES.iterdir() if re.fullmatch(r"\d+\.\d+", p.name))
+
+
+def series(line: str, variant: str | None = None) -> list[Path]:
+    """The patch files for a kernel line, in the order they apply."""
+    folder = PATCHES / line
+    if not folder.is_dir():
+        raise ConfigError(f"no patch series for kernel line {line} (have: {', '.join(lines())})")
+    files = sorted(folder.glob("*.patch"))
+    if variant is None:
+        return files
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
+    swap = {p.name[:4]: p for p in (PATCHES / variant / line).glob("*.patch")}
+    if not swap:
+        raise ConfigError(f"variant {variant} has no patches for kernel line {line}")
+    return [swap.get(p.name[:4], p) for p in files]
+
+
+def patchset_hash(files: list[Path]) -> str:
+    """sha256 over the names and contents of a series: changes whenever a patch does."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def set_id(files: list[Path], variant: str | None = None) -> str:
+    """The value of the `ipvs_fleet` module info field: version, series hash, variant."""
+    sid = f"{PATCHSET_VERSION}+{patchset_hash(files)[:12]}"
+    return f"{sid}.{variant}" if variant else sid
+
+
+def reuse_design(files: list[Path]) -> str:
+    """What knob=1 does in this series, as declared by its `ipvs_fleet_reuse` module info."""
+    for p in files:
+        m = re.search(rf'MODULE_INFO\({MODINFO_REUSE}, "([\w-]+)"\)', p.read_text())
+        if m:
+            return m.group(1)
+    return "none"
