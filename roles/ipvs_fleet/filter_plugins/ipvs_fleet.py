@@ -1,0 +1,257 @@
+"""Filters of the ipvs_fleet role: the pyinfra deploy's own facts, policy and checks, for Ansible.
+
+The role reads hosts with the same shell commands as the pyinfra facts
+(`ipvs_fleet.deploy.facts`), parses their output with the same `process()` methods, and
+decides with the same policy loader, artifact loader and reuse interlock
+(`ipvs_fleet.policy`, `ipvs_fleet.build.artifact`, `ipvs_fleet.deploy.plan`). Nothing the
+two engines decide is defined twice; the controller needs the `ipvs_fleet` package
+installed next to ansible-core (it is, in the project's venv).
+
+    {{ 'preflight' | ipvs_fleet_probe_command }}                      -> shell script
+    {{ probe.stdout | ipvs_fleet_plan(inventory_hostname, hostvars[inventory_hostname],
+                                       artifacts_dir, policy_file) }}  -> plan dict
+    {{ probe.stdout | ipvs_fleet_state(plan) }}                       -> state dict
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+try:
+    from ansible.errors import AnsibleFilterError
+except ImportError:  # imported by the unit tests without Ansible's plugin loader
+    AnsibleFilterError = ValueError  # type: ignore[misc,assignment]
+
+from ipvs_fleet.build.artifact import load_artifact
+from ipvs_fleet.deploy.facts import (
+    IpvsInstalledModules,
+    IpvsLoadedModules,
+    IpvsSysctls,
+    IpvsUsage,
+    Lockdown,
+    refuses_unsigned,
+    updates_dir,
+)
+from ipvs_fleet.deploy.operations import MANAGED_FILES, STATE_DIR, backup_path
+from ipvs_fleet.deploy.plan import interlock
+from ipvs_fleet.errors import FleetError
+from ipvs_fleet.policy import KNOB, load_policy
+
+MARK = "@@ipvs-fleet@@ "
+ROLE_PREFIX = "ipvs_fleet_"  # the role's own settings, not host data of the policy
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def _sections(script: dict[str, str]) -> str:
+    return "\n".join(f"echo {_quote(MARK + name)}; {{ {cmd}\n}}" for name, cmd in script.items())
+
+
+def probe_command(kind: str, kernel_release: str = "") -> str:
+    """The shell script that reads a host: `preflight` (kernel, lockdown, conntrack users)
+    or `state` (installed, loaded, live sysctls, backups) for `kernel_release`."""
+    if kind == "preflight":
+        return _sections(
+            {
+                "kernel": "uname -r",
+                "lockdown": Lockdown().command(),
+                "usage": IpvsUsage().command(),
+            }
+        )
+    if kind == "state":
+        if not kernel_release:
+            raise AnsibleFilterError("ipvs_fleet_probe_command('state') needs the kernel release")
+        installed = IpvsInstalledModules().command(kernel_release=kernel_release).get_raw_value()
+        backups = "; ".join(
+            f"if [ -f {_quote(backup_path(p))} ]; then echo {_quote(p)}=file; "
+            f"elif [ -f {_quote(backup_path(p) + '.absent')} ]; then echo {_quote(p)}=absent; "
+            f"else echo {_quote(p)}=none; fi"
+            for p in MANAGED_FILES
+        )
+        failed = _quote(updates_dir(kernel_release) + ".failed")
+        return _sections(
+            {
+                "installed": installed,
+                "loaded": IpvsLoadedModules().command(),
+                "sysctls": IpvsSysctls().command(),
+                "backups": backups,
+                "failed": f"[ -e {failed} ] && echo yes || echo no",
+            }
+        )
+    raise AnsibleFilterError(f"ipvs_fleet_probe_command: unknown probe {kind!r}")
+
+
+def split_probe(stdout: str) -> dict[str, list[str]]:
+    """Probe output -> {section: lines}."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in stdout.splitlines():
+        if line.startswith(MARK):
+            current = out.setdefault(line[len(MARK) :].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return out
+
+
+def host_data(hostvars: Mapping[str, Any]) -> dict[str, Any]:
+    """The policy's host data among a host's variables: `ipvs_*`, not the role's settings
+    (`ipvs_fleet_*`). Unknown `ipvs_*` names stay in, so the policy names typos."""
+    return {
+        str(k): hostvars[k]
+        for k in list(hostvars.keys())
+        if str(k).startswith("ipvs_") and not str(k).startswith(ROLE_PREFIX)
+    }
+
+
+def plan(
+    stdout: str,
+    host: str,
+    hostvars: Mapping[str, Any],
+    artifacts_dir: str,
+    policy_file: str | None = None,
+) -> dict[str, Any]:
+    """Check one host as the pyinfra preflight does (policy, lockdown, artifact, interlock)
+    and return what it gets; AnsibleFilterError naming host and reason otherwise."""
+    try:
+        settings = load_policy(policy_file or None).for_host(host, host_data(hostvars))
+        facts = split_probe(stdout)
+        kernel = (facts.get("kernel") or [""])[0].strip()
+        if not kernel:
+            raise FleetError(f"host {host}: the preflight probe did not report a kernel release")
+        where = f"host {host} (kernel {kernel})"
+        lock = refuses_unsigned(Lockdown().process(facts.get("lockdown", [])))
+        if lock:
+            raise FleetError(f"{where}: {lock}; it would refuse the unsigned patched modules")
+        try:
+            art = load_artifact(Path(artifacts_dir), kernel)  # checks the tarball's sha256
+        except FleetError as e:
+            raise FleetError(f"{where}: {e}") from None
+        usage = IpvsUsage().process(facts.get("usage", []))
+        why = interlock(settings, usage, art.reuse_design)
+        if why:
+            raise FleetError(f"{where}: {why}")
+    except FleetError as e:
+        raise AnsibleFilterError(f"ipvs-fleet preflight refused: {e}") from None
+    return {
+        "host_class": settings.host_class,
+        "sysctls": dict(settings.sysctls),
+        "modules": list(settings.modules),
+        "activation": settings.activation,
+        "allow_reuse_with": settings.allow_reuse_with,
+        "kernel_release": kernel,
+        "tarball": str(art.tarball),
+        "tarball_name": art.tarball.name,
+        "tarball_sha256": art.tarball_sha256,
+        "module_sums": art.modules,
+        # `sha256sum -c` input for the modules, as the pyinfra install writes it
+        "module_sha256sums": "\n".join(
+            f"{sha}  {name}" for name, sha in sorted(art.modules.items())
+        ),
+        "patchset": art.set_id,
+        "reuse": art.reuse_design,
+        "usage": usage,
+        "updates_dir": updates_dir(kernel),
+        "state_dir": STATE_DIR,
+    }
+
+
+def _current(info: Mapping[str, Any], patchset: str) -> bool:
+    """Whether a loaded module is the wanted build (as operations.modules_active decides)."""
+    if patchset:
+        return bool(info["patched"]) and info["patchset"] == patchset
+    return not info["taint"] or "O" not in str(info["taint"])
+
+
+def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> dict[str, Any]:
+    """A host's IPVS state and what the role still has to do about it.
+
+    + plan: the host's plan (ipvs_fleet_plan)
+    + patchset: the build that must be loaded; default the plan's, "" for the stock build
+
+    Keys: installed, loaded, sysctls (live), backups {path: file|absent|none}, failed_set,
+    install (bool), stale, missing (modules to modprobe), sysctl_changes {key: value},
+    sysctl_absent, managed [{path, template, backup}], problems (verification, [] = ok).
+    """
+    facts = split_probe(stdout)
+    want = plan["patchset"] if patchset is None else patchset
+    installed = IpvsInstalledModules().process(facts.get("installed", []))
+    loaded = IpvsLoadedModules().process(facts.get("loaded", []))
+    live = IpvsSysctls().process(facts.get("sysctls", []))
+    backups = dict(
+        line.rsplit("=", 1) for line in facts.get("backups", []) if "=" in line
+    )
+    stale = sorted(m for m, info in loaded.items() if not _current(info, want))
+    missing = [m for m in plan["modules"] if m not in loaded or m in stale]
+    wanted: dict[str, int] = dict(plan["sysctls"]) if want else {}
+    changes = {k: v for k, v in sorted(wanted.items()) if k in live and live[k] != v}
+    absent = sorted(k for k in wanted if k not in live)
+    problems = []
+    if "ip_vs" not in loaded:
+        problems.append("ip_vs is not loaded")
+    for m, info in sorted(loaded.items()):
+        if want and info["patchset"] != want:
+            problems.append(f"{m}: the loaded build is not patch set {want}")
+        if not want and "O" in str(info["taint"]):
+            problems.append(f"{m}: an out-of-tree build is still loaded")
+    if not want and KNOB in live:
+        problems.append(f"net.ipv4.vs.{KNOB} still exists")
+    for key, value in sorted(wanted.items()):
+        if live.get(key) != value:
+            problems.append(f"net.ipv4.vs.{key}: expected {value}, live {live.get(key)}")
+    return {
+        "installed": installed,
+        "loaded": loaded,
+        "sysctls": live,
+        "backups": backups,
+        "failed_set": (facts.get("failed") or ["no"])[0].strip() == "yes",
+        "install": installed != dict(plan["module_sums"]),
+        "stale": stale,
+        "missing": missing,
+        "sysctl_changes": changes,
+        "sysctl_absent": absent,
+        "managed": [
+            {"path": p, "template": t, "backup": backup_path(p)} for p, t in MANAGED_FILES.items()
+        ],
+        "problems": problems,
+    }
+
+
+def rollback_plan(
+    stdout: str, host: str, hostvars: Mapping[str, Any], policy_file: str | None = None
+) -> dict[str, Any]:
+    """What rollback needs for a host (the pyinfra rollback's `settings_for`): its policy
+    settings and kernel release; no artifact, no interlock. `patchset` "" = the stock build."""
+    try:
+        s = load_policy(policy_file or None).for_host(host, host_data(hostvars))
+    except FleetError as e:
+        raise AnsibleFilterError(f"ipvs-fleet preflight refused: {e}") from None
+    kernel = (split_probe(stdout).get("kernel") or [""])[0].strip()
+    if not kernel:
+        raise AnsibleFilterError(f"host {host}: the probe did not report a kernel release")
+    return {
+        "host_class": s.host_class,
+        "sysctls": dict(s.sysctls),
+        "modules": list(s.modules),
+        "activation": s.activation,
+        "kernel_release": kernel,
+        "patchset": "",
+        "module_sums": {},
+        "updates_dir": updates_dir(kernel),
+        "state_dir": STATE_DIR,
+    }
+
+
+class FilterModule:
+    """Ansible's entry point for the role's filters."""
+
+    def filters(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "ipvs_fleet_probe_command": probe_command,
+            "ipvs_fleet_plan": plan,
+            "ipvs_fleet_state": state,
+            "ipvs_fleet_rollback_plan": rollback_plan,
+        }
