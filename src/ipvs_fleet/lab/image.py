@@ -1,0 +1,253 @@
+"""Lab VM images: one ext4 disk image per Debian release, booted directly by QEMU.
+
+An image is an mmdebstrap root (`rootfs.make_root`) with the release's pinned cloud kernel,
+turned into a raw ext4 file by `mke2fs -d` (no loop mount), plus the kernel and initrd for
+QEMU's direct boot. Images live in a shared cache (`$IPVS_FLEET_CACHE/lab-images/<key>/`)
+named by everything they are made from, so several labs reuse them and a new kernel pin or
+package list makes a new image. The image holds no keys: each lab hands its SSH keys to its
+VMs at boot on a small seed disk (see `seed_tar`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipvs_fleet import debian
+from ipvs_fleet.debian import KernelPin, resolve_kernel
+from ipvs_fleet.errors import FleetError
+from ipvs_fleet.rootfs import make_root
+
+# Bump when the way an image is made changes (customisation, mke2fs options).
+FORMAT_VERSION = 1
+
+# What every lab VM carries. Others may extend it (e.g. `LAB_PACKAGES.append("socat")`
+# before `Lab.up()`); the image key covers the list, so a change makes a new image.
+LAB_PACKAGES: list[str] = [
+    "systemd-sysv",
+    "udev",  # systemd-networkd waits for udev to initialise the link
+    "initramfs-tools",
+    "openssh-server",
+    "python3",  # Ansible and the probe
+    "iproute2",
+    "ipvsadm",
+    "iptables",
+    "conntrack",
+    "kmod",
+    "procps",
+    "vsftpd",  # passive FTP through ip_vs_ftp on the ftp class
+    "tcpdump",
+]
+
+IMAGE_SIZE = "4G"  # sparse; only written blocks use disk space
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built lab image in the cache."""
+
+    release: str
+    pin: KernelPin
+    dir: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs.img"
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd.img"
+
+
+def cache_dir() -> Path:
+    return debian.CACHE / "lab-images"
+
+
+def image_key(pin: KernelPin, packages: Sequence[str]) -> str:
+    h = hashlib.sha256(
+        "\n".join([f"format={FORMAT_VERSION}", pin.key, *sorted(packages)]).encode()
+    ).hexdigest()
+    return f"{pin.release}-{pin.kernel_release}-{h[:12]}"
+
+
+# The guest side of the seed disk: /dev/vdb is a plain tar (keys, authorized_keys) that
+# is unpacked over / before sshd starts, on every boot.
+SEED_SCRIPT = """#!/bin/sh
+set -e
+[ -b /dev/vdb ] || exit 0
+tar -xf /dev/vdb -C /
+"""
+
+SEED_UNIT = """[Unit]
+Description=ipvs-fleet lab seed (SSH keys from /dev/vdb)
+DefaultDependencies=no
+After=local-fs.target
+Before=ssh.service ssh.socket sysinit.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/ipvs-fleet-seed
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+NETWORK = """[Match]
+Name=eth* en*
+
+[Network]
+DHCP=ipv4
+"""
+
+SSHD = """# ipvs-fleet lab: root by key only; host keys come from the seed disk.
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+"""
+
+# Units that only cost boot time in a lab VM (a missing one is ignored by `systemctl mask`).
+MASK = [
+    "systemd-networkd-wait-online.service",
+    "systemd-firstboot.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "man-db.timer",
+    "dpkg-db-backup.timer",
+]
+
+
+def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
+    p = root / rel.lstrip("/")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.unlink(missing_ok=True)  # never write through a symlink into the host
+    p.write_text(text)
+    p.chmod(mode)
+
+
+def customise(root: Path) -> None:
+    """Make a root bootable as a lab VM: fstab, DHCP, sshd, the seed unit. Idempotent.
+
+    Paths are under /etc and /usr/local only, which are the same whether or not the
+    release's root is merged-/usr (bullseye may not be).
+    """
+    _write(root, "/etc/fstab", "/dev/vda / ext4 rw,errors=remount-ro 0 0\n")
+    _write(root, "/etc/systemd/network/20-lab.network", NETWORK)
+    _write(root, "/etc/ssh/sshd_config.d/ipvs-fleet.conf", SSHD)
+    _write(root, "/usr/local/sbin/ipvs-fleet-seed", SEED_SCRIPT, 0o755)
+    _write(root, "/etc/systemd/system/ipvs-fleet-seed.service", SEED_UNIT)
+    _write(root, "/etc/hostname", "lab\n")  # systemd.hostname= on the command line wins
+    for key in (root / "etc" / "ssh").glob("ssh_host_*"):
+        key.unlink()
+    _chroot(root, "systemctl", "enable", "systemd-networkd.service", "ipvs-fleet-seed.service")
+    _chroot(root, "systemctl", "mask", *MASK)
+    # Locked password, key login only (a `*` hash still allows public keys).
+    _chroot(root, "usermod", "-p", "*", "root")
+
+
+def _chroot(root: Path, *cmd: str) -> None:
+    r = subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FleetError(f"image customisation `{' '.join(cmd)}` failed: {r.stderr.strip()}")
+
+
+def build_image(
+    release: str,
+    packages: Sequence[str] | None = None,
+    *,
+    log: Log = print,
+    logfile: Path | None = None,
+) -> Image:
+    """The lab image of a release, from the cache or built now (locked against other labs)."""
+    pin = resolve_kernel(release)
+    pkgs = [*(LAB_PACKAGES if packages is None else packages), f"{pin.image_package}={pin.version}"]
+    key = image_key(pin, pkgs)
+    dest = cache_dir() / key
+    image = Image(release, pin, dest)
+    if (dest / "image.json").exists():
+        return image
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with (dest.parent / f"{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another lab may be building the same image
+        if (dest / "image.json").exists():
+            return image
+        t0 = time.monotonic()
+        log(f"{release}: building image {key} (kernel {pin.kernel_release} {pin.version})")
+        partial = dest.with_name(key + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        root = make_root(release, pkgs, partial / "root", log=logfile)
+        customise(root)
+        boot = root / "boot"
+        shutil.copyfile(boot / f"vmlinuz-{pin.kernel_release}", partial / "vmlinuz")
+        shutil.copyfile(boot / f"initrd.img-{pin.kernel_release}", partial / "initrd.img")
+        (root / ".complete").unlink(missing_ok=True)
+        r = subprocess.run(
+            ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "labroot", "-d", str(root),
+             str(partial / "rootfs.img"), IMAGE_SIZE],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise FleetError(f"mke2fs for {release} image failed: {r.stderr.strip()}")
+        shutil.rmtree(root)
+        (partial / "image.json").write_text(
+            json.dumps(
+                {
+                    "release": release,
+                    "kernel_release": pin.kernel_release,
+                    "kernel_version": pin.version,
+                    "packages": pkgs,
+                    "format": FORMAT_VERSION,
+                },
+                indent=2,
+            )
+        )
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+        log(f"{release}: image ready in {time.monotonic() - t0:.0f} s")
+    return image
+
+
+def seed_tar(dest: Path, authorized_key: str, host_key: Path) -> None:
+    """Write the seed disk of one VM: root's authorized_keys and the VM's SSH host key."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+
+        def add(name: str, data: bytes, mode: int) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+
+        def add_dir(name: str, mode: int) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, mode
+            tar.addfile(info)
+
+        add_dir("root/.ssh", 0o700)
+        add("root/.ssh/authorized_keys", authorized_key.encode(), 0o600)
+        add("etc/ssh/ssh_host_ed25519_key", host_key.read_bytes(), 0o600)
+        pub = host_key.with_name(host_key.name + ".pub")
+        add("etc/ssh/ssh_host_ed25519_key.pub", pub.read_bytes(), 0o644)
+    data = buf.getvalue()
+    data += b"\0" * (-len(data) % 4096)  # whole sectors for the block device
+    dest.write_bytes(data)

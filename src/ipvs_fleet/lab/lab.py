@@ -1,0 +1,453 @@
+"""The lab fleet: QEMU VMs with real Debian kernels, reachable over SSH with host keys checked.
+
+>>> lab = Lab()                       # $IPVS_FLEET_LAB_DIR or <repo>/.lab
+>>> lab.up()                          # boots the fleet of lab/fleet.yml; a no-op when up
+>>> lab.run("k8s-canary", "uname -r").stdout
+'6.1.0-56-cloud-amd64\\n'
+>>> lab.down()
+
+Files in the lab dir: `state.json` (the running hosts), `ssh_config`, `ssh/` (the lab's
+client key, known_hosts, per-host host keys), `vms/<name>/` (overlay, seed, pidfile,
+console.log), `logs/` (image builds).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ipvs_fleet.errors import ConfigError, FleetError
+from ipvs_fleet.lab import vm
+from ipvs_fleet.lab.fleet import REPO, Fleet, load_fleet
+from ipvs_fleet.lab.image import Image, build_image, seed_tar
+
+INVENTORY = REPO / "inventory" / "lab.py"
+STATE_VERSION = 1
+
+
+def default_labdir() -> Path:
+    return Path(os.environ.get("IPVS_FLEET_LAB_DIR", REPO / ".lab")).absolute()
+
+
+def _stderr(msg: str) -> None:
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """A host of a running lab, as recorded in state.json."""
+
+    name: str
+    release: str  # Debian codename
+    kernel_release: str  # what `uname -r` reports in the VM
+    kernel_version: str  # Debian package version of that kernel
+    host_class: str
+    groups: list[str]
+    port: int  # SSH on 127.0.0.1
+    memory_mb: int = 1024
+
+    @property
+    def line(self) -> str:
+        """The kernel line, e.g. "6.1"."""
+        return ".".join(self.kernel_release.split(".")[:2])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    host: str
+    cmd: str
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    name: str
+    state: str  # running | died | stopped
+    ssh_ok: bool | None  # None when not running
+    port: int | None
+    kernel_release: str | None = None
+    console: Path | None = None
+
+
+@dataclass
+class _State:
+    hosts: dict[str, LabHost] = field(default_factory=dict)
+    fleet_file: str = ""
+
+
+class Lab:
+    """One lab instance, living in its own lab dir (several may run at once)."""
+
+    def __init__(
+        self,
+        labdir: Path | str | None = None,
+        fleet_file: Path | None = None,
+        log: Callable[[str], None] = _stderr,
+    ) -> None:
+        self.dir = Path(labdir).absolute() if labdir else default_labdir()
+        self.fleet_file = fleet_file
+        self.log = log
+
+    # -- files ------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.dir / "ssh_config"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "ssh" / "known_hosts"
+
+    @property
+    def client_key(self) -> Path:
+        return self.dir / "ssh" / "id_ed25519"
+
+    @property
+    def inventory_path(self) -> Path:
+        """The pyinfra inventory; set IPVS_FLEET_LAB_DIR to this lab's dir when using it."""
+        return INVENTORY
+
+    def host_key(self, name: str) -> Path:
+        return self.dir / "ssh" / "hosts" / name / "ssh_host_ed25519_key"
+
+    def vm_files(self, name: str) -> vm.VmFiles:
+        return vm.VmFiles(self.dir / "vms" / name)
+
+    def _control_dir(self) -> Path:
+        # A unix socket path must stay under 108 bytes; deep lab dirs use /tmp instead.
+        d = self.dir / "cm"
+        if len(str(d)) > 60:
+            tag = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
+            d = Path(tempfile.gettempdir()) / f"ipvs-fleet-cm-{tag}"
+        return d
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _load(self) -> _State:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return _State()
+        except ValueError as e:
+            raise FleetError(f"{self.state_path}: corrupt lab state: {e}") from e
+        hosts = {n: LabHost(**h) for n, h in data.get("hosts", {}).items()}
+        return _State(hosts, data.get("fleet_file", ""))
+
+    def _save(self, st: _State) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "version": STATE_VERSION,
+            "labdir": str(self.dir),
+            "fleet_file": st.fleet_file,
+            "ssh_config": str(self.ssh_config),
+            "known_hosts": str(self.known_hosts),
+            "client_key": str(self.client_key),
+            "hosts": {n: asdict(h) for n, h in sorted(st.hosts.items())},
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.state_path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / ".lock").open("w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    @property
+    def hosts(self) -> dict[str, LabHost]:
+        """The lab's hosts (name -> LabHost), as last brought up."""
+        return self._load().hosts
+
+    def is_running(self, name: str) -> bool:
+        return vm.pid_of(self.vm_files(name)) is not None
+
+    # -- up / down / status -----------------------------------------------------------------
+
+    def up(self, hosts: Sequence[str] | None = None, timeout: float | None = None) -> None:
+        """Boot the fleet's hosts (all, or the named ones) unless running; wait for SSH."""
+        fleet = load_fleet(self.fleet_file)  # validated before anything starts
+        names = list(hosts) if hosts else list(fleet.hosts)
+        unknown = [n for n in names if n not in fleet.hosts]
+        if unknown:
+            raise ConfigError(
+                f"{fleet.path}: hosts: no host named {', '.join(unknown)} "
+                f"(known: {', '.join(fleet.hosts)})"
+            )
+        timeout = timeout or float(os.environ.get("IPVS_FLEET_BOOT_TIMEOUT", "420"))
+        t0 = time.monotonic()
+        with self._locked():
+            st = self._load()
+            todo = [n for n in names if not (n in st.hosts and self.is_running(n))]
+            if not todo:
+                self.log(f"lab {self.dir} is up: {', '.join(names)}")
+                return
+            self._ensure_keys(todo)
+            images = self._images(fleet, todo)
+            accel = vm.accel(next(iter(images.values())))
+            st.fleet_file = str(fleet.path)
+            authorized = (self.client_key.with_suffix(".pub")).read_text()
+            for name in todo:
+                spec = fleet.hosts[name]
+                image = images[spec.release]
+                files = self.vm_files(name)
+                vm.stop(files)  # a VM that died leaves a stale pidfile
+                files.dir.mkdir(parents=True, exist_ok=True)
+                seed_tar(files.seed, authorized, self.host_key(name))
+                port = vm.free_port()
+                vm.start(name, image, files, port, spec.memory_mb, accel)
+                self.log(f"{name}: started ({spec.release}, {accel}, ssh port {port})")
+                st.hosts[name] = LabHost(
+                    name=name,
+                    release=spec.release,
+                    kernel_release=image.pin.kernel_release,
+                    kernel_version=image.pin.version,
+                    host_class=spec.host_class,
+                    groups=list(spec.groups),
+                    port=port,
+                    memory_mb=spec.memory_mb,
+                )
+                self._save(st)
+            self._write_ssh_files(st)
+            with ThreadPoolExecutor(len(todo)) as pool:
+                list(pool.map(lambda n: self._wait_ssh(st.hosts[n], t0 + timeout), todo))
+        self.log(f"lab up: {', '.join(names)} reachable in {time.monotonic() - t0:.0f} s")
+
+    def down(self) -> list[str]:
+        """Stop the VMs this lab started (by their pidfiles); return their names."""
+        stopped = []
+        with self._locked():
+            st = self._load()
+            vms = self.dir / "vms"
+            names = set(st.hosts) | ({p.name for p in vms.iterdir()} if vms.is_dir() else set())
+            for name in sorted(names):
+                if name in st.hosts:
+                    self._close_master(name)
+                if vm.stop(self.vm_files(name)):
+                    stopped.append(name)
+                    self.log(f"{name}: stopped")
+            self._save(_State(fleet_file=st.fleet_file))
+        return stopped
+
+    def status(self, check_ssh: bool = True) -> list[HostStatus]:
+        """Each host of the lab: running, died (its QEMU is gone) or stopped; SSH ok."""
+        st = self._load()
+        out = []
+        for name, h in sorted(st.hosts.items()):
+            files = self.vm_files(name)
+            if self.is_running(name):
+                ok = None
+                if check_ssh:
+                    ok = self.run(name, "true", check=False, timeout=20, connect_timeout=5).ok
+                out.append(HostStatus(name, "running", ok, h.port, h.kernel_release, files.console))
+            else:
+                out.append(HostStatus(name, "died", None, h.port, h.kernel_release, files.console))
+        return out
+
+    # -- ssh --------------------------------------------------------------------------------
+
+    def ssh_command(self, host: str, *args: str) -> list[str]:
+        """The ssh command line reaching `host` (extra ssh options may go in args)."""
+        return ["ssh", "-F", str(self.ssh_config), *args, "--", host]
+
+    def run(
+        self,
+        host: str,
+        cmd: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 120,
+        input: str | None = None,
+        connect_timeout: int = 15,
+    ) -> RunResult:
+        """Run a command on a lab host over the shared SSH connection.
+
+        + cmd: a shell command line, or an argv list (quoted for the remote shell)
+        + check: raise FleetError when the command exits non-zero
+        + timeout: seconds before the command is abandoned (FleetError)
+        + input: text fed to the command's stdin
+        """
+        if host not in self.hosts:
+            raise FleetError(f"{host}: not a host of lab {self.dir} (is it up?)")
+        line = cmd if isinstance(cmd, str) else shlex.join(cmd)
+        argv = [*self.ssh_command(host, "-o", f"ConnectTimeout={connect_timeout}"), line]
+        try:
+            r = subprocess.run(
+                argv,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=None if input is not None else subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise FleetError(f"{host}: `{line}` timed out after {timeout:.0f} s") from e
+        res = RunResult(host, line, r.returncode, r.stdout, r.stderr)
+        if check and r.returncode != 0:
+            raise FleetError(
+                f"{host}: `{line}` failed with exit {r.returncode}: {r.stderr.strip()[-2000:]}"
+            )
+        return res
+
+    def reboot(self, host: str, timeout: float = 300) -> None:
+        """Reboot a lab host and wait until SSH answers from the new boot."""
+        boot_id = "cat /proc/sys/kernel/random/boot_id"
+        before = self.run(host, boot_id).stdout.strip()
+        self.run(host, "systemctl reboot", check=False, timeout=30)
+        self._close_master(host)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(self.hosts[host])
+            r = self.run(host, boot_id, check=False, timeout=20, connect_timeout=5)
+            if r.ok and r.stdout.strip() not in ("", before):
+                return
+            if time.monotonic() > deadline:
+                raise FleetError(
+                    f"{host}: not back {timeout:.0f} s after reboot; console: "
+                    f"{self.vm_files(host).console}"
+                )
+            time.sleep(2)
+
+    def testinfra_host(self, name: str) -> object:
+        """A pytest-testinfra Host for a lab host (openssh backend, this lab's ssh_config)."""
+        import testinfra
+
+        return testinfra.get_host(f"ssh://{name}", ssh_config=str(self.ssh_config))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _ensure_keys(self, names: Sequence[str]) -> None:
+        """The lab's client key and each host's SSH host key, made once per lab dir."""
+        for key, comment in [(self.client_key, "ipvs-fleet-lab")] + [
+            (self.host_key(n), n) for n in names
+        ]:
+            if key.exists():
+                continue
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.parent.chmod(0o700)
+            r = subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)],
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode != 0:
+                raise FleetError(f"ssh-keygen {key} failed: {r.stderr.strip()}")
+
+    def _images(self, fleet: Fleet, names: Sequence[str]) -> dict[str, Image]:
+        releases = sorted({fleet.hosts[n].release for n in names})
+        logs = self.dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+
+        def one(release: str) -> Image:
+            return build_image(release, log=self.log, logfile=logs / f"image-{release}.log")
+
+        # mmdebstrap waits on the network and dpkg, so builds overlap well even on 2 cores.
+        with ThreadPoolExecutor(len(releases)) as pool:
+            return dict(zip(releases, pool.map(one, releases), strict=True))
+
+    def _write_ssh_files(self, st: _State) -> None:
+        cm = self._control_dir()
+        cm.mkdir(parents=True, exist_ok=True)
+        cm.chmod(0o700)
+        lines = ["# Written by `ipvs-fleet lab up`; regenerated on every up.", ""]
+        known = []
+        for name, h in sorted(st.hosts.items()):
+            lines += [
+                f"Host {name}",
+                "  HostName 127.0.0.1",
+                f"  Port {h.port}",
+                "  User root",
+                f"  IdentityFile {self.client_key}",
+                "  IdentitiesOnly yes",
+                f"  UserKnownHostsFile {self.known_hosts}",
+                "  GlobalKnownHostsFile /dev/null",
+                "  StrictHostKeyChecking yes",
+                "  BatchMode yes",
+                "  ControlMaster auto",
+                f"  ControlPath {cm}/%n",
+                "  ControlPersist 300",
+                "  ServerAliveInterval 5",
+                "  ServerAliveCountMax 6",
+                "  LogLevel ERROR",
+                "",
+            ]
+            pub = self.host_key(name).with_name("ssh_host_ed25519_key.pub").read_text().split()
+            known.append(f"[127.0.0.1]:{h.port} {pub[0]} {pub[1]}")
+        self.ssh_config.write_text("\n".join(lines))
+        self.known_hosts.write_text("\n".join(known) + "\n")
+
+    def _check_alive(self, h: LabHost) -> None:
+        if not self.is_running(h.name):
+            raise FleetError(
+                f"{h.name}: the VM died; console log: {self.vm_files(h.name).console}"
+                f"{_tail(self.vm_files(h.name).console)}"
+            )
+
+    def _wait_ssh(self, h: LabHost, deadline: float) -> None:
+        while True:
+            self._check_alive(h)
+            r = self.run(h.name, "uname -r", check=False, timeout=30, connect_timeout=5)
+            if r.ok:
+                got = r.stdout.strip()
+                if got != h.kernel_release:
+                    raise FleetError(
+                        f"{h.name}: booted kernel {got}, expected {h.kernel_release}"
+                    )
+                self.log(f"{h.name}: ssh ok, kernel {got}")
+                return
+            if time.monotonic() > deadline:
+                console = self.vm_files(h.name).console
+                raise FleetError(
+                    f"{h.name}: no SSH on port {h.port} before the deadline "
+                    f"(last: {r.stderr.strip()[-200:]}); console log: {console}{_tail(console)}"
+                )
+            time.sleep(2)
+
+    def _close_master(self, name: str) -> None:
+        subprocess.run(
+            self.ssh_command(name, "-O", "exit"),
+            capture_output=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return ""
+    return "\n  last console lines:\n    " + "\n    ".join(lines) if lines else ""
+
+
+def testinfra_hosts(labdir: Path | str | None = None) -> tuple[list[str], Path]:
+    """Host specs and ssh_config for pytest-testinfra (`--hosts`, `--ssh-config`).
+
+    >>> hosts, cfg = testinfra_hosts()
+    >>> testinfra.get_host(hosts[0], ssh_config=str(cfg))
+    """
+    lab = Lab(labdir)
+    return [f"ssh://{n}" for n in lab.hosts], lab.ssh_config

@@ -1,0 +1,175 @@
+"""QEMU processes of the lab: start one VM daemonized, find out whether it runs, stop it.
+
+A VM is identified by its pidfile; a pid counts as ours only while its command line
+still names that pidfile, so a recycled pid of some other process is never signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipvs_fleet import debian
+from ipvs_fleet.errors import FleetError
+from ipvs_fleet.lab.image import Image
+
+
+@dataclass(frozen=True)
+class VmFiles:
+    """Where one VM's files live inside the lab dir."""
+
+    dir: Path  # <labdir>/vms/<name>
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def overlay(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def seed(self) -> Path:
+        return self.dir / "seed.tar"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (QEMU binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pid_of(files: VmFiles) -> int | None:
+    """The pid of the VM's QEMU if it is running, else None."""
+    try:
+        pid = int(files.pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if str(files.pidfile).encode() in cmdline else None
+
+
+def kvm_usable(image: Image, timeout: float = 20.0) -> bool:
+    """Whether KVM really boots a guest kernel here (cached per host kernel and QEMU).
+
+    The probe boots the lab kernel without a root disk: under a working KVM it panics
+    ("VFS: Unable to mount root") within seconds; where nested KVM hangs, it times out.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    qemu = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True
+    ).stdout.split("\n")[0]
+    key = f"{os.uname().release} {qemu}"
+    cache = debian.CACHE / "kvm-probe.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return bool(known[key])
+    try:
+        r = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults",
+             "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(image.kernel),
+             "-append", "console=ttyS0 panic=-1"],
+            capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        ok = b"Unable to mount root" in r.stdout or b"Kernel panic" in r.stdout
+    except subprocess.TimeoutExpired:
+        ok = False
+    known[key] = ok
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(known, indent=2))
+    return ok
+
+
+def accel(image: Image) -> str:
+    """`tcg` unless IPVS_FLEET_ACCEL says otherwise (`kvm`, or `auto` to probe KVM)."""
+    want = os.environ.get("IPVS_FLEET_ACCEL", "tcg")
+    if want == "auto":
+        return "kvm" if kvm_usable(image) else "tcg"
+    if want not in ("tcg", "kvm"):
+        raise FleetError(f"IPVS_FLEET_ACCEL={want!r}: expected tcg, kvm or auto")
+    return want
+
+
+def start(
+    name: str, image: Image, files: VmFiles, port: int, memory_mb: int, accel_: str
+) -> int:
+    """Start the VM daemonized on a fresh overlay; return QEMU's pid."""
+    files.dir.mkdir(parents=True, exist_ok=True)
+    files.overlay.unlink(missing_ok=True)
+    r = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs),
+         str(files.overlay)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise FleetError(f"{name}: qemu-img create failed: {r.stderr.strip()}")
+    files.console.unlink(missing_ok=True)
+    append = f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={name}"
+    cmd = [
+        "qemu-system-x86_64",
+        "-name", name,
+        "-accel", accel_,
+        "-smp", "1",
+        "-m", str(memory_mb),
+        "-nodefaults", "-display", "none",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", append,
+        "-drive", f"file={files.overlay},if=virtio,format=qcow2",
+        "-drive", f"file={files.seed},if=virtio,format=raw,readonly=on",
+        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+        "-serial", f"file:{files.console}",
+        "-pidfile", str(files.pidfile),
+        "-daemonize",
+    ]  # fmt: skip
+    with files.qemu_log.open("w") as out:
+        started = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    pid = pid_of(files)
+    if started.returncode != 0 or pid is None:
+        raise FleetError(
+            f"{name}: qemu failed to start (exit {started.returncode}): "
+            f"{files.qemu_log.read_text().strip()[-500:]}"
+        )
+    return pid
+
+
+def stop(files: VmFiles, timeout: float = 10.0) -> bool:
+    """Stop the VM if it runs (SIGTERM, then SIGKILL). True if it was running."""
+    pid = pid_of(files)
+    if pid is None:
+        files.pidfile.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_of(files) == pid and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_of(files) == pid:
+        os.kill(pid, signal.SIGKILL)
+        while pid_of(files) == pid:
+            time.sleep(0.1)
+    files.pidfile.unlink(missing_ok=True)
+    return True
