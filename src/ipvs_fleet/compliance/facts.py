@@ -28,6 +28,14 @@ TAINT_UNSIGNED = 1 << 13  # E: unsigned module loaded
 TAINT_LETTERS = "PFSRMBUDAWCIOELKXTN"  # bit i -> letter, as /proc/sys/kernel/tainted
 
 
+# Same output as the deploy's IpvsSysctls (parsed by it), with shell builtins only: its
+# `cat | tr` per key costs two processes per sysctl, about 7 s per host under a loaded TCG.
+SYSCTLS_CMD = (
+    "cd /proc/sys/net/ipv4/vs 2>/dev/null && for f in *; do "
+    '[ -r "$f" ] && read -r v < "$f" && printf "%s=%s\\n" "$f" "$v"; done; true'
+)
+
+
 def _persisted_cmd() -> str:
     globs = " ".join(f"{d}/*.conf" for d in SYSCTL_DIRS)
     return (
@@ -56,13 +64,18 @@ def _netns_cmd(toggle: Iterable[str]) -> str:
     return f"unshare -n bash -c {shlex.quote(script)}"
 
 
+def _no_autoload(cmd: str) -> str:
+    """`ipvsadm` loads ip_vs when it is not loaded: a check must not change the host."""
+    return cmd.replace("ipvsadm -Ln", "{ [ -d /sys/module/ip_vs ] && ipvsadm -Ln; }")
+
+
 def gather_command(toggle: Iterable[str]) -> str:
     """The one shell command whose output `parse` turns into HostFacts."""
     sections = {
         "kernel": "uname -r; cat /proc/sys/kernel/tainted",
         "loaded": IpvsLoadedModules().command(),
-        "sysctls": IpvsSysctls().command(),
-        "usage": IpvsUsage().command(),
+        "sysctls": SYSCTLS_CMD,
+        "usage": _no_autoload(IpvsUsage().command()),
         "persisted": _persisted_cmd(),
         "netns": _netns_cmd(toggle),
         "kube_proxy": "pgrep -x kube-proxy >/dev/null && echo running || echo absent",
@@ -169,6 +182,26 @@ def parse_netns(lines: list[str]) -> NetnsTable:
     return t
 
 
+def _loaded(lines: list[str]) -> dict[str, dict[str, Any]]:
+    """The deploy's IpvsLoadedModules, plus a fallback where sysfs has no srcversion.
+
+    Debian kernels lack CONFIG_MODULE_SRCVERSION_ALL and the modules carry no MODULE_VERSION,
+    so neither the stock nor the patched module shows a srcversion (seen on 6.1.0-56). Then a
+    loaded module counts as our build when it taints O (out of tree) and updates/ holds our
+    build of it: weaker than a srcversion match (two out-of-tree builds look alike).
+    """
+    mods = IpvsLoadedModules().process(lines)
+    for line in lines:
+        parts = [None if p == "-" else p for p in line.strip().split("|")]
+        if len(parts) != 6 or parts[0] not in mods:
+            continue
+        name, sv, taint, _usv, patchset, reuse = parts
+        m = mods[str(name)]
+        if not m["patched"] and sv is None and "O" in (taint or "") and patchset:
+            m.update(patched=True, patchset=patchset, reuse=reuse, identified_by="taint")
+    return mods
+
+
 def parse(output: str) -> HostFacts:
     """HostFacts from the output of `gather_command`."""
     s = _sections(output)
@@ -190,7 +223,7 @@ def parse(output: str) -> HostFacts:
     return HostFacts(
         kernel_release=kernel[0],
         tainted=int(kernel[1]),
-        loaded=IpvsLoadedModules().process(s.get("loaded", [])),
+        loaded=_loaded(s.get("loaded", [])),
         sysctls=IpvsSysctls().process(s.get("sysctls", [])),
         usage=IpvsUsage().process(s.get("usage", [])),
         persisted=effective,

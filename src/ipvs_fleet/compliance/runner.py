@@ -89,14 +89,17 @@ def _message(report: pytest.TestReport | pytest.CollectReport) -> str:
         return ""
     if isinstance(lr, tuple):  # skip: (file, line, reason)
         return str(lr[2]).removeprefix("Skipped: ")
-    if isinstance(lr, str):
-        return lr.strip()
+    if isinstance(lr, str):  # pytest.fail(..., pytrace=False): the check's own message
+        return lr.strip().removeprefix("Failed: ")
     crash = getattr(lr, "reprcrash", None)
     if crash is None:
         return str(lr).strip()
     # "pkg.module.HostUnreachable: reason" -> "HostUnreachable: reason"
     head, sep, rest = str(crash.message).partition(": ")
-    return f"{head.rsplit('.', 1)[-1]}{sep}{rest}".strip()
+    head = head.rsplit(".", 1)[-1]
+    if head == "Failed" and sep:  # pytest.fail(): the check's own message
+        return rest.strip()
+    return f"{head}{sep}{rest}".strip()
 
 
 def run_checks(

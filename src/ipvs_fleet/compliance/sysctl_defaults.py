@@ -38,7 +38,9 @@ DOCUMENTED: dict[str, str] = {
 }
 
 
-def _norm(v: Any) -> str:
+def _norm(v: Any) -> str | None:
+    if v is None:
+        return None
     if isinstance(v, list | tuple):
         return " ".join(str(x) for x in v)
     return " ".join(str(v).split())
@@ -52,16 +54,21 @@ def _table() -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def for_kernel(kernel_release: str) -> dict[str, str]:
-    """{key: default} expected in a fresh netns on this kernel release."""
+def patched_keys() -> set[str]:
+    """Keys only the patched module set has (their absence is the knob check's finding)."""
+    doc = _table() or {}
+    return set(doc.get("patched") or ["conn_reuse_old_conntrack"])
+
+
+def for_kernel(kernel_release: str) -> dict[str, str | None]:
+    """{key: default} expected in a fresh netns on this kernel release; None: host-dependent,
+    only checked to be present."""
     doc = _table()
     if doc is None:
         return dict(DOCUMENTED)
     m = re.match(r"(\d+\.\d+)", kernel_release)
     line = m.group(1) if m else ""
-    body = doc.get("defaults", doc)
-    if isinstance(body, dict) and line in body and isinstance(body[line], dict):
-        body = body[line]
-    elif isinstance(body, dict) and "lines" in body:
-        body = body["lines"].get(line, {})
-    return {str(k): _norm(v) for k, v in body.items() if not isinstance(v, dict)}
+    lines = doc.get("lines") or {}
+    if line not in lines:
+        return dict(DOCUMENTED)
+    return {str(k): _norm(v) for k, v in lines[line].items()}
