@@ -8,7 +8,7 @@ from ipvs_fleet.lab.lab import (
     LabHost,
     RunResult,
     default_labdir,
-    testinfra_hosts,
+    hosts_for_testinfra,
 )
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "RunResult",
     "default_labdir",
     "load_fleet",
-    "testinfra_hosts",
+    "hosts_for_testinfra",
 ]

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -91,6 +91,7 @@ class HostStatus:
 class _State:
     hosts: dict[str, LabHost] = field(default_factory=dict)
     fleet_file: str = ""
+    groups: list[str] = field(default_factory=list)  # every inventory group, even if empty
 
 
 class Lab:
@@ -153,7 +154,7 @@ class Lab:
         except ValueError as e:
             raise FleetError(f"{self.state_path}: corrupt lab state: {e}") from e
         hosts = {n: LabHost(**h) for n, h in data.get("hosts", {}).items()}
-        return _State(hosts, data.get("fleet_file", ""))
+        return _State(hosts, data.get("fleet_file", ""), data.get("groups", []))
 
     def _save(self, st: _State) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,7 @@ class Lab:
             "version": STATE_VERSION,
             "labdir": str(self.dir),
             "fleet_file": st.fleet_file,
+            "groups": st.groups,
             "ssh_config": str(self.ssh_config),
             "known_hosts": str(self.known_hosts),
             "client_key": str(self.client_key),
@@ -181,6 +183,16 @@ class Lab:
     def hosts(self) -> dict[str, LabHost]:
         """The lab's hosts (name -> LabHost), as last brought up."""
         return self._load().hosts
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Inventory groups (group -> host names); every class group, even an empty one."""
+        st = self._load()
+        out: dict[str, list[str]] = {g: [] for g in st.groups}
+        for name, h in sorted(st.hosts.items()):
+            for g in h.groups:
+                out.setdefault(g, []).append(name)
+        return out
 
     def is_running(self, name: str) -> bool:
         return vm.pid_of(self.vm_files(name)) is not None
@@ -209,6 +221,7 @@ class Lab:
             images = self._images(fleet, todo)
             accel = vm.accel(next(iter(images.values())))
             st.fleet_file = str(fleet.path)
+            st.groups = fleet.all_groups()
             authorized = (self.client_key.with_suffix(".pub")).read_text()
             for name in todo:
                 spec = fleet.hosts[name]
@@ -236,20 +249,21 @@ class Lab:
                 list(pool.map(lambda n: self._wait_ssh(st.hosts[n], t0 + timeout), todo))
         self.log(f"lab up: {', '.join(names)} reachable in {time.monotonic() - t0:.0f} s")
 
-    def down(self) -> list[str]:
-        """Stop the VMs this lab started (by their pidfiles); return their names."""
+    def down(self, keep: Collection[str] = ()) -> list[str]:
+        """Stop the VMs this lab started (by their pidfiles), except `keep`; return their names."""
         stopped = []
         with self._locked():
             st = self._load()
             vms = self.dir / "vms"
             names = set(st.hosts) | ({p.name for p in vms.iterdir()} if vms.is_dir() else set())
-            for name in sorted(names):
+            for name in sorted(names - set(keep)):
                 if name in st.hosts:
                     self._close_master(name)
                 if vm.stop(self.vm_files(name)):
                     stopped.append(name)
                     self.log(f"{name}: stopped")
-            self._save(_State(fleet_file=st.fleet_file))
+                st.hosts.pop(name, None)
+            self._save(st)
         return stopped
 
     def status(self, check_ssh: bool = True) -> list[HostStatus]:
@@ -443,10 +457,13 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n  last console lines:\n    " + "\n    ".join(lines) if lines else ""
 
 
-def testinfra_hosts(labdir: Path | str | None = None) -> tuple[list[str], Path]:
+def hosts_for_testinfra(labdir: Path | str | None = None) -> tuple[list[str], Path]:
     """Host specs and ssh_config for pytest-testinfra (`--hosts`, `--ssh-config`).
 
-    >>> hosts, cfg = testinfra_hosts()
+    Not named `testinfra_hosts`: testinfra reads a test module's variable of that name, and
+    pytest collects functions named test*.
+
+    >>> hosts, cfg = hosts_for_testinfra()
     >>> testinfra.get_host(hosts[0], ssh_config=str(cfg))
     """
     lab = Lab(labdir)

@@ -1,0 +1,98 @@
+"""The lab fleet file: the default fleet, and bad input named by file and field, nothing started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.lab import Lab, load_fleet
+from ipvs_fleet.lab.fleet import DEFAULT_FLEET, host_class_names
+
+GOOD = """\
+hosts:
+  k8s-canary:
+    release: bookworm
+    host_class: k8s_node
+    groups: [canary]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "fleet.yml"
+    p.write_text(text)
+    return p
+
+
+def test_default_fleet_has_one_vm_per_kernel_line() -> None:
+    fleet = load_fleet(DEFAULT_FLEET)
+    assert {n: (h.release, h.host_class) for n, h in fleet.hosts.items()} == {
+        "k8s-canary": ("bookworm", "k8s_node"),
+        "k8s-node-1": ("trixie", "k8s_node"),
+        "ftp-director": ("bullseye", "ftp"),
+    }
+    assert fleet.hosts["k8s-canary"].groups == ("k8s_nodes", "canary")
+    assert fleet.hosts["ftp-director"].groups == ("ftp_hosts",)
+    assert fleet.all_groups() == ["k8s_nodes", "ftp_hosts", "connmark_hosts", "canary"]
+
+
+def test_fleet_classes_are_the_policy_classes() -> None:
+    assert {"k8s_node", "ftp", "connmark"} <= host_class_names()
+
+
+def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
+    fleet = load_fleet(write(tmp_path, GOOD.replace("k8s_node", "connmark")), {"connmark"})
+    assert fleet.hosts["k8s-canary"].groups == ("connmark_hosts", "canary")
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        (GOOD.replace("bookworm", "buster"), "hosts.k8s-canary.release", "unknown Debian release"),
+        (GOOD.replace("    release: bookworm\n", ""), "hosts.k8s-canary.release", "missing"),
+        (GOOD.replace("k8s_node", "k8s-node"), "hosts.k8s-canary.host_class", "unknown host class"),
+        (GOOD + "    cpus: 2\n", "hosts.k8s-canary.cpus", "unknown field"),
+        (GOOD.replace("[canary]", "canary"), "hosts.k8s-canary.groups", "list of group names"),
+        (GOOD + "    memory_mb: lots\n", "hosts.k8s-canary.memory_mb", "integer"),
+        (GOOD.replace("k8s-canary:", "K8s_Canary:"), "hosts.K8s_Canary", "host name"),
+        (GOOD.replace("release: bookworm", "release: [bookworm]"), "hosts.k8s-canary.release",
+         "must be a string"),
+        ("hosts: {}\n", "hosts", "missing, empty"),
+        ("hosts:\n  a: bookworm\n", "hosts.a", "must be a mapping"),
+        (GOOD + "vms: 3\n", "vms", "unknown field"),
+        ("class_groups: {nosuch: x}\n" + GOOD, "class_groups.nosuch", "unknown host class"),
+        ("- k8s-canary\n", "(top level)", "must be a mapping"),
+        ("hosts: [\n", "", "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_bad_fleet_file_names_file_and_field(
+    tmp_path: Path, text: str, field: str, words: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_fleet(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {field}"), msg
+    assert words in msg
+
+
+def test_missing_fleet_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yml: cannot read fleet file"):
+        load_fleet(tmp_path / "nope.yml")
+
+
+def test_bad_fleet_file_starts_nothing(tmp_path: Path) -> None:
+    labdir = tmp_path / "lab"
+    fleet = write(tmp_path, GOOD.replace("bookworm", "jessie"))
+    with pytest.raises(ConfigError, match="hosts.k8s-canary.release"):
+        Lab(labdir, fleet_file=fleet).up()
+    # Validation comes before keys, images, VMs and state: the lab dir was not even made.
+    assert not labdir.exists()
+
+
+def test_unknown_host_name_starts_nothing(tmp_path: Path) -> None:
+    labdir = tmp_path / "lab"
+    with pytest.raises(ConfigError, match="no host named k8s-nope"):
+        Lab(labdir, fleet_file=write(tmp_path, GOOD)).up(["k8s-nope"])
+    assert not labdir.exists()
