@@ -36,6 +36,8 @@ HOST_KEYS = {
     "ipvs_activation",
     "ipvs_allow_reuse_with",
 }
+# Descriptive host data that inventories may carry (the lab records what a VM boots).
+INFO_KEYS = {"ipvs_release", "ipvs_kernel_release", "ipvs_kernel_version"}
 ACTIVATIONS = ("reload", "reboot", "next-boot")
 MODULE_RE = r"(ip_vs|ip_vs_[a-z0-9_]+|xt_ipvs)"
 
@@ -111,7 +113,9 @@ class Policy:
     def for_host(self, name: str, data: Mapping[str, Any]) -> HostSettings:
         """The settings for one host, or ConfigError naming the host, key and file."""
         where = f"host {name}"
-        unknown = {k for k in data if str(k).startswith("ipvs_") and k not in HOST_KEYS}
+        unknown = {
+            k for k in data if str(k).startswith("ipvs_") and k not in HOST_KEYS | INFO_KEYS
+        }
         if unknown:
             raise ConfigError(
                 f"{where}: unknown host data {', '.join(sorted(unknown))} "

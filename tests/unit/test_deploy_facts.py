@@ -17,22 +17,25 @@ from ipvs_fleet.policy import load_policy
 SHA = "a" * 64
 
 
-def test_loaded_modules_patched_only_when_srcversion_matches_updates():
+def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one():
     out = IpvsLoadedModules().process(
         [
-            "ip_vs|ABC|OE|ABC|1.0|consistent",
-            "ip_vs_rr|DEF|-|XYZ|1.0|-",
-            "xt_ipvs|GHI|-|-|-|-",
+            "ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|consistent",
+            "ip_vs_rr|-|DEF|-|1.0+abc|XYZ|1.0+abc|-",  # stock rr, our rr installed
+            "ip_vs_sh|1.0+old|-|OE|1.0+abc|-|1.0+abc|-",  # an older patched build loaded
+            "xt_ipvs|-|-|-|-|-|-|-",
         ]
     )
     assert out["ip_vs"] == {
-        "srcversion": "ABC",
+        "version": "1.0+abc",
+        "srcversion": None,
         "taint": "OE",
         "patched": True,
-        "patchset": "1.0",
+        "patchset": "1.0+abc",
         "reuse": "consistent",
     }
     assert out["ip_vs_rr"]["patched"] is False and out["ip_vs_rr"]["patchset"] is None
+    assert out["ip_vs_sh"]["patched"] is False
     assert out["xt_ipvs"]["patched"] is False
 
 
@@ -43,7 +46,12 @@ def test_installed_modules():
 
 def test_sysctls_parse_ints_and_pairs():
     out = IpvsSysctls().process(
-        ["conn_reuse_mode=1", "sync_threshold=3 50", "est_cpulist=0-1", "conntrack=0"]
+        [
+            "/proc/sys/net/ipv4/vs/conn_reuse_mode:1",
+            "/proc/sys/net/ipv4/vs/sync_threshold:3\t50",
+            "/proc/sys/net/ipv4/vs/est_cpulist:0-1",
+            "/proc/sys/net/ipv4/vs/conntrack:0",
+        ]
     )
     assert out == {"conn_reuse_mode": 1, "sync_threshold": [3, 50], "conntrack": 0}
 

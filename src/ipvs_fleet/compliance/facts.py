@@ -28,14 +28,6 @@ TAINT_UNSIGNED = 1 << 13  # E: unsigned module loaded
 TAINT_LETTERS = "PFSRMBUDAWCIOELKXTN"  # bit i -> letter, as /proc/sys/kernel/tainted
 
 
-# Same output as the deploy's IpvsSysctls (parsed by it), with shell builtins only: its
-# `cat | tr` per key costs two processes per sysctl, about 7 s per host under a loaded TCG.
-SYSCTLS_CMD = (
-    "cd /proc/sys/net/ipv4/vs 2>/dev/null && for f in *; do "
-    '[ -r "$f" ] && read -r v < "$f" && printf "%s=%s\\n" "$f" "$v"; done; true'
-)
-
-
 def _persisted_cmd() -> str:
     globs = " ".join(f"{d}/*.conf" for d in SYSCTL_DIRS)
     return (
@@ -74,7 +66,7 @@ def gather_command(toggle: Iterable[str]) -> str:
     sections = {
         "kernel": "uname -r; cat /proc/sys/kernel/tainted",
         "loaded": IpvsLoadedModules().command(),
-        "sysctls": SYSCTLS_CMD,
+        "sysctls": IpvsSysctls().command(),
         "usage": _no_autoload(IpvsUsage().command()),
         "persisted": _persisted_cmd(),
         "netns": _netns_cmd(toggle),

@@ -19,14 +19,15 @@ def updates_dir(kernel_release: str) -> str:
 
 class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
     """
-    The loaded IPVS modules (ip_vs*, xt_ipvs) and whether each is our installed build.
+    The loaded IPVS modules (ip_vs*, xt_ipvs) and whether each is the build installed in
+    updates/ipvs-fleet.
 
     .. code:: python
 
         {
             "ip_vs": {
-                "srcversion": "8C1F...", "taint": "OE",
-                "patched": True, "patchset": "ipvs-fleet-1", "reuse": "consistent",
+                "version": "1.0+dcf6fb2558d2", "taint": "OE",
+                "patched": True, "patchset": "1.0+dcf6fb2558d2", "reuse": "consistent",
             },
         }
     """
@@ -34,30 +35,36 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
     default = dict
 
     def command(self) -> str:
-        # srcversion in sysfs identifies the loaded code; compare it with the file in
-        # updates/ (modinfo on a name would describe the file modprobe would pick instead).
+        # sysfs describes the loaded code; modinfo on a name would describe the file that
+        # modprobe would pick instead. Debian kernels publish no srcversion, so the patched
+        # build carries MODULE_VERSION(<set id>), shown in /sys/module/<m>/version.
         return (
-            'kr=$(uname -r); u="/lib/modules/$kr/' + UPDATES_SUBDIR + '"; '
+            'u="/lib/modules/$(uname -r)/' + UPDATES_SUBDIR + '"; '
             "for d in /sys/module/ip_vs /sys/module/ip_vs_* /sys/module/xt_ipvs; do "
-            '[ -d "$d" ] || continue; m=${d##*/}; '
-            'sv=$(cat "$d/srcversion" 2>/dev/null || echo -); '
-            't=$(cat "$d/taint" 2>/dev/null); '
-            'f="$u/$m.ko"; usv=-; ps=-; ru=-; '
-            'if [ -f "$f" ]; then usv=$(modinfo -F srcversion "$f"); '
+            '[ -d "$d" ] || continue; m=${d##*/}; v=-; sv=-; t=; '
+            '[ -r "$d/version" ] && v=$(cat "$d/version"); '
+            '[ -r "$d/srcversion" ] && sv=$(cat "$d/srcversion"); '
+            '[ -r "$d/taint" ] && t=$(cat "$d/taint"); '
+            'f="$u/$m.ko"; uv=-; usv=-; ps=-; ru=-; '
+            'if [ -f "$f" ]; then uv=$(modinfo -F version "$f"); '
+            'usv=$(modinfo -F srcversion "$f"); '
             f'ps=$(modinfo -F {PATCHSET_FIELD} "$f"); ru=$(modinfo -F {REUSE_FIELD} "$f"); fi; '
-            'echo "$m|$sv|${t:--}|${usv:--}|${ps:--}|${ru:--}"; done'
+            'echo "$m|$v|$sv|${t:--}|${uv:--}|${usv:--}|${ps:--}|${ru:--}"; done'
         )
 
     def process(self, output: list[str]) -> dict[str, dict[str, Any]]:
         mods: dict[str, dict[str, Any]] = {}
         for line in output:
             parts = line.strip().split("|")
-            if len(parts) != 6:
+            if len(parts) != 8:
                 continue
-            name, sv, taint, usv, patchset, reuse = (None if p == "-" else p for p in parts)
+            name, v, sv, taint, uv, usv, patchset, reuse = (
+                None if p == "-" else p for p in parts
+            )
             assert name is not None
-            patched = sv is not None and sv == usv
+            patched = bool((v and v == uv) or (sv and sv == usv))
             mods[name] = {
+                "version": v,
                 "srcversion": sv,
                 "taint": taint or "",
                 "patched": patched,
@@ -107,22 +114,22 @@ class IpvsSysctls(FactBase[dict[str, int | list[int]]]):
     default = dict
 
     def command(self) -> str:
-        return (
-            "cd /proc/sys/net/ipv4/vs 2>/dev/null && for f in *; do "
-            '[ -r "$f" ] && printf "%s=%s\\n" "$f" "$(cat "$f" 2>/dev/null | tr "\\t" " ")"; '
-            "done || true"
-        )
+        # One process for all keys (a process per key costs seconds on a loaded TCG guest);
+        # shell `read` is no good here: dash reads byte by byte and proc sysctls end at
+        # the first short read.
+        return "grep -H '' /proc/sys/net/ipv4/vs/* 2>/dev/null; true"
 
     def process(self, output: list[str]) -> dict[str, int | list[int]]:
         out: dict[str, int | list[int]] = {}
         for line in output:
-            key, sep, value = line.partition("=")
+            path, sep, value = line.partition(":")
             if not sep:
                 continue
+            key = path.rsplit("/", 1)[-1]
             parts = value.split()
             if parts and all(re.fullmatch(r"-?\d+", p) for p in parts):
                 ints = [int(p) for p in parts]
-                out[key.strip()] = ints[0] if len(ints) == 1 else ints
+                out[key] = ints[0] if len(ints) == 1 else ints
         return out
 
 
@@ -140,7 +147,8 @@ class IpvsUsage(FactBase[dict[str, Any]]):
     def command(self) -> str:
         return (
             "echo '## lsmod'; cat /proc/modules 2>/dev/null | cut -d' ' -f1; "
-            "echo '## ipvsadm'; ipvsadm -Ln 2>/dev/null; "
+            # ipvsadm would load ip_vs on a host that has none: ask only when it is loaded.
+            "echo '## ipvsadm'; [ -e /proc/net/ip_vs ] && ipvsadm -Ln 2>/dev/null; "
             "echo '## iptables'; (iptables-save 2>/dev/null; ip6tables-save 2>/dev/null); "
             "echo '## nft'; nft list ruleset 2>/dev/null; true"
         )
