@@ -125,6 +125,13 @@ class Guest:
             raise FleetError(f"{self.host}: patched modules loaded but the knob is missing")
         return st
 
+    def restore(self, status: dict[str, Any]) -> dict[str, Any]:
+        """Reload what `status()` showed before (by modprobe), sysctl.d re-applied."""
+        mods = [m for m in status.get("loaded", []) if m != "ip_vs"]
+        if status.get("loaded"):
+            mods.insert(0, "ip_vs")
+        return self._json("scenario.py restore " + " ".join(mods), 120)
+
     def _untar(self, d: str, data: str) -> str:
         # The tarball's compression is whatever the build chose: let tar detect it.
         return self.sh(f"rm -rf {d} && mkdir -p {d} && base64 -d > {d}.tar && "

@@ -67,20 +67,24 @@ def plot_files(paths: list[Path], out: Path, scenario: str | None = None,
     if not curves:
         raise FleetError(f"no latencies to plot in {', '.join(map(str, paths))}"
                          + (f" for scenario {scenario}" if scenario else ""))
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     for label, times in curves:
         xs = sorted(times)
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
         ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
     ax.axvline(SLOW_MS, color="red", linestyle="--", linewidth=1)
-    ax.text(SLOW_MS, 0.02, " 900 ms: SYN retransmit", color="red", fontsize=8)
+    ax.text(SLOW_MS * 0.93, 0.5, "900 ms: slow (SYN retransmit)", color="red", fontsize=8,
+            rotation=90, ha="right", va="center")
     ax.set_xscale("log")
+    longest = max(max(t) for _, t in curves)
+    ax.set_xlim(left=max(0.1, min(min(t) for _, t in curves) * 0.7),
+                right=max(2000.0, longest * 1.5))
     ax.set_xlabel("connect + request + response (ms, log scale)")
     ax.set_ylabel("fraction of connections")
     ax.set_ylim(0, 1.02)
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title or ("latency CDF" + (f", scenario {scenario}" if scenario else "")))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

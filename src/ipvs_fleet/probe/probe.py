@@ -95,6 +95,10 @@ def connect_once(
         if close == "wait":
             _drain(s)
         elif close == "rst":
+            # ACK the answer first: an unacknowledged answer is retransmitted by the server,
+            # and the client's kernel then resets the connection without our mark, so a
+            # "vanished" client would close the old connection after all.
+            s.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return Attempt(index, src_port or (src[1] if src else 0), _ms(t0, t_conn),
                        _ms(t0, t_done), server or None, None if server else "no answer")

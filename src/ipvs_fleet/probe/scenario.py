@@ -241,7 +241,7 @@ def kernel_warnings(lines: list[str]) -> list[str]:
 
 def loaded_ipvs_modules() -> list[str]:
     with open("/proc/modules") as f:
-        return [ln.split()[0] for ln in f if re.match(r"(ip_vs|xt_ipvs)\b", ln.split()[0])]
+        return [ln.split()[0] for ln in f if re.fullmatch(r"ip_vs(_\w+)?|xt_ipvs", ln.split()[0])]
 
 
 def unload_ipvs() -> None:
@@ -266,9 +266,17 @@ def stock_module_path(name: str) -> str:
     return hits[0]
 
 
+LOADED_RECORD = "/run/ipvs-probe-modules.json"
+
+
 def load_modules(source: str) -> dict[str, Any]:
-    """Load ip_vs, ip_vs_rr, ip_vs_ftp from the kernel's tree (`stock`) or from a dir of .ko."""
+    """Load ip_vs, ip_vs_rr, ip_vs_ftp from the kernel's tree (`stock`) or from a dir of .ko.
+
+    Loads by path (insmod), so what is installed under /lib/modules is not touched; which
+    set was loaded is recorded in LOADED_RECORD for `module_status`.
+    """
     unload_ipvs()
+    files = []
     for name in IPVS_MODULES:
         path = stock_module_path(name) if source == "stock" else os.path.join(source,
                                                                               name + ".ko")
@@ -279,6 +287,23 @@ def load_modules(source: str) -> dict[str, Any]:
             if not dep.startswith("ip_vs"):
                 sh(f"modprobe {dep}")
         sh(f"insmod {path}")
+        files.append(path)
+    record = {"source": source, "files": files,
+              "set_id": sh(f"modinfo -F ipvs_fleet {files[0]}").strip() or None,
+              "reuse_design": sh(f"modinfo -F ipvs_fleet_reuse {files[0]}").strip() or None}
+    with open(LOADED_RECORD, "w") as f:
+        json.dump(record, f)
+    return module_status()
+
+
+def restore_modules(modules: list[str]) -> dict[str, Any]:
+    """Back to the host's own state: the given modules by modprobe, sysctl.d re-applied."""
+    unload_ipvs()
+    with contextlib.suppress(OSError):
+        os.unlink(LOADED_RECORD)
+    for m in modules:
+        sh(f"modprobe {m}")
+    sh("sysctl -q --system", check=False)
     return module_status()
 
 
@@ -290,14 +315,14 @@ def module_status() -> dict[str, Any]:
         except OSError:
             return None
 
-    set_id = sh("modinfo -F ipvs_fleet /sys/module/ip_vs 2>/dev/null || true", check=False)
+    loaded = loaded_ipvs_modules()
+    record = json.loads(read(LOADED_RECORD) or "null") if "ip_vs" in loaded else None
     return {
         "kernel_release": os.uname().release,
-        "loaded": loaded_ipvs_modules(),
-        "ip_vs_srcversion": read("/sys/module/ip_vs/srcversion"),
+        "loaded": loaded,
         "ip_vs_taint": read("/sys/module/ip_vs/taint"),
         "knob_present": os.path.exists(f"/proc/sys/net/ipv4/vs/{KNOB}"),
-        "set_id": set_id.strip() or None,
+        "loaded_by_probe": record,
     }
 
 
@@ -597,10 +622,18 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"error": str(e)}))
             return 2
         return 0
+    if len(argv) >= 1 and argv[0] == "restore":
+        try:
+            print(json.dumps(restore_modules(argv[1:])))
+        except Failed as e:
+            print(json.dumps({"error": str(e)}))
+            return 2
+        return 0
     if argv == ["status"]:
         print(json.dumps(module_status()))
         return 0
-    print("usage: scenario.py run < plan.json | modules stock|DIR | status", file=sys.stderr)
+    print("usage: scenario.py run < plan.json | modules stock|DIR | restore [MODULE...] | status",
+          file=sys.stderr)
     return 2
 
 
