@@ -1,0 +1,1 @@
+"""A simulated fleet of SSH hosts (network + mount namespaces) inside one lab VM; see fleet.py."""

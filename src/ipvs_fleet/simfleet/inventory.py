@@ -1,0 +1,36 @@
+"""pyinfra inventory of the simulated fleet: `pyinfra src/ipvs_fleet/simfleet/inventory.py ...`.
+
+Reads the fleet's state.json in $IPVS_FLEET_SIM_DIR (default <repo>/.simfleet). Optional
+`hostdata.json` there ({host: {key: value}}) adds host data, e.g. a fault for one host.
+Every host is in group `sim_hosts`; the first is also in `canary`.
+"""
+
+import json
+import os
+from pathlib import Path
+
+_dir = Path(os.environ.get("IPVS_FLEET_SIM_DIR", Path(__file__).resolve().parents[3] / ".simfleet"))
+_state = json.loads((_dir / "state.json").read_text())
+_extra_path = _dir / "hostdata.json"
+_extra = json.loads(_extra_path.read_text()) if _extra_path.is_file() else {}
+
+
+def _host(name: str, h: dict) -> tuple[str, dict]:
+    data = {
+        "ssh_hostname": "127.0.0.1",
+        "ssh_port": h["port"],
+        "ssh_user": "root",
+        "ssh_key": str(_dir / "ssh" / "id_ed25519"),
+        "ssh_known_hosts_file": str(_dir / "ssh" / "known_hosts"),
+        "ssh_strict_host_key_checking": "yes",
+        "ipvs_host_class": "k8s_node",
+        # One kernel for all simulated hosts: the running modules are never swapped per host.
+        "ipvs_activation": "next-boot",
+    }
+    data.update(_extra.get(name, {}))
+    return name, data
+
+
+_names = sorted(_state["hosts"], key=lambda n: _state["hosts"][n]["index"])
+sim_hosts = [_host(n, _state["hosts"][n]) for n in _names]
+canary = sim_hosts[:1]

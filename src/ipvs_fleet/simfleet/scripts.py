@@ -1,0 +1,96 @@
+"""Shell run inside the simulated-fleet VM (as root): make the hosts, start/stop their sshd."""
+
+# setup.sh N: N simulated hosts sim-01..sim-NN, each a network namespace on bridge br-sim
+# (10.77.1.<i>/16) with its own sshd, reached from the VM's eth0 port 22000+i (DNAT), and its
+# own mount namespace (see HOST_SH). Idempotent per host: an existing namespace is kept.
+SETUP_SH = r"""#!/bin/sh
+set -eu
+N=$1
+S=/srv/simfleet
+mkdir -p $S/hosts /var/lib/ipvs-fleet /var/lib/simhost /run/netns
+sysctl -qw net.ipv4.ip_forward=1
+ip link show br-sim >/dev/null 2>&1 || {
+  ip link add br-sim type bridge
+  ip addr add 10.77.0.1/16 dev br-sim
+  ip link set br-sim up
+}
+# The evidence: every depmod (the install and remove steps end with one) is logged per host.
+cat > /usr/local/sbin/depmod <<'EOF'
+#!/bin/sh
+kr=${1:-$(uname -r)}
+if [ -d "/lib/modules/$kr/updates/ipvs-fleet" ]; then what=install; else what=remove; fi
+echo "$(date +%s.%N) depmod $what $*" >> /var/lib/simhost/events.log
+exec /usr/sbin/depmod "$@"
+EOF
+chmod 755 /usr/local/sbin/depmod
+i=1
+while [ $i -le $N ]; do
+  name=$(printf 'sim-%02d' $i)
+  d=$S/hosts/$name
+  if ! ip netns list | grep -qw "$name"; then
+    mkdir -p $d/etc.upper/ssh $d/etc.work $d/mod.upper $d/mod.work $d/varlib $d/state
+    [ -f $d/etc.upper/ssh/ssh_host_ed25519_key ] || \
+      ssh-keygen -q -t ed25519 -N '' -C $name -f $d/etc.upper/ssh/ssh_host_ed25519_key
+    echo $name > $d/etc.upper/hostname
+    ip netns add $name
+    ip link add v$name type veth peer name eth0 netns $name
+    ip link set v$name master br-sim up
+    ip -n $name addr add 10.77.1.$i/16 dev eth0
+    ip -n $name link set lo up
+    ip -n $name link set eth0 up
+    iptables -t nat -A PREROUTING -i eth0 -p tcp --dport $((22000 + i)) \
+      -j DNAT --to-destination 10.77.1.$i:22
+  fi
+  $S/host-up.sh $name
+  i=$((i + 1))
+done
+"""
+
+# host-up.sh NAME: start the host's sshd (unless running) inside its netns and a private
+# mount + UTS namespace.
+HOST_UP_SH = r"""#!/bin/sh
+set -eu
+name=$1
+S=/srv/simfleet
+d=$S/hosts/$name
+if [ -n "$(ip netns pids $name 2>/dev/null)" ]; then exit 0; fi
+ip -n $name link set eth0 up
+# A link that was down lost its routes (host-down.sh).
+ip -n $name route replace default via 10.77.0.1
+setsid ip netns exec $name unshare --mount --uts --propagation private $S/host.sh $name \
+  </dev/null >>$d/state/sshd.log 2>&1 &
+for _ in $(seq 100); do
+  ip netns exec $name ss -Hltn 'sport = :22' | grep -q . && exit 0
+  sleep 0.1
+done
+echo "$name: sshd did not start: $(tail -3 $d/state/sshd.log)" >&2
+exit 1
+"""
+
+# host.sh NAME: inside the host's namespaces. Private /etc (overlay), /lib/modules/<kr>
+# (overlay: depmod and the installed modules stay per host), /var/lib/ipvs-fleet, /tmp and
+# /run/netns; then sshd in the foreground.
+HOST_SH = r"""#!/bin/sh
+set -eu
+name=$1
+d=/srv/simfleet/hosts/$name
+M=$(readlink -f /lib/modules/$(uname -r))
+hostname $name
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs tmpfs /run/netns
+mount -t overlay overlay -o lowerdir=/etc,upperdir=$d/etc.upper,workdir=$d/etc.work /etc
+mount -t overlay overlay -o lowerdir=$M,upperdir=$d/mod.upper,workdir=$d/mod.work $M
+mount --bind $d/varlib /var/lib/ipvs-fleet
+mount --bind $d/state /var/lib/simhost
+exec /usr/sbin/sshd -D -e -o PidFile=none -o ListenAddress=0.0.0.0 \
+  -o HostKey=/etc/ssh/ssh_host_ed25519_key -o MaxStartups=100:30:200
+"""
+
+# host-down.sh NAME: the host crashes: every process in its netns is killed (its TCP
+# connections are reset), so it is unreachable until host-up.sh.
+HOST_DOWN_SH = r"""#!/bin/sh
+name=$1
+pids=$(ip netns pids $name)
+[ -z "$pids" ] || kill -9 $pids
+ip -n $name link set eth0 down
+"""

@@ -1,0 +1,57 @@
+"""Rollout on the 3-VM lab: the canary wave first and its gate; a canary that cannot meet its
+gate (an impossible latency budget in its host data) halts the rollout, and every other host
+is untouched, as the hosts themselves show."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = Path(sys.executable).with_name("ipvs-fleet")
+pytestmark = [pytest.mark.lab, pytest.mark.destructive]
+UNTOUCHED = (
+    "test ! -e /etc/sysctl.d/90-ipvs-fleet.conf && "
+    "test ! -e /lib/modules/$(uname -r)/updates/ipvs-fleet && "
+    "test ! -e /proc/sys/net/ipv4/vs/conn_reuse_old_conntrack"
+)
+
+
+def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts, tmp_path):
+    canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
+    others = [n for n in lab.hosts if n != canary]
+    for h in others:
+        assert lab.run(h, UNTOUCHED, check=False).ok, f"{h} was not pristine before the test"
+    # The canary's host data gets a budget no host can meet (p99 of 0 ms).
+    inv = tmp_path / "inv.py"
+    inv.write_text(
+        f"exec(open({str(lab.inventory_path)!r}).read())\n"
+        "for _g in [v for k, v in list(globals().items()) if isinstance(v, list)]:\n"
+        "    for _i, _h in enumerate(_g):\n"
+        f"        if isinstance(_h, tuple) and _h[0] == {canary!r}:\n"
+        "            _g[_i] = (_h[0], {**_h[1], 'ipvs_latency_budget': {'p99_ms': 0}})\n"
+    )
+    env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir),
+               IPVS_FLEET_ARTIFACTS=str(next(iter(artifacts.values())).path.parent))
+    report = tmp_path / "report.json"
+    r = subprocess.run(
+        [str(CLI), "rollout", str(inv), "--waves", "canary,100%", "--journal",
+         str(tmp_path / "j.jsonl"), "--json", str(report)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr[-4000:]
+    doc = json.loads(report.read_text())
+    assert doc["halted_at_wave"] == 1
+    assert doc["plan"][0]["hosts"] == [canary]
+    assert doc["hosts"][canary]["state"] == "rolled-back"
+    assert "latency" in doc["hosts"][canary]["detail"]
+    for h in others:
+        assert doc["hosts"][h]["state"] == "old"
+        assert lab.run(h, UNTOUCHED, check=False).ok, f"{h} was touched"
+    # The canary itself is back on its old files.
+    assert lab.run(canary, "test ! -e /etc/sysctl.d/90-ipvs-fleet.conf", check=False).ok
