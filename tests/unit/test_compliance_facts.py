@@ -15,13 +15,13 @@ OUTPUT = """\
 6.1.0-56-cloud-amd64
 12288
 @@@ loaded
-ip_vs|AAAA|OE|AAAA|1.0+abc|consistent
-ip_vs_rr|BBBB|OE|BBBB|1.0+abc|-
+ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|consistent
+ip_vs_rr|1.0+abc|-|OE|1.0+abc|-|1.0+abc|-
 @@@ sysctls
-conn_reuse_mode=1
-conn_reuse_old_conntrack=1
-conntrack=1
-sync_threshold=3 50
+/proc/sys/net/ipv4/vs/conn_reuse_mode:1
+/proc/sys/net/ipv4/vs/conn_reuse_old_conntrack:1
+/proc/sys/net/ipv4/vs/conntrack:1
+/proc/sys/net/ipv4/vs/sync_threshold:3	50
 @@@ usage
 ## lsmod
 ip_vs

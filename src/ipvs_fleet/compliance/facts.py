@@ -174,26 +174,6 @@ def parse_netns(lines: list[str]) -> NetnsTable:
     return t
 
 
-def _loaded(lines: list[str]) -> dict[str, dict[str, Any]]:
-    """The deploy's IpvsLoadedModules, plus a fallback where sysfs has no srcversion.
-
-    Debian kernels lack CONFIG_MODULE_SRCVERSION_ALL and the modules carry no MODULE_VERSION,
-    so neither the stock nor the patched module shows a srcversion (seen on 6.1.0-56). Then a
-    loaded module counts as our build when it taints O (out of tree) and updates/ holds our
-    build of it: weaker than a srcversion match (two out-of-tree builds look alike).
-    """
-    mods = IpvsLoadedModules().process(lines)
-    for line in lines:
-        parts = [None if p == "-" else p for p in line.strip().split("|")]
-        if len(parts) != 6 or parts[0] not in mods:
-            continue
-        name, sv, taint, _usv, patchset, reuse = parts
-        m = mods[str(name)]
-        if not m["patched"] and sv is None and "O" in (taint or "") and patchset:
-            m.update(patched=True, patchset=patchset, reuse=reuse, identified_by="taint")
-    return mods
-
-
 def parse(output: str) -> HostFacts:
     """HostFacts from the output of `gather_command`."""
     s = _sections(output)
@@ -215,7 +195,7 @@ def parse(output: str) -> HostFacts:
     return HostFacts(
         kernel_release=kernel[0],
         tainted=int(kernel[1]),
-        loaded=_loaded(s.get("loaded", [])),
+        loaded=IpvsLoadedModules().process(s.get("loaded", [])),
         sysctls=IpvsSysctls().process(s.get("sysctls", [])),
         usage=IpvsUsage().process(s.get("usage", [])),
         persisted=effective,
