@@ -115,7 +115,8 @@ def write_lab_inventory(lab: Lab, path: Path | str = LAB_INVENTORY) -> Path:
         "# regenerate it after every `ipvs-fleet lab up` (SSH ports change).\n"
     )
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+    tmp.write_text(head + body)
     tmp.replace(out)
     return out
 
