@@ -48,8 +48,11 @@ def tables(text: str) -> str:
             comments.append(line.lstrip("#").strip())
         elif var:
             name = var.group(1)
-            default = yaml.safe_dump(defaults[name], default_flow_style=True).strip()
-            default = default.removesuffix("...").strip().replace("|", "\\|")
+            value = defaults[name]
+            if not isinstance(value, str):
+                value = yaml.safe_dump(value, default_flow_style=True, width=1000)
+                value = value.strip().removesuffix("...").strip()
+            default = value.replace("|", "\\|")
             out.append(f"| `{name}` | `{default}` | {' '.join(comments)} |")
             comments = []
         else:

@@ -192,3 +192,18 @@ def test_preflight_names_a_missing_artifact(tmp_path):
     assert rc != 0
     assert "host solo (kernel " in out and "no module artifact for kernel" in out
     assert "Roll out in waves" not in out
+
+
+def test_docs_variables_are_generated_from_the_defaults():
+    gen = subprocess.run(
+        [sys.executable, str(REPO / "docs" / "gen_ansible.py"), "--check"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stdout
+    spec = importlib.util.spec_from_file_location("gen_ansible", REPO / "docs" / "gen_ansible.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from ipvs_fleet.policy import HOST_KEYS
+
+    assert set(mod.HOST_DATA) == HOST_KEYS  # the host data table names every policy key

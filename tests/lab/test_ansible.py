@@ -1,0 +1,123 @@
+"""The Ansible path on the lab: `ansible-playbook -i inventory/lab.ansible.yml site.yml`
+converges stock hosts to the very state the pyinfra deploy produces, reruns with changed=0,
+and the checks pass after it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ipvs_fleet.ansible_inventory import write_lab_inventory
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STATE_DIR = "/var/lib/ipvs-fleet"
+# Everything the deploy owns on a host, as one comparable text: the loaded build, the live
+# IPVS sysctls, the installed modules, the managed files (content, mode, owner), the backups.
+SNAPSHOT = (
+    "for d in /sys/module/ip_vs /sys/module/ip_vs_* /sys/module/xt_ipvs; do [ -d $d ] && "
+    "echo loaded ${d##*/} $(cat $d/version 2>/dev/null) $(cat $d/taint); done; "
+    "grep -H '' /proc/sys/net/ipv4/vs/* 2>/dev/null; "
+    "u=/lib/modules/$(uname -r)/updates; ls $u; "
+    "(cd $u/ipvs-fleet 2>/dev/null && sha256sum *.ko); "
+    "for f in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
+    "/etc/modprobe.d/ipvs-fleet.conf; do echo file $f $(stat -c '%a %U:%G' $f) "
+    "$(sha256sum < $f); done; "
+    f"(cd {STATE_DIR} && find . -path ./incoming -prune -o -type f -name 'table.*' -prune "
+    "-o -print | sort; stat -c '%n %a' ipvs-swap.sh; sha256sum ipvs-swap.sh)"
+)
+
+
+def snapshot(lab, name: str) -> str:
+    return lab.run(name, SNAPSHOT, check=False).stdout
+
+
+class Playbook:
+    """ansible-playbook runs against the session's lab (inventory/lab.ansible.yml form)."""
+
+    def __init__(self, inventory: Path, env: dict[str, str]) -> None:
+        self.inventory, self.env = inventory, env
+
+    def run(self, playbook: str = "site.yml", *args: str) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", str(self.inventory), playbook, *args],
+            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        return r.returncode, r.stdout + r.stderr, time.monotonic() - t0
+
+
+def recap(out: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP -> {host: {ok, changed, unreachable, failed, ...}}."""
+    hosts = {}
+    for m in re.finditer(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", out, re.M):
+        hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return hosts
+
+
+@pytest.fixture(scope="session")
+def playbook(lab, deployer, tmp_path_factory) -> Playbook:
+    inv = write_lab_inventory(lab, tmp_path_factory.mktemp("ansible") / "lab.ansible.yml")
+    env = dict(deployer.env, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    return Playbook(inv, env)
+
+
+@pytest.fixture(scope="session")
+def ansible_converged(lab, deployer, deployed, playbook):
+    """pyinfra state of every host, then the same hosts rolled back to stock by pyinfra and
+    converged by ansible-playbook: (pyinfra snapshots, ansible snapshots, first run)."""
+    pyinfra_state = {n: snapshot(lab, n) for n in lab.hosts}
+    deployer.run("deploy/rollback.py")
+    stock = {n: snapshot(lab, n) for n in lab.hosts}
+    assert all(stock[n] != pyinfra_state[n] for n in lab.hosts), "rollback changed nothing"
+    first = playbook.run()
+    assert first[0] == 0, first[1][-6000:]
+    return pyinfra_state, {n: snapshot(lab, n) for n in lab.hosts}, first
+
+
+def test_ansible_converges_stock_hosts_to_the_pyinfra_state(lab, ansible_converged):
+    pyinfra_state, ansible_state, (_, out, seconds) = ansible_converged
+    print(f"ansible-playbook from stock: {seconds:.1f} s")
+    for name in lab.hosts:
+        assert "loaded ip_vs " in pyinfra_state[name]  # SNAPSHOT sees the loaded build
+        assert ansible_state[name] == pyinfra_state[name], f"{name} differs"
+    assert all(r["changed"] > 0 for r in recap(out).values()), out[-3000:]
+    assert set(recap(out)) == set(lab.hosts)
+
+
+def test_second_ansible_run_changes_nothing(lab, ansible_converged, playbook):
+    rc, out, seconds = playbook.run()
+    print(f"ansible-playbook no-op: {seconds:.1f} s")
+    assert rc == 0, out[-4000:]
+    got = recap(out)
+    assert set(got) == set(lab.hosts)
+    assert {h: r["changed"] for h, r in got.items()} == dict.fromkeys(lab.hosts, 0), out[-4000:]
+
+
+def test_checks_pass_after_the_ansible_path(lab, ansible_converged, deployer, tmp_path):
+    env = dict(deployer.env, IPVS_FLEET_ANSIBLE_INVENTORY=str(playbook_inventory(tmp_path, lab)))
+    r = subprocess.run(
+        [str(BIN / "ipvs-fleet"), "check", "inventory/from_ansible.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+
+def playbook_inventory(tmp_path: Path, lab) -> Path:
+    return write_lab_inventory(lab, tmp_path / "lab.ansible.yml")
+
+
+def test_pyinfra_reads_the_ansible_inventory(lab, ansible_converged, deployer, tmp_path):
+    """The pyinfra deploy, driven by the Ansible inventory, sees nothing left to do."""
+    env = dict(os.environ, **deployer.env)
+    env["IPVS_FLEET_ANSIBLE_INVENTORY"] = str(playbook_inventory(tmp_path, lab))
+    run = type(deployer)(REPO / "inventory" / "from_ansible.py", env).run()
+    assert run.totals["success"] == 0, run.changed()
