@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "ipvs_fleet.probe.cli",
     "ipvs_fleet.compliance.cli",
     "ipvs_fleet.rollout.cli",
+    "ipvs_fleet.demo",
 ]
 
 

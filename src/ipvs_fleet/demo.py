@@ -1,0 +1,97 @@
+"""`ipvs-fleet demo`: the main job on the embedded lab, start to finish, with a summary.
+
+Boots the lab, builds the module set for every kernel it runs, rolls the deploy out in
+canary waves with gates, runs the compliance checks, measures the reuse scenario on the
+canary, and prints where each report is. Each step is the same command a user would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ipvs_fleet.policy import REPO
+
+STEPS = ("lab", "build", "rollout", "check", "probe")
+
+
+def _run(title: str, cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
+    print(f"\n==> {title}\n    $ {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    took = time.monotonic() - t0
+    print(f"    {'ok' if rc == 0 else f'exit {rc}'} in {took:.0f} s", flush=True)
+    return rc, took
+
+
+def run(args: argparse.Namespace) -> int:
+    cli = str(Path(sys.executable).with_name("ipvs-fleet"))
+    labdir = Path(os.environ.get("IPVS_FLEET_LAB_DIR", REPO / ".lab"))
+    artifacts = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
+    reports = Path(args.reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        IPVS_FLEET_LAB_DIR=str(labdir),
+        IPVS_FLEET_ARTIFACTS=str(artifacts),
+    )
+    inventory = "inventory/lab.py"
+    plan: list[tuple[str, str, list[str]]] = [
+        ("lab", "Boot the lab fleet", [cli, "lab", "up"]),
+        ("build", "Build the patched modules for the lab's kernels",
+         [cli, "build", "--all-lab", "--out", str(artifacts)]),
+        ("rollout", "Roll out in canary waves (deploy, gate, next wave)",
+         [cli, "rollout", inventory, "--json", str(reports / "rollout.json"),
+          "--journal", str(reports / "rollout.jsonl")]),
+        ("check", "Compliance checks",
+         [cli, "check", inventory, "--junitxml", str(reports / "checks.xml"),
+          "--json", str(reports / "checks.json"), "--report", str(reports / "checks.md")]),
+        ("probe", "Reuse scenario on the canary (kube-proxy style INVALID-drop rule, knob=1)",
+         [cli, "probe", "scenario", "--host", "k8s-canary", "--rule", "drop", "--knob", "1",
+          "--scenarios", "A=50,B=20", "--conntrack", "-o", str(reports / "probe.json")]),
+    ]  # fmt: skip
+    results: dict[str, tuple[int, float]] = {}
+    for key, title, cmd in plan:
+        if key in args.skip:
+            continue
+        results[key] = _run(title, cmd, env)
+        if results[key][0] != 0 and key in ("lab", "build"):
+            break  # nothing after this can run
+    if results.get("probe", (1, 0))[0] == 0:
+        _run("Latency plot", [cli, "probe", "plot", str(reports / "probe.json"),
+                              "-o", str(reports / "probe.png")], env)  # fmt: skip
+    print("\n==> Summary")
+    for key, (rc, took) in results.items():
+        print(f"    {key:<8} {'ok' if rc == 0 else f'FAILED (exit {rc})':<18} {took:6.0f} s")
+    _print_probe(reports / "probe.json")
+    print(f"    reports: {reports}/ (rollout.json, checks.xml, checks.md, probe.json, probe.png)")
+    print("    stop the lab: ipvs-fleet lab down")
+    return 0 if all(rc == 0 for rc, _ in results.values()) else 1
+
+
+def _print_probe(path: Path) -> None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    from ipvs_fleet.probe.harness import summarize
+
+    for name, r in summarize(doc).items():
+        print(
+            f"    scenario {name:<8} {r['count']} connects, {r['slow']} slow (>= 0.9 s), "
+            f"{r['errors']} errors, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms"
+        )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="the main job on the lab: build, canary rollout, checks")
+    p.add_argument("--reports", default=str(REPO / "reports" / "demo"), help="report folder")
+    p.add_argument(
+        "--skip", action="append", default=[], choices=STEPS, help="skip a step (repeatable)"
+    )
+    p.set_defaults(func=run)
