@@ -8,6 +8,7 @@ so the shared lab is never disturbed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,7 +102,8 @@ def test_pyinfra_inventory_reaches_every_host(lab: Lab) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     for name, h in lab.hosts.items():
-        assert f"[{name}] >>> {h.kernel_release}" in r.stdout + r.stderr, (name, r.stdout)
+        line = rf"^\[{re.escape(name)}\]\s+{re.escape(h.kernel_release)}$"
+        assert re.search(line, r.stdout + r.stderr, re.M), (name, r.stdout)
 
 
 def test_testinfra_backend_through_ssh_config(lab: Lab) -> None:

@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +81,7 @@ class RunResult:
 @dataclass(frozen=True)
 class HostStatus:
     name: str
-    state: str  # running | died | stopped
+    state: str  # running | died (in the lab's state, but its QEMU is gone)
     ssh_ok: bool | None  # None when not running
     port: int | None
     kernel_release: str | None = None
@@ -200,7 +201,12 @@ class Lab:
     # -- up / down / status -----------------------------------------------------------------
 
     def up(self, hosts: Sequence[str] | None = None, timeout: float | None = None) -> None:
-        """Boot the fleet's hosts (all, or the named ones) unless running; wait for SSH."""
+        """Boot the fleet's hosts (all, or the named ones) unless running; wait for SSH.
+
+        + hosts: names from the fleet file (default: all)
+        + timeout: seconds from starting the VMs until SSH must answer
+          (default $IPVS_FLEET_BOOT_TIMEOUT or 420; image builds do not count)
+        """
         fleet = load_fleet(self.fleet_file)  # validated before anything starts
         names = list(hosts) if hosts else list(fleet.hosts)
         unknown = [n for n in names if n not in fleet.hosts]
@@ -223,11 +229,14 @@ class Lab:
             st.fleet_file = str(fleet.path)
             st.groups = fleet.all_groups()
             authorized = (self.client_key.with_suffix(".pub")).read_text()
+            boot = time.monotonic()
             for name in todo:
                 spec = fleet.hosts[name]
                 image = images[spec.release]
                 files = self.vm_files(name)
-                vm.stop(files)  # a VM that died leaves a stale pidfile
+                if name in st.hosts:  # it died: drop its pidfile and its SSH master
+                    self._close_master(name)
+                vm.stop(files)
                 files.dir.mkdir(parents=True, exist_ok=True)
                 seed_tar(files.seed, authorized, self.host_key(name))
                 port = vm.free_port()
@@ -245,8 +254,17 @@ class Lab:
                 )
                 self._save(st)
             self._write_ssh_files(st)
-            with ThreadPoolExecutor(len(todo)) as pool:
-                list(pool.map(lambda n: self._wait_ssh(st.hosts[n], t0 + timeout), todo))
+            waiting = set(todo)
+
+            def progress() -> str:
+                return f"waiting for SSH: {', '.join(sorted(waiting))}" if waiting else ""
+
+            def wait(name: str) -> None:
+                self._wait_ssh(st.hosts[name], boot + timeout)
+                waiting.discard(name)
+
+            with self._ticker(progress), ThreadPoolExecutor(len(todo)) as pool:
+                list(pool.map(wait, todo))
         self.log(f"lab up: {', '.join(names)} reachable in {time.monotonic() - t0:.0f} s")
 
     def down(self, keep: Collection[str] = ()) -> list[str]:
@@ -267,7 +285,7 @@ class Lab:
         return stopped
 
     def status(self, check_ssh: bool = True) -> list[HostStatus]:
-        """Each host of the lab: running, died (its QEMU is gone) or stopped; SSH ok."""
+        """Each host of the lab: running or died (its QEMU is gone), and whether SSH works."""
         st = self._load()
         out = []
         for name, h in sorted(st.hosts.items()):
@@ -327,10 +345,15 @@ class Lab:
         return res
 
     def reboot(self, host: str, timeout: float = 300) -> None:
-        """Reboot a lab host and wait until SSH answers from the new boot."""
+        """Reboot a lab host and wait until SSH answers from the new boot.
+
+        QEMU boots the image's kernel directly, so the host comes back on the same kernel
+        release (module changes under /lib/modules do take effect).
+        """
         boot_id = "cat /proc/sys/kernel/random/boot_id"
         before = self.run(host, boot_id).stdout.strip()
-        self.run(host, "systemctl reboot", check=False, timeout=30)
+        # Detached, so that the SSH session ends before the connection is torn down.
+        self.run(host, "nohup sh -c 'sleep 1; systemctl reboot' >/dev/null 2>&1 &")
         self._close_master(host)
         deadline = time.monotonic() + timeout
         while True:
@@ -375,12 +398,44 @@ class Lab:
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
 
+        pending = set(releases)
+        for r in releases:
+            (logs / f"image-{r}.log").unlink(missing_ok=True)  # progress shows this build's
+
         def one(release: str) -> Image:
-            return build_image(release, log=self.log, logfile=logs / f"image-{release}.log")
+            img = build_image(release, log=self.log, logfile=logs / f"image-{release}.log")
+            pending.discard(release)
+            return img
+
+        def progress() -> str:
+            return "; ".join(
+                f"{r}: {_last_line(logs / f'image-{r}.log') or 'resolving kernel'}"
+                for r in sorted(pending)
+            )
 
         # mmdebstrap waits on the network and dpkg, so builds overlap well even on 2 cores.
-        with ThreadPoolExecutor(len(releases)) as pool:
+        with self._ticker(progress), ThreadPoolExecutor(len(releases)) as pool:
             return dict(zip(releases, pool.map(one, releases), strict=True))
+
+    @contextmanager
+    def _ticker(self, what: Callable[[], str], every: float = 20.0) -> Iterator[None]:
+        """Log `what()` every few seconds while a long step runs."""
+        stop = threading.Event()
+        t0 = time.monotonic()
+
+        def tick() -> None:
+            while not stop.wait(every):
+                msg = what()
+                if msg:
+                    self.log(f"[{time.monotonic() - t0:.0f} s] {msg}")
+
+        t = threading.Thread(target=tick, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
 
     def _write_ssh_files(self, st: _State) -> None:
         cm = self._control_dir()
@@ -447,6 +502,16 @@ class Lab:
             timeout=10,
             stdin=subprocess.DEVNULL,
         )
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 400))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:100] if lines else ""
 
 
 def _tail(path: Path, n: int = 15) -> str:

@@ -65,7 +65,7 @@ def pid_of(files: VmFiles) -> int | None:
     return pid if str(files.pidfile).encode() in cmdline else None
 
 
-def kvm_usable(image: Image, timeout: float = 20.0) -> bool:
+def kvm_usable(image: Image, timeout: float = 10.0) -> bool:
     """Whether KVM really boots a guest kernel here (cached per host kernel and QEMU).
 
     The probe boots the lab kernel without a root disk: under a working KVM it panics
@@ -101,8 +101,11 @@ def kvm_usable(image: Image, timeout: float = 20.0) -> bool:
 
 
 def accel(image: Image) -> str:
-    """`tcg` unless IPVS_FLEET_ACCEL says otherwise (`kvm`, or `auto` to probe KVM)."""
-    want = os.environ.get("IPVS_FLEET_ACCEL", "tcg")
+    """KVM where a probe showed it boots the guest kernel, else TCG.
+
+    IPVS_FLEET_ACCEL=tcg|kvm forces one; the default `auto` probes (once per host kernel).
+    """
+    want = os.environ.get("IPVS_FLEET_ACCEL", "auto")
     if want == "auto":
         return "kvm" if kvm_usable(image) else "tcg"
     if want not in ("tcg", "kvm"):
