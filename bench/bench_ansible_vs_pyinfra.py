@@ -42,8 +42,9 @@ def ansible_changed(out: str) -> int:
 
 
 def pyinfra_changed(out: str) -> int:
-    m = re.search(r"Grand total\s+(\d+)\s+(\d+)", out)
-    return int(m.group(2)) if m else -1
+    # columns: operations, hosts, success (changed something), error, no change; "-" = 0
+    m = re.search(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    return int(m.group(3).replace("-", "0")) if m else -1
 
 
 def main() -> int:

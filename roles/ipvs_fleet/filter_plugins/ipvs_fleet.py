@@ -72,6 +72,12 @@ def probe_command(kind: str, kernel_release: str = "") -> str:
             f"else echo {_quote(p)}=none; fi"
             for p in MANAGED_FILES
         )
+        # mode:sha256 of each managed file, so unchanged files cost the role no remote call
+        files = "; ".join(
+            f"echo {_quote(p)}=$(stat -c %a {_quote(p)} 2>/dev/null):"
+            f"$(sha256sum < {_quote(p)} 2>/dev/null | cut -d' ' -f1)"
+            for p in MANAGED_FILES
+        )
         failed = _quote(updates_dir(kernel_release) + ".failed")
         return _sections(
             {
@@ -79,6 +85,7 @@ def probe_command(kind: str, kernel_release: str = "") -> str:
                 "loaded": IpvsLoadedModules().command(),
                 "sysctls": IpvsSysctls().command(),
                 "backups": backups,
+                "files": files,
                 "failed": f"[ -e {failed} ] && echo yes || echo no",
             }
         )
@@ -172,7 +179,8 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     + plan: the host's plan (ipvs_fleet_plan)
     + patchset: the build that must be loaded; default the plan's, "" for the stock build
 
-    Keys: installed, loaded, sysctls (live), backups {path: file|absent|none}, failed_set,
+    Keys: installed, loaded, sysctls (live), backups {path: file|absent|none},
+    files {path: "<mode>:<sha256>" (":" when absent)}, failed_set,
     install (bool), stale, missing (modules to modprobe), sysctl_changes {key: value},
     sysctl_absent, managed [{path, template, backup}], problems (verification, [] = ok).
     """
@@ -181,9 +189,8 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     installed = IpvsInstalledModules().process(facts.get("installed", []))
     loaded = IpvsLoadedModules().process(facts.get("loaded", []))
     live = IpvsSysctls().process(facts.get("sysctls", []))
-    backups = dict(
-        line.rsplit("=", 1) for line in facts.get("backups", []) if "=" in line
-    )
+    backups = dict(line.rsplit("=", 1) for line in facts.get("backups", []) if "=" in line)
+    files = dict(line.rsplit("=", 1) for line in facts.get("files", []) if "=" in line)
     stale = sorted(m for m, info in loaded.items() if not _current(info, want))
     missing = [m for m in plan["modules"] if m not in loaded or m in stale]
     wanted: dict[str, int] = dict(plan["sysctls"]) if want else {}
@@ -207,6 +214,7 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
         "loaded": loaded,
         "sysctls": live,
         "backups": backups,
+        "files": files,
         "failed_set": (facts.get("failed") or ["no"])[0].strip() == "yes",
         "install": installed != dict(plan["module_sums"]),
         "stale": stale,
