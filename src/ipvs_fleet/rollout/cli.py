@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         use_checks=cfg.gate.checks,
         check_args=cfg.gate.check_args,
         gate_timeout=cfg.gate.timeout_seconds,
+        latency_hosts=cfg.gate.latency_hosts,
         log_dir=log_dir,
         env=env,
     )

@@ -36,7 +36,7 @@ TOP_KEYS = {
     "waves", "max_fail_percent", "soak_seconds", "rollback_failed_wave", "deploy", "rollback",
     "rollback_data", "gate",
 }  # fmt: skip
-GATE_KEYS = {"checks", "check_args", "timeout_seconds"}
+GATE_KEYS = {"checks", "check_args", "timeout_seconds", "latency_hosts"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ class GateConfig:
     checks: bool = True  # run the checks (ipvs_fleet.compliance); False: pyinfra verification
     check_args: tuple[str, ...] = ()  # extra pytest args for the checks (e.g. -k expressions)
     timeout_seconds: float = 900
+    # Hosts per wave whose latency probe runs (the first N of the wave); None: every host.
+    latency_hosts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,11 +187,15 @@ def load_config(path: Path | str | None = None) -> RolloutConfig:
     check_args = gate_doc.get("check_args") or []
     if not isinstance(check_args, list) or not all(isinstance(a, str) for a in check_args):
         raise ConfigError(f"{p}: gate.check_args: must be a list of strings")
+    lat = gate_doc.get("latency_hosts", "all")
+    if lat != "all" and (isinstance(lat, bool) or not isinstance(lat, int) or lat < 0):
+        raise ConfigError(f"{p}: gate.latency_hosts: must be 'all' or a host count >= 0")
     gate = GateConfig(
         checks=bool(gate_doc.get("checks", True)),
         check_args=tuple(check_args),
         timeout_seconds=_seconds(gate_doc.get("timeout_seconds"), f"{p}: gate.timeout_seconds")
         or 900.0,
+        latency_hosts=None if lat == "all" else int(lat),
     )
     for key in ("deploy", "rollback"):
         if key in doc and not isinstance(doc[key], str):

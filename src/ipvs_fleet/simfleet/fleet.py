@@ -35,6 +35,7 @@ from ipvs_fleet.policy import REPO
 from ipvs_fleet.simfleet import scripts
 
 INVENTORY = Path(__file__).with_name("inventory.py")
+ROLLOUT_CONFIG = Path(__file__).with_name("rollout.yml")
 RELEASE = "bookworm"
 HOST_CLASS = "k8s_node"
 
@@ -180,7 +181,8 @@ class SimFleet:
             "tar -xzf /srv/simfleet/kmods.tar.gz -C $U; /usr/sbin/depmod -b $K $(uname -r); "
             "printf '#!/bin/sh\\nexec /usr/sbin/modprobe -d /srv/simfleet/kroot \"$@\"\\n' "
             "> /srv/simfleet/kmodprobe; chmod 755 /srv/simfleet/kmodprobe; "
-            "echo /srv/simfleet/kmodprobe > /proc/sys/kernel/modprobe"
+            "echo /srv/simfleet/kmodprobe > /proc/sys/kernel/modprobe; "
+            "/srv/simfleet/kmodprobe ip_vs"
         )
 
     # -- access -----------------------------------------------------------------------------
