@@ -293,7 +293,7 @@ class Lab:
             if self.is_running(name):
                 ok = None
                 if check_ssh:
-                    ok = self.run(name, "true", check=False, timeout=20, connect_timeout=5).ok
+                    ok = self._probe(name, "true").ok
                 out.append(HostStatus(name, "running", ok, h.port, h.kernel_release, files.console))
             else:
                 out.append(HostStatus(name, "died", None, h.port, h.kernel_release, files.console))
@@ -314,6 +314,7 @@ class Lab:
         timeout: float = 120,
         input: str | None = None,
         connect_timeout: int = 15,
+        shared: bool = True,
     ) -> RunResult:
         """Run a command on a lab host over the shared SSH connection.
 
@@ -321,11 +322,15 @@ class Lab:
         + check: raise FleetError when the command exits non-zero
         + timeout: seconds before the command is abandoned (FleetError)
         + input: text fed to the command's stdin
+        + shared: use the lab's shared (ControlMaster) connection; False opens its own
         """
         if host not in self.hosts:
             raise FleetError(f"{host}: not a host of lab {self.dir} (is it up?)")
         line = cmd if isinstance(cmd, str) else shlex.join(cmd)
-        argv = [*self.ssh_command(host, "-o", f"ConnectTimeout={connect_timeout}"), line]
+        opts = ["-o", f"ConnectTimeout={connect_timeout}"]
+        if not shared:
+            opts += ["-o", "ControlPath=none"]
+        argv = [*self.ssh_command(host, *opts), line]
         try:
             r = subprocess.run(
                 argv,
@@ -358,7 +363,8 @@ class Lab:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive(self.hosts[host])
-            r = self.run(host, boot_id, check=False, timeout=20, connect_timeout=5)
+            # Own connections: a shared one made to the old boot would hang as it goes down.
+            r = self._probe(host, boot_id, shared=False)
             if r.ok and r.stdout.strip() not in ("", before):
                 return
             if time.monotonic() > deadline:
@@ -478,7 +484,7 @@ class Lab:
     def _wait_ssh(self, h: LabHost, deadline: float) -> None:
         while True:
             self._check_alive(h)
-            r = self.run(h.name, "uname -r", check=False, timeout=30, connect_timeout=5)
+            r = self._probe(h.name, "uname -r")
             if r.ok:
                 got = r.stdout.strip()
                 if got != h.kernel_release:
@@ -494,6 +500,13 @@ class Lab:
                     f"(last: {r.stderr.strip()[-200:]}); console log: {console}{_tail(console)}"
                 )
             time.sleep(2)
+
+    def _probe(self, host: str, cmd: str, shared: bool = True) -> RunResult:
+        """Run a quick command; a hung connection (a VM booting or going down) is a failure."""
+        try:
+            return self.run(host, cmd, check=False, timeout=30, connect_timeout=5, shared=shared)
+        except FleetError as e:
+            return RunResult(host, cmd, 255, "", str(e))
 
     def _close_master(self, name: str) -> None:
         subprocess.run(
