@@ -109,8 +109,8 @@ def test_pyinfra_inventory_reaches_every_host(lab: Lab) -> None:
 
 def test_testinfra_backend_through_ssh_config(lab: Lab) -> None:
     host = lab.testinfra_host("k8s-node-1")
-    assert host.check_output("uname -r") == lab.hosts["k8s-node-1"].kernel_release  # type: ignore[attr-defined]
-    assert host.package("ipvsadm").is_installed  # type: ignore[attr-defined]
+    assert host.check_output("uname -r") == lab.hosts["k8s-node-1"].kernel_release
+    assert host.package("ipvsadm").is_installed
 
 
 def test_life_cycle_noop_up_died_vm_and_down(lab: Lab, tmp_path: Path) -> None:

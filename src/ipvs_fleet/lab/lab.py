@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab import vm
@@ -374,7 +375,7 @@ class Lab:
                 )
             time.sleep(2)
 
-    def testinfra_host(self, name: str) -> object:
+    def testinfra_host(self, name: str) -> Any:
         """A pytest-testinfra Host for a lab host (openssh backend, this lab's ssh_config)."""
         import testinfra
 
