@@ -54,6 +54,7 @@ class Attempt:
     total_ms: float
     server: str | None = None
     error: str | None = None
+    local_waits: int = 0  # retries while the local 4-tuple was still busy (no packet sent)
 
 
 def connect_once(
@@ -66,6 +67,7 @@ def connect_once(
     close: str = "wait",
     mark: int | None = None,
     index: int = 0,
+    busy_wait: float = 2.0,
 ) -> Attempt:
     """Connect (optionally from `src`), send `mode`, read the identity line, close.
 
@@ -73,7 +75,23 @@ def connect_once(
     + close: wait (read until the server closes), rst (abort with SO_LINGER {1, 0}),
       fin (plain close right after the answer)
     + mark: SO_MARK for this socket (lets a netfilter rule drop this socket's FIN/RST)
+    + busy_wait: seconds to wait while the previous connection from `src` still holds the
+      4-tuple locally (LAST_ACK after a server-first close: connect() says EADDRNOTAVAIL
+      before sending anything); the time measured starts with the connect that goes out
     """
+    end = time.monotonic() + busy_wait
+    waits = 0
+    while True:
+        a = _connect_once(dst, port, mode, src, timeout, close, mark, index)
+        if a.error != "connect: EADDRNOTAVAIL" or src is None or time.monotonic() > end:
+            a.local_waits = waits
+            return a
+        waits += 1
+        time.sleep(0.02)
+
+
+def _connect_once(dst: str, port: int, mode: str, src: tuple[str, int] | None,
+                  timeout: float, close: str, mark: int | None, index: int) -> Attempt:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     src_port = 0
     t0 = time.monotonic()
@@ -225,6 +243,7 @@ class Report:
             "latency_ms": summarize([a.total_ms for a in ok]),
             "servers": servers,
             "syn_retrans_delta": delta,
+            "local_waits": sum(a.local_waits for a in self.attempts),
             "elapsed_s": round(time.monotonic() - self.started, 3),
         }
         out.update(self.extra)

@@ -244,15 +244,35 @@ def loaded_ipvs_modules() -> list[str]:
         return [ln.split()[0] for ln in f if re.fullmatch(r"ip_vs(_\w+)?|xt_ipvs", ln.split()[0])]
 
 
+NETNS_PREFIX = "ipvsp"
+
+
+def cleanup_stale() -> list[str]:
+    """Remove topologies an interrupted run left behind (their IPVS services pin the modules)."""
+    gone = []
+    for name in sh("ip netns list", check=False).split():
+        if not name.startswith(NETNS_PREFIX):
+            continue
+        pids = sh(f"ip netns pids {name}", check=False).split()
+        if pids:
+            sh(f"kill -9 {' '.join(pids)}", check=False)
+        sh(f"ip netns exec {name} ipvsadm -C", check=False)
+        sh(f"ip netns del {name}", check=False)
+        gone.append(name)
+    return gone
+
+
 def unload_ipvs() -> None:
     """Unload every IPVS module (dependents first); fails if an IPVS service holds them."""
-    for _ in range(6):
+    cleanup_stale()
+    for _ in range(10):
         mods = loaded_ipvs_modules()
         if not mods:
             return
         # ip_vs last: every other IPVS module depends on it
         for m in sorted(mods, key=lambda m: m == "ip_vs"):
             sh(f"rmmod {m}", check=False)
+        time.sleep(0.3)  # netns teardown (and its IPVS flush) is asynchronous
     left = loaded_ipvs_modules()
     if left:
         raise Failed(f"cannot unload {', '.join(left)} (IPVS services still use them?)")
@@ -337,7 +357,7 @@ class Topology:
             raise Failed(f"rule must be drop or accept, not {rule!r}")
         self.rid = f"{os.getpid() % 1000:03d}{int(time.time() * 10) % 10000:04d}"
         self.rule, self.knob, self.hold = rule, knob, hold
-        self.ns = {k: f"ipvsp{self.rid}{k}" for k in ("c", "d", "r1", "r2")}
+        self.ns = {k: f"{NETNS_PREFIX}{self.rid}{k}" for k in ("c", "d", "r1", "r2")}
         self.procs: list[subprocess.Popen[str]] = []
         self.ipvs: IpvsControl | None = None
 
@@ -565,11 +585,13 @@ def ftp_transfer(topo: Topology, size: int = 256 * 1024, timeout: float = 20) ->
 def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
     """Build the topology, run what the plan asks, tear down; the result as a dict."""
     t_start = time.monotonic()
+    stale = cleanup_stale()
     kmsg_before = kmsg_lines()
     timeout = float(plan.get("timeout", 5))
     deadline = float(plan.get("deadline", 600))
     topo = Topology(plan.get("rule", "drop"), plan.get("knob"), float(plan.get("hold", 10)))
-    out: dict[str, Any] = {"plan": plan, "modules": module_status(), "run_id": topo.rid}
+    out: dict[str, Any] = {"plan": plan, "modules": module_status(), "run_id": topo.rid,
+                           "stale_removed": stale}
     end = time.monotonic() + deadline
     try:
         topo.up()
