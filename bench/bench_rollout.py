@@ -1,14 +1,18 @@
 """Benchmark: `ipvs-fleet rollout` of the simulated fleet (50 hosts, waves 1,10%,50%,100%).
 
-    IPVS_FLEET_ARTIFACTS=artifacts .venv/bin/python bench/bench_rollout.py [--hosts 50]
-        [--ansible]
+    IPVS_FLEET_SIM_DIR=.simfleet IPVS_FLEET_ARTIFACTS=artifacts \\
+        .venv/bin/python bench/bench_rollout.py [--hosts 50] [--no-ansible] [--no-gate-run]
 
-Prints, from one process: the baseline (one plain `pyinfra -y deploy.py` over all hosts, no
-waves, no gate), the rollout's wall time, each wave's deploy / gate / overhead seconds
-(overhead = wave wall time minus deploy and gate), and the ratios against the baseline.
-With --ansible, the same waves through `ansible-playbook site.yml` (serial list passed as an
-extra var) on the same hosts; the playbook must accept `-e ipvs_fleet_serial=[...]` (hook:
-see ansible_rollout below).
+All runs in one process, on the same hosts, each from a reset fleet (no deploy, stock trees):
+1. baseline: one plain `pyinfra -y INV deploy.py` over all hosts (no waves, no gate);
+2. the rollout with the simulated fleet's policy (simfleet/rollout.yml: every check on every
+   host, the latency probe on one host per wave): wall time, and per wave its deploy and gate
+   seconds; overhead = rollout wall time minus the deploys and gates;
+3. the rollout with the gate off (pyinfra verification only, `gate.checks: false`): what the
+   waves alone cost over the baseline;
+4. `ansible-playbook site.yml` on the same hosts with the same serial list (site.yml's plays
+   with `serial` replaced, written next to the fleet: site.yml has no serial override).
+Ratios are printed against the baseline. BENCH_KEEP=1 leaves the fleet running.
 """
 
 from __future__ import annotations
@@ -20,86 +24,135 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from ipvs_fleet.simfleet.fleet import SimFleet
+import yaml
+
+from ipvs_fleet.simfleet.fleet import ROLLOUT_CONFIG, SimFleet
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WAVES = "1,10%,50%,100%"
+SERIAL: list[int | str] = [1, "10%", "50%", "100%"]
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    return time.monotonic() - t0, r.returncode, r.stderr[-2000:]
+    return time.monotonic() - t0, r.returncode, (r.stdout + r.stderr)[-3000:]
 
 
-def ansible_rollout(sim: SimFleet, env: dict[str, str]) -> tuple[float, int, str] | None:
-    """The same waves through ansible-playbook on the same hosts, or None without site.yml."""
-    if not (REPO / "site.yml").is_file():
-        return None
-    inv = sim.dir / "ansible-hosts.ini"
-    lines = ["[canary]", "sim-01", "", "[sim_hosts]"]
-    for n, h in sorted(sim.hosts.items()):
-        lines.append(f"{n} ansible_host=127.0.0.1 ansible_port={h['port']} ansible_user=root "
-                     f"ansible_ssh_private_key_file={sim.key} ipvs_host_class=k8s_node "
-                     "ipvs_activation=next-boot")  # fmt: skip
-    lines += ["", "[all:vars]",
-              f"ansible_ssh_common_args='-o UserKnownHostsFile={sim.known_hosts}'"]  # fmt: skip
-    inv.write_text("\n".join(lines) + "\n")
-    serial = json.dumps([1, "10%", "50%", "100%"])
-    return timed([str(BIN / "ansible-playbook"), "-i", str(inv), "site.yml",
-                  "-e", f"ipvs_fleet_serial={serial}", "-f", "25"], env)  # fmt: skip
+def fresh(sim: SimFleet, art: Path) -> None:
+    """Every host back to no deploy; the shared kernel's patched ip_vs loaded again."""
+    sim.reset()
+    sim.kernel_modules(art)
+
+
+def rollout(sim: SimFleet, env: dict[str, str], config: Path, tag: str) -> dict[str, Any]:
+    journal, report = sim.dir / f"bench-{tag}.jsonl", sim.dir / f"bench-{tag}.json"
+    journal.unlink(missing_ok=True)
+    report.unlink(missing_ok=True)
+    wall, rc, out = timed([str(BIN / "ipvs-fleet"), "rollout", str(sim.inventory_path),
+                           "--config", str(config), "--waves", WAVES, "--journal", str(journal),
+                           "--json", str(report)], env)  # fmt: skip
+    doc = json.loads(report.read_text()) if report.is_file() else {}
+    if rc != 0 or not doc:
+        print(f"  rollout ({tag}) failed, rc {rc}:\n{out}")
+    return {"wall": wall, "rc": rc, "doc": doc}
+
+
+def print_rollout(name: str, res: dict[str, Any], base: float) -> None:
+    doc = res["doc"]
+    print(f"{name}: {res['wall']:.1f} s (rc {res['rc']}), {res['wall'] / base:.2f}x the baseline; "
+          f"outcome {doc.get('outcome')}, states {doc.get('counts')}")  # fmt: skip
+    dep_sum = gate_sum = 0.0
+    for w in doc.get("waves", []):
+        s = w["seconds"]
+        dep, gate = s.get("deploy", 0.0), s.get("gate", 0.0)
+        dep_sum, gate_sum = dep_sum + dep, gate_sum + gate
+        print(f"  wave {w['index']} ({w['spec']}, {len(w['hosts'])} hosts): deploy {dep:.1f} s, "
+              f"gate {gate:.1f} s")  # fmt: skip
+    n = max(1, len(doc.get("waves", [])))
+    other = res["wall"] - dep_sum - gate_sum
+    print(f"  deploys {dep_sum:.1f} s ({dep_sum / base:.2f}x the one-run baseline), gates "
+          f"{gate_sum:.1f} s, controller overhead {other:.1f} s ({other / n:.1f} s per wave)")
+
+
+def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
+    """An Ansible inventory of the simulated hosts and site.yml with our serial list."""
+    common = (f"-o UserKnownHostsFile={sim.known_hosts} -o GlobalKnownHostsFile=/dev/null "
+              "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes")  # fmt: skip
+    hosts = {n: {"ansible_host": "127.0.0.1", "ansible_port": h["port"]}
+             for n, h in sorted(sim.hosts.items(), key=lambda kv: kv[1]["index"])}  # fmt: skip
+    first = next(iter(hosts))
+    inv = {"all": {
+        "vars": {
+            "ansible_user": "root", "ansible_ssh_private_key_file": str(sim.key),
+            "ansible_ssh_args": "-o ControlMaster=auto -o ControlPersist=300s",
+            "ansible_ssh_common_args": common, "ansible_python_interpreter": "/usr/bin/python3",
+            "ansible_pipelining": True, "ipvs_host_class": "k8s_node",
+            "ipvs_activation": "next-boot",
+        },
+        "children": {"canary": {"hosts": {first: None}}, "sim_hosts": {"hosts": hosts}},
+    }}  # fmt: skip
+    inv_path = sim.dir / "ansible-hosts.yml"
+    inv_path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    plays = yaml.safe_load((REPO / "site.yml").read_text())
+    for play in plays:
+        if "serial" in play:
+            play["serial"] = SERIAL
+    book = sim.dir / "site-bench.yml"
+    book.write_text(yaml.safe_dump(plays, sort_keys=False))
+    return inv_path, book
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=50)
-    ap.add_argument("--ansible", action="store_true")
+    ap.add_argument("--no-ansible", action="store_true")
+    ap.add_argument("--no-gate-run", action="store_true", help="skip run 3 (waves, no checks)")
     args = ap.parse_args()
+    art = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
     sim = SimFleet()
     t0 = time.monotonic()
     sim.up(args.hosts)
     print(f"simulated fleet of {args.hosts} hosts up in {time.monotonic() - t0:.0f} s")
-    env = dict(os.environ, IPVS_FLEET_SIM_DIR=str(sim.dir))
-    sim.reset()
-    sim.kernel_modules(Path(env.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts")))
-    base, rc, err = timed([str(BIN / "pyinfra"), "-y", str(sim.inventory_path), "deploy.py"], env)
-    print(f"baseline: pyinfra deploy.py over {args.hosts} hosts in one run: {base:.1f} s (rc {rc})")
-    sim.reset()
-    sim.kernel_modules(Path(env.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts")))
-    journal, report = sim.dir / "bench.jsonl", sim.dir / "bench.json"
-    journal.unlink(missing_ok=True)
-    wall, rc, err = timed([str(BIN / "ipvs-fleet"), "rollout", str(sim.inventory_path),
-                           "--waves", WAVES, "--journal", str(journal), "--json", str(report)],
-                          env)  # fmt: skip
-    print(f"rollout {WAVES}: {wall:.1f} s (rc {rc}), {wall / base:.2f}x the baseline")
-    if report.is_file():
-        doc = json.loads(report.read_text())
-        print(f"outcome {doc['outcome']}, states {doc['counts']}")
-        for w in doc["waves"]:
-            s = w["seconds"]
-            dep, gate = s.get("deploy", 0), s.get("gate", 0)
-            total = sum(s.values())
-            print(f"  wave {w['index']} ({w['spec']}, {len(w['hosts'])} hosts): "
-                  f"deploy {dep:.1f} s, "
-                  f"gate {gate:.1f} s, other {total - dep - gate:.1f} s")
-    else:
-        print(err)
-    if args.ansible:
-        sim.reset()
-        sim.kernel_modules(Path(env.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts")))
-        res = ansible_rollout(sim, env)
-        if res is None:
-            print("ansible: no site.yml in the checkout; skipped (hook: ansible_rollout)")
-        else:
-            a, arc, aerr = res
-            print(f"ansible-playbook site.yml, same serial: {a:.1f} s (rc {arc}); "
-                  f"rollout/ansible = {wall / a:.2f}")
+    env = dict(os.environ, IPVS_FLEET_SIM_DIR=str(sim.dir), IPVS_FLEET_ARTIFACTS=str(art),
+               ANSIBLE_NOCOLOR="1")  # fmt: skip
+    try:
+        fresh(sim, art)
+        base, rc, out = timed([str(BIN / "pyinfra"), "-y", str(sim.inventory_path),
+                               "deploy.py"], env)  # fmt: skip
+        print(f"baseline: pyinfra deploy.py over {args.hosts} hosts in one run: {base:.1f} s "
+              f"(rc {rc})")  # fmt: skip
+        if rc:
+            print(out)
+        fresh(sim, art)
+        print_rollout(f"rollout {WAVES}, gate = checks", rollout(sim, env, ROLLOUT_CONFIG,
+                                                                 "checks"), base)  # fmt: skip
+        if not args.no_gate_run:
+            cfg = yaml.safe_load(ROLLOUT_CONFIG.read_text())
+            cfg["gate"] = {"checks": False}
+            nogate = sim.dir / "rollout-nogate.yml"
+            nogate.write_text(yaml.safe_dump(cfg))
+            fresh(sim, art)
+            print_rollout(f"rollout {WAVES}, gate = pyinfra verification",
+                          rollout(sim, env, nogate, "verify"), base)  # fmt: skip
+        if not args.no_ansible:
+            inv, book = ansible_files(sim)
+            fresh(sim, art)
+            aenv = dict(env, ANSIBLE_ROLES_PATH=str(REPO / "roles"))
+            a, arc, aout = timed([str(BIN / "ansible-playbook"), "-i", str(inv), str(book),
+                                  "-f", str(args.hosts)], aenv)  # fmt: skip
+            print(f"ansible-playbook site.yml, serial {SERIAL}, forks {args.hosts}: {a:.1f} s "
+                  f"(rc {arc}), {a / base:.2f}x the baseline")  # fmt: skip
             if arc:
-                print(aerr)
-    if os.environ.get("BENCH_KEEP") != "1":
-        sim.down()
+                print(aout)
+            counts = sim.install_counts()
+            print(f"  installs per host after ansible: {sorted(set(counts.values()))}")
+    finally:
+        if os.environ.get("BENCH_KEEP") != "1":
+            sim.down()
     return 0
 
 

@@ -39,9 +39,10 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
     d = os.environ.get("IPVS_FLEET_TEST_SIM_DIR")
     fleet = SimFleet(Path(d) if d else tmp_path_factory.mktemp("simfleet"))
     try:
+        kept = fleet.is_running() and fleet.state().get("size", 0) >= SIZE
         fleet.up(SIZE)
-        if d:
-            fleet.reset()  # a kept fleet (IPVS_FLEET_TEST_SIM_DIR) starts from scratch too
+        if kept:
+            fleet.reset()  # a kept fleet (IPVS_FLEET_KEEP_SIM=1) starts from scratch too
         fleet.kernel_modules(art.path.parent)
         fleet.art_dir = art.path.parent  # type: ignore[attr-defined]
         yield fleet

@@ -45,11 +45,12 @@ if [ ! -f $T/.complete ]; then
   /usr/sbin/depmod -b $S/modtree $K
   touch $T/.complete
 fi
-i=1
-while [ $i -le $N ]; do
+# One host: its namespace, link, DNAT port and sshd (kept if it exists).
+make_host() {
+  i=$1
   name=$(printf 'sim-%02d' $i)
   d=$S/hosts/$name
-  if ! ip netns list | grep -qw "$name"; then
+  if ! [ -e /run/netns/$name ]; then
     mkdir -p $d/etc.upper/ssh $d/etc.work $d/mod.upper $d/mod.work $d/varlib $d/state
     [ -f $d/etc.upper/ssh/ssh_host_ed25519_key ] || \
       ssh-keygen -q -t ed25519 -N '' -C $name -f $d/etc.upper/ssh/ssh_host_ed25519_key
@@ -60,12 +61,33 @@ while [ $i -le $N ]; do
     ip -n $name addr add 10.77.1.$i/16 dev eth0
     ip -n $name link set lo up
     ip -n $name link set eth0 up
-    iptables -t nat -A PREROUTING -i eth0 -p tcp --dport $((22000 + i)) \
+    iptables -w -t nat -A PREROUTING -i eth0 -p tcp --dport $((22000 + i)) \
       -j DNAT --to-destination 10.77.1.$i:22
   fi
   $S/host-up.sh $name
+  touch $d/state/made
+}
+# Hosts are made 10 at a time: one by one, 50 take minutes of the VM's mostly idle CPU.
+# (Each runs in a background subshell, where `set -e` stops it at its first failure.)
+rm -f $S/hosts/*/state/made
+i=1
+while [ $i -le $N ]; do
+  make_host $i &
+  [ $((i % 10)) -ne 0 ] || wait
   i=$((i + 1))
 done
+wait
+bad=
+i=1
+while [ $i -le $N ]; do
+  name=$(printf 'sim-%02d' $i)
+  [ -f $S/hosts/$name/state/made ] || bad="$bad $name"
+  i=$((i + 1))
+done
+if [ -n "$bad" ]; then
+  echo "simfleet: hosts not made:$bad" >&2
+  exit 1
+fi
 """
 
 # host-up.sh NAME: start the host's sshd (unless running) inside its netns and a private
