@@ -24,20 +24,24 @@ try:
 except ImportError:  # imported by the unit tests without Ansible's plugin loader
     AnsibleFilterError = ValueError  # type: ignore[misc,assignment]
 
-from ipvs_fleet.build.artifact import load_artifact
 from ipvs_fleet.deploy.facts import (
     IpvsInstalledModules,
     IpvsLoadedModules,
     IpvsSysctls,
     IpvsUsage,
     Lockdown,
-    refuses_unsigned,
     updates_dir,
 )
-from ipvs_fleet.deploy.operations import MANAGED_FILES, STATE_DIR, backup_path
-from ipvs_fleet.deploy.plan import interlock
+from ipvs_fleet.deploy.operations import (
+    MANAGED_FILES,
+    STATE_DIR,
+    backup_path,
+    is_current,
+    verification_problems,
+)
+from ipvs_fleet.deploy.plan import decide
 from ipvs_fleet.errors import FleetError
-from ipvs_fleet.policy import KNOB, load_policy
+from ipvs_fleet.policy import load_policy
 
 MARK = "@@ipvs-fleet@@ "
 ROLE_PREFIX = "ipvs_fleet_"  # the role's own settings, not host data of the policy
@@ -124,25 +128,22 @@ def plan(
     """Check one host as the pyinfra preflight does (policy, lockdown, artifact, interlock)
     and return what it gets; AnsibleFilterError naming host and reason otherwise."""
     try:
-        settings = load_policy(policy_file or None).for_host(host, host_data(hostvars))
         facts = split_probe(stdout)
         kernel = (facts.get("kernel") or [""])[0].strip()
         if not kernel:
             raise FleetError(f"host {host}: the preflight probe did not report a kernel release")
-        where = f"host {host} (kernel {kernel})"
-        lock = refuses_unsigned(Lockdown().process(facts.get("lockdown", [])))
-        if lock:
-            raise FleetError(f"{where}: {lock}; it would refuse the unsigned patched modules")
-        try:
-            art = load_artifact(Path(artifacts_dir), kernel)  # checks the tarball's sha256
-        except FleetError as e:
-            raise FleetError(f"{where}: {e}") from None
-        usage = IpvsUsage().process(facts.get("usage", []))
-        why = interlock(settings, usage, art.reuse_design)
-        if why:
-            raise FleetError(f"{where}: {why}")
+        hp = decide(
+            host,
+            host_data(hostvars),
+            kernel,
+            Lockdown().process(facts.get("lockdown", [])),
+            IpvsUsage().process(facts.get("usage", [])),
+            Path(artifacts_dir),
+            policy_file or None,
+        )
     except FleetError as e:
         raise AnsibleFilterError(f"ipvs-fleet preflight refused: {e}") from None
+    settings = hp.settings
     return {
         "host_class": settings.host_class,
         "sysctls": dict(settings.sysctls),
@@ -150,27 +151,20 @@ def plan(
         "activation": settings.activation,
         "allow_reuse_with": settings.allow_reuse_with,
         "kernel_release": kernel,
-        "tarball": str(art.tarball),
-        "tarball_name": art.tarball.name,
-        "tarball_sha256": art.tarball_sha256,
-        "module_sums": art.modules,
+        "tarball": hp.tarball,
+        "tarball_name": Path(hp.tarball).name,
+        "tarball_sha256": hp.tarball_sha256,
+        "module_sums": hp.modules,
         # `sha256sum -c` input for the modules, as the pyinfra install writes it
         "module_sha256sums": "\n".join(
-            f"{sha}  {name}" for name, sha in sorted(art.modules.items())
+            f"{sha}  {name}" for name, sha in sorted(hp.modules.items())
         ),
-        "patchset": art.set_id,
-        "reuse": art.reuse_design,
-        "usage": usage,
+        "patchset": hp.patchset,
+        "reuse": hp.reuse,
+        "usage": hp.usage,
         "updates_dir": updates_dir(kernel),
         "state_dir": STATE_DIR,
     }
-
-
-def _current(info: Mapping[str, Any], patchset: str) -> bool:
-    """Whether a loaded module is the wanted build (as operations.modules_active decides)."""
-    if patchset:
-        return bool(info["patched"]) and info["patchset"] == patchset
-    return not info["taint"] or "O" not in str(info["taint"])
 
 
 def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> dict[str, Any]:
@@ -191,24 +185,12 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     live = IpvsSysctls().process(facts.get("sysctls", []))
     backups = dict(line.rsplit("=", 1) for line in facts.get("backups", []) if "=" in line)
     files = dict(line.rsplit("=", 1) for line in facts.get("files", []) if "=" in line)
-    stale = sorted(m for m, info in loaded.items() if not _current(info, want))
+    stale = sorted(m for m, info in loaded.items() if not is_current(info, want))
     missing = [m for m in plan["modules"] if m not in loaded or m in stale]
     wanted: dict[str, int] = dict(plan["sysctls"]) if want else {}
     changes = {k: v for k, v in sorted(wanted.items()) if k in live and live[k] != v}
     absent = sorted(k for k in wanted if k not in live)
-    problems = []
-    if "ip_vs" not in loaded:
-        problems.append("ip_vs is not loaded")
-    for m, info in sorted(loaded.items()):
-        if want and info["patchset"] != want:
-            problems.append(f"{m}: the loaded build is not patch set {want}")
-        if not want and "O" in str(info["taint"]):
-            problems.append(f"{m}: an out-of-tree build is still loaded")
-    if not want and KNOB in live:
-        problems.append(f"net.ipv4.vs.{KNOB} still exists")
-    for key, value in sorted(wanted.items()):
-        if live.get(key) != value:
-            problems.append(f"net.ipv4.vs.{key}: expected {value}, live {live.get(key)}")
+    problems = verification_problems(loaded, live, want, wanted)
     return {
         "installed": installed,
         "loaded": loaded,

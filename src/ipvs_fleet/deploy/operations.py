@@ -139,6 +139,8 @@ def config_files(settings: HostSettings) -> Generator[Any, None, None]:
             src=str(TEMPLATES / template),
             dest=path,
             mode="0644",
+            # as Ansible renders templates, so both engines write the same bytes
+            jinja_env_kwargs={"trim_blocks": True},
             ipvs_host_class=settings.host_class,
             ipvs_sysctls=settings.sysctls,
             ipvs_modules=list(settings.modules),
@@ -159,6 +161,35 @@ def config_files_restored() -> Generator[Any, None, None]:
             host.noop(f"{path} has no backup to restore")
 
 
+def is_current(info: Mapping[str, Any], patchset: str) -> bool:
+    """Whether a loaded module (IpvsLoadedModules entry) is the wanted build ("" = stock)."""
+    if patchset:
+        return bool(info["patched"]) and info["patchset"] == patchset
+    return "O" not in str(info["taint"] or "")
+
+
+def verification_problems(
+    loaded: Mapping[str, Mapping[str, Any]],
+    live: Mapping[str, Any],
+    patchset: str,
+    sysctls: Mapping[str, int],
+) -> list[str]:
+    """What differs from the deployed state: loaded build ("" = stock) and live values."""
+    problems = []
+    if "ip_vs" not in loaded:
+        problems.append("ip_vs is not loaded")
+    for m, info in sorted(loaded.items()):
+        if not is_current(info, patchset):
+            what = f"patch set {patchset}" if patchset else "the stock build"
+            problems.append(f"{m}: the loaded build is not {what}")
+    if not patchset and KNOB in live:
+        problems.append(f"net.ipv4.vs.{KNOB} still exists")
+    for key, value in sorted(sysctls.items()):
+        if live.get(key) != value:
+            problems.append(f"net.ipv4.vs.{key}: expected {value}, live {live.get(key)}")
+    return problems
+
+
 @operation()
 def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None, None]:
     """
@@ -169,13 +200,7 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     """
     loaded = host.get_fact(IpvsLoadedModules)
     want_patched = bool(patchset)
-
-    def current(info: dict[str, object]) -> bool:
-        if want_patched:
-            return bool(info["patched"]) and info["patchset"] == patchset
-        return not info["taint"] or "O" not in str(info["taint"])
-
-    stale = sorted(m for m, info in loaded.items() if not current(info))
+    stale = sorted(m for m, info in loaded.items() if not is_current(info, patchset))
     if loaded and stale:
         what = "patched" if want_patched else "stock"
         if settings.activation == "next-boot":
@@ -224,21 +249,9 @@ def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, 
       must not exist)
     + sysctls: {key: value} that must be live
     """
-    loaded = host.get_fact(IpvsLoadedModules)
-    live = host.get_fact(IpvsSysctls)
-    problems = []
-    if "ip_vs" not in loaded:
-        problems.append("ip_vs is not loaded")
-    for m, info in sorted(loaded.items()):
-        if patchset and info["patchset"] != patchset:
-            problems.append(f"{m}: the loaded build is not patch set {patchset}")
-        if not patchset and "O" in str(info["taint"]):
-            problems.append(f"{m}: an out-of-tree build is still loaded")
-    if not patchset and KNOB in live:
-        problems.append(f"net.ipv4.vs.{KNOB} still exists")
-    for key, value in sorted(sysctls.items()):
-        if live.get(key) != value:
-            problems.append(f"net.ipv4.vs.{key}: expected {value}, live {live.get(key)}")
+    loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
+    live: dict[str, Any] = host.get_fact(IpvsSysctls)
+    problems = verification_problems(loaded, live, patchset, sysctls)
     if problems:
         raise OperationError(f"{host.name} not verified: " + "; ".join(problems))
     host.noop(f"verified: {'patch set ' + patchset if patchset else 'stock build'}")

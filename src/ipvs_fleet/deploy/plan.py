@@ -17,7 +17,7 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.facts.server import KernelVersion
 
-from ipvs_fleet.build.artifact import Artifact, load_artifact
+from ipvs_fleet.build.artifact import load_artifact
 from ipvs_fleet.deploy.facts import IpvsUsage, Lockdown, refuses_unsigned
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
@@ -76,32 +76,36 @@ def interlock(settings: HostSettings, usage: dict[str, Any], reuse: str) -> str 
     return None
 
 
-def artifact_for(kernel_release: str, where: str) -> Artifact:
-    """The built, checksum-verified artifact for a kernel release."""
-    try:
-        art = load_artifact(ARTIFACTS, kernel_release)  # checks the tarball's sha256
-    except FleetError as e:
-        raise DeployRefused(f"{where}: {e}") from None
-    return art
+def decide(
+    name: str,
+    data: dict[str, Any],
+    kernel_release: str,
+    lockdown: dict[str, Any],
+    usage: dict[str, Any],
+    artifacts_dir: Path | None = None,
+    policy_file: Path | str | None = None,
+) -> HostPlan:
+    """The plan for one host from its data and facts, or FleetError naming host and reason.
 
-
-def plan_host(host: Host) -> HostPlan:
-    """Check one host and return its plan, or raise DeployRefused naming host and reason."""
-    settings = settings_for(host)
-    kr = host.get_fact(KernelVersion).strip()
-    where = f"host {host.name} (kernel {kr})"
-    lock = refuses_unsigned(host.get_fact(Lockdown))
+    Shared by the pyinfra preflight and the Ansible role's filter, so both engines refuse
+    and decide alike.
+    """
+    settings = load_policy(policy_file).for_host(name, data)
+    where = f"host {name} (kernel {kernel_release})"
+    lock = refuses_unsigned(lockdown)
     if lock:
-        raise DeployRefused(f"{where}: {lock}; it would refuse the unsigned patched modules")
-    art = artifact_for(kr, where)
-    usage = host.get_fact(IpvsUsage)
+        raise FleetError(f"{where}: {lock}; it would refuse the unsigned patched modules")
+    try:
+        art = load_artifact(artifacts_dir or ARTIFACTS, kernel_release)  # checks sha256
+    except FleetError as e:
+        raise FleetError(f"{where}: {e}") from None
     why = interlock(settings, usage, art.reuse_design)
     if why:
-        raise DeployRefused(f"{where}: {why}")
+        raise FleetError(f"{where}: {why}")
     return HostPlan(
-        host=host.name,
+        host=name,
         settings=settings,
-        kernel_release=kr,
+        kernel_release=kernel_release,
         tarball=str(art.tarball),
         tarball_sha256=art.tarball_sha256,
         modules=art.modules,
@@ -109,3 +113,18 @@ def plan_host(host: Host) -> HostPlan:
         reuse=art.reuse_design,
         usage=usage,
     )
+
+
+def plan_host(host: Host) -> HostPlan:
+    """Check one host and return its plan, or raise DeployRefused naming host and reason."""
+    settings_for(host)  # policy errors first: they need no fact
+    try:
+        return decide(
+            host.name,
+            host_data(host),
+            host.get_fact(KernelVersion).strip(),
+            host.get_fact(Lockdown),
+            host.get_fact(IpvsUsage),
+        )
+    except FleetError as e:
+        raise DeployRefused(str(e)) from None
