@@ -42,6 +42,8 @@ def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one(
 def test_installed_modules():
     lines = [f"{SHA}  ip_vs.ko", f"{'b' * 64} *ip_vs_rr.ko", "garbage"]
     assert IpvsInstalledModules().process(lines) == {"ip_vs.ko": SHA, "ip_vs_rr.ko": "b" * 64}
+    # files in place but depmod never ran (install cut off): not installed, so redo it
+    assert IpvsInstalledModules().process(["depmod-missing", *lines]) == {}
 
 
 def test_sysctls_parse_ints_and_pairs():

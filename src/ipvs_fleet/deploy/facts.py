@@ -76,7 +76,8 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
 
 class IpvsInstalledModules(FactBase[dict[str, str]]):
     """
-    sha256 of each module file installed by ipvs-fleet for a kernel release.
+    sha256 of each module file installed by ipvs-fleet for a kernel release; {} unless
+    depmod has indexed them too (an install cut off before its depmod counts as absent).
 
     .. code:: python
 
@@ -86,13 +87,17 @@ class IpvsInstalledModules(FactBase[dict[str, str]]):
     default = dict
 
     def command(self, kernel_release: str) -> StringCommand:
+        dep = f"/lib/modules/{kernel_release}/modules.dep"
         return StringCommand(
-            "cd",
-            QuoteString(updates_dir(kernel_release)),
+            "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/ip_vs.ko"), QuoteString(dep),
+            "2>/dev/null || echo depmod-missing;",
+            "cd", QuoteString(updates_dir(kernel_release)),
             "2>/dev/null && sha256sum -- *.ko 2>/dev/null || true",
-        )
+        )  # fmt: skip
 
     def process(self, output: list[str]) -> dict[str, str]:
+        if any(line.strip() == "depmod-missing" for line in output):
+            return {}
         out = {}
         for line in output:
             m = re.match(r"^([0-9a-f]{64})\s+\*?(\S+)$", line.strip())
