@@ -92,6 +92,9 @@ def test_sysctl_table(facts: HostFacts, expect: Expect) -> None:
     elif not t.complete:
         expect.problem("the fresh-netns table check did not finish (unshare or bash missing?)")
     defaults = sysctl_defaults.for_kernel(facts.kernel_release)
+    if defaults is None:
+        expect.problem(f"no documented IPVS sysctl defaults for kernel {facts.kernel_release}")
+        defaults = {}
     for key, want in sorted(defaults.items()):
         if not t.ipvs or (key in sysctl_defaults.patched_keys() and key not in t.defaults):
             continue  # no table at all, or no knob: reported by patched_module / knob_present

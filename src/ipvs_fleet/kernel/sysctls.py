@@ -42,6 +42,11 @@ def defaults(line: str, patched: bool = True) -> dict[str, int | list[int] | Non
     return out
 
 
+def patched_keys() -> set[str]:
+    """Keys that only the patched module set has."""
+    return {str(k) for k in _data()["patched"]}
+
+
 def parse_dump(text: str) -> dict[str, str]:
     """`key=value` lines (READ_ALL_IN_FRESH_NETNS output) -> {key: value}."""
     out = {}
