@@ -32,8 +32,22 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -m 'not lab'
 
+# The lab tests need the module artifacts and the booted lab: build the one while the other
+# boots (mostly downloads and dpkg on one side, QEMU on the other), then run every test.
+TEST_LAB := .lab/test
+TEST_ARTIFACTS := .test-artifacts
 test: deps venv lint
-	$(BIN)/pytest
+	@mkdir -p reports
+	@echo "==> building the module artifacts (log: reports/test-build.log) while the lab boots"
+	@$(BIN)/ipvs-fleet build --all-lab --out $(TEST_ARTIFACTS) > reports/test-build.log 2>&1 & \
+	  build=$$!; \
+	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) up; up=$$?; \
+	  wait $$build; built=$$?; tail -4 reports/test-build.log; \
+	  if [ $$up -ne 0 ] || [ $$built -ne 0 ]; then \
+	    $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit 1; fi; \
+	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
+	    $(BIN)/pytest; rc=$$?; \
+	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit $$rc
 
 demo: deps venv
 	$(BIN)/ipvs-fleet demo
@@ -42,4 +56,5 @@ lab-down: venv
 	$(BIN)/ipvs-fleet lab down
 
 clean: lab-down
-	rm -rf .lab artifacts reports
+	-$(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down
+	rm -rf .lab artifacts reports $(TEST_ARTIFACTS) .simfleet
