@@ -125,7 +125,9 @@ def test_hand_changed_sysctl_is_drift_with_converge_command(
 def stock_modules(lab: Any, k8s_host: str) -> Iterator[str]:
     """k8s_host running the kernel's stock IPVS modules, as after a kernel upgrade without an
     artifact: boot loads the stock set, then applies the fleet's sysctl file."""
-    kr = lab.run(k8s_host, "uname -r").stdout.strip()
+    loaded = lab.run(k8s_host, "awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules").stdout
+    # ip_vs first: the others depend on it; modprobe picks the patched set from updates/.
+    before = sorted(loaded.split(), key=lambda m: m != "ip_vs")
     for name in ("probe.py", "scenario.py"):
         lab.run(k8s_host, f"mkdir -p {REMOTE} && cat > {REMOTE}/{name}",
                 input=(PROBE_DIR / name).read_text())
@@ -134,7 +136,9 @@ def stock_modules(lab: Any, k8s_host: str) -> Iterator[str]:
     try:
         yield k8s_host
     finally:
-        lab.run(k8s_host, f"python3 {SCENARIO} modules /lib/modules/{kr}/updates/ipvs-fleet && "
+        # Exactly the modules that were loaded before (scenario.py's own set adds ip_vs_ftp,
+        # which the deploy's FTP interlock would then find on this k8s host).
+        lab.run(k8s_host, f"python3 {SCENARIO} restore {' '.join(before)} && "
                 f"sysctl -qp {SYSCTL_FILE}", timeout=300)
 
 
