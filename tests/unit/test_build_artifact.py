@@ -11,7 +11,7 @@ import pytest
 from ipvs_fleet import kernel
 from ipvs_fleet.build.artifact import load_artifact
 from ipvs_fleet.build.build import build_for, pin_for
-from ipvs_fleet.build.dkms import make_dkms_tree
+from ipvs_fleet.build.dkms import dkms_build, make_dkms_tree
 from ipvs_fleet.debian import KernelPin
 from ipvs_fleet.errors import ConfigError, FleetError
 
@@ -89,3 +89,12 @@ def test_dkms_tree_is_complete(tmp_path: Path) -> None:
     assert "linux-source-$line" in (tree / "dkms-make.sh").read_text()
     script = (tree / "dkms-make.sh").read_text()
     assert not any(f"{{{k}}}" in script for k in ("line", "members", "objs", "id_header"))
+
+
+def test_dkms_build_succeeds(lab_pins, artifacts, tmp_path: Path) -> None:
+    """`dkms add` + `dkms build` of the DKMS tree, for the bookworm kernel, in its builder
+    root (the same builder root the artifacts were built in)."""
+    pin = lab_pins["bookworm"]
+    modules = sorted(name.removesuffix(".ko") for name in artifacts[pin.kernel_release].modules)
+    tree = make_dkms_tree(pin.line, tmp_path, modules)
+    dkms_build(pin, tree)  # raises FleetError with dkms's make.log on failure
