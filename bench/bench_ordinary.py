@@ -52,16 +52,14 @@ def main() -> int:
                       f"{o['slow']} slow, p99 {percentile(o['samples_ms'], 99)} ms", flush=True)
     finally:
         g.restore(before)
+    stats = {q: {s: percentile(v, int(q[1:])) for s, v in samples.items()} for q in ("p50", "p99")}
     out = {
-        side: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
-        for side, v in samples.items()
+        "kernel_release": g.kernel_release,
+        "n": {s: len(v) for s, v in samples.items()},
+        **stats,
+        "ratio knob1/stock": {q: round(v["knob1"] / v["stock"], 3) for q, v in stats.items()},
+        "seconds": round(time.monotonic() - t0, 1),
     }
-    out["ratio"] = {
-        q: round(out["knob1"][q] / out["stock"][q], 3)  # type: ignore[index,operator]
-        for q in ("p50", "p99")
-    }
-    out["seconds"] = round(time.monotonic() - t0, 1)
-    out["kernel_release"] = g.kernel_release
     print(json.dumps(out))
     return 0
 
