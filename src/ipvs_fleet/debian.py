@@ -124,9 +124,10 @@ def _packages(mirror: str, suite: str, arch: str) -> str:
         raise FleetError(f"{mirror}/dists/{suite}/{name}: sha256 does not match InRelease")
     text = lzma.decompress(raw).decode(errors="replace")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(cached)
+    # A private temporary name: builds and lab images resolve kernels at the same time.
+    with tempfile.NamedTemporaryFile("w", dir=cached.parent, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, cached)
     return text
 
 
