@@ -332,15 +332,13 @@ class Lab:
         if not shared:
             opts += ["-o", "ControlPath=none"]
         argv = [*self.ssh_command(host, *opts), line]
+        # Either input or stdin, never both: pyinfra's gevent patches subprocess.run, and
+        # gevent's refuses `stdin=None` next to `input` (the stdlib's accepts it).
+        feed: dict[str, Any] = {"input": input} if input is not None else {
+            "stdin": subprocess.DEVNULL
+        }
         try:
-            r = subprocess.run(
-                argv,
-                input=input,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=None if input is not None else subprocess.DEVNULL,
-            )
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **feed)
         except subprocess.TimeoutExpired as e:
             raise FleetError(f"{host}: `{line}` timed out after {timeout:.0f} s") from e
         res = RunResult(host, line, r.returncode, r.stdout, r.stderr)
