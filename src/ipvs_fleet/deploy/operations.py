@@ -211,7 +211,10 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         else:
             script = f"{STATE_DIR}/ipvs-swap.sh"
             yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
-            yield StringCommand(QuoteString(script))
+            # Run and remove, as Ansible's script module does: both engines leave the same
+            # host state (the script's own table copies stay, for the record).
+            q = QuoteString(script)
+            yield StringCommand(q, "; rc=$?; rm -f", q, "; exit $rc")
     missing = [m for m in settings.modules if m not in loaded or m in stale]
     if missing:
         names = [QuoteString(m) for m in missing]

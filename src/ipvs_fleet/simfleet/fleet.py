@@ -190,17 +190,24 @@ class SimFleet:
     def _ssh(self, port: int, cmd: str, timeout: float) -> Result:
         argv = [
             "ssh", "-i", str(self.key), "-p", str(port),
-            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=60",
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "HostKeyAlias=" + ("simvm" if port == self.state().get("vm_port") else
                                      f"[127.0.0.1]:{port}"),
             "-o", "LogLevel=ERROR", "root@127.0.0.1", "--", cmd,
         ]  # fmt: skip
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL)  # fmt: skip
-        except subprocess.TimeoutExpired as e:
-            raise FleetError(f"ssh port {port}: `{cmd[:80]}` timed out after {timeout} s") from e
+        for attempt in range(3):
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                   stdin=subprocess.DEVNULL)  # fmt: skip
+            except subprocess.TimeoutExpired as e:
+                what = f"ssh port {port}: `{cmd[:80]}`"
+                raise FleetError(f"{what} timed out after {timeout} s") from e
+            # The connection never got up (a saturated TCG VM answers its banner late): the
+            # command did not run, so trying again cannot run it twice.
+            if r.returncode != 255 or "banner exchange" not in r.stderr or attempt == 2:
+                break
+            time.sleep(5)
         return Result(r.returncode, r.stdout, r.stderr)
 
     def vm_run(self, cmd: str, *, check: bool = True, timeout: float = 120) -> Result:
