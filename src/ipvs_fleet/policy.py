@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.errors import ConfigError, load_yaml_file
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILE = Path(
@@ -161,12 +159,7 @@ def check_modules(value: Any, where: str) -> tuple[str, ...]:
 def load_policy(path: Path | str | None = None) -> Policy:
     """Parse and validate the policy file; every error names the file and the field."""
     p = Path(path) if path else POLICY_FILE
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read policy: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    doc = load_yaml_file(p, "policy")
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: must be a mapping with host_classes and sysctl_schema")
     for top in ("host_classes", "sysctl_schema"):

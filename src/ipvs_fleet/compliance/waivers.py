@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ipvs_fleet.compliance.model import FAILED, WAIVED, CheckResult
-from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.errors import ConfigError, load_yaml_file
 
 FIELDS = {"host", "group", "check", "justification", "expires"}
 
@@ -117,12 +115,7 @@ def parse_waivers(doc: Any, source: str) -> list[Waiver]:
 def load_waivers(path: str | Path) -> list[Waiver]:
     """Parse and validate a waivers file; ConfigError names the file and the entry."""
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read waivers: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    doc = load_yaml_file(p, "waivers")
     return parse_waivers(doc, str(p))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ipvs_fleet.debian import check_release
-from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.errors import ConfigError, load_yaml_file
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_FLEET = REPO / "lab" / "fleet.yml"
@@ -77,12 +77,7 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
     """Read and validate a fleet file; every error names the file and the field."""
     path = path or fleet_path()
     classes = host_class_names() if classes is None else classes
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read fleet file: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = load_yaml_file(path, "fleet file")
 
     def err(field: str, msg: str) -> ConfigError:
         return ConfigError(f"{path}: {field}: {msg}")

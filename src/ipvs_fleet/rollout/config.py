@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.errors import ConfigError, load_yaml_file
 from ipvs_fleet.policy import REPO
 
 ROLLOUT_FILE = REPO / "roles" / "ipvs_fleet" / "vars" / "rollout.yml"
@@ -159,12 +157,7 @@ def _seconds(value: Any, where: str) -> float | None:
 def load_config(path: Path | str | None = None) -> RolloutConfig:
     """Read and validate the rollout policy; every error names the file and the field."""
     p = Path(path) if path else ROLLOUT_FILE
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read rollout policy: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    doc = load_yaml_file(p, "rollout policy")
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: must be a mapping with `waves`")
     extra = set(doc) - TOP_KEYS
