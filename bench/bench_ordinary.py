@@ -2,11 +2,13 @@
 """Ordinary short connections through the VIP: stock modules vs patched knob=1, one run.
 
     IPVS_FLEET_LAB_DIR=.lab .venv/bin/python bench/bench_ordinary.py --host k8s-canary \
-        --artifacts artifacts [--total 10000] [--rounds 4]
+        --artifacts artifacts [--total 10000] [--rounds 20]
 
-Rounds alternate stock / knob=1 on the same VM (INVALID-drop rule, ephemeral source ports),
-so background load hits both alike; prints p50/p99 per side and the knob=1/stock ratios.
-The stock side is the baseline. The host's own modules are put back at the end.
+Rounds alternate three sides on the same VM (INVALID-drop rule, ephemeral source ports): stock
+(the baseline), patched knob=1, and stock again (`stock2`, an A/A control: what the noise of
+this machine alone does to the ratio). The side order rotates each round so that background
+load and drift hit every side alike. Prints p50/p90/p99 per side and the ratios to the
+baseline. The host's own modules are put back at the end.
 """
 
 from __future__ import annotations
@@ -32,34 +34,50 @@ def main() -> int:
     ap.add_argument("--host", default="k8s-canary")
     ap.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
     ap.add_argument("--total", type=int, default=10000, help="connections per side")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--json", type=Path, help="write the result (with every sample) here")
     args = ap.parse_args()
     g = Guest(Lab(args.lab_dir), args.host)
     art = load_artifact(args.artifacts, g.kernel_release)
     before = g.status()
     per_round = args.total // args.rounds
-    samples: dict[str, list[float]] = {"stock": [], "knob1": []}
+    sides = ["stock", "knob1", "stock2"]
+    samples: dict[str, list[float]] = {s: [] for s in sides}
     t0 = time.monotonic()
     try:
         for i in range(args.rounds):
-            for side in ("stock", "knob1"):
-                g.load_modules(None if side == "stock" else art)
-                r = g.run_plan(Plan(rule="drop", knob=None if side == "stock" else 1,
+            for side in sides[i % 3:] + sides[: i % 3]:
+                patched = side == "knob1"
+                g.load_modules(art if patched else None)
+                r = g.run_plan(Plan(rule="drop", knob=1 if patched else None,
                                     ordinary=per_round))  # fmt: skip
                 o = r["ordinary"]
+                if o["errors"] or r["kernel_warnings"]:
+                    print(f"round {i + 1} {side}: {o['errors']} errors, "
+                          f"kernel warnings {r['kernel_warnings']}", file=sys.stderr)
+                    return 1
                 samples[side] += o["samples_ms"]
-                print(f"round {i + 1} {side}: {o['count']} connects, {o['errors']} errors, "
-                      f"{o['slow']} slow, p99 {percentile(o['samples_ms'], 99)} ms", flush=True)
+                print(f"round {i + 1:2d} {side:6s}: {o['count']} connects, {o['slow']} slow, "
+                      f"p99 {percentile(o['samples_ms'], 99)} ms", flush=True)
     finally:
         g.restore(before)
-    stats = {q: {s: percentile(v, int(q[1:])) for s, v in samples.items()} for q in ("p50", "p99")}
+    qs = ("p50", "p90", "p99")
+    stats = {q: {s: percentile(v, int(q[1:])) for s, v in samples.items()} for q in qs}
     out = {
         "kernel_release": g.kernel_release,
+        "set_id": art.set_id,
+        "rounds": args.rounds,
         "n": {s: len(v) for s, v in samples.items()},
         **stats,
         "ratio knob1/stock": {q: round(v["knob1"] / v["stock"], 3) for q, v in stats.items()},
+        "ratio stock2/stock (A/A noise)": {
+            q: round(v["stock2"] / v["stock"], 3) for q, v in stats.items()
+        },
         "seconds": round(time.monotonic() - t0, 1),
     }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**out, "samples_ms": samples}) + "\n")
     print(json.dumps(out))
     return 0
 

@@ -18,6 +18,7 @@ LAB_ORDER = [
     "test_modules.py",
     "test_reuse.py",
     "test_deploy.py",
+    "test_lockdown.py",
     "test_checks.py",
     "test_ansible.py",
     "test_rollout_lab.py",

@@ -1,6 +1,7 @@
-"""Rollout on the simulated fleet: 50 SSH hosts in one VM, waves [1, 10%, 50%, 100%],
-the controller killed (SIGKILL) mid-wave and resumed; each host deployed exactly once, as the
-hosts' own depmod logs show.
+"""Rollout on the simulated fleet: 50 SSH hosts in one VM, waves [1, 10%, 50%, 100%].
+Faults: the controller killed (SIGKILL) mid-wave and resumed (each host deployed exactly once,
+as the hosts' own depmod logs show); a host that fails its gate and a host that goes
+unreachable mid-wave (the wave halts and is rolled back, later waves untouched).
 
 Cost: one TCG VM (the lab's bookworm image and artifact, shared with the other lab tests), 50
 hosts, one rollout with its resume. The gate runs every check on every host but the latency
@@ -22,7 +23,7 @@ import pytest
 
 from ipvs_fleet.build.build import build_for
 from ipvs_fleet.debian import resolve_kernel
-from ipvs_fleet.simfleet.fleet import RELEASE, ROLLOUT_CONFIG, SimFleet
+from ipvs_fleet.simfleet.fleet import RELEASE, ROLLOUT_CONFIG, SimFleet, host_name
 from tests.fixtures.artifacts import artifacts_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,3 +133,54 @@ def test_kill_9_mid_wave_then_resume_deploys_each_host_once(sim: SimFleet) -> No
         assert live == ["1", "1"], (h, live)
     print(f"resume took {time.monotonic() - t_kill:.0f} s; per wave: "
           + ", ".join(f"{w['index']}: {w['seconds']}" for w in doc["waves"]))
+
+
+def test_failed_gate_and_unreachable_host_halt_the_wave_and_later_waves_stay_untouched(
+    sim: SimFleet,
+) -> None:
+    sim.reset()
+    journal, report = sim.dir / "faults.jsonl", sim.dir / "faults.json"
+    journal.unlink(missing_ok=True)
+    # Wave 2 is sim-02..sim-06 (inventory order). Its first host runs the wave's latency probe
+    # (simfleet/rollout.yml) and gets a budget no host can meet; its last host crashes while
+    # the wave is being deployed.
+    budget_host, victim = host_name(2), host_name(6)
+    hostdata = sim.dir / "hostdata.json"
+    hostdata.write_text(json.dumps({budget_host: {"ipvs_latency_budget": {"p99_ms": 0}}}))
+    try:
+        p = rollout(sim, journal, "--json", str(report))
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and p.poll() is None:
+            if journal.exists() and journal_states(journal).get(victim) == "deploying":
+                sim.kill_host(victim)
+                break
+            time.sleep(0.5)
+        out, _ = p.communicate(timeout=1500)
+    finally:
+        hostdata.unlink(missing_ok=True)
+    waves = planned_waves(journal)
+    assert waves[1] == [host_name(i) for i in range(2, 7)]
+    assert p.returncode == 1, out[-4000:]
+    doc = json.loads(report.read_text())
+    assert doc["outcome"] == "halted" and doc["halted_at_wave"] == 2, out[-4000:]
+    assert len(doc["waves"]) == 2  # wave 3 never started
+    hosts = doc["hosts"]
+    assert hosts[waves[0][0]]["state"] == "new-verified"
+    assert "latency" in hosts[budget_host]["detail"]
+    # The crashed host cannot be rolled back: the record says its state is not known.
+    assert hosts[victim]["state"] == "failed-unknown", hosts[victim]
+    for h in waves[1]:
+        if h != victim:
+            assert hosts[h]["state"] == "rolled-back", (h, hosts[h])
+    for h in waves[2] + waves[3]:
+        assert hosts[h]["state"] == "old", (h, hosts[h])
+    # What the hosts themselves logged: the canary installed once and kept it; the reachable
+    # wave-2 hosts installed and removed the set once each; later waves have no event at all.
+    ev = sim.events()
+    assert [e.split()[2] for e in ev[waves[0][0]]] == ["install"], ev[waves[0][0]]
+    for h in waves[1]:
+        if h != victim:
+            assert [e.split()[2] for e in ev[h]] == ["install", "remove"], (h, ev[h])
+    assert all(not ev[h] for h in waves[2] + waves[3]), {h: ev[h] for h in waves[2] + waves[3]}
+    sim.revive_host(victim)
+    assert sim.host_run(victim, "true").ok  # the fleet is whole again for later tests

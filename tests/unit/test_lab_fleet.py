@@ -41,6 +41,14 @@ def test_fleet_classes_are_the_policy_classes() -> None:
     assert {"k8s_node", "ftp", "connmark"} <= host_class_names()
 
 
+def test_kernel_args_are_kept_in_order(tmp_path: Path) -> None:
+    text = GOOD + "    kernel_args: [lockdown=integrity, quiet]\n"
+    assert load_fleet(write(tmp_path, text)).hosts["k8s-canary"].kernel_args == (
+        "lockdown=integrity",
+        "quiet",
+    )
+
+
 def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
     fleet = load_fleet(write(tmp_path, GOOD.replace("k8s_node", "connmark")), {"connmark"})
     assert fleet.hosts["k8s-canary"].groups == ("connmark_hosts", "canary")
@@ -55,6 +63,8 @@ def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
         (GOOD + "    cpus: 2\n", "hosts.k8s-canary.cpus", "unknown field"),
         (GOOD.replace("[canary]", "canary"), "hosts.k8s-canary.groups", "list of group names"),
         (GOOD + "    memory_mb: lots\n", "hosts.k8s-canary.memory_mb", "integer"),
+        (GOOD + "    kernel_args: [\"a; reboot\"]\n", "hosts.k8s-canary.kernel_args", "list of"),
+        (GOOD + "    kernel_args: lockdown=integrity\n", "hosts.k8s-canary.kernel_args", "list"),
         (GOOD.replace("k8s-canary:", "K8s_Canary:"), "hosts.K8s_Canary", "host name"),
         (GOOD.replace("release: bookworm", "release: [bookworm]"), "hosts.k8s-canary.release",
          "must be a string"),

@@ -1,4 +1,4 @@
-"""`ipvs-fleet lab up [HOST...] | down | status | ssh HOST -- CMD`."""
+"""`ipvs-fleet lab up [HOST...] | down | status | prune | ssh HOST -- CMD`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def add_parser(subparsers: Any) -> None:
     down.set_defaults(func=_down)
     status = sub.add_parser("status", help="state of each VM; exit 1 if one died")
     status.set_defaults(func=_status)
+    prune = sub.add_parser(
+        "prune", help="remove cached images no current pin uses (running VMs' images stay)"
+    )
+    prune.add_argument("-n", "--dry-run", action="store_true", help="only list them")
+    prune.set_defaults(func=_prune)
     ssh = sub.add_parser("ssh", help="ssh to a lab host: ssh HOST [-- CMD...]")
     ssh.add_argument("host", metavar="HOST")
     ssh.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
@@ -64,6 +69,17 @@ def _status(args: argparse.Namespace) -> int:
         if r.state == "died":
             print(f"  console log: {r.console}")
     return 1 if any(r.state == "died" or r.ssh_ok is False for r in rows) else 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from ipvs_fleet.lab.image import cache_dir, prune_images
+
+    removed = prune_images(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path, why in removed:
+        print(f"{verb} {path.name} ({why})")
+    print(f"{verb} {len(removed)} cache entries from {cache_dir()}")
+    return 0
 
 
 def _ssh(args: argparse.Namespace) -> int:

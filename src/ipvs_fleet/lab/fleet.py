@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[3]
 DEFAULT_FLEET = REPO / "lab" / "fleet.yml"
 HOST_CLASSES = REPO / "roles" / "ipvs_fleet" / "vars" / "host_classes.yml"
 
-HOST_FIELDS = {"release", "host_class", "groups", "memory_mb"}
+HOST_FIELDS = {"release", "host_class", "groups", "memory_mb", "kernel_args"}
+# Extra kernel command-line words, e.g. `lockdown=integrity`: letters, digits and ._,=-
+KARG_RE = re.compile(r"[A-Za-z0-9_.,=-]+")
 TOP_FIELDS = {"hosts", "class_groups"}
 # A host name is also its hostname, an ssh_config Host and an inventory name.
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -38,6 +40,7 @@ class FleetHost:
     host_class: str  # key of host_classes
     groups: tuple[str, ...]  # inventory groups, the class group first
     memory_mb: int = 1024
+    kernel_args: tuple[str, ...] = ()  # appended to the VM's kernel command line
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,14 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
         memory = spec.get("memory_mb", 1024)
         if not isinstance(memory, int) or isinstance(memory, bool) or not 256 <= memory <= 16384:
             raise err(f"{field}.memory_mb", f"must be an integer 256..16384, not {memory!r}")
+        kargs = spec.get("kernel_args") or []
+        if not isinstance(kargs, list) or not all(
+            isinstance(a, str) and KARG_RE.fullmatch(a) for a in kargs
+        ):
+            raise err(f"{field}.kernel_args", "must be a list of words like lockdown=integrity")
         group = class_groups.get(cls, f"{cls}_hosts")
         groups = (group, *[g for g in extra if g != group])
-        hosts[name] = FleetHost(name, spec["release"], cls, groups, memory)
+        hosts[name] = FleetHost(name, spec["release"], cls, groups, memory, tuple(kargs))
     return Fleet(path, hosts, dict(class_groups))
 
 

@@ -307,3 +307,73 @@ def seed_tar(dest: Path, authorized_key: str, host_key: Path) -> None:
     data = buf.getvalue()
     data += b"\0" * (-len(data) % 4096)  # whole sectors for the block device
     dest.write_bytes(data)
+
+
+def images_in_use() -> set[Path]:
+    """Image dirs a running QEMU boots from (its -kernel or disk backing lives there)."""
+    used: set[Path] = set()
+    root = cache_dir()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended
+        if not argv or not argv[0].endswith(b"qemu-system-x86_64"):
+            continue
+        for arg in argv:
+            s = arg.decode(errors="replace")
+            for part in s.split(","):
+                p = Path(part.split("=", 1)[-1])
+                if p.is_absolute() and root in p.parents:
+                    used.add(root / p.relative_to(root).parts[0])
+    # An overlay names its backing image inside the qcow2 header, not on QEMU's command line:
+    # the -kernel argument of the same VM is in the same image dir, so the scan above has it.
+    return used
+
+
+def _being_built(image_dir: Path) -> bool:
+    """Whether another process holds the image's build lock (see build_image)."""
+    lock = image_dir.with_name(image_dir.name + ".lock")
+    if not lock.exists():
+        return False
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def prune_images(*, dry_run: bool = False) -> list[tuple[Path, str]]:
+    """Remove cached lab images that the current pins and package list no longer produce.
+
+    Kept: the current image of each release (the newest cached one when the mirror cannot be
+    reached) and every image a running VM boots from. Returns (path, why) of what was (or,
+    with dry_run, would be) removed.
+    """
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    keep = set(images_in_use())
+    for release in debian.RELEASES:
+        try:
+            pin = resolve_kernel(release)
+            pkgs = [*LAB_PACKAGES, f"{pin.image_package}={pin.version}"]
+            keep.add(root / image_key(pin, pkgs))
+        except FleetError:
+            cached = newest_cached(release)
+            if cached is not None:
+                keep.add(cached.dir)
+    removed: list[tuple[Path, str]] = []
+    for p in sorted(root.iterdir()):
+        target = p.with_suffix("") if p.suffix == ".lock" else p
+        if target in keep or _being_built(target):
+            continue
+        why = "stale lock" if p.suffix == ".lock" else (
+            "unfinished build" if not (p / "image.json").exists() else "superseded image"
+        )
+        removed.append((p, why))
+        if not dry_run:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return removed

@@ -241,7 +241,7 @@ class Lab:
                 files.dir.mkdir(parents=True, exist_ok=True)
                 seed_tar(files.seed, authorized, self.host_key(name))
                 port = vm.free_port()
-                vm.start(name, image, files, port, spec.memory_mb, accel)
+                vm.start(name, image, files, port, spec.memory_mb, accel, spec.kernel_args)
                 self.log(f"{name}: started ({spec.release}, {accel}, ssh port {port})")
                 st.hosts[name] = LabHost(
                     name=name,

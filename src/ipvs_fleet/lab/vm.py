@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,13 @@ def accel(image: Image) -> str:
 
 
 def start(
-    name: str, image: Image, files: VmFiles, port: int, memory_mb: int, accel_: str
+    name: str,
+    image: Image,
+    files: VmFiles,
+    port: int,
+    memory_mb: int,
+    accel_: str,
+    kernel_args: Sequence[str] = (),
 ) -> int:
     """Start the VM daemonized on a fresh overlay; return QEMU's pid."""
     files.dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +134,9 @@ def start(
     if r.returncode != 0:
         raise FleetError(f"{name}: qemu-img create failed: {r.stderr.strip()}")
     files.console.unlink(missing_ok=True)
-    append = f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={name}"
+    append = " ".join(
+        [f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={name}", *kernel_args]
+    )
     cmd = [
         "qemu-system-x86_64",
         "-name", name,
