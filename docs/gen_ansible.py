@@ -29,6 +29,8 @@ HOST_DATA = {
     "ipvs_latency_budget": "merged over the class's latency budget (the checks read it)",
     "ipvs_activation": "`reload`, `reboot` or `next-boot`, over the class's activation",
     "ipvs_allow_reuse_with": "a stated reason to allow knob=1 on a host that uses FTP or connmark",
+    "ipvs_install": "`artifact` only in the role; `dkms` (build on the host) is the pyinfra "
+    "deploy's, and the role refuses it by name",
 }
 
 

@@ -23,6 +23,7 @@ LAB_ORDER = [
     "test_ansible.py",
     "test_rollout_lab.py",
     "test_rollout_sim.py",
+    "test_dkms.py",
 ]
 
 

@@ -8,6 +8,8 @@ deploy, the Ansible role and the checks read. Host data may override a class per
 - `ipvs_latency_budget`: {key: value} merged over the class's budget
 - `ipvs_activation`: reload | reboot | next-boot, over the class's activation
 - `ipvs_allow_reuse_with`: a stated reason to allow knob=1 on a host that uses FTP or connmark
+- `ipvs_install`: artifact (install the controller-built set) | dkms (build it on the host
+  from its own headers and linux-source, with the DKMS tree), over the class's install
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ HOST_KEYS = {
     "ipvs_latency_budget",
     "ipvs_activation",
     "ipvs_allow_reuse_with",
+    "ipvs_install",
 }
 # Descriptive host data that inventories may carry (the lab records what a VM boots).
 INFO_KEYS = {"ipvs_release", "ipvs_kernel_release", "ipvs_kernel_version"}
 ACTIVATIONS = ("reload", "reboot", "next-boot")
+INSTALLS = ("artifact", "dkms")
 MODULE_RE = r"(ip_vs|ip_vs_[a-z0-9_]+|xt_ipvs)"
 
 
@@ -54,6 +58,7 @@ class HostSettings:
     activation: str = "reload"
     modules: tuple[str, ...] = ("ip_vs",)
     allow_reuse_with: str | None = None
+    install: str = "artifact"
 
     @property
     def knob(self) -> int | None:
@@ -138,12 +143,22 @@ class Policy:
             raise ConfigError(f"{where}: ipvs_allow_reuse_with must be a non-empty reason")
         activation = data.get("ipvs_activation", base["activation"])
         check_activation(activation, f"{where}: ipvs_activation")
-        return HostSettings(name, cls, sysctls, budget, activation, base["modules"], reason)
+        install = data.get("ipvs_install", base["install"])
+        check_install(install, f"{where}: ipvs_install")
+        return HostSettings(
+            name, cls, sysctls, budget, activation, base["modules"], reason, install
+        )
 
 
 def check_activation(value: Any, where: str) -> str:
     if value not in ACTIVATIONS:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(ACTIVATIONS)}")
+    return str(value)
+
+
+def check_install(value: Any, where: str) -> str:
+    if value not in INSTALLS:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(INSTALLS)}")
     return str(value)
 
 
@@ -175,7 +190,8 @@ def load_policy(path: Path | str | None = None) -> Policy:
         where = f"{p}: host_classes.{name}"
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: must be a mapping")
-        extra = set(body) - {"description", "sysctls", "latency_budget", "activation", "modules"}
+        known = {"description", "sysctls", "latency_budget", "activation", "modules", "install"}
+        extra = set(body) - known
         if extra:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
         if "sysctls" not in body:
@@ -188,5 +204,6 @@ def load_policy(path: Path | str | None = None) -> Policy:
             ),
             "activation": check_activation(body.get("activation", "reload"), f"{where}.activation"),
             "modules": check_modules(body.get("modules", ["ip_vs"]), f"{where}.modules"),
+            "install": check_install(body.get("install", "artifact"), f"{where}.install"),
         }
     return policy

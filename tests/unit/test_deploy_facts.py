@@ -3,15 +3,21 @@ against real hosts)."""
 
 from __future__ import annotations
 
+import pytest
+
 from ipvs_fleet.deploy.facts import (
+    DkmsReady,
     IpvsInstalledModules,
+    IpvsInstalledSet,
     IpvsLoadedModules,
     IpvsSysctls,
     IpvsUsage,
     Lockdown,
+    dkms_problems,
     refuses_unsigned,
 )
-from ipvs_fleet.deploy.plan import interlock
+from ipvs_fleet.deploy.plan import decide, interlock
+from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.policy import load_policy
 
 SHA = "a" * 64
@@ -109,3 +115,55 @@ def test_interlock():
         "n", {"ipvs_host_class": "k8s_node", "ipvs_allow_reuse_with": "FTP is active mode only"}
     )
     assert interlock(allowed, with_ftp, "consistent") is None
+
+
+READY = [
+    "dkms=yes", "running=6.1.192-2", "headers=6.1.192-2", "source=6.1.192-2",
+    "source_tar=yes", "build=yes",
+]  # fmt: skip
+KR = "6.1.0-56-cloud-amd64"
+NO_USE = {"ftp": False, "connmark": False, "invalid_drop": False}
+NO_LOCK = {"lockdown": "none", "secure_boot": False, "sig_enforce": False}
+
+
+def test_dkms_ready_names_what_is_missing_with_the_version_to_install():
+    assert dkms_problems(DkmsReady().process(READY), KR, "6.1") == []
+    bare = DkmsReady().process(["dkms=no", "missing=gcc", "running=6.1.192-2", "headers=",
+                                "source="])  # fmt: skip
+    assert dkms_problems(bare, KR, "6.1") == [
+        "dkms is not installed",
+        "missing build tools: gcc",
+        f"linux-headers-{KR}=6.1.192-2 is not installed",
+        "linux-source-6.1=6.1.192-2 is not installed",
+    ]
+    drift = DkmsReady().process([*READY, "source=6.1.190-1"])
+    assert dkms_problems(drift, KR, "6.1") == [
+        "linux-source-6.1 is 6.1.190-1, the running kernel is 6.1.192-2"
+    ]
+
+
+def test_installed_set_reads_each_module_set_id():
+    out = ["ip_vs.ko 1.0+abc", "ip_vs_rr.ko 1.0+abc", "xt_ipvs.ko"]
+    assert IpvsInstalledSet().process(out) == {
+        "ip_vs.ko": "1.0+abc", "ip_vs_rr.ko": "1.0+abc", "xt_ipvs.ko": ""
+    }  # fmt: skip
+    assert IpvsInstalledSet().process(["depmod-missing", "ip_vs.ko 1.0+abc"]) == {}
+
+
+def test_build_mode_plan_uploads_the_dkms_tree_of_the_kernel_line():
+    data = {"ipvs_host_class": "k8s_node", "ipvs_install": "dkms"}
+    plan = decide("n", data, KR, NO_LOCK, NO_USE, dkms_ready=DkmsReady().process(READY))
+    assert plan.build_on_host and plan.reuse == "consistent"
+    assert "ip_vs.ko" in plan.modules and len(plan.modules) == 17
+    assert plan.tarball.endswith(".tar.gz") and len(plan.tarball_sha256) == 64
+
+
+def test_build_mode_refusals_name_host_and_reason():
+    data = {"ipvs_host_class": "k8s_node", "ipvs_install": "dkms"}
+    with pytest.raises(FleetError, match=rf"host n \(kernel {KR}\): ipvs_install=dkms: dkms is"):
+        decide("n", data, KR, NO_LOCK, NO_USE, dkms_ready=DkmsReady().process(["dkms=no"]))
+    # An engine that reads no DKMS facts (the Ansible role) says it does not build.
+    with pytest.raises(FleetError, match="done by the pyinfra deploy"):
+        decide("n", data, KR, NO_LOCK, NO_USE)
+    with pytest.raises(ConfigError, match="host n: ipvs_install: 'source' is not one of"):
+        decide("n", {**data, "ipvs_install": "source"}, KR, NO_LOCK, NO_USE)

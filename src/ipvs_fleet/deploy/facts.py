@@ -106,6 +106,57 @@ class IpvsInstalledModules(FactBase[dict[str, str]]):
         return out
 
 
+class IpvsInstalledSet(FactBase[dict[str, str]]):
+    """
+    The patch-set version (module info `ipvs_fleet`) of each module installed by ipvs-fleet
+    for a kernel release; {} unless depmod has indexed them (as IpvsInstalledModules).
+
+    .. code:: python
+
+        {"ip_vs.ko": "1.0+dcf6fb2558d2", "ip_vs_rr.ko": "1.0+dcf6fb2558d2"}
+    """
+
+    default = dict
+
+    def command(self, kernel_release: str) -> StringCommand:
+        dep = f"/lib/modules/{kernel_release}/modules.dep"
+        return StringCommand(
+            "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/ip_vs.ko"), QuoteString(dep),
+            "2>/dev/null || echo depmod-missing;",
+            "cd", QuoteString(updates_dir(kernel_release)), "2>/dev/null &&",
+            f'for f in *.ko; do [ -f "$f" ] && echo "$f $(modinfo -F {PATCHSET_FIELD} "$f")";',
+            "done; true",
+        )  # fmt: skip
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        if any(line.strip() == "depmod-missing" for line in output):
+            return {}
+        out = {}
+        for line in output:
+            parts = line.split()
+            if parts and parts[0].endswith(".ko"):
+                out[parts[0]] = parts[1] if len(parts) > 1 else ""
+        return out
+
+
+class DkmsVersions(FactBase[list[str]]):
+    """Versions of the ipvs-fleet DKMS package registered on the host (build mode)."""
+
+    default = list
+
+    def command(self) -> str:
+        return (
+            "for d in /var/lib/dkms/ipvs-fleet/*/; do [ -d \"$d\" ] && basename \"$d\"; done; true"
+        )
+
+    def process(self, output: list[str]) -> list[str]:
+        return sorted(
+            v.strip()
+            for v in output
+            if v.strip() and v.strip() != "original_module" and not v.startswith("kernel-")
+        )
+
+
 class IpvsSysctls(FactBase[dict[str, int | list[int]]]):
     """
     The live net.ipv4.vs.* values of the host's initial network namespace ({} when
@@ -219,6 +270,71 @@ class Lockdown(FactBase[dict[str, Any]]):
             "sig_enforce": kv.get("sig_enforce", "").strip() == "Y",
         }
 
+
+
+class DkmsReady(FactBase[dict[str, Any]]):
+    """
+    What build mode (`ipvs_install: dkms`) needs on the host: dkms and a compiler, and the
+    headers and linux-source of exactly the running kernel's package version.
+
+    .. code:: python
+
+        {"dkms": True, "tools_missing": [], "running": "6.1.192-2", "headers": "6.1.192-2",
+         "source": "6.1.192-2", "source_tar": True, "build_dir": True}
+    """
+
+    def command(self, kernel_release: str, line: str) -> StringCommand:
+        headers, source = f"linux-headers-{kernel_release}", f"linux-source-{line}"
+        return StringCommand(
+            "command -v dkms >/dev/null && echo dkms=yes || echo dkms=no;",
+            "for t in gcc make patch xz; do command -v $t >/dev/null || echo missing=$t; done;",
+            "echo running=$(uname -v | sed -n 's/.*Debian \\([^ ]*\\).*/\\1/p');",
+            "echo headers=$(dpkg-query -W -f '${Version}'", QuoteString(headers), "2>/dev/null);",
+            "echo source=$(dpkg-query -W -f '${Version}'", QuoteString(source), "2>/dev/null);",
+            "[ -f", QuoteString(f"/usr/src/{source}.tar.xz"), "] && echo source_tar=yes;",
+            "[ -e", QuoteString(f"/lib/modules/{kernel_release}/build"), "] && echo build=yes;",
+            "true",
+        )  # fmt: skip
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        kv: dict[str, str] = {}
+        missing = []
+        for line in output:
+            k, _, v = line.strip().partition("=")
+            if k == "missing":
+                missing.append(v)
+            else:
+                kv[k] = v
+        return {
+            "dkms": kv.get("dkms") == "yes",
+            "tools_missing": missing,
+            "running": kv.get("running") or None,
+            "headers": kv.get("headers") or None,
+            "source": kv.get("source") or None,
+            "source_tar": kv.get("source_tar") == "yes",
+            "build_dir": kv.get("build") == "yes",
+        }
+
+
+def dkms_problems(ready: dict[str, Any], kernel_release: str, line: str) -> list[str]:
+    """What keeps this host from building the set with DKMS ([] when nothing)."""
+    want = ready["running"]
+    headers, source = f"linux-headers-{kernel_release}", f"linux-source-{line}"
+    pin = f"={want}" if want else ""
+    out = []
+    if not ready["dkms"]:
+        out.append("dkms is not installed")
+    if ready["tools_missing"]:
+        out.append(f"missing build tools: {', '.join(ready['tools_missing'])}")
+    if not ready["headers"] or not ready["build_dir"]:
+        out.append(f"{headers}{pin} is not installed")
+    elif want and ready["headers"] != want:
+        out.append(f"{headers} is {ready['headers']}, the running kernel is {want}")
+    if not ready["source"] or not ready["source_tar"]:
+        out.append(f"{source}{pin} is not installed")
+    elif want and ready["source"] != want:
+        out.append(f"{source} is {ready['source']}, the running kernel is {want}")
+    return out
 
 
 def refuses_unsigned(lockdown: dict[str, Any]) -> str | None:

@@ -13,7 +13,9 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from ipvs_fleet.deploy.facts import (
+    DkmsVersions,
     IpvsInstalledModules,
+    IpvsInstalledSet,
     IpvsLoadedModules,
     IpvsSysctls,
     updates_dir,
@@ -24,6 +26,7 @@ STATE_DIR = "/var/lib/ipvs-fleet"
 ROLE = Path(__file__).resolve().parents[3] / "roles" / "ipvs_fleet"
 TEMPLATES = ROLE / "templates"
 SWAP_SCRIPT = ROLE / "files" / "ipvs-swap.sh"
+DKMS_SCRIPT = ROLE / "files" / "ipvs-dkms-install.sh"
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
 MODULES_LOAD_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
 MODPROBE_FILE = "/etc/modprobe.d/ipvs-fleet.conf"
@@ -98,13 +101,51 @@ def modules_installed(
 
 
 @operation()
+def modules_built_on_host(
+    kernel_release: str,
+    tarball: str,
+    tarball_sha256: str,
+    set_id: str,
+    modules: list[str],
+) -> Generator[Any, None, None]:
+    """
+    Build mode: build the set on the host with DKMS (its own headers and linux-source) and
+    install the build under /lib/modules/<release>/updates/ipvs-fleet.
+
+    + kernel_release: the host's `uname -r`
+    + tarball: local path of the DKMS tree archive (`ipvs_fleet.build.dkms.dkms_bundle`)
+    + tarball_sha256: its sha256, checked on the host before anything is unpacked
+    + set_id: the patch-set version every built module must carry
+    + modules: module file names the set must hold, no more, no less
+    """
+    installed = host.get_fact(IpvsInstalledSet, kernel_release=kernel_release)
+    if installed == dict.fromkeys(modules, set_id):
+        host.noop(f"patch set {set_id} is already built and installed for {kernel_release}")
+        return
+    remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
+    script = f"{STATE_DIR}/ipvs-dkms-install.sh"
+    yield from files.put._inner(src=tarball, dest=remote_tar, mode="0600")
+    yield from files.put._inner(src=str(DKMS_SCRIPT), dest=script, mode="0755")
+    args = [QuoteString(a) for a in (remote_tar, tarball_sha256, set_id, kernel_release)]
+    q = QuoteString(script)
+    yield StringCommand(q, *args, str(len(modules)), "; rc=$?; rm -f", q, "; exit $rc")
+
+
+@operation()
 def modules_removed(kernel_release: str) -> Generator[Any, None, None]:
     """
-    Remove the ipvs-fleet module set so that modprobe resolves the stock modules again.
+    Remove the ipvs-fleet module set (and a build mode DKMS registration) so that modprobe
+    resolves the stock modules again.
 
     + kernel_release: the host's `uname -r`
     """
     dest = updates_dir(kernel_release)
+    for v in host.get_fact(DkmsVersions):
+        yield StringCommand(
+            "dkms remove -m ipvs-fleet -v", QuoteString(v), "--all >/dev/null 2>&1;",
+            "rm -rf", QuoteString(f"/var/lib/dkms/ipvs-fleet/{v}"),
+            QuoteString(f"/usr/src/ipvs-fleet-{v}"),
+        )  # fmt: skip
     if not host.get_fact(IpvsInstalledModules, kernel_release=kernel_release) and not (
         host.get_fact(File, path=f"{dest}.failed")
     ):

@@ -18,7 +18,13 @@ from pyinfra.api.host import Host
 from pyinfra.facts.server import KernelVersion
 
 from ipvs_fleet.build.artifact import load_artifact
-from ipvs_fleet.deploy.facts import IpvsUsage, Lockdown, refuses_unsigned
+from ipvs_fleet.deploy.facts import (
+    DkmsReady,
+    IpvsUsage,
+    Lockdown,
+    dkms_problems,
+    refuses_unsigned,
+)
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
 
@@ -32,17 +38,22 @@ class DeployRefused(PyinfraError):
 
 @dataclass(frozen=True)
 class HostPlan:
-    """What one host gets: its settings and the verified artifact for its kernel."""
+    """What one host gets: its settings and the verified artifact for its kernel (or, in
+    build mode, the DKMS tree that builds it there)."""
 
     host: str
     settings: HostSettings
     kernel_release: str
     tarball: str
     tarball_sha256: str
-    modules: dict[str, str]
+    modules: dict[str, str]  # file -> sha256; build mode: file -> "" (built on the host)
     patchset: str
     reuse: str
     usage: dict[str, Any]
+
+    @property
+    def build_on_host(self) -> bool:
+        return self.settings.install == "dkms"
 
 
 def host_data(host: Host) -> dict[str, Any]:
@@ -84,17 +95,21 @@ def decide(
     usage: dict[str, Any],
     artifacts_dir: Path | None = None,
     policy_file: Path | str | None = None,
+    dkms_ready: dict[str, Any] | None = None,
 ) -> HostPlan:
     """The plan for one host from its data and facts, or FleetError naming host and reason.
 
     Shared by the pyinfra preflight and the Ansible role's filter, so both engines refuse
-    and decide alike.
+    and decide alike. Build mode needs `dkms_ready` (the DkmsReady fact); an engine that
+    does not pass it does not support build mode, and says so.
     """
     settings = load_policy(policy_file).for_host(name, data)
     where = f"host {name} (kernel {kernel_release})"
     lock = refuses_unsigned(lockdown)
     if lock:
         raise FleetError(f"{where}: {lock}; it would refuse the unsigned patched modules")
+    if settings.install == "dkms":
+        return _decide_dkms(settings, where, kernel_release, usage, dkms_ready)
     try:
         art = load_artifact(artifacts_dir or ARTIFACTS, kernel_release)  # checks sha256
     except FleetError as e:
@@ -115,16 +130,66 @@ def decide(
     )
 
 
+def _decide_dkms(
+    settings: HostSettings,
+    where: str,
+    kernel_release: str,
+    usage: dict[str, Any],
+    ready: dict[str, Any] | None,
+) -> HostPlan:
+    from ipvs_fleet.build.dkms import dkms_bundle
+    from ipvs_fleet.debian import RELEASES
+
+    if ready is None:
+        raise FleetError(
+            f"{where}: ipvs_install=dkms (build on the host) is done by the pyinfra deploy "
+            "(pyinfra INVENTORY deploy.py); this engine installs built artifacts only"
+        )
+    line = kernel_line(kernel_release)
+    if line not in RELEASES.values():
+        raise FleetError(f"{where}: no patch series for kernel line {line}")
+    problems = dkms_problems(ready, kernel_release, line)
+    if problems:
+        raise FleetError(f"{where}: ipvs_install=dkms: {'; '.join(problems)}")
+    b = dkms_bundle(line)
+    why = interlock(settings, usage, b.reuse_design)
+    if why:
+        raise FleetError(f"{where}: {why}")
+    return HostPlan(
+        host=settings.name,
+        settings=settings,
+        kernel_release=kernel_release,
+        tarball=str(b.tarball),
+        tarball_sha256=b.tarball_sha256,
+        modules={f"{m}.ko": "" for m in b.modules},
+        patchset=b.set_id,
+        reuse=b.reuse_design,
+        usage=usage,
+    )
+
+
+def kernel_line(kernel_release: str) -> str:
+    """"6.1.0-56-cloud-amd64" -> "6.1"."""
+    return ".".join(kernel_release.split(".")[:2])
+
+
 def plan_host(host: Host) -> HostPlan:
     """Check one host and return its plan, or raise DeployRefused naming host and reason."""
-    settings_for(host)  # policy errors first: they need no fact
+    settings = settings_for(host)  # policy errors first: they need no fact
+    kr = host.get_fact(KernelVersion).strip()
+    ready = (
+        host.get_fact(DkmsReady, kernel_release=kr, line=kernel_line(kr))
+        if settings.install == "dkms"
+        else None
+    )
     try:
         return decide(
             host.name,
             host_data(host),
-            host.get_fact(KernelVersion).strip(),
+            kr,
             host.get_fact(Lockdown),
             host.get_fact(IpvsUsage),
+            dkms_ready=ready,
         )
     except FleetError as e:
         raise DeployRefused(str(e)) from None

@@ -14,13 +14,23 @@ from ipvs_fleet.deploy.plan import HostPlan, plan_host, settings_for
 def rollout() -> None:
     """Preflight every host (at load time), then install, configure, activate, verify."""
     plan: HostPlan = plan_host(host)
-    ipvs.modules_installed(
-        name=f"Install patch set {plan.patchset} for {plan.kernel_release}",
-        kernel_release=plan.kernel_release,
-        tarball=plan.tarball,
-        tarball_sha256=plan.tarball_sha256,
-        modules=plan.modules,
-    )
+    if plan.build_on_host:
+        ipvs.modules_built_on_host(
+            name=f"Build patch set {plan.patchset} on the host (DKMS) for {plan.kernel_release}",
+            kernel_release=plan.kernel_release,
+            tarball=plan.tarball,
+            tarball_sha256=plan.tarball_sha256,
+            set_id=plan.patchset,
+            modules=sorted(plan.modules),
+        )
+    else:
+        ipvs.modules_installed(
+            name=f"Install patch set {plan.patchset} for {plan.kernel_release}",
+            kernel_release=plan.kernel_release,
+            tarball=plan.tarball,
+            tarball_sha256=plan.tarball_sha256,
+            modules=plan.modules,
+        )
     ipvs.config_files(
         name=f"Write the {plan.settings.host_class} sysctl, modules-load and modprobe files",
         settings=plan.settings,

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[3]
 DEFAULT_FLEET = REPO / "lab" / "fleet.yml"
 HOST_CLASSES = REPO / "roles" / "ipvs_fleet" / "vars" / "host_classes.yml"
 
-HOST_FIELDS = {"release", "host_class", "groups", "memory_mb", "kernel_args"}
+HOST_FIELDS = {"release", "host_class", "groups", "memory_mb", "kernel_args", "build_tools"}
 # Extra kernel command-line words, e.g. `lockdown=integrity`: letters, digits and ._,=-
 KARG_RE = re.compile(r"[A-Za-z0-9_.,=-]+")
 TOP_FIELDS = {"hosts", "class_groups"}
@@ -41,6 +41,7 @@ class FleetHost:
     groups: tuple[str, ...]  # inventory groups, the class group first
     memory_mb: int = 1024
     kernel_args: tuple[str, ...] = ()  # appended to the VM's kernel command line
+    build_tools: bool = False  # image carries dkms, a compiler, the kernel's headers and source
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,14 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
             isinstance(a, str) and KARG_RE.fullmatch(a) for a in kargs
         ):
             raise err(f"{field}.kernel_args", "must be a list of words like lockdown=integrity")
+        tools = spec.get("build_tools", False)
+        if not isinstance(tools, bool):
+            raise err(f"{field}.build_tools", f"must be true or false, not {tools!r}")
         group = class_groups.get(cls, f"{cls}_hosts")
         groups = (group, *[g for g in extra if g != group])
-        hosts[name] = FleetHost(name, spec["release"], cls, groups, memory, tuple(kargs))
+        hosts[name] = FleetHost(
+            name, spec["release"], cls, groups, memory, tuple(kargs), tools
+        )
     return Fleet(path, hosts, dict(class_groups))
 
 

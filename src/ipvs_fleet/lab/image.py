@@ -203,11 +203,14 @@ def build_image(
     release: str,
     packages: Sequence[str] | None = None,
     *,
+    build_tools: bool = False,
     log: Log = print,
     logfile: Path | None = None,
 ) -> Image:
     """The lab image of a release, from the cache or built now (locked against other labs).
 
+    build_tools adds what a host needs to build the set itself (build mode): dkms, the
+    compiler and the pinned kernel's own headers and linux-source (as a builder root has).
     Without the Debian mirror (offline), the newest cached image of the release is used.
     """
     try:
@@ -219,6 +222,10 @@ def build_image(
         log(f"{release}: {e}; using cached image {cached.dir.name}")
         return cached
     pkgs = [*(LAB_PACKAGES if packages is None else packages), f"{pin.image_package}={pin.version}"]
+    if build_tools:
+        from ipvs_fleet.build.builder import builder_packages
+
+        pkgs += [p for p in builder_packages(pin) if p not in pkgs]
     key = image_key(pin, pkgs)
     dest = cache_dir() / key
     image = Image(release, pin, dest)
@@ -361,6 +368,10 @@ def prune_images(*, dry_run: bool = False) -> list[tuple[Path, str]]:
             pin = resolve_kernel(release)
             pkgs = [*LAB_PACKAGES, f"{pin.image_package}={pin.version}"]
             keep.add(root / image_key(pin, pkgs))
+            from ipvs_fleet.build.builder import builder_packages
+
+            tools = [*pkgs, *(p for p in builder_packages(pin) if p not in pkgs)]
+            keep.add(root / image_key(pin, tools))  # the build-tools variant
         except FleetError:
             cached = newest_cached(release)
             if cached is not None:

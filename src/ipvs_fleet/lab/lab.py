@@ -233,7 +233,7 @@ class Lab:
             boot = time.monotonic()
             for name in todo:
                 spec = fleet.hosts[name]
-                image = images[spec.release]
+                image = images[(spec.release, spec.build_tools)]
                 files = self.vm_files(name)
                 if name in st.hosts:  # it died: drop its pidfile and its SSH master
                     self._close_master(name)
@@ -398,29 +398,34 @@ class Lab:
             if r.returncode != 0:
                 raise FleetError(f"ssh-keygen {key} failed: {r.stderr.strip()}")
 
-    def _images(self, fleet: Fleet, names: Sequence[str]) -> dict[str, Image]:
-        releases = sorted({fleet.hosts[n].release for n in names})
+    def _images(self, fleet: Fleet, names: Sequence[str]) -> dict[tuple[str, bool], Image]:
+        """The image of each (release, build_tools) the named hosts boot, built in parallel."""
+        kinds = sorted({(fleet.hosts[n].release, fleet.hosts[n].build_tools) for n in names})
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
 
-        pending = set(releases)
-        for r in releases:
-            (logs / f"image-{r}.log").unlink(missing_ok=True)  # progress shows this build's
+        def label(kind: tuple[str, bool]) -> str:
+            return kind[0] + ("-build" if kind[1] else "")
 
-        def one(release: str) -> Image:
-            img = build_image(release, log=self.log, logfile=logs / f"image-{release}.log")
-            pending.discard(release)
+        pending = set(kinds)
+        for k in kinds:
+            (logs / f"image-{label(k)}.log").unlink(missing_ok=True)  # progress shows this build's
+
+        def one(kind: tuple[str, bool]) -> Image:
+            img = build_image(kind[0], build_tools=kind[1], log=self.log,
+                              logfile=logs / f"image-{label(kind)}.log")  # fmt: skip
+            pending.discard(kind)
             return img
 
         def progress() -> str:
             return "; ".join(
-                f"{r}: {_last_line(logs / f'image-{r}.log') or 'resolving kernel'}"
-                for r in sorted(pending)
+                f"{label(k)}: {_last_line(logs / f'image-{label(k)}.log') or 'resolving kernel'}"
+                for k in sorted(pending)
             )
 
         # mmdebstrap waits on the network and dpkg, so builds overlap well even on 2 cores.
-        with self._ticker(progress), ThreadPoolExecutor(len(releases)) as pool:
-            return dict(zip(releases, pool.map(one, releases), strict=True))
+        with self._ticker(progress), ThreadPoolExecutor(len(kinds)) as pool:
+            return dict(zip(kinds, pool.map(one, kinds), strict=True))
 
     @contextmanager
     def _ticker(self, what: Callable[[], str], every: float = 20.0) -> Iterator[None]:
