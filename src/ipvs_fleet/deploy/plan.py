@@ -9,11 +9,14 @@ here, at load time.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pyinfra.api.exceptions import PyinfraError
+from paramiko import SSHException
+from pyinfra import logger
+from pyinfra.api.exceptions import ConnectError, PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.facts.server import KernelVersion
 
@@ -28,6 +31,7 @@ from ipvs_fleet.deploy.facts import (
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
 
+T = TypeVar("T")
 ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
 CONSISTENT = "consistent"
 
@@ -173,23 +177,45 @@ def kernel_line(kernel_release: str) -> str:
     return ".".join(kernel_release.split(".")[:2])
 
 
-def plan_host(host: Host) -> HostPlan:
-    """Check one host and return its plan, or raise DeployRefused naming host and reason."""
-    settings = settings_for(host)  # policy errors first: they need no fact
-    kr = host.get_fact(KernelVersion).strip()
-    ready = (
-        host.get_fact(DkmsReady, kernel_release=kr, line=kernel_line(kr))
-        if settings.install == "dkms"
-        else None
-    )
+# What a host that stops answering raises from a fact read (paramiko, sockets, pyinfra).
+CONNECTION_LOST = (EOFError, OSError, SSHException, ConnectError)
+
+
+def read_facts(host: Host, read: Callable[[], T]) -> T | None:
+    """`read()`, or None after failing this host alone when it stops answering meanwhile.
+
+    pyinfra aborts the whole run on an exception while it loads the deploy for each host;
+    a host lost after connecting is no reason to abort the others (as a host that does not
+    connect at all is not): it is marked failed, gets no operation, and the run exits 1.
+    """
     try:
-        return decide(
-            host.name,
-            host_data(host),
-            kr,
-            host.get_fact(Lockdown),
-            host.get_fact(IpvsUsage),
-            dkms_ready=ready,
+        return read()
+    except CONNECTION_LOST as e:
+        logger.error(f"[{host.name}] connection lost while reading its facts "
+                     f"({type(e).__name__}: {e}); this host fails, the others go on")  # fmt: skip
+        host.state.fail_hosts({host})
+        return None
+
+
+def plan_host(host: Host) -> HostPlan | None:
+    """Check one host and return its plan, or raise DeployRefused naming host and reason
+    (None: the host stopped answering and is failed; see read_facts)."""
+    settings = settings_for(host)  # policy errors first: they need no fact
+
+    def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        kr = host.get_fact(KernelVersion).strip()
+        ready = (
+            host.get_fact(DkmsReady, kernel_release=kr, line=kernel_line(kr))
+            if settings.install == "dkms"
+            else None
         )
+        return kr, host.get_fact(Lockdown), host.get_fact(IpvsUsage), ready
+
+    got = read_facts(host, facts)
+    if got is None:
+        return None
+    kr, lockdown, usage, ready = got
+    try:
+        return decide(host.name, host_data(host), kr, lockdown, usage, dkms_ready=ready)
     except FleetError as e:
         raise DeployRefused(str(e)) from None

@@ -7,13 +7,15 @@ from pyinfra.api import deploy
 from pyinfra.facts.server import KernelVersion
 
 from ipvs_fleet.deploy import operations as ipvs
-from ipvs_fleet.deploy.plan import HostPlan, plan_host, settings_for
+from ipvs_fleet.deploy.plan import HostPlan, plan_host, read_facts, settings_for
 
 
 @deploy("Roll out the patched IPVS modules")
 def rollout() -> None:
     """Preflight every host (at load time), then install, configure, activate, verify."""
-    plan: HostPlan = plan_host(host)
+    plan: HostPlan | None = plan_host(host)
+    if plan is None:
+        return  # lost while its facts were read: failed, no operation
     if plan.build_on_host:
         ipvs.modules_built_on_host(
             name=f"Build patch set {plan.patchset} on the host (DKMS) for {plan.kernel_release}",
@@ -56,7 +58,9 @@ def rollout() -> None:
 def rollback() -> None:
     """Stock modules and the previous config files back, verified: the knob is gone."""
     settings = settings_for(host)
-    kr = host.get_fact(KernelVersion).strip()
+    kr = read_facts(host, lambda: host.get_fact(KernelVersion).strip())
+    if kr is None:
+        return  # lost while its facts were read: failed, no operation
     ipvs.modules_removed(name=f"Remove the patched modules for {kr}", kernel_release=kr)
     ipvs.config_files_restored(name="Restore the previous sysctl, modules-load, modprobe files")
     ipvs.modules_active(

@@ -9,8 +9,8 @@ from pyinfra import host
 from ipvs_fleet.deploy import operations as ipvs
 from ipvs_fleet.deploy.plan import plan_host
 
-plan = plan_host(host)
-if plan.settings.activation != "next-boot":
+plan = plan_host(host)  # None: the host stopped answering and is failed
+if plan is not None and plan.settings.activation != "next-boot":
     ipvs.verified(
         name="Verify the patched modules and the class values are live",
         patchset=plan.patchset,
