@@ -16,7 +16,7 @@ from ipvs_fleet.deploy.facts import (
     dkms_problems,
     refuses_unsigned,
 )
-from ipvs_fleet.deploy.plan import decide, interlock
+from ipvs_fleet.deploy.plan import decide, interlock, read_facts
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.policy import load_policy
 
@@ -167,3 +167,36 @@ def test_build_mode_refusals_name_host_and_reason():
         decide("n", data, KR, NO_LOCK, NO_USE)
     with pytest.raises(ConfigError, match="host n: ipvs_install: 'source' is not one of"):
         decide("n", {**data, "ipvs_install": "source"}, KR, NO_LOCK, NO_USE)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.failed: set[object] = set()
+
+    def fail_hosts(self, hosts: set[object]) -> None:
+        self.failed |= hosts
+
+
+class _Host:
+    name = "h1"
+
+    def __init__(self) -> None:
+        self.state = _State()
+
+
+def test_a_host_lost_while_its_facts_are_read_fails_alone():
+    h = _Host()
+    assert read_facts(h, lambda: "6.1.0-56-cloud-amd64") == "6.1.0-56-cloud-amd64"  # type: ignore[arg-type]
+    assert not h.state.failed
+
+    def lost() -> str:
+        raise EOFError()
+
+    assert read_facts(h, lost) is None  # type: ignore[arg-type]
+    assert h.state.failed == {h}
+
+    def bug() -> str:
+        raise KeyError("not a connection problem")
+
+    with pytest.raises(KeyError):  # anything else still aborts the run
+        read_facts(_Host(), bug)  # type: ignore[arg-type]

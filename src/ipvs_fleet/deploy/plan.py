@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from paramiko import SSHException
 from pyinfra import logger
+from pyinfra.context import ContextObject
 from pyinfra.api.exceptions import ConnectError, PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.facts.server import KernelVersion
@@ -193,7 +194,9 @@ def read_facts(host: Host, read: Callable[[], T]) -> T | None:
     except CONNECTION_LOST as e:
         logger.error(f"[{host.name}] connection lost while reading its facts "
                      f"({type(e).__name__}: {e}); this host fails, the others go on")  # fmt: skip
-        host.state.fail_hosts({host})
+        # The set outlives this greenlet's host context: hold the Host, not pyinfra's proxy.
+        real = host._get_module() if isinstance(host, ContextObject) else host
+        real.state.fail_hosts({real})
         return None
 
 
