@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from paramiko import SSHException
 from pyinfra import logger
-from pyinfra.context import ContextObject
 from pyinfra.api.exceptions import ConnectError, PyinfraError
 from pyinfra.api.host import Host
+from pyinfra.context import ContextObject
 from pyinfra.facts.server import KernelVersion
 
 from ipvs_fleet.build.artifact import load_artifact
