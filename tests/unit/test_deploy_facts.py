@@ -171,10 +171,10 @@ def test_build_mode_refusals_name_host_and_reason():
 
 class _State:
     def __init__(self) -> None:
-        self.failed: set[object] = set()
+        self.failed_hosts: set[object] = set()
 
     def fail_hosts(self, hosts: set[object]) -> None:
-        self.failed |= hosts
+        self.failed_hosts |= hosts
 
 
 class _Host:
@@ -187,13 +187,21 @@ class _Host:
 def test_a_host_lost_while_its_facts_are_read_fails_alone():
     h = _Host()
     assert read_facts(h, lambda: "6.1.0-56-cloud-amd64") == "6.1.0-56-cloud-amd64"  # type: ignore[arg-type]
-    assert not h.state.failed
+    assert not h.state.failed_hosts
 
     def lost() -> str:
         raise EOFError()
 
     assert read_facts(h, lost) is None  # type: ignore[arg-type]
-    assert h.state.failed == {h}
+    assert h.state.failed_hosts == {h}
+
+    # pyinfra caught the SSH error itself, failed the host and returned the fact's default.
+    h2 = _Host()
+
+    def failed_by_pyinfra() -> None:
+        h2.state.fail_hosts({h2})
+
+    assert read_facts(h2, failed_by_pyinfra) is None  # type: ignore[arg-type]
 
     def bug() -> str:
         raise KeyError("not a connection problem")

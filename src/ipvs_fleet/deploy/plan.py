@@ -189,15 +189,22 @@ def read_facts(host: Host, read: Callable[[], T]) -> T | None:
     a host lost after connecting is no reason to abort the others (as a host that does not
     connect at all is not): it is marked failed, gets no operation, and the run exits 1.
     """
+    real = host._get_module() if isinstance(host, ContextObject) else host
     try:
-        return read()
+        value = read()
     except CONNECTION_LOST as e:
         logger.error(f"[{host.name}] connection lost while reading its facts "
                      f"({type(e).__name__}: {e}); this host fails, the others go on")  # fmt: skip
         # The set outlives this greenlet's host context: hold the Host, not pyinfra's proxy.
-        real = host._get_module() if isinstance(host, ContextObject) else host
         real.state.fail_hosts({real})
         return None
+    # pyinfra itself fails a host whose fact command hit an SSH error, and hands back the
+    # fact's default (None, {}): no decision may be made from those.
+    if real in real.state.failed_hosts:
+        logger.error(f"[{host.name}] a fact read failed (connection lost?); this host fails, "
+                     "the others go on")  # fmt: skip
+        return None
+    return value
 
 
 def plan_host(host: Host) -> HostPlan | None:
@@ -206,7 +213,7 @@ def plan_host(host: Host) -> HostPlan | None:
     settings = settings_for(host)  # policy errors first: they need no fact
 
     def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-        kr = host.get_fact(KernelVersion).strip()
+        kr = (host.get_fact(KernelVersion) or "").strip()  # None: the read failed
         ready = (
             host.get_fact(DkmsReady, kernel_release=kr, line=kernel_line(kr))
             if settings.install == "dkms"

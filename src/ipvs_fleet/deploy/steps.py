@@ -58,7 +58,7 @@ def rollout() -> None:
 def rollback() -> None:
     """Stock modules and the previous config files back, verified: the knob is gone."""
     settings = settings_for(host)
-    kr = read_facts(host, lambda: host.get_fact(KernelVersion).strip())
+    kr = read_facts(host, lambda: (host.get_fact(KernelVersion) or "").strip())
     if kr is None:
         return  # lost while its facts were read: failed, no operation
     ipvs.modules_removed(name=f"Remove the patched modules for {kr}", kernel_release=kr)
