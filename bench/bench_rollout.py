@@ -36,10 +36,15 @@ WAVES = "1,10%,50%,100%"
 SERIAL: list[int | str] = [1, "10%", "50%", "100%"]
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+def timed(cmd: list[str], env: dict[str, str], log: Path | None = None) -> tuple[float, int, str]:
+    """Run cmd; its output goes to log (watch it with tail -f) or is kept; the last 3000 chars."""
     t0 = time.monotonic()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    return time.monotonic() - t0, r.returncode, (r.stdout + r.stderr)[-3000:]
+    if log is None:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        return time.monotonic() - t0, r.returncode, (r.stdout + r.stderr)[-3000:]
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    return time.monotonic() - t0, rc, log.read_text()[-3000:]
 
 
 def fresh(sim: SimFleet, art: Path) -> None:
@@ -109,6 +114,8 @@ def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=50)
+    ap.add_argument("--memory", type=int, default=1536,
+                    help="MiB for the fleet VM (50 sshd plus one Python per busy host)")
     ap.add_argument("--no-ansible", action="store_true")
     ap.add_argument("--no-gate-run", action="store_true", help="skip run 3 (waves, no checks)")
     ap.add_argument("--no-rollouts", action="store_true",
@@ -117,8 +124,9 @@ def main() -> int:
     art = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
     sim = SimFleet()
     t0 = time.monotonic()
-    sim.up(args.hosts)
-    print(f"simulated fleet of {args.hosts} hosts up in {time.monotonic() - t0:.0f} s")
+    sim.up(args.hosts, memory_mb=args.memory)
+    print(f"simulated fleet of {args.hosts} hosts ({args.memory} MiB) up in "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
     env = dict(os.environ, IPVS_FLEET_SIM_DIR=str(sim.dir), IPVS_FLEET_ARTIFACTS=str(art),
                ANSIBLE_NOCOLOR="1")  # fmt: skip
     try:
@@ -126,7 +134,7 @@ def main() -> int:
         base, rc, out = timed([str(BIN / "pyinfra"), "-y", str(sim.inventory_path),
                                "deploy.py"], env)  # fmt: skip
         print(f"baseline: pyinfra deploy.py over {args.hosts} hosts in one run: {base:.1f} s "
-              f"(rc {rc})")  # fmt: skip
+              f"(rc {rc})", flush=True)  # fmt: skip
         if rc:
             print(out)
         if not args.no_rollouts:
@@ -149,7 +157,8 @@ def main() -> int:
             aenv = dict(env, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_TIMEOUT="60",
                         ANSIBLE_SSH_RETRIES="3")  # fmt: skip
             a, arc, aout = timed([str(BIN / "ansible-playbook"), "-i", str(inv), str(book),
-                                  "-f", str(args.hosts)], aenv)  # fmt: skip
+                                  "-f", str(args.hosts)], aenv,
+                                 sim.dir / "bench-ansible.log")  # fmt: skip
             print(f"ansible-playbook site.yml, serial {SERIAL}, forks {args.hosts}: {a:.1f} s "
                   f"(rc {arc}), {a / base:.2f}x the baseline")  # fmt: skip
             if arc:
