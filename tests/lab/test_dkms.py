@@ -25,6 +25,7 @@ from ipvs_fleet import kernel
 from ipvs_fleet.lab import Lab
 from ipvs_fleet.policy import KNOB
 from tests.fixtures.deploy import Deployer
+from tests.fixtures.lab import one_host_lab
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("ipvs-fleet")
@@ -46,19 +47,8 @@ def state(lab: Lab) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def dkms_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    d = tmp_path_factory.mktemp("dkms-lab")
-    fleet = d / "fleet.yml"
-    fleet.write_text(
-        f"hosts:\n  {HOST}:\n    release: bookworm\n    host_class: k8s_node\n"
-        "    build_tools: true\n    memory_mb: 1536\n"
-    )
-    lab = Lab(d / "lab", fleet_file=fleet)
-    try:
-        lab.up()
+    with one_host_lab(tmp_path_factory, HOST, build_tools=True, memory_mb=1536) as lab:
         yield lab
-    finally:
-        if os.environ.get("IPVS_FLEET_KEEP_LAB") != "1":
-            lab.down()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.lab import Lab
+from tests.fixtures.lab import one_host_lab
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -33,18 +34,8 @@ FINGERPRINT = (
 
 @pytest.fixture(scope="module")
 def locked_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    d = tmp_path_factory.mktemp("locked-lab")
-    fleet = d / "fleet.yml"
-    fleet.write_text(
-        f"hosts:\n  {HOST}:\n    release: bookworm\n    host_class: k8s_node\n"
-        "    kernel_args: [lockdown=integrity]\n"
-    )
-    lab = Lab(d / "lab", fleet_file=fleet)
-    try:
-        lab.up()
+    with one_host_lab(tmp_path_factory, HOST, kernel_args=["lockdown=integrity"]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def test_locked_down_host_is_refused_before_anything_changes(locked_lab, artifacts):  # type: ignore[no-untyped-def]

@@ -74,6 +74,24 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
         return mods
 
 
+def _in_indexed_updates(kernel_release: str, listing: str) -> StringCommand:
+    """Run `listing` in our updates dir; print depmod-missing first unless depmod indexed it.
+
+    An install cut off between copying the files and its depmod must count as absent, so
+    that the next run installs again instead of trusting files modprobe cannot see.
+    """
+    dep = f"/lib/modules/{kernel_release}/modules.dep"
+    return StringCommand(
+        "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/ip_vs.ko"), QuoteString(dep),
+        "2>/dev/null || echo depmod-missing;",
+        "cd", QuoteString(updates_dir(kernel_release)), "2>/dev/null &&", listing,
+    )  # fmt: skip
+
+
+def _depmod_missing(output: list[str]) -> bool:
+    return any(line.strip() == "depmod-missing" for line in output)
+
+
 class IpvsInstalledModules(FactBase[dict[str, str]]):
     """
     sha256 of each module file installed by ipvs-fleet for a kernel release; {} unless
@@ -87,16 +105,10 @@ class IpvsInstalledModules(FactBase[dict[str, str]]):
     default = dict
 
     def command(self, kernel_release: str) -> StringCommand:
-        dep = f"/lib/modules/{kernel_release}/modules.dep"
-        return StringCommand(
-            "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/ip_vs.ko"), QuoteString(dep),
-            "2>/dev/null || echo depmod-missing;",
-            "cd", QuoteString(updates_dir(kernel_release)),
-            "2>/dev/null && sha256sum -- *.ko 2>/dev/null || true",
-        )  # fmt: skip
+        return _in_indexed_updates(kernel_release, "sha256sum -- *.ko 2>/dev/null || true")
 
     def process(self, output: list[str]) -> dict[str, str]:
-        if any(line.strip() == "depmod-missing" for line in output):
+        if _depmod_missing(output):
             return {}
         out = {}
         for line in output:
@@ -119,17 +131,14 @@ class IpvsInstalledSet(FactBase[dict[str, str]]):
     default = dict
 
     def command(self, kernel_release: str) -> StringCommand:
-        dep = f"/lib/modules/{kernel_release}/modules.dep"
-        return StringCommand(
-            "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/ip_vs.ko"), QuoteString(dep),
-            "2>/dev/null || echo depmod-missing;",
-            "cd", QuoteString(updates_dir(kernel_release)), "2>/dev/null &&",
-            f'for f in *.ko; do [ -f "$f" ] && echo "$f $(modinfo -F {PATCHSET_FIELD} "$f")";',
+        return _in_indexed_updates(
+            kernel_release,
+            f'for f in *.ko; do [ -f "$f" ] && echo "$f $(modinfo -F {PATCHSET_FIELD} "$f")"; '
             "done; true",
-        )  # fmt: skip
+        )
 
     def process(self, output: list[str]) -> dict[str, str]:
-        if any(line.strip() == "depmod-missing" for line in output):
+        if _depmod_missing(output):
             return {}
         out = {}
         for line in output:
