@@ -12,7 +12,9 @@ All runs in one process, on the same hosts, each from a reset fleet (no deploy, 
    waves alone cost over the baseline;
 4. `ansible-playbook site.yml` on the same hosts with the same serial list (site.yml's plays
    with `serial` replaced, written next to the fleet: site.yml has no serial override).
-Ratios are printed against the baseline. BENCH_KEEP=1 leaves the fleet running.
+Ratios are printed against the baseline, and ansible-playbook's against each rollout (run 3
+is the like-for-like one: site.yml verifies too, without a testinfra gate). --memory sizes
+the fleet VM. BENCH_KEEP=1 leaves the fleet running.
 """
 
 from __future__ import annotations
@@ -137,18 +139,25 @@ def main() -> int:
               f"(rc {rc})", flush=True)  # fmt: skip
         if rc:
             print(out)
+        walls: dict[str, float] = {}
         if not args.no_rollouts:
             fresh(sim, art)
-            print_rollout(f"rollout {WAVES}, gate = checks", rollout(sim, env, ROLLOUT_CONFIG,
-                                                                     "checks"), base)  # fmt: skip
+            res = rollout(sim, env, ROLLOUT_CONFIG, "checks")
+            print_rollout(f"rollout {WAVES}, gate = checks", res, base)
+            if res["rc"] == 0:
+                walls["the rollout with the checks gate"] = res["wall"]
         if not args.no_gate_run and not args.no_rollouts:
             cfg = yaml.safe_load(ROLLOUT_CONFIG.read_text())
             cfg["gate"] = {"checks": False}
             nogate = sim.dir / "rollout-nogate.yml"
             nogate.write_text(yaml.safe_dump(cfg))
             fresh(sim, art)
-            print_rollout(f"rollout {WAVES}, gate = pyinfra verification",
-                          rollout(sim, env, nogate, "verify"), base)  # fmt: skip
+            res = rollout(sim, env, nogate, "verify")
+            print_rollout(f"rollout {WAVES}, gate = pyinfra verification", res, base)
+            if res["rc"] == 0:
+                # site.yml verifies each host's build and values too, no testinfra gate:
+                # the like-for-like comparison with ansible-playbook.
+                walls["the rollout with the verification gate"] = res["wall"]
         if not args.no_ansible:
             inv, book = ansible_files(sim)
             fresh(sim, art)
@@ -164,6 +173,9 @@ def main() -> int:
             if arc:
                 print(aout)
                 print(f"  ansible-playbook failed (rc {arc}): no ratio")
+            else:
+                for name, wall in walls.items():
+                    print(f"  ansible-playbook / {name}: {a / wall:.2f}x")
             counts = sim.install_counts()
             print(f"  installs per host after ansible: {sorted(set(counts.values()))}")
     finally:
