@@ -116,7 +116,7 @@ def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=50)
-    ap.add_argument("--memory", type=int, default=1536,
+    ap.add_argument("--memory", type=int, default=4096,
                     help="MiB for the fleet VM (50 sshd plus one Python per busy host)")
     ap.add_argument("--no-ansible", action="store_true")
     ap.add_argument("--no-gate-run", action="store_true", help="skip run 3 (waves, no checks)")
