@@ -173,6 +173,12 @@ def _decide_dkms(
     )
 
 
+def running_kernel(host: Host) -> str:
+    """The host's `uname -r`; "" when pyinfra failed the read (it then returns None), which
+    read_facts turns into a failed host before anything is decided from it."""
+    return (host.get_fact(KernelVersion) or "").strip()
+
+
 def kernel_line(kernel_release: str) -> str:
     """"6.1.0-56-cloud-amd64" -> "6.1"."""
     return ".".join(kernel_release.split(".")[:2])
@@ -213,7 +219,7 @@ def plan_host(host: Host) -> HostPlan | None:
     settings = settings_for(host)  # policy errors first: they need no fact
 
     def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-        kr = (host.get_fact(KernelVersion) or "").strip()  # None: the read failed
+        kr = running_kernel(host)
         ready = (
             host.get_fact(DkmsReady, kernel_release=kr, line=kernel_line(kr))
             if settings.install == "dkms"

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.server import KernelVersion
 
 from ipvs_fleet.deploy import operations as ipvs
-from ipvs_fleet.deploy.plan import HostPlan, plan_host, read_facts, settings_for
+from ipvs_fleet.deploy.plan import (
+    HostPlan,
+    plan_host,
+    read_facts,
+    running_kernel,
+    settings_for,
+)
 
 
 @deploy("Roll out the patched IPVS modules")
@@ -58,7 +63,7 @@ def rollout() -> None:
 def rollback() -> None:
     """Stock modules and the previous config files back, verified: the knob is gone."""
     settings = settings_for(host)
-    kr = read_facts(host, lambda: (host.get_fact(KernelVersion) or "").strip())
+    kr = read_facts(host, lambda: running_kernel(host))
     if kr is None:
         return  # lost while its facts were read: failed, no operation
     ipvs.modules_removed(name=f"Remove the patched modules for {kr}", kernel_release=kr)
