@@ -17,6 +17,7 @@ from ipvs_fleet.compliance.facts import (
 )
 from ipvs_fleet.compliance.session import CheckSession, Target
 from ipvs_fleet.deploy.facts import updates_dir
+from ipvs_fleet.kernel import reuse_unsafe
 from ipvs_fleet.policy import KNOB
 
 VS = "net.ipv4.vs."
@@ -132,19 +133,18 @@ def test_kube_proxy_drift(target: Target, facts: HostFacts, expect: Expect) -> N
 
 
 def test_reuse_safety(target: Target, facts: HostFacts, expect: Expect) -> None:
-    """knob=1 only where it is safe: with an INVALID-drop rule only on a build whose reuse
-    keeps conntrack consistent; never on FTP/connmark hosts without a stated reason."""
+    """knob=1 only where it is safe: the loaded build's reuse design is not unsafe with the
+    host's live ruleset (kernel/reuse_designs.yml: e.g. the 1.x re-track design under any
+    nat rule, such as kube-proxy's masquerade); never on FTP/connmark hosts without a
+    stated reason."""
     if facts.sysctls.get(KNOB) != 1:
         expect.done("")
         return
     u = facts.usage
     reuse = (facts.loaded.get("ip_vs") or {}).get("reuse")
-    if u.get("invalid_drop") and reuse != "consistent":
-        expect.differ(
-            "ip_vs ipvs_fleet_reuse (INVALID-drop rule present, knob=1)",
-            "consistent",
-            reuse or "none",
-        )
+    unsafe = reuse_unsafe(reuse, u)
+    if unsafe:
+        expect.problem(f"knob=1 is unsafe here: {unsafe}")
     if not target.settings.allow_reuse_with:
         for what in ("ftp", "connmark"):
             if u.get(what):

@@ -86,7 +86,7 @@ def test_patched_set_loads_and_identifies_itself(
         for m in ("ip_vs", "ip_vs_rr", "xt_ipvs"):
             assert sh(lab, host, f"modinfo -F {MODINFO_SET} {m}").strip() == art.set_id
         assert sh(lab, host, f"modinfo -F {MODINFO_REUSE} ip_vs").strip() == art.reuse_design
-        assert art.reuse_design == "consistent"
+        assert art.reuse_design == "handback"
 
         # The knob, in a fresh netns (per-netns value; the host's own is untouched).
         knob = "/proc/sys/net/ipv4/vs/conn_reuse_old_conntrack"
@@ -99,7 +99,8 @@ def test_patched_set_loads_and_identifies_itself(
                 f"if echo 2 > {knob}; then echo accepted-2; else echo refused-2; fi; cat {knob}"
             ),
         )
-        assert out.split() == ["1", "0", "1", "refused-2", "1"], out
+        # default 0 (the stock drop until the policy sets it), 0..1 only
+        assert out.split() == ["0", "0", "1", "refused-2", "1"], out
 
         # Table integrity: every IPVS sysctl of a fresh netns reads its documented default.
         dump = parse_dump(sh(lab, host, READ_ALL_IN_FRESH_NETNS))

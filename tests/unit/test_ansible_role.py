@@ -32,7 +32,7 @@ def load_filters() -> ModuleType:
 F = load_filters()
 
 
-def make_artifact(root: Path, kr: str = KR, reuse: str = "consistent") -> dict[str, str]:
+def make_artifact(root: Path, kr: str = KR, reuse: str = "handback") -> dict[str, str]:
     """A module artifact as `ipvs-fleet build` lays it out (fake .ko contents)."""
     d = root / kr
     d.mkdir(parents=True)
@@ -101,10 +101,10 @@ def test_plan_refuses_naming_host_and_reason(tmp_path, data, probe, message):
     assert message in str(e.value)
 
 
-def test_plan_refuses_knob_with_invalid_drop_on_a_stock_drop_build(tmp_path):
-    make_artifact(tmp_path, reuse="stock-drop")
-    rules = "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
-    with pytest.raises(F.AnsibleFilterError, match="not conntrack-consistent"):
+def test_plan_refuses_knob_under_kube_proxy_nat_rules_on_a_retrack_build(tmp_path):
+    make_artifact(tmp_path, reuse="consistent")
+    rules = "*nat\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT"
+    with pytest.raises(F.AnsibleFilterError, match="nat-table rule: -A KUBE-MARK-MASQ"):
         F.plan(preflight_output(rules=rules), "n1", {"ipvs_host_class": "k8s_node"}, str(tmp_path))
 
 
@@ -136,14 +136,14 @@ def test_state_of_a_stock_host_asks_for_everything(tmp_path):
 
 def test_state_of_a_converged_host_asks_for_nothing(tmp_path):
     plan = a_plan(tmp_path)
-    loaded = [f"{m}|1.0+test|-|OE|1.0+test|-|1.0+test|consistent" for m in plan["modules"]]
+    loaded = [f"{m}|1.0+test|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
     st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), plan)
     assert not st["install"] and not st["stale"] and not st["missing"]
     assert st["sysctl_changes"] == {} and st["sysctl_absent"] == [] and st["problems"] == []
     drifted = dict(plan["sysctls"], conn_reuse_old_conntrack=0)
     st = F.state(state_output(plan["module_sums"], loaded, drifted), plan)
     assert st["sysctl_changes"] == {"conn_reuse_old_conntrack": 1}
-    old = [f"{m}|0.9|-|OE|1.0+test|-|1.0+test|consistent" for m in plan["modules"]]
+    old = [f"{m}|0.9|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
     assert F.state(state_output(plan["module_sums"], old, plan["sysctls"]), plan)["stale"]
 
 

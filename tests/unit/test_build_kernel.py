@@ -13,16 +13,22 @@ from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.kernel.sysctls import defaults, integrity_problems, parse_dump
 
 
-def test_every_debian_line_has_a_consistent_series() -> None:
+def test_every_debian_line_has_a_handback_series() -> None:
     assert kernel.lines() == sorted(RELEASES.values())
     for line in kernel.lines():
         files = kernel.series(line)
         assert [p.name[:4] for p in files] == ["0001", "0002"]
-        assert kernel.reuse_design(files) == "consistent"
+        assert kernel.reuse_design(files) == "handback"
         text = "".join(p.read_text() for p in files)
-        # Both drop sites honour the knob; the seed's "clear the flag, keep the entry" is gone.
-        assert text.count("ip_vs_reuse_old_conntrack(ipvs, cp, skb, af,") == 2
-        assert "nf_ct_kill(ct);" in text and "nf_conntrack_in(skb, &st)" in text
+        # Both drop sites honour the knob and hand the SYN back; no re-tracking inside
+        # IPVS's hook (the 1.x design that skipped every nat rule), no forced NAT bits.
+        assert text.count("ip_vs_reuse_old_conntrack(ipvs, cp, skb,") == 2
+        assert text.count("return ip_vs_hand_back(ipvs, hooknum, skb, af);") == 2
+        assert "nf_ct_kill(ct);" in text and "netif_rx(skb);" in text
+        assert "ip_local_out(ipvs->net, skb->sk, skb);" in text
+        assert "nf_conntrack_in(" not in text and "IPS_DST_NAT_DONE" not in text
+        # The module is safe before the policy is applied: the stock drop by default.
+        assert "ipvs->sysctl_conn_reuse_old_conntrack = 0;" in text
         assert '.procname\t= "conn_reuse_old_conntrack"' in text  # the vs_vars[] entry
 
 

@@ -15,7 +15,7 @@ OUTPUT = """\
 6.1.0-56-cloud-amd64
 12288
 @@@ loaded
-ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|consistent
+ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|handback
 ip_vs_rr|1.0+abc|-|OE|1.0+abc|-|1.0+abc|-
 @@@ sysctls
 /proc/sys/net/ipv4/vs/conn_reuse_mode:1
@@ -52,7 +52,7 @@ def test_parse_all_sections() -> None:
     f = facts.parse(OUTPUT)
     assert f.kernel_release == "6.1.0-56-cloud-amd64"
     assert f.tainted == 12288 and f.taint_flags() == "OE"
-    assert f.loaded["ip_vs"]["patched"] and f.loaded["ip_vs"]["reuse"] == "consistent"
+    assert f.loaded["ip_vs"]["patched"] and f.loaded["ip_vs"]["reuse"] == "handback"
     assert f.sysctls["conn_reuse_old_conntrack"] == 1
     assert f.usage["invalid_drop"] is True
     assert f.fleet_file_present and f.fleet_file == {"conn_reuse_mode": "1", "conntrack": "1"}

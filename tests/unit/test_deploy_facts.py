@@ -26,7 +26,7 @@ SHA = "a" * 64
 def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one():
     out = IpvsLoadedModules().process(
         [
-            "ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|consistent",
+            "ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|handback",
             "ip_vs_rr|-|DEF|-|1.0+abc|XYZ|1.0+abc|-",  # stock rr, our rr installed
             "ip_vs_sh|1.0+old|-|OE|1.0+abc|-|1.0+abc|-",  # an older patched build loaded
             "xt_ipvs|-|-|-|-|-|-|-",
@@ -38,7 +38,7 @@ def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one(
         "taint": "OE",
         "patched": True,
         "patchset": "1.0+abc",
-        "reuse": "consistent",
+        "reuse": "handback",
     }
     assert out["ip_vs_rr"]["patched"] is False and out["ip_vs_rr"]["patchset"] is None
     assert out["ip_vs_sh"]["patched"] is False
@@ -105,16 +105,45 @@ def test_interlock():
     ftp = policy.for_host("f", {"ipvs_host_class": "ftp"})
     clean = usage([])
     with_ftp = usage(["## ipvsadm", "TCP  10.0.0.1:21 rr"])
-    with_drop = usage(["## iptables", "-A F -m conntrack --ctstate INVALID -j DROP"])
-    assert interlock(k8s, clean, "consistent") is None
-    assert "ftp" in (interlock(k8s, with_ftp, "consistent") or "")
-    assert interlock(ftp, with_ftp, "consistent") is None  # knob 0: nothing to refuse
+    drop = "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
+    with_drop = usage(["## iptables", drop])
+    mark = "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"
+    kube_proxy = usage(["## iptables", "*nat", "-A PREROUTING -j KUBE-SERVICES", mark,
+                        "COMMIT", "*filter", drop, "COMMIT"])
+    assert interlock(k8s, clean, "handback") is None
+    assert "ftp" in (interlock(k8s, with_ftp, "handback") or "")
+    assert interlock(ftp, with_ftp, "handback") is None  # knob 0: nothing to refuse
+    assert interlock(k8s, with_drop, "handback") is None
+    assert interlock(k8s, kube_proxy, "handback") is None
+    # the 1.x re-track design: fine with an INVALID drop alone, refused under nat rules,
+    # naming the rule with a side effect
     assert interlock(k8s, with_drop, "consistent") is None
-    assert "not conntrack-consistent" in (interlock(k8s, with_drop, "stock-drop") or "")
+    why = interlock(k8s, kube_proxy, "consistent") or ""
+    assert "reuse design is 'consistent'" in why and mark in why, why
+    # no declared design (the seed's semantics): refused under the INVALID drop
+    why = interlock(k8s, with_drop, None) or ""
+    assert "'none'" in why and drop in why, why
     allowed = policy.for_host(
         "n", {"ipvs_host_class": "k8s_node", "ipvs_allow_reuse_with": "FTP is active mode only"}
     )
-    assert interlock(allowed, with_ftp, "consistent") is None
+    assert interlock(allowed, with_ftp, "handback") is None
+
+
+def test_nat_rule_found_in_iptables_save_and_nft():
+    assert usage([])["nat_rule"] is None
+    filter_only = usage(["## iptables", "*filter", "-A FORWARD -j ACCEPT", "COMMIT"])
+    assert filter_only["nat_rule"] is None
+    nat = usage(["## iptables", "*nat", "-A PREROUTING -j KUBE-SERVICES",
+                 "-A KUBE-POSTROUTING -j MASQUERADE --random-fully", "COMMIT"])
+    assert nat["nat_rule"] == "-A KUBE-POSTROUTING -j MASQUERADE --random-fully"
+    nft = usage(["## nft", "table ip filter {", "\tchain input {",
+                 "\t\ttype filter hook input priority filter; policy accept;",
+                 "\t\tct state invalid drop", "\t}", "}",
+                 "table ip kube {", "\tchain post {",
+                 "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+                 "\t\tmeta mark & 0x4000 == 0x4000 masquerade", "\t}", "}"])
+    assert nft["nat_rule"] == "meta mark & 0x4000 == 0x4000 masquerade"
+    assert nft["invalid_drop_rule"] == "ct state invalid drop"
 
 
 READY = [
@@ -153,7 +182,7 @@ def test_installed_set_reads_each_module_set_id():
 def test_build_mode_plan_uploads_the_dkms_tree_of_the_kernel_line():
     data = {"ipvs_host_class": "k8s_node", "ipvs_install": "dkms"}
     plan = decide("n", data, KR, NO_LOCK, NO_USE, dkms_ready=DkmsReady().process(READY))
-    assert plan.build_on_host and plan.reuse == "consistent"
+    assert plan.build_on_host and plan.reuse == "handback"
     assert "ip_vs.ko" in plan.modules and len(plan.modules) == 17
     assert plan.tarball.endswith(".tar.gz") and len(plan.tarball_sha256) == 64
 

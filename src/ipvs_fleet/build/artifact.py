@@ -74,7 +74,7 @@ class Artifact:
 
     @property
     def reuse_design(self) -> str:
-        """`consistent` (knob=1 rebuilds the conntrack entry) or `stock-drop`."""
+        """What knob=1 does in this set (`handback`; see kernel/reuse_designs.yml)."""
         return str(self.manifest["reuse_design"])
 
     @property

@@ -27,7 +27,7 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
         {
             "ip_vs": {
                 "version": "1.0+dcf6fb2558d2", "taint": "OE",
-                "patched": True, "patchset": "1.0+dcf6fb2558d2", "reuse": "consistent",
+                "patched": True, "patchset": "1.0+dcf6fb2558d2", "reuse": "handback",
             },
         }
     """
@@ -200,13 +200,17 @@ class IpvsSysctls(FactBase[dict[str, int | list[int]]]):
 
 class IpvsUsage(FactBase[dict[str, Any]]):
     """
-    What on the host depends on conntrack staying tied to its real server, and whether a
-    kube-proxy style INVALID-drop rule is present.
+    What on the host depends on conntrack staying tied to its real server, and the ruleset
+    shapes a reuse design can be unsafe with (kernel/reuse_designs.yml): a conntrack
+    INVALID-drop rule, and nat-table rules (they run only for a connection's first packet,
+    as kube-proxy's masquerade mark does). Each shape comes with the first rule found.
 
     .. code:: python
 
         {"ftp": False, "ftp_reason": None, "connmark": False, "connmark_reason": None,
-         "invalid_drop": True}
+         "invalid_drop": True,
+         "invalid_drop_rule": "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+         "nat_rule": "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"}
     """
 
     def command(self) -> str:
@@ -236,20 +240,56 @@ class IpvsUsage(FactBase[dict[str, Any]]):
                 break
         rules = sections.get("iptables", []) + sections.get("nft", [])
         connmark_reason = None
-        invalid_drop = False
+        invalid_drop_rule = None
         for line in rules:
             low = line.lower()
             if re.search(r"connmark|ct mark|-m state\b|\bmeta mark set ct mark", low):
                 connmark_reason = connmark_reason or f"rule: {line.strip()}"
             if re.search(r"(--ctstate|--state|ct state) invalid\b.*(-j drop|\bdrop\b)", low):
-                invalid_drop = True
+                invalid_drop_rule = invalid_drop_rule or line.strip()
+        nat_rule = _nat_rule(sections.get("iptables", []), sections.get("nft", []))
         return {
             "ftp": ftp_reason is not None,
             "ftp_reason": ftp_reason,
             "connmark": connmark_reason is not None,
             "connmark_reason": connmark_reason,
-            "invalid_drop": invalid_drop,
+            "invalid_drop": invalid_drop_rule is not None,
+            "invalid_drop_rule": invalid_drop_rule,
+            "nat_rule": nat_rule,
         }
+
+
+# A nat rule with a side effect names the shape best (the mark that decides masquerade).
+_NAT_EFFECT = re.compile(r"-j (MARK|MASQUERADE|SNAT|DNAT)\b|\b(masquerade|snat|dnat|mark set)\b")
+
+
+def _nat_rule(iptables_save: list[str], nft: list[str]) -> str | None:
+    """The first rule of a nat table (iptables-save `*nat`, or an nft table that holds a
+    `type nat` chain), preferring one with a side effect; None without nat rules."""
+    found: list[str] = []
+    table = ""
+    for line in iptables_save:
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif table == "nat" and line.startswith("-A "):
+            found.append(line.strip())
+    block: list[str] = []
+    is_nat = False
+    for line in nft:
+        text = line.strip()
+        if text.startswith("table "):
+            block, is_nat = [], False
+        elif "type nat hook" in text:
+            is_nat = True
+        elif text and not text.startswith(("chain ", "}", "policy ", "type ")):
+            block.append(text)
+        if line.startswith("}"):  # a table closes at column 0
+            found += block if is_nat else []
+            block = []
+    for rule in found:
+        if _NAT_EFFECT.search(rule):
+            return rule
+    return found[0] if found else None
 
 
 class Lockdown(FactBase[dict[str, Any]]):

@@ -30,11 +30,11 @@ from ipvs_fleet.deploy.facts import (
     refuses_unsigned,
 )
 from ipvs_fleet.errors import FleetError
+from ipvs_fleet.kernel import reuse_unsafe
 from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
 
 T = TypeVar("T")
 ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
-CONSISTENT = "consistent"
 
 
 class DeployRefused(PyinfraError):
@@ -84,12 +84,8 @@ def interlock(settings: HostSettings, usage: dict[str, Any], reuse: str) -> str 
                 f"set host data ipvs_allow_reuse_with to a reason to override, or give it "
                 f"the '{what}' class"
             )
-    if usage["invalid_drop"] and reuse != CONSISTENT:
-        return (
-            f"{KNOB}=1 refused: an INVALID-drop rule is present and this kernel's module "
-            f"reuse is '{reuse}', not conntrack-consistent"
-        )
-    return None
+    unsafe = reuse_unsafe(reuse, usage)
+    return f"{KNOB}=1 refused: {unsafe}" if unsafe else None
 
 
 def decide(

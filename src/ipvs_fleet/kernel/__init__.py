@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import cache
 from pathlib import Path
+from typing import Any
 
-from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.errors import ConfigError, load_yaml_file
 
 # Bump when the series changes in a way a reader should see in `modinfo`.
-PATCHSET_VERSION = "1.0"
+PATCHSET_VERSION = "2.0"
 PATCHES = Path(__file__).parent / "patches"
 SYSCTL_DEFAULTS = Path(__file__).parent / "sysctl_defaults.yml"
+REUSE_DESIGNS = Path(__file__).parent / "reuse_designs.yml"
 # Module info fields carried by every built module (MODINFO_SET) and by ip_vs (MODINFO_REUSE).
 MODINFO_SET = "ipvs_fleet"
 MODINFO_REUSE = "ipvs_fleet_reuse"
@@ -67,3 +70,32 @@ def reuse_design(files: list[Path]) -> str:
         if m:
             return m.group(1)
     return "none"
+
+
+@cache
+def reuse_designs() -> dict[str, dict[str, Any]]:
+    """`reuse_designs.yml`: design -> {what, unsafe_with: [IpvsUsage keys]}."""
+    data = load_yaml_file(REUSE_DESIGNS, "reuse designs")
+    designs: dict[str, dict[str, Any]] = data["designs"]
+    return designs
+
+
+# How each ruleset shape of `unsafe_with` is named in a refusal, and the IpvsUsage key that
+# holds the offending rule's text.
+_SHAPES = {"invalid_drop": ("an INVALID-drop rule", "invalid_drop_rule"),
+           "nat_rule": ("a nat-table rule", "nat_rule")}
+
+
+def reuse_unsafe(design: str | None, usage: dict[str, Any]) -> str | None:
+    """Why knob=1 is unsafe with a module of this reuse design on a host with this live
+    ruleset (the IpvsUsage fact), naming the rule; None when it is safe."""
+    designs = reuse_designs()
+    name = design if design in designs else "unknown"
+    for shape in designs[name]["unsafe_with"]:
+        if usage.get(shape):
+            what, key = _SHAPES[shape]
+            rule = usage.get(key)
+            return (f"the loaded/installed ip_vs reuse design is '{design or 'none'}' "
+                    f"({designs[name]['what']}), and the host has {what}"
+                    + (f": {rule}" if isinstance(rule, str) else ""))
+    return None

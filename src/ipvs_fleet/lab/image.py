@@ -41,6 +41,7 @@ LAB_PACKAGES: list[str] = [
     "iproute2",
     "ipvsadm",
     "iptables",
+    "ipset",  # kube-proxy's IPVS mode matches its service sets (the reuse ruleset matrix)
     "conntrack",
     "kmod",
     "procps",
