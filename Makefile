@@ -29,6 +29,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The hermetic tier: no network, no VM, no module build (kernel pins from the lock); ~30 s.
 unit: venv
 	$(BIN)/pytest -m 'not lab'
 

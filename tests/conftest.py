@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.artifacts",
     "tests.fixtures.deploy",
+    "tests.fixtures.pins",
 ]
 
 # The lab tests share one booted lab per session; they run in the order a user's work goes
@@ -26,12 +27,52 @@ LAB_ORDER = [
     "test_dkms.py",
 ]
 
+# Fixtures that converge the session lab's hosts (pyinfra or Ansible runs against them):
+# a test using one changes those hosts, so it is `destructive` whether or not it says so.
+CONVERGING_FIXTURES = {"deployer", "deployed"}
 
+# Per-test timeout of the unit tier (pyproject's `timeout` is sized for the lab tests).
+UNIT_TIMEOUT = 120
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: the markers added here count
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        lab = item.get_closest_marker("lab") is not None
+        if lab and fixtures & CONVERGING_FIXTURES:
+            item.add_marker(pytest.mark.destructive)
+        if not lab and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT))
+
     def rank(item: pytest.Item) -> int:
         name = item.path.name
         if "/tests/lab/" not in str(item.path):
-            return -1  # unit tests first: they fail fast
+            # unit tests first: they fail fast; then the module builds (cached by `make test`)
+            return -1 if item.get_closest_marker("build") else -2
         return LAB_ORDER.index(name) if name in LAB_ORDER else len(LAB_ORDER)
 
     items.sort(key=rank)  # stable: keeps the order within a file
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_unit_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests without the `lab` marker (the unit tier, `make unit`) reach no Debian archive
+    and make no mmdebstrap root: they run without network (`unshare -n`) in seconds. A test
+    that does either fails here by name; mark it `build` (and `lab`) or use the
+    `fake_archive` / `pins_lock` fixtures."""
+    if request.node.get_closest_marker("lab"):
+        return
+    from ipvs_fleet import debian, rootfs
+    from ipvs_fleet.build import builder
+    from ipvs_fleet.lab import image
+
+    def no_archive(url: str) -> bytes:
+        raise AssertionError(f"a unit test fetched {url}: mark it `build`, or use fake_archive")
+
+    def no_root(release: str, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a unit test made a {release} root: mark it `build`")
+
+    monkeypatch.setattr(debian, "_fetch", no_archive)
+    for mod in (rootfs, builder, image):
+        monkeypatch.setattr(mod, "make_root", no_root)

@@ -17,6 +17,7 @@ from ipvs_fleet.errors import FleetError
 SUBCOMMANDS = [
     "ipvs_fleet.lab.cli",
     "ipvs_fleet.build.cli",
+    "ipvs_fleet.pins",
     "ipvs_fleet.probe.cli",
     "ipvs_fleet.compliance.cli",
     "ipvs_fleet.rollout.cli",

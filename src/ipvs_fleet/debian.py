@@ -1,19 +1,31 @@
-"""Debian package registry look-ups: which exact kernel a Debian release ships.
+"""Debian package registry look-ups and the kernel pins lock.
 
 The lab images and the module builds must agree on one kernel package version per
-release (ABI numbers drift with security updates), so both resolve it here, from the
-signed indexes of the release, its -updates and its -security suites.
+release (ABI numbers drift with security updates). That version is locked in
+`kernel_pins.lock.json` next to this module (package data), written by
+`ipvs-fleet pins update` from the newest kernel in the signed indexes of the release, its
+-updates and its -security suites (`resolve_kernel`). Builds and lab images take the locked
+pin (`pinned_kernel`); reading the lock (`locked_pins`) needs no network.
+
+Debian's archive keeps only the current kernel of a suite, so a locked version disappears
+after the next upload. `pinned_kernel` then uses the newest kernel of the release and warns
+once, naming both (the patches apply by kernel line, so a newer upload of the line builds);
+with `IPVS_FLEET_STRICT_PINS=1` (`--strict-pins`) a vanished pin is an error instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import threading
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +39,15 @@ CACHE = Path(os.environ.get("IPVS_FLEET_CACHE", Path.home() / ".cache" / "ipvs-f
 # The releases whose kernels are in the registry, and their kernel line.
 RELEASES: dict[str, str] = {"bullseye": "5.10", "bookworm": "6.1", "trixie": "6.12"}
 FLAVOUR = "cloud-amd64"
+
+# The lock file of the kernel pins (package data); $IPVS_FLEET_PINS_LOCK names another one.
+PINS_LOCK = Path(__file__).with_name("kernel_pins.lock.json")
+PINS_LOCK_ENV = "IPVS_FLEET_PINS_LOCK"
+STRICT_PINS_ENV = "IPVS_FLEET_STRICT_PINS"
+
+
+class ArchiveUnreachable(FleetError):
+    """The Debian archive (an InRelease or index) could not be fetched."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,7 @@ def _fetch(url: str) -> bytes:
             data: bytes = r.read()
             return data
     except OSError as e:
-        raise FleetError(f"cannot fetch {url}: {e}") from e
+        raise ArchiveUnreachable(f"cannot fetch {url}: {e}") from e
 
 
 def _verified_release(mirror: str, suite: str) -> str:
@@ -97,9 +118,15 @@ def _verified_release(mirror: str, suite: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".InRelease") as f:
         f.write(text)
         f.flush()
-        r = subprocess.run(
-            ["gpgv", "--keyring", str(KEYRING), f.name], capture_output=True, text=True
-        )
+        try:
+            r = subprocess.run(
+                ["gpgv", "--keyring", str(KEYRING), f.name],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise FleetError(f"{mirror}/dists/{suite}/InRelease: gpgv timed out") from e
     if r.returncode != 0:
         raise FleetError(f"{mirror}/dists/{suite}/InRelease: bad signature: {r.stderr.strip()}")
     return text.decode()
@@ -153,8 +180,12 @@ def _version_key(v: str) -> list[int | str]:
     return [int(p) if p.isdigit() else p for p in re.split(r"[.+~-]", v)]
 
 
-def resolve_kernel(release: str) -> KernelPin:
-    """The newest cloud kernel of a Debian release whose headers and linux-source exist."""
+def archive_kernels(release: str) -> list[KernelPin]:
+    """Every cloud kernel of a Debian release in the archive whose headers and linux-source
+    (same version) are there too, newest first (FleetError if there is none).
+
+    ArchiveUnreachable if an index cannot be fetched.
+    """
     check_release(release)
     line = RELEASES[release]
     image_re = re.compile(rf"linux-image-{re.escape(line)}\.\d+[-+][^ ]*-{FLAVOUR}")
@@ -172,16 +203,184 @@ def resolve_kernel(release: str) -> KernelPin:
         # Debian lists Architecture: all packages (linux-source) in the amd64 index too.
         for st in _stanzas(amd64, re.compile(rf"linux-source-{re.escape(line)}")):
             sources.add(st["Version"])
-    for version in sorted(found, key=_version_key, reverse=True):
-        if version not in sources:
-            continue
-        for kr in sorted(found[version]):
-            if (kr, version) in headers:
-                return KernelPin(release, line, kr, version)
-    raise FleetError(
-        f"{release}: no {FLAVOUR} kernel with matching headers and linux-source-{line} "
-        f"in {', '.join(s for _, s in suites(release))}"
+    out = [
+        KernelPin(release, line, kr, version)
+        for version in sorted(found, key=_version_key, reverse=True)
+        if version in sources
+        for kr in sorted(found[version])
+        if (kr, version) in headers
+    ]
+    if not out:
+        raise FleetError(
+            f"{release}: no {FLAVOUR} kernel with matching headers and linux-source-{line} "
+            f"in {', '.join(s for _, s in suites(release))}"
+        )
+    return out
+
+
+def headers_in_archive(pin: KernelPin) -> bool:
+    """Whether the release's indexes list the pin's headers package at exactly its version."""
+    pat = re.compile(
+        rf"^Package: {re.escape(pin.headers_package)}\n(?:.+\n)*?"
+        rf"Version: {re.escape(pin.version)}$",
+        re.M,
     )
+    return any(pat.search(_packages(m, s, "amd64")) for m, s in suites(pin.release))
+
+
+def resolve_kernel(release: str) -> KernelPin:
+    """The newest cloud kernel of a Debian release whose headers and linux-source exist
+    (what `ipvs-fleet pins update` locks). Builds and lab images use `pinned_kernel`."""
+    return archive_kernels(release)[0]
+
+
+# --- the pins lock -------------------------------------------------------------------------
+
+LOCK_COMMENT = (
+    "Kernel pins of the lab images and module builds, one per Debian release. Written by "
+    "`ipvs-fleet pins update` (newest kernel in the archive); do not edit by hand."
+)
+
+
+def lock_path() -> Path:
+    """The pins lock in use: $IPVS_FLEET_PINS_LOCK, else the one shipped with the package."""
+    env = os.environ.get(PINS_LOCK_ENV)
+    return Path(env) if env else PINS_LOCK
+
+
+def locked_pins(path: Path | None = None) -> dict[str, KernelPin]:
+    """Release -> locked pin, as the lock file says (no network). ConfigError naming the file
+    if it is missing or malformed."""
+    path = path or lock_path()
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(
+            f"{path}: cannot read the kernel pins lock ({e.strerror}); run `ipvs-fleet pins update`"
+        ) from e
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    pins = doc.get("pins") if isinstance(doc, dict) else None
+    if not isinstance(pins, dict):
+        raise ConfigError(f"{path}: no `pins` mapping of release to kernel")
+    out: dict[str, KernelPin] = {}
+    for release, entry in pins.items():
+        check_release(release, f"{path}: pins")
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) and entry.get(k) for k in ("kernel_release", "version")
+        ):
+            raise ConfigError(f"{path}: pins.{release}: needs kernel_release and version")
+        pin = pin_from_release(entry["kernel_release"], entry["version"])
+        if pin.release != release:
+            raise ConfigError(
+                f"{path}: pins.{release}: {entry['kernel_release']} is not a {release} kernel "
+                f"(line {pin.line}, {release} has {RELEASES[release]})"
+            )
+        if entry.get("line", pin.line) != pin.line:
+            raise ConfigError(
+                f"{path}: pins.{release}: line {entry['line']!r} does not match "
+                f"{pin.kernel_release} (line {pin.line})"
+            )
+        out[release] = pin
+    return out
+
+
+def locked_pin(release: str) -> KernelPin:
+    """The locked pin of one release (no network)."""
+    check_release(release)
+    pins = locked_pins()
+    if release not in pins:
+        raise ConfigError(
+            f"{lock_path()}: no kernel pin for {release}; run `ipvs-fleet pins update`"
+        )
+    return pins[release]
+
+
+def lock_text(pins: Mapping[str, KernelPin]) -> str:
+    """The lock file's content for these pins (releases in RELEASES order, stable)."""
+    entries = {
+        r: {"line": p.line, "kernel_release": p.kernel_release, "version": p.version}
+        for r in RELEASES
+        if (p := pins.get(r)) is not None
+    }
+    return json.dumps({"comment": LOCK_COMMENT, "pins": entries}, indent=2) + "\n"
+
+
+def write_lock(pins: Mapping[str, KernelPin], path: Path | None = None) -> Path:
+    """Write the lock (atomically: a reader never sees half a file); its path."""
+    path = path or lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(lock_text(pins))
+    os.replace(f.name, path)
+    return path
+
+
+def strict_pins() -> bool:
+    """Whether a locked pin missing from the archive is an error ($IPVS_FLEET_STRICT_PINS)."""
+    return os.environ.get(STRICT_PINS_ENV, "").strip().lower() not in ("", "0", "no", "false")
+
+
+def _describe(pin: KernelPin) -> str:
+    return f"{pin.kernel_release} ({pin.version})"
+
+
+def vanished_message(locked: KernelPin, newest: KernelPin) -> str:
+    return (
+        f"{locked.release}: locked kernel {_describe(locked)} is no longer in the Debian "
+        f"archive; the newest is {_describe(newest)}"
+    )
+
+
+_warned: set[tuple[KernelPin, KernelPin]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn(msg: str) -> None:
+    print(f"ipvs-fleet: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def pinned_kernel(
+    release: str,
+    *,
+    strict: bool | None = None,
+    offline_ok: bool = True,
+    warn: Callable[[str], None] = _warn,
+) -> KernelPin:
+    """The kernel the builds and lab images use for a release: its locked pin.
+
+    Checked against the archive: when the locked version is gone (Debian keeps only the
+    current kernel of a suite), the newest kernel of the release is used instead, with a
+    one-line warning (once per process) naming both; with `strict` (default:
+    $IPVS_FLEET_STRICT_PINS) that is a FleetError. When the archive cannot be reached, the
+    locked pin is returned as it is (a cached build or image of it works offline), or, with
+    offline_ok=False, ArchiveUnreachable is raised.
+    """
+    locked = locked_pin(release)
+    try:
+        available = archive_kernels(release)
+    except ArchiveUnreachable:
+        if offline_ok:
+            return locked
+        raise
+    if locked in available:
+        return locked
+    newest = available[0]
+    msg = vanished_message(locked, newest)
+    if strict_pins() if strict is None else strict:
+        raise FleetError(
+            f"{msg} (strict pins: run `ipvs-fleet pins update` to lock it, or drop "
+            f"--strict-pins/{STRICT_PINS_ENV} to build for the newest)"
+        )
+    with _warned_lock:
+        first = (locked, newest) not in _warned
+        _warned.add((locked, newest))
+    if first:
+        warn(
+            f"{msg}: using {newest.kernel_release} (run `ipvs-fleet pins update` to lock it; "
+            f"--strict-pins or {STRICT_PINS_ENV}=1 makes this an error)"
+        )
+    return newest
 
 
 def pin_from_release(kernel_release: str, version: str) -> KernelPin:

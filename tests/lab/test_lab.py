@@ -72,14 +72,15 @@ def test_run_reports_exit_code_and_streams(lab: Lab) -> None:
 def test_ssh_config_works_with_host_key_checking_on(lab: Lab, tmp_path: Path) -> None:
     # A connection of its own: a shared master would skip the host key check.
     ssh = ["ssh", "-F", str(lab.ssh_config), "-o", "ControlPath=none"]
-    r = subprocess.run([*ssh, "ftp-director", "hostname"], capture_output=True, text=True)
+    r = subprocess.run([*ssh, "ftp-director", "hostname"], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
     assert (r.returncode, r.stdout.strip()) == (0, "ftp-director")
     # An unknown host key is refused: the check really is on.
     empty = tmp_path / "known_hosts"
     empty.touch()
     r = subprocess.run(
         [*ssh, "-o", f"UserKnownHostsFile={empty}", "ftp-director", "true"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 255
     assert "Host key verification failed" in r.stderr

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.build.build import build_for
-from ipvs_fleet.debian import resolve_kernel
+from ipvs_fleet.debian import pinned_kernel
 from ipvs_fleet.simfleet.fleet import RELEASE, ROLLOUT_CONFIG, SimFleet, host_name
 from tests.fixtures.artifacts import artifacts_dir
 
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.destructive]
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
     # Only the bookworm artifact: the same cache folder as the `artifacts` fixture, so a full
     # session builds it once, and this test alone does not build the other releases.
-    art = build_for(resolve_kernel(RELEASE), artifacts_dir())
+    art = build_for(pinned_kernel(RELEASE), artifacts_dir())  # the kernel the sim image boots
     d = os.environ.get("IPVS_FLEET_TEST_SIM_DIR")
     fleet = SimFleet(Path(d) if d else tmp_path_factory.mktemp("simfleet"))
     try:
@@ -97,7 +97,7 @@ def test_kill_9_mid_wave_then_resume_deploys_each_host_once(sim: SimFleet) -> No
         time.sleep(1)
     assert p.poll() is None, p.stdout.read() if p.stdout else ""
     os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    p.wait(timeout=60)
     if p.stdout:
         p.stdout.close()
     t_kill = time.monotonic()

@@ -149,16 +149,18 @@ def test_state_of_a_converged_host_asks_for_nothing(tmp_path):
 
 def test_probe_scripts_run_in_sh():
     for script in (F.probe_command("preflight"), F.probe_command("state", KR)):
-        r = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+        r = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-    r = subprocess.run(["sh", "-c", F.probe_command("preflight")], capture_output=True, text=True)
+    r = subprocess.run(
+        ["sh", "-c", F.probe_command("preflight")], capture_output=True, text=True, timeout=60
+    )
     assert set(F.split_probe(r.stdout)) == {"kernel", "lockdown", "usage"}
 
 
 def test_playbooks_parse():
     r = subprocess.run(
         [str(PLAYBOOK), "-i", "localhost,", "--syntax-check", "site.yml", "rollback.yml"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -197,7 +199,7 @@ def test_preflight_names_a_missing_artifact(tmp_path):
 def test_docs_variables_are_generated_from_the_defaults():
     gen = subprocess.run(
         [sys.executable, str(REPO / "docs" / "gen_ansible.py"), "--check"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert gen.returncode == 0, gen.stdout
     spec = importlib.util.spec_from_file_location("gen_ansible", REPO / "docs" / "gen_ansible.py")

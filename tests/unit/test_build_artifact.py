@@ -1,38 +1,53 @@
-"""Builds and artifacts: bad input gives a clear error and leaves nothing behind; the artifact
-API checks what the deploy relies on. Builds run in the real (cached) bookworm builder root."""
+"""Artifacts and the DKMS tree without building: the artifact API checks what the deploy
+relies on, a matching artifact is reused without a builder root, bad input is a clear error.
+The real builds are in tests/builds (marker `build`)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from ipvs_fleet import kernel
-from ipvs_fleet.build.artifact import load_artifact
-from ipvs_fleet.build.build import build_for, pin_for
-from ipvs_fleet.build.dkms import dkms_build, make_dkms_tree
+from ipvs_fleet.build import build
+from ipvs_fleet.build.artifact import FORMAT, MANIFEST, Artifact, load_artifact
+from ipvs_fleet.build.dkms import make_dkms_tree
 from ipvs_fleet.debian import KernelPin
-from ipvs_fleet.errors import ConfigError, FleetError
+from ipvs_fleet.errors import FleetError
+
+PIN = KernelPin("bookworm", "6.1", "6.1.0-56-cloud-amd64", "6.1.192-2")
 
 
-def test_cached_artifacts_load_and_verify(artifacts, lab_pins) -> None:
-    for pin in lab_pins.values():
-        art = artifacts[pin.kernel_release]
-        again = load_artifact(art.path.parent, pin.kernel_release)
-        assert again.manifest == art.manifest
-        m = art.manifest
-        assert (m["kernel_release"], m["source_version"], m["release"]) == (
-            pin.kernel_release,
-            pin.version,
-            pin.release,
-        )
-        assert m["vermagic"].startswith(pin.kernel_release + " ")
-        assert {"ip_vs.ko", "ip_vs_rr.ko", "ip_vs_ftp.ko", "xt_ipvs.ko"} <= set(art.modules)
-        assert art.set_id == kernel.set_id(kernel.series(pin.line))
-        assert art.reuse_design == "handback"
-        # Same inputs: the cache answers without rebuilding (same manifest, same tarball).
-        assert build_for(pin, art.path.parent).manifest == m
+def fake_artifact(out: Path, pin: KernelPin = PIN) -> Artifact:
+    """An artifact as `build_for` lays it out for `pin` and the shipped series (fake .ko)."""
+    files = kernel.series(pin.line)
+    d = out / pin.kernel_release
+    d.mkdir(parents=True)
+    mods = {ko: f"{ko} for {pin.kernel_release}".encode() for ko in ("ip_vs.ko", "xt_ipvs.ko")}
+    name = f"ipvs-fleet-modules-{pin.kernel_release}.tar.gz"
+    with gzip.GzipFile(d / name, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tf:
+        for ko, data in mods.items():
+            info = tarfile.TarInfo(ko)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    sid = kernel.set_id(files)
+    manifest = {
+        "format": FORMAT, "kernel_release": pin.kernel_release, "release": pin.release,
+        "line": pin.line, "source_version": pin.version, "recipe": build.RECIPE,
+        "patchset_hash": kernel.patchset_hash(files), "patches": [p.name for p in files],
+        "variant": None, "reuse_design": kernel.reuse_design(files),
+        "modinfo": {kernel.MODINFO_SET: sid}, "vermagic": f"{pin.kernel_release} SMP mod_unload",
+        "modules": {ko: hashlib.sha256(data).hexdigest() for ko, data in mods.items()},
+        "tarball": name, "tarball_sha256": hashlib.sha256((d / name).read_bytes()).hexdigest(),
+    }  # fmt: skip
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return load_artifact(out, pin.kernel_release)
 
 
 def test_missing_artifact_names_the_kernel(tmp_path: Path) -> None:
@@ -40,8 +55,8 @@ def test_missing_artifact_names_the_kernel(tmp_path: Path) -> None:
         load_artifact(tmp_path, "6.1.0-99-cloud-amd64")
 
 
-def test_tampered_tarball_is_refused(artifacts, tmp_path: Path) -> None:
-    art = next(iter(artifacts.values()))
+def test_tampered_tarball_is_refused(tmp_path: Path) -> None:
+    art = fake_artifact(tmp_path / "good")
     copy = tmp_path / art.kernel_release
     shutil.copytree(art.path, copy)
     with (copy / art.tarball.name).open("ab") as f:
@@ -50,31 +65,28 @@ def test_tampered_tarball_is_refused(artifacts, tmp_path: Path) -> None:
         load_artifact(tmp_path, art.kernel_release)
 
 
-def test_unknown_kernel_release_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="not bookworm's pinned kernel"):
-        pin_for("bookworm", "6.1.0-99-cloud-amd64", None)
-    with pytest.raises(ConfigError, match="not in the bookworm registry"):
-        pin_for("bookworm", "6.1.0-99-cloud-amd64", "6.1.999-1")
-    with pytest.raises(ConfigError, match="line 4.19 is not supported"):
-        pin_for("bookworm", "4.19.0-27-cloud-amd64", "4.19.316-1")
+def test_artifact_for_another_kernel_is_refused(tmp_path: Path) -> None:
+    art = fake_artifact(tmp_path)
+    art.path.rename(tmp_path / "6.1.0-57-cloud-amd64")
+    with pytest.raises(FleetError, match="is for kernel 6.1.0-56-cloud-amd64, not 6.1.0-57"):
+        load_artifact(tmp_path, "6.1.0-57-cloud-amd64")
 
 
-def test_patch_that_does_not_apply_names_file_and_hunk(lab_pins, tmp_path: Path) -> None:
-    pin: KernelPin = lab_pins["bookworm"]
-    broken = []
-    for p in kernel.series(pin.line):
-        shutil.copy(p, tmp_path / p.name)
-        broken.append(tmp_path / p.name)
-    # Make the reschedule hunk's context name something the source does not have.
-    text = broken[1].read_text().replace(" \t\tif (resched) {", " \t\tif (resched_x) {", 1)
-    broken[1].write_text(text)
-    out = tmp_path / "out"
-    with pytest.raises(FleetError) as e:
-        build_for(pin, out, patches=broken)
-    msg = str(e.value)
-    assert broken[1].name in msg and "ip_vs_core.c hunk #3" in msg, msg
-    leftovers = [p.name for p in out.iterdir() if p.name != "logs"] if out.exists() else []
-    assert leftovers == []
+def test_matching_artifact_is_reused_without_a_builder_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    art = fake_artifact(tmp_path)
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rebuilt although the artifact matches")
+
+    monkeypatch.setattr(build, "builder_root", no_build)
+    assert build.build_for(PIN, tmp_path).manifest == art.manifest
+    # Another package version of the same kernel release, or --force: a rebuild.
+    other = KernelPin(PIN.release, PIN.line, PIN.kernel_release, "6.1.192-3")
+    for pin, force in ((other, False), (PIN, True)):
+        with pytest.raises(AssertionError, match="rebuilt"):
+            build.build_for(pin, tmp_path, force=force)
 
 
 def test_dkms_tree_is_complete(tmp_path: Path) -> None:
@@ -89,12 +101,3 @@ def test_dkms_tree_is_complete(tmp_path: Path) -> None:
     assert "linux-source-$line" in (tree / "dkms-make.sh").read_text()
     script = (tree / "dkms-make.sh").read_text()
     assert not any(f"{{{k}}}" in script for k in ("line", "members", "objs", "id_header"))
-
-
-def test_dkms_build_succeeds(lab_pins, artifacts, tmp_path: Path) -> None:
-    """`dkms add` + `dkms build` of the DKMS tree, for the bookworm kernel, in its builder
-    root (the same builder root the artifacts were built in)."""
-    pin = lab_pins["bookworm"]
-    modules = sorted(name.removesuffix(".ko") for name in artifacts[pin.kernel_release].modules)
-    tree = make_dkms_tree(pin.line, tmp_path, modules)
-    dkms_build(pin, tree)  # raises FleetError with dkms's make.log on failure

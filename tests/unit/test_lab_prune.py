@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.debian import KernelPin
-from ipvs_fleet.errors import FleetError
 from ipvs_fleet.lab import image
+from tests.fixtures.pins import FakeArchive
 
 PINS = {
     "bullseye": KernelPin("bullseye", "5.10", "5.10.0-46-cloud-amd64", "5.10.262-1"),
     "bookworm": KernelPin("bookworm", "6.1", "6.1.0-56-cloud-amd64", "6.1.192-2"),
 }
+TRIXIE = KernelPin("trixie", "6.12", "6.12.118+deb13-cloud-amd64", "6.12.118-1")
 
 
 def fake_image(root: Path, name: str, pin: KernelPin, done: bool = True) -> Path:
@@ -29,17 +30,19 @@ def fake_image(root: Path, name: str, pin: KernelPin, done: bool = True) -> Path
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(image, "cache_dir", lambda: tmp_path)
+def cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_archive: FakeArchive, pins_lock
+) -> Path:
+    """Every release locked; the archive has bullseye's and bookworm's, trixie's is offline."""
+    pins_lock({**PINS, "trixie": TRIXIE})
+    for pin in PINS.values():
+        fake_archive.publish(pin)
+    fake_archive.offline("trixie")
+    root = tmp_path / "lab-images"
+    root.mkdir()
+    monkeypatch.setattr(image, "cache_dir", lambda: root)
     monkeypatch.setattr(image, "images_in_use", set)
-
-    def resolve(release: str) -> KernelPin:
-        if release not in PINS:
-            raise FleetError(f"{release}: mirror unreachable")
-        return PINS[release]
-
-    monkeypatch.setattr(image, "resolve_kernel", resolve)
-    return tmp_path
+    return root
 
 
 def current(pin: KernelPin) -> str:
@@ -71,7 +74,7 @@ def test_keeps_current_and_in_use_removes_superseded_and_unfinished(
 
 
 def test_offline_keeps_the_newest_image_of_a_release(cache: Path) -> None:
-    pin = KernelPin("trixie", "6.12", "6.12.118+deb13-cloud-amd64", "6.12.118-1")
+    pin = TRIXIE
     fake_image(cache, "trixie-6.12.118+deb13-cloud-amd64-aaaaaaaaaaaa", pin)
     newest = fake_image(cache, "trixie-6.12.118+deb13-cloud-amd64-bbbbbbbbbbbb", pin)
     removed = {p.name for p, _ in image.prune_images()}
@@ -86,3 +89,19 @@ def test_an_image_being_built_stays(cache: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another lab is building it now
         assert image.prune_images() == []
     assert d.exists()
+
+
+def test_a_vanished_pin_keeps_the_locked_and_the_newest_image(
+    cache: Path, fake_archive: FakeArchive
+) -> None:
+    bw = PINS["bookworm"]
+    new = KernelPin("bookworm", "6.1", "6.1.0-57-cloud-amd64", "6.1.193-1")
+    fake_archive.remove(bw)
+    fake_archive.publish(new, "bookworm-security")
+    locked = fake_image(cache, current(bw), bw)
+    newest = fake_image(cache, current(new), new)
+    tools_key = image.image_key(new, image.image_packages(new, build_tools=True))
+    tools = fake_image(cache, tools_key, new)
+    older = fake_image(cache, "bookworm-6.1.0-55-cloud-amd64-444444444444", bw)
+    assert {p.name for p, _ in image.prune_images()} == {older.name, older.name + ".lock"}
+    assert locked.exists() and newest.exists() and tools.exists()

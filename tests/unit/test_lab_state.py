@@ -34,7 +34,7 @@ def recorded(tmp_path: Path) -> Lab:
 def test_ssh_config_checks_host_keys_and_shares_a_connection(recorded: Lab) -> None:
     out = subprocess.run(
         ["ssh", "-G", "-F", str(recorded.ssh_config), "k8s-canary"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     opts = dict(line.split(" ", 1) for line in out.splitlines())
     assert opts["hostname"] == "127.0.0.1"

@@ -33,9 +33,9 @@ from ipvs_fleet.build.artifact import (
 from ipvs_fleet.build.builder import builder_root
 from ipvs_fleet.debian import (
     KernelPin,
-    _packages,
+    headers_in_archive,
     pin_from_release,
-    resolve_kernel,
+    pinned_kernel,
     suites,
 )
 from ipvs_fleet.errors import ConfigError, FleetError
@@ -322,20 +322,11 @@ def build_for(
     return read_artifact(dest)
 
 
-def _in_registry(pin: KernelPin) -> bool:
-    """Whether the release's indexes list the headers package at exactly this version."""
-    pat = re.compile(
-        rf"^Package: {re.escape(pin.headers_package)}\n(?:.+\n)*?"
-        rf"Version: {re.escape(pin.version)}$",
-        re.M,
-    )
-    return any(pat.search(_packages(m, s, "amd64")) for m, s in suites(pin.release))
-
-
 def pin_for(release: str, kernel_release: str | None, source_version: str | None) -> KernelPin:
-    """The pin to build for: the release's pinned kernel, or an explicit one checked in the
-    registry (ConfigError naming what is missing)."""
-    pinned = resolve_kernel(release)
+    """The pin to build for: the release's pinned kernel (the lock's, see
+    `debian.pinned_kernel`), or an explicit one checked in the registry (ConfigError naming
+    what is missing)."""
+    pinned = pinned_kernel(release)
     if not kernel_release or (kernel_release == pinned.kernel_release and not source_version):
         return pinned
     if not source_version:
@@ -349,7 +340,7 @@ def pin_for(release: str, kernel_release: str | None, source_version: str | None
             f"kernel release {kernel_release} is not a {release} kernel "
             f"(line {pin.line}, {release} has {pinned.line})"
         )
-    if not _in_registry(pin):
+    if not headers_in_archive(pin):
         raise ConfigError(
             f"{pin.headers_package}={source_version} is not in the {release} registry "
             f"({', '.join(s for _, s in suites(release))}); unknown kernel release or version"

@@ -1,4 +1,4 @@
-"""`ipvs-fleet build`: build the patched IPVS module set for pinned Debian kernels.
+"""`ipvs-fleet build`: build the patched IPVS module set for the pinned Debian kernels.
 
 **Example:**
 
@@ -6,16 +6,27 @@
     ipvs-fleet build --all-lab --out artifacts/
     ipvs-fleet build --kernel-release 6.1.0-56-cloud-amd64 --release bookworm
     ipvs-fleet build --release bookworm --dkms dkms/
+
+The kernels are the locked pins (`ipvs-fleet pins show`); a pin the archive no longer has is
+replaced by the release's newest kernel with a warning, or is an error with --strict-pins.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ipvs_fleet.debian import RELEASES, KernelPin, check_release, resolve_kernel
+from ipvs_fleet import kernel
+from ipvs_fleet.debian import (
+    RELEASES,
+    STRICT_PINS_ENV,
+    KernelPin,
+    check_release,
+    pinned_kernel,
+)
 from ipvs_fleet.errors import ConfigError
 
 
@@ -24,7 +35,7 @@ def targets(args: argparse.Namespace) -> list[KernelPin]:
     from ipvs_fleet.build.build import pin_for
 
     if args.all_lab:
-        return [resolve_kernel(r) for r in RELEASES]
+        return [pinned_kernel(r) for r in RELEASES]
     if not args.release:
         raise ConfigError("name a target: --release R [--kernel-release K], or --all-lab")
     check_release(args.release, "--release")
@@ -35,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from ipvs_fleet.build.build import build_for
     from ipvs_fleet.build.dkms import dkms_build, make_dkms_tree
 
+    if args.strict_pins:
+        os.environ[STRICT_PINS_ENV] = "1"
     out = Path(args.out)
     for pin in targets(args):
         t0 = time.monotonic()
@@ -71,10 +84,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="artifacts", help="artifacts folder (default: artifacts)")
     p.add_argument(
         "--variant",
-        choices=["dislocated"],
-        help="test-only variant (seed's sysctl-table bug); never deploy it",
+        choices=list(kernel.VARIANTS),
+        help="test-only variant (dislocated: the seed's sysctl-table bug; retrack: the 1.x "
+        "reuse design); never deploy it",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument(
+        "--strict-pins",
+        action="store_true",
+        help="fail if a locked kernel pin is gone from the Debian archive (default: warn and "
+        f"build for the newest kernel of the release; also ${STRICT_PINS_ENV}=1)",
+    )
     p.add_argument("--dkms", metavar="DIR", help="also write the DKMS source tree under DIR")
     p.add_argument(
         "--dkms-test", action="store_true", help="and run `dkms build` of it in the builder root"

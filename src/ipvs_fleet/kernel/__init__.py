@@ -3,7 +3,9 @@
 Layout: `patches/<line>/NNNN-*.patch` (applied in name order with `patch -p1` to the root of
 the matching Debian `linux-source`), `patches/reference/` (the seed in its pre-5.9 form, never
 built), `patches/dislocated/<line>/` (a test-only replacement for 0001 that reproduces the
-seed's sysctl-table bug, so the table-integrity check can be shown to fail).
+seed's sysctl-table bug, so the table-integrity check can be shown to fail), `patches/retrack/`
+(a test-only replacement for 0002: the 1.x reuse design, so the lab can show what it breaks and
+the interlock and the reuse_safety check refusing it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ REUSE_DESIGNS = Path(__file__).parent / "reuse_designs.yml"
 MODINFO_SET = "ipvs_fleet"
 MODINFO_REUSE = "ipvs_fleet_reuse"
 # Build variants besides the shipped one; test-only, never deployed.
-VARIANTS = ("dislocated",)
+VARIANTS = ("dislocated", "retrack")
 
 
 def lines() -> list[str]:

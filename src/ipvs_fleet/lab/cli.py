@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from ipvs_fleet.debian import STRICT_PINS_ENV
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.lab.lab import Lab
 
@@ -23,6 +25,12 @@ def add_parser(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="lab_command", required=True)
     up = sub.add_parser("up", help="boot the fleet (or the named hosts); no-op when up")
     up.add_argument("hosts", nargs="*", metavar="HOST")
+    up.add_argument(
+        "--strict-pins",
+        action="store_true",
+        help="fail if a locked kernel pin is gone from the Debian archive (default: warn and "
+        f"image the newest kernel of the release; also ${STRICT_PINS_ENV}=1)",
+    )
     up.set_defaults(func=_up)
     down = sub.add_parser("down", help="stop the VMs this lab started")
     down.set_defaults(func=_down)
@@ -44,6 +52,8 @@ def _lab(args: argparse.Namespace) -> Lab:
 
 
 def _up(args: argparse.Namespace) -> int:
+    if args.strict_pins:
+        os.environ[STRICT_PINS_ENV] = "1"  # read where each image resolves its kernel
     lab = _lab(args)
     lab.up(args.hosts or None)
     print(f"ssh -F {lab.ssh_config} HOST   (hosts: {', '.join(lab.hosts)})")

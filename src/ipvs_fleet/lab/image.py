@@ -1,6 +1,8 @@
 """Lab VM images: one ext4 disk image per Debian release, booted directly by QEMU.
 
-An image is an mmdebstrap root (`rootfs.make_root`) with the release's pinned cloud kernel,
+An image is an mmdebstrap root (`rootfs.make_root`) with the release's pinned cloud kernel
+(the lock's, `debian.pinned_kernel`: the newest of the release, with a warning, when the
+archive no longer has the locked one),
 turned into a raw ext4 file by `mke2fs -d` (no loop mount), plus the kernel and initrd for
 QEMU's direct boot. Images live in a shared cache (`$IPVS_FLEET_CACHE/lab-images/<key>/`)
 named by everything they are made from, so several labs reuse them and a new kernel pin or
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipvs_fleet import debian
-from ipvs_fleet.debian import KernelPin, resolve_kernel
+from ipvs_fleet.debian import ArchiveUnreachable, KernelPin, locked_pin, pinned_kernel
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.rootfs import make_root
 
@@ -200,6 +202,19 @@ def _chroot(root: Path, *cmd: str) -> None:
         raise FleetError(f"image customisation `{' '.join(cmd)}` failed: {r.stderr.strip()}")
 
 
+def image_packages(
+    pin: KernelPin, packages: Sequence[str] | None = None, build_tools: bool = False
+) -> list[str]:
+    """The package list of an image: LAB_PACKAGES (or `packages`), the pinned kernel, and
+    with build_tools what a builder root has."""
+    pkgs = [*(LAB_PACKAGES if packages is None else packages), f"{pin.image_package}={pin.version}"]
+    if build_tools:
+        from ipvs_fleet.build.builder import builder_packages
+
+        pkgs += [p for p in builder_packages(pin) if p not in pkgs]
+    return pkgs
+
+
 def build_image(
     release: str,
     packages: Sequence[str] | None = None,
@@ -212,21 +227,23 @@ def build_image(
 
     build_tools adds what a host needs to build the set itself (build mode): dkms, the
     compiler and the pinned kernel's own headers and linux-source (as a builder root has).
-    Without the Debian mirror (offline), the newest cached image of the release is used.
+    Without the Debian mirror (offline), the cached image of the locked pin is used, else the
+    newest cached image of the release.
     """
     try:
-        pin = resolve_kernel(release)
-    except FleetError as e:
+        pin = pinned_kernel(release, offline_ok=False)
+    except ArchiveUnreachable as e:
+        locked = locked_pin(release)
+        key = image_key(locked, image_packages(locked, packages, build_tools))
+        image = Image(release, locked, cache_dir() / key)
+        if (image.dir / "image.json").exists():
+            return image
         cached = newest_cached(release)
         if cached is None:
             raise
         log(f"{release}: {e}; using cached image {cached.dir.name}")
         return cached
-    pkgs = [*(LAB_PACKAGES if packages is None else packages), f"{pin.image_package}={pin.version}"]
-    if build_tools:
-        from ipvs_fleet.build.builder import builder_packages
-
-        pkgs += [p for p in builder_packages(pin) if p not in pkgs]
+    pkgs = image_packages(pin, packages, build_tools)
     key = image_key(pin, pkgs)
     dest = cache_dir() / key
     image = Image(release, pin, dest)
@@ -356,27 +373,26 @@ def _being_built(image_dir: Path) -> bool:
 def prune_images(*, dry_run: bool = False) -> list[tuple[Path, str]]:
     """Remove cached lab images that the current pins and package list no longer produce.
 
-    Kept: the current image of each release (the newest cached one when the mirror cannot be
-    reached) and every image a running VM boots from. Returns (path, why) of what was (or,
-    with dry_run, would be) removed.
+    Kept: the images of each release's locked pin and of the kernel `build_image` uses now
+    (they differ when the archive dropped the locked one), the newest cached image of a
+    release when the mirror cannot be reached, and every image a running VM boots from.
+    Returns (path, why) of what was (or, with dry_run, would be) removed.
     """
     root = cache_dir()
     if not root.is_dir():
         return []
     keep = set(images_in_use())
     for release in debian.RELEASES:
+        pins = [locked_pin(release)]
         try:
-            pin = resolve_kernel(release)
-            pkgs = [*LAB_PACKAGES, f"{pin.image_package}={pin.version}"]
-            keep.add(root / image_key(pin, pkgs))
-            from ipvs_fleet.build.builder import builder_packages
-
-            tools = [*pkgs, *(p for p in builder_packages(pin) if p not in pkgs)]
-            keep.add(root / image_key(pin, tools))  # the build-tools variant
-        except FleetError:
+            pins.append(pinned_kernel(release, strict=False, offline_ok=False))
+        except FleetError:  # the mirror cannot be reached (or answers nonsense)
             cached = newest_cached(release)
             if cached is not None:
                 keep.add(cached.dir)
+        for pin in pins:
+            keep.add(root / image_key(pin, image_packages(pin)))
+            keep.add(root / image_key(pin, image_packages(pin, build_tools=True)))
     removed: list[tuple[Path, str]] = []
     for p in sorted(root.iterdir()):
         target = p.with_suffix("") if p.suffix == ".lock" else p
