@@ -13,7 +13,7 @@ import pytest
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.probe import probe, scenario
 from ipvs_fleet.probe.cli import parse_counts
-from ipvs_fleet.probe.harness import Plan, modules_label, summarize
+from ipvs_fleet.probe.harness import Plan, cell_label, modules_label, summarize
 
 PROBE_DIR = Path(probe.__file__).parent
 K8S_BUDGET = {"slow_ms": 900, "max_slow": 0, "max_errors": 0, "p99_ms": 100}
@@ -202,6 +202,106 @@ def test_plan_validation_and_counts() -> None:
     assert Plan(scenarios={"A": 10}).estimate_s(slow=True) > 10
 
 
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"ruleset": "cilium"}, "ruleset must be one of minimal, kube-proxy"),
+    ({"iptables": "xtables"}, "iptables must be one of nft, legacy"),
+    ({"client": "remote"}, "client must be one of outside, pod, host"),
+    ({"family": 5}, "family must be one of 4, 6"),
+    ({"ftp": True, "ruleset": "kube-proxy"}, "ftp runs only with ruleset minimal"),
+    ({"ftp": True, "family": 6}, "ftp runs only with ruleset minimal"),
+    ({"settle": -1.0}, "settle must be 0..30"),
+    ({"scenarios": {"A": -3}}, "attempts must be a count"),
+])
+def test_plan_rejects_unknown_cells_clearly(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(FleetError, match=message):
+        Plan(**kw)  # type: ignore[arg-type]
+
+
+def test_plan_defaults_are_the_minimal_cell() -> None:
+    p = Plan()
+    assert (p.ruleset, p.iptables, p.client, p.family, p.rule, p.settle) == (
+        "minimal", "nft", "outside", 4, "drop", 0.0)
+    Plan(ruleset="calico", iptables="legacy", client="host", family=6, scenarios={"U": 3})
+
+
+def test_plan_masquerade_demanded_per_cell() -> None:
+    assert not Plan().masquerade_demanded
+    assert not Plan(client="host").masquerade_demanded  # minimal: no masquerade at all
+    assert Plan(ruleset="kube-proxy", client="outside").masquerade_demanded
+    assert Plan(ruleset="kube-proxy", client="host").masquerade_demanded
+    assert not Plan(ruleset="kube-proxy", client="pod").masquerade_demanded
+    assert not Plan(ruleset="calico", client="pod").masquerade_demanded
+    assert Plan(ruleset="kube-proxy-masq-all", client="pod").masquerade_demanded
+
+
+def test_plan_estimate_covers_udp_settle_and_failures() -> None:
+    base = Plan(scenarios={"A": 10}).estimate_s(slow=True)
+    assert Plan(scenarios={"A": 10, "U": 10}).estimate_s(slow=True) >= base + 10 * 2
+    assert Plan(scenarios={"B2": 10}, settle=1.0).estimate_s(slow=True) >= 10 * (1.2 + 1.0)
+    assert Plan(ruleset="calico", scenarios={"A": 10}).estimate_s(slow=True) > base
+    assert Plan(conntrack_check=True).estimate_s(slow=False) > Plan().estimate_s(slow=False)
+
+
+def test_parse_identity_long_and_bare() -> None:
+    assert probe.parse_identity("rs1") == ("rs1", {})
+    assert probe.parse_identity("rs2 peer=fd00:10:244:1::1 pport=40312 req=q2") == (
+        "rs2", {"peer": "fd00:10:244:1::1", "pport": "40312", "req": "q2"})
+    assert probe.parse_identity("") == ("", {})
+
+
+def test_identity_server_reports_the_peer_only_when_asked(identity_server: int) -> None:
+    bare = probe.connect_once("127.0.0.1", identity_server, mode="rst")
+    assert (bare.server, bare.peer, bare.peer_port) == ("rs-test", None, None)
+    a = probe.connect_once("127.0.0.1", identity_server, mode="rst", peer=True,
+                           src=("127.0.0.1", probe.pick_port("127.0.0.1")))
+    assert a.error is None and a.server == "rs-test"
+    assert a.peer == "127.0.0.1" and a.peer_port == a.src_port
+    # the first word is the mode: `rst peer` still aborts (the client sees the reset)
+    h = probe.connect_once("127.0.0.1", identity_server, mode="hold", close="rst", peer=True)
+    assert h.error is None and h.peer == "127.0.0.1"
+
+
+def test_identity_server_answers_udp_with_peer_and_request() -> None:
+    import socket
+
+    srv = probe.IdentityServer(("127.0.0.1", 0), "rs-udp", hold=1.0, udp_port=0)
+    assert srv.usock is not None
+    uport = srv.usock.getsockname()[1]
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(5)
+            c.sendto(b"q2 peer\n", ("127.0.0.1", uport))
+            name, kv = probe.parse_identity(c.recv(256).decode())
+            assert (name, kv["req"], kv["peer"]) == ("rs-udp", "q2", "127.0.0.1")
+            assert int(kv["pport"]) == c.getsockname()[1]
+    finally:
+        srv.stop()
+        t.join(5)
+        srv.close()
+
+
+def test_probe_over_ipv6_loopback() -> None:
+    import socket
+
+    try:
+        srv = probe.IdentityServer(("::1", 0), "rs6", hold=1.0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = srv.lsock.getsockname()[1]
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    try:
+        assert probe.family_of("::1") == socket.AF_INET6
+        a = probe.connect_once("::1", port, mode="fin", peer=True, src=("::1", 0))
+        assert a.error is None and (a.server, a.peer) == ("rs6", "::1")
+    finally:
+        srv.stop()
+        t.join(5)
+        srv.close()
+
+
 def _run_result() -> dict[str, object]:
     sc = _result(count=3, ok=3, slow=1, answered_by_live=3, moved=3, syn_retrans_delta=1,
                  latency_ms={"p50": 3.0, "p99": 1010.0, "max": 1010.0},
@@ -216,7 +316,28 @@ def test_summarize_and_label() -> None:
     r = _run_result()
     row = summarize(r)["A"]
     assert (row["count"], row["slow"], row["p99"], row["live"]) == (3, 1, 1010.0, 3)
+    assert "peer_sources" not in row  # a result from before the cells: no new keys
     assert modules_label(r) == "patched knob=0"
+    assert cell_label(r) == "INVALID-drop"
+
+
+def test_summarize_cell_results() -> None:
+    r = _run_result()
+    sc = r["scenarios"]["A"]  # type: ignore[index]
+    sc.update(new_conns=6, rule_counters={"new": 6, "masquerade": 6},  # type: ignore[union-attr]
+              peer_sources={"10.244.1.1": 3}, masq_mismatch=0)
+    u = _result(count=2, ok=2, slow=2, latency_ms={"p50": 1010.0, "p99": 1012.0, "max": 1012.0},
+                peer_sources={"10.244.1.1": 2}, masq_mismatch=0, new_conns=0,
+                rule_counters={"new": 0}, second_answered=0, third_answered=2,
+                answered_by_deleted=0)
+    r["scenarios"]["U"] = u  # type: ignore[index]
+    r["cell"] = {"ruleset": "kube-proxy", "backend": "legacy", "client": "outside",
+                 "family": 6, "masquerade_demanded": True}
+    rows = summarize(r)
+    assert rows["A"]["new_conns"] == 6 and rows["A"]["masq"] is True
+    assert rows["A"]["peer_sources"] == {"10.244.1.1": 3} and rows["A"]["masq_mismatch"] == 0
+    assert (rows["U"]["second_answered"], rows["U"]["third_answered"]) == (0, 2)
+    assert cell_label(r) == "kube-proxy/legacy outside v6 INVALID-drop"
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:

@@ -27,21 +27,42 @@ if TYPE_CHECKING:
 GUEST_DIR = "/root/ipvs-probe"
 HERE = Path(__file__).resolve().parent
 GUEST_FILES = ("probe.py", "scenario.py")
-SCENARIOS = ("A", "B", "B2", "C1", "C2")
+SCENARIOS = ("A", "B", "B2", "C1", "C2")  # the TCP reuse scenarios (bench/ iterates these)
+ALL_SCENARIOS = (*SCENARIOS, "U")  # U: the UDP scenario, only when a plan names it
 # Scenarios where the stock kernel drops the reconnect's first SYN (DOMAIN.md).
 DROP_SCENARIOS = ("A", "B", "B2")
+RULESETS = ("minimal", "kube-proxy", "kube-proxy-masq-all", "calico")
+BACKENDS = ("nft", "legacy")
+CLIENTS = ("outside", "pod", "host")
+FAMILIES = (4, 6)
 
 
 @dataclass
 class Plan:
     """One run in the guest: a fresh topology, the scenarios, then teardown.
 
-    + rule: drop (kube-proxy style INVALID drop in FORWARD) or accept
+    + rule: drop or accept: what happens to conntrack-INVALID packets. ruleset minimal: the
+      one FORWARD rule `-m conntrack --ctstate INVALID -j DROP|ACCEPT`; Kubernetes rulesets:
+      drop adds `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP` (what kube-proxy's
+      iptables proxier writes when nf_conntrack_tcp_be_liberal is 0), accept leaves it out
     + knob: net.ipv4.vs.conn_reuse_old_conntrack in the director netns; None leaves it unset
-    + scenarios: {name: attempts}, names from SCENARIOS
+    + scenarios: {name: attempts}, names from ALL_SCENARIOS (U: the UDP scenario)
     + ordinary: that many ordinary short connections (ephemeral ports), 0 for none
-    + ftp: a passive FTP transfer through an ip_vs_ftp virtual service
+    + ftp: a passive FTP transfer through an ip_vs_ftp virtual service (minimal, IPv4 only)
     + conntrack_check: one reuse each of A and B, then the director's conntrack entries
+    + ruleset: minimal (one FORWARD rule, VIP on lo), kube-proxy (kube-proxy IPVS mode as
+      it writes its rules: ipsets, kube-ipvs0, mark-based masquerade), kube-proxy-masq-all
+      (the same with --masquerade-all), calico (kube-proxy plus felix's IPVS-mode chains)
+    + iptables: nft or legacy: which iptables binaries write the director's rules
+    + client: outside (a client netns to the NodePort on the node's address), pod (a pod
+      netns on the node to the ClusterIP), host (a socket in the node netns itself to the
+      ClusterIP: IPVS's LOCAL_OUT path); under the minimal ruleset all three use the VIP
+    + family: 4 or 6
+    + settle: seconds between B/B2/U's real-server edit and the measured packet (0: at once).
+      On 5.9+ kernels with expire_nodest_conn=1 deleting a real server queues work that
+      flushes its connections (and their conntrack entries) within milliseconds: B2 and U
+      see the stock drop only while racing it (settle 0); kube-proxy deletes endpoints long
+      before a client's next packet, which `settle` of a few tenths of a second models
     """
 
     rule: str = "drop"
@@ -52,21 +73,60 @@ class Plan:
     conntrack_check: bool = False
     timeout: float = 5.0
     deadline: float = 600.0
+    ruleset: str = "minimal"
+    iptables: str = "nft"
+    client: str = "outside"
+    family: int = 4
+    settle: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rule not in ("drop", "accept"):
             raise FleetError(f"rule must be drop or accept, not {self.rule!r}")
         if self.knob not in (None, 0, 1):
             raise FleetError(f"knob must be 0 or 1, not {self.knob!r}")
-        bad = [s for s in self.scenarios if s not in SCENARIOS]
+        bad = [s for s in self.scenarios if s not in ALL_SCENARIOS]
         if bad:
-            raise FleetError(f"unknown scenario {bad[0]!r} (known: {', '.join(SCENARIOS)})")
+            raise FleetError(f"unknown scenario {bad[0]!r} (known: {', '.join(ALL_SCENARIOS)})")
+        for name, val, known in (("ruleset", self.ruleset, RULESETS),
+                                 ("iptables", self.iptables, BACKENDS),
+                                 ("client", self.client, CLIENTS),
+                                 ("family", self.family, FAMILIES)):
+            if val not in known:
+                raise FleetError(f"{name} must be one of {', '.join(map(str, known))}, "
+                                 f"not {val!r}")
+        if self.ftp and (self.ruleset, self.family, self.client) != ("minimal", 4, "outside"):
+            raise FleetError("ftp runs only with ruleset minimal, family 4, client outside "
+                             f"(not {self.ruleset}, {self.family}, {self.client})")
+        if not 0 <= self.settle <= 30:
+            raise FleetError(f"settle must be 0..30 seconds, not {self.settle!r}")
+        neg = [s for s, n in self.scenarios.items() if not isinstance(n, int) or n < 0]
+        if neg:
+            raise FleetError(f"scenario {neg[0]}: attempts must be a count >= 0, "
+                             f"not {self.scenarios[neg[0]]!r}")
+
+    @property
+    def masquerade_demanded(self) -> bool:
+        """Whether the ruleset masquerades this client's connections (the real server then
+        sees the node's address): outside->NodePort and host->ClusterIP under kube-proxy,
+        every client under --masquerade-all, never under the minimal ruleset."""
+        if self.ruleset == "minimal":
+            return False
+        return self.client != "pod" or self.ruleset == "kube-proxy-masq-all"
 
     def estimate_s(self, slow: bool) -> float:
-        """A generous upper bound of the run's duration (for SSH timeouts)."""
+        """A generous upper bound of the run's duration (for SSH timeouts).
+
+        + slow: reconnects may wait for the SYN retransmission (stock modules, knob 0)
+        """
         per = 1.2 if slow else 0.1
-        n = sum(self.scenarios.values())
-        return 60 + n * per + self.ordinary * 0.02 + (30 if self.ftp else 0)
+        tcp = sum(n for s, n in self.scenarios.items() if s != "U")
+        udp = self.scenarios.get("U", 0)
+        edits = self.scenarios.get("B", 0) + self.scenarios.get("B2", 0) + udp
+        setup = 60 if self.ruleset == "minimal" else 90  # ipsets, 4 tables, 2 backends
+        per_scenario = 5 * len(self.scenarios)  # rule counters read before and after
+        return (setup + per_scenario + tcp * per + udp * (2 * 1.0 + 0.5)
+                + edits * self.settle + self.ordinary * 0.02 + (30 if self.ftp else 0)
+                + (2 * (self.timeout + 5) if self.conntrack_check else 0))
 
 
 class Guest:
@@ -150,11 +210,19 @@ class Guest:
 
 
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per scenario (and `ordinary`): count, slow, errors, p50/p99 of the measured connect."""
+    """Per scenario (and `ordinary`): count, slow, errors, p50/p99 of the measured connect.
+
+    Also, where the run has them: new_conns (NEW connections to the service counted in the
+    director's mangle table: 2 per attempt when the reconnect crossed the hooks as NEW),
+    rule_counters, peer_sources {address the real server saw: count}, masq (whether the
+    cell's ruleset masquerades this client), masq_mismatch (answers whose source address
+    does not fit that), and for U the datagrams answered.
+    """
     rows: dict[str, dict[str, Any]] = {}
     items = dict(result.get("scenarios", {}))
     if "ordinary" in result:
         items["ordinary"] = result["ordinary"]
+    masq = result.get("cell", {}).get("masquerade_demanded")
     for name, r in items.items():
         rows[name] = {
             "count": r["count"],
@@ -168,7 +236,24 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "moved": r.get("moved"),
             "syn_retrans": r.get("syn_retrans_delta"),
         }
+        if "peer_sources" in r:
+            rows[name].update(new_conns=r.get("new_conns"), rule_counters=r.get("rule_counters"),
+                              peer_sources=r["peer_sources"], masq=masq,
+                              masq_mismatch=r.get("masq_mismatch"))
+        if name == "U":
+            rows[name].update(second_answered=r.get("second_answered"),
+                              third_answered=r.get("third_answered"),
+                              answered_by_deleted=r.get("answered_by_deleted"))
     return rows
+
+
+def cell_label(result: dict[str, Any]) -> str:
+    """`kube-proxy/nft outside v4 INVALID-drop` from a run result (minimal runs: the rule)."""
+    c = result.get("cell") or {}
+    rule = f"INVALID-{result.get('plan', {}).get('rule', 'drop')}"
+    if not c:
+        return rule
+    return f"{c['ruleset']}/{c['backend']} {c['client']} v{c['family']} {rule}"
 
 
 def modules_label(result: dict[str, Any]) -> str:

@@ -10,12 +10,19 @@ the whole request, which real server answered, and the TcpExtTCPSynRetrans delta
 network namespace.
 
 The test server (`probe.py serve`) answers each request line with its identity and then closes
-as the request asks:
+as the request's first word asks:
 
 - `fin`:  server closes first (FIN), the ordinary case
 - `rst`:  server aborts with RST (SO_LINGER {1, 0}), scenario A of DOMAIN.md
 - `hold`: server keeps the connection until the client closes or `--hold` seconds pass, then
   aborts; the client decides how it ends (scenarios B, B2, C2)
+
+A request whose second word is `peer` (`rst peer`) gets the address the server saw appended to
+the identity: `rs1 peer=10.244.1.1 pport=40312` (after masquerade: the node's address; without:
+the client's own). Without `peer` the answer is the bare identity line, as before. With
+`--udp-port` the server also answers every UDP datagram with that long form plus the
+datagram's first word (`req=q2`). IPv6 works the
+same way (bind `::`).
 
 >>> r = run_probe("10.10.9.1", 8080, count=100)
 >>> r["slow"], r["connect_ms"]["p99"], r["servers"]
@@ -55,6 +62,29 @@ class Attempt:
     server: str | None = None
     error: str | None = None
     local_waits: int = 0  # retries while the local 4-tuple was still busy (no packet sent)
+    peer: str | None = None  # source address the real server saw (answers to `peer` requests)
+    peer_port: int | None = None
+
+
+def family_of(addr: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal, else AF_INET."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def parse_identity(line: str) -> tuple[str, dict[str, str]]:
+    """An answer line as (identity, {key: value}): `rs1 peer=10.0.0.1 pport=5` or bare `rs1`.
+
+    A bare identity (servers before `peer` existed) gives an empty dict.
+    """
+    words = line.split()
+    if not words:
+        return "", {}
+    kv = {}
+    for w in words[1:]:
+        k, eq, v = w.partition("=")
+        if eq:
+            kv[k] = v
+    return words[0], kv
 
 
 def connect_once(
@@ -68,6 +98,7 @@ def connect_once(
     mark: int | None = None,
     index: int = 0,
     busy_wait: float = 2.0,
+    peer: bool = False,
 ) -> Attempt:
     """Connect (optionally from `src`), send `mode`, read the identity line, close.
 
@@ -78,11 +109,12 @@ def connect_once(
     + busy_wait: seconds to wait while the previous connection from `src` still holds the
       4-tuple locally (LAST_ACK after a server-first close: connect() says EADDRNOTAVAIL
       before sending anything); the time measured starts with the connect that goes out
+    + peer: ask the server which source address it saw (Attempt.peer, Attempt.peer_port)
     """
     end = time.monotonic() + busy_wait
     waits = 0
     while True:
-        a = _connect_once(dst, port, mode, src, timeout, close, mark, index)
+        a = _connect_once(dst, port, mode, src, timeout, close, mark, index, peer)
         if a.error != "connect: EADDRNOTAVAIL" or src is None or time.monotonic() > end:
             a.local_waits = waits
             return a
@@ -91,8 +123,9 @@ def connect_once(
 
 
 def _connect_once(dst: str, port: int, mode: str, src: tuple[str, int] | None,
-                  timeout: float, close: str, mark: int | None, index: int) -> Attempt:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                  timeout: float, close: str, mark: int | None, index: int,
+                  peer: bool = False) -> Attempt:
+    s = socket.socket(family_of(dst), socket.SOCK_STREAM)
     src_port = 0
     t0 = time.monotonic()
     t_conn = t0
@@ -107,8 +140,8 @@ def _connect_once(dst: str, port: int, mode: str, src: tuple[str, int] | None,
         s.connect((dst, port))
         t_conn = time.monotonic()
         src_port = s.getsockname()[1]
-        s.sendall(mode.encode() + b"\n")
-        server = _read_line(s)
+        s.sendall(mode.encode() + (b" peer\n" if peer else b"\n"))
+        server, kv = parse_identity(_read_line(s))
         t_done = time.monotonic()
         if close == "wait":
             _drain(s)
@@ -118,8 +151,10 @@ def _connect_once(dst: str, port: int, mode: str, src: tuple[str, int] | None,
             # "vanished" client would close the old connection after all.
             s.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pport = kv.get("pport", "")
         return Attempt(index, src_port or (src[1] if src else 0), _ms(t0, t_conn),
-                       _ms(t0, t_done), server or None, None if server else "no answer")
+                       _ms(t0, t_done), server or None, None if server else "no answer",
+                       peer=kv.get("peer"), peer_port=int(pport) if pport.isdigit() else None)
     except OSError as e:
         t_err = time.monotonic()
         connected = t_conn > t0
@@ -254,7 +289,7 @@ class Report:
 
 def pick_port(ip: str = "0.0.0.0") -> int:
     """A free local TCP port to reuse as the fixed source port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(family_of(ip), socket.SOCK_STREAM) as s:
         s.bind((ip, 0))
         port: int = s.getsockname()[1]
         return port
@@ -355,21 +390,35 @@ class IdentityServer:
 
     One thread, non-blocking sockets: a threaded server adds scheduler noise (the GIL's 5 ms
     switch interval) to exactly the latencies the probe measures.
+    + udp_port: also answer UDP datagrams there (identity plus the peer address)
     """
 
-    def __init__(self, addr: tuple[str, int], identity: str, hold: float = 30.0) -> None:
+    def __init__(self, addr: tuple[str, int], identity: str, hold: float = 30.0,
+                 udp_port: int | None = None) -> None:
+        self.name = identity
         self.identity = identity.encode() + b"\n"
         self.hold = hold
         self.sel = selectors.DefaultSelector()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        fam = family_of(addr[0])
+        self.lsock = socket.socket(fam, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(addr)
         self.lsock.listen(512)
         self.lsock.setblocking(False)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
-        # socket -> [received bytes, deadline, holding?]
+        self.usock: socket.socket | None = None
+        if udp_port is not None:
+            self.usock = socket.socket(fam, socket.SOCK_DGRAM)
+            self.usock.bind((addr[0], udp_port))
+            self.usock.setblocking(False)
+            self.sel.register(self.usock, selectors.EVENT_READ, "udp")
+        # socket -> [received bytes, deadline, holding?, peer (ip, port)]
         self.conns: dict[socket.socket, list[Any]] = {}
         self.stopped = False
+
+    def _long_identity(self, peer: tuple[Any, ...], req: str | None = None) -> bytes:
+        tail = f" req={req}" if req else ""
+        return f"{self.name} peer={peer[0]} pport={peer[1]}{tail}\n".encode()
 
     def serve_forever(self, poll: float = 1.0) -> None:
         """Serve until `stop()` (noticed within `poll` seconds)."""
@@ -378,6 +427,8 @@ class IdentityServer:
             for key, _ in self.sel.select(timeout=poll):
                 if key.data is None:
                     self._accept()
+                elif key.data == "udp":
+                    self._datagram()
                 else:
                     self._read(key.fileobj)  # type: ignore[arg-type]
             for c, st in list(self.conns.items()):
@@ -386,12 +437,22 @@ class IdentityServer:
 
     def _accept(self) -> None:
         try:
-            c, _ = self.lsock.accept()
+            c, peer = self.lsock.accept()
         except OSError:
             return
         c.setblocking(False)
-        self.conns[c] = [b"", time.monotonic() + self.hold, False]
+        self.conns[c] = [b"", time.monotonic() + self.hold, False, peer]
         self.sel.register(c, selectors.EVENT_READ, True)
+
+    def _datagram(self) -> None:
+        assert self.usock is not None
+        try:
+            data, peer = self.usock.recvfrom(MAX_LINE)
+            words = data.split()
+            req = words[0].decode(errors="replace") if words else None
+            self.usock.sendto(self._long_identity(peer, req), peer)
+        except OSError:
+            pass
 
     def _read(self, c: socket.socket) -> None:
         st = self.conns[c]
@@ -406,9 +467,11 @@ class IdentityServer:
         st[0] += data
         if b"\n" not in st[0] and len(st[0]) < MAX_LINE:
             return
-        mode = st[0].split(b"\n", 1)[0].strip()
+        words = st[0].split(b"\n", 1)[0].split()
+        mode = words[0] if words else b""
+        answer = self._long_identity(st[3]) if b"peer" in words[1:] else self.identity
         try:
-            c.send(self.identity)  # one short line always fits the send buffer
+            c.send(answer)  # one short line always fits the send buffer
         except OSError:
             return self._close(c, abort=False)
         if mode == b"rst":
@@ -434,11 +497,15 @@ class IdentityServer:
             self._close(c, abort=True)
         self.sel.close()
         self.lsock.close()
+        if self.usock is not None:
+            self.usock.close()
 
 
-def serve(ip: str, port: int, identity: str, hold: float = 30.0) -> None:
-    srv = IdentityServer((ip, port), identity, hold)
-    print(f"listening on {ip}:{port} as {identity}", flush=True)
+def serve(ip: str, port: int, identity: str, hold: float = 30.0,
+          udp_port: int | None = None) -> None:
+    srv = IdentityServer((ip, port), identity, hold, udp_port)
+    udp = f" (udp {udp_port})" if udp_port is not None else ""
+    print(f"listening on {ip}:{port}{udp} as {identity}", flush=True)
     try:
         srv.serve_forever()
     finally:
@@ -467,8 +534,9 @@ def add_arguments(sub: Any) -> None:
     c.add_argument("-o", "--output", help="write JSON here instead of stdout")
     c.set_defaults(func=_cmd_connect)
     s = sub.add_parser("serve", help="identity server for probe requests")
-    s.add_argument("--bind", default="0.0.0.0")
+    s.add_argument("--bind", default="0.0.0.0", help="address to listen on (:: for IPv6)")
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--udp-port", type=int, help="also answer UDP datagrams on this port")
     s.add_argument("--identity", default=socket.gethostname())
     s.add_argument("--hold", type=float, default=30.0,
                    help="seconds a `hold` connection may stay idle")
@@ -500,7 +568,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
-        serve(args.bind, args.port, args.identity, args.hold)
+        serve(args.bind, args.port, args.identity, args.hold, args.udp_port)
     return 0
 
 
