@@ -19,6 +19,9 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from ipvs_fleet.probe.harness import Guest
+from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,3 +174,36 @@ def test_stock_modules_waived_then_expired(
     assert "stock module loaded: ip_vs" in expired.out
     assert "waiver expired on" in expired.out
     assert {c for c, s in expired.status(host).items() if s == "failed"} == STOCK_FAILS
+
+
+@pytest.mark.destructive
+def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
+    checker: Checker, lab: Any, k8s_host: str, retrack_artifact: Any
+) -> None:
+    """The 1.x reuse design loaded with knob=1 under kube-proxy's masquerade rules: the
+    reuse_safety check fails naming the design and the rule (the deploy refuses the same;
+    tests/lab/test_deploy.py)."""
+    if lab.hosts[k8s_host].line != "6.1":
+        pytest.fail(f"the retrack variant is built for 6.1; {k8s_host} runs "
+                    f"{lab.hosts[k8s_host].line}")
+    g = Guest(lab, k8s_host)
+    loaded = lab.run(k8s_host, "awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules").stdout
+    before = sorted(loaded.split(), key=lambda m: m != "ip_vs")
+    g.load_modules(retrack_artifact)
+    lab.run(k8s_host, f"sysctl -qp {SYSCTL_FILE} && {KUBE_PROXY_NAT}")
+    try:
+        run = checker.run("--limit", k8s_host)
+        assert run.rc == 1
+        status = run.status(k8s_host)
+        assert status["reuse_safety"] == "failed", status
+        [res] = [r for r in run.doc["results"]
+                 if r["host"] == k8s_host and r["check"] == "reuse_safety"]
+        text = json.dumps(res)
+        assert "reuse design is 'consistent'" in text, text
+        assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in text, text
+        # the knob and the class values are still what the policy asks
+        assert status["knob_present"] == "passed" and status["sysctls"] == "passed", status
+    finally:
+        lab.run(k8s_host, KUBE_PROXY_NAT_UNDO, check=False)
+        lab.run(k8s_host, f"cd /root/ipvs-probe && python3 scenario.py restore "
+                f"{' '.join(before)} && sysctl -qp {SYSCTL_FILE}", timeout=300)

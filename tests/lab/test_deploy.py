@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ipvs_fleet.policy import KNOB, load_policy
+from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 
 pytestmark = pytest.mark.lab
 
@@ -90,6 +91,32 @@ def test_interlock_refuses_knob_on_host_with_ftp_service(lab, deployer, deployed
         assert {n: live_state(lab, n) for n in lab.hosts} == before
     finally:
         lab.run("k8s-canary", "ipvsadm -D -t 10.99.0.1:21")
+
+
+def test_interlock_refuses_a_retrack_build_under_kube_proxy_nat_rules(
+    lab, artifacts, retrack_artifact, deployer, deployed, tmp_path
+):
+    """A 1.x ('consistent', re-track) set for k8s-canary's kernel and kube-proxy's nat rules
+    on that host: the deploy refuses knob=1 there, naming the host, the design and the rule,
+    and no host changes (the other hosts get their shipped sets from the same folder)."""
+    arts = tmp_path / "artifacts"
+    arts.mkdir()
+    for kr, art in artifacts.items():
+        src = retrack_artifact if kr == retrack_artifact.kernel_release else art
+        (arts / kr).symlink_to(src.path, target_is_directory=True)
+    lab.run("k8s-canary", KUBE_PROXY_NAT)
+    try:
+        before = {n: live_state(lab, n) for n in lab.hosts}
+        env = dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts))
+        r = type(deployer)(deployer.inventory, env).run(check=False)
+        out = r.stdout + r.stderr
+        assert r.rc != 0
+        assert "k8s-canary" in out and f"{KNOB}=1 refused" in out, out[-3000:]
+        assert "reuse design is 'consistent'" in out, out[-3000:]
+        assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in out, out[-3000:]
+        assert {n: live_state(lab, n) for n in lab.hosts} == before
+    finally:
+        lab.run("k8s-canary", KUBE_PROXY_NAT_UNDO, check=False)
 
 
 def test_reload_keeps_the_service_table_and_rollback_restores_stock(
