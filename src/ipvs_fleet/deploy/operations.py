@@ -1,14 +1,23 @@
-"""pyinfra operations that converge a host's IPVS stack; each yields only what closes the gap."""
+"""pyinfra operations that converge a host's IPVS stack; each yields only what closes the gap.
+
+Every operation here works the same under `pyinfra INV deploy.py` (a preview first: each
+operation runs up to its first command against the host's current facts, changing nothing),
+`--dry` and `-y`: facts are read, never trusted across operations (pyinfra 3 reads them
+again when an operation executes), and nothing raises for a state that an earlier operation
+of the same run will have changed by the time this one executes. In a preview each operation
+that would change the host says what, as `[host] will ...`; verification is a step of the
+execution, a command that fails with the list of problems.
+"""
 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pyinfra import host
-from pyinfra.api import OperationError, QuoteString, StringCommand, operation
+from pyinfra import host, logger
+from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
@@ -37,10 +46,36 @@ MANAGED_FILES = {
     MODULES_LOAD_FILE: "ipvs-fleet-modules.conf.j2",
     MODPROBE_FILE: "ipvs-fleet-modprobe.conf.j2",
 }
+# What a preview line starts with: `[host] will <what>` (ipvs_fleet.rollout reads them).
+WILL = "will "
 
 
 def backup_path(path: str) -> str:
     return f"{STATE_DIR}/backup{path}"
+
+
+def previewing() -> bool:
+    """Whether pyinfra is detecting changes (a preview or --dry), not executing."""
+    return not host.state.is_executing
+
+
+def will(what: str) -> None:
+    """Say, in a preview or dry run, what the current operation would change on the host.
+
+    Call it right before the operation's first command: pyinfra stops reading an operation
+    at its first command when it detects changes.
+    """
+    if previewing():
+        logger.info(f"{host.print_prefix}{WILL}{what}")
+
+
+def fail(message: str) -> StringCommand:
+    """A command that fails the host with `message` (one line per problem) on its stderr."""
+    return StringCommand("printf '%s\\n'", QuoteString(message), ">&2; exit 1")
+
+
+def _names(items: Iterable[str]) -> str:
+    return ", ".join(items)
 
 
 @operation()
@@ -49,6 +84,7 @@ def modules_installed(
     tarball: str,
     tarball_sha256: str,
     modules: Mapping[str, str],
+    set_id: str = "",
 ) -> Generator[Any, None, None]:
     """
     Install a verified module set under /lib/modules/<release>/updates/ipvs-fleet.
@@ -57,6 +93,7 @@ def modules_installed(
     + tarball: local path of the artifact archive (*.ko at its top level)
     + tarball_sha256: its expected sha256, checked again on the host before extracting
     + modules: {file name: sha256} of every module the set must hold, no more, no less
+    + set_id: the patch-set version of the set (for the preview line)
 
     **Example:**
 
@@ -74,6 +111,18 @@ def modules_installed(
     if installed == dict(modules):
         host.noop(f"the patched IPVS modules are already installed for {kernel_release}")
         return
+    what = f"patch set {set_id}" if set_id else "the patched IPVS modules"
+    if installed:
+        differ = sorted(set(installed.items()) ^ set(modules.items()))
+        will(
+            f"replace the installed module set for {kernel_release} with {what} "
+            f"({len({n for n, _ in differ})} module file(s) differ)"
+        )
+    else:
+        will(
+            f"install {what} for {kernel_release}: {len(modules)} modules into "
+            f"{updates_dir(kernel_release)} (sha256-verified), depmod"
+        )
     dest = updates_dir(kernel_release)
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     yield from files.put._inner(src=tarball, dest=remote_tar, mode="0600")
@@ -122,6 +171,10 @@ def modules_built_on_host(
     if installed == dict.fromkeys(modules, set_id):
         host.noop(f"patch set {set_id} is already built and installed for {kernel_release}")
         return
+    will(
+        f"build patch set {set_id} on the host with DKMS for {kernel_release} "
+        f"({len(modules)} modules) and install it into {updates_dir(kernel_release)}"
+    )
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     script = f"{STATE_DIR}/ipvs-dkms-install.sh"
     yield from files.put._inner(src=tarball, dest=remote_tar, mode="0600")
@@ -140,17 +193,24 @@ def modules_removed(kernel_release: str) -> Generator[Any, None, None]:
     + kernel_release: the host's `uname -r`
     """
     dest = updates_dir(kernel_release)
-    for v in host.get_fact(DkmsVersions):
+    dkms = host.get_fact(DkmsVersions)
+    installed = host.get_fact(IpvsInstalledModules, kernel_release=kernel_release)
+    failed_copy = host.get_fact(File, path=f"{dest}.failed")
+    if not dkms and not installed and not failed_copy:
+        host.noop(f"no ipvs-fleet modules are installed for {kernel_release}")
+        return
+    parts = [f"{len(installed)} modules in {dest}"] if installed else []
+    if failed_copy:
+        parts.append(f"{dest}.failed")
+    if dkms:
+        parts.append(f"DKMS ipvs-fleet {_names(dkms)}")
+    will(f"remove the ipvs-fleet module set for {kernel_release} ({'; '.join(parts)}), depmod")
+    for v in dkms:
         yield StringCommand(
             "dkms remove -m ipvs-fleet -v", QuoteString(v), "--all >/dev/null 2>&1;",
             "rm -rf", QuoteString(f"/var/lib/dkms/ipvs-fleet/{v}"),
             QuoteString(f"/usr/src/ipvs-fleet-{v}"),
         )  # fmt: skip
-    if not host.get_fact(IpvsInstalledModules, kernel_release=kernel_release) and not (
-        host.get_fact(File, path=f"{dest}.failed")
-    ):
-        host.noop(f"no ipvs-fleet modules are installed for {kernel_release}")
-        return
     yield StringCommand(
         "rm -rf", QuoteString(dest), QuoteString(f"{dest}.failed"),
         "&& depmod", QuoteString(kernel_release),
@@ -158,26 +218,21 @@ def modules_removed(kernel_release: str) -> Generator[Any, None, None]:
 
 
 @operation()
-def config_files(settings: HostSettings) -> Generator[Any, None, None]:
+def config_file(path: str, settings: HostSettings) -> Generator[Any, None, None]:
     """
-    Write the sysctl.d, modules-load.d and modprobe.d files of the host's class, keeping a
-    one-time backup of whatever was there before.
+    Write one managed file (sysctl.d, modules-load.d or modprobe.d) from the host class's
+    template, keeping a one-time backup of whatever was there before.
 
+    + path: a key of MANAGED_FILES
     + settings: the host's policy settings
     """
-    for path, template in MANAGED_FILES.items():
-        backup = backup_path(path)
-        if host.get_fact(File, path=backup) is None and (
-            host.get_fact(File, path=backup + ".absent") is None
-        ):
-            q, b = QuoteString(path), QuoteString(backup)
-            yield StringCommand(
-                "mkdir -p", QuoteString(posixpath.dirname(backup)),
-                "&& if [ -f", q, "]; then cp -p", q, b,
-                "; else touch", QuoteString(backup + ".absent"), "; fi",
-            )  # fmt: skip
-        yield from files.template._inner(
-            src=str(TEMPLATES / template),
+    backup = backup_path(path)
+    need_backup = host.get_fact(File, path=backup) is None and (
+        host.get_fact(File, path=backup + ".absent") is None
+    )
+    write = list(
+        files.template._inner(
+            src=str(TEMPLATES / MANAGED_FILES[path]),
             dest=path,
             mode="0644",
             # as Ansible renders templates, so both engines write the same bytes
@@ -186,20 +241,43 @@ def config_files(settings: HostSettings) -> Generator[Any, None, None]:
             ipvs_sysctls=settings.sysctls,
             ipvs_modules=list(settings.modules),
         )
+    )
+    if not need_backup and not write:
+        host.noop(f"{path} is up to date")
+        return
+    exists = host.get_fact(File, path=path) is not None
+    what = [f"{'rewrite' if exists else 'create'} {path} ({settings.host_class})"] if write else []
+    if need_backup:
+        what.append(f"keep the previous {path} for rollback" if exists
+                    else f"note for rollback that {path} did not exist")  # fmt: skip
+    will("; ".join(what))
+    if need_backup:
+        q, b = QuoteString(path), QuoteString(backup)
+        yield StringCommand(
+            "mkdir -p", QuoteString(posixpath.dirname(backup)),
+            "&& if [ -f", q, "]; then cp -p", q, b,
+            "; else touch", QuoteString(backup + ".absent"), "; fi",
+        )  # fmt: skip
+    yield from write
 
 
 @operation()
-def config_files_restored() -> Generator[Any, None, None]:
-    """Put back the files the deploy replaced (or remove the ones it created)."""
-    for path in MANAGED_FILES:
-        backup = backup_path(path)
-        q, b, absent = QuoteString(path), QuoteString(backup), QuoteString(backup + ".absent")
-        if host.get_fact(File, path=backup):
-            yield StringCommand("cp -p", b, q, "&& rm -f", b)
-        elif host.get_fact(File, path=backup + ".absent"):
-            yield StringCommand("rm -f", q, absent)
-        else:
-            host.noop(f"{path} has no backup to restore")
+def config_file_restored(path: str) -> Generator[Any, None, None]:
+    """
+    Put back the file the deploy replaced (or remove the one it created).
+
+    + path: a key of MANAGED_FILES
+    """
+    backup = backup_path(path)
+    q, b, absent = QuoteString(path), QuoteString(backup), QuoteString(backup + ".absent")
+    if host.get_fact(File, path=backup):
+        will(f"restore {path} from the copy kept by the first deploy")
+        yield StringCommand("cp -p", b, q, "&& rm -f", b)
+    elif host.get_fact(File, path=backup + ".absent"):
+        will(f"remove {path} (the deploy created it)")
+        yield StringCommand("rm -f", q, absent)
+    else:
+        host.noop(f"{path} has no backup to restore")
 
 
 def is_current(info: Mapping[str, Any], patchset: str) -> bool:
@@ -240,63 +318,91 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     + patchset: the patch-set version the loaded ip_vs must report; "" for the stock build
     """
     loaded = host.get_fact(IpvsLoadedModules)
-    want_patched = bool(patchset)
+    want = f"patch set {patchset}" if patchset else "the stock build"
     stale = sorted(m for m, info in loaded.items() if not is_current(info, patchset))
-    if loaded and stale:
-        what = "patched" if want_patched else "stock"
-        if settings.activation == "next-boot":
-            host.noop(f"{', '.join(stale)} switch to the {what} build at next boot")
-            return
-        if settings.activation == "reboot":
-            yield from server.reboot._inner(delay=5, reboot_timeout=600)
-        else:
-            script = f"{STATE_DIR}/ipvs-swap.sh"
-            yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
-            # Run and remove, as Ansible's script module does: both engines leave the same
-            # host state (the script's own table copies stay, for the record).
-            q = QuoteString(script)
-            yield StringCommand(q, "; rc=$?; rm -f", q, "; exit $rc")
+    swap = bool(loaded and stale)
+    if swap and settings.activation == "next-boot":
+        host.noop(f"{_names(stale)} switch to {want} at next boot")
+        return
     missing = [m for m in settings.modules if m not in loaded or m in stale]
+    if not swap and not missing:
+        host.noop(f"{want} is active")
+        return
+    what = []
+    if swap and settings.activation == "reboot":
+        what.append(f"reboot to load {want} (loaded now: {_names(stale)} of another build)")
+    elif swap:
+        what.append(
+            f"reload the IPVS stack with ipvs-swap.sh ({_names(stale)} -> {want}; "
+            "the service table is saved, restored and compared)"
+        )
+    not_loaded = [m for m in settings.modules if m not in loaded]
+    if not_loaded:
+        what.append(f"load {_names(not_loaded)}")
+    will("; ".join(what) or f"load {_names(missing)}")
+    if swap and settings.activation == "reboot":
+        yield from server.reboot._inner(delay=5, reboot_timeout=600)
+    elif swap:
+        script = f"{STATE_DIR}/ipvs-swap.sh"
+        yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
+        # Run and remove, as Ansible's script module does: both engines leave the same
+        # host state (the script's own table copies stay, for the record).
+        q = QuoteString(script)
+        yield StringCommand(q, "; rc=$?; rm -f", q, "; exit $rc")
     if missing:
         names = [QuoteString(m) for m in missing]
         yield StringCommand("for m in", *names, '; do modprobe "$m"; done')
-    elif not stale:
-        host.noop(f"the {'patched' if want_patched else 'stock'} IPVS modules are active")
 
 
 @operation()
-def sysctls_live(settings: HostSettings) -> Generator[Any, None, None]:
+def sysctl_live(key: str, value: int, activation: str = "reload") -> Generator[Any, None, None]:
     """
-    Set the class's net.ipv4.vs.* values in the running kernel.
+    Set one net.ipv4.vs.* value in the running kernel.
 
-    + settings: the host's policy settings
+    + key: the key under net.ipv4.vs
+    + value: the class's value
+    + activation: the host's strategy; with next-boot a key the loaded (stock) module lacks
+      appears with the patched module at the next boot
     """
     live = host.get_fact(IpvsSysctls)
-    for key, value in sorted(settings.sysctls.items()):
-        if key not in live:
-            if settings.activation == "next-boot":
-                host.noop(f"net.ipv4.vs.{key} appears with the patched module at next boot")
-                continue
-            raise OperationError(
-                f"net.ipv4.vs.{key} does not exist on {host.name}: ip_vs not loaded or stock"
-            )
-        yield from server.sysctl._inner(key=f"net.ipv4.vs.{key}", value=value)
+    name = f"net.ipv4.vs.{key}"
+    if live.get(key) == value:
+        host.noop(f"{name} is {value}")
+        return
+    if key not in live:
+        if activation == "next-boot":
+            host.noop(f"{name} appears with the patched module at next boot")
+            return
+        if not previewing():
+            yield fail(f"error: {name} does not exist: ip_vs is not loaded, or is a build "
+                       "without it")  # fmt: skip
+            return
+        will(f"set {name} = {value} (the key appears once the modules above are active)")
+    else:
+        will(f"set {name} = {value} (live {live[key]})")
+    yield StringCommand("sysctl -w", QuoteString(f"{name}={value}"))
 
 
 @operation()
 def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, None]:
     """
-    Fail the host unless the running state is what was deployed (reads facts, changes
-    nothing): every loaded IPVS module from the expected build, the given values live.
+    Fail the host unless the running state is what was deployed: every loaded IPVS module
+    from the expected build, the given values live. A step of the execution: it reads the
+    host when it runs, after the operations before it, and changes nothing; a preview
+    or dry run only notes that it will run.
 
     + patchset: the expected patch-set version; "" for the stock build (then the knob
       must not exist)
     + sysctls: {key: value} that must be live
     """
+    what = f"patch set {patchset}" if patchset else "the stock build"
+    if previewing():
+        host.noop(f"verification of {what} runs after the changes")
+        return
     loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
     live: dict[str, Any] = host.get_fact(IpvsSysctls)
     problems = verification_problems(loaded, live, patchset, sysctls)
     if problems:
-        raise OperationError(f"{host.name} not verified: " + "; ".join(problems))
-    host.noop(f"verified: {'patch set ' + patchset if patchset else 'stock build'}")
-    yield from ()
+        yield fail(f"verification failed on {host.name}: " + "; ".join(problems))
+        return
+    host.noop(f"verified: {what}")

@@ -4,6 +4,10 @@ pyinfra loads the deploy file for every host before it executes any operation, a
 exception raised while loading aborts the run for all hosts. So everything that can make a
 host's deploy invalid (policy, missing artifact, lockdown, the reuse interlock) is checked
 here, at load time.
+
+A plan (`ipvs-fleet rollout --plan`: a dry run with $IPVS_FLEET_PREFLIGHT=report) wants
+every host's verdict, not the first refusal: there a refused host is logged
+(`[host] refused: <why>`) and failed alone, and the other hosts are planned.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
 
 T = TypeVar("T")
 ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
+# $IPVS_FLEET_PREFLIGHT=report: a refused host fails alone (a plan), instead of the run.
+PREFLIGHT_ENV = "IPVS_FLEET_PREFLIGHT"
+REFUSED = "refused: "
 
 
 class DeployRefused(PyinfraError):
@@ -73,7 +80,7 @@ def settings_for(host: Host) -> HostSettings:
         raise DeployRefused(str(e)) from None
 
 
-def interlock(settings: HostSettings, usage: dict[str, Any], reuse: str) -> str | None:
+def interlock(settings: HostSettings, usage: dict[str, Any], reuse: str | None) -> str | None:
     """Why knob=1 must not be set on this host, or None."""
     if settings.knob != 1:
         return None
@@ -209,9 +216,27 @@ def read_facts(host: Host, read: Callable[[], T]) -> T | None:
     return value
 
 
+def refusals_reported() -> bool:
+    """Whether a refused host fails alone ($IPVS_FLEET_PREFLIGHT=report) instead of the run."""
+    return os.environ.get(PREFLIGHT_ENV, "") == "report"
+
+
 def plan_host(host: Host) -> HostPlan | None:
     """Check one host and return its plan, or raise DeployRefused naming host and reason
-    (None: the host stopped answering and is failed; see read_facts)."""
+    (None: the host stopped answering and is failed, see read_facts; or, when refusals are
+    reported, the host was refused and is failed alone)."""
+    try:
+        return _plan_host(host)
+    except DeployRefused as e:
+        if not refusals_reported():
+            raise
+        logger.error(f"{host.print_prefix}{REFUSED}{e}")
+        real = host._get_module() if isinstance(host, ContextObject) else host
+        real.state.fail_hosts({real})
+        return None
+
+
+def _plan_host(host: Host) -> HostPlan | None:
     settings = settings_for(host)  # policy errors first: they need no fact
 
     def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:

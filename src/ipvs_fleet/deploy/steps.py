@@ -1,4 +1,11 @@
-"""The deploy, as reusable pyinfra deploys: install, configure, activate, verify, roll back."""
+"""The deploy, as reusable pyinfra deploys: install, configure, activate, verify, roll back.
+
+Operations that repeat per item (a managed file, a sysctl, an activation strategy) run in
+`host.loop` over a list that is the same for every host, so each item is one operation of
+its own across the fleet, with one name: a preview's table of changes reads
+`Set net.ipv4.vs.conn_reuse_old_conntrack live: 1 (k8s-canary)`, never one host's item under
+another host's name.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,33 @@ from ipvs_fleet.deploy.plan import (
     running_kernel,
     settings_for,
 )
+from ipvs_fleet.policy import ACTIVATIONS, HostSettings, load_policy
+
+
+def _activate(settings: HostSettings, patchset: str) -> None:
+    """modules_active as one operation per strategy, named after it."""
+    what = "patched" if patchset else "stock"
+    for strategy in host.loop(ACTIVATIONS):
+        if strategy == settings.activation:
+            ipvs.modules_active(
+                name=f"Activate the {what} modules ({strategy})",
+                settings=settings,
+                patchset=patchset,
+            )
+
+
+def _verify(settings: HostSettings, patchset: str) -> None:
+    if settings.activation == "next-boot":
+        return  # the running kernel keeps its modules until the next boot
+    ipvs.verified(
+        name=(
+            "Verify the patched modules and the class values are live"
+            if patchset
+            else "Verify the stock modules are loaded and the knob is gone"
+        ),
+        patchset=patchset,
+        sysctls=settings.sysctls if patchset else {},
+    )
 
 
 @deploy("Roll out the patched IPVS modules")
@@ -20,10 +54,10 @@ def rollout() -> None:
     """Preflight every host (at load time), then install, configure, activate, verify."""
     plan: HostPlan | None = plan_host(host)
     if plan is None:
-        return  # lost while its facts were read: failed, no operation
+        return  # lost while its facts were read, or refused in a plan: no operation
     if plan.build_on_host:
         ipvs.modules_built_on_host(
-            name=f"Build patch set {plan.patchset} on the host (DKMS) for {plan.kernel_release}",
+            name="Build the patch set on the host (DKMS) and install it",
             kernel_release=plan.kernel_release,
             tarball=plan.tarball,
             tarball_sha256=plan.tarball_sha256,
@@ -32,31 +66,26 @@ def rollout() -> None:
         )
     else:
         ipvs.modules_installed(
-            name=f"Install patch set {plan.patchset} for {plan.kernel_release}",
+            name="Install the patched IPVS module set",
             kernel_release=plan.kernel_release,
             tarball=plan.tarball,
             tarball_sha256=plan.tarball_sha256,
             modules=plan.modules,
+            set_id=plan.patchset,
         )
-    ipvs.config_files(
-        name=f"Write the {plan.settings.host_class} sysctl, modules-load and modprobe files",
-        settings=plan.settings,
-    )
-    ipvs.modules_active(
-        name=f"Activate the patched modules ({plan.settings.activation})",
-        settings=plan.settings,
-        patchset=plan.patchset,
-    )
-    ipvs.sysctls_live(
-        name=f"Set the {plan.settings.host_class} IPVS sysctls live",
-        settings=plan.settings,
-    )
-    if plan.settings.activation != "next-boot":
-        ipvs.verified(
-            name="Verify the patched modules and the class values are live",
-            patchset=plan.patchset,
-            sysctls=plan.settings.sysctls,
-        )
+    for path in host.loop(ipvs.MANAGED_FILES):
+        ipvs.config_file(name=f"Write {path}", path=path, settings=plan.settings)
+    _activate(plan.settings, plan.patchset)
+    # Every key a policy may set, in the schema's order: the same list on every host.
+    for key in host.loop(load_policy().schema):
+        if key in plan.settings.sysctls:
+            ipvs.sysctl_live(
+                name=f"Set net.ipv4.vs.{key} live",
+                key=key,
+                value=plan.settings.sysctls[key],
+                activation=plan.settings.activation,
+            )
+    _verify(plan.settings, plan.patchset)
 
 
 @deploy("Roll back to the stock IPVS modules")
@@ -66,16 +95,8 @@ def rollback() -> None:
     kr = read_facts(host, lambda: running_kernel(host))
     if kr is None:
         return  # lost while its facts were read: failed, no operation
-    ipvs.modules_removed(name=f"Remove the patched modules for {kr}", kernel_release=kr)
-    ipvs.config_files_restored(name="Restore the previous sysctl, modules-load, modprobe files")
-    ipvs.modules_active(
-        name=f"Activate the stock modules ({settings.activation})",
-        settings=settings,
-        patchset="",
-    )
-    if settings.activation != "next-boot":
-        ipvs.verified(
-            name="Verify the stock modules are loaded and the knob is gone",
-            patchset="",
-            sysctls={},
-        )
+    ipvs.modules_removed(name="Remove the patched IPVS module set", kernel_release=kr)
+    for path in host.loop(ipvs.MANAGED_FILES):
+        ipvs.config_file_restored(name=f"Restore the previous {path}", path=path)
+    _activate(settings, "")
+    _verify(settings, "")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.policy import REPO, load_policy
@@ -21,20 +24,17 @@ from ipvs_fleet.rollout.config import (
     plan_waves,
 )
 from ipvs_fleet.rollout.engine import COMPLETED, Rollout
-from ipvs_fleet.rollout.journal import Journal, JournalView, read_journal
-from ipvs_fleet.rollout.report import (
-    RichUI,
-    changes_by_host,
-    print_plan,
-    print_summary,
-    write_json,
-)
-from ipvs_fleet.rollout.runner import PyinfraRunner
+from ipvs_fleet.rollout.journal import Journal, JournalView, archive, read_journal
+from ipvs_fleet.rollout.report import RichUI, print_plan, print_summary, write_json
+from ipvs_fleet.rollout.runner import PyinfraRunner, checks_available
 
 EPILOG = """\
 waves: a group name (its hosts), a host count, or N% of the hosts outside the group waves;
 the last entry repeats until every host is in a wave (as Ansible's serial). Host order is the
-inventory's. Exit codes: 0 completed, 1 halted (a wave failed its gate), 2 bad input.
+inventory's. A journal whose rollout completed is archived (<journal stem>.<UTC time>.jsonl)
+and a new rollout starts; an unfinished one is continued with --resume or archived with --new.
+Exit codes: 0 completed (--plan: every host can be deployed), 1 halted (a wave failed its
+gate; --plan: a host would be refused or could not be planned), 2 bad input.
 """
 
 
@@ -51,9 +51,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help=f"rollout policy YAML (default: {ROLLOUT_FILE.relative_to(REPO)})")
     p.add_argument("--plan", action="store_true",
-                   help="print the waves and what each would change (dry run); touch nothing")
+                   help="print the waves and each host's pending changes (pyinfra's dry run); "
+                        "touch nothing")
     p.add_argument("--resume", action="store_true",
-                   help="continue the journal's rollout, skipping hosts already verified")
+                   help="continue the journal's unfinished rollout, skipping hosts already "
+                        "verified")
+    p.add_argument("--new", action="store_true",
+                   help="archive the journal of an unfinished rollout and start a new one")
+    p.add_argument("--limit", action="append", default=[], metavar="HOSTS",
+                   help="only these hosts: names, globs or group names, comma-separated or "
+                        "repeated (as pyinfra's --limit); --resume keeps the journal's")
     p.add_argument("--journal", type=Path,
                    help="journal file (default: reports/rollout/<inventory>.jsonl)")
     p.add_argument("--json", type=Path, dest="json_out", help="write the JSON report here")
@@ -63,6 +70,14 @@ def add_parser(sub: Any) -> None:
                    help="leave a failed wave's hosts as they are (report them failed-unknown)")
     p.add_argument("--log-dir", type=Path, help="pyinfra and gate logs (default: next to journal)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each host's pyinfra lines")
+    g = p.add_argument_group("pyinfra options", "passed to every pyinfra run: the deploy, the "
+                             "plan, the rollback and the verification gate")
+    g.add_argument("--parallel", type=int, metavar="N",
+                   help="pyinfra --parallel: at most N hosts at once")
+    g.add_argument("--sudo", action="store_true", help="pyinfra --sudo: run operations with sudo")
+    g.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="pyinfra --data: override host data of every host (repeatable); the "
+                        "policy's rollback_data win for the rollback")
     p.set_defaults(func=run)  # fmt: skip
 
 
@@ -77,11 +92,52 @@ def load_hosts(inventory: Path) -> list[tuple[str, tuple[str, ...], dict[str, An
     return [(h.name, tuple(h.groups), dict(h.data)) for h in load_inventory(inventory)]
 
 
-def check_policy(hosts: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> None:
-    """Every host's class settings must be valid before any host is touched."""
+def check_policy(
+    hosts: list[tuple[str, tuple[str, ...], dict[str, Any]]],
+    overrides: dict[str, Any] | None = None,
+) -> None:
+    """Every host's class settings (with --data overrides) must be valid before any host is
+    touched."""
     policy = load_policy()
     for name, _, data in hosts:
-        policy.for_host(name, {k: v for k, v in data.items() if str(k).startswith("ipvs_")})
+        merged = {**data, **(overrides or {})}
+        policy.for_host(name, {k: v for k, v in merged.items() if str(k).startswith("ipvs_")})
+
+
+def split_patterns(values: list[str]) -> list[str]:
+    """--limit values (repeated and/or comma-separated) as one list of patterns."""
+    return [x.strip() for v in values for x in v.split(",") if x.strip()]
+
+
+def apply_limit(
+    hosts: list[tuple[str, tuple[str, ...], dict[str, Any]]], patterns: list[str]
+) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
+    """The hosts a --limit selects, in inventory order: a pattern is a group name (its
+    hosts) or a host name glob, as pyinfra's; one that matches nothing is an error."""
+    if not patterns:
+        return hosts
+    chosen: set[str] = set()
+    for pat in patterns:
+        got = {n for n, gs, _ in hosts if pat in gs} or {
+            n for n, _, _ in hosts if fnmatch.fnmatchcase(n, pat)
+        }
+        if not got:
+            raise ConfigError(f"--limit {pat}: matches no host or group of the inventory")
+        chosen |= got
+    return [h for h in hosts if h[0] in chosen]
+
+
+def parse_data(items: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """--data KEY=VALUE items: (as given, for pyinfra; as pyinfra parses them, for the policy)."""
+    from pyinfra_cli.util import parse_cli_arg
+
+    raw: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--data {item}: must be KEY=VALUE")
+        raw[key.strip()] = value
+    return raw, {k: parse_cli_arg(v) for k, v in raw.items()}
 
 
 def effective_config(args: argparse.Namespace) -> RolloutConfig:
@@ -113,7 +169,7 @@ def resumed_plan(view: JournalView, fresh: list[Wave], names: set[str], where: P
         raise ConfigError(
             f"{where}: the inventory changed since this rollout started "
             f"(gone: {', '.join(gone) or '-'}; new: {', '.join(new) or '-'}); "
-            "finish it with the old inventory or start a new journal"
+            "finish it with the old inventory (and --limit), or start a new rollout with --new"
         )
     out = []
     for i, (spec, hs) in enumerate(view.waves):
@@ -124,36 +180,65 @@ def resumed_plan(view: JournalView, fresh: list[Wave], names: set[str], where: P
     return out
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "?"
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False)
     inv: Path = args.inventory
     if not inv.is_file():
         raise ConfigError(f"{inv}: inventory file not found")
+    if args.resume and args.new:
+        raise ConfigError("--resume continues the journal's rollout, --new archives it: not both")
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError("--parallel: must be at least 1")
     cfg = effective_config(args)
-    hosts = load_hosts(inv)
-    check_policy(hosts)
-    waves = plan_waves(
-        [(n, g) for n, g, _ in hosts], cfg.waves,
-        max_fail_percent=cfg.max_fail_percent, soak_seconds=cfg.soak_seconds,
-    )  # fmt: skip
+    data, data_values = parse_data(args.data)
     jpath = args.journal or default_journal(inv)
     view = read_journal(jpath)
     if args.resume:
         if view.runs == 0:
             raise ConfigError(f"{jpath}: no journal to resume (run without --resume first)")
+        if view.completed:
+            raise ConfigError(
+                f"{jpath}: its rollout completed ({_when(view.last_ts)}): nothing to resume; "
+                "run without --resume to start a new rollout (the journal is archived)"
+            )
+    limit = split_patterns(args.limit)
+    if args.resume and not limit:
+        limit = view.limit  # the resumed rollout's own hosts
+    all_hosts = load_hosts(inv)
+    hosts = apply_limit(all_hosts, limit)
+    check_policy(hosts, data_values)
+    waves = plan_waves(
+        [(n, g) for n, g, _ in hosts], cfg.waves,
+        max_fail_percent=cfg.max_fail_percent, soak_seconds=cfg.soak_seconds,
+        known_groups={g for _, gs, _ in all_hosts for g in gs},
+    )  # fmt: skip
+    if args.resume:
         waves = resumed_plan(view, waves, {n for n, _, _ in hosts}, jpath)
-    elif view.runs and not args.plan:
+    elif view.runs and not args.plan and not (view.completed or args.new):
         raise ConfigError(
-            f"{jpath}: a journal of an earlier rollout exists (outcome: {view.outcome or 'none'}); "
-            "continue it with --resume, or give another --journal"
+            f"{jpath}: an unfinished rollout (outcome: {view.outcome or 'none'}, last record "
+            f"{_when(view.last_ts)}); continue it with --resume, or archive it and start a new "
+            "one with --new"
         )
+    if any(str(k).startswith("ipvs_") for k in data) and cfg.gate.checks and checks_available():
+        console.print("[yellow]note: the checks gate reads the inventory's host data; --data "
+                      f"{', '.join(sorted(data))} applies to the pyinfra runs only[/]")  # fmt: skip
     log_dir = args.log_dir or jpath.with_suffix(".logs")
     env = dict(os.environ)
+    pyinfra_args: list[str] = ["--sudo"] if args.sudo else []
+    if args.parallel is not None:
+        pyinfra_args += ["--parallel", str(args.parallel)]
     runner = PyinfraRunner(
         inventory=inv.absolute(),
         deploy_file=cfg.deploy,
         rollback_file=cfg.rollback,
         rollback_data=cfg.rollback_data,
+        data=data,
+        pyinfra_args=tuple(pyinfra_args),
         use_checks=cfg.gate.checks,
         check_args=cfg.gate.check_args,
         gate_timeout=cfg.gate.timeout_seconds,
@@ -164,19 +249,25 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         states = {h: r.state for h, r in view.hosts.items()} if args.resume else None
         console.print(f"[bold]Plan[/] for {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
-                      "dry run of the deploy (nothing is changed)...")  # fmt: skip
-        res, doc = runner.plan([h for w in waves for h in w.hosts], lambda h, s: None)
-        print_plan(waves, Console(highlight=False), changes_by_host(doc) if doc else None, states)
-        bad = {h: o.reason for h, o in res.hosts.items() if not o.ok}
-        for h, why in sorted(bad.items()):
-            console.print(f"[red]{h}: the deploy would fail: {why}[/]")
+                      "pyinfra's dry run of the deploy (nothing is changed)...")  # fmt: skip
+        plans = runner.plan([h for w in waves for h in w.hosts], lambda h, s: None)
+        print_plan(waves, Console(highlight=False), plans, states)
+        bad = {h: p for h, p in plans.items() if not p.ok}
+        for h, p in sorted(bad.items()):
+            why = f"the deploy would refuse it: {p.refused}" if p.refused else (
+                f"could not be planned: {p.error}"
+            )
+            console.print(f"[red]{escape(h)}: {escape(why)}[/]", soft_wrap=True)
         return 0 if not bad else 1
+    if view.runs and not args.resume:
+        done = archive(jpath, view.last_ts)
+        console.print(f"the earlier rollout ({view.outcome or 'unfinished'}) is archived: {done}")
     ui = RichUI(console, verbose=args.verbose)
     journal = Journal(jpath)
     rollout = Rollout(
         waves, runner, journal,
         rollback=cfg.rollback_failed_wave and not args.no_rollback,
-        previous=view if args.resume else None, ui=ui, inventory=str(inv),
+        previous=view if args.resume else None, ui=ui, inventory=str(inv), limit=limit,
     )  # fmt: skip
     console.print(f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
                   f"journal {jpath}")  # fmt: skip

@@ -17,7 +17,7 @@ order, never at random, so the same inventory always gives the same waves.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,13 +213,15 @@ def plan_waves(
     *,
     max_fail_percent: float = 0,
     soak_seconds: float = 0,
+    known_groups: Collection[str] = (),
 ) -> list[Wave]:
     """Split inventory hosts [(name, groups)] into waves, deterministically, in inventory order.
 
     Group entries take their group's hosts first (in wave-list order); counts and percentages
     then cut the remaining hosts, percentages of the number left after the group waves. The
     last entry repeats until every host is in a wave. Raises ConfigError for a group the
-    inventory does not have.
+    inventory does not have; a group of `known_groups` (the whole inventory's, when `hosts`
+    is a --limit of it) with none of `hosts` gives no wave.
     """
     names = [h for h, _ in hosts]
     if len(set(names)) != len(names):
@@ -233,10 +235,11 @@ def plan_waves(
     for i, s in enumerate(specs):
         if s.kind != "group":
             continue
-        if s.value not in groups and s.value not in names:
-            known = ", ".join(sorted(groups)) or "none"
+        if s.value not in groups and s.value not in names and s.value not in known_groups:
+            known = ", ".join(sorted(set(groups) | set(known_groups))) or "none"
             raise ConfigError(f"wave {s.value!r}: no such group in the inventory (groups: {known})")
-        members = groups.get(str(s.value), [str(s.value)])
+        v = str(s.value)
+        members = groups.get(v, [v] if v in names else [])
         group_hosts[i] = [h for h in members if h not in taken]
         taken.update(group_hosts[i])
     rest = [h for h in names if h not in taken]

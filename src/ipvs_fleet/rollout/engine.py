@@ -118,6 +118,7 @@ class Rollout:
         previous: JournalView | None = None,
         ui: UI | None = None,
         inventory: str = "",
+        limit: Sequence[str] = (),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.waves = list(waves)
@@ -128,6 +129,7 @@ class Rollout:
         self.resume = previous is not None and previous.runs > 0
         self.ui = ui or UI()
         self.inventory = inventory
+        self.limit = list(limit)
         self.sleep = sleep
 
     # -- journal helpers -------------------------------------------------------------------
@@ -176,6 +178,7 @@ class Rollout:
             inventory=self.inventory,
             resume=self.resume,
             waves=[[w.spec, list(w.hosts)] for w in self.waves],
+            limit=self.limit,
         )
         results: list[WaveResult] = []
         outcome, halted_at = COMPLETED, None

@@ -1,7 +1,7 @@
 """The rollout journal: one JSON object per line, fsync'ed before the step it records proceeds.
 
 Events (`event` key):
-- `start`: a run began (`run`, `inventory`, `waves` as [[spec, [hosts]]], `resume`)
+- `start`: a run began (`run`, `inventory`, `waves` as [[spec, [hosts]]], `resume`, `limit`)
 - `host`: a host changed state (`host`, `state`, `wave`, `detail`)
 - `wave`: a wave finished (`wave`, `passed`, `failed` hosts)
 - `end`: the run ended (`outcome`: completed | halted)
@@ -10,6 +10,9 @@ Host states, in order: deploying -> deployed -> gating -> verified | failed; the
 hosts rolling-back -> rolled-back | rollback-failed. A host whose last state is not verified,
 rolled-back or failed was interrupted mid-step: its state is unknown until it is deployed again.
 A torn last line (the controller killed mid-write) is ignored.
+
+A journal holds one rollout (and the runs that resumed it). Once it completed, the next
+rollout archives it next to itself, timestamped (`archive`), and starts a new one.
 """
 
 from __future__ import annotations
@@ -62,6 +65,13 @@ class JournalView:
     runs: int = 0
     outcome: str | None = None
     inventory: str | None = None
+    limit: list[str] = field(default_factory=list)  # the first run's --limit ([]: none)
+    last_ts: float | None = None  # time of the last record
+
+    @property
+    def completed(self) -> bool:
+        """Whether the rollout's last run completed (nothing is left to resume)."""
+        return self.runs > 0 and self.outcome == "completed"
 
 
 class Journal:
@@ -142,6 +152,7 @@ def read_journal(path: Path | str) -> JournalView:
             if not view.waves:
                 view.waves = [(str(s), list(h)) for s, h in rec.get("waves", [])]
                 view.inventory = rec.get("inventory")
+                view.limit = [str(x) for x in rec.get("limit") or []]
             view.outcome = None
         elif ev == "host":
             h = view.hosts.get(rec["host"])
@@ -151,4 +162,21 @@ def read_journal(path: Path | str) -> JournalView:
             h.history.append(rec["state"])
         elif ev == "end":
             view.outcome = rec.get("outcome")
+        if isinstance(rec.get("ts"), int | float):
+            view.last_ts = float(rec["ts"])
     return view
+
+
+def archive(path: Path | str, when: float | None = None) -> Path:
+    """Move a journal aside as `<stem>.<UTC time>.jsonl` next to it (the time of its last
+    record, else now; `-N` added if taken) and return the new path. The same name at the
+    same place is then free for a new rollout."""
+    p = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when if when is not None else None))
+    dest = p.with_name(f"{p.stem}.{stamp}{p.suffix}")
+    n = 1
+    while dest.exists():
+        dest = p.with_name(f"{p.stem}.{stamp}-{n}{p.suffix}")
+        n += 1
+    os.replace(p, dest)
+    return dest

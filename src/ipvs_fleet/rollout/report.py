@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ipvs_fleet.rollout import journal as J
 from ipvs_fleet.rollout.config import Wave
 from ipvs_fleet.rollout.engine import UI, RolloutResult
+from ipvs_fleet.rollout.runner import PlannedHost
 
 STYLE = {
     J.NEW_VERIFIED: "green",
@@ -74,12 +76,14 @@ class RichUI(UI):
 def print_plan(
     waves: Sequence[Wave],
     console: Console,
-    changes: dict[str, list[str]] | None = None,
+    plans: Mapping[str, PlannedHost] | None = None,
     states: dict[str, str] | None = None,
 ) -> None:
-    """The waves in order, their hosts, and what the deploy would change on each (dry run)."""
-    t = Table(title="Rollout plan", show_lines=False)
-    for col in ("wave", "spec", "hosts", "max fail", "soak", "would change"):
+    """The waves in order, their hosts, then each wave's pending changes per host (pyinfra's
+    dry run): hosts with the same changes share one entry; refused and unplanned hosts are
+    named."""
+    t = Table(title="Rollout plan")
+    for col in ("wave", "spec", "hosts", "max fail", "soak", "pending"):
         t.add_column(col)
     for w in waves:
         names = ", ".join(w.hosts) if len(w.hosts) <= 6 else (
@@ -89,23 +93,66 @@ def print_plan(
             done = sum(1 for h in w.hosts if states.get(h) == J.VERIFIED)
             if done:
                 names += f" [green]({done} verified, skipped on resume)[/]"
-        change = "-"
-        if changes is not None:
-            ops = sorted({op for h in w.hosts for op in changes.get(h, [])})
-            change = "\n".join(ops) if ops else "nothing (already converged)"
+        pending = "-" if plans is None else wave_summary(w.hosts, plans)
         t.add_row(str(w.index), w.spec, names, f"{w.max_fail_percent:g}%",
-                  f"{w.soak_seconds:g} s", change)  # fmt: skip
+                  f"{w.soak_seconds:g} s", pending)  # fmt: skip
     console.print(t)
+    if plans is None:
+        return
+    for w in waves:
+        console.print(f"[bold]{w.name}[/]", soft_wrap=True)
+        for line in wave_changes(w.hosts, plans):
+            console.print(f"  {line}", soft_wrap=True)
 
 
-def changes_by_host(plan_doc: dict[str, Any]) -> dict[str, list[str]]:
-    """Host -> names of the operations a pyinfra dry run says would change it."""
-    out: dict[str, list[str]] = {}
-    for op in plan_doc.get("plan") or []:
-        for h in list(op.get("hosts_with_change") or []) + list(
-            op.get("hosts_with_conditional_change") or []
-        ):
-            out.setdefault(h, []).append(str(op.get("name")))
+def _verdict(p: PlannedHost | None) -> str:
+    if p is None:
+        return "unplanned"
+    if p.refused:
+        return "refused"
+    if p.error:
+        return "unplanned"
+    return "changes" if p.changes else "converged"
+
+
+def wave_summary(hosts: Sequence[str], plans: Mapping[str, PlannedHost]) -> str:
+    """"2 to change, 1 converged, 1 REFUSED" for the plan table."""
+    counts: dict[str, int] = {}
+    for h in hosts:
+        v = _verdict(plans.get(h))
+        counts[v] = counts.get(v, 0) + 1
+    words = {"changes": "{} to change", "converged": "[green]{} converged[/]",
+             "refused": "[red]{} REFUSED[/]", "unplanned": "[red]{} not planned[/]"}  # fmt: skip
+    return ", ".join(words[k].format(counts[k]) for k in words if k in counts)
+
+
+def _host_list(hosts: Sequence[str]) -> str:
+    if len(hosts) <= 4:
+        return ", ".join(hosts)
+    return f"{', '.join(hosts[:2])} ... {hosts[-1]} ({len(hosts)} hosts)"
+
+
+def wave_changes(hosts: Sequence[str], plans: Mapping[str, PlannedHost]) -> list[str]:
+    """Rich-markup lines: per group of hosts with the same verdict, what it is."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for h in hosts:
+        p = plans.get(h) or PlannedHost(error="not in the dry run")
+        if p.refused:
+            key: tuple[str, ...] = ("[red]REFUSED: " + escape(p.refused) + "[/]",)
+        elif p.error:
+            key = ("[red]could not be planned: " + escape(p.error) + "[/]",)
+        elif p.changes:
+            key = tuple("- " + escape(c) for c in p.changes)
+        else:
+            key = ("[green]nothing (converged)[/]",)
+        groups.setdefault(key, []).append(h)
+    out = []
+    for key, hs in groups.items():
+        if len(key) == 1 and not key[0].startswith("- "):
+            out.append(f"[bold]{escape(_host_list(hs))}[/]: {key[0]}")
+            continue
+        out.append(f"[bold]{escape(_host_list(hs))}[/]:")
+        out += [f"  {line}" for line in key]
     return out
 
 

@@ -35,6 +35,13 @@ PR_SET_PDEATHSIG = 1
 # pyinfra's per-host output lines: "    [host] Success", "    [host] Error: ..."
 HOST_LINE = re.compile(r"^\s*\[([^\]]+)\]\s+(.*)$")
 OP_LINE = re.compile(r"^--> Starting (?:operation|deploy): (.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# pyinfra's own summary of a failed operation: the line before it says why.
+GENERIC_ERROR = re.compile(r"^Error: executed \d+ commands?\b")
+# What the deploy says in a preview, and how a plan asks it to report refusals one host at a
+# time (ipvs_fleet.deploy: operations.WILL, plan.REFUSED, plan.PREFLIGHT_ENV; not imported:
+# the controller stays free of pyinfra).
+WILL, REFUSED, PREFLIGHT_ENV = "will ", "refused: ", "IPVS_FLEET_PREFLIGHT"
 
 Progress = Callable[[str, str], None]  # (host or "", step)
 
@@ -126,16 +133,76 @@ def run_child(
     return rc, "".join(out_chunks), stderr
 
 
-def _host_errors(stderr: str, hosts: Sequence[str]) -> dict[str, str]:
-    """The last error-looking pyinfra line of each host."""
+def host_lines(stderr: str, hosts: Sequence[str]) -> list[tuple[str, str]]:
+    """(host, message) of each pyinfra line about one of `hosts`, in order, colours removed."""
     wanted = set(hosts)
-    out: dict[str, str] = {}
+    out = []
     for line in stderr.splitlines():
-        m = HOST_LINE.match(line)
-        if m and m.group(1) in wanted:
-            msg = m.group(2).strip()
-            if re.search(r"error|fail|could not|unable|refused|timed out|no route", msg, re.I):
-                out[m.group(1)] = msg[:500]
+        m = HOST_LINE.match(ANSI.sub("", line))
+        if m and m.group(1).strip() in wanted:
+            out.append((m.group(1).strip(), m.group(2).strip()))
+    return out
+
+
+def _host_errors(stderr: str, hosts: Sequence[str]) -> dict[str, str]:
+    """The last error-looking pyinfra line of each host (pyinfra's generic "Error: executed
+    N commands" only when nothing says more)."""
+    out: dict[str, str] = {}
+    for h, msg in host_lines(stderr, hosts):
+        if re.search(r"error|fail|could not|unable|refused|timed out|no route", msg, re.I):
+            if GENERIC_ERROR.match(msg) and h in out:
+                continue
+            out[h] = msg[:500]
+    return out
+
+
+@dataclass
+class PlannedHost:
+    """One host in a plan: what the deploy would change, or why it would not run there."""
+
+    changes: list[str] = field(default_factory=list)
+    refused: str = ""  # the preflight refused the host (nothing would be changed anywhere)
+    error: str = ""  # the host could not be planned (unreachable, lost, pyinfra failed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.error
+
+
+def plan_outcomes(doc: dict[str, Any], stderr: str, hosts: Sequence[str]) -> dict[str, PlannedHost]:
+    """Each host's pending changes from a pyinfra dry run with change detection (no `-y`).
+
+    The --json document says which operations would change which host (pyinfra's own
+    verdict); the deploy's preview lines (`[host] will ...`) say what each change is.
+    A host with changes but no preview line gets the operations' names. Refusals
+    (`[host] refused: ...`, $IPVS_FLEET_PREFLIGHT=report) and hosts pyinfra failed (no
+    connection, lost) are reported as such: no plan, no change claimed.
+    """
+    out = {h: PlannedHost() for h in hosts}
+    ops: dict[str, list[str]] = {}
+    for op in doc.get("plan") or []:
+        name = str(op.get("name") or "").split(" | ", 1)[-1]
+        for h in list(op.get("hosts_with_change") or []) + list(
+            op.get("hosts_with_conditional_change") or []
+        ):
+            ops.setdefault(h, []).append(name)
+    for h, msg in host_lines(stderr, hosts):
+        if msg.startswith(WILL):
+            out[h].changes.append(msg[len(WILL):])
+        elif msg.startswith(REFUSED):
+            out[h].refused = msg[len(REFUSED):]
+    errors = _host_errors(stderr, hosts)
+    for h, p in out.items():
+        if p.refused:
+            p.changes = []
+        elif h in ops:
+            p.changes = p.changes or ops[h]
+        elif not doc:
+            p.changes = []
+            p.error = errors.get(h, "") or "pyinfra gave no plan: " + (_tail(stderr) or "?")
+        elif h in errors:
+            # Not in the plan and an error line: pyinfra failed it (connect, fact read).
+            p.changes, p.error = [], errors[h]
     return out
 
 
@@ -152,6 +219,11 @@ class PyinfraRunner:
     deploy_file: str = "deploy.py"
     rollback_file: str = "deploy/rollback.py"
     rollback_data: dict[str, str] = field(default_factory=dict)
+    # For every pyinfra child (deploy, rollback, verification, plan): `--data k=v` (the
+    # rollback's own rollback_data win over these) and other pyinfra options, e.g.
+    # ("--parallel", "10", "--sudo").
+    data: dict[str, str] = field(default_factory=dict)
+    pyinfra_args: tuple[str, ...] = ()
     use_checks: bool = True
     check_args: tuple[str, ...] = ()
     gate_timeout: float = 900.0
@@ -176,15 +248,21 @@ class PyinfraRunner:
         dry: bool = False,
         what: str = "deploy",
     ) -> tuple[StepResult, dict[str, Any]]:
-        """One pyinfra CLI run limited to `hosts`: per-host outcomes and its --json document."""
-        cmd = [str(PYINFRA), "-y", "--json"]
-        if dry:
-            cmd.append("--dry")
+        """One pyinfra CLI run limited to `hosts`: per-host outcomes and its --json document.
+
+        `dry`: pyinfra's dry run with change detection (no `-y`: with it pyinfra detects no
+        change at all), refused hosts reported one by one; the stderr is in the result's log.
+        """
+        cmd = [str(PYINFRA), "--json", "--dry"] if dry else [str(PYINFRA), "-y", "--json"]
+        cmd += list(self.pyinfra_args)
         for h in hosts:
             cmd += ["--limit", h]
-        for k, v in (data or {}).items():
+        for k, v in {**self.data, **(data or {})}.items():
             cmd += ["--data", f"{k}={v}"]
         cmd += [str(self.inventory), str(deploy_file)]
+        env = self.env
+        if dry:
+            env = {**(self.env if self.env is not None else os.environ), PREFLIGHT_ENV: "report"}
         t0 = time.monotonic()
 
         def on_line(line: str) -> None:
@@ -196,7 +274,7 @@ class PyinfraRunner:
             if hm and hm.group(1) in hosts:
                 progress(hm.group(1), hm.group(2).strip()[:80])
 
-        rc, out, err = run_child(cmd, env=self.env, on_line=on_line, log_path=self._log(what))
+        rc, out, err = run_child(cmd, env=env, on_line=on_line, log_path=self._log(what))
         secs = time.monotonic() - t0
         doc: dict[str, Any] = {}
         try:
@@ -219,7 +297,7 @@ class PyinfraRunner:
                     outcomes[h] = Outcome(False, errors.get(h, "pyinfra marked the host failed"))
                 else:
                     outcomes[h] = Outcome(True)
-        return StepResult(outcomes, secs), doc
+        return StepResult(outcomes, secs, err), doc
 
     def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         return self.pyinfra(self.deploy_file, hosts, progress, what="deploy")[0]
@@ -229,9 +307,11 @@ class PyinfraRunner:
             self.rollback_file, hosts, progress, data=self.rollback_data, what="rollback"
         )[0]
 
-    def plan(self, hosts: Sequence[str], progress: Progress) -> tuple[StepResult, dict[str, Any]]:
-        """A dry run: what each operation would change on which host, changing nothing."""
-        return self.pyinfra(self.deploy_file, hosts, progress, dry=True, what="plan")
+    def plan(self, hosts: Sequence[str], progress: Progress) -> dict[str, PlannedHost]:
+        """pyinfra's dry run of the deploy: each host's pending changes, or why it would not
+        be deployed; changes nothing."""
+        res, doc = self.pyinfra(self.deploy_file, hosts, progress, dry=True, what="plan")
+        return plan_outcomes(doc, res.log, hosts)
 
     def gate(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         if self.use_checks and checks_available():
