@@ -1,13 +1,25 @@
-"""The reuse scenarios end to end on real kernels: stock drop, knob=1 fixed, knob=0 drop back.
+"""The reuse scenarios end to end on real kernels, under the rulesets Kubernetes nodes run.
 
-Per kernel line (one lab VM each), in one module-scoped run (about 100 s per line under TCG):
-- stock modules, INVALID-drop rule: A, B, B2 reconnects take about 1 s; C1, C2 do not
-- patched, knob=1: A, B, B2 200 attempts each (C1, C2 50): 0 slow, 0 failed, every answer from
-  a live real server; conntrack after a reuse: one entry, reply side on the new real server
-- patched, knob=0: the drop is back (A, B 10 attempts, B2 5); passive FTP through ip_vs_ftp works
+A reduced matrix of `bench/reuse_matrix.py`, one module-scoped run per kernel line (one lab VM
+each, the three lines in parallel, about 6 minutes under TCG). Cells are (ruleset, iptables
+backend, client, family): the minimal INVALID-drop cell, kube-proxy's IPVS-mode ruleset with
+its mark-based masquerade (NodePort from an outside client, a host-network client on the node:
+IPVS's LOCAL_OUT path, IPv6), masquerade-all from a pod on iptables-legacy, and Calico's chains
+(`src/ipvs_fleet/probe/scenario.py`). Per line:
+- stock modules: A and B reconnects wait for the SYN retransmission (about 1 s) in the minimal
+  and the masquerade cells, so every cell is live; C1, C2 do not
+- patched, knob=1, every cell: 0 slow, 0 failed, every answer from a live real server, no SYN
+  retransmission, the reconnect counted as a NEW connection by the director's mangle rule (2
+  per attempt), the real server saw the masqueraded node address exactly where the ruleset
+  demands it; conntrack after a reuse: one entry, reply side on the new real server
+- patched, knob=0: the drop is back; passive FTP through ip_vs_ftp works
+- UDP to a removed real server (U): never answered by it, the retry always answered, the same
+  with knob=1 as with stock (the knob touches TCP new connections only)
 - no kernel warning in dmesg over the whole run
-On the 6.1 line only (to keep CI short): 10,000 ordinary short connections with knob=1 against
-10,000 with stock modules, in alternating rounds, p99 within 10%.
+On 6.1, the 1.x re-track design (test-only `retrack` variant) fails every reconnect behind
+kube-proxy's masquerade: the cells see the bug the redesign removes. Also on 6.1: 1,000
+ordinary short connections each with stock and knob=1 through the NodePort, all answered
+(their p99 ratio is a benchmark figure: bench/reuse_matrix.py).
 
 Results (JSON, CDF plots) go to reports/reuse/. The lab hosts get their own modules back.
 """
@@ -16,24 +28,52 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipvs_fleet.probe.harness import DROP_SCENARIOS, Guest, Plan, summarize
+from ipvs_fleet.probe.harness import DROP_SCENARIOS, Guest, Plan, cell_label, summarize
 from ipvs_fleet.probe.probe import percentile
 
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
 
 LINES = ("5.10", "6.1", "6.12")
 REPORTS = Path(__file__).resolve().parents[2] / "reports" / "reuse"
-STOCK = {"A": 5, "B": 5, "B2": 5, "C1": 5, "C2": 5}
-KNOB1 = {"A": 200, "B": 200, "B2": 200, "C1": 50, "C2": 50}
-KNOB0 = {"A": 10, "B": 10, "B2": 5}
+Cell = tuple[str, str, str, int]  # ruleset, iptables backend, client, family
+MINIMAL: Cell = ("minimal", "nft", "outside", 4)
+NODEPORT: Cell = ("kube-proxy", "nft", "outside", 4)
+HOST: Cell = ("kube-proxy", "nft", "host", 4)
+NODEPORT6: Cell = ("kube-proxy", "nft", "outside", 6)
+MASQ_ALL_LEGACY: Cell = ("kube-proxy-masq-all", "legacy", "pod", 4)
+CALICO_POD: Cell = ("calico", "nft", "pod", 4)
+TCP10 = dict.fromkeys(("A", "B", "B2", "C1", "C2"), 10)
+# attempts per scenario, per cell and modules
+STOCK: dict[Cell, dict[str, int]] = {
+    MINIMAL: dict.fromkeys(("A", "B", "B2", "C1", "C2"), 5),
+    NODEPORT: {"A": 3, "B": 3, "C1": 3, "C2": 3, "U": 3},
+    HOST: {"A": 3, "B": 3},
+    NODEPORT6: {"A": 3, "B": 3},
+}
+KNOB1: dict[Cell, dict[str, int]] = {
+    MINIMAL: {"A": 100, "B": 100, "B2": 100, "C1": 30, "C2": 30},
+    NODEPORT: {**TCP10, "U": 3},
+    HOST: TCP10,
+    NODEPORT6: TCP10,
+    MASQ_ALL_LEGACY: TCP10,
+    CALICO_POD: TCP10,
+}
+CONNTRACK_CELLS = (MINIMAL, NODEPORT, HOST)
+KNOB0: dict[Cell, dict[str, int]] = {
+    MINIMAL: {"A": 10, "B": 10, "B2": 5},
+    NODEPORT: {"A": 3, "B": 3},
+}
+RETRACK_LINE = "6.1"
+RETRACK: dict[Cell, dict[str, int]] = {NODEPORT: {"A": 3}, HOST: {"A": 3}}
 ORDINARY_LINE = "6.1"
-ORDINARY_ROUNDS = 2  # alternate stock / knob=1 so background load hits both alike
-ORDINARY_PER_ROUND = 1000  # the 10,000-connection p99 comparison is bench/reuse_table.py
+ORDINARY_ROUNDS = 1  # the p99 comparison (alternating rounds) is the benchmark's
+ORDINARY_PER_ROUND = 1000
 
 
 def _host_of(lab: Any, line: str) -> str:
@@ -43,37 +83,42 @@ def _host_of(lab: Any, line: str) -> str:
     return hosts[0]
 
 
-class Runs:
-    """Runs each line's scenarios once per module, on first use."""
+def _plan(cell: Cell, knob: int | None, scenarios: dict[str, int], **kw: Any) -> Plan:
+    ruleset, backend, client, family = cell
+    return Plan(rule="drop", knob=knob, ruleset=ruleset, iptables=backend, client=client,
+                family=family, scenarios=scenarios,
+                conntrack_check=knob == 1 and cell in CONNTRACK_CELLS, **kw)
 
-    def __init__(self, lab: Any, artifacts: Any) -> None:
-        self.lab, self.artifacts = lab, artifacts
-        self.done: dict[str, dict[str, Any]] = {}
 
-    def line(self, line: str) -> dict[str, Any]:
-        if line not in self.done:
-            self.done[line] = self._run(line)
-        return self.done[line]
+def _key(cell: Cell) -> str:
+    return "-".join(map(str, cell))
 
-    def _run(self, line: str) -> dict[str, Any]:
-        host = _host_of(self.lab, line)
-        g = Guest(self.lab, host)
-        before = g.status()
-        art = self.artifacts[g.kernel_release]
-        out: dict[str, Any] = {"host": host, "before": before}
-        t0 = time.monotonic()
-        try:
-            g.load_modules(None)
-            out["stock"] = g.run_plan(Plan(rule="drop", scenarios=STOCK, conntrack_check=True))
-            g.load_modules(art)
-            out["knob1"] = g.run_plan(Plan(rule="drop", knob=1, scenarios=KNOB1,
-                                           conntrack_check=True))
-            out["knob0"] = g.run_plan(Plan(rule="drop", knob=0, scenarios=KNOB0, ftp=True))
-        finally:
-            out["restored"] = g.restore(before)
-        out["seconds"] = round(time.monotonic() - t0, 1)
-        _save(f"{line}", out)
-        return out
+
+def run_line(lab: Any, art: Any, retrack: Any | None, host: str) -> dict[str, Any]:
+    """Every cell of one line: stock, knob=1, knob=0 (and the retrack variant on 6.1)."""
+    g = Guest(lab, host)
+    before = g.status()
+    out: dict[str, Any] = {"host": host, "before": before, "stock": {}, "knob1": {},
+                           "knob0": {}, "retrack": {}}
+    t0 = time.monotonic()
+    try:
+        g.load_modules(None)
+        for cell, sc in STOCK.items():
+            out["stock"][_key(cell)] = g.run_plan(_plan(cell, None, sc))
+        g.load_modules(art)
+        for cell, sc in KNOB1.items():
+            out["knob1"][_key(cell)] = g.run_plan(_plan(cell, 1, sc))
+        for cell, sc in KNOB0.items():
+            out["knob0"][_key(cell)] = g.run_plan(_plan(cell, 0, sc, ftp=cell == MINIMAL))
+        if retrack is not None:
+            g.load_modules(retrack)
+            for cell, sc in RETRACK.items():
+                # a failing reconnect costs the whole timeout: keep it short
+                out["retrack"][_key(cell)] = g.run_plan(_plan(cell, 1, sc, timeout=2.0))
+    finally:
+        out["restored"] = g.restore(before)
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
 
 
 def _save(name: str, data: dict[str, Any]) -> None:
@@ -83,85 +128,153 @@ def _save(name: str, data: dict[str, Any]) -> None:
         from ipvs_fleet.probe.plot import plot_files
 
         for label in ("stock", "knob1", "knob0"):
-            if label in data:
-                p = REPORTS / f"{name}-{label}.json"
-                p.write_text(json.dumps(data[label]))
-                plot_files([p], REPORTS / f"{name}-{label}.png",
-                           title=f"{name} {label}: latency CDF per scenario")
+            for key, r in data.get(label, {}).items():
+                p = REPORTS / f"{name}-{label}-{key}.json"
+                p.write_text(json.dumps(r))
+                plot_files([p], REPORTS / f"{name}-{label}-{key}.png",
+                           title=f"{name} {label} {cell_label(r)}: latency CDF per scenario")
     except Exception as e:  # plots are a by-product; the assertions are on the numbers
         print(f"plot failed: {e}")
 
 
 @pytest.fixture(scope="module")
-def runs(lab: Any, artifacts: Any) -> Runs:
-    return Runs(lab, artifacts)
+def lines(lab: Any, artifacts: Any, retrack_artifact: Any) -> dict[str, dict[str, Any]]:
+    """All lines measured at once (one VM each); {line: run_line result}."""
+    jobs = {}
+    with ThreadPoolExecutor(len(LINES)) as pool:
+        for line in LINES:
+            host = _host_of(lab, line)
+            kr = lab.hosts[host].kernel_release
+            retrack = retrack_artifact if line == RETRACK_LINE else None
+            jobs[line] = pool.submit(run_line, lab, artifacts[kr], retrack, host)
+        done = {line: job.result() for line, job in jobs.items()}
+    for line, data in done.items():
+        _save(line, data)
+        print(f"{line}: {data['seconds']} s")
+    return done
 
 
 def _rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     rows = summarize(result)
-    print(json.dumps(rows))
+    print(cell_label(result), json.dumps(rows))
     return rows
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_stock_modules_drop_the_reconnect(runs: Runs, line: str) -> None:
-    rows = _rows(runs.line(line)["stock"])
-    for sc in DROP_SCENARIOS:
-        r = rows[sc]
-        assert r["errors"] == 0 and r["setup_errors"] == 0, f"{line} stock {sc}: {r}"
-        # the scenario reproduces: most reconnects wait for the SYN retransmission
-        assert r["slow"] * 2 > r["count"], f"{line} stock {sc}: only {r['slow']} slow: {r}"
-    for sc in ("C1", "C2"):
-        assert rows[sc]["slow"] == 0 and rows[sc]["errors"] == 0, f"{line} stock {sc}"
+def test_stock_modules_drop_the_reconnect_in_every_cell(lines: dict[str, Any], line: str) -> None:
+    for key, result in lines[line]["stock"].items():
+        rows = _rows(result)
+        for sc, r in rows.items():
+            if sc == "U":
+                continue
+            assert r["errors"] == 0 and r["setup_errors"] == 0, f"{line} {key} {sc}: {r}"
+            if sc in DROP_SCENARIOS:
+                # the scenario reproduces: most reconnects wait for the SYN retransmission
+                assert r["slow"] * 2 > r["count"], f"{line} {key} {sc}: {r}"
+            else:
+                assert r["slow"] == 0, f"{line} {key} {sc}: {r}"
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_knob1_no_slow_or_failed_reconnect(runs: Runs, line: str) -> None:
-    result = runs.line(line)["knob1"]
-    assert result["sysctls"]["conn_reuse_old_conntrack"] == 1
-    rows = _rows(result)
-    for sc, n in KNOB1.items():
-        r = rows[sc]
-        assert (r["count"], r["slow"], r["errors"], r["setup_errors"]) == (n, 0, 0, 0), (
-            f"{line} knob=1 {sc}: {r}")
-        assert r["live"] == n, f"{line} knob=1 {sc}: answered by a dead real server: {r}"
-        assert r["syn_retrans"] == 0, f"{line} knob=1 {sc}: SYN retransmissions: {r}"
+def test_knob1_no_slow_or_failed_reconnect_in_any_cell(lines: dict[str, Any], line: str) -> None:
+    for cell, counts in KNOB1.items():
+        result = lines[line]["knob1"][_key(cell)]
+        assert result["sysctls"]["conn_reuse_old_conntrack"] == 1
+        rows = _rows(result)
+        for sc, n in counts.items():
+            if sc == "U":
+                continue
+            r = rows[sc]
+            where = f"{line} knob=1 {cell_label(result)} {sc}: {r}"
+            assert (r["count"], r["slow"], r["errors"], r["setup_errors"]) == (n, 0, 0, 0), where
+            assert r["live"] == n, f"answered by a dead real server: {where}"
+            assert r["syn_retrans"] == 0, f"SYN retransmissions: {where}"
+            if cell != MINIMAL:
+                # the reconnect crossed the hooks as NEW, like the retransmission would
+                assert r["new_conns"] == 2 * n, f"NEW connections counted: {where}"
+                # masqueraded exactly where kube-proxy's rules demand it
+                assert r["masq_mismatch"] == 0, f"masquerade: {where}"
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_knob1_conntrack_one_entry_on_the_new_real_server(runs: Runs, line: str) -> None:
-    views = runs.line(line)["knob1"]["conntrack"]
-    for sc, v in views.items():
-        print(json.dumps(v))
-        assert v.get("error") is None, f"{line} {sc}: {v}"
-        assert v["new_server"] != v["old_server"], f"{line} {sc}: not rescheduled: {v}"
-        assert v["consistent"], f"{line} {sc}: conntrack entries {v['entries']}"
-        assert v["connect_ms"] < 900
+def test_knob1_masquerade_seen_by_the_real_server(lines: dict[str, Any], line: str) -> None:
+    """Where the ruleset demands masquerade, the real server saw the node's address; from a
+    pod without masquerade-all it saw the pod's own."""
+    for cell in (NODEPORT, HOST, NODEPORT6, MASQ_ALL_LEGACY):
+        result = lines[line]["knob1"][_key(cell)]
+        assert result["cell"]["masquerade_demanded"], cell
+        kinds = result["scenarios"]["A"]["peer_kinds"]
+        assert set(kinds) == {"node"}, f"{line} {cell_label(result)}: {kinds}"
+    result = lines[line]["knob1"][_key(CALICO_POD)]
+    assert not result["cell"]["masquerade_demanded"]
+    assert set(result["scenarios"]["A"]["peer_kinds"]) == {"client"}, result["scenarios"]["A"]
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_knob0_brings_the_drop_back(runs: Runs, line: str) -> None:
-    result = runs.line(line)["knob0"]
-    assert result["sysctls"]["conn_reuse_old_conntrack"] == 0
-    rows = _rows(result)
-    for sc in KNOB0:
-        r = rows[sc]
-        assert r["errors"] == 0, f"{line} knob=0 {sc}: {r}"
-        assert r["slow"] * 2 > r["count"], f"{line} knob=0 {sc}: only {r['slow']} slow: {r}"
+def test_knob1_conntrack_one_entry_on_the_new_real_server(
+    lines: dict[str, Any], line: str
+) -> None:
+    for cell in CONNTRACK_CELLS:
+        result = lines[line]["knob1"][_key(cell)]
+        for sc, v in result["conntrack"].items():
+            print(json.dumps(v))
+            where = f"{line} {cell_label(result)} {sc}: {v}"
+            assert v.get("error") is None, where
+            assert v["new_server"] != v["old_server"], f"not rescheduled: {where}"
+            assert v["consistent"], f"conntrack entries: {where}"
+            assert v["connect_ms"] < 900, where
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_passive_ftp_through_ip_vs_ftp_with_knob0(runs: Runs, line: str) -> None:
-    ftp = runs.line(line)["knob0"]["ftp"]
+def test_knob0_brings_the_drop_back(lines: dict[str, Any], line: str) -> None:
+    for cell, counts in KNOB0.items():
+        result = lines[line]["knob0"][_key(cell)]
+        assert result["sysctls"]["conn_reuse_old_conntrack"] == 0
+        rows = _rows(result)
+        for sc in counts:
+            r = rows[sc]
+            assert r["errors"] == 0, f"{line} knob=0 {cell_label(result)} {sc}: {r}"
+            assert r["slow"] * 2 > r["count"], f"{line} knob=0 {cell_label(result)} {sc}: {r}"
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_passive_ftp_through_ip_vs_ftp_with_knob0(lines: dict[str, Any], line: str) -> None:
+    ftp = lines[line]["knob0"][_key(MINIMAL)]["ftp"]
     assert ftp["ok"], f"{line}: {ftp}"
     assert "(10,10,9,1," in ftp["pasv_reply"], f"{line}: 227 not rewritten to the VIP: {ftp}"
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_no_kernel_warnings(runs: Runs, line: str) -> None:
-    out = runs.line(line)
-    for label in ("stock", "knob1", "knob0"):
-        assert out[label]["kernel_warnings"] == [], f"{line} {label}: {out[label]['kmsg_new']}"
+def test_udp_to_a_removed_real_server_behaves_as_stock(lines: dict[str, Any], line: str) -> None:
+    """Scenario U (a CoreDNS pod going away, kubernetes#81775): the knob changes TCP new
+    connections only. With stock modules and with knob=1 alike, no datagram is answered by
+    the removed server and the 1 s retry is always answered. (Whether the second datagram is
+    dropped races IPVS's own flush of the removed server's connections on 5.9+.)"""
+    for label in ("stock", "knob1"):
+        u = lines[line][label][_key(NODEPORT)]["scenarios"]["U"]
+        print(label, json.dumps(u["udp"]))
+        assert u["setup_errors"] == 0 and u["count"] == 3, f"{line} {label}: {u}"
+        assert u["answered_by_deleted"] == 0, f"{line} {label}: {u['udp']}"
+        assert u["ok"] == u["count"], f"{line} {label}: unanswered after the retry: {u['udp']}"
+
+
+def test_retrack_design_fails_every_reconnect_behind_kube_proxy(lines: dict[str, Any]) -> None:
+    """The 1.x design (re-track inside IPVS's hook) with knob=1: the reconnect never crosses
+    nat, is not masqueraded, and the real server cannot answer. This is what the cells must
+    catch, and what the hand-back design fixes (the knob=1 tests above)."""
+    for cell in RETRACK:
+        result = lines[RETRACK_LINE]["retrack"][_key(cell)]
+        assert result["modules"]["loaded_by_probe"]["reuse_design"] == "consistent"
+        r = _rows(result)["A"]
+        assert r["count"] == 3 and r["errors"] == 3, f"{cell_label(result)}: {r}"
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_no_kernel_warnings(lines: dict[str, Any], line: str) -> None:
+    out = lines[line]
+    for label in ("stock", "knob1", "knob0", "retrack"):
+        for key, r in out[label].items():
+            assert r["kernel_warnings"] == [], f"{line} {label} {key}: {r['kmsg_new']}"
     # the host got its own modules back
     assert sorted(out["restored"]["loaded"]) == sorted(out["before"]["loaded"])
 
@@ -171,31 +284,22 @@ def test_ordinary_connections_all_answered_with_knob1(lab: Any, artifacts: Any) 
     before = g.status()
     art = artifacts[g.kernel_release]
     samples: dict[str, list[float]] = {"stock": [], "knob1": []}
-    results: dict[str, list[dict[str, Any]]] = {"stock": [], "knob1": []}
     try:
         for _ in range(ORDINARY_ROUNDS):
             for label in ("stock", "knob1"):
                 g.load_modules(None if label == "stock" else art)
-                r = g.run_plan(Plan(rule="drop", knob=None if label == "stock" else 1,
-                                    ordinary=ORDINARY_PER_ROUND))
+                r = g.run_plan(_plan(NODEPORT, None if label == "stock" else 1, {},
+                                     ordinary=ORDINARY_PER_ROUND))
                 o = r["ordinary"]
                 assert (o["count"], o["errors"], o["slow"]) == (ORDINARY_PER_ROUND, 0, 0), (
                     f"{label}: {summarize(r)['ordinary']}")
                 assert r["kernel_warnings"] == []
                 samples[label] += o["samples_ms"]
-                results[label].append(r)
     finally:
         g.restore(before)
     p99 = {k: percentile(v, 99) for k, v in samples.items()}
-    p50 = {k: percentile(v, 50) for k, v in samples.items()}
-    summary = {"line": ORDINARY_LINE, "n": {k: len(v) for k, v in samples.items()},
-               "p50": p50, "p99": p99}
-    print(json.dumps(summary))
-    _save(f"{ORDINARY_LINE}-ordinary", {"summary": summary, **{
-        k: {**v[0], "ordinary": {**v[0]["ordinary"], "samples_ms": samples[k]}}
-        for k, v in results.items()}})
+    print(json.dumps({"line": ORDINARY_LINE, "n": {k: len(v) for k, v in samples.items()},
+                      "p99": p99}))
+    # Speed is measured, not asserted (TCG noise between runs exceeds 10%): the p99 ratio
+    # over 10,000 connections per side is bench/reuse_matrix.py's.
     assert p99["stock"] is not None and p99["knob1"] is not None
-    # Speed is measured, not asserted: TCG noise between two runs of this same comparison
-    # was larger than 10% (p99 knob=1/stock 0.59 in one run, 1.13 in another). The p99 ratio
-    # over 10,000 connections is reported by bench/reuse_table.py.
-    print(f"p99 knob=1/stock: {p99['knob1'] / p99['stock']:.2f}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.probe import probe
+from ipvs_fleet.probe.harness import BACKENDS, CLIENTS, FAMILIES, RULESETS
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,6 +37,15 @@ def add_parser(subparsers: Any) -> None:
     s.add_argument("--rule", choices=("drop", "accept"), default="drop",
                    help="INVALID rule in the director's FORWARD chain")
     s.add_argument("--knob", type=int, choices=(0, 1), help="conn_reuse_old_conntrack")
+    s.add_argument("--ruleset", choices=RULESETS, default="minimal",
+                   help="the director's rules: minimal (one FORWARD rule), kube-proxy (its "
+                   "IPVS-mode chains, ipsets and mark-based masquerade), kube-proxy-masq-all, "
+                   "calico (kube-proxy plus felix-style chains)")
+    s.add_argument("--iptables", choices=BACKENDS, default="nft", help="iptables backend")
+    s.add_argument("--client", choices=CLIENTS, default="outside",
+                   help="outside (to a NodePort), pod (to a ClusterIP), host (a process on "
+                   "the node: IPVS's LOCAL_OUT path)")
+    s.add_argument("--family", type=int, choices=FAMILIES, default=4)
     s.add_argument("--scenarios", default="A=50,B=50,B2=50,C1=50,C2=50",
                    help="NAME=COUNT,... (A, B, B2, C1, C2)")
     s.add_argument("--ordinary", type=int, default=0, help="ordinary short connections")
@@ -80,7 +90,9 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
 
         guest.load_modules(load_artifact(args.artifacts, guest.kernel_release))
     plan = Plan(rule=args.rule, knob=args.knob, scenarios=parse_counts(args.scenarios),
-                ordinary=args.ordinary, ftp=args.ftp, conntrack_check=args.conntrack)
+                ordinary=args.ordinary, ftp=args.ftp, conntrack_check=args.conntrack,
+                ruleset=args.ruleset, iptables=args.iptables, client=args.client,
+                family=args.family)
     result = guest.run_plan(plan)
     text = json.dumps(result, indent=1)
     if args.output:
