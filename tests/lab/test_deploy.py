@@ -103,7 +103,7 @@ def test_interlock_refuses_a_retrack_build_under_kube_proxy_nat_rules(
     arts.mkdir()
     for kr, art in artifacts.items():
         src = retrack_artifact if kr == retrack_artifact.kernel_release else art
-        (arts / kr).symlink_to(src.path, target_is_directory=True)
+        (arts / kr).symlink_to(src.path.resolve(), target_is_directory=True)
     lab.run("k8s-canary", KUBE_PROXY_NAT)
     try:
         before = {n: live_state(lab, n) for n in lab.hosts}
