@@ -72,13 +72,16 @@ def plan(cell: Cell, knob: int | None, scenarios: dict[str, int], **kw: Any) -> 
                 family=family, scenarios=scenarios, conntrack_check=knob == 1, **kw)
 
 
-def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int) -> dict[str, Any]:
+def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int,
+             configs: list[str]) -> dict[str, Any]:
     before = g.status()
     line = ".".join(g.kernel_release.split(".")[:2])
     res: dict[str, Any] = {"host": g.host, "kernel_release": g.kernel_release, "line": line,
                            "set_id": art.set_id, "reuse_design": art.reuse_design, "runs": {}}
     try:
         for label, knob, counts in CONFIGS:
+            if label not in configs:
+                continue
             g.load_modules(None if knob is None else art)
             for cell in CELLS:
                 t0 = time.monotonic()
@@ -89,7 +92,7 @@ def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int) -> dict[
                     + " ".join(f"{k}={v['slow']}/{v['errors']}/{v['count']}"
                                for k, v in summarize(r).items()))
         samples: dict[str, list[float]] = {"stock": [], "knob1": []}
-        for _ in range(rounds):
+        for _ in range(rounds if ordinary else 0):
             for label, knob in (("stock", None), ("knob1", 1)):
                 g.load_modules(None if knob is None else art)
                 r = g.run_plan(plan(ORDINARY_CELL, knob, {}, ordinary=ordinary // rounds))
@@ -97,14 +100,24 @@ def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int) -> dict[
                 res.setdefault("ordinary_runs", []).append(
                     {"label": label, "summary": summarize(r)["ordinary"],
                      "kernel_warnings": r["kernel_warnings"]})
-        res["ordinary"] = {k: {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90),
-                               "p99": percentile(v, 99), "max": max(v) if v else None}
-                           for k, v in samples.items()}
-        (out / f"{line}-ordinary.json").write_text(json.dumps(
-            {"summary": res["ordinary"], "samples_ms": samples}) + "\n")
-        log(f"{line} ordinary: {res['ordinary']}")
+        if ordinary:
+            res["ordinary"] = {k: {"n": len(v), "p50": percentile(v, 50),
+                                   "p90": percentile(v, 90), "p99": percentile(v, 99),
+                                   "max": max(v) if v else None} for k, v in samples.items()}
+            (out / f"{line}-ordinary.json").write_text(json.dumps(
+                {"summary": res["ordinary"], "samples_ms": samples}) + "\n")
+            log(f"{line} ordinary: {res['ordinary']}")
     finally:
         g.restore(before)
+    # The table holds every configuration measured into `out` (an earlier run's too).
+    for label, _, _ in CONFIGS:
+        for cell in CELLS:
+            f = out / f"{line}-{label}-{key(cell)}.json"
+            if f"{label}/{key(cell)}" not in res["runs"] and f.exists():
+                res["runs"][f"{label}/{key(cell)}"] = json.loads(f.read_text())
+    o = out / f"{line}-ordinary.json"
+    if "ordinary" not in res and o.exists():
+        res["ordinary"] = json.loads(o.read_text())["summary"]
     for cell in CELLS:
         paths = [out / f"{line}-{label}-{key(cell)}.json" for label, _, _ in CONFIGS]
         try:
@@ -206,6 +219,9 @@ def main() -> int:
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "reuse-results.md")
     ap.add_argument("--ordinary", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--configs", default="stock,knob0,knob1",
+                    help="which of stock, knob0, knob1 to measure now; the table also takes "
+                    "the others' JSON from an earlier run into --out")
     args = ap.parse_args()
     lab = Lab(args.lab_dir)
     hosts = args.hosts.split(",") if args.hosts else sorted(lab.hosts)
@@ -217,7 +233,8 @@ def main() -> int:
         for g in guests:
             art = load_artifact(args.artifacts, g.kernel_release)
             log(f"{g.host}: {g.kernel_release}, artifact {art.set_id} ({art.reuse_design})")
-            jobs.append(pool.submit(run_line, g, art, args.out, args.ordinary, args.rounds))
+            jobs.append(pool.submit(run_line, g, art, args.out, args.ordinary, args.rounds,
+                                    args.configs.split(",")))
         lines = [j.result() for j in jobs]
     lines.sort(key=lambda ln: [int(x) for x in ln["line"].split(".")])
     (args.out / "summary.json").write_text(json.dumps(
