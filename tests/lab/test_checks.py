@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from ipvs_fleet.probe.harness import Guest
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 
 pytestmark = pytest.mark.lab
@@ -178,19 +177,23 @@ def test_stock_modules_waived_then_expired(
 
 @pytest.mark.destructive
 def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
-    checker: Checker, lab: Any, k8s_host: str, retrack_artifact: Any
+    checker: Checker, lab: Any, k8s_host: str, artifacts: Any, retrack_artifact: Any,
+    deployer: Any, tmp_path: Path,
 ) -> None:
-    """The 1.x reuse design loaded with knob=1 under kube-proxy's masquerade rules: the
-    reuse_safety check fails naming the design and the rule (the deploy refuses the same;
-    tests/lab/test_deploy.py)."""
-    if lab.hosts[k8s_host].line != "6.1":
-        pytest.fail(f"the retrack variant is built for 6.1; {k8s_host} runs "
-                    f"{lab.hosts[k8s_host].line}")
-    g = Guest(lab, k8s_host)
-    loaded = lab.run(k8s_host, "awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules").stdout
-    before = sorted(loaded.split(), key=lambda m: m != "ip_vs")
-    g.load_modules(retrack_artifact)
-    lab.run(k8s_host, f"sysctl -qp {SYSCTL_FILE} && {KUBE_PROXY_NAT}")
+    """A host that runs a 1.x (re-track) set with knob=1, then gets kube-proxy's masquerade
+    rules: the reuse_safety check fails naming the design and the rule (the deploy would now
+    refuse it: tests/lab/test_deploy.py). The host gets the shipped set back afterwards."""
+    if lab.hosts[k8s_host].kernel_release != retrack_artifact.kernel_release:
+        pytest.fail(f"the retrack variant is built for {retrack_artifact.kernel_release}; "
+                    f"{k8s_host} runs {lab.hosts[k8s_host].kernel_release}")
+    arts = tmp_path / "artifacts"
+    arts.mkdir()
+    for kr, art in artifacts.items():
+        src = retrack_artifact if kr == retrack_artifact.kernel_release else art
+        (arts / kr).symlink_to(src.path.resolve(), target_is_directory=True)
+    retrack = type(deployer)(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
+    retrack.run("deploy.py", "--limit", k8s_host)  # no nat rule yet: the interlock lets it in
+    lab.run(k8s_host, KUBE_PROXY_NAT)
     try:
         run = checker.run("--limit", k8s_host)
         assert run.rc == 1
@@ -198,12 +201,14 @@ def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
         assert status["reuse_safety"] == "failed", status
         [res] = [r for r in run.doc["results"]
                  if r["host"] == k8s_host and r["check"] == "reuse_safety"]
-        text = json.dumps(res)
-        assert "reuse design is 'consistent'" in text, text
-        assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in text, text
-        # the knob and the class values are still what the policy asks
-        assert status["knob_present"] == "passed" and status["sysctls"] == "passed", status
+        message = " ".join(res["message"].split())
+        assert "reuse design is 'consistent'" in message, message
+        assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in message, message
+        # besides: the loaded set is not the fleet's build (the check names the retrack set);
+        # the knob, the values and the persisted files are the class's
+        assert {c for c, s in status.items() if s == "failed"} == {
+            "reuse_safety", "patched_module"}, status
+        assert ".retrack" in run.out, run.out
     finally:
         lab.run(k8s_host, KUBE_PROXY_NAT_UNDO, check=False)
-        lab.run(k8s_host, f"cd /root/ipvs-probe && python3 scenario.py restore "
-                f"{' '.join(before)} && sysctl -qp {SYSCTL_FILE}", timeout=300)
+        deployer.run("deploy.py", "--limit", k8s_host)
