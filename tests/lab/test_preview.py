@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.policy import KNOB, load_policy
+from tests.fixtures.lab import FINGERPRINT
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -32,18 +33,6 @@ CLI = Path(sys.executable).with_name("ipvs-fleet")
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SET_KNOB = f"Set net.ipv4.vs.{KNOB} live"
-# Everything a deploy or rollback could change on a host, with change times (ctime moves on
-# any write, even of the same bytes): managed files and backups, the module set, the depmod
-# index, the loaded build, the live values.
-FINGERPRINT = (
-    "kr=$(uname -r); "
-    "for p in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
-    "/etc/modprobe.d/ipvs-fleet.conf /lib/modules/$kr/updates/ipvs-fleet "
-    "/lib/modules/$kr/modules.dep /var/lib/ipvs-fleet; do "
-    '[ -e "$p" ] && find "$p" -printf "%p %s %C@\\n" || echo "$p absent"; done; '
-    "for m in /sys/module/ip_vs*; do [ -d $m ] && echo $m $(cat $m/version 2>/dev/null); done; "
-    "grep -H '' /proc/sys/net/ipv4/vs/* 2>/dev/null; true"
-)
 
 
 @dataclass

@@ -17,20 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.lab import FINGERPRINT
+
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("ipvs-fleet")
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
-# What the deploy would change on a host, with change times (ctime moves on any write, even
-# of the same content): its files, the installed set, the loaded build and the live values.
-FINGERPRINT = (
-    "kr=$(uname -r); "
-    "for p in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
-    "/etc/modprobe.d/ipvs-fleet.conf /lib/modules/$kr/updates/ipvs-fleet "
-    "/lib/modules/$kr/modules.dep /var/lib/ipvs-fleet; do "
-    '[ -e "$p" ] && find "$p" -printf "%p %s %C@\\n" || echo "$p absent"; done; '
-    "for m in /sys/module/ip_vs*; do [ -d $m ] && echo $m $(cat $m/version 2>/dev/null); done; "
-    "grep -H '' /proc/sys/net/ipv4/vs/* 2>/dev/null; true"
-)
 
 
 def fingerprint(lab, host: str) -> str:  # type: ignore[no-untyped-def]
