@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from tests.fixtures.artifacts import artifacts_with
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 
 pytestmark = pytest.mark.lab
@@ -186,11 +187,7 @@ def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
     if lab.hosts[k8s_host].kernel_release != retrack_artifact.kernel_release:
         pytest.fail(f"the retrack variant is built for {retrack_artifact.kernel_release}; "
                     f"{k8s_host} runs {lab.hosts[k8s_host].kernel_release}")
-    arts = tmp_path / "artifacts"
-    arts.mkdir()
-    for kr, art in artifacts.items():
-        src = retrack_artifact if kr == retrack_artifact.kernel_release else art
-        (arts / kr).symlink_to(src.path.resolve(), target_is_directory=True)
+    arts = artifacts_with(artifacts, retrack_artifact, tmp_path / "artifacts")
     retrack = type(deployer)(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
     retrack.run("deploy.py", "--limit", k8s_host)  # no nat rule yet: the interlock lets it in
     lab.run(k8s_host, KUBE_PROXY_NAT)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ipvs_fleet.policy import KNOB, load_policy
+from tests.fixtures.artifacts import artifacts_with
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 
 pytestmark = pytest.mark.lab
@@ -99,11 +100,7 @@ def test_interlock_refuses_a_retrack_build_under_kube_proxy_nat_rules(
     """A 1.x ('consistent', re-track) set for k8s-canary's kernel and kube-proxy's nat rules
     on that host: the deploy refuses knob=1 there, naming the host, the design and the rule,
     and no host changes (the other hosts get their shipped sets from the same folder)."""
-    arts = tmp_path / "artifacts"
-    arts.mkdir()
-    for kr, art in artifacts.items():
-        src = retrack_artifact if kr == retrack_artifact.kernel_release else art
-        (arts / kr).symlink_to(src.path.resolve(), target_is_directory=True)
+    arts = artifacts_with(artifacts, retrack_artifact, tmp_path / "artifacts")
     lab.run("k8s-canary", KUBE_PROXY_NAT)
     try:
         before = {n: live_state(lab, n) for n in lab.hosts}
