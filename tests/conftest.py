@@ -19,6 +19,7 @@ LAB_ORDER = [
     "test_modules.py",
     "test_reuse.py",
     "test_deploy.py",
+    "test_activation_faults.py",
     "test_preview.py",
     "test_lockdown.py",
     "test_checks.py",

@@ -31,7 +31,9 @@ SNAPSHOT = (
     "for f in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
     "/etc/modprobe.d/ipvs-fleet.conf; do echo file $f $(stat -c '%a %U:%G' $f) "
     "$(sha256sum < $f); done; "
-    f"(cd {STATE_DIR} && find . -path ./incoming -prune -o -type f -name 'table.*' -prune "
+    # the swap's own records (logs, saved tables, the lock) differ by run, not by engine
+    f"(cd {STATE_DIR} && find . \\( -path ./incoming -o -name 'swap.*' -o -name 'lock*' "
+    "-o -name 'table.*' \\) -prune "
     "-o -print | sort; stat -c '%n %a' ipvs-swap.sh; sha256sum ipvs-swap.sh)"
 )
 

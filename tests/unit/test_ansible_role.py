@@ -145,6 +145,18 @@ def test_state_of_a_converged_host_asks_for_nothing(tmp_path):
     assert st["sysctl_changes"] == {"conn_reuse_old_conntrack": 1}
     old = [f"{m}|0.9|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
     assert F.state(state_output(plan["module_sums"], old, plan["sysctls"]), plan)["stale"]
+    assert st["swap"] == "idle"
+    # A swap that died with its table saved: the role finishes it first, and until then the
+    # host fails verification, naming what is pending.
+    died = state_output(plan["module_sums"], loaded, plan["sysctls"]) + "\n".join(
+        ["", F.MARK + "swap", "state=pending", "stage=unloaded", "services=3", "real_servers=8"]
+    )
+    st = F.state(died, plan)
+    assert st["swap"] == "pending" and not st["stale"]
+    assert st["problems"] == [
+        "a module swap died after unloaded with its saved table (3 services, 8 real servers) "
+        "not restored: /var/lib/ipvs-fleet/swap.pending"
+    ]
 
 
 def test_probe_scripts_run_in_sh():

@@ -72,6 +72,7 @@ class FakeHost:
     sysctls: dict[str, int] = field(default_factory=dict)
     files: bool = False  # the managed files written and their backups kept
     usage: list[str] = field(default_factory=list)  # IpvsUsage output lines
+    swap: list[str] = field(default_factory=list)  # IpvsSwapState output lines
 
     def responses(self) -> list[tuple[str, Any]]:
         s = load_policy().for_host("x", {"ipvs_host_class": self.host_class})
@@ -93,6 +94,7 @@ class FakeHost:
              [f"{sha}  {n}" for n, sha in MODULES.items()] if self.installed
              else ["depmod-missing"]),  # fmt: skip
             (r"for d in /sys/module/ip_vs ", loaded),
+            (r"swap.pending \] && s=pending", self.swap or ["state=idle"]),
             (r"/proc/sys/net/ipv4/vs/\*", [f"/proc/sys/net/ipv4/vs/{k}:{v}"
                                            for k, v in self.sysctls.items()]),  # fmt: skip
         ]
@@ -263,6 +265,27 @@ def test_verification_fails_the_host_at_execution_with_its_problems(fleet):
     assert "verification failed on @fake/drifted: net.ipv4.vs.conn_reuse_old_conntrack: " \
         "expected 1, live 0" in ANSI.sub("", r.stderr)
     assert "Operation error" not in r.stderr
+
+
+PENDING = ["state=pending", "stage=cleared", "services=3", "real_servers=8"]
+PENDING_TEXT = (
+    "a module swap died after cleared with its saved table (3 services, 8 real servers) "
+    "not restored: /var/lib/ipvs-fleet/swap.pending"
+)
+
+
+def test_a_swap_that_died_is_finished_first_and_fails_verification_until_then(fleet):
+    died = converged()
+    died.swap = PENDING
+    r = fleet({"died": died, "ok": converged()}, "--dry", "--json")
+    assert r.rc == 0, r.stderr[-3000:]
+    assert r.changes() == {"Activate the patched modules (reload)": ["@fake/died"]}
+    assert r.will("died") == [f"finish the earlier module swap ({PENDING_TEXT})"]
+    # Executed against facts that never change, the table stays pending: the host fails.
+    r = fleet({"died": died, "ok": converged()}, "-y", "--json", "-vv")
+    assert r.rc == 1
+    assert r.doc["results"]["failed_hosts"] == ["@fake/died"]
+    assert f"verification failed on @fake/died: {PENDING_TEXT}" in ANSI.sub("", r.stderr)
 
 
 def test_rollback_dry_run_lists_removal_restores_and_activation(fleet):

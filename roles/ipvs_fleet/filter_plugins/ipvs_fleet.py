@@ -27,6 +27,7 @@ except ImportError:  # imported by the unit tests without Ansible's plugin loade
 from ipvs_fleet.deploy.facts import (
     IpvsInstalledModules,
     IpvsLoadedModules,
+    IpvsSwapState,
     IpvsSysctls,
     IpvsUsage,
     Lockdown,
@@ -91,6 +92,7 @@ def probe_command(kind: str, kernel_release: str = "") -> str:
                 "backups": backups,
                 "files": files,
                 "failed": f"[ -e {failed} ] && echo yes || echo no",
+                "swap": IpvsSwapState().command(),
             }
         )
     raise AnsibleFilterError(f"ipvs_fleet_probe_command: unknown probe {kind!r}")
@@ -175,8 +177,9 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
 
     Keys: installed, loaded, sysctls (live), backups {path: file|absent|none},
     files {path: "<mode>:<sha256>" (":" when absent)}, failed_set,
-    install (bool), stale, missing (modules to modprobe), sysctl_changes {key: value},
-    sysctl_absent, managed [{path, template, backup}], problems (verification, [] = ok).
+    install (bool), stale, swap (idle|running|pending), missing (modules to modprobe),
+    sysctl_changes {key: value}, sysctl_absent, managed [{path, template, backup}],
+    problems (verification, [] = ok).
     """
     facts = split_probe(stdout)
     want = plan["patchset"] if patchset is None else patchset
@@ -185,12 +188,13 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     live = IpvsSysctls().process(facts.get("sysctls", []))
     backups = dict(line.rsplit("=", 1) for line in facts.get("backups", []) if "=" in line)
     files = dict(line.rsplit("=", 1) for line in facts.get("files", []) if "=" in line)
+    swap = IpvsSwapState().process(facts.get("swap", []))
     stale = sorted(m for m, info in loaded.items() if not is_current(info, want))
     missing = [m for m in plan["modules"] if m not in loaded or m in stale]
     wanted: dict[str, int] = dict(plan["sysctls"]) if want else {}
     changes = {k: v for k, v in sorted(wanted.items()) if k in live and live[k] != v}
     absent = sorted(k for k in wanted if k not in live)
-    problems = verification_problems(loaded, live, want, wanted)
+    problems = verification_problems(loaded, live, want, wanted, swap)
     return {
         "installed": installed,
         "loaded": loaded,
@@ -200,6 +204,8 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
         "failed_set": (facts.get("failed") or ["no"])[0].strip() == "yes",
         "install": installed != dict(plan["module_sums"]),
         "stale": stale,
+        # an earlier swap still running or died with its table not restored: idle|running|pending
+        "swap": swap["state"],
         "missing": missing,
         "sysctl_changes": changes,
         "sysctl_absent": absent,

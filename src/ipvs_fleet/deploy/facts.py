@@ -74,6 +74,58 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
         return mods
 
 
+SWAP_STATE_DIR = "/var/lib/ipvs-fleet"
+
+
+class IpvsSwapState(FactBase[dict[str, Any]]):
+    """
+    Whether a module swap (ipvs-swap.sh) runs on the host now, or died with its saved table
+    not restored (swap.pending/), and what it saved.
+
+    .. code:: python
+
+        {"state": "pending", "stage": "cleared", "services": 11, "real_servers": 22}
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        d = SWAP_STATE_DIR
+        # `flock -n` fails while a swap worker holds the host lock
+        return (
+            f's=idle; [ -d {d}/swap.pending ] && s=pending; '
+            f'if [ -e {d}/lock ] && ! flock -n {d}/lock true; then s=running; fi; '
+            f'echo "state=$s"; '
+            f'if [ -d {d}/swap.pending ]; then '
+            f'echo "stage=$(cat {d}/swap.pending/stage 2>/dev/null)"; '
+            f"echo \"services=$(grep -c '^-A' {d}/swap.pending/snapshot 2>/dev/null)\"; "
+            f"echo \"real_servers=$(grep -c '^-a' {d}/swap.pending/snapshot 2>/dev/null)\"; fi"
+        )
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": "idle"}
+        for line in output:
+            key, _, value = line.strip().partition("=")
+            if key in ("services", "real_servers"):
+                out[key] = int(value) if value.isdigit() else 0
+            elif key in ("state", "stage"):
+                out[key] = value
+        return out
+
+
+def swap_problem(swap: dict[str, Any]) -> str | None:
+    """What an unfinished swap leaves for verification to report, if anything."""
+    if swap.get("state") == "pending":
+        return (
+            f"a module swap died after {swap.get('stage') or 'saving'} with its saved table "
+            f"({swap.get('services', 0)} services, {swap.get('real_servers', 0)} real servers) "
+            f"not restored: {SWAP_STATE_DIR}/swap.pending"
+        )
+    if swap.get("state") == "running":
+        return "a module swap is running on the host"
+    return None
+
+
 def _in_indexed_updates(kernel_release: str, listing: str) -> StringCommand:
     """Run `listing` in our updates dir; print depmod-missing first unless depmod indexed it.
 

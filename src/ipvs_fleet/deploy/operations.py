@@ -26,7 +26,9 @@ from ipvs_fleet.deploy.facts import (
     IpvsInstalledModules,
     IpvsInstalledSet,
     IpvsLoadedModules,
+    IpvsSwapState,
     IpvsSysctls,
+    swap_problem,
     updates_dir,
 )
 from ipvs_fleet.policy import KNOB, HostSettings
@@ -72,6 +74,23 @@ def will(what: str) -> None:
 def fail(message: str) -> StringCommand:
     """A command that fails the host with `message` (one line per problem) on its stderr."""
     return StringCommand("printf '%s\\n'", QuoteString(message), ">&2; exit 1")
+
+
+LOCK = f"{STATE_DIR}/lock"
+# How long a step waits for the host lock that another controller's step holds.
+LOCK_WAIT_S = 300
+
+
+def locked(what: str, *parts: Any) -> StringCommand:
+    """`parts` as one shell command run under the host lock (flock on LOCK, as ipvs-swap.sh
+    takes it): a second controller waits up to LOCK_WAIT_S, then fails naming the holder."""
+    lock, holder = QuoteString(LOCK), QuoteString(LOCK + ".holder")
+    return StringCommand(
+        "mkdir -p", QuoteString(STATE_DIR), "&& exec 9>>", lock,
+        "&& { flock -w", str(LOCK_WAIT_S), "9 || { echo 'the host lock", LOCK,
+        f"stayed held for {LOCK_WAIT_S} s by:' \"$(cat", holder, "2>/dev/null)\" >&2; exit 1; }; }",
+        f"&& echo \"ipvs-fleet {what}, pid $$, since $(date -Is)\" >", holder, "&&", *parts,
+    )  # fmt: skip
 
 
 def _names(items: Iterable[str]) -> str:
@@ -132,20 +151,31 @@ def modules_installed(
     yield StringCommand(
         "echo", QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet"
     )
-    yield StringCommand(
+    old = f"{dest}.old"
+    # Under the host lock (another controller's install or swap waits), the staged set is
+    # verified, then on disk before the rename (a crash leaves the old set or the new one,
+    # whole), and the index with it.
+    # A controller that waited for the lock may find this set installed by the other one.
+    same = StringCommand(
+        "[ -d", QuoteString(dest), "] && [ $(ls", QuoteString(dest), "| wc -l) -eq",
+        str(len(modules)), "] && (cd", QuoteString(dest), "&& printf '%s\\n'", QuoteString(sums),
+        "| sha256sum -c --quiet --strict) >/dev/null 2>&1",
+    )  # fmt: skip
+    yield locked(
+        "install",
+        "if", same, "; then rm -f", QuoteString(remote_tar), "&& depmod",
+        QuoteString(kernel_release), "; else",
         "rm -rf", QuoteString(staging), "&& mkdir -p", QuoteString(staging),
         "&& tar -xzf", QuoteString(remote_tar), "-C", QuoteString(staging),
         "&& cd", QuoteString(staging),
         "&& printf '%s\\n'", QuoteString(sums), "| sha256sum -c --quiet --strict",
         "&& [ $(ls", QuoteString(staging), "| wc -l) -eq", str(len(modules)), "]",
-    )  # fmt: skip
-    old = f"{dest}.old"
-    yield StringCommand(
-        "rm -rf", QuoteString(old),
+        "&& sync -f", QuoteString(staging),
+        "&& rm -rf", QuoteString(old),
         "&& { [ ! -d", QuoteString(dest), "] || mv", QuoteString(dest), QuoteString(old), "; }",
         "&& mv", QuoteString(staging), QuoteString(dest),
         "&& rm -rf", QuoteString(old), QuoteString(remote_tar),
-        "&& depmod", QuoteString(kernel_release),
+        "&& depmod", QuoteString(kernel_release), "&& sync -f", QuoteString(dest), "; fi",
     )  # fmt: skip
 
 
@@ -292,9 +322,14 @@ def verification_problems(
     live: Mapping[str, Any],
     patchset: str,
     sysctls: Mapping[str, int],
+    swap: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """What differs from the deployed state: loaded build ("" = stock) and live values."""
+    """What differs from the deployed state: loaded build ("" = stock), live values, and a
+    module swap still running or died with its table not restored (IpvsSwapState)."""
     problems = []
+    unfinished = swap_problem(dict(swap or {}))
+    if unfinished:
+        problems.append(unfinished)
     if "ip_vs" not in loaded:
         problems.append("ip_vs is not loaded")
     for m, info in sorted(loaded.items()):
@@ -318,15 +353,27 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     + patchset: the patch-set version the loaded ip_vs must report; "" for the stock build
     """
     loaded = host.get_fact(IpvsLoadedModules)
+    unfinished = host.get_fact(IpvsSwapState)
     want = f"patch set {patchset}" if patchset else "the stock build"
     stale = sorted(m for m, info in loaded.items() if not is_current(info, patchset))
     swap = bool(loaded and stale)
+    script = f"{STATE_DIR}/ipvs-swap.sh"
+    q = QuoteString(script)
+    if unfinished.get("state") in ("pending", "running") and not (
+        swap and settings.activation == "reload"
+    ):
+        # An earlier swap is still running, or died with its table saved and not restored:
+        # wait for it, or restore that table, before anything else reads the host.
+        will(f"finish the earlier module swap ({swap_problem(unfinished)})")
+        yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
+        yield StringCommand(q, "--recover-only; rc=$?; rm -f", q, "; exit $rc")
     if swap and settings.activation == "next-boot":
         host.noop(f"{_names(stale)} switch to {want} at next boot")
         return
     missing = [m for m in settings.modules if m not in loaded or m in stale]
     if not swap and not missing:
-        host.noop(f"{want} is active")
+        if unfinished.get("state") not in ("pending", "running"):
+            host.noop(f"{want} is active")
         return
     what = []
     if swap and settings.activation == "reboot":
@@ -335,7 +382,9 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         what.append(
             f"reload the IPVS stack with ipvs-swap.sh ({_names(stale)} -> {want}; "
             "the service table is saved, restored and compared)"
-        )
+            + (f"; first finish the earlier swap ({swap_problem(unfinished)})"
+               if unfinished.get("state") in ("pending", "running") else "")
+        )  # fmt: skip
     not_loaded = [m for m in settings.modules if m not in loaded]
     if not_loaded:
         what.append(f"load {_names(not_loaded)}")
@@ -343,11 +392,9 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     if swap and settings.activation == "reboot":
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
     elif swap:
-        script = f"{STATE_DIR}/ipvs-swap.sh"
         yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
         # Run and remove, as Ansible's script module does: both engines leave the same
-        # host state (the script's own table copies stay, for the record).
-        q = QuoteString(script)
+        # host state (the swap's detached worker, its logs and table copies stay).
         yield StringCommand(q, "; rc=$?; rm -f", q, "; exit $rc")
     if missing:
         names = [QuoteString(m) for m in missing]
@@ -401,7 +448,8 @@ def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, 
         return
     loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
     live: dict[str, Any] = host.get_fact(IpvsSysctls)
-    problems = verification_problems(loaded, live, patchset, sysctls)
+    swap: dict[str, Any] = host.get_fact(IpvsSwapState)
+    problems = verification_problems(loaded, live, patchset, sysctls, swap)
     if problems:
         yield fail(f"verification failed on {host.name}: " + "; ".join(problems))
         return

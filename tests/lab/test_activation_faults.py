@@ -1,0 +1,137 @@
+"""Activation that survives faults, on a real lab host (k8s-canary, 6.1): the module swap
+(`ipvs-swap.sh`, run by the pyinfra deploy and rollback) killed at each of its stages, and the
+controller killed mid-swap. After each fault the same command is run again, as an operator
+or `rollout --resume` would: the host must end on the build that command asks for, with the
+IPVS table, timeouts and sync daemon identical to what it had, and nothing left pending.
+
+Cost: 11 pyinfra runs limited to one host and one controller kill (~5 min under TCG).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.fixtures.deploy import PYINFRA, REPO
+from tests.lab.test_deploy import assert_converged, live_state
+
+pytestmark = pytest.mark.lab
+
+HOST = "k8s-canary"
+STATE = "/var/lib/ipvs-fleet"
+# 3 services and 8 real servers (11 table lines), non-default timeouts, a backup sync daemon.
+TABLE = (
+    "ipvsadm -A -t 10.98.0.1:80 -s rr && ipvsadm -A -t 10.98.0.2:443 -s wrr -p 300 "
+    "&& ipvsadm -A -u 10.98.0.3:53 -s sh "
+    "&& for i in 1 2 3; do ipvsadm -a -t 10.98.0.1:80 -r 10.98.1.$i:80 -m -w $i; done "
+    "&& for i in 4 5 6; do ipvsadm -a -t 10.98.0.2:443 -r 10.98.1.$i:443 -m; done "
+    "&& for i in 7 8; do ipvsadm -a -u 10.98.0.3:53 -r 10.98.1.$i:53 -m; done "
+    "&& ipvsadm --set 901 121 301 && ipvsadm --start-daemon backup --mcast-interface eth0"
+)
+UNDO = (
+    "for s in -t\\ 10.98.0.1:80 -t\\ 10.98.0.2:443 -u\\ 10.98.0.3:53; do "
+    "ipvsadm -D $s 2>/dev/null; done; ipvsadm --stop-daemon backup 2>/dev/null; "
+    "ipvsadm --set 900 120 300; true"
+)
+STATE_READ = (
+    "ipvsadm-save -n; ipvsadm -L --timeout; ipvsadm -L --daemon; "
+    f"ls -d {STATE}/swap.pending 2>/dev/null; true"
+)
+# (stage the worker dies after, the command that swaps: rollback to stock or deploy patched)
+FAULTS = [
+    ("saved", "deploy/rollback.py"),
+    ("cleared", "deploy.py"),
+    ("unloaded", "deploy/rollback.py"),
+    ("loaded", "deploy.py"),
+    ("restored", "deploy/rollback.py"),
+]
+
+
+@pytest.fixture
+def table(lab, deployed):
+    lab.run(HOST, UNDO)
+    lab.run(HOST, TABLE)
+    before = lab.run(HOST, STATE_READ).stdout
+    lines = before.splitlines()
+    assert sum(x.startswith("-A") for x in lines) == 3, before
+    assert sum(x.startswith("-a") for x in lines) == 8, before
+    assert "901 121 301" in before and "backup sync daemon" in before
+    yield before
+    lab.run(HOST, f"rm -f {STATE}/fault-at; " + UNDO, check=False)
+
+
+def assert_on(lab, artifacts, deploy: str) -> None:
+    if deploy == "deploy.py":
+        assert_converged(lab, artifacts, HOST)
+    else:
+        st = live_state(lab, HOST)
+        assert "O" not in st["taint"], f"stock ip_vs expected after rollback: {st}"
+
+
+@pytest.mark.destructive
+def test_a_swap_killed_at_each_stage_is_finished_by_the_next_run(
+    lab, artifacts, deployer, table
+):
+    survived = []
+    for stage, deploy in FAULTS:
+        lab.run(HOST, f"echo {stage} > {STATE}/fault-at")
+        hit = deployer.run(deploy, "--limit", HOST, check=False)
+        out = hit.stdout + hit.stderr
+        assert hit.rc != 0, f"{stage}: the faulted run passed:\n{out[-3000:]}"
+        assert f"fault injected: killed after {stage}" in out, out[-3000:]
+        assert "the swap died on the host" in out, out[-3000:]
+        pending = lab.run(HOST, f"ls -d {STATE}/swap.pending", check=False).rc == 0
+        # Killed before its restore compared, the swap leaves its saved state pending.
+        assert pending == (stage != "restored"), stage
+        again = deployer.run(deploy, "--limit", HOST, check=False)
+        out = again.stdout + again.stderr
+        assert again.rc == 0, f"{stage}: the rerun failed:\n{out[-3000:]}"
+        assert_on(lab, artifacts, deploy)
+        assert lab.run(HOST, STATE_READ).stdout == table, f"after a fault at {stage}"
+        survived.append(stage)
+    print(f"faults injected and survived, table intact (11 lines): {survived}")
+    # Back on the patched set for the tests after this one.
+    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
+    assert_converged(lab, artifacts, HOST)
+    assert lab.run(HOST, STATE_READ).stdout == table
+
+
+@pytest.mark.destructive
+def test_a_controller_killed_mid_swap_leaves_the_swap_to_finish_on_the_host(
+    lab, artifacts, deployer, table
+):
+    p = subprocess.Popen(
+        [str(PYINFRA), "-y", "--limit", HOST, str(deployer.inventory), "deploy/rollback.py"],
+        cwd=REPO, env=deployer.env, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        # Kill the controller (and its ssh) as soon as the swap has saved the table.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None:
+            if lab.run(HOST, f"test -d {STATE}/swap.pending", check=False).rc == 0:
+                break
+            time.sleep(0.3)
+        assert p.poll() is None, "the rollback ended before its swap was seen"
+        os.killpg(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=60)
+    # The swap goes on without its caller: wait for the host lock to be free.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r = lab.run(HOST, f"flock -n {STATE}/lock true", check=False)
+        if r.rc == 0:
+            break
+        time.sleep(1)
+    assert lab.run(HOST, STATE_READ).stdout == table
+    assert "O" not in live_state(lab, HOST)["taint"], "the detached swap did not finish"
+    # The rerun finds the swap done: it finishes the rollback's other steps, swaps nothing.
+    again = deployer.run("deploy/rollback.py", "--limit", HOST)
+    assert "ipvs-swap" not in again.stdout + again.stderr
+    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
+    assert_converged(lab, artifacts, HOST)
+    assert lab.run(HOST, STATE_READ).stdout == table
