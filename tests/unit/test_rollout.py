@@ -46,6 +46,7 @@ def test_default_policy_file_parses():
     cfg = load_config()
     assert [str(w) for w in cfg.waves] == ["canary", "1", "10%", "50%", "100%"]
     assert cfg.rollback_failed_wave is True
+    assert cfg.host_command_timeout_seconds == 900
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def test_runner_command_lines(tmp_path, monkeypatch):
     r = PyinfraRunner(
         inventory=tmp_path / "inv.py", rollback_data={"ipvs_activation": "reboot"},
         data={"ipvs_activation": "next-boot", "x": "1"}, pyinfra_args=("--sudo",),
-        use_checks=False, env={"A": "1"},
+        use_checks=False, env={"A": "1"}, host_command_timeout=900,
     )  # fmt: skip
     noop = lambda h, s: None  # noqa: E731
     r.deploy(["a", "b"], noop)
@@ -198,7 +198,10 @@ def test_runner_command_lines(tmp_path, monkeypatch):
     plans = r.plan(["a"], noop)
     (deploy, denv), (rollback, _), (verify, _), (plan, penv) = seen
     assert deploy[1:4] == ["-y", "--json", "--sudo"]
-    assert deploy[-4:-2] == ["--data", "x=1"] and "ipvs_activation=next-boot" in deploy
+    assert deploy[-6:-2] == ["--data", "x=1", "--data", "_timeout=900"]
+    assert "ipvs_activation=next-boot" in deploy
+    # every command of the deploy and the rollback is bounded (pyinfra's `_timeout`)
+    assert "_timeout=900" in rollback and "_timeout=900" not in plan
     assert deploy[4:8] == ["--limit", "a", "--limit", "b"]
     # the policy's rollback_data win for the rollback
     assert "ipvs_activation=reboot" in rollback and "ipvs_activation=next-boot" not in rollback

@@ -242,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         use_checks=cfg.gate.checks,
         check_args=cfg.gate.check_args,
         gate_timeout=cfg.gate.timeout_seconds,
+        host_command_timeout=cfg.host_command_timeout_seconds,
         latency_hosts=cfg.gate.latency_hosts,
         log_dir=log_dir,
         env=env,

@@ -32,7 +32,7 @@ PERCENT_RE = re.compile(r"^(\d{1,3})%$")
 GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 TOP_KEYS = {
     "waves", "max_fail_percent", "soak_seconds", "rollback_failed_wave", "deploy", "rollback",
-    "rollback_data", "gate",
+    "rollback_data", "gate", "host_command_timeout_seconds",
 }  # fmt: skip
 GATE_KEYS = {"checks", "check_args", "timeout_seconds", "latency_hosts"}
 
@@ -88,6 +88,9 @@ class RolloutConfig:
     rollback: str = ROLLBACK_FILE
     rollback_data: dict[str, str] = field(default_factory=dict)
     gate: GateConfig = GateConfig()
+    # Each command of the deploy or rollback on a host (pyinfra's `_timeout`): a host that
+    # stays silent longer is failed (timeout), never holding its wave.
+    host_command_timeout_seconds: float = 900
     source: str = "<defaults>"
 
 
@@ -203,6 +206,10 @@ def load_config(path: Path | str | None = None) -> RolloutConfig:
         rollback=doc.get("rollback", ROLLBACK_FILE),
         rollback_data={str(k): str(v) for k, v in rbdata.items()},
         gate=gate,
+        host_command_timeout_seconds=_seconds(
+            doc.get("host_command_timeout_seconds"), f"{p}: host_command_timeout_seconds"
+        )
+        or 900.0,
         source=str(p),
     )
 

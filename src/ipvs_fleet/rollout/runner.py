@@ -227,6 +227,7 @@ class PyinfraRunner:
     use_checks: bool = True
     check_args: tuple[str, ...] = ()
     gate_timeout: float = 900.0
+    host_command_timeout: float | None = None  # pyinfra's `_timeout` for deploy and rollback
     latency_hosts: int | None = None  # probe only the first N hosts of each gate; None: all
     log_dir: Path | None = None
     env: dict[str, str] | None = None
@@ -259,6 +260,9 @@ class PyinfraRunner:
             cmd += ["--limit", h]
         for k, v in {**self.data, **(data or {})}.items():
             cmd += ["--data", f"{k}={v}"]
+        if self.host_command_timeout and not dry:
+            # pyinfra reads a global argument's default from host data: every command
+            cmd += ["--data", f"_timeout={int(self.host_command_timeout)}"]
         cmd += [str(self.inventory), str(deploy_file)]
         env = self.env
         if dry:
