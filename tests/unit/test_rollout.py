@@ -110,10 +110,11 @@ class FakeRunner:
         return {h for _, hs in self.calls for h in hs}
 
 
-def rollout(tmp_path, runner, spec="1,10%,50%,100%", previous=None, mfp=0.0, rollback=True):
+def rollout(tmp_path, runner, spec="1,10%,50%,100%", previous=None, mfp=0.0, rollback=True,
+            set_id="set-a"):
     waves = plan_waves(HOSTS, parse_waves(spec), max_fail_percent=mfp)
     return Rollout(waves, runner, Journal(tmp_path / "j.jsonl"), previous=previous,
-                   rollback=rollback)  # fmt: skip
+                   rollback=rollback, set_id=set_id)  # fmt: skip
 
 
 def test_all_waves_pass(tmp_path):
@@ -177,6 +178,37 @@ def test_interrupted_mid_wave_resumes_each_host_deployed_once_more_at_most(tmp_p
     assert not {"h01", "h02", "h06"} & set(deployed_again)
     assert deployed_again[:5] == ["h07", "h08", "h09", "h10", "h11"]
     assert len(deployed_again) == 44  # h07..h50: wave 3 was mid-gate
+
+
+def test_a_resume_after_a_rebuild_deploys_the_hosts_verified_with_the_old_set(tmp_path):
+    r1 = FakeRunner(interrupt_at=("gate", "h07"))
+    with pytest.raises(KeyboardInterrupt):
+        rollout(tmp_path, r1).run()
+    view = read_journal(tmp_path / "j.jsonl")
+    assert view.hosts["h01"].set_id == "set-a" and view.hosts["h07"].set_id == ""
+    r2 = FakeRunner()
+    res = rollout(tmp_path, r2, previous=view, set_id="set-b").run()
+    assert res.outcome == COMPLETED
+    deployed_again = [h for what, hs in r2.calls if what == "deploy" for h in hs]
+    assert len(deployed_again) == 50  # waves 1-2 were verified with set-a: deployed again
+    assert read_journal(tmp_path / "j.jsonl").hosts["h01"].set_id == "set-b"
+
+
+def test_a_rollback_cut_off_by_the_controller_is_finished_as_a_rollback(tmp_path):
+    r1 = FakeRunner(fail_gate={"h03"}, interrupt_at=("rollback", "h02"))
+    with pytest.raises(KeyboardInterrupt):
+        rollout(tmp_path, r1).run()
+    view = read_journal(tmp_path / "j.jsonl")
+    assert {view.hosts[f"h{i:02d}"].state for i in range(2, 7)} == {J.ROLLING_BACK}
+    r2 = FakeRunner()
+    res = rollout(tmp_path, r2, previous=view).run()
+    # the resume rolls wave 2 back (never deploys it again) and halts there
+    assert r2.calls == [("rollback", ("h02", "h03", "h04", "h05", "h06"))]
+    assert res.outcome == HALTED and res.halted_at == 2
+    st = res.states()
+    assert st["h01"] == J.NEW_VERIFIED
+    assert {st[f"h{i:02d}"] for i in range(2, 7)} == {J.REPORT_ROLLED_BACK}
+    assert {st[f"h{i:02d}"] for i in range(7, 51)} == {J.OLD}
 
 
 def test_journal_survives_a_torn_last_line(tmp_path):

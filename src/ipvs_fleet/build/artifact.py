@@ -93,6 +93,21 @@ class Artifact:
             )
 
 
+def artifacts_id(artifacts_dir: Path) -> str:
+    """A short id of every artifact in the folder (kernel, set id, tarball sha256): what a
+    rollout journals its verified hosts with, so that a resume after a rebuild deploys them
+    again; "" for a folder without artifacts."""
+    items = []
+    for m in sorted(Path(artifacts_dir).glob(f"*/{MANIFEST}")):
+        try:
+            doc = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        set_id = (doc.get("modinfo") or {}).get("ipvs_fleet")
+        items.append(f"{doc.get('kernel_release')}={set_id}:{doc.get('tarball_sha256')}")
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:12] if items else ""
+
+
 def read_artifact(path: Path) -> Artifact:
     """The artifact in directory `path` (FleetError if it has no readable manifest)."""
     try:

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from ipvs_fleet.build.artifact import artifacts_id
 from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.policy import REPO, load_policy
 from ipvs_fleet.rollout.config import (
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         waves, runner, journal,
         rollback=cfg.rollback_failed_wave and not args.no_rollback,
         previous=view if args.resume else None, ui=ui, inventory=str(inv), limit=limit,
+        set_id=artifacts_id(Path(env.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))),
     )  # fmt: skip
     console.print(f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
                   f"journal {jpath}")  # fmt: skip

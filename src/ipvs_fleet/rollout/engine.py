@@ -120,6 +120,7 @@ class Rollout:
         inventory: str = "",
         limit: Sequence[str] = (),
         sleep: Callable[[float], None] = time.sleep,
+        set_id: str = "",
     ) -> None:
         self.waves = list(waves)
         self.runner = runner
@@ -131,22 +132,26 @@ class Rollout:
         self.inventory = inventory
         self.limit = list(limit)
         self.sleep = sleep
+        # The artifacts this run deploys (artifact.artifacts_id): a host verified with other
+        # ones by an earlier run is deployed again.
+        self.set_id = set_id
 
     # -- journal helpers -------------------------------------------------------------------
 
     def _set(self, hosts: Sequence[str], state: str, wave: Wave, detail: str = "") -> None:
         if not hosts:
             return
+        set_id = self.set_id if state == J.VERIFIED else ""
         if detail or len(hosts) == 1:
             for h in hosts:
-                self.journal.host(h, state, wave.index, detail)
+                self.journal.host(h, state, wave.index, detail, set_id)
         else:
-            self.journal.hosts(list(hosts), state, wave.index)
+            self.journal.hosts(list(hosts), state, wave.index, set_id)
         for h in hosts:
             rec = self.records.get(h)
             if rec is None:
                 rec = self.records[h] = J.HostRecord(state, wave.index)
-            rec.state, rec.wave, rec.detail = state, wave.index, detail
+            rec.state, rec.wave, rec.detail, rec.set_id = state, wave.index, detail, set_id
             rec.history.append(state)
 
     def _record(self, wave: Wave, outcomes: dict[str, Outcome], ok_state: str) -> list[str]:
@@ -179,6 +184,7 @@ class Rollout:
             resume=self.resume,
             waves=[[w.spec, list(w.hosts)] for w in self.waves],
             limit=self.limit,
+            artifacts=self.set_id,
         )
         results: list[WaveResult] = []
         outcome, halted_at = COMPLETED, None
@@ -198,13 +204,39 @@ class Rollout:
             outcome, results, self.waves, dict(self.records), time.monotonic() - t0, halted_at
         )
 
+    def _verified(self, host: str) -> bool:
+        """Verified by an earlier run with the artifacts this run deploys."""
+        rec = self.records.get(host)
+        if rec is None or rec.state != J.VERIFIED:
+            return False
+        return not self.set_id or not rec.set_id or rec.set_id == self.set_id
+
     def _wave(self, wave: Wave) -> WaveResult:
-        done = [h for h in wave.hosts if self._state(h) == J.VERIFIED]
+        done = [h for h in wave.hosts if self._verified(h)]
         todo = [h for h in wave.hosts if h not in done]
         self.ui.wave_start(wave, todo, len(self.waves))
         secs: dict[str, float] = {}
         wr = WaveResult(wave.index, wave.spec, list(wave.hosts), done, [], True,
                         wave.max_fail_percent, secs)  # fmt: skip
+        again = [h for h in todo if self._state(h) == J.VERIFIED]
+        if again:
+            self.ui.message(
+                f"{wave.name}: {len(again)} host(s) verified with other artifacts "
+                f"({self.records[again[0]].set_id}, now {self.set_id}) are deployed again"
+            )
+        caught = [h for h in todo if self._state(h) == J.ROLLING_BACK]
+        if caught and self.rollback_enabled:
+            # An earlier run failed this wave and was stopped mid-rollback: finish the
+            # rollback; the wave stays failed.
+            self.ui.message(f"{wave.name}: finishing the interrupted rollback of "
+                            f"{len(caught)} host(s)")  # fmt: skip
+            wr.passed = False
+            self._roll_back(wave, caught, [], wr, secs)
+            self.journal.write("wave", wave=wave.index, passed=False, failed=caught,
+                               skipped=done, resumed_rollback=caught)  # fmt: skip
+            self.ui.wave_end(wave, False, caught)
+            wr.failed = caught
+            return wr
         if not todo:
             self.ui.message(f"{wave.name}: all {len(done)} host(s) verified by an earlier run")
             self.journal.write("wave", wave=wave.index, passed=True, failed=[], skipped=done)
@@ -234,29 +266,35 @@ class Rollout:
         # A failed wave rolls back all its hosts; a passing wave only its failed ones.
         back = list(wave.hosts) if not wr.passed else failed
         if back and self.rollback_enabled:
-            t = time.monotonic()
-            reasons = {h: self.records[h].detail for h in failed}
-            self._set(back, J.ROLLING_BACK, wave)
-            self.ui.step(wave, f"rollback of {len(back)} host(s)")
-            rb = self.runner.rollback(back, self._progress(wave))
-            for h, o in rb.hosts.items():
-                st = J.ROLLED_BACK if o.ok else J.ROLLBACK_FAILED
-                prior = reasons.get(h, "")
-                if o.ok:
-                    why = f"rolled back after: {prior}" if prior else "rolled back with its wave"
-                else:
-                    why = f"rollback failed: {o.reason}" + (f"; after: {prior}" if prior else "")
-                self._set([h], st, wave, why)
-                self.ui.host_done(wave, h, st, o.reason)
-                if o.ok:
-                    wr.rolled_back.append(h)
-            secs["rollback"] = time.monotonic() - t
+            self._roll_back(wave, back, failed, wr, secs)
         self.journal.write(
             "wave", wave=wave.index, passed=wr.passed, failed=failed, skipped=done,
             seconds={k: round(v, 3) for k, v in secs.items()},
         )  # fmt: skip
         self.ui.wave_end(wave, wr.passed, failed)
         return wr
+
+    def _roll_back(
+        self, wave: Wave, back: list[str], failed: list[str], wr: WaveResult,
+        secs: dict[str, float],
+    ) -> None:  # fmt: skip
+        t = time.monotonic()
+        reasons = {h: self.records[h].detail for h in failed}
+        self._set(back, J.ROLLING_BACK, wave)
+        self.ui.step(wave, f"rollback of {len(back)} host(s)")
+        rb = self.runner.rollback(back, self._progress(wave))
+        for h, o in rb.hosts.items():
+            st = J.ROLLED_BACK if o.ok else J.ROLLBACK_FAILED
+            prior = reasons.get(h, "")
+            if o.ok:
+                why = f"rolled back after: {prior}" if prior else "rolled back with its wave"
+            else:
+                why = f"rollback failed: {o.reason}" + (f"; after: {prior}" if prior else "")
+            self._set([h], st, wave, why)
+            self.ui.host_done(wave, h, st, o.reason)
+            if o.ok:
+                wr.rolled_back.append(h)
+        secs["rollback"] = time.monotonic() - t
 
     def _state(self, host: str) -> str | None:
         rec = self.records.get(host)

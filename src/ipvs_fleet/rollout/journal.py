@@ -1,8 +1,10 @@
 """The rollout journal: one JSON object per line, fsync'ed before the step it records proceeds.
 
 Events (`event` key):
-- `start`: a run began (`run`, `inventory`, `waves` as [[spec, [hosts]]], `resume`, `limit`)
-- `host`: a host changed state (`host`, `state`, `wave`, `detail`)
+- `start`: a run began (`run`, `inventory`, `waves` as [[spec, [hosts]]], `resume`, `limit`,
+  `artifacts`: the id of the artifacts it deploys)
+- `host`: a host changed state (`host`, `state`, `wave`, `detail`; `set`: with `verified`, the
+  id of the artifacts it was verified with, `ipvs_fleet.build.artifact.artifacts_id`)
 - `wave`: a wave finished (`wave`, `passed`, `failed` hosts)
 - `end`: the run ended (`outcome`: completed | halted)
 
@@ -54,6 +56,7 @@ class HostRecord:
     wave: int
     detail: str = ""
     history: list[str] = field(default_factory=list)
+    set_id: str = ""  # the artifacts id it was verified with ("" for other states)
 
 
 @dataclass
@@ -105,11 +108,14 @@ class Journal:
         os.write(self._fd, (json.dumps(rec, sort_keys=True) + "\n").encode())
         os.fsync(self._fd)
 
-    def host(self, host: str, state: str, wave: int, detail: str = "") -> None:
+    def host(self, host: str, state: str, wave: int, detail: str = "", set_id: str = "") -> None:
         assert state in HOST_STATES, state
-        self.write("host", host=host, state=state, wave=wave, detail=detail)
+        extra = {"set": set_id} if set_id else {}
+        self.write("host", host=host, state=state, wave=wave, detail=detail, **extra)
 
-    def hosts(self, hosts: list[str] | tuple[str, ...], state: str, wave: int) -> None:
+    def hosts(
+        self, hosts: list[str] | tuple[str, ...], state: str, wave: int, set_id: str = ""
+    ) -> None:
         """One record per host, one fsync for all (a wave of 25 hosts is one disk flush)."""
         if self._fd is None:
             self.open()
@@ -117,7 +123,8 @@ class Journal:
         ts = round(time.time(), 3)
         lines = "".join(
             json.dumps(
-                {"ts": ts, "event": "host", "host": h, "state": state, "wave": wave, "detail": ""},
+                {"ts": ts, "event": "host", "host": h, "state": state, "wave": wave, "detail": "",
+                 **({"set": set_id} if set_id else {})},
                 sort_keys=True,
             )
             + "\n"
@@ -159,6 +166,7 @@ def read_journal(path: Path | str) -> JournalView:
             if h is None:
                 h = view.hosts[rec["host"]] = HostRecord(rec["state"], int(rec["wave"]))
             h.state, h.wave, h.detail = rec["state"], int(rec["wave"]), rec.get("detail", "")
+            h.set_id = str(rec.get("set") or "")
             h.history.append(rec["state"])
         elif ev == "end":
             view.outcome = rec.get("outcome")
