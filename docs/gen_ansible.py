@@ -31,6 +31,10 @@ HOST_DATA = {
     "ipvs_allow_reuse_with": "a stated reason to allow knob=1 on a host that uses FTP or connmark",
     "ipvs_install": "`artifact` only in the role; `dkms` (build on the host) is the pyinfra "
     "deploy's, and the role refuses it by name",
+    "ipvs_pre_activate": "drain hook(s): a shell command or a list, run in order right before the "
+    "swap or reboot (over the class's `pre_activate`); a failing one stops the host unswapped",
+    "ipvs_post_activate": "shell command(s) run right after the swap or reboot (over the "
+    "class's `post_activate`)",
 }
 
 

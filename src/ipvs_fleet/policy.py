@@ -36,12 +36,15 @@ HOST_KEYS = {
     "ipvs_activation",
     "ipvs_allow_reuse_with",
     "ipvs_install",
+    "ipvs_pre_activate",
+    "ipvs_post_activate",
 }
 # Descriptive host data that inventories may carry (the lab records what a VM boots).
 INFO_KEYS = {"ipvs_release", "ipvs_kernel_release", "ipvs_kernel_version"}
 ACTIVATIONS = ("reload", "reboot", "next-boot")
 INSTALLS = ("artifact", "dkms")
 MODULE_RE = r"(ip_vs|ip_vs_[a-z0-9_]+|xt_ipvs)"
+HOOK_TIMEOUT_S = 300  # default seconds each drain hook may run
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class HostSettings:
     modules: tuple[str, ...] = ("ip_vs",)
     allow_reuse_with: str | None = None
     install: str = "artifact"
+    # Drain hooks: shell commands run on the host, in order, right before and after the
+    # IPVS stack is swapped or the host rebooted (e.g. `kubectl drain`, a keepalived priority).
+    pre_activate: tuple[str, ...] = ()
+    post_activate: tuple[str, ...] = ()
+    hook_timeout: int = HOOK_TIMEOUT_S
 
     @property
     def knob(self) -> int | None:
@@ -145,9 +153,15 @@ class Policy:
         check_activation(activation, f"{where}: ipvs_activation")
         install = data.get("ipvs_install", base["install"])
         check_install(install, f"{where}: ipvs_install")
+        hooks = {
+            k: check_hooks(data[f"ipvs_{k}"], f"{where}: ipvs_{k}")
+            if f"ipvs_{k}" in data else base[k]
+            for k in ("pre_activate", "post_activate")
+        }  # fmt: skip
         return HostSettings(
-            name, cls, sysctls, budget, activation, base["modules"], reason, install
-        )
+            name, cls, sysctls, budget, activation, base["modules"], reason, install,
+            hooks["pre_activate"], hooks["post_activate"], base["hook_timeout"],
+        )  # fmt: skip
 
 
 def check_activation(value: Any, where: str) -> str:
@@ -160,6 +174,23 @@ def check_install(value: Any, where: str) -> str:
     if value not in INSTALLS:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(INSTALLS)}")
     return str(value)
+
+
+def check_timeout(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: must be a whole number of seconds >= 1, got {value!r}")
+    return value
+
+
+def check_hooks(value: Any, where: str) -> tuple[str, ...]:
+    """A hook list: one shell command or a list of them (none: null or [])."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
+        raise ConfigError(f"{where}: must be a shell command or a list of them")
+    return tuple(value)
 
 
 def check_modules(value: Any, where: str) -> tuple[str, ...]:
@@ -190,7 +221,8 @@ def load_policy(path: Path | str | None = None) -> Policy:
         where = f"{p}: host_classes.{name}"
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: must be a mapping")
-        known = {"description", "sysctls", "latency_budget", "activation", "modules", "install"}
+        known = {"description", "sysctls", "latency_budget", "activation", "modules", "install",
+                 "pre_activate", "post_activate", "hook_timeout_seconds"}  # fmt: skip
         extra = set(body) - known
         if extra:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
@@ -205,5 +237,10 @@ def load_policy(path: Path | str | None = None) -> Policy:
             "activation": check_activation(body.get("activation", "reload"), f"{where}.activation"),
             "modules": check_modules(body.get("modules", ["ip_vs"]), f"{where}.modules"),
             "install": check_install(body.get("install", "artifact"), f"{where}.install"),
+            "pre_activate": check_hooks(body.get("pre_activate"), f"{where}.pre_activate"),
+            "post_activate": check_hooks(body.get("post_activate"), f"{where}.post_activate"),
+            "hook_timeout": check_timeout(
+                body.get("hook_timeout_seconds", HOOK_TIMEOUT_S), f"{where}.hook_timeout_seconds"
+            ),
         }
     return policy

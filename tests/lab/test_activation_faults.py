@@ -73,9 +73,7 @@ def assert_on(lab, artifacts, deploy: str) -> None:
 
 
 @pytest.mark.destructive
-def test_a_swap_killed_at_each_stage_is_finished_by_the_next_run(
-    lab, artifacts, deployer, table
-):
+def test_a_swap_killed_at_each_stage_is_finished_by_the_next_run(lab, artifacts, deployer, table):
     survived = []
     for stage, deploy in FAULTS:
         lab.run(HOST, f"echo {stage} > {STATE}/fault-at")
@@ -135,3 +133,39 @@ def test_a_controller_killed_mid_swap_leaves_the_swap_to_finish_on_the_host(
     assert deployer.run("deploy.py", "--limit", HOST).rc == 0
     assert_converged(lab, artifacts, HOST)
     assert lab.run(HOST, STATE_READ).stdout == table
+
+
+@pytest.mark.destructive
+def test_drain_hooks_run_in_order_around_the_swap_and_a_failing_pre_hook_stops_it(
+    lab, artifacts, deployer, table
+):
+    log = f"{STATE}/hooks.log"
+    lab.run(HOST, f"rm -f {log}")
+    # A pre-hook that fails: the host fails there, with the patched set still loaded.
+    failing = f'ipvs_pre_activate=["echo pre >> {log}", "exit 7"]'
+    r = deployer.run("deploy/rollback.py", "--limit", HOST, "--data", failing, check=False)
+    out = r.stdout + r.stderr
+    assert r.rc != 0, out[-3000:]
+    assert "pre-activation hook 2 failed (exit 7;" in out, out[-3000:]
+    assert "O" in live_state(lab, HOST)["taint"], "swapped despite a failing pre-hook"
+    assert lab.run(HOST, f"cat {log}").stdout == "pre\n"
+    assert lab.run(HOST, STATE_READ).stdout == table
+    # Hooks that pass run in order around the swap: before it the patched build is loaded
+    # (taint OE), after it the stock one (no taint).
+    lab.run(HOST, f"rm -f {log}")
+    taint = "$(cat /sys/module/ip_vs/taint)"
+    r = deployer.run(
+        "deploy/rollback.py", "--limit", HOST,
+        "--data", f'ipvs_pre_activate=["echo pre1 {taint} >> {log}", "echo pre2 >> {log}"]',
+        "--data", f"ipvs_post_activate=echo post {taint} >> {log}",
+    )  # fmt: skip
+    assert lab.run(HOST, f"cat {log}").stdout.split("\n") == ["pre1 OE", "pre2", "post", ""]
+    assert lab.run(HOST, STATE_READ).stdout == table
+    # No swap, no hooks: the converged host runs none.
+    lab.run(HOST, f"rm -f {log}")
+    deployer.run(
+        "deploy/rollback.py", "--limit", HOST, "--data", f"ipvs_pre_activate=echo x >> {log}"
+    )
+    assert lab.run(HOST, f"test -e {log}", check=False).rc != 0
+    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
+    assert_converged(lab, artifacts, HOST)

@@ -267,6 +267,24 @@ def test_verification_fails_the_host_at_execution_with_its_problems(fleet):
     assert "Operation error" not in r.stderr
 
 
+def test_drain_hooks_wrap_the_swap_and_are_previewed(fleet):
+    stale = converged()
+    stale.loaded = "stock"
+    hooks = ["--data", 'ipvs_pre_activate=["drain one", "drain two"]',
+             "--data", "ipvs_post_activate=uncordon"]  # fmt: skip
+    r = fleet({"n": stale}, "--dry", "--json", *hooks)
+    assert r.rc == 0, r.stderr[-3000:]
+    [act] = [w for w in r.will("n") if "ipvs-swap.sh" in w]
+    assert act.startswith("run 2 pre-activation hook(s); reload the IPVS stack")
+    assert act.endswith("; run 1 post-activation hook(s)")
+    # Executed: the hooks run in order around the swap (-vv lists each command run).
+    r = fleet({"n": stale}, "-y", "--json", "-vv", *hooks)
+    out = ANSI.sub("", r.stderr)
+    at = [out.find(s) for s in ("sh -c 'drain one'", "sh -c 'drain two'", "ipvs-swap.sh ;",
+                                "sh -c uncordon")]  # fmt: skip
+    assert -1 not in at and at == sorted(at), at
+
+
 PENDING = ["state=pending", "stage=cleared", "services=3", "real_servers=8"]
 PENDING_TEXT = (
     "a module swap died after cleared with its saved table (3 services, 8 real servers) "

@@ -21,6 +21,20 @@ def test_classes_have_their_knob(policy):
     assert policy.for_host("c", {"ipvs_host_class": "connmark"}).knob == 0
 
 
+def test_drain_hooks_come_from_the_class_or_the_host(tmp_path: Path):
+    f = tmp_path / "classes.yml"
+    f.write_text(
+        "host_classes: {x: {sysctls: {}, pre_activate: 'drain', post_activate: [a, b],"
+        " hook_timeout_seconds: 60}}\nsysctl_schema: {a: {min: 0, max: 1}}"
+    )
+    s = load_policy(f).for_host("h", {"ipvs_host_class": "x"})
+    assert (s.pre_activate, s.post_activate, s.hook_timeout) == (("drain",), ("a", "b"), 60)
+    s = load_policy(f).for_host(
+        "h", {"ipvs_host_class": "x", "ipvs_pre_activate": ["mine"], "ipvs_post_activate": None}
+    )
+    assert (s.pre_activate, s.post_activate) == (("mine",), ())
+
+
 def test_host_override_merges_over_class(policy):
     s = policy.for_host(
         "n", {"ipvs_host_class": "k8s_node", "ipvs_sysctls": {"conn_reuse_old_conntrack": 0}}
@@ -49,6 +63,10 @@ def test_host_override_merges_over_class(policy):
             {"ipvs_host_class": "ftp", "ipvs_allow_reuse_with": " "},
             ["host h", "ipvs_allow_reuse_with"],
         ),
+        (
+            {"ipvs_host_class": "ftp", "ipvs_pre_activate": ["ok", 3]},
+            ["host h", "ipvs_pre_activate", "a shell command or a list of them"],
+        ),
     ],
 )
 def test_bad_host_data_is_named(policy, data, words):
@@ -70,6 +88,11 @@ def test_bad_host_data_is_named(policy, data, words):
         (
             "host_classes: {x: {sysctls: {}, colour: 1}}\nsysctl_schema: {a: {min: 0, max: 1}}",
             ["host_classes.x", "colour"],
+        ),
+        (
+            "host_classes: {x: {sysctls: {}, hook_timeout_seconds: 0}}\n"
+            "sysctl_schema: {a: {min: 0, max: 1}}",
+            ["host_classes.x.hook_timeout_seconds", ">= 1"],
         ),
     ],
 )

@@ -12,7 +12,7 @@ execution, a command that fails with the list of problems.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +344,18 @@ def verification_problems(
     return problems
 
 
+def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCommand]:
+    """Each drain hook as a command bounded by `timeout`; a failing one fails the host
+    there, so nothing after it (the swap, for a pre-hook) runs."""
+    for n, cmd in enumerate(commands, 1):
+        yield StringCommand(
+            "timeout", str(timeout), "sh -c", QuoteString(cmd),
+            f"|| {{ rc=$?; echo '{what} hook {n} failed (exit '$rc';",
+            f"124: timed out after {timeout} s):' >&2; printf '%s\\n'", QuoteString(cmd),
+            ">&2; exit 1; }",
+        )  # fmt: skip
+
+
 @operation()
 def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None, None]:
     """
@@ -388,7 +400,13 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     not_loaded = [m for m in settings.modules if m not in loaded]
     if not_loaded:
         what.append(f"load {_names(not_loaded)}")
+    if swap and settings.pre_activate:
+        what.insert(0, f"run {len(settings.pre_activate)} pre-activation hook(s)")
+    if swap and settings.post_activate:
+        what.append(f"run {len(settings.post_activate)} post-activation hook(s)")
     will("; ".join(what) or f"load {_names(missing)}")
+    if swap:
+        yield from hooks("pre-activation", settings.pre_activate, settings.hook_timeout)
     if swap and settings.activation == "reboot":
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
     elif swap:
@@ -396,6 +414,8 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         # Run and remove, as Ansible's script module does: both engines leave the same
         # host state (the swap's detached worker, its logs and table copies stay).
         yield StringCommand(q, "; rc=$?; rm -f", q, "; exit $rc")
+    if swap:
+        yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
     if missing:
         names = [QuoteString(m) for m in missing]
         yield StringCommand("for m in", *names, '; do modprobe "$m"; done')
