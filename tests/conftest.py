@@ -24,6 +24,7 @@ LAB_ORDER = [
     "test_lockdown.py",
     "test_checks.py",
     "test_ansible.py",
+    "test_sudo.py",
     "test_rollout_lab.py",
     "test_rollout_sim.py",
     "test_dkms.py",

@@ -43,6 +43,10 @@ CONNECTION_VARS = {
     "ansible_user": "ssh_user",
     "ansible_ssh_private_key_file": "ssh_key",
     "ansible_password": "ssh_password",
+    # privilege escalation (only sudo, Ansible's default become_method, maps)
+    "ansible_become": "_sudo",
+    "ansible_become_user": "_sudo_user",
+    "ansible_become_password": "_sudo_password",
 }
 # `-o Option=value` of ansible_ssh_common_args / ansible_ssh_extra_args pyinfra understands.
 SSH_OPTIONS = {
@@ -57,8 +61,9 @@ def ansible_inventory_bin() -> str:
     return str(here) if here.exists() else "ansible-inventory"
 
 
-def lab_inventory(lab: Lab) -> dict[str, Any]:
-    """The lab's hosts as an Ansible YAML inventory document (groups, connection, classes)."""
+def lab_inventory(lab: Lab, user: str = "root") -> dict[str, Any]:
+    """The lab's hosts as an Ansible YAML inventory document (groups, connection, classes),
+    as root or as a non-root `user` with `become` (sudo)."""
     hosts = lab.hosts
     if not hosts:
         raise FleetError(f"lab {lab.dir} has no hosts (run: ipvs-fleet lab up)")
@@ -91,7 +96,8 @@ def lab_inventory(lab: Lab) -> dict[str, Any]:
     return {
         "all": {
             "vars": {
-                "ansible_user": "root",
+                "ansible_user": user,
+                **({"ansible_become": True} if user != "root" else {}),
                 "ansible_ssh_private_key_file": str(lab.client_key),
                 # Replaces Ansible's default ssh_args: one multiplexed connection per host,
                 # kept for the next run (ssh takes the first value of a repeated -o).
@@ -105,9 +111,9 @@ def lab_inventory(lab: Lab) -> dict[str, Any]:
     }
 
 
-def write_lab_inventory(lab: Lab, path: Path | str = LAB_INVENTORY) -> Path:
+def write_lab_inventory(lab: Lab, path: Path | str = LAB_INVENTORY, user: str = "root") -> Path:
     """Write the lab's Ansible inventory (default inventory/lab.ansible.yml); return its path."""
-    doc = lab_inventory(lab)
+    doc = lab_inventory(lab, user)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     head = (
@@ -159,6 +165,8 @@ def pyinfra_data(hostvars: dict[str, Any]) -> dict[str, Any]:
     """One host's Ansible variables as pyinfra host data (connection mapped, rest kept)."""
     data: dict[str, Any] = {}
     for key, value in hostvars.items():
+        if key == "ansible_become_method" and str(value) != "sudo":
+            raise ConfigError(f"ansible_become_method {value!r}: only sudo is supported")
         if key in CONNECTION_VARS:
             data[CONNECTION_VARS[key]] = value
         elif key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):

@@ -169,3 +169,19 @@ def test_drain_hooks_run_in_order_around_the_swap_and_a_failing_pre_hook_stops_i
     assert lab.run(HOST, f"test -e {log}", check=False).rc != 0
     assert deployer.run("deploy.py", "--limit", HOST).rc == 0
     assert_converged(lab, artifacts, HOST)
+
+
+@pytest.mark.destructive
+def test_reboot_and_next_boot_activation(lab, artifacts, deployer, deployed):
+    """`activation: reboot` reboots a stale host into the installed build and verifies it;
+    `next-boot` installs and persists, leaves the loaded build, and the next boot has it."""
+    r = deployer.run("deploy/rollback.py", "--limit", HOST, "--data", "ipvs_activation=reboot")
+    assert "O" not in live_state(lab, HOST)["taint"], r.stderr[-2000:]
+    boot_id = lab.run(HOST, "cat /proc/sys/kernel/random/boot_id").stdout
+    deployer.run("deploy.py", "--limit", HOST, "--data", "ipvs_activation=next-boot")
+    assert lab.run(HOST, "cat /proc/sys/kernel/random/boot_id").stdout == boot_id
+    assert "O" not in live_state(lab, HOST)["taint"], "next-boot swapped the running stack"
+    lab.reboot(HOST)
+    assert_converged(lab, artifacts, HOST)
+    again = deployer.run("deploy.py", "--limit", HOST)
+    assert again.totals["success"] == 0, again.changed()

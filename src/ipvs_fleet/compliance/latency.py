@@ -60,8 +60,21 @@ def run_remote(session: CheckSession, target: Target, facts: HostFacts) -> dict[
     try:
         host.run_expect([0], "mkdir -p -m 700 %s", REMOTE_DIR)
         with client.open_sftp() as sftp:
+            if host.backend.sudo:
+                # SFTP runs as the SSH user: stage in its home, copy in through sudo
+                stage = f"{sftp.normalize('.')}/.ipvs-fleet-check"
+                host.backend.sudo = False
+                try:
+                    host.run_expect([0], "mkdir -p -m 700 %s", stage)
+                finally:
+                    host.backend.sudo = True
+            else:
+                stage = REMOTE_DIR
             for name in PROBE_FILES:
-                sftp.put(str(PROBE_DIR / name), f"{REMOTE_DIR}/{name}")
+                sftp.put(str(PROBE_DIR / name), f"{stage}/{name}")
+        if stage != REMOTE_DIR:
+            names = " ".join(f"{stage}/{n}" for n in PROBE_FILES)
+            host.run_expect([0], f"cp {names} {REMOTE_DIR}/")
     except Exception as e:  # sftp/paramiko errors have no common base worth naming
         raise ProbeError(f"cannot copy the probe to {target.host.name}: {e}") from e
     cmd = (

@@ -64,8 +64,29 @@ def connect(fh: FleetHost) -> testinfra.host.Host:
         raise HostUnreachable(f"{hostname}:{port}: {e}") from e
     except (TimeoutError, OSError) as e:
         raise HostUnreachable(f"{hostname}:{port}: {e.strerror or e}") from e
+    sudo = bool(d.get("_sudo"))
+    if sudo:
+        _check_sudo(client, fh.name, str(d.get("ssh_user") or "the SSH user"))
     # testinfra's own paramiko backend would accept unknown keys (WarningPolicy); hand it
-    # this already-verified client instead of letting it connect.
-    backend = ParamikoBackend(f"paramiko://{fh.name}")
+    # this already-verified client instead of letting it connect. With `_sudo` (pyinfra's
+    # host data) every command runs through sudo, as the deploy's do.
+    backend = ParamikoBackend(
+        f"paramiko://{fh.name}", sudo=sudo, sudo_user=d.get("_sudo_user") or None
+    )
     backend.__dict__["client"] = client
     return testinfra.host.Host(backend)
+
+
+def _check_sudo(client: paramiko.SSHClient, name: str, user: str) -> None:
+    """HostUnreachable unless sudo runs without a password: the checks cannot answer one."""
+    try:
+        _, out, err = client.exec_command("sudo -n true", timeout=CONNECT_TIMEOUT)
+        rc = out.channel.recv_exit_status()
+        msg = " ".join(err.read().decode(errors="replace").split())[:200]
+    except (paramiko.SSHException, OSError) as e:
+        raise HostUnreachable(f"{name}: cannot run sudo: {e}") from e
+    if rc != 0:
+        raise HostUnreachable(
+            f"{name}: sudo as {user} asks for a password ({msg or f'exit {rc}'}); give {user} "
+            "passwordless sudo"
+        )

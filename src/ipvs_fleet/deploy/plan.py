@@ -23,7 +23,7 @@ from pyinfra import logger
 from pyinfra.api.exceptions import ConnectError, PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.context import ContextObject
-from pyinfra.facts.server import KernelVersion
+from pyinfra.facts.server import Command, KernelVersion
 
 from ipvs_fleet.build.artifact import load_artifact
 from ipvs_fleet.deploy.facts import (
@@ -176,6 +176,27 @@ def _decide_dkms(
     )
 
 
+SUDO_OK = "ipvs-fleet: sudo ok"
+
+
+def sudo_problem(host: Host) -> str | None:
+    """Why the host's sudo (`_sudo` in its data) cannot run the deploy, or None: a sudo
+    that asks for a password would stall or fail the run half-way, so it is refused here,
+    before any change (a `_sudo_password` in the data answers it)."""
+    data = host.data
+    if not data.get("_sudo") or data.get("_sudo_password"):
+        return None
+    out = host.get_fact(Command, f"sudo -n true 2>&1 && echo '{SUDO_OK}'; true", _sudo=False)
+    if out is None or SUDO_OK in str(out):
+        return None  # None: pyinfra failed the read, read_facts fails the host
+    user = data.get("ssh_user") or "the SSH user"
+    why = " ".join(str(out).split())[:200] or "no reason given"
+    return (
+        f"host {host.name}: sudo as {user} asks for a password ({why}); give {user} "
+        "passwordless sudo, or set _sudo_password in the host data"
+    )
+
+
 def running_kernel(host: Host) -> str:
     """The host's `uname -r`; "" when pyinfra failed the read (it then returns None), which
     read_facts turns into a failed host before anything is decided from it."""
@@ -236,8 +257,21 @@ def plan_host(host: Host) -> HostPlan | None:
         return None
 
 
+def check_sudo(host: Host) -> bool:
+    """Raise DeployRefused if the host's sudo asks for a password; False if the host was
+    lost meanwhile (failed by read_facts)."""
+    got = read_facts(host, lambda: [sudo_problem(host)])
+    if got is None:
+        return False
+    if got[0]:
+        raise DeployRefused(got[0])
+    return True
+
+
 def _plan_host(host: Host) -> HostPlan | None:
     settings = settings_for(host)  # policy errors first: they need no fact
+    if not check_sudo(host):
+        return None
 
     def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         kr = running_kernel(host)

@@ -15,6 +15,7 @@ from pyinfra.api import deploy
 from ipvs_fleet.deploy import operations as ipvs
 from ipvs_fleet.deploy.plan import (
     HostPlan,
+    check_sudo,
     plan_host,
     read_facts,
     running_kernel,
@@ -92,6 +93,8 @@ def rollout() -> None:
 def rollback() -> None:
     """Stock modules and the previous config files back, verified: the knob is gone."""
     settings = settings_for(host)
+    if not check_sudo(host):
+        return  # lost while its facts were read: failed, no operation
     kr = read_facts(host, lambda: running_kernel(host))
     if kr is None:
         return  # lost while its facts were read: failed, no operation

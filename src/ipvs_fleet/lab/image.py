@@ -30,7 +30,7 @@ from ipvs_fleet.errors import FleetError
 from ipvs_fleet.rootfs import make_root
 
 # Bump when the way an image is made changes (customisation, mke2fs options).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 # What every lab VM carries. Others may extend it (e.g. `LAB_PACKAGES.append("socat")`
 # before `Lab.up()`); the image key covers the list, so a change makes a new image.
@@ -49,7 +49,16 @@ LAB_PACKAGES: list[str] = [
     "procps",
     "vsftpd",  # passive FTP through ip_vs_ftp on the ftp class
     "tcpdump",
+    "sudo",  # the non-root SSH users (SUDO_USERS)
 ]
+
+# Non-root users for the deploy's sudo path, keyed with the lab's client key like root:
+# `fleet` has passwordless sudo (inventory/lab_sudo.py), `fleetpw` a sudo that asks for a
+# password (the refusal tests). Root login stays for the lab's own tools.
+SUDO_USERS = {
+    "fleet": "fleet ALL=(ALL:ALL) NOPASSWD: ALL\n",
+    "fleetpw": "fleetpw ALL=(ALL:ALL) ALL\n",
+}
 
 IMAGE_SIZE = "4G"  # sparse; only written blocks use disk space
 
@@ -94,6 +103,12 @@ SEED_SCRIPT = """#!/bin/sh
 set -e
 [ -b /dev/vdb ] || exit 0
 tar -xf /dev/vdb -C /
+# the lab's client key for the non-root users too
+for u in fleet fleetpw; do
+    id "$u" >/dev/null 2>&1 || continue
+    install -d -o "$u" -g "$u" -m 0700 "/home/$u/.ssh"
+    install -o "$u" -g "$u" -m 0600 /root/.ssh/authorized_keys "/home/$u/.ssh/authorized_keys"
+done
 """
 
 SEED_UNIT = """[Unit]
@@ -192,6 +207,11 @@ def customise(root: Path) -> None:
     _chroot(root, "systemctl", "mask", *MASK)
     # Locked password, key login only (a `*` hash still allows public keys).
     _chroot(root, "usermod", "-p", "*", "root")
+    for user, rule in SUDO_USERS.items():
+        if subprocess.run(["chroot", str(root), "id", user], capture_output=True).returncode:
+            _chroot(root, "useradd", "--create-home", "--shell", "/bin/sh", user)
+        _chroot(root, "usermod", "-p", "*", user)
+        _write(root, f"/etc/sudoers.d/{user}", rule, 0o440)
     for rel in ("/etc/.updated", "/var/.updated"):
         _write(root, rel, UPDATED)  # last, so that it is newer than /usr
 
