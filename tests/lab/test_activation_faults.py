@@ -99,6 +99,26 @@ def test_a_swap_killed_at_each_stage_is_finished_by_the_next_run(lab, artifacts,
 
 
 @pytest.mark.destructive
+def test_a_stack_held_by_an_xt_ipvs_rule_is_not_unloaded_half_way(lab, deployer, table):
+    """An iptables rule using `-m ipvs` holds xt_ipvs: the swap sees it before unloading
+    anything, restores the table into the old modules and fails the host, naming it."""
+    rule = "INPUT -p tcp --dport 9 -m ipvs --ipvs -j ACCEPT"
+    lab.run(HOST, f"iptables -w -A {rule}")
+    try:
+        r = deployer.run("deploy/rollback.py", "--limit", HOST, check=False)
+        out = r.stdout + r.stderr
+        assert r.rc != 0, out[-3000:]
+        assert "in use beyond its table: xt_ipvs (1 references)" in out, out[-3000:]
+        assert "O" in live_state(lab, HOST)["taint"], "the old (patched) stack was unloaded"
+        assert lab.run(HOST, STATE_READ).stdout == table
+    finally:
+        lab.run(HOST, f"iptables -w -D {rule}", check=False)
+    assert deployer.run("deploy/rollback.py", "--limit", HOST).rc == 0
+    assert lab.run(HOST, STATE_READ).stdout == table
+    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
+
+
+@pytest.mark.destructive
 def test_a_controller_killed_mid_swap_leaves_the_swap_to_finish_on_the_host(
     lab, artifacts, deployer, table
 ):

@@ -111,6 +111,9 @@ restore() {
     # shellcheck disable=SC2046
     set -- $(sed -n 's/^#timeouts //p' "$pending/snapshot")
     if [ $# -eq 3 ]; then ipvsadm --set "$1" "$2" "$3" || return 1; fi
+    # the daemons as saved (a recovery may find them still running)
+    ipvsadm --stop-daemon master 2>/dev/null
+    ipvsadm --stop-daemon backup 2>/dev/null
     sed -n 's/^#daemon //p' "$pending/snapshot" | while read -r role _ _ rest; do
         ifc=$(echo "$rest" | sed -n 's/.*mcast=\([^,)]*\).*/\1/p')
         sid=$(echo "$rest" | sed -n 's/.*syncid=\([0-9]*\).*/\1/p')
@@ -154,6 +157,22 @@ current() {
              = "$(modinfo -F srcversion "$1" 2>/dev/null)" ]
 }
 
+# What still holds the stack once its table is cleared and its daemons stopped: a module
+# other than ip_vs referenced beyond its dependent modules (an xt_ipvs rule, a scheduler or
+# helper still bound to connections), or a sync daemon. (ip_vs itself counts a reference
+# per registered scheduler, helper and persistence engine besides its dependents.)
+busy() {
+    for m in $loaded; do
+        [ "$m" = ip_vs ] && continue
+        r=$(cat "/sys/module/$m/refcnt" 2>/dev/null || echo 0)
+        h=$(ls "/sys/module/$m/holders" 2>/dev/null | wc -l)
+        [ "$r" -gt "$h" ] && printf ' %s (%s references)' "$m" "$((r - h))"
+    done
+    d=$(ipvsadm -L --daemon 2>/dev/null)
+    [ -n "$d" ] && printf ' sync daemon (%s)' "$d"
+    return 0
+}
+
 count() {
     echo "$(grep -c '^-A' "$1") services, $(grep -c '^-a' "$1") real servers"
 }
@@ -162,10 +181,23 @@ if [ -d "$pending" ]; then
     say "an earlier swap did not finish (after: $(cat "$pending/stage" 2>/dev/null));" \
         "restoring its saved state ($(count "$pending/snapshot")) first"
     others=$(grep -vx ip_vs "$pending/modules" | tr '\n' ' ')
+    loaded=$(awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules)
+    stale=""
+    for m in $loaded; do current "$m" || stale="$stale $m"; done
+    if [ -n "$stale" ] && [ "$mode" != --recover-only ]; then
+        # The old build (or part of it) is still loaded: finish the unload first, so that
+        # the modules loaded next are all of the installed build.
+        ipvsadm -C
+        ipvsadm --stop-daemon master 2>/dev/null
+        ipvsadm --stop-daemon backup 2>/dev/null
+        # shellcheck disable=SC2046
+        modprobe -r $(echo "$loaded" | grep -vx ip_vs) ip_vs \
+            || say "cannot unload what is left of the old modules:$(busy)"
+    fi
     load_all || fall_back
     if ! restore; then
         say "TABLE NOT RESTORED; the saved copy stays in $pending:"
-        diff "$pending/snapshot" "$pending/restored"
+        [ -f "$pending/restored" ] && diff "$pending/snapshot" "$pending/restored"
         finish 4
     fi
     settled
@@ -197,10 +229,27 @@ say "saved $(count "$pending/snapshot")"
 stage saved
 
 ipvsadm -C
+# sync daemon threads hold ip_vs (they are in the snapshot and come back with the restore)
+ipvsadm --stop-daemon master 2>/dev/null
+ipvsadm --stop-daemon backup 2>/dev/null
 stage cleared
+# Nothing may be unloaded while a module is still held (an xt_ipvs rule, a daemon that did
+# not stop): a partial unload would leave modules of two builds to mix. Check first.
+held=""
+for _ in 1 2 3 4 5; do
+    held=$(busy)
+    [ -z "$held" ] && break
+    sleep 1
+done
+if [ -n "$held" ]; then
+    say "the IPVS stack is in use beyond its table:$held; keeping the old modules"
+    if restore; then settled; finish 3; fi
+    say "TABLE NOT RESTORED; the saved copy is in $pending"
+    finish 4
+fi
 # shellcheck disable=SC2086
 if ! modprobe -r $others ip_vs; then
-    say "cannot unload the IPVS stack (in use?); keeping the old modules"
+    say "cannot unload the IPVS stack; reloading what is left of the old modules"
     if load_all && restore; then settled; finish 3; fi
     say "TABLE NOT RESTORED; the saved copy is in $pending"
     finish 4
@@ -212,7 +261,7 @@ stage loaded
 
 if ! restore; then
     say "the state read back differs from the saved one (saved copy in $pending):"
-    diff "$pending/snapshot" "$pending/restored"
+    [ -f "$pending/restored" ] && diff "$pending/snapshot" "$pending/restored"
     finish 4
 fi
 settled

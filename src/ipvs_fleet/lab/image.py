@@ -329,7 +329,7 @@ def newest_cached(release: str) -> Image | None:
     return Image(release, pin, found[-1][1])
 
 
-def seed_tar(dest: Path, authorized_key: str, host_key: Path) -> None:
+def seed_tar(dest: Path, authorized_key: str, host_key: Path, hostname: str = "") -> None:
     """Write the seed disk of one VM: root's authorized_keys and the VM's SSH host key."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -349,6 +349,9 @@ def seed_tar(dest: Path, authorized_key: str, host_key: Path) -> None:
         add("etc/ssh/ssh_host_ed25519_key", host_key.read_bytes(), 0o600)
         pub = host_key.with_name(host_key.name + ".pub")
         add("etc/ssh/ssh_host_ed25519_key.pub", pub.read_bytes(), 0o644)
+        if hostname:  # sudo resolves its own host name (else it warns on every command)
+            hosts = f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n"
+            add("etc/hosts", hosts.encode(), 0o644)
     data = buf.getvalue()
     data += b"\0" * (-len(data) % 4096)  # whole sectors for the block device
     dest.write_bytes(data)

@@ -239,7 +239,7 @@ class Lab:
                     self._close_master(name)
                 vm.stop(files)
                 files.dir.mkdir(parents=True, exist_ok=True)
-                seed_tar(files.seed, authorized, self.host_key(name))
+                seed_tar(files.seed, authorized, self.host_key(name), name)
                 port = vm.free_port()
                 vm.start(name, image, files, port, spec.memory_mb, accel, spec.kernel_args)
                 self.log(f"{name}: started ({spec.release}, {accel}, ssh port {port})")
