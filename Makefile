@@ -1,12 +1,14 @@
 # Two commands for a newcomer on a fresh Debian machine (as root):
 #   make demo   - install, boot the lab fleet, run the main job on it, print a summary
-#   make test   - install and run the whole test suite, lab end-to-end tests included
+#   make test   - install and run the test suite, lab end-to-end tests included (CI's command)
+#   make test-full - the same plus the long lab tests (`slow`: the 50-host simulated fleet,
+#                    the whole reuse matrix)
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-dkms unit lint deps venv clean lab-down
+.PHONY: demo test test-full test-dkms unit lint deps venv clean lab-down
 
 deps: .deps-installed
 .deps-installed: deps/apt-packages.txt
@@ -37,6 +39,10 @@ unit: venv
 # boots (mostly downloads and dpkg on one side, QEMU on the other), then run every test.
 TEST_LAB := .lab/test
 TEST_ARTIFACTS := .test-artifacts
+# `make test` (CI) leaves out the `slow` lab tests; `make test-full` runs them too.
+TEST_MARKS ?= not dkms and not slow
+test-full: TEST_MARKS := not dkms
+test-full: test
 test: deps venv lint
 	@mkdir -p reports
 	@echo "==> building the module artifacts (log: reports/test-build.log) while the lab boots"
@@ -47,7 +53,7 @@ test: deps venv lint
 	  if [ $$up -ne 0 ] || [ $$built -ne 0 ]; then \
 	    $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit 1; fi; \
 	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
-	    $(BIN)/pytest -m 'not dkms'; rc=$$?; \
+	    $(BIN)/pytest -m '$(TEST_MARKS)'; rc=$$?; \
 	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit $$rc
 
 # Build mode on a VM of its own (image with dkms, gcc, headers, linux-source; the DKMS build

@@ -29,7 +29,7 @@ from tests.fixtures.artifacts import artifacts_dir
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("ipvs-fleet")
 SIZE = 50
-pytestmark = [pytest.mark.lab, pytest.mark.destructive]
+pytestmark = [pytest.mark.lab, pytest.mark.destructive, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
