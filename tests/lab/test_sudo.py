@@ -23,7 +23,7 @@ HOST = "k8s-canary"
 BIN = Path(sys.executable).parent
 SUDO_INVENTORY = REPO / "inventory" / "lab_sudo.py"
 # What sudo logged for a user since a journal cursor: the commands it ran as root.
-SUDO_LOG = "journalctl -q --no-pager _COMM=sudo --after-cursor={} | grep -c ' {} : .*COMMAND='"
+SUDO_LOG = "journalctl -q --no-pager _COMM=sudo --after-cursor='{}' | grep -c ' {} : .*COMMAND='"
 
 
 def sudo_deployer(deployer, user: str) -> Deployer:
