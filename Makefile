@@ -42,6 +42,7 @@ TEST_ARTIFACTS := .test-artifacts
 # `make test` (CI) leaves out the `slow` lab tests; `make test-full` runs them too.
 TEST_MARKS ?= not dkms and not slow
 test-full: TEST_MARKS := not dkms
+test-full: export IPVS_FLEET_TEST_FULL := 1
 test-full: test
 test: deps venv lint
 	@mkdir -p reports

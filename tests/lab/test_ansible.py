@@ -1,6 +1,8 @@
 """The Ansible path on the lab: `ansible-playbook -i inventory/lab.ansible.yml site.yml`
 converges stock hosts to the very state the pyinfra deploy produces, reruns with changed=0,
-and the checks pass after it."""
+and the checks pass after it. As real fleets run it: the inventory connects as the
+non-root user `fleet` with `ansible_become` (sudo); the checks and pyinfra, reading the same
+inventory, connect as `fleet` and use sudo too."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STATE_DIR = "/var/lib/ipvs-fleet"
+ANSIBLE_USER = "fleet"  # passwordless sudo on every lab VM (become: sudo)
 # Everything the deploy owns on a host, as one comparable text: the loaded build, the live
 # IPVS sysctls, the installed modules, the managed files (content, mode, owner), the backups.
 SNAPSHOT = (
@@ -67,7 +70,9 @@ def recap(out: str) -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="session")
 def playbook(lab, deployer, tmp_path_factory) -> Playbook:
-    inv = write_lab_inventory(lab, tmp_path_factory.mktemp("ansible") / "lab.ansible.yml")
+    inv = write_lab_inventory(
+        lab, tmp_path_factory.mktemp("ansible") / "lab.ansible.yml", user=ANSIBLE_USER
+    )
     env = dict(deployer.env, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
     return Playbook(inv, env)
 
@@ -114,7 +119,7 @@ def test_checks_pass_after_the_ansible_path(lab, ansible_converged, deployer, tm
 
 
 def playbook_inventory(tmp_path: Path, lab) -> Path:
-    return write_lab_inventory(lab, tmp_path / "lab.ansible.yml")
+    return write_lab_inventory(lab, tmp_path / "lab.ansible.yml", user=ANSIBLE_USER)
 
 
 def test_pyinfra_reads_the_ansible_inventory(lab, ansible_converged, deployer, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -142,8 +143,8 @@ def test_reload_keeps_the_service_table_and_rollback_restores_stock(
 
 
 def test_module_and_values_survive_reboot(lab, artifacts, deployed):
-    for name in lab.hosts:
-        lab.reboot(name)
+    with ThreadPoolExecutor(len(lab.hosts)) as pool:  # the hosts reboot together
+        list(pool.map(lab.reboot, lab.hosts))
     for name in lab.hosts:
         assert_converged(lab, artifacts, name)
 

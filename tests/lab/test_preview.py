@@ -219,7 +219,7 @@ def test_rollback_preview_lists_the_rollback_and_changes_nothing(lab, run):
 def test_two_rollouts_in_a_row_both_complete(lab, artifacts, run, tmp_path):
     # The pyinfra verification gate (the checks gate is tested by test_rollout_lab.py).
     cfg = tmp_path / "rollout.yml"
-    cfg.write_text("waves: [canary, '100%']\ngate: {checks: false}\n")
+    cfg.write_text("waves: ['100%']\ngate: {checks: false}\n")
     journal = tmp_path / "lab.jsonl"
     args = ("rollout", lab.inventory_path, "--config", cfg, "--journal", journal)
     first = run(CLI, *args, "--json", tmp_path / "1.json")
