@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -64,6 +65,13 @@ def table(lab, deployed):
     assert "901 121 301" in before and "backup sync daemon" in before
     yield before
     lab.run(HOST, f"rm -f {STATE}/fault-at; " + UNDO, check=False)
+
+
+def wait_for(done: Callable[[], bool], seconds: float, step: float) -> None:
+    """Poll `done` until it holds or `seconds` pass (the caller asserts what it needs)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not done():
+        time.sleep(step)
 
 
 def assert_on(lab, artifacts, deploy: str) -> None:
@@ -131,22 +139,16 @@ def test_a_controller_killed_mid_swap_leaves_the_swap_to_finish_on_the_host(
     )  # fmt: skip
     try:
         # Kill the controller (and its ssh) as soon as the swap has saved the table.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and p.poll() is None:
-            if lab.run(HOST, f"test -d {STATE}/swap.pending", check=False).rc == 0:
-                break
-            time.sleep(0.3)
+        wait_for(lambda: p.poll() is not None
+                 or lab.run(HOST, f"test -d {STATE}/swap.pending", check=False).rc == 0,
+                 seconds=300, step=0.3)  # fmt: skip
         assert p.poll() is None, "the rollback ended before its swap was seen"
         os.killpg(p.pid, signal.SIGKILL)
     finally:
         p.wait(timeout=60)
     # The swap goes on without its caller: wait for the host lock to be free.
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        r = lab.run(HOST, f"flock -n {STATE}/lock true", check=False)
-        if r.rc == 0:
-            break
-        time.sleep(1)
+    wait_for(lambda: lab.run(HOST, f"flock -n {STATE}/lock true", check=False).rc == 0,
+             seconds=300, step=1)  # fmt: skip
     assert lab.run(HOST, STATE_READ).stdout == table
     assert "O" not in live_state(lab, HOST)["taint"], "the detached swap did not finish"
     # The rerun finds the swap done: it swaps nothing, so no drain hook runs either.
