@@ -74,6 +74,13 @@ def wait_for(done: Callable[[], bool], seconds: float, step: float) -> None:
         time.sleep(step)
 
 
+def redeploy(lab, artifacts, deployer, table: str) -> None:
+    """Back on the patched set, converged, the table as it was: where each test leaves it."""
+    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
+    assert_converged(lab, artifacts, HOST)
+    assert lab.run(HOST, STATE_READ).stdout == table
+
+
 def assert_on(lab, artifacts, deploy: str) -> None:
     if deploy == "deploy.py":
         assert_converged(lab, artifacts, HOST)
@@ -123,9 +130,7 @@ def test_a_stack_held_by_an_xt_ipvs_rule_is_not_unloaded_half_way(lab, artifacts
         assert lab.run(HOST, f"test -d {STATE}/swap.pending", check=False).rc != 0
     finally:
         lab.run(HOST, f"iptables -w -D {rule}", check=False)
-    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
-    assert_converged(lab, artifacts, HOST)
-    assert lab.run(HOST, STATE_READ).stdout == table
+    redeploy(lab, artifacts, deployer, table)
 
 
 @pytest.mark.destructive
@@ -158,9 +163,7 @@ def test_a_controller_killed_mid_swap_leaves_the_swap_to_finish_on_the_host(
                          "--data", f"ipvs_pre_activate=echo x >> {log}")  # fmt: skip
     assert "ipvs-swap" not in again.stdout + again.stderr
     assert lab.run(HOST, f"test -e {log}", check=False).rc != 0, "a hook ran without a swap"
-    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
-    assert_converged(lab, artifacts, HOST)
-    assert lab.run(HOST, STATE_READ).stdout == table
+    redeploy(lab, artifacts, deployer, table)
 
 
 @pytest.mark.destructive
@@ -189,8 +192,7 @@ def test_drain_hooks_run_in_order_around_the_swap_and_a_failing_pre_hook_stops_i
     )  # fmt: skip
     assert lab.run(HOST, f"cat {log}").stdout.split("\n") == ["pre1 OE", "pre2", "post", ""]
     assert lab.run(HOST, STATE_READ).stdout == table
-    assert deployer.run("deploy.py", "--limit", HOST).rc == 0
-    assert_converged(lab, artifacts, HOST)
+    redeploy(lab, artifacts, deployer, table)
 
 
 @pytest.mark.slow  # two reboots under TCG: ~4 min (make test-full)
