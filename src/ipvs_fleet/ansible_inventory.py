@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ipvs_fleet.errors import ConfigError, FleetError
+from ipvs_fleet.resources import workdir
 
 if TYPE_CHECKING:
     from ipvs_fleet.lab.lab import Lab
 
-REPO = Path(__file__).resolve().parents[2]
-LAB_INVENTORY = REPO / "inventory" / "lab.ansible.yml"
+LAB_INVENTORY = workdir() / "inventory" / "lab.ansible.yml"
 ENV_VAR = "IPVS_FLEET_ANSIBLE_INVENTORY"
 # Ansible connection variables -> pyinfra ssh connector data. Other `ansible_*` variables
 # (python interpreter, pipelining, ...) mean nothing to pyinfra and are dropped.

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ipvs_fleet.policy import REPO
+from ipvs_fleet.resources import workdir
 
 STEPS = ("lab", "build", "rollout", "check", "probe")
 
@@ -23,7 +23,7 @@ STEPS = ("lab", "build", "rollout", "check", "probe")
 def _run(title: str, cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
     print(f"\n==> {title}\n    $ {' '.join(cmd)}", flush=True)
     t0 = time.monotonic()
-    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    rc = subprocess.run(cmd, cwd=workdir(), env=env).returncode
     took = time.monotonic() - t0
     print(f"    {'ok' if rc == 0 else f'exit {rc}'} in {took:.0f} s", flush=True)
     return rc, took
@@ -31,8 +31,8 @@ def _run(title: str, cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
 
 def run(args: argparse.Namespace) -> int:
     cli = str(Path(sys.executable).with_name("ipvs-fleet"))
-    labdir = Path(os.environ.get("IPVS_FLEET_LAB_DIR", REPO / ".lab"))
-    artifacts = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
+    labdir = Path(os.environ.get("IPVS_FLEET_LAB_DIR", workdir() / ".lab"))
+    artifacts = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", workdir() / "artifacts"))
     reports = Path(args.reports)
     reports.mkdir(parents=True, exist_ok=True)
     env = dict(
@@ -90,7 +90,7 @@ def _print_probe(path: Path) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="the main job on the lab: build, canary rollout, checks")
-    p.add_argument("--reports", default=str(REPO / "reports" / "demo"), help="report folder")
+    p.add_argument("--reports", default=str(workdir() / "reports" / "demo"), help="report folder")
     p.add_argument(
         "--skip", action="append", default=[], choices=STEPS, help="skip a step (repeatable)"
     )

@@ -1,7 +1,8 @@
 """Host-class policy: what each class of host wants from IPVS, validated before any host is touched.
 
-The policy file (`roles/ipvs_fleet/vars/host_classes.yml`) is the one source that the pyinfra
-deploy, the Ansible role and the checks read. Host data may override a class per host:
+The policy file (`roles/ipvs_fleet/vars/host_classes.yml`, packaged; `--policy` or
+$IPVS_FLEET_POLICY names the user's) is the one source that the pyinfra deploy, the Ansible
+role and the checks read. Host data may override a class per host:
 
 - `ipvs_host_class`: the class name (required)
 - `ipvs_sysctls`: {key: value} merged over the class's sysctls
@@ -14,7 +15,6 @@ deploy, the Ansible role and the checks read. Host data may override a class per
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,11 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ipvs_fleet.errors import ConfigError, load_yaml_file
+from ipvs_fleet.resources import policy_file
 
-REPO = Path(__file__).resolve().parents[2]
-POLICY_FILE = Path(
-    os.environ.get("IPVS_FLEET_POLICY", REPO / "roles" / "ipvs_fleet" / "vars" / "host_classes.yml")
-)
 KNOB = "conn_reuse_old_conntrack"
 BUDGET_KEYS = {"slow_ms", "max_slow", "max_errors", "p99_ms"}
 HOST_KEYS = {
@@ -203,8 +200,9 @@ def check_modules(value: Any, where: str) -> tuple[str, ...]:
 
 
 def load_policy(path: Path | str | None = None) -> Policy:
-    """Parse and validate the policy file; every error names the file and the field."""
-    p = Path(path) if path else POLICY_FILE
+    """Parse and validate the policy file (`path`: a file or a directory holding it, else
+    the one ipvs_fleet.resources.policy_file resolves); every error names the file and field."""
+    p = policy_file(override=path)
     doc = load_yaml_file(p, "policy")
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: must be a mapping with host_classes and sysctl_schema")

@@ -18,7 +18,7 @@ import pytest
 
 from ipvs_fleet.debian import RELEASES
 from ipvs_fleet.lab import Lab
-from ipvs_fleet.lab.fleet import REPO
+from tests.fixtures.deploy import REPO
 
 pytestmark = pytest.mark.lab
 

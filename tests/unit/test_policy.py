@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.errors import ConfigError
-from ipvs_fleet.policy import POLICY_FILE, load_policy
+from ipvs_fleet.policy import load_policy
+from ipvs_fleet.resources import policy_file
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_host_override_merges_over_class(policy):
     ("data", "words"),
     [
         ({}, ["host h", "no ipvs_host_class"]),
-        ({"ipvs_host_class": "web"}, ["host h", "unknown host class 'web'", str(POLICY_FILE)]),
+        ({"ipvs_host_class": "web"}, ["host h", "unknown host class 'web'", str(policy_file())]),
         (
             {"ipvs_host_class": "ftp", "ipvs_sysctls": {"conn_reuse_old_conntrack": 2}},
             ["host h", "conn_reuse_old_conntrack=2", "0..1"],

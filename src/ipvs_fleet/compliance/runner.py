@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,7 @@ from ipvs_fleet.compliance.expect import (
 )
 from ipvs_fleet.compliance.model import ERROR, FAILED, PASSED, SKIPPED, CheckResult, Drift
 from ipvs_fleet.errors import FleetError
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def checks_dir() -> Path:
-    """`$IPVS_FLEET_CHECKS`, else `checks/` of the source tree this package runs from."""
-    return Path(os.environ.get("IPVS_FLEET_CHECKS", REPO / "checks"))
+from ipvs_fleet.resources import checks_dir
 
 
 class Collector:

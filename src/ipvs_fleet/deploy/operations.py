@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Generator, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from pyinfra import host, logger
@@ -32,12 +31,12 @@ from ipvs_fleet.deploy.facts import (
     updates_dir,
 )
 from ipvs_fleet.policy import KNOB, HostSettings
+from ipvs_fleet.resources import host_script, templates_dir
 
 STATE_DIR = "/var/lib/ipvs-fleet"
-ROLE = Path(__file__).resolve().parents[3] / "roles" / "ipvs_fleet"
-TEMPLATES = ROLE / "templates"
-SWAP_SCRIPT = ROLE / "files" / "ipvs-swap.sh"
-DKMS_SCRIPT = ROLE / "files" / "ipvs-dkms-install.sh"
+TEMPLATES = templates_dir()
+SWAP_SCRIPT = host_script("ipvs-swap.sh")
+DKMS_SCRIPT = host_script("ipvs-dkms-install.sh")
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
 MODULES_LOAD_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
 MODPROBE_FILE = "/etc/modprobe.d/ipvs-fleet.conf"

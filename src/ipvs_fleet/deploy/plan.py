@@ -35,10 +35,11 @@ from ipvs_fleet.deploy.facts import (
 )
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.kernel import reuse_unsafe
-from ipvs_fleet.policy import KNOB, REPO, HostSettings, load_policy
+from ipvs_fleet.policy import KNOB, HostSettings, load_policy
+from ipvs_fleet.resources import workdir
 
 T = TypeVar("T")
-ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
+ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", workdir() / "artifacts"))
 # $IPVS_FLEET_PREFLIGHT=report: a refused host fails alone (a plan), instead of the run.
 PREFLIGHT_ENV = "IPVS_FLEET_PREFLIGHT"
 REFUSED = "refused: "

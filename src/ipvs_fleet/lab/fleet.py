@@ -17,10 +17,9 @@ import yaml
 
 from ipvs_fleet.debian import check_release
 from ipvs_fleet.errors import ConfigError, load_yaml_file
+from ipvs_fleet.resources import data_path, policy_file
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_FLEET = REPO / "lab" / "fleet.yml"
-HOST_CLASSES = REPO / "roles" / "ipvs_fleet" / "vars" / "host_classes.yml"
+DEFAULT_FLEET = data_path("lab/fleet.yml")
 
 HOST_FIELDS = {"release", "host_class", "groups", "memory_mb", "kernel_args", "build_tools"}
 # Extra kernel command-line words, e.g. `lockdown=integrity`: letters, digits and ._,=-
@@ -65,8 +64,9 @@ def fleet_path() -> Path:
     return Path(os.environ.get("IPVS_FLEET_FLEET", DEFAULT_FLEET))
 
 
-def host_class_names(path: Path = HOST_CLASSES) -> set[str]:
+def host_class_names(path: Path | None = None) -> set[str]:
     """The host classes the policy defines (keys of `host_classes`)."""
+    path = path or policy_file()
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -147,4 +147,4 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
 
 
 def _unknown_class(cls: Any, classes: set[str]) -> str:
-    return f"unknown host class {cls!r} (known: {', '.join(sorted(classes))}; see {HOST_CLASSES})"
+    return f"unknown host class {cls!r} (known: {', '.join(sorted(classes))}; see {policy_file()})"

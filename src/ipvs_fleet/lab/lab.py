@@ -32,15 +32,16 @@ from typing import Any
 
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab import vm
-from ipvs_fleet.lab.fleet import REPO, Fleet, load_fleet
+from ipvs_fleet.lab.fleet import Fleet, load_fleet
 from ipvs_fleet.lab.image import Image, build_image, seed_tar
+from ipvs_fleet.resources import data_path, workdir
 
-INVENTORY = REPO / "inventory" / "lab.py"
+INVENTORY = data_path("inventory/lab.py")
 STATE_VERSION = 1
 
 
 def default_labdir() -> Path:
-    return Path(os.environ.get("IPVS_FLEET_LAB_DIR", REPO / ".lab")).absolute()
+    return Path(os.environ.get("IPVS_FLEET_LAB_DIR", workdir() / ".lab")).absolute()
 
 
 def _stderr(msg: str) -> None:

@@ -15,9 +15,9 @@ from rich.markup import escape
 
 from ipvs_fleet.build.artifact import artifacts_id
 from ipvs_fleet.errors import ConfigError
-from ipvs_fleet.policy import REPO, load_policy
+from ipvs_fleet.policy import load_policy
+from ipvs_fleet.resources import ROLLOUT, deploy_file, workdir
 from ipvs_fleet.rollout.config import (
-    ROLLOUT_FILE,
     RolloutConfig,
     Wave,
     load_config,
@@ -50,7 +50,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("inventory", type=Path, help="pyinfra inventory file, e.g. inventory/lab.py")
     p.add_argument("--waves", help="wave list, e.g. canary,1,10%%,100%% (default: the policy's)")
     p.add_argument("--config", type=Path, default=None,
-                   help=f"rollout policy YAML (default: {ROLLOUT_FILE.relative_to(REPO)})")
+                   help=f"rollout policy YAML (default: the policy directory's {ROLLOUT}, else "
+                        "the packaged one)")
     p.add_argument("--plan", action="store_true",
                    help="print the waves and each host's pending changes (pyinfra's dry run); "
                         "touch nothing")
@@ -83,7 +84,7 @@ def add_parser(sub: Any) -> None:
 
 
 def default_journal(inventory: Path) -> Path:
-    return REPO / "reports" / "rollout" / f"{inventory.stem}.jsonl"
+    return workdir() / "reports" / "rollout" / f"{inventory.stem}.jsonl"
 
 
 def load_hosts(inventory: Path) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
@@ -155,10 +156,12 @@ def effective_config(args: argparse.Namespace) -> RolloutConfig:
         if not 0 <= args.max_fail_percent <= 100:
             raise ConfigError("--max-fail-percent: must be 0..100")
         cfg = dataclasses.replace(cfg, max_fail_percent=args.max_fail_percent)
-    for f in (cfg.deploy, cfg.rollback):
-        if not (REPO / f).is_file() and not Path(f).is_file():
-            raise ConfigError(f"{cfg.source}: deploy file {f} not found")
-    return cfg
+    try:
+        return dataclasses.replace(
+            cfg, deploy=str(deploy_file(cfg.deploy)), rollback=str(deploy_file(cfg.rollback))
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
 
 
 def resumed_plan(view: JournalView, fresh: list[Wave], names: set[str], where: Path) -> list[Wave]:
@@ -270,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         waves, runner, journal,
         rollback=cfg.rollback_failed_wave and not args.no_rollback,
         previous=view if args.resume else None, ui=ui, inventory=str(inv), limit=limit,
-        set_id=artifacts_id(Path(env.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))),
+        set_id=artifacts_id(Path(env.get("IPVS_FLEET_ARTIFACTS", workdir() / "artifacts"))),
     )  # fmt: skip
     console.print(f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
                   f"journal {jpath}")  # fmt: skip

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ipvs_fleet.errors import ConfigError, load_yaml_file
-from ipvs_fleet.policy import REPO
+from ipvs_fleet.resources import ROLLOUT, policy_file
 
-ROLLOUT_FILE = REPO / "roles" / "ipvs_fleet" / "vars" / "rollout.yml"
 DEPLOY_FILE = "deploy.py"
 ROLLBACK_FILE = "deploy/rollback.py"
 PERCENT_RE = re.compile(r"^(\d{1,3})%$")
@@ -159,7 +158,7 @@ def _seconds(value: Any, where: str) -> float | None:
 
 def load_config(path: Path | str | None = None) -> RolloutConfig:
     """Read and validate the rollout policy; every error names the file and the field."""
-    p = Path(path) if path else ROLLOUT_FILE
+    p = Path(path) if path else policy_file(ROLLOUT)
     doc = load_yaml_file(p, "rollout policy")
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: must be a mapping with `waves`")

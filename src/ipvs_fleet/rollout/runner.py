@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ipvs_fleet.policy import REPO
-
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 VERIFY_DEPLOY = Path(__file__).with_name("verify_deploy.py")
 PR_SET_PDEATHSIG = 1
@@ -85,7 +83,7 @@ def run_child(
     cmd: Sequence[str],
     *,
     env: dict[str, str] | None = None,
-    cwd: Path = REPO,
+    cwd: Path | None = None,
     timeout: float | None = None,
     on_line: Callable[[str], None] | None = None,
     log_path: Path | None = None,

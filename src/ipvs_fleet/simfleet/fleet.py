@@ -31,7 +31,7 @@ from pathlib import Path
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.lab import vm
 from ipvs_fleet.lab.image import Image, build_image, seed_tar
-from ipvs_fleet.policy import REPO
+from ipvs_fleet.resources import workdir
 from ipvs_fleet.simfleet import scripts
 
 INVENTORY = Path(__file__).with_name("inventory.py")
@@ -41,7 +41,7 @@ HOST_CLASS = "k8s_node"
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("IPVS_FLEET_SIM_DIR", REPO / ".simfleet")).absolute()
+    return Path(os.environ.get("IPVS_FLEET_SIM_DIR", workdir() / ".simfleet")).absolute()
 
 
 def host_name(i: int) -> str:

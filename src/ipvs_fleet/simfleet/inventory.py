@@ -1,6 +1,7 @@
 """pyinfra inventory of the simulated fleet: `pyinfra src/ipvs_fleet/simfleet/inventory.py ...`.
 
-Reads the fleet's state.json in $IPVS_FLEET_SIM_DIR (default <repo>/.simfleet). Optional
+Reads the fleet's state.json in $IPVS_FLEET_SIM_DIR (default ./.simfleet, as
+ipvs_fleet.simfleet.fleet). Optional
 `hostdata.json` there ({host: {key: value}}) adds host data, e.g. a fault for one host.
 Every host is in group `sim_hosts`; the first is also in `canary`. The rollout policy for this
 fleet (one latency probe per wave) is `rollout.yml` next to this file.
@@ -10,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-_dir = Path(os.environ.get("IPVS_FLEET_SIM_DIR", Path(__file__).resolve().parents[3] / ".simfleet"))
+_dir = Path(os.environ.get("IPVS_FLEET_SIM_DIR", Path.cwd() / ".simfleet"))
 _state = json.loads((_dir / "state.json").read_text())
 _extra_path = _dir / "hostdata.json"
 _extra = json.loads(_extra_path.read_text()) if _extra_path.is_file() else {}
