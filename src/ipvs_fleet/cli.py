@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import os
 import sys
+from collections.abc import MutableMapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -72,11 +73,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def use_policy(args: argparse.Namespace) -> None:
+def use_policy(args: argparse.Namespace, environ: MutableMapping[str, str] = os.environ) -> None:
     """Export the chosen policy, so that pyinfra and pytest children read the same one."""
     chosen = getattr(args, "policy", None) or args.global_policy
     if chosen:
-        os.environ[POLICY_ENV] = str(Path(chosen).absolute())
+        environ[POLICY_ENV] = str(Path(chosen).absolute())
 
 
 def main(argv: list[str] | None = None) -> int:

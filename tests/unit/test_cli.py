@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 
@@ -17,12 +16,6 @@ from ipvs_fleet.policy import load_policy
 from ipvs_fleet.userrepo import init_repo, skeleton
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def no_policy_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Restored after each test: use_policy() sets it for the children of the process.
-    monkeypatch.delenv(resources.POLICY_ENV, raising=False)
 
 
 def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,14 +36,15 @@ def test_policy_option_is_exported_for_the_children(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    use_policy(parser().parse_args(argv))
-    assert os.environ[resources.POLICY_ENV] == str(tmp_path / "pol")
+    environ: dict[str, str] = {}
+    use_policy(parser().parse_args(argv), environ)
+    assert environ == {resources.POLICY_ENV: str(tmp_path / "pol")}
 
 
-def test_no_policy_option_leaves_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(resources.POLICY_ENV, "/srv/fleet/policy")
-    use_policy(parser().parse_args(["lab", "status"]))
-    assert os.environ[resources.POLICY_ENV] == "/srv/fleet/policy"
+def test_no_policy_option_leaves_the_environment() -> None:
+    environ = {resources.POLICY_ENV: "/srv/fleet/policy"}
+    use_policy(parser().parse_args(["lab", "status"]), environ)
+    assert environ == {resources.POLICY_ENV: "/srv/fleet/policy"}
 
 
 def test_init_writes_the_packaged_skeleton(tmp_path: Path) -> None:
