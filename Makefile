@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full test-dkms unit lint deps venv clean lab-down
+.PHONY: demo test test-full test-dkms unit lint deps venv lock clean lab-down
 
 deps: .deps-installed
 .deps-installed: deps/apt-packages.txt
@@ -24,8 +24,16 @@ $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (pyenv install 3.11 or apt python3.11)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
+
+# requirements.lock: every dependency (extras ansible, plots, dev) with hashes, one lock for
+# Python 3.11-3.13 (markers where they differ). After a change to pyproject.toml's
+# dependencies: make lock, then commit it with pyproject.toml.
+lock: venv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+	  --generate-hashes -o requirements.lock
 
 lint: venv
 	$(BIN)/ruff check .

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,13 @@ SSH_OPTIONS = {
 def ansible_inventory_bin() -> str:
     """`ansible-inventory` next to this interpreter (the venv's), else on PATH."""
     here = Path(sys.executable).with_name("ansible-inventory")
-    return str(here) if here.exists() else "ansible-inventory"
+    found = str(here) if here.exists() else shutil.which("ansible-inventory")
+    if found is None:
+        raise ConfigError(
+            "ansible-inventory not found: reading an Ansible inventory needs ansible-core "
+            "(pip install 'ipvs-fleet[ansible]')"
+        )
+    return found
 
 
 def lab_inventory(lab: Lab, user: str = "root") -> dict[str, Any]:

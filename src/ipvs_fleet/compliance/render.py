@@ -25,6 +25,7 @@ from ipvs_fleet.compliance.model import (
     verdict,
 )
 from ipvs_fleet.compliance.waivers import Waiver
+from ipvs_fleet.probe.plot import pyplot
 
 
 def converge_command(inventory: str | Path, host: str) -> str:
@@ -198,14 +199,12 @@ def junit_xml(results: list[CheckResult], inventory: str | Path) -> bytes:
 
 
 def latency_plot(probe: dict[str, Any], title: str) -> bytes | None:
-    """A CDF (PNG) of one probe run's per-connection latency, None if it has no attempts."""
+    """A CDF (PNG) of one probe run's per-connection latency, None if it has no attempts
+    or matplotlib is not installed (the `plots` extra)."""
     attempts = [a for a in probe.get("attempts") or [] if a.get("error") is None]
-    if not attempts:
+    plt = pyplot()
+    if not attempts or plt is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     xs = sorted(float(a["total_ms"]) for a in attempts)
     ys = [(i + 1) / len(xs) for i in range(len(xs))]

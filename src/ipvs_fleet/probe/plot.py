@@ -49,13 +49,24 @@ def _label(result: dict[str, Any]) -> str:
     return f"{line} {mods} INVALID-{rule}"
 
 
+def pyplot() -> Any | None:
+    """matplotlib's pyplot, headless; None without the `plots` extra (ipvs-fleet[plots])."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_files(paths: list[Path], out: Path, scenario: str | None = None,
                title: str | None = None) -> int:
     """One CDF figure (log time axis, 900 ms marked) of every series in `paths`; # of curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        raise FleetError("plots need matplotlib: pip install 'ipvs-fleet[plots]'")
 
     curves: list[tuple[str, list[float]]] = []
     for p in paths:
