@@ -1,0 +1,62 @@
+"""The wheel is self-contained: it carries the role, checks, deploy files and policy, and
+the resolver, imported from the unpacked wheel in a directory outside the checkout, finds
+them there. Offline: the wheel is built without isolation, nothing is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ipvs_fleet import resources
+from ipvs_fleet.policy import load_policy
+from tests.fixtures.wheel import (
+    REPO,
+    RESOLVER_PROBE,
+    build_wheel,
+    expected_data_files,
+    wheel_names,
+)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_carries_every_packaged_file(wheel: Path) -> None:
+    names = wheel_names(wheel)
+    expected = expected_data_files()
+    assert "ipvs_fleet/data/roles/ipvs_fleet/vars/host_classes.yml" in expected
+    assert sorted(expected - names) == []
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_unpacked_wheel_finds_its_own_files(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    user = tmp_path / "fleet-repo"
+    user.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPVS_FLEET_")}
+    r = subprocess.run(
+        [sys.executable, "-c", RESOLVER_PROBE], cwd=user, env={**env, "PYTHONPATH": str(site)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    pkg = site / "ipvs_fleet"
+    assert got["package"] == str(pkg / "__init__.py")
+    assert got["policy"] == str(pkg / "data/roles/ipvs_fleet/vars/host_classes.yml")
+    assert got["classes"] == sorted(load_policy().classes)
+    assert got["templates"] == sorted(os.listdir(resources.templates_dir()))
+    assert got["swap"] == str(pkg / "data/roles/ipvs_fleet/files/ipvs-swap.sh")
+    assert got["checks"] == sorted(p.name for p in (REPO / "checks").glob("*.py"))
+    assert got["deploy"] == str(pkg / "data/deploy.py")
+    assert Path(got["swap"]).read_bytes() == resources.host_script("ipvs-swap.sh").read_bytes()
+    assert wheel.name.startswith(f"ipvs_fleet-{got['version']}-")
