@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full test-dkms unit lint deps venv lock clean lab-down
+.PHONY: demo test test-full test-dkms unit unit-py313 lint deps venv lock clean lab-down
 
 deps: .deps-installed
 .deps-installed: deps/apt-packages.txt
@@ -42,6 +42,10 @@ lint: venv
 # The hermetic tier: no network, no VM, no module build (kernel pins from the lock); ~30 s.
 unit: venv
 	$(BIN)/pytest -m 'not lab'
+
+# The unit tier on Python 3.13 (Debian trixie's, in an mmdebstrap root; root needed).
+unit-py313:
+	.ci/unit-python trixie python3.13
 
 # The lab tests need the module artifacts and the booted lab: build the one while the other
 # boots (mostly downloads and dpkg on one side, QEMU on the other), then run every test.
