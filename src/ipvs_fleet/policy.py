@@ -35,6 +35,7 @@ HOST_KEYS = {
     "ipvs_install",
     "ipvs_pre_activate",
     "ipvs_post_activate",
+    "ipvs_lock_wait_seconds",
 }
 # Descriptive host data that inventories may carry (the lab records what a VM boots).
 INFO_KEYS = {"ipvs_release", "ipvs_kernel_release", "ipvs_kernel_version"}
@@ -42,6 +43,8 @@ ACTIVATIONS = ("reload", "reboot", "next-boot")
 INSTALLS = ("artifact", "dkms")
 MODULE_RE = r"(ip_vs|ip_vs_[a-z0-9_]+|xt_ipvs)"
 HOOK_TIMEOUT_S = 300  # default seconds each drain hook may run
+# Default seconds a step waits for the host lock another controller's step holds.
+LOCK_WAIT_S = 300
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class HostSettings:
     pre_activate: tuple[str, ...] = ()
     post_activate: tuple[str, ...] = ()
     hook_timeout: int = HOOK_TIMEOUT_S
+    # How long install, removal and swap wait for the host lock (another controller's
+    # step holds it) before they fail naming the holder.
+    lock_wait: int = LOCK_WAIT_S
 
     @property
     def knob(self) -> int | None:
@@ -155,9 +161,11 @@ class Policy:
             if f"ipvs_{k}" in data else base[k]
             for k in ("pre_activate", "post_activate")
         }  # fmt: skip
+        lock_wait = data.get("ipvs_lock_wait_seconds", base["lock_wait"])
+        check_timeout(lock_wait, f"{where}: ipvs_lock_wait_seconds")
         return HostSettings(
             name, cls, sysctls, budget, activation, base["modules"], reason, install,
-            hooks["pre_activate"], hooks["post_activate"], base["hook_timeout"],
+            hooks["pre_activate"], hooks["post_activate"], base["hook_timeout"], lock_wait,
         )  # fmt: skip
 
 
@@ -220,7 +228,8 @@ def load_policy(path: Path | str | None = None) -> Policy:
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: must be a mapping")
         known = {"description", "sysctls", "latency_budget", "activation", "modules", "install",
-                 "pre_activate", "post_activate", "hook_timeout_seconds"}  # fmt: skip
+                 "pre_activate", "post_activate", "hook_timeout_seconds",
+                 "lock_wait_seconds"}  # fmt: skip
         extra = set(body) - known
         if extra:
             raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
@@ -239,6 +248,9 @@ def load_policy(path: Path | str | None = None) -> Policy:
             "post_activate": check_hooks(body.get("post_activate"), f"{where}.post_activate"),
             "hook_timeout": check_timeout(
                 body.get("hook_timeout_seconds", HOOK_TIMEOUT_S), f"{where}.hook_timeout_seconds"
+            ),
+            "lock_wait": check_timeout(
+                body.get("lock_wait_seconds", LOCK_WAIT_S), f"{where}.lock_wait_seconds"
             ),
         }
     return policy

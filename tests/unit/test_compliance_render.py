@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from lxml import etree
 
 from ipvs_fleet.compliance import render
@@ -150,3 +152,19 @@ def test_markdown_and_html_reports(tmp_path: Path) -> None:
     assert (tmp_path / "report-k8s-1.png").read_bytes()[:4] == b"\x89PNG"
     page = render.html_report(results, INV)
     assert "data:image/png;base64," in page and "NOT compliant" in page
+
+
+def test_every_check_has_its_fix_and_a_taint_is_not_fixed_by_the_deploy() -> None:
+    checks_src = (Path(__file__).resolve().parents[2] / "checks" / "test_ipvs_host.py").read_text()
+    checks = set(re.findall(r"^def test_(\w+)\(", checks_src, re.M))
+    assert checks == set(yaml.safe_load(render.FIXES_FILE.read_text()))
+    failed = [CheckResult("k8s-2", "taint", FAILED, "k8s_node", message="tainted"),
+              CheckResult("k8s-1", "sysctls", FAILED, "k8s_node", message="differ"),
+              CheckResult("k8s-3", "sysctl_table", FAILED, "k8s_node", message="broken")]
+    doc = render.to_json(failed, INV)
+    fixes = {r["host"]: r for r in doc["results"]}
+    assert "boots again" in fixes["k8s-2"]["fix"] and fixes["k8s-2"]["converge"] is None
+    assert fixes["k8s-1"]["fix"].endswith("deploy.py --limit k8s-1")
+    text = render.summary(failed, INV)
+    assert "k8s-3 / sysctl_table: the loaded build's sysctl table is broken" in text
+    assert "deploy/rollback.py --limit k8s-3" in text

@@ -36,6 +36,18 @@ def test_drain_hooks_come_from_the_class_or_the_host(tmp_path: Path):
     assert (s.pre_activate, s.post_activate) == (("mine",), ())
 
 
+def test_lock_wait_comes_from_the_class_or_the_host(tmp_path: Path):
+    f = tmp_path / "classes.yml"
+    f.write_text("host_classes: {x: {sysctls: {}, lock_wait_seconds: 45}, y: {sysctls: {}}}\n"
+                 "sysctl_schema: {a: {min: 0, max: 1}}")  # fmt: skip
+    pol = load_policy(f)
+    assert pol.for_host("h", {"ipvs_host_class": "x"}).lock_wait == 45
+    assert pol.for_host("h", {"ipvs_host_class": "y"}).lock_wait == 300
+    assert pol.for_host("h", {"ipvs_host_class": "y", "ipvs_lock_wait_seconds": 5}).lock_wait == 5
+    with pytest.raises(ConfigError, match="host h: ipvs_lock_wait_seconds: must be a whole"):
+        pol.for_host("h", {"ipvs_host_class": "y", "ipvs_lock_wait_seconds": "5s"})
+
+
 def test_host_override_merges_over_class(policy):
     s = policy.for_host(
         "n", {"ipvs_host_class": "k8s_node", "ipvs_sysctls": {"conn_reuse_old_conntrack": 0}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import html
 import io
 import json
@@ -11,6 +12,8 @@ import socket
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
+
+import yaml
 
 from ipvs_fleet.compliance.model import (
     ERROR,
@@ -27,10 +30,28 @@ from ipvs_fleet.compliance.model import (
 from ipvs_fleet.compliance.waivers import Waiver
 from ipvs_fleet.probe.plot import pyplot
 
+FIXES_FILE = Path(__file__).with_name("fixes.yml")
+
 
 def converge_command(inventory: str | Path, host: str) -> str:
     """The command that brings one host back to its class (the deploy, limited to it)."""
     return f"pyinfra -y {inventory} deploy.py --limit {host}"
+
+
+@functools.cache
+def _fixes() -> dict[str, str]:
+    return {str(k): str(v) for k, v in yaml.safe_load(FIXES_FILE.read_text()).items()}
+
+
+def fix_for(check: str, inventory: str | Path, host: str) -> str:
+    """What to do about a failed check on a host (fixes.yml), commands filled in."""
+    text = _fixes().get(check, "{converge}")
+    return text.format(converge=converge_command(inventory, host),
+                       rollback=f"pyinfra -y {inventory} deploy/rollback.py --limit {host}")
+
+
+def _converges(check: str) -> bool:
+    return "{converge}" in _fixes().get(check, "{converge}")
 
 
 def _indent(text: str, pad: str = "      ") -> str:
@@ -70,11 +91,12 @@ def summary(
                 label = "could not check" if r.status == ERROR else "FAILED"
                 out.append(f"  {r.host} / {r.check}: {label}")
                 out.append(_indent(r.message))
-        drifted = sorted({r.host for r in problems if r.status == FAILED})
-        if drifted:
+        failed = [r for r in problems if r.status == FAILED]
+        if failed:
             out.append("")
-            out.append("To converge (the deploy, limited to the host):")
-            out += [f"  {converge_command(inventory, h)}" for h in drifted]
+            out.append("To fix:")
+            for r in failed:
+                out.append(f"  {r.host} / {r.check}: {fix_for(r.check, inventory, r.host)}")
     waived = [r for r in results if r.status == WAIVED or (r.waiver and r.waiver.get("expired"))]
     if waived:
         out.append("")
@@ -122,7 +144,9 @@ def to_json(
         "results": [
             {
                 **r.to_dict(),
-                "converge": converge_command(inventory, r.host) if r.status == FAILED else None,
+                "fix": fix_for(r.check, inventory, r.host) if r.status == FAILED else None,
+                "converge": converge_command(inventory, r.host)
+                if r.status == FAILED and _converges(r.check) else None,
             }
             for r in results
         ],
@@ -170,7 +194,7 @@ def junit_xml(results: list[CheckResult], inventory: str | Path) -> bytes:
             )
             first = r.message.splitlines()[0] if r.message else ""
             if r.status == FAILED:
-                body = r.message + f"\nconverge: {converge_command(inventory, r.host)}"
+                body = r.message + f"\nfix: {fix_for(r.check, inventory, r.host)}"
                 el = ET.SubElement(case, "failure", message=first, type="NotCompliant")
                 el.text = body
             elif r.status == ERROR:
@@ -272,7 +296,7 @@ def markdown(
                 lines.append(f"Waiver ({'expired' if w.get('expired') else 'valid'} "
                              f"{w.get('expires')}): {w.get('justification')}")
             if r.status == FAILED:
-                lines.append(f"Converge: `{converge_command(inventory, r.host)}`")
+                lines.append(f"Fix: {fix_for(r.check, inventory, r.host)}")
             lines.append("")
     for uw in unused or []:
         lines.append(f"- unused waiver {uw.where}: {uw.check}")
@@ -331,7 +355,7 @@ def html_report(
                          f"{' (EXPIRED)' if r.waiver.get('expired') else ''}: "
                          f"{e(str(r.waiver.get('justification')))}</p>")
         if r.status == FAILED:
-            parts.append(f"<p>Converge: <code>{e(converge_command(inventory, r.host))}</code></p>")
+            parts.append(f"<p>Fix: <code>{e(fix_for(r.check, inventory, r.host))}</code></p>")
     for w in unused or []:
         parts.append(f"<p>Unused waiver {e(w.where)}: {e(w.check)}</p>")
     for host, png in _plots(results):

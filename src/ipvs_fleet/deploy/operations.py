@@ -30,7 +30,7 @@ from ipvs_fleet.deploy.facts import (
     swap_problem,
     updates_dir,
 )
-from ipvs_fleet.policy import KNOB, HostSettings
+from ipvs_fleet.policy import KNOB, LOCK_WAIT_S, HostSettings
 from ipvs_fleet.resources import host_script, templates_dir
 
 STATE_DIR = "/var/lib/ipvs-fleet"
@@ -76,18 +76,16 @@ def fail(message: str) -> StringCommand:
 
 
 LOCK = f"{STATE_DIR}/lock"
-# How long a step waits for the host lock that another controller's step holds.
-LOCK_WAIT_S = 300
 
 
-def locked(what: str, *parts: Any) -> StringCommand:
+def locked(what: str, wait: int, *parts: Any) -> StringCommand:
     """`parts` as one shell command run under the host lock (flock on LOCK, as ipvs-swap.sh
-    takes it): a second controller waits up to LOCK_WAIT_S, then fails naming the holder."""
+    takes it): a second controller waits up to `wait` s, then fails naming the holder."""
     lock, holder = QuoteString(LOCK), QuoteString(LOCK + ".holder")
     return StringCommand(
         "mkdir -p", QuoteString(STATE_DIR), "&& exec 9>>", lock,
-        "&& { flock -w", str(LOCK_WAIT_S), "9 || { echo 'the host lock", LOCK,
-        f"stayed held for {LOCK_WAIT_S} s by:' \"$(cat", holder, "2>/dev/null)\" >&2; exit 1; }; }",
+        "&& { flock -w", str(wait), "9 || { echo 'the host lock", LOCK,
+        f"stayed held for {wait} s by:' \"$(cat", holder, "2>/dev/null)\" >&2; exit 1; }; }",
         f"&& echo \"ipvs-fleet {what}, pid $$, since $(date -Is)\" >", holder, "&&", *parts,
     )  # fmt: skip
 
@@ -103,6 +101,7 @@ def modules_installed(
     tarball_sha256: str,
     modules: Mapping[str, str],
     set_id: str = "",
+    lock_wait: int = LOCK_WAIT_S,
 ) -> Generator[Any, None, None]:
     """
     Install a verified module set under /lib/modules/<release>/updates/ipvs-fleet.
@@ -112,6 +111,7 @@ def modules_installed(
     + tarball_sha256: its expected sha256, checked again on the host before extracting
     + modules: {file name: sha256} of every module the set must hold, no more, no less
     + set_id: the patch-set version of the set (for the preview line)
+    + lock_wait: seconds to wait for the host lock (another controller's step)
 
     **Example:**
 
@@ -161,7 +161,7 @@ def modules_installed(
         "| sha256sum -c --quiet --strict) >/dev/null 2>&1",
     )  # fmt: skip
     yield locked(
-        "install",
+        "install", lock_wait,
         "if", same, "; then rm -f", QuoteString(remote_tar), "&& depmod",
         QuoteString(kernel_release), "; else",
         "rm -rf", QuoteString(staging), "&& mkdir -p", QuoteString(staging),
@@ -214,12 +214,16 @@ def modules_built_on_host(
 
 
 @operation()
-def modules_removed(kernel_release: str) -> Generator[Any, None, None]:
+def modules_removed(
+    kernel_release: str, lock_wait: int = LOCK_WAIT_S
+) -> Generator[Any, None, None]:
     """
     Remove the ipvs-fleet module set (and a build mode DKMS registration) so that modprobe
-    resolves the stock modules again.
+    resolves the stock modules again, under the host lock (a swap or an install of another
+    controller finishes first).
 
     + kernel_release: the host's `uname -r`
+    + lock_wait: seconds to wait for the host lock
     """
     dest = updates_dir(kernel_release)
     dkms = host.get_fact(DkmsVersions)
@@ -240,7 +244,8 @@ def modules_removed(kernel_release: str) -> Generator[Any, None, None]:
             "rm -rf", QuoteString(f"/var/lib/dkms/ipvs-fleet/{v}"),
             QuoteString(f"/usr/src/ipvs-fleet-{v}"),
         )  # fmt: skip
-    yield StringCommand(
+    yield locked(
+        "remove", lock_wait,
         "rm -rf", QuoteString(dest), QuoteString(f"{dest}.failed"),
         "&& depmod", QuoteString(kernel_release),
     )  # fmt: skip
@@ -377,7 +382,8 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         # wait for it, or restore that table, before anything else reads the host.
         will(f"finish the earlier module swap ({swap_problem(unfinished)})")
         yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
-        yield StringCommand(q, "--recover-only; rc=$?; rm -f", q, "; exit $rc")
+        yield StringCommand(f"IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
+                            "--recover-only; rc=$?; rm -f", q, "; exit $rc")
     if swap and settings.activation == "next-boot":
         host.noop(f"{_names(stale)} switch to {want} at next boot")
         return
@@ -412,7 +418,8 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
         # Run and remove, as Ansible's script module does: both engines leave the same
         # host state (the swap's detached worker, its logs and table copies stay).
-        yield StringCommand(q, "; rc=$?; rm -f", q, "; exit $rc")
+        yield StringCommand(f"IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
+                            "; rc=$?; rm -f", q, "; exit $rc")
     if swap:
         yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
     if missing:

@@ -73,6 +73,7 @@ def rollout() -> None:
             tarball_sha256=plan.tarball_sha256,
             modules=plan.modules,
             set_id=plan.patchset,
+            lock_wait=plan.settings.lock_wait,
         )
     for path in host.loop(ipvs.MANAGED_FILES):
         ipvs.config_file(name=f"Write {path}", path=path, settings=plan.settings)
@@ -98,7 +99,10 @@ def rollback() -> None:
     kr = read_facts(host, lambda: running_kernel(host))
     if kr is None:
         return  # lost while its facts were read: failed, no operation
-    ipvs.modules_removed(name="Remove the patched IPVS module set", kernel_release=kr)
+    ipvs.modules_removed(
+        name="Remove the patched IPVS module set", kernel_release=kr,
+        lock_wait=settings.lock_wait,
+    )
     for path in host.loop(ipvs.MANAGED_FILES):
         ipvs.config_file_restored(name=f"Restore the previous {path}", path=path)
     _activate(settings, "")
