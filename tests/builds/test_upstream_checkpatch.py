@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.build]
 
 UPSTREAM = Path(kernel.__file__).parent / "upstream"
 SUITE = "sid"
+SERIES_LINE = "7.2"  # the kernel line the series applies to (its cover letter)
 SIGN_OFF = "ERROR: Missing Signed-off-by: line(s)"
 MAINTAINERS_QUESTION = "WARNING: added, moved or deleted file(s), does MAINTAINERS need updating?"
 # f719e3754ee2 "ipvs: drop first packet to redirect conntrack" (2016, the drop),
@@ -35,21 +36,20 @@ MAINTAINERS_QUESTION = "WARNING: added, moved or deleted file(s), does MAINTAINE
 VERIFIED_IDS = ("f719e3754ee2", "f0a5e4d7a594")
 
 
-def newest_source() -> tuple[str, str, dict[str, str]]:
-    """(line, version, Packages stanza) of the newest linux-source-X.Y in unstable."""
+def series_source() -> tuple[str, str, dict[str, str]]:
+    """(line, version, Packages stanza) of linux-source-<SERIES_LINE> in unstable: the line
+    the series was made against, so that a newer line in unstable fails by name here (port
+    the series, then move SERIES_LINE) rather than as patch rejects."""
     found = _stanzas(_packages(MIRROR, SUITE, "amd64"), re.compile(r"linux-source-\d+\.\d+"))
-    assert found, f"no linux-source-* in {SUITE}"
-
-    def key(st: dict[str, str]) -> tuple[int, ...]:
-        return tuple(int(x) for x in st["Package"].rsplit("-", 1)[1].split("."))
-
-    st = max(found, key=key)
-    return st["Package"].rsplit("-", 1)[1], st["Version"], st
+    lines = sorted(st["Package"].rsplit("-", 1)[1] for st in found)
+    mine = [st for st in found if st["Package"] == f"linux-source-{SERIES_LINE}"]
+    assert mine, f"no linux-source-{SERIES_LINE} in {SUITE} any more (it has: {lines})"
+    return SERIES_LINE, mine[0]["Version"], mine[0]
 
 
 @pytest.fixture(scope="module")
 def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    line, version, st = newest_source()
+    line, version, st = series_source()
     deb = CACHE / "upstream" / Path(st["Filename"]).name
     if not deb.is_file() or hashlib.sha256(deb.read_bytes()).hexdigest() != st["SHA256"]:
         data = _fetch(f"{MIRROR}/{st['Filename']}")
