@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.artifacts",
     "tests.fixtures.deploy",
+    "tests.fixtures.checks",
     "tests.fixtures.pins",
 ]
 

@@ -11,15 +11,24 @@ TCG); the reboot and next-boot test (`slow`) two reboots more.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.fixtures.deploy import PYINFRA, REPO
+from tests.fixtures.lab import FINGERPRINT
 from tests.lab.test_deploy import assert_converged, live_state
 
 pytestmark = pytest.mark.lab
@@ -110,6 +119,109 @@ def test_a_swap_killed_at_each_stage_is_finished_by_the_next_run(lab, artifacts,
         survived.append(stage)
     print(f"faults injected and survived, table intact (11 lines): {survived}")
     # The host is on stock now (the last fault was a rollback's); the next test deploys.
+
+
+def on_stock(lab, deployer) -> None:
+    """The host on the stock modules (a rollback if it runs the patched set)."""
+    if "O" in live_state(lab, HOST)["taint"]:
+        deployer.run("deploy/rollback.py", "--limit", HOST)
+
+
+def module_tree(lab) -> str:
+    """FINGERPRINT without the lock's and the swap's own records under /var/lib/ipvs-fleet
+    (the upload of an archive lands there before any step takes the lock)."""
+    out = lab.run(HOST, FINGERPRINT).stdout.splitlines()
+    return "\n".join(x for x in out if not x.startswith(STATE))
+
+
+def corrupt_artifact(good: Any, other: Any, folder: Path) -> Path:
+    """An artifact for `good`'s kernel whose manifest is valid (its sha256s match) but whose
+    modules are `other`'s, built for another kernel: modprobe refuses them on the host."""
+    kr = good.kernel_release
+    shutil.copytree(good.path, folder / kr)
+    doc = json.loads((folder / kr / "manifest.json").read_text())
+    unpacked = folder / "unpacked"
+    unpacked.mkdir()
+    with tarfile.open(other.tarball) as t:
+        t.extractall(unpacked, filter="data")
+    kos = sorted(unpacked.glob("*.ko"))
+    tarball = folder / kr / doc["tarball"]
+    with tarfile.open(tarball, "w:gz") as t:
+        for ko in kos:
+            t.add(ko, arcname=ko.name)
+    doc["modules"] = {ko.name: hashlib.sha256(ko.read_bytes()).hexdigest() for ko in kos}
+    doc["tarball_sha256"] = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    (folder / kr / "manifest.json").write_text(json.dumps(doc))
+    shutil.rmtree(unpacked)
+    return folder
+
+
+@pytest.mark.destructive
+def test_a_set_built_for_another_kernel_brings_the_old_modules_and_table_back(
+    lab, artifacts, deployer, table, tmp_path
+):
+    """A valid manifest over modules of another kernel line (6.12's under 6.1's name): the
+    install passes its checksums, the swap cannot load the set, sets it aside, loads the old
+    (stock) modules again and restores the table; the host fails, naming it."""
+    on_stock(lab, deployer)
+    kr = lab.hosts[HOST].kernel_release
+    other = next(a for k, a in artifacts.items() if k != kr)
+    arts = corrupt_artifact(artifacts[kr], other, tmp_path / "artifacts")
+    bad = type(deployer)(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
+    r = bad.run("deploy.py", "--limit", HOST, check=False)
+    out = r.stdout + r.stderr
+    assert r.rc != 0, out[-3000:]
+    assert "the installed modules did not load; falling back to the stock modules" in out, \
+        out[-3000:]  # fmt: skip
+    assert "O" not in live_state(lab, HOST)["taint"], "not back on the stock modules"
+    assert lab.run(HOST, STATE_READ).stdout == table
+    # set aside outside /lib/modules (depmod would still index it there), and stock again
+    # what modprobe resolves
+    assert lab.run(HOST, f"test -d {STATE}/failed-set/{kr} && ! test -e "
+                   f"/lib/modules/{kr}/updates/ipvs-fleet", check=False).rc == 0  # fmt: skip
+    assert "/kernel/" in lab.run(HOST, "modinfo -n ip_vs").stdout
+    redeploy(lab, artifacts, deployer, table)  # the good set replaces it
+    deployer.run("deploy/rollback.py", "--limit", HOST)  # the rollback removes the failed set
+    assert lab.run(HOST, f"test -e {STATE}/failed-set/{kr}", check=False).rc != 0
+    assert lab.run(HOST, STATE_READ).stdout == table  # on stock: where the next test starts
+
+
+@pytest.mark.destructive
+def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_serialise(
+    lab, artifacts, deployer, table
+):
+    """Another controller holds the host lock: the step that needs it waits its
+    ipvs_lock_wait_seconds, then fails naming the holder, with nothing changed. Then two
+    deploys started together both succeed, one after the other, the table intact."""
+    on_stock(lab, deployer)
+    holder = f"echo 'the test, pid '$$ > {STATE}/lock.holder; exec sleep 299"
+    lab.run(HOST, f"mkdir -p {STATE} && setsid nohup flock {STATE}/lock sh -c "
+            f"{shlex.quote(holder)} >/dev/null 2>&1 < /dev/null &")  # fmt: skip
+    try:
+        wait_for(lambda: lab.run(HOST, f"flock -n {STATE}/lock true", check=False).rc != 0,
+                 seconds=30, step=0.5)  # fmt: skip
+        before = module_tree(lab)
+        r = deployer.run("deploy.py", "--limit", HOST, "--data", "ipvs_lock_wait_seconds=5",
+                         check=False)  # fmt: skip
+        out = r.stdout + r.stderr
+        assert r.rc != 0, out[-3000:]
+        assert re.search(rf"the host lock {STATE}/lock stayed held for 5 s by: the test, pid",
+                         out), out[-3000:]  # fmt: skip
+        assert module_tree(lab) == before
+    finally:
+        lab.run(HOST, "pkill -f 'sleep 299'", check=False)
+    procs = [
+        subprocess.Popen(
+            [str(PYINFRA), "-y", "--limit", HOST, str(deployer.inventory), "deploy.py"],
+            cwd=REPO, env=deployer.env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    redeploy(lab, artifacts, deployer, table)
 
 
 @pytest.mark.destructive

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STATE_DIR = "/var/lib/ipvs-fleet"
+# Two waves, the canary then both other hosts together (the default [1, '10%', '100%'] makes
+# three one-host waves of the 3-VM lab; its order is unit-tested, tests/unit/test_rollout.py).
+CANARY_THEN_ALL = '{"ipvs_fleet_serial": [1, "100%"]}'
 ANSIBLE_USER = "fleet"  # passwordless sudo on every lab VM (become: sudo)
 # Everything the deploy owns on a host, as one comparable text: the loaded build, the live
 # IPVS sysctls, the installed modules, the managed files (content, mode, owner), the backups.
@@ -78,16 +81,44 @@ def playbook(lab, deployer, tmp_path_factory) -> Playbook:
 
 
 @pytest.fixture(scope="session")
-def ansible_converged(lab, deployer, deployed, playbook):
-    """pyinfra state of every host, then the same hosts rolled back to stock by pyinfra and
-    converged by ansible-playbook: (pyinfra snapshots, ansible snapshots, first run)."""
+def ansible_stock(lab, deployer, deployed):
+    """pyinfra state of every host, then the same hosts rolled back to stock by pyinfra:
+    (pyinfra snapshots, stock snapshots)."""
     pyinfra_state = {n: snapshot(lab, n) for n in lab.hosts}
     deployer.run("deploy/rollback.py")
     stock = {n: snapshot(lab, n) for n in lab.hosts}
     assert all(stock[n] != pyinfra_state[n] for n in lab.hosts), "rollback changed nothing"
-    first = playbook.run()
+    return pyinfra_state, stock
+
+
+@pytest.fixture(scope="session")
+def ansible_converged(lab, ansible_stock, playbook):
+    """The stock hosts converged by ansible-playbook:
+    (pyinfra snapshots, ansible snapshots, first run)."""
+    pyinfra_state, _ = ansible_stock
+    first = playbook.run("site.yml", "-e", CANARY_THEN_ALL)
     assert first[0] == 0, first[1][-6000:]
     return pyinfra_state, {n: snapshot(lab, n) for n in lab.hosts}, first
+
+
+def test_a_refusal_on_one_host_stops_the_play_before_any_host_changes(
+    lab, ansible_stock, playbook
+):
+    """On lab VMs on stock (each would change in a play that went on): the canary has an
+    FTP virtual service while its class wants knob=1. The preflight refuses it, naming host
+    and reason, and no host changes (snapshots taken on the hosts)."""
+    _, stock = ansible_stock
+    canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
+    lab.run(canary, "ipvsadm -A -t 10.99.0.1:21 -s rr")
+    try:
+        rc, out, _ = playbook.run()
+        assert rc != 0, out[-4000:]
+        assert re.search(rf"host {canary} .*conn_reuse_old_conntrack=1 refused: host uses ftp "
+                         r"\(.*10\.99\.0\.1:21", out), out[-4000:]  # fmt: skip
+        assert "Roll out in waves" not in out, out[-4000:]
+    finally:
+        lab.run(canary, "ipvsadm -D -t 10.99.0.1:21")
+    assert {n: snapshot(lab, n) for n in lab.hosts} == stock
 
 
 def test_ansible_converges_stock_hosts_to_the_pyinfra_state(lab, ansible_converged):
@@ -101,7 +132,7 @@ def test_ansible_converges_stock_hosts_to_the_pyinfra_state(lab, ansible_converg
 
 
 def test_second_ansible_run_changes_nothing(lab, ansible_converged, playbook):
-    rc, out, seconds = playbook.run()
+    rc, out, seconds = playbook.run("site.yml", "-e", CANARY_THEN_ALL)
     print(f"ansible-playbook no-op: {seconds:.1f} s")
     assert rc == 0, out[-4000:]
     got = recap(out)

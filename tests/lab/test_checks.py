@@ -6,71 +6,40 @@ Destructive tests put back what they changed before they finish.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
-import json
+import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from lxml import etree
 
+from ipvs_fleet.policy import KNOB
+from ipvs_fleet.policy import POLICY_FILE as POLICY
 from tests.fixtures.artifacts import artifacts_with
+from tests.fixtures.checks import Checker, CheckRun
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 XSD = REPO / "tests" / "data" / "junit.xsd"
-IPVS_FLEET = Path(sys.executable).with_name("ipvs-fleet")
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
 PROBE_DIR = REPO / "src" / "ipvs_fleet" / "probe"
 REMOTE = "/run/ipvs-fleet-check"
 SCENARIO = f"{REMOTE}/scenario.py"  # the probe's module swapper
+UNLOAD_ALL = (
+    "for m in $(lsmod | awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' | sort -r); do "
+    "[ $m = ip_vs ] || rmmod $m; done; if lsmod | grep -q '^ip_vs '; then rmmod ip_vs; fi"
+)
 # Checks a host with stock modules (but the fleet's files) fails.
 STOCK_FAILS = {"patched_module", "knob_present", "sysctls", "latency_budget"}
-
-
-@dataclass
-class CheckRun:
-    rc: int
-    out: str
-    err: str
-    seconds: float
-    doc: dict[str, Any]
-    junit: Path
-
-    def status(self, host: str) -> dict[str, str]:
-        return {r["check"]: r["status"] for r in self.doc["results"] if r["host"] == host}
-
-
-class Checker:
-    def __init__(self, inventory: Path, env: dict[str, str], tmp: Path) -> None:
-        self.inventory, self.env, self.tmp = inventory, env, tmp
-        self.n = 0
-
-    def run(self, *args: str) -> CheckRun:
-        self.n += 1
-        junit, js = self.tmp / f"junit-{self.n}.xml", self.tmp / f"check-{self.n}.json"
-        cmd = [str(IPVS_FLEET), "check", str(self.inventory), "--junitxml", str(junit),
-               "--json", str(js), *args]
-        t0 = time.monotonic()
-        r = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True,
-                           timeout=300)
-        secs = time.monotonic() - t0
-        doc = json.loads(js.read_text()) if js.exists() else {}
-        print(f"$ {' '.join(cmd)}  -> exit {r.returncode} in {secs:.1f} s\n{r.stdout}{r.stderr}")
-        return CheckRun(r.returncode, r.stdout, r.stderr, secs, doc, junit)
-
-
-@pytest.fixture(scope="module")
-def checker(deployer: Any, deployed: Any, tmp_path_factory: pytest.TempPathFactory) -> Checker:
-    return Checker(deployer.inventory, deployer.env, tmp_path_factory.mktemp("checks"))
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +178,112 @@ def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
     finally:
         lab.run(k8s_host, KUBE_PROXY_NAT_UNDO, check=False)
         deployer.run("deploy.py", "--limit", k8s_host)
+
+
+# --- Every check seen failing on a real host, through `ipvs-fleet check` -------------------
+# One run puts a different fault on each lab host, so one check run shows several checks
+# failing; per host the test asserts exactly which checks fail (the others still pass), the
+# expected and actual values and the fix the report gives.
+
+
+def _result(run: CheckRun, host: str, check: str) -> dict[str, Any]:
+    [res] = [r for r in run.doc["results"] if r["host"] == host and r["check"] == check]
+    return res
+
+
+def _failed(run: CheckRun, host: str) -> set[str]:
+    return {c for c, s in run.status(host).items() if s != "passed"}
+
+
+def _hosts_by_class(lab: Any) -> tuple[str, str, str]:
+    """(the canary, the other k8s node, the FTP director) of the default lab fleet."""
+    hosts = lab.hosts
+    canary = next(n for n, h in sorted(hosts.items()) if "canary" in h.groups)
+    node = next(n for n, h in sorted(hosts.items()) if h.host_class == "k8s_node" and n != canary)
+    ftp = next(n for n, h in sorted(hosts.items()) if h.host_class == "ftp")
+    return canary, node, ftp
+
+
+@pytest.mark.destructive
+def test_persisted_drift_and_latency_budget_each_fail_alone(
+    checker: Checker, lab: Any, tmp_path: Path
+) -> None:
+    """canary: its sysctl.d file says knob 0 while the live value is still 1 (the next boot
+    would flip it); node: conn_reuse_mode forced to 0 as kube-proxy does; ftp: a latency
+    budget (p99 <= 0.001 ms, from a policy file) that no host can meet."""
+    canary, node, ftp = _hosts_by_class(lab)
+    policy = yaml.safe_load(POLICY.read_text())
+    policy["host_classes"]["ftp"]["latency_budget"]["p99_ms"] = 0.001
+    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
+    strict = Checker(checker.inventory, dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path /
+                     "policy.yml")), tmp_path)  # fmt: skip
+    lab.run(canary, f"cp -p {SYSCTL_FILE} /root/persisted.bak && sed -i "
+            f"'s/^net.ipv4.vs.{KNOB} = 1$/net.ipv4.vs.{KNOB} = 0/' {SYSCTL_FILE}")
+    lab.run(node, "sysctl -qw net.ipv4.vs.conn_reuse_mode=0")
+    try:
+        run = strict.run()
+        assert run.rc == 1, run.out
+        _valid_junit(run.junit)
+        assert _failed(run, canary) == {"persisted"}, run.status(canary)
+        res = _result(run, canary, "persisted")
+        assert {"key": f"{SYSCTL_FILE}: net.ipv4.vs.{KNOB}", "expected": "1",
+                "actual": "0"} in res["drift"]  # fmt: skip
+        assert res["fix"].startswith("rewrite the fleet's files: pyinfra -y ")
+        assert res["converge"].endswith(f"deploy.py --limit {canary}")
+
+        assert _failed(run, node) == {"sysctls", "kube_proxy_drift"}, run.status(node)
+        res = _result(run, node, "kube_proxy_drift")
+        [drift] = res["drift"]
+        assert drift["key"] == "net.ipv4.vs.conn_reuse_mode" and drift["expected"] == "1"
+        assert drift["actual"].startswith("0 (kube-proxy not running now")
+        assert "kube-proxy forces conn_reuse_mode=0" in res["fix"]
+
+        assert _failed(run, ftp) == {"latency_budget"}, run.status(ftp)
+        res = _result(run, ftp, "latency_budget")
+        assert re.search(r"p99 [\d.]+ ms .*0\.001", res["message"]), res["message"]
+        assert "ipvs_latency_budget" in res["fix"] and res["converge"] is None
+        assert f"{ftp} / latency_budget: the probe's figures are above" in run.out
+    finally:
+        lab.run(canary, f"mv /root/persisted.bak {SYSCTL_FILE}", check=False)
+        lab.run(node, f"sysctl -qp {SYSCTL_FILE}", check=False)
+    assert checker.run().rc == 0, "the faults were put back"
+
+
+@pytest.mark.destructive
+def test_a_dislocated_table_fails_the_sysctl_table_check(
+    checker: Checker, lab: Any, dislocated_artifact: Any
+) -> None:
+    """canary (its kernel is the dislocated variant's): ip_vs replaced by the seed's
+    dislocated-table build (the fleet's files stay). The taint check fails by a reboot-time
+    fault: tests/lab/test_deploy.py::test_a_taint_fails_its_check_and_a_reboot_keeps_the_rest."""
+    canary, _, _ = _hosts_by_class(lab)
+    if lab.hosts[canary].kernel_release != dislocated_artifact.kernel_release:
+        pytest.fail(f"the dislocated variant is built for {dislocated_artifact.kernel_release}; "
+                    f"{canary} runs {lab.hosts[canary].kernel_release}")
+    loaded = lab.run(canary, "awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules").stdout
+    before = sorted(loaded.split(), key=lambda m: m != "ip_vs")
+    table = lab.run(canary, "ipvsadm-save -n").stdout
+    data = base64.b64encode(dislocated_artifact.tarball.read_bytes()).decode()
+    d = "/root/ipvs-fleet-dislocated"
+    lab.run(canary, f"rm -rf {d} && mkdir -p {d} && base64 -d | tar -xzf - -C {d}", input=data)
+    lab.run(canary, f"{UNLOAD_ALL} && insmod {d}/ip_vs.ko", timeout=300)
+    try:
+        run = checker.run("--limit", canary)
+        assert run.rc == 1, run.out
+        res = _result(run, canary, "sysctl_table")
+        assert res["status"] == "failed", res
+        want = {("net.ipv4.vs.schedule_icmp default in a new netns", "0", "1"),
+                ("net.ipv4.vs.run_estimation default in a new netns", "1", "0")}
+        assert want <= {(x["key"], x["expected"], x["actual"]) for x in res["drift"]}, res
+        assert "go back to the stock modules" in res["fix"]
+        assert f"deploy/rollback.py --limit {canary}" in res["fix"]
+        # The seed's build has no knob and is not the fleet's build: those fail with it; the
+        # host's files, its kernel and its ruleset are still fine.
+        assert _failed(run, canary) == {"sysctl_table", "patched_module", "knob_present",
+                                        "sysctls", "latency_budget"}, run.status(canary)
+    finally:
+        restore = [UNLOAD_ALL, *(f"modprobe {m}" for m in before), f"sysctl -qp {SYSCTL_FILE}",
+                   f"rm -rf {d}"]
+        lab.run(canary, " && ".join(restore), timeout=300)
+        lab.run(canary, "ipvsadm-restore", input=table)
+    assert checker.run("--limit", canary).rc == 0, "the host is back"

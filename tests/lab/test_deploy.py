@@ -14,6 +14,8 @@ from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 pytestmark = pytest.mark.lab
 
 MANAGED = "/etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf"
+OE_TAINT = 12288  # O (out-of-tree) + E (unsigned): the fleet's modules
+TAINT_USER = 64  # U: set from user space
 
 
 def live_state(lab, name: str) -> dict:
@@ -142,11 +144,27 @@ def test_reload_keeps_the_service_table_and_rollback_restores_stock(
         lab.run(host, "ipvsadm -D -t 10.99.0.2:80", check=False)
 
 
-def test_module_and_values_survive_reboot(lab, artifacts, deployed):
+def test_a_taint_fails_its_check_and_a_reboot_keeps_the_rest(lab, artifacts, checker):
+    """A taint bit the modules do not cause (U: root wrote /proc/sys/kernel/tainted) fails
+    the taint check, and only it, naming the bit; a taint clears only at boot. Then every
+    host reboots: the module set and the class's values come back, and every check passes."""
+    node = next(n for n, h in sorted(lab.hosts.items()) if h.host_class == "k8s_node"
+                and "canary" not in h.groups)  # fmt: skip
+    lab.run(node, f"echo {TAINT_USER} > /proc/sys/kernel/tainted")
+    run = checker.run("--limit", node)
+    assert run.rc == 1, run.out
+    assert {c for c, s in run.status(node).items() if s != "passed"} == {"taint"}, run.out
+    [res] = [r for r in run.doc["results"] if r["check"] == "taint"]
+    [drift] = res["drift"]
+    assert drift["expected"] == f"{OE_TAINT} (O+E) or less", drift
+    assert drift["actual"] == f"{OE_TAINT | TAINT_USER} (UOE; unexpected U)", drift
+    assert "boots again" in res["fix"] and res["converge"] is None
     with ThreadPoolExecutor(len(lab.hosts)) as pool:  # the hosts reboot together
         list(pool.map(lab.reboot, lab.hosts))
     for name in lab.hosts:
         assert_converged(lab, artifacts, name)
+    after = checker.run()
+    assert after.rc == 0, after.out
 
 
 def test_fresh_deploy_reports_changes_per_host(lab, deployed):

@@ -114,6 +114,7 @@ def test_testinfra_backend_through_ssh_config(lab: Lab) -> None:
     assert host.package("ipvsadm").is_installed
 
 
+@pytest.mark.slow  # a lab of its own: one more VM boot and a reboot under TCG (~2 min)
 def test_life_cycle_noop_up_died_vm_and_down(lab: Lab, tmp_path: Path) -> None:
     """A lab of its own: up twice, reboot, kill its QEMU (status: died), down stops only it."""
     fleet = tmp_path / "fleet.yml"

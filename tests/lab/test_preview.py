@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,81 @@ def test_dry_run_and_preview_of_fresh_hosts_list_every_step_and_change_nothing(l
     assert fingerprints(lab) == before
 
 
+CONNMARK_RULE = "-t mangle -A PREROUTING -j CONNMARK --restore-mark"
+
+
+@pytest.mark.parametrize("fault", ["ftp service", "connmark rule"])
+def test_a_refusal_on_one_host_changes_no_host_while_the_others_are_on_stock(
+    lab, run, stock, fault
+):
+    """The canary relies on conntrack (an FTP virtual service, or a CONNMARK rule) while
+    its class wants knob=1: the deploy refuses it. Every other host is on stock and would
+    be changed by a run that went on: none is."""
+    canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
+    setup, undo, named = {
+        "ftp service": ("ipvsadm -A -t 10.99.0.1:21 -s rr", "ipvsadm -D -t 10.99.0.1:21",
+                        "10.99.0.1:21"),
+        "connmark rule": (f"iptables -w {CONNMARK_RULE}",
+                          f"iptables -w {CONNMARK_RULE.replace(' -A ', ' -D ')}", "CONNMARK"),
+    }[fault]  # fmt: skip
+    lab.run(canary, setup)
+    try:
+        before = fingerprints(lab)
+        r = pyinfra(run, lab, "-y")
+        assert r.rc != 0, r.out[-4000:]
+        assert canary in r.out, r.out[-4000:]
+        assert re.search(rf"{KNOB}=1 refused: host uses {fault.split()[0]} \(.*"
+                         rf"{re.escape(named)}", r.out), r.out[-4000:]
+        assert "Beginning operation run" not in r.out
+        assert fingerprints(lab) == before
+    finally:
+        lab.run(canary, undo)
+
+
+def test_an_archive_changed_after_the_controller_checked_it_is_refused_on_the_host(
+    lab, artifacts, stock, env, tmp_path
+):
+    """The artifact is verified on the controller and shown in the preview; then, before
+    Enter, its archive changes on disk. The host checks the sha256 again before unpacking:
+    the install fails there and the host keeps its stock modules."""
+    canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
+    kr = lab.hosts[canary].kernel_release
+    arts = tmp_path / "artifacts"
+    shutil.copytree(artifacts[kr].path, arts / kr)
+    tarball = next((arts / kr).glob("*.tar.gz"))
+    before = lab.run(canary, FINGERPRINT).stdout
+    proc = subprocess.Popen(
+        [str(PYINFRA), str(lab.inventory_path), "deploy.py", "--limit", canary],
+        cwd=REPO, env=dict(env, IPVS_FLEET_ARTIFACTS=str(arts)), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    seen: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: stdout.read(1), "")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 600
+        while "Press enter to execute" not in "".join(seen):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-4000:]
+            time.sleep(0.5)
+        with tarball.open("ab") as f:
+            f.write(b"tampered after the controller's check")
+        proc.communicate("\n", timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=60)
+    out = ANSI.sub("", "".join(seen))
+    assert proc.returncode != 0, out[-4000:]
+    assert "install patch set" in out and "Beginning operation run" in out
+    assert re.search(r"sha256sum: WARNING: 1 computed checksum did NOT match", out), out[-4000:]
+    after = lab.run(canary, FINGERPRINT).stdout
+    unchanged = [x for x in before.splitlines() if "/var/lib/ipvs-fleet" not in x]
+    assert [x for x in after.splitlines() if "/var/lib/ipvs-fleet" not in x] == unchanged
+    assert "updates/ipvs-fleet absent" in after
+
+
 def test_enter_at_the_prompt_converges_and_then_nothing_is_pending(lab, artifacts, run, stock):
     # pyinfra 3's prompt is "Press enter to execute..."; any other answer (even "y") stops it
     r = pyinfra(run, lab, stdin="\n")
@@ -216,6 +293,7 @@ def test_rollback_preview_lists_the_rollback_and_changes_nothing(lab, run):
     assert fingerprints(lab) == before
 
 
+@pytest.mark.slow  # two rollouts of every host (~2 min); test_sudo and test_rollout_lab roll out
 def test_two_rollouts_in_a_row_both_complete(lab, artifacts, run, tmp_path):
     # The pyinfra verification gate (the checks gate is tested by test_rollout_lab.py).
     cfg = tmp_path / "rollout.yml"

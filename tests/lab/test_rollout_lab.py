@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from ipvs_fleet.lab import vm
 from tests.fixtures.lab import FINGERPRINT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,3 +69,78 @@ def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts
     # the rollback removed the one the deploy wrote.
     assert lab.run(canary, "test ! -e /lib/modules/$(uname -r)/updates/ipvs-fleet && "
                            "test ! -e /etc/sysctl.d/90-ipvs-fleet.conf", check=False).ok
+
+
+def test_a_host_frozen_mid_swap_fails_within_its_timeout_and_a_resume_completes(  # type: ignore[no-untyped-def]
+    lab, artifacts, deployer, tmp_path
+):
+    """The canary's VM is frozen (SIGSTOP to its QEMU) while its module swap runs: its
+    command fails after host_command_timeout_seconds (60 here), its rollback cannot reach it
+    either, and the rollout halts within minutes, the canary `failed-unknown`, the other
+    hosts untouched. Thawed, the host finishes its detached swap by itself; `--resume`
+    deploys it again, passes its gate and completes the rollout."""
+    canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
+    others = [n for n in lab.hosts if n != canary]
+    if "O" in lab.run(canary, "cat /sys/module/ip_vs/taint").stdout:
+        deployer.run("deploy/rollback.py", "--limit", canary)  # a swap for the deploy to do
+    lab.run(canary, "ipvsadm -A -t 10.97.0.1:80 -s rr && ipvsadm -a -t 10.97.0.1:80 "
+            "-r 10.97.1.1:80 -m")  # fmt: skip
+    try:
+        table = lab.run(canary, "ipvsadm-save -n").stdout
+        before = {h: fingerprint(lab, h) for h in others}
+        cfg = yaml.safe_load((REPO / "roles/ipvs_fleet/vars/rollout.yml").read_text())
+        cfg["host_command_timeout_seconds"] = 60
+        (tmp_path / "rollout.yml").write_text(yaml.safe_dump(cfg))
+        env = dict(deployer.env)
+        report, journal = tmp_path / "report.json", tmp_path / "j.jsonl"
+        cmd = [str(CLI), "rollout", str(lab.inventory_path), "--waves", "canary,100%", "--config",
+               str(tmp_path / "rollout.yml"), "--journal", str(journal), "--json", str(report)]
+        pid = vm.pid_of(lab.vm_files(canary))
+        assert pid is not None
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        frozen = False
+        try:
+            deadline = time.monotonic() + 600
+            while proc.poll() is None and time.monotonic() < deadline:
+                if lab.run(canary, "test -d /var/lib/ipvs-fleet/swap.pending", check=False).rc == 0:
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen = True
+                    break
+                time.sleep(0.5)
+            assert frozen, "the swap was never seen running: " + (
+                proc.communicate()[0][-3000:] if proc.poll() is not None else "")
+            t_frozen = time.monotonic()
+            out = proc.communicate(timeout=900)[0]
+            halted_after = time.monotonic() - t_frozen
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            if proc.poll() is None:
+                proc.kill()
+        print(f"frozen {t_frozen - t0:.0f} s into the rollout; halted {halted_after:.0f} s later")
+        assert proc.returncode == 1, out[-4000:]
+        doc = json.loads(report.read_text())
+        assert doc["outcome"] == "halted" and doc["halted_at_wave"] == 1, out[-4000:]
+        assert doc["hosts"][canary]["state"] == "failed-unknown", doc["hosts"][canary]
+        assert "timed out" in doc["hosts"][canary]["detail"], doc["hosts"][canary]
+        assert halted_after < 400, "the wave waited on the frozen host past its timeouts"
+        for h in others:
+            assert doc["hosts"][h]["state"] == "old"
+            assert fingerprint(lab, h) == before[h], f"{h} was touched"
+        # Thawed: the detached swap finishes on the host (its lock comes free) with the table.
+        deadline = time.monotonic() + 600
+        while lab.run(canary, "flock -n /var/lib/ipvs-fleet/lock true", check=False).rc != 0:
+            assert time.monotonic() < deadline, "the swap never finished after the thaw"
+            time.sleep(2)
+        assert lab.run(canary, "ipvsadm-save -n").stdout == table
+        r = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=1800)  # fmt: skip
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        doc = json.loads(report.read_text())
+        assert doc["outcome"] == "completed", doc
+        assert {h: v["state"] for h, v in doc["hosts"].items()} == dict.fromkeys(
+            lab.hosts, "new-verified"), doc["hosts"]  # fmt: skip
+        assert lab.run(canary, "ipvsadm-save -n").stdout == table
+    finally:
+        lab.run(canary, "ipvsadm -D -t 10.97.0.1:80", check=False)

@@ -132,15 +132,18 @@ load_all() {
     for m in $others; do modprobe "$m" || return 1; done
 }
 
-# The installed build failed to load: set it aside, load the stock modules, restore.
+# The installed build failed to load: set it aside, load the stock modules, restore. Aside
+# means outside /lib/modules: depmod indexes every directory there, updates/ first, so a
+# copy left under it would still be what modprobe loads.
 fall_back() {
     kr=$(uname -r)
-    say "the installed modules did not load; falling back to the stock modules"
+    failed=$state/failed-set/$kr
+    say "the installed modules did not load; falling back to the stock modules (the set goes to $failed)"
     # shellcheck disable=SC2086
     modprobe -r $others ip_vs 2>/dev/null
     if [ -d "/lib/modules/$kr/updates/ipvs-fleet" ]; then
-        rm -rf "/lib/modules/$kr/updates/ipvs-fleet.failed"
-        mv "/lib/modules/$kr/updates/ipvs-fleet" "/lib/modules/$kr/updates/ipvs-fleet.failed"
+        rm -rf "$failed" && mkdir -p "$state/failed-set"
+        mv "/lib/modules/$kr/updates/ipvs-fleet" "$failed"
         sync
         depmod "$kr"
     fi

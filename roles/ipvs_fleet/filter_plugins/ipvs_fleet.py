@@ -31,6 +31,7 @@ from ipvs_fleet.deploy.facts import (
     IpvsSysctls,
     IpvsUsage,
     Lockdown,
+    failed_set_dir,
     updates_dir,
 )
 from ipvs_fleet.deploy.operations import (
@@ -83,7 +84,7 @@ def probe_command(kind: str, kernel_release: str = "") -> str:
             f"$(sha256sum < {_quote(p)} 2>/dev/null | cut -d' ' -f1)"
             for p in MANAGED_FILES
         )
-        failed = _quote(updates_dir(kernel_release) + ".failed")
+        failed = _quote(failed_set_dir(kernel_release))
         return _sections(
             {
                 "installed": installed,
@@ -245,6 +246,7 @@ def rollback_plan(
         "patchset": "",
         "module_sums": {},
         "updates_dir": updates_dir(kernel),
+        "failed_set_dir": failed_set_dir(kernel),
         "state_dir": STATE_DIR,
     }
 

@@ -17,6 +17,13 @@ def updates_dir(kernel_release: str) -> str:
     return f"/lib/modules/{kernel_release}/{UPDATES_SUBDIR}"
 
 
+def failed_set_dir(kernel_release: str) -> str:
+    """Where the swap sets aside an installed set that did not load: outside /lib/modules,
+    since depmod indexes every directory under it (updates/ first) and modprobe would keep
+    resolving the failed build instead of the stock one."""
+    return f"/var/lib/ipvs-fleet/failed-set/{kernel_release}"
+
+
 class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
     """
     The loaded IPVS modules (ip_vs*, xt_ipvs) and whether each is the build installed in

@@ -17,7 +17,7 @@ from typing import Any
 
 from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand, operation
-from pyinfra.facts.files import File
+from pyinfra.facts.files import Directory, File
 from pyinfra.operations import files, server
 
 from ipvs_fleet.deploy.facts import (
@@ -27,6 +27,7 @@ from ipvs_fleet.deploy.facts import (
     IpvsLoadedModules,
     IpvsSwapState,
     IpvsSysctls,
+    failed_set_dir,
     swap_problem,
     updates_dir,
 )
@@ -228,13 +229,14 @@ def modules_removed(
     dest = updates_dir(kernel_release)
     dkms = host.get_fact(DkmsVersions)
     installed = host.get_fact(IpvsInstalledModules, kernel_release=kernel_release)
-    failed_copy = host.get_fact(File, path=f"{dest}.failed")
+    failed = failed_set_dir(kernel_release)
+    failed_copy = host.get_fact(Directory, path=failed)
     if not dkms and not installed and not failed_copy:
         host.noop(f"no ipvs-fleet modules are installed for {kernel_release}")
         return
     parts = [f"{len(installed)} modules in {dest}"] if installed else []
     if failed_copy:
-        parts.append(f"{dest}.failed")
+        parts.append(f"the set that did not load, in {failed}")
     if dkms:
         parts.append(f"DKMS ipvs-fleet {_names(dkms)}")
     will(f"remove the ipvs-fleet module set for {kernel_release} ({'; '.join(parts)}), depmod")
@@ -246,7 +248,7 @@ def modules_removed(
         )  # fmt: skip
     yield locked(
         "remove", lock_wait,
-        "rm -rf", QuoteString(dest), QuoteString(f"{dest}.failed"),
+        "rm -rf", QuoteString(dest), QuoteString(failed),
         "&& depmod", QuoteString(kernel_release),
     )  # fmt: skip
 
