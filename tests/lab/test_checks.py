@@ -20,7 +20,7 @@ import yaml
 from lxml import etree
 
 from ipvs_fleet.policy import KNOB
-from ipvs_fleet.policy import POLICY_FILE as POLICY
+from ipvs_fleet.resources import policy_file
 from tests.fixtures.artifacts import artifacts_with
 from tests.fixtures.checks import Checker, CheckRun
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
@@ -212,7 +212,7 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
     would flip it); node: conn_reuse_mode forced to 0 as kube-proxy does; ftp: a latency
     budget (p99 <= 0.001 ms, from a policy file) that no host can meet."""
     canary, node, ftp = _hosts_by_class(lab)
-    policy = yaml.safe_load(POLICY.read_text())
+    policy = yaml.safe_load(policy_file().read_text())
     policy["host_classes"]["ftp"]["latency_budget"]["p99_ms"] = 0.001
     (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
     strict = Checker(checker.inventory, dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path /
