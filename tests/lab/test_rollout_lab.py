@@ -110,7 +110,7 @@ def test_a_host_frozen_mid_swap_fails_within_its_timeout_and_a_resume_completes(
                     break
                 time.sleep(0.5)
             assert frozen, "the swap was never seen running: " + (
-                proc.communicate()[0][-3000:] if proc.poll() is not None else "")
+                proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "")
             t_frozen = time.monotonic()
             out = proc.communicate(timeout=900)[0]
             halted_after = time.monotonic() - t_frozen
