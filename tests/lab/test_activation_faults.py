@@ -195,8 +195,10 @@ def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_seria
     deploys started together both succeed, one after the other, the table intact."""
     on_stock(lab, deployer)
     holder = f"echo 'the test, pid '$$ > {STATE}/lock.holder; exec sleep 299"
-    lab.run(HOST, f"mkdir -p {STATE} && setsid nohup flock {STATE}/lock sh -c "
-            f"{shlex.quote(holder)} >/dev/null 2>&1 < /dev/null &")  # fmt: skip
+    # In a subshell of its own: `a && b &` would background the whole list, whose shell
+    # keeps the SSH session's output open until the holder ends.
+    lab.run(HOST, f"mkdir -p {STATE} && (setsid nohup flock {STATE}/lock sh -c "
+            f"{shlex.quote(holder)} >/dev/null 2>&1 < /dev/null &)")  # fmt: skip
     try:
         wait_for(lambda: lab.run(HOST, f"flock -n {STATE}/lock true", check=False).rc != 0,
                  seconds=30, step=0.5)  # fmt: skip

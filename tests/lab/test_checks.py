@@ -210,10 +210,10 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
 ) -> None:
     """canary: its sysctl.d file says knob 0 while the live value is still 1 (the next boot
     would flip it); node: conn_reuse_mode forced to 0 as kube-proxy does; ftp: a latency
-    budget (p99 <= 0.001 ms, from a policy file) that no host can meet."""
+    budget (p99 <= 0 ms, from a policy file) that no host can meet."""
     canary, node, ftp = _hosts_by_class(lab)
     policy = yaml.safe_load(policy_file().read_text())
-    policy["host_classes"]["ftp"]["latency_budget"]["p99_ms"] = 0.001
+    policy["host_classes"]["ftp"]["latency_budget"]["p99_ms"] = 0
     (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
     strict = Checker(checker.inventory, dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path /
                      "policy.yml")), tmp_path)  # fmt: skip
@@ -240,7 +240,7 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
 
         assert _failed(run, ftp) == {"latency_budget"}, run.status(ftp)
         res = _result(run, ftp, "latency_budget")
-        assert re.search(r"p99 [\d.]+ ms .*0\.001", res["message"]), res["message"]
+        assert re.search(r"p99 [\d.]+ ms above 0 ms", res["message"]), res["message"]
         assert "ipvs_latency_budget" in res["fix"] and res["converge"] is None
         assert f"{ftp} / latency_budget: the probe's figures are above" in run.out
     finally:
@@ -278,9 +278,10 @@ def test_a_dislocated_table_fails_the_sysctl_table_check(
         assert "go back to the stock modules" in res["fix"]
         assert f"deploy/rollback.py --limit {canary}" in res["fix"]
         # The seed's build has no knob and is not the fleet's build: those fail with it; the
-        # host's files, its kernel and its ruleset are still fine.
+        # host's files, its kernel and its ruleset are still fine, and the seed's reuse keeps
+        # the probe's reconnects fast (measured: latency_budget passes).
         assert _failed(run, canary) == {"sysctl_table", "patched_module", "knob_present",
-                                        "sysctls", "latency_budget"}, run.status(canary)
+                                        "sysctls"}, run.status(canary)
     finally:
         restore = [UNLOAD_ALL, *(f"modprobe {m}" for m in before), f"sysctl -qp {SYSCTL_FILE}",
                    f"rm -rf {d}"]

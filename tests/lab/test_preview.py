@@ -13,6 +13,7 @@ gate), a few dry runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -210,8 +211,12 @@ def test_an_archive_changed_after_the_controller_checked_it_is_refused_on_the_ho
         reader.join(timeout=60)
     out = ANSI.sub("", "".join(seen))
     assert proc.returncode != 0, out[-4000:]
-    assert "install patch set" in out and "Beginning operation run" in out
-    assert re.search(r"sha256sum: WARNING: 1 computed checksum did NOT match", out), out[-4000:]
+    assert "will install patch set" in out, out[-4000:]
+    assert "on the host does not match the sha256 the controller checked" in out, out[-4000:]
+    # the changed bytes did reach the host: its own check is what stopped them
+    on_host = lab.run(canary, f"sha256sum /var/lib/ipvs-fleet/incoming/{tarball.name}").stdout
+    assert on_host.split()[0] == hashlib.sha256(tarball.read_bytes()).hexdigest()
+    assert on_host.split()[0] != artifacts[kr].tarball_sha256
     after = lab.run(canary, FINGERPRINT).stdout
     unchanged = [x for x in before.splitlines() if "/var/lib/ipvs-fleet" not in x]
     assert [x for x in after.splitlines() if "/var/lib/ipvs-fleet" not in x] == unchanged

@@ -149,8 +149,11 @@ def modules_installed(
     sums = "\n".join(f"{sha}  {name}" for name, sha in sorted(modules.items()))
     # Verify the archive, then every module, before anything replaces the live set.
     yield StringCommand(
-        "echo", QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet"
-    )
+        "echo", QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet ||",
+        "{ echo", QuoteString(f"ipvs-fleet: {remote_tar} on the host does not match the sha256 "
+                              f"the controller checked ({tarball_sha256}): nothing installed"),
+        ">&2; exit 1; }",
+    )  # fmt: skip
     old = f"{dest}.old"
     # Under the host lock (another controller's install or swap waits), the staged set is
     # verified, then on disk before the rename (a crash leaves the old set or the new one,
