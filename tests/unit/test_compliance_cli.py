@@ -23,6 +23,18 @@ def test_missing_inventory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "nope.py: inventory file not found" in err and "Traceback" not in err
 
 
+def test_an_inventory_that_raises_is_named_with_its_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # as inventory/lab.py does with no lab running: the file's own exception, no traceback
+    inv = tmp_path / "inv.py"
+    inv.write_text('raise RuntimeError("no lab state in .lab (run: ipvs-fleet lab up)")\n')
+    assert main(["check", str(inv)]) == 2
+    err = capsys.readouterr().err
+    assert f"{inv}: cannot load inventory: RuntimeError: no lab state in .lab" in err, err
+    assert "Traceback" not in err
+
+
 def test_waiver_without_justification(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     inv = tmp_path / "inv.py"
     inv.write_text('hosts = [("h1", {"ipvs_host_class": "k8s_node"})]\n')

@@ -49,7 +49,10 @@ def load_inventory(path: str | Path) -> list[FleetHost]:
         with ctx_state.use(State(Inventory(([], {})), Config())):
             inv = make_inventory_from_files(str(p), cwd=str(Path.cwd()))
     except Exception as e:  # the file is user code: any error is a bad inventory
-        raise ConfigError(f"{p}: cannot load inventory: {type(e).__name__}: {e}") from e
+        # pyinfra wraps the file's own exception (UnexpectedExternalError, whose str() fails):
+        # name the one the file raised.
+        inner = getattr(e, "exception", e)
+        raise ConfigError(f"{p}: cannot load inventory: {type(inner).__name__}: {inner}") from e
     hosts = [
         FleetHost(h.name, tuple(g for g in h.groups), dict(h.data.dict())) for h in inv
     ]
