@@ -23,7 +23,7 @@ from ipvs_fleet.policy import KNOB
 from ipvs_fleet.resources import policy_file
 from tests.fixtures.artifacts import artifacts_with
 from tests.fixtures.checks import Checker, CheckRun
-from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
+from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO, UNLOAD_ALL
 
 pytestmark = pytest.mark.lab
 
@@ -34,10 +34,6 @@ SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
 PROBE_DIR = REPO / "src" / "ipvs_fleet" / "probe"
 REMOTE = "/run/ipvs-fleet-check"
 SCENARIO = f"{REMOTE}/scenario.py"  # the probe's module swapper
-UNLOAD_ALL = (
-    "for m in $(lsmod | awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' | sort -r); do "
-    "[ $m = ip_vs ] || rmmod $m; done; if lsmod | grep -q '^ip_vs '; then rmmod ip_vs; fi"
-)
 # Checks a host with stock modules (but the fleet's files) fails.
 STOCK_FAILS = {"patched_module", "knob_present", "sysctls", "latency_budget"}
 

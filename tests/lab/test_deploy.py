@@ -9,12 +9,11 @@ import pytest
 
 from ipvs_fleet.policy import KNOB, load_policy
 from tests.fixtures.artifacts import artifacts_with
-from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
+from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO, OE_TAINT
 
 pytestmark = pytest.mark.lab
 
 MANAGED = "/etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf"
-OE_TAINT = 12288  # O (out-of-tree) + E (unsigned): the fleet's modules
 TAINT_USER = 64  # U: set from user space
 
 

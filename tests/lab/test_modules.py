@@ -18,15 +18,11 @@ from ipvs_fleet.build.artifact import Artifact
 from ipvs_fleet.debian import RELEASES
 from ipvs_fleet.kernel import MODINFO_REUSE, MODINFO_SET
 from ipvs_fleet.kernel.sysctls import READ_ALL_IN_FRESH_NETNS, integrity_problems, parse_dump
+from tests.fixtures.lab import OE_TAINT, UNLOAD_ALL
 
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
 
 TEST_SUBDIR = "updates/ipvs-fleet-test"
-UNLOAD_ALL = (
-    "for m in $(lsmod | awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' | sort -r); do "
-    "[ $m = ip_vs ] || rmmod $m; done; if lsmod | grep -q '^ip_vs '; then rmmod ip_vs; fi"
-)
-OE_TAINT = 12288  # TAINT_OOT_MODULE (O, 4096) + TAINT_UNSIGNED_MODULE (E, 8192)
 
 
 def host_for(lab: Any, release: str) -> str:
