@@ -204,7 +204,12 @@ def test_an_archive_changed_after_the_controller_checked_it_is_refused_on_the_ho
             time.sleep(0.5)
         with tarball.open("ab") as f:
             f.write(b"tampered after the controller's check")
-        proc.communicate("\n", timeout=600)
+        # Enter, then wait: communicate() would read stdout too, racing the reader thread
+        # for the output (and closing the pipe under it).
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
