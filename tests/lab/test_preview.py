@@ -213,7 +213,9 @@ def test_an_archive_changed_after_the_controller_checked_it_is_refused_on_the_ho
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=60)
         reader.join(timeout=60)
+        stdout.close()
     out = ANSI.sub("", "".join(seen))
     assert proc.returncode != 0, out[-4000:]
     assert "will install patch set" in out, out[-4000:]
