@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--json", type=Path, dest="json_path", help="write results as JSON")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
+    p.add_argument(
+        "--swap-within", type=int, metavar="SECONDS",
+        help="also compare each host's live IPVS table with its last module swap's record, "
+        "if that swap finished less than SECONDS ago (as the rollout gate does)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -52,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong before touching a host is checked first: exit 2, one line.
     waivers = load_waivers(args.waivers) if args.waivers else []
     open_session(args.inventory, args.limit, args.policy)
-    results, wall = run_checks(args.inventory, args.limit, args.policy)
+    extra = [] if args.swap_within is None else ["--swap-within", str(args.swap_within)]
+    results, wall = run_checks(args.inventory, args.limit, args.policy, extra_args=extra)
     check_names(waivers, {r.check for r in results})
     unused = apply_waivers(results, waivers)
     write_outputs(
