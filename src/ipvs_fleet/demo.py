@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
           "--json", str(reports / "checks.json"), "--report", str(reports / "checks.md")]),
         ("probe", "Reuse scenario on the canary (kube-proxy style INVALID-drop rule, knob=1)",
          [cli, "probe", "scenario", "--host", "k8s-canary", "--rule", "drop", "--knob", "1",
-          "--scenarios", "A=50,B=20", "--conntrack", "-o", str(reports / "probe.json")]),
+          "--scenarios", "A=50,B=20", "--conntrack", "--json", str(reports / "probe.json")]),
     ]  # fmt: skip
     results: dict[str, tuple[int, float]] = {}
     for key, title, cmd in plan:

@@ -1,13 +1,13 @@
-"""`ipvs-fleet build`: build the patched IPVS module set for the pinned Debian kernels.
+"""ipvs-fleet build: build the patched IPVS module set for the pinned Debian kernels.
 
-**Example:**
+Examples:
 
     ipvs-fleet build --release bookworm --out artifacts/
     ipvs-fleet build --all-lab --out artifacts/
     ipvs-fleet build --kernel-release 6.1.0-56-cloud-amd64 --release bookworm
     ipvs-fleet build --release bookworm --dkms dkms/
 
-The kernels are the locked pins (`ipvs-fleet pins show`); a pin the archive no longer has is
+The kernels are the locked pins (see: ipvs-fleet pins show); a pin the archive no longer has is
 replaced by the release's newest kernel with a warning, or is an error with --strict-pins.
 """
 
@@ -74,7 +74,7 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--release", help="Debian release (bullseye, bookworm, trixie)")
-    p.add_argument("--kernel-release", help="`uname -r` to build for (default: the pinned one)")
+    p.add_argument("--kernel-release", help="uname -r to build for (default: the pinned one)")
     p.add_argument(
         "--source-version",
         help="Debian package version of that kernel's headers/linux-source "
@@ -97,6 +97,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--dkms", metavar="DIR", help="also write the DKMS source tree under DIR")
     p.add_argument(
-        "--dkms-test", action="store_true", help="and run `dkms build` of it in the builder root"
+        "--dkms-test", action="store_true", help="and run 'dkms build' of it in the builder root"
     )
     p.set_defaults(func=run)
