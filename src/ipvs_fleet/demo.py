@@ -21,7 +21,8 @@ from pathlib import Path
 from ipvs_fleet.resources import workdir
 
 STEPS = ("lab", "build", "rollout", "check", "probe")
-# Steps that run at the same time (their output lines prefixed with the step's name).
+# Steps that run at the same time (their output lines prefixed with the step's name:
+# `lab up` marks its own lines [lab] already).
 TOGETHER = ("lab", "build")
 
 Step = tuple[str, str, list[str]]  # key, title, command
@@ -42,17 +43,17 @@ def _relay(key: str, proc: subprocess.Popen[str], started: float,
     with proc:  # closes the pipe
         assert proc.stdout is not None
         for line in proc.stdout:
-            print(f"    [{key}] {line.rstrip()}", flush=True)
+            print(f"    {key:<5} | {line.rstrip()}", flush=True)
     rc = proc.returncode
     out[key] = (rc, time.monotonic() - started)
-    print(f"    [{key}] {'ok' if rc == 0 else f'exit {rc}'} in {out[key][1]:.0f} s", flush=True)
+    print(f"    {key:<5} | {'ok' if rc == 0 else f'exit {rc}'} in {out[key][1]:.0f} s", flush=True)
 
 
 def run_together(steps: list[Step], env: dict[str, str]) -> dict[str, tuple[int, float]]:
     """Run the steps' commands at the same time; (exit code, seconds) of each."""
     print("\n==> " + "; at the same time: ".join(title for _, title, _ in steps), flush=True)
     for key, _, cmd in steps:
-        print(f"    [{key}] $ {' '.join(cmd)}", flush=True)
+        print(f"    {key:<5} | $ {' '.join(cmd)}", flush=True)
     out: dict[str, tuple[int, float]] = {}
     threads = []
     for key, _, cmd in steps:

@@ -57,7 +57,7 @@ def test_lab_boot_and_module_build_overlap_then_the_rest_follows(
     assert s["rollout"][0] >= max(s["lab"][1], s["build"][1]), s
     assert s["check"][0] >= s["rollout"][1] and s["probe"][0] >= s["check"][1], s
     out = capsys.readouterr().out
-    assert "    [lab] lab line of output" in out and "    [build] build line of output" in out
+    assert "    lab   | lab line of output" in out and "    build | build line of output" in out
     assert "total" in out
 
 
