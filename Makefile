@@ -74,6 +74,7 @@ test: deps venv lint
 test-dkms: deps venv
 	$(BIN)/pytest -m dkms tests/lab/test_dkms.py
 
+# The demo boots the lab while it builds the modules (ipvs_fleet/demo.py), as `test` does.
 demo: deps venv
 	$(BIN)/ipvs-fleet demo
 

@@ -24,6 +24,7 @@ LAB_ORDER = [
     "test_preview.py",
     "test_lockdown.py",
     "test_checks.py",
+    "test_ci_examples.py",
     "test_ansible.py",
     "test_sudo.py",
     "test_rollout_lab.py",

@@ -160,7 +160,7 @@ def test_pins_update_shows_old_to_new_and_writes_the_lock(
     archive.remove(OLD["bookworm"])
     lock = debian.lock_path()
     before = lock.read_text()
-    assert cli.main(["pins", "update", "--dry-run"]) == 0
+    assert cli.main(["pins", "update", "--dry"]) == 0
     out = capsys.readouterr().out
     assert lock.read_text() == before
     assert "bookworm  6.1.0-56-cloud-amd64 6.1.192-2 -> 6.1.0-57-cloud-amd64 6.1.193-1" in out

@@ -18,6 +18,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,7 @@ def build_for(
     patches: list[Path] | None = None,
     force: bool = False,
     log_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Build (or reuse the cached) module artifact for one pinned kernel.
 
@@ -252,26 +254,34 @@ def build_for(
     + patches: override the series (tests); default `kernel.series(pin.line, variant)`
     + force: rebuild even if a matching artifact exists
     + log_dir: where build logs go (default: next to the artifact)
+    + progress: called with each step's name as it starts (the build takes minutes)
     """
+    step = progress or (lambda _: None)
     files = patches if patches is not None else kernel.series(pin.line, variant)
     phash = kernel.patchset_hash(files)
     dest = artifact_dir(Path(out_dir), pin.kernel_release, variant)
     if not force and (hit := _cached(dest, pin, phash)):
+        step("cached: same kernel, source version and patch set")
         return hit
     started = time.monotonic()
     logs = Path(log_dir or Path(out_dir) / "logs")
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{pin.kernel_release}{'.' + variant if variant else ''}.log"
     log.write_text("")
+    step(f"builder root of {pin.release} (made once, then reused)")
     root = builder_root(pin, log=logs / f"builder-{pin.release}.log")
     work = Path(tempfile.mkdtemp(prefix="ipvs-build-", dir=root / "tmp"))
     staging = Path(out_dir) / f".{pin.kernel_release}.partial-{os.getpid()}"
     try:
+        step(f"extracting the IPVS sources of linux-source {pin.version}")
         src = extract_sources(pin, root, work / "src")
+        step(f"applying {len(files)} patches")
         apply_series(files, src.top)
         sid = kernel.set_id(files, variant)
         _kbuild_extras(src.moddir, sid)
+        step(f"compiling the modules (log {log})")
         kos = compile_modules(pin, root, src, log)
+        step(f"checking and packing {len(kos)} modules")
         vermagic = _modinfo(root, kos[0], "vermagic")
         if not vermagic.startswith(pin.kernel_release + " "):
             raise FleetError(f"vermagic {vermagic!r} does not match {pin.kernel_release}")

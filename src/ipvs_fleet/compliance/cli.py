@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ipvs_fleet.cliopts import add_json
 from ipvs_fleet.compliance.model import ERROR, exit_code
 from ipvs_fleet.compliance.render import summary, write_outputs
 from ipvs_fleet.compliance.runner import run_checks
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--limit", action="append", help="hosts or groups, comma-separated")
     p.add_argument("--policy", type=Path, help="host-class policy file (default: the role's)")
     p.add_argument("--junitxml", type=Path, help="write JUnit XML (a testcase per host/check)")
-    p.add_argument("--json", type=Path, dest="json_path", help="write results as JSON")
+    add_json(p, "write results as JSON", dest="json_path")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
     p.add_argument(
