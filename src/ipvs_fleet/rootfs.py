@@ -24,9 +24,16 @@ def sources(release: str) -> list[str]:
     return [f"deb {mirror} {suite} main" for mirror, suite in suites(release)]
 
 
+def aptopt(option: str) -> str:
+    """`Name=value` as an mmdebstrap --aptopt in apt.conf syntax (`Name "value"`): apt reads a
+    bare `Name=value;` as a list item of a key of that name, i.e. ignores it."""
+    name, _, value = option.partition("=")
+    return f'--aptopt={name} "{value}"'
+
+
 def apt_options(release: str) -> list[str]:
     """mmdebstrap options for the release's extra apt options (kept in the root's apt.conf.d)."""
-    return [f"--aptopt={o}" for o in RELEASE_INFO[check_release(release)].apt_options]
+    return [aptopt(o) for o in RELEASE_INFO[check_release(release)].apt_options]
 
 
 def root_key(release: str, packages: Sequence[str], extra: str = "") -> str:
@@ -65,7 +72,7 @@ def make_root(
         "--mode=root",
         "--format=directory",
         "--skip=check/empty",
-        "--aptopt=Acquire::Retries=3",
+        aptopt("Acquire::Retries=3"),
         *apt_options(release),
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
