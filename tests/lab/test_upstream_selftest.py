@@ -104,6 +104,7 @@ def selftest_tar(pin: KernelPin, tmp_path_factory: pytest.TempPathFactory) -> by
         + [prefix + m for m in MEMBERS],
         check=True,
         capture_output=True,
+        timeout=600,
     )
     apply_series([selftest_patch()], top)  # FleetError naming the hunk if it does not apply
     buf = io.BytesIO()
