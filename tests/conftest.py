@@ -19,6 +19,7 @@ LAB_ORDER = [
     "test_lab.py",
     "test_modules.py",
     "test_reuse.py",
+    "test_upstream_selftest.py",
     "test_deploy.py",
     "test_activation_faults.py",
     "test_preview.py",

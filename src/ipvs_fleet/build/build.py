@@ -41,7 +41,14 @@ from ipvs_fleet.debian import (
 )
 from ipvs_fleet.errors import ConfigError, FleetError
 
-MEMBERS = ["net/netfilter/ipvs", "net/netfilter/xt_ipvs.c", "include/net/ip_vs.h"]
+# The upstream series (variant `upstream`) also documents its sysctl: the file is extracted
+# so that its patch applies whole.
+MEMBERS = [
+    "net/netfilter/ipvs",
+    "net/netfilter/xt_ipvs.c",
+    "include/net/ip_vs.h",
+    "Documentation/networking/ipvs-sysctl.rst",
+]
 ID_HEADER = "ipvs_fleet_id.h"
 
 
@@ -154,13 +161,28 @@ def _kbuild_extras(moddir: Path, set_id: str) -> None:
     (moddir / "Makefile").write_text(makefile + "\n".join(extra) + "\n")
 
 
+# chroot with /proc mounted in a private mount namespace (gone with the command, even when
+# it is killed): 7.2's objtool reads /proc while linking the modules.
+IN_ROOT = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    "sh",
+    "-c",
+    'root=$1; shift; mount -t proc proc "$root/proc" && exec chroot "$root" "$@"',
+    "in-root",
+]
+
+
 def _chroot(root: Path, cmd: list[str], log: Path) -> None:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         r = subprocess.run(
-            ["chroot", str(root), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env
+            [*IN_ROOT, str(root), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     if r.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
@@ -250,7 +272,8 @@ def build_for(
 
     + pin: the kernel (release, kernel release, package version)
     + out_dir: artifacts folder; the artifact lands in `out_dir/<kernel_release>/`
-    + variant: test-only build variant (`dislocated`), stored under `out_dir/variants/`
+    + variant: test-only build variant (`dislocated`, `retrack`, `upstream`), stored under
+      `out_dir/variants/`
     + patches: override the series (tests); default `kernel.series(pin.line, variant)`
     + force: rebuild even if a matching artifact exists
     + log_dir: where build logs go (default: next to the artifact)

@@ -4,6 +4,7 @@ Examples:
 
     ipvs-fleet build --release bookworm --out artifacts/
     ipvs-fleet build --all-lab --out artifacts/
+    IPVS_FLEET_FLEET=lab/fleet-7.2.yml ipvs-fleet build --all-lab --out artifacts/
     ipvs-fleet build --kernel-release 6.1.0-56-cloud-amd64 --release bookworm
     ipvs-fleet build --release bookworm --dkms dkms/
 
@@ -36,7 +37,9 @@ def targets(args: argparse.Namespace) -> list[KernelPin]:
     from ipvs_fleet.build.build import pin_for
 
     if args.all_lab:
-        return [pinned_kernel(r) for r in RELEASES]
+        from ipvs_fleet.lab.fleet import load_fleet
+
+        return [pinned_kernel(r) for r in load_fleet().releases()]
     if not args.release:
         raise ConfigError("name a target: --release R [--kernel-release K], or --all-lab")
     check_release(args.release, "--release")
@@ -82,20 +85,25 @@ def add_parser(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--release", help="Debian release (bullseye, bookworm, trixie)")
+    p.add_argument("--release", help=f"Debian release ({', '.join(RELEASES)})")
     p.add_argument("--kernel-release", help="uname -r to build for (default: the pinned one)")
     p.add_argument(
         "--source-version",
         help="Debian package version of that kernel's headers/linux-source "
         "(needed when --kernel-release is not the release's pinned kernel)",
     )
-    p.add_argument("--all-lab", action="store_true", help="the pinned kernel of every release")
+    p.add_argument(
+        "--all-lab",
+        action="store_true",
+        help="the pinned kernel of every release the lab fleet boots "
+        "($IPVS_FLEET_FLEET, else lab/fleet.yml)",
+    )
     p.add_argument("--out", default="artifacts", help="artifacts folder (default: artifacts)")
     p.add_argument(
         "--variant",
         choices=list(kernel.VARIANTS),
         help="test-only variant (dislocated: the seed's sysctl-table bug; retrack: the 1.x "
-        "reuse design); never deploy it",
+        "reuse design; upstream: the upstream series, 7.2 only); never deploy it",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument(
