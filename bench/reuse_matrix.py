@@ -176,8 +176,9 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
     t = ["# Reuse results: the 1-second drop under the rulesets Kubernetes nodes run",
          "",
          f"Measured by `bench/reuse_matrix.py` in lab VMs (QEMU TCG, real Debian cloud "
-         f"kernels), {time.strftime('%Y-%m-%d')}, {elapsed / 60:.0f} min in all (this "
-         "run). Cells (ruleset / iptables backend / client / family) and "
+         f"kernels); rendered {time.strftime('%Y-%m-%d')} from the JSON of the runs in "
+         f"`{rel}` (the last run: {elapsed / 60:.0f} min). Cells (ruleset / iptables "
+         "backend / client / family) and "
          "scenarios: `src/ipvs_fleet/probe/scenario.py`; every cell has the INVALID-drop "
          "rule. Each entry: slow (connect >= 900 ms) / failed of attempts of the same-port "
          "reconnect. U: UDP to a removed real server, slow = needed the 1 s retry.",
