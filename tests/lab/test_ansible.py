@@ -140,6 +140,7 @@ def test_second_ansible_run_changes_nothing(lab, ansible_converged, playbook):
     assert {h: r["changed"] for h, r in got.items()} == dict.fromkeys(lab.hosts, 0), out[-4000:]
 
 
+@pytest.mark.slow  # ~50 s; make test compares the Ansible path's hosts with pyinfra's state
 def test_checks_pass_after_the_ansible_path(lab, ansible_converged, deployer, tmp_path):
     env = dict(deployer.env, IPVS_FLEET_ANSIBLE_INVENTORY=str(playbook_inventory(tmp_path, lab)))
     r = subprocess.run(
@@ -153,6 +154,7 @@ def playbook_inventory(tmp_path: Path, lab) -> Path:
     return write_lab_inventory(lab, tmp_path / "lab.ansible.yml", user=ANSIBLE_USER)
 
 
+@pytest.mark.slow  # ~50 s: make test-full
 def test_pyinfra_reads_the_ansible_inventory(lab, ansible_converged, deployer, tmp_path):
     """The pyinfra deploy, driven by the Ansible inventory, sees nothing left to do."""
     env = dict(os.environ, **deployer.env)

@@ -131,6 +131,7 @@ def test_github_actions_example_runs_and_its_junit_passes(
         assert_junit_passes(repo / junit, lab)
 
 
+@pytest.mark.slow  # ~80 s; the GitHub example runs in make test, the same commands
 def test_gitlab_ci_example_runs_and_its_junit_passes(
     converged: Lab, wheel: Path, tmp_path: Path
 ) -> None:

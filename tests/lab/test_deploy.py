@@ -143,6 +143,7 @@ def test_reload_keeps_the_service_table_and_rollback_restores_stock(
         lab.run(host, "ipvsadm -D -t 10.99.0.2:80", check=False)
 
 
+@pytest.mark.slow  # every host reboots under TCG (~4.5 min in CI): make test-full
 def test_a_taint_fails_its_check_and_a_reboot_keeps_the_rest(lab, artifacts, checker):
     """A taint bit the modules do not cause (U: root wrote /proc/sys/kernel/tainted) fails
     the taint check, and only it, naming the bit; a taint clears only at boot. Then every
