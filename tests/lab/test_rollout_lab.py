@@ -44,6 +44,7 @@ def inventory_with(lab, path: Path, host: str, data: dict[str, object]) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~80 s; make test halts a rollout at the canary's gate on the table check
 def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts, tmp_path):  # type: ignore[no-untyped-def]
     canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
     others = [n for n in lab.hosts if n != canary]
