@@ -221,3 +221,32 @@ def test_docs_variables_are_generated_from_the_defaults():
     from ipvs_fleet.policy import HOST_KEYS
 
     assert set(mod.HOST_DATA) == HOST_KEYS  # the host data table names every policy key
+
+
+def test_lock_preamble_is_the_pyinfra_one():
+    """One host-lock text for both engines: the filter returns what `locked()` builds."""
+    from ipvs_fleet.deploy.operations import lock_preamble, locked
+
+    for what, wait in (("install (ansible)", 30), ("configure (ansible)", 5)):
+        text = F.locked(what, wait)
+        assert text == lock_preamble(what, wait).get_raw_value()
+        assert locked(what, wait, "true").get_raw_value() == f"{text} && true"
+        assert f"flock -w {wait} 9" in text and f"ipvs-fleet {what}, pid $$" in text
+    r = subprocess.run(["sh", "-n", "-c", F.locked("install (ansible)", "30") + "\ntrue"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_every_task_that_changes_the_ipvs_state_takes_the_lock_through_the_filter():
+    """Install, configure (files and live sysctls) and rollback take the host lock, as the
+    pyinfra operations do; the preamble is written nowhere in the role but the filter."""
+    tasks = REPO / "roles" / "ipvs_fleet" / "tasks"
+    users = {p.name for p in tasks.glob("*.yml") if "ipvs_fleet_locked(" in p.read_text()}
+    assert users == {"install.yml", "configure.yml", "sysctls.yml", "rollback.yml"}
+    assert not [p.name for p in tasks.glob("*.yml") if "flock" in p.read_text()]
+    configure = (tasks / "configure.yml").read_text()
+    # the managed files are uploaded beside the state, never written in place
+    assert "dest: \"{{ __ipvs_fleet_staged_path }}\"" in configure
+    assert "item.path | ipvs_fleet_staging_path(__ipvs_fleet_token)" in configure
+    assert "dest: \"{{ item.path }}\"" not in configure
+

@@ -36,9 +36,13 @@ from ipvs_fleet.deploy.facts import (
 )
 from ipvs_fleet.deploy.operations import (
     MANAGED_FILES,
+    STALE_STAGING,
     STATE_DIR,
     backup_path,
     is_current,
+    lock_preamble,
+    staging_path,
+    swap_in,
     verification_problems,
 )
 from ipvs_fleet.deploy.plan import decide
@@ -171,6 +175,7 @@ def plan(
         "usage": hp.usage,
         "updates_dir": updates_dir(kernel),
         "state_dir": STATE_DIR,
+        "stale_staging": STALE_STAGING,
     }
 
 
@@ -251,6 +256,12 @@ def rollback_plan(
     }
 
 
+def locked(what: str, wait: int) -> str:
+    """The host-lock preamble of the pyinfra `locked()` (operations.lock_preamble), as text:
+    a task's shell script continues it with `&&` or on the next line under `set -e`."""
+    return str(lock_preamble(what, int(wait)).get_raw_value())
+
+
 class FilterModule:
     """Ansible's entry point for the role's filters."""
 
@@ -260,4 +271,7 @@ class FilterModule:
             "ipvs_fleet_plan": plan,
             "ipvs_fleet_state": state,
             "ipvs_fleet_rollback_plan": rollback_plan,
+            "ipvs_fleet_locked": locked,
+            "ipvs_fleet_swap_in": swap_in,
+            "ipvs_fleet_staging_path": staging_path,
         }
