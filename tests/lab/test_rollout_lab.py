@@ -131,6 +131,7 @@ def test_a_table_changed_during_the_step_fails_the_gate_naming_the_lines(  # typ
         lab.run(canary, "ipvsadm -D -t 10.97.0.2:80", check=False)
 
 
+@pytest.mark.slow  # ~165 s in CI; make test-full (with the resume)
 def test_a_host_frozen_mid_swap_fails_within_its_timeout_and_a_resume_completes(  # type: ignore[no-untyped-def]
     lab, artifacts, deployer, tmp_path
 ):
