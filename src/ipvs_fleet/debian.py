@@ -53,6 +53,7 @@ class Release:
     line: str
     suites: tuple[str, ...] = SUITE_KINDS  # kinds from SUITE_KINDS
     apt_options: tuple[str, ...] = ()
+    lab_packages: tuple[str, ...] = ()  # what its lab images need beyond LAB_PACKAGES
 
 
 def load_releases(path: Path = RELEASES_FILE) -> dict[str, Release]:
@@ -72,7 +73,7 @@ def load_releases(path: Path = RELEASES_FILE) -> dict[str, Release]:
         # a string: YAML reads an unquoted 5.10 as the float 5.1
         if not isinstance(line, str) or not re.fullmatch(r"\d+\.\d+", line):
             raise ConfigError(f"{where}: needs `line: \"X.Y\"` (a kernel line, quoted)")
-        unknown = set(spec) - {"line", "suites", "apt_options"}
+        unknown = set(spec) - {"line", "suites", "apt_options", "lab_packages"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         kinds = spec.get("suites", list(SUITE_KINDS))
@@ -81,7 +82,10 @@ def load_releases(path: Path = RELEASES_FILE) -> dict[str, Release]:
         opts = spec.get("apt_options", [])
         if not isinstance(opts, list) or not all(isinstance(o, str) and "=" in o for o in opts):
             raise ConfigError(f"{where}.apt_options: a list of `Name=value` strings")
-        out[str(name)] = Release(str(name), line, tuple(kinds), tuple(opts))
+        lab = spec.get("lab_packages", [])
+        if not isinstance(lab, list) or not all(isinstance(p, str) and p for p in lab):
+            raise ConfigError(f"{where}.lab_packages: a list of Debian package names")
+        out[str(name)] = Release(str(name), line, tuple(kinds), tuple(opts), tuple(lab))
     lines = [r.line for r in out.values()]
     if len(set(lines)) != len(lines):
         raise ConfigError(f"{path}: two releases share a kernel line: {lines}")

@@ -326,6 +326,21 @@ def test_releases_file_gives_each_release_its_line_suites_and_apt_options() -> N
     assert rootfs.apt_options("bookworm") == []
 
 
+def test_sid_images_carry_mount_the_stable_ones_are_unchanged() -> None:
+    """sid's required set has no `mount`: its lab images add it (releases.yml lab_packages),
+    and only its: a stable release's image key stays what it was."""
+    from ipvs_fleet.lab import image
+
+    sid = debian.locked_pin("sid")
+    assert "mount" in image.image_packages(sid)
+    assert image.image_packages(sid).count("mount") == 1
+    assert "mount" in image.image_packages(sid, [*image.LAB_PACKAGES, "socat"])
+    for release in ("bullseye", "bookworm", "trixie"):
+        pin = debian.locked_pin(release)
+        assert image.image_packages(pin) == [*image.LAB_PACKAGES,
+                                             f"{pin.image_package}={pin.version}"]
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
@@ -333,6 +348,7 @@ def test_releases_file_gives_each_release_its_line_suites_and_apt_options() -> N
         ("sid: {line: '7.2', suites: [release, backports]}\n", "sid.suites"),
         ("sid: {line: '7.2', apt_options: [Check-Valid-Until]}\n", "sid.apt_options"),
         ("sid: {line: '7.2', codename: unstable}\n", "unknown keys"),
+        ("sid: {line: '7.2', lab_packages: mount}\n", "sid.lab_packages"),
         ("a: {line: '7.2'}\nb: {line: '7.2'}\n", "two releases share a kernel line"),
         ("- sid\n", "expected a mapping"),
     ],

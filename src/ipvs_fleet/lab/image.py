@@ -225,9 +225,12 @@ def _chroot(root: Path, *cmd: str) -> None:
 def image_packages(
     pin: KernelPin, packages: Sequence[str] | None = None, build_tools: bool = False
 ) -> list[str]:
-    """The package list of an image: LAB_PACKAGES (or `packages`), the pinned kernel, and
-    with build_tools what a builder root has."""
-    pkgs = [*(LAB_PACKAGES if packages is None else packages), f"{pin.image_package}={pin.version}"]
+    """The package list of an image: LAB_PACKAGES (or `packages`), the release's own
+    `lab_packages` (kernel/releases.yml), the pinned kernel, and with build_tools what a
+    builder root has."""
+    pkgs = list(LAB_PACKAGES if packages is None else packages)
+    pkgs += [p for p in debian.RELEASE_INFO[pin.release].lab_packages if p not in pkgs]
+    pkgs.append(f"{pin.image_package}={pin.version}")
     if build_tools:
         from ipvs_fleet.build.builder import builder_packages
 
