@@ -168,6 +168,22 @@ def test_parse_conntrack_lines() -> None:
     assert entries[1]["orig"]["sport"] == "10002" and entries[1]["reply"]["src"] == "10.10.2.2"
 
 
+# /proc/net/ip_vs_conn as 7.2 prints it (6.12 the same columns): ports in hex
+IPVS_CONN = """\
+Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData
+TCP 0A0A0102 2710 0A0A0901 1F90 0A0A0202 1F90 ESTABLISHED     899
+UDP 0A0A0102 2710 0A0A0901 0035 0A0A0302 0035 UDP             298
+TCP 0A0A0102 2711 0A0A0901 1F90 0A0A0302 1F90 TIME_WAIT         1
+"""
+
+
+def test_ipvs_conns_from_port_counts_tcp_rows_of_that_client_port() -> None:
+    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10000) == 1  # the UDP row is not counted
+    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10001) == 1
+    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10002) == 0
+    assert scenario.ipvs_conns_from_port(IPVS_CONN.splitlines()[0], 10000) == 0
+
+
 def test_conntrack_view_consistent_after_reuse() -> None:
     v = scenario.conntrack_view(scenario.parse_conntrack(CT_LINES), "10.10.1.2", 10001,
                                 "10.10.3.2")

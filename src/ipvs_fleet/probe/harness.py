@@ -63,6 +63,10 @@ class Plan:
       flushes its connections (and their conntrack entries) within milliseconds: B2 and U
       see the stock drop only while racing it (settle 0); kube-proxy deletes endpoints long
       before a client's next packet, which `settle` of a few tenths of a second models
+    + hold_flush: B2 deletes the server with `expire_nodest_conn` 0 around the deletion, so
+      no flush is queued and the reconnect meets the old connection every time (on every
+      line: whether a racing reconnect wins depends on how fast the kernel's flush runs,
+      see tests/lab/test_reuse.py); the result counts `old_conn_met` per attempt
     """
 
     rule: str = "drop"
@@ -78,6 +82,7 @@ class Plan:
     client: str = "outside"
     family: int = 4
     settle: float = 0.0
+    hold_flush: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in ("drop", "accept"):
@@ -238,6 +243,8 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "moved": r.get("moved"),
             "syn_retrans": r.get("syn_retrans_delta"),
         }
+        if r.get("flush_held"):
+            rows[name]["old_conn_met"] = r.get("old_conn_met")
         if "peer_sources" in r:
             rows[name].update(new_conns=r.get("new_conns"), rule_counters=r.get("rule_counters"),
                               peer_sources=r["peer_sources"], masq=masq,

@@ -978,6 +978,12 @@ class IpvsControl:
             self.nl.close()
 
 
+def ipvs_conns_from_port(text: str, port: int) -> int:
+    """TCP rows of /proc/net/ip_vs_conn whose client port (FPrt, 4 hex digits) is `port`."""
+    rows = [line.split() for line in text.splitlines()[1:]]
+    return sum(1 for r in rows if len(r) > 2 and r[0] == "TCP" and int(r[2], 16) == port)
+
+
 # --- conntrack ------------------------------------------------------------------------------
 
 
@@ -1311,6 +1317,32 @@ class Topology:
         for svc in self._each(proto):
             self.ipvs.add(svc, self.lay.real_servers[server], self._rport(proto), 1)
 
+    def remove_server_flush_held(self, server: str) -> None:
+        """Delete a TCP real server without queueing IPVS's flush of its connections.
+
+        The kernel (5.9+, 04231e52d355) queues that flush only when `expire_nodest_conn` is 1
+        at the deletion; a packet's own check reads it on arrival. So: 0 around the deletion,
+        then the director's value back: the old connection stays until a packet meets it,
+        as any packet does that arrives before the flush has run.
+        """
+        value = self.sysctls["expire_nodest_conn"]
+        self.set_vs_sysctl("expire_nodest_conn", 0)
+        try:
+            self.remove_server(server)
+        finally:
+            self.set_vs_sysctl("expire_nodest_conn", value)
+
+    def set_vs_sysctl(self, key: str, value: int) -> None:
+        """net.ipv4.vs.<key> of the director netns (no fork: setns in this thread)."""
+        with in_netns(netns_path(self.ns["d"])), open(f"/proc/sys/net/ipv4/vs/{key}", "w") as f:
+            f.write(f"{value}\n")
+
+    def ipvs_conns_from_port(self, port: int) -> int:
+        """How many TCP connections in the director's IPVS table come from source port
+        `port` (thread-self: /proc/net is the thread group leader's netns)."""
+        with in_netns(netns_path(self.ns["d"])), open("/proc/thread-self/net/ip_vs_conn") as f:
+            return ipvs_conns_from_port(f.read(), port)
+
     def counters(self) -> dict[str, int]:
         """Packet counts of the watched rules (counter_specs) in the director netns."""
         text = sh(f"ip netns exec {self.ns['d']} {self.save_cmd} -c")
@@ -1342,12 +1374,17 @@ class Topology:
 
 
 def run_scenario(topo: Topology, name: str, count: int, timeout: float,
-                 deadline: float, settle: float = 0.0) -> dict[str, Any]:
+                 deadline: float, settle: float = 0.0,
+                 hold_flush: bool = False) -> dict[str, Any]:
     """`count` attempts of one scenario; the measured connect is the same-port reconnect.
 
     + settle: seconds between the real-server edit of B/B2 and the reconnect (0: at once,
       as earlier results were measured; on 5.9+ a deleted destination's connections are
       flushed by work queued at the deletion, so B2's drop needs the reconnect to race it)
+    + hold_flush: B2 deletes the server without queueing that flush
+      (`Topology.remove_server_flush_held`), so the reconnect meets the old connection
+      every time instead of racing the flush; `old_conn_met` counts the attempts whose old
+      connection was still in the IPVS table right before the reconnect
     """
     lay = topo.lay
     dst, dport = lay.target.vip, lay.target.port
@@ -1358,7 +1395,8 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
     report = probe.Report(hostport(dst, dport))
     report.retrans_before = netstat_synretrans()
     end = time.monotonic() + deadline
-    setup_errors = moved = stale = 0
+    setup_errors = moved = stale = old_met = 0
+    held = hold_flush and name == "B2"
     for i in range(count):
         if time.monotonic() > end:
             report.extra["stopped"] = f"deadline of {deadline} s reached"
@@ -1371,6 +1409,9 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
             continue
         if name == "B":
             topo.set_weight(first.server, 0)
+        elif held:
+            topo.remove_server_flush_held(first.server)
+            old_met += topo.ipvs_conns_from_port(src[1]) > 0
         elif name == "B2":
             topo.remove_server(first.server)
         if settle and name in ("B", "B2"):
@@ -1389,7 +1430,8 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
     res = report.result()
     res["syn_retrans_delta"] = _delta(report.retrans_before, netstat_synretrans())
     res.update(scenario=name, setup_errors=setup_errors, moved=moved,
-               answered_by_live=res["ok"] - stale, stale_answers=stale, settle_s=settle)
+               answered_by_live=res["ok"] - stale, stale_answers=stale, settle_s=settle,
+               flush_held=held, old_conn_met=old_met if held else None)
     res.update(peer_summary(lay, report.attempts))
     return res
 
@@ -1605,6 +1647,7 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
     timeout = float(plan.get("timeout", 5))
     deadline = float(plan.get("deadline", 600))
     settle = float(plan.get("settle", 0.0))
+    hold_flush = bool(plan.get("hold_flush", False))
     topo = Topology(cell, plan.get("knob"), float(plan.get("hold", 10)),
                     plan.get("ipvs_edits", "sockopt"))
     out: dict[str, Any] = {"plan": plan, "modules": module_status(), "run_id": topo.rid,
@@ -1624,7 +1667,8 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
                 if name == "U":
                     res = run_udp(topo, int(count), timeout, left, settle)
                 else:
-                    res = run_scenario(topo, name, int(count), timeout, left, settle)
+                    res = run_scenario(topo, name, int(count), timeout, left, settle,
+                                       hold_flush)
                 res["rule_counters"] = _counter_delta(before, topo.counters())
                 res["new_conns"] = res["rule_counters"].get("new")
                 out["scenarios"][name] = res
