@@ -89,7 +89,7 @@ test-7.2: deps venv lint
 	  if [ $$up -ne 0 ] || [ $$built -ne 0 ]; then \
 	    $(BIN)/ipvs-fleet lab --lab-dir $(LAB_72) down; exit 1; fi; \
 	  IPVS_FLEET_TEST_LAB_DIR=$(LAB_72) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
-	    $(BIN)/pytest -m 'lab and not slow' $(TESTS_72); rc=$$?; \
+	    $(BIN)/pytest -m 'lab and not slow' --junitxml=reports/test-7.2-junit.xml $(TESTS_72); rc=$$?; \
 	  $(BIN)/ipvs-fleet lab --lab-dir $(LAB_72) down; exit $$rc
 
 # Build mode on a VM of its own (image with dkms, gcc, headers, linux-source; the DKMS build
