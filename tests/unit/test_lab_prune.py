@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.debian import KernelPin
+from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.lab import image
 from tests.fixtures.pins import FakeArchive
 
@@ -106,3 +107,38 @@ def test_a_vanished_pin_keeps_the_locked_and_the_newest_image(
     older = fake_image(cache, "bookworm-6.1.0-55-cloud-amd64-444444444444", bw)
     assert {p.name for p, _ in image.prune_images()} == {older.name, older.name + ".lock"}
     assert locked.exists() and newest.exists() and tools.exists()
+
+
+def fleet_image(pin: KernelPin, packages: tuple[str, ...], build_tools: bool = False) -> str:
+    """The key of the image a fleet host with these extra packages boots."""
+    return image.image_key(pin, image.image_packages(
+        pin, [*image.LAB_PACKAGES, *packages] if packages else None, build_tools))
+
+
+def test_keeps_the_images_of_every_lab_fleet_file_and_of_the_fleet_in_use(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """lab/fleet-7.2.yml's sid image (socat, nftables) is kept though lab/fleet.yml has no
+    sid host, and so is the image of $IPVS_FLEET_FLEET's host; a superseded one goes."""
+    sid, bw = PINS["sid"], PINS["bookworm"]
+    sid_fleet = fake_image(cache, fleet_image(sid, ("nftables", "socat")), sid)
+    mine = tmp_path / "fleet.yml"
+    mine.write_text("hosts:\n  x:\n    release: bookworm\n    host_class: k8s_node\n"
+                    "    packages: [socat]\n    build_tools: true\n")
+    monkeypatch.setenv("IPVS_FLEET_FLEET", str(mine))
+    own = fake_image(cache, fleet_image(bw, ("socat",), build_tools=True), bw)
+    old = fake_image(cache, "sid-7.2.12+deb14-cloud-amd64-555555555555", sid)
+    assert {p.name for p, _ in image.prune_images()} == {old.name, old.name + ".lock"}
+    assert sid_fleet.exists() and own.exists()
+
+
+def test_a_broken_fleet_file_removes_nothing(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    old = fake_image(cache, "sid-7.2.12+deb14-cloud-amd64-555555555555", PINS["sid"])
+    bad = tmp_path / "fleet.yml"
+    bad.write_text("hosts:\n  x:\n    release: potato\n    host_class: k8s_node\n")
+    monkeypatch.setenv("IPVS_FLEET_FLEET", str(bad))
+    with pytest.raises(ConfigError, match="potato"):
+        image.prune_images()
+    assert old.exists()

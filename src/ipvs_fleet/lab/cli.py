@@ -38,7 +38,8 @@ def add_parser(subparsers: Any) -> None:
     status = sub.add_parser("status", help="state of each VM; exit 1 if one died")
     status.set_defaults(func=_status)
     prune = sub.add_parser(
-        "prune", help="remove cached images no current pin uses (running VMs' images stay)"
+        "prune", help="remove cached images no current pin and fleet file use (running VMs' "
+        "images stay)"
     )
     add_dry(prune, "only list them", old=("-n", "--dry-run"))
     prune.set_defaults(func=_prune)
@@ -85,7 +86,8 @@ def _status(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from ipvs_fleet.lab.image import cache_dir, prune_images
 
-    removed = prune_images(dry_run=args.dry)
+    # --fleet's images stay too (the lab's own fleet files' and $IPVS_FLEET_FLEET's always do)
+    removed = prune_images(dry_run=args.dry, fleets=[args.fleet] if args.fleet else [])
     verb = "would remove" if args.dry else "removed"
     for path, why in removed:
         print(f"{verb} {path.name} ({why})")

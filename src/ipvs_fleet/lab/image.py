@@ -222,6 +222,11 @@ def _chroot(root: Path, *cmd: str) -> None:
         raise FleetError(f"image customisation `{' '.join(cmd)}` failed: {r.stderr.strip()}")
 
 
+def fleet_packages(extra: Sequence[str]) -> list[str] | None:
+    """build_image's `packages` for a fleet host's own `packages` (None: LAB_PACKAGES)."""
+    return [*LAB_PACKAGES, *extra] if extra else None
+
+
 def image_packages(
     pin: KernelPin, packages: Sequence[str] | None = None, build_tools: bool = False
 ) -> list[str]:
@@ -396,17 +401,37 @@ def _being_built(image_dir: Path) -> bool:
     return False
 
 
-def prune_images(*, dry_run: bool = False) -> list[tuple[Path, str]]:
-    """Remove cached lab images that the current pins and package list no longer produce.
+def fleet_image_kinds(fleets: Sequence[Path] = ()) -> set[tuple[str, bool, tuple[str, ...]]]:
+    """(release, build_tools, packages) of every host of the lab's own fleet files (lab/*.yml:
+    lab/fleet.yml, lab/fleet-7.2.yml), of the fleet in use ($IPVS_FLEET_FLEET) and of
+    `fleets`. A file that does not load is an error (ConfigError naming it)."""
+    from ipvs_fleet.lab.fleet import fleet_path, load_fleet
+    from ipvs_fleet.resources import data_path
 
-    Kept: the images of each release's locked pin and of the kernel `build_image` uses now
-    (they differ when the archive dropped the locked one), the newest cached image of a
-    release when the mirror cannot be reached, and every image a running VM boots from.
-    Returns (path, why) of what was (or, with dry_run, would be) removed.
+    paths = [*sorted(data_path("lab").glob("*.yml")), *fleets]
+    if fleet_path().exists():  # the packaged default, or a file the user named
+        paths.append(fleet_path())
+    kinds = set()
+    for path in paths:
+        for h in load_fleet(path).hosts.values():
+            kinds.add((h.release, h.build_tools, h.packages))
+    return kinds
+
+
+def prune_images(*, dry_run: bool = False, fleets: Sequence[Path] = ()) -> list[tuple[Path, str]]:
+    """Remove cached lab images that the current pins and package lists no longer produce.
+
+    Kept: for the kernel of each release's locked pin and the one `build_image` uses now
+    (they differ when the archive dropped the locked one), the plain image, the one with
+    build tools, and the image of every host of the fleet files (`fleet_image_kinds`: a
+    release only one of them boots, sid in lab/fleet-7.2.yml, is no less in use); the newest
+    cached image of a release when the mirror cannot be reached; every image a running VM
+    boots from. Returns (path, why) of what was (or, with dry_run, would be) removed.
     """
     root = cache_dir()
     if not root.is_dir():
         return []
+    kinds = fleet_image_kinds(fleets)  # before anything goes: a bad fleet file removes nothing
     keep = set(images_in_use())
     for release in debian.RELEASES:
         pins = [locked_pin(release)]
@@ -419,6 +444,8 @@ def prune_images(*, dry_run: bool = False) -> list[tuple[Path, str]]:
         for pin in pins:
             keep.add(root / image_key(pin, image_packages(pin)))
             keep.add(root / image_key(pin, image_packages(pin, build_tools=True)))
+            for _, tools, extra in (k for k in kinds if k[0] == release):
+                keep.add(root / image_key(pin, image_packages(pin, fleet_packages(extra), tools)))
     removed: list[tuple[Path, str]] = []
     for p in sorted(root.iterdir()):
         target = p.with_suffix("") if p.suffix == ".lock" else p

@@ -33,7 +33,7 @@ from typing import Any
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab import vm
 from ipvs_fleet.lab.fleet import Fleet, load_fleet
-from ipvs_fleet.lab.image import LAB_PACKAGES, Image, build_image, seed_tar
+from ipvs_fleet.lab.image import Image, build_image, fleet_packages, seed_tar
 from ipvs_fleet.resources import data_path, workdir
 
 # What a lab image is made for: release, build tools, extra packages (the fleet file's).
@@ -419,8 +419,7 @@ class Lab:
             (logs / f"image-{label(k)}.log").unlink(missing_ok=True)  # progress shows this build's
 
         def one(kind: ImageKind) -> Image:
-            extra = [*LAB_PACKAGES, *kind[2]] if kind[2] else None
-            img = build_image(kind[0], extra, build_tools=kind[1], log=self.log,
+            img = build_image(kind[0], fleet_packages(kind[2]), build_tools=kind[1], log=self.log,
                               logfile=logs / f"image-{label(kind)}.log")  # fmt: skip
             pending.discard(kind)
             return img
