@@ -114,3 +114,24 @@ def test_kernel_code_keeps_the_stock_drop_as_the_default() -> None:
     assert added.count("return ip_vs_reinject(ipvs, skb, hooknum, af);") == 2
     assert "nf_ct_kill(ct);" in added and "nf_conntrack_in(" not in added
     assert "IPS_DST_NAT_DONE" not in added
+
+
+def stat(text: str) -> tuple[dict[str, int], int]:
+    """{path: lines changed} and the insertions total of a diffstat in `text`."""
+    files = {m[1]: int(m[2]) for m in re.finditer(r"^ (\S+)\s+\|\s+(\d+) [+-]*$", text, re.M)}
+    total = re.search(r"^ \d+ files? changed, (\d+) insertions?\(\+\)", text, re.M)
+    assert total, "no diffstat"
+    return files, int(total[1])
+
+
+def test_cover_letter_diffstat_is_the_patches_own() -> None:
+    """A patch regenerated after the cover letter (0002 after the selftest's fix) must not
+    leave the cover letter's diffstat behind."""
+    cover, *patches = series_files()
+    files: dict[str, int] = {}
+    total = 0
+    for p in patches:
+        f, t = stat(p.read_text().split("\n---\n", 1)[1].split("\ndiff --git ", 1)[0])
+        files.update(f)
+        total += t
+    assert stat(cover.read_text()) == (files, total)
