@@ -88,18 +88,19 @@ RETRACK: dict[Cell, dict[str, int]] = {NODEPORT: {"A": 3}, HOST: {"A": 3}} if FU
 }
 # B2 deletes the real server with expire_nodest_conn 0 around the deletion, then 1 again
 # (Plan.hold_flush). Why: deleting a destination with expire_nodest_conn=1 queues work, 1 jiffy
-# later, that deletes its connections and their conntrack entries (5.9+, 04231e52d355);
-# a SYN arriving after that is NEW and never meets the reuse path, stock or patched. Which
-# side wins that race is the kernel's timing, not the behaviour under test: up to 6.12 the
-# work walks the global connection table (4096 buckets, every netns's connections; a
-# cond_resched per bucket), so under TCG the reconnect sent right after the deletion mostly
-# won and stock B2 was slow in most attempts. 7.2 has a resizable table per netns (256
-# buckets at least, grown with the load; the flush yields every ~100 buckets), so its flush
-# is done about as soon as it runs, and the racing reconnect lost in 2 of 3 attempts (no
-# reuse, no drop: test_reuse on 7.2, 2026-11-30). With the flush held, the reconnect's SYN
-# meets the old connection as any SYN in that window does on a real node (the kernel reads
-# expire_nodest_conn per packet too), so stock B2 must drop it on every line, and knob=1 B2
-# exercises the hand-back every time instead of mostly racing past it.
+# (4 ms) later, that deletes its connections and their conntrack entries (5.9+, 04231e52d355);
+# a SYN arriving after that is NEW and never meets the reuse path, stock or patched. Racing
+# it, the outcome is timing, not the behaviour under test: the VM has one vCPU and under TCG
+# its clock is the host's, so when the host deschedules the vCPU between the deletion and the
+# SYN, the tick is due on resume and the flush runs first. Seen on 7.2 (2026-11-30): on the
+# loaded machine (the line's plans 698 s, the stock cell's setup 41.7 s) the racing reconnect
+# was slow in 1 of 3 attempts; on a quieter one (254 s, 12.0 s) in 40 of 40. 7.2's flush is
+# also shorter (a resizable table per netns, 256 buckets at least, against the global
+# 4096-bucket table up to 6.12, walked with a cond_resched per bucket), which can only help
+# it win. With the flush held, the reconnect's SYN meets the old connection as any SYN in
+# that window does on a real node (the kernel reads expire_nodest_conn per packet, so its
+# path is the same), so stock B2 must drop it on every line, and knob=1 B2 exercises the
+# hand-back every time instead of only when it wins the race.
 HOLD_FLUSH = True
 ORDINARY_LINE = "6.1"
 ORDINARY_ROUNDS = 1  # the p99 comparison (alternating rounds) is the benchmark's

@@ -64,9 +64,9 @@ class Plan:
       see the stock drop only while racing it (settle 0); kube-proxy deletes endpoints long
       before a client's next packet, which `settle` of a few tenths of a second models
     + hold_flush: B2 deletes the server with `expire_nodest_conn` 0 around the deletion, so
-      no flush is queued and the reconnect meets the old connection every time (on every
-      line: whether a racing reconnect wins depends on how fast the kernel's flush runs,
-      see tests/lab/test_reuse.py); the result counts `old_conn_met` per attempt
+      no flush is queued and the reconnect meets the old connection every time (racing it,
+      the outcome depends on the host's load under TCG and the kernel's flush, see
+      tests/lab/test_reuse.py); the result counts `old_conn_met` per attempt
     """
 
     rule: str = "drop"
