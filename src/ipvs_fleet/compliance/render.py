@@ -1,17 +1,17 @@
-"""Render check results: terminal summary, JUnit XML, JSON, Markdown and HTML reports."""
+"""Render check results: terminal summary, JSON, Markdown and HTML reports.
+
+The JUnit XML is pytest's own (`--junitxml`, passed through by `ipvs-fleet check`).
+"""
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import functools
 import html
 import io
 import json
-import socket
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree as ET
 
 import yaml
 
@@ -19,7 +19,6 @@ from ipvs_fleet.compliance.model import (
     ERROR,
     FAILED,
     PASSED,
-    SKIPPED,
     WAIVED,
     CheckResult,
     by_class,
@@ -152,71 +151,6 @@ def to_json(
         ],
         "unused_waivers": [w.to_dict() for w in unused or []],
     }
-
-
-def junit_xml(results: list[CheckResult], inventory: str | Path) -> bytes:
-    """JUnit XML (Ant format, as Jenkins and GitLab read it): a testsuite per host, a
-    testcase per check. Waived failures are `skipped` with the waiver as message."""
-    root = ET.Element("testsuites", name=f"ipvs-fleet check {inventory}")
-    stamp = dt.datetime.now().replace(microsecond=0).isoformat()
-    hostname = socket.gethostname() or "localhost"
-    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    wall = 0.0
-    for i, h in enumerate(by_host(results)):
-        counts = {
-            "tests": len(h.results),
-            "failures": sum(r.status == FAILED for r in h.results),
-            "errors": sum(r.status == ERROR for r in h.results),
-            "skipped": sum(r.status in (WAIVED, SKIPPED) for r in h.results),
-        }
-        t = sum(r.duration for r in h.results)
-        wall += t
-        for k in totals:
-            totals[k] += counts[k]
-        attrs = {
-            "name": f"{h.host_class}.{h.host}",
-            "package": h.host_class,
-            "id": str(i),
-            "hostname": hostname,
-            "timestamp": stamp,
-            "time": f"{t:.3f}",
-            **{k: str(v) for k, v in counts.items()},
-        }
-        suite = ET.SubElement(root, "testsuite", attrs)
-        props = ET.SubElement(suite, "properties")
-        ET.SubElement(props, "property", name="host", value=h.host)
-        ET.SubElement(props, "property", name="host_class", value=h.host_class)
-        ET.SubElement(props, "property", name="groups", value=",".join(h.results[0].groups))
-        for r in h.results:
-            case = ET.SubElement(
-                suite, "testcase", name=r.check, classname=f"{h.host_class}.{h.host}",
-                time=f"{r.duration:.3f}",
-            )
-            first = r.message.splitlines()[0] if r.message else ""
-            if r.status == FAILED:
-                body = r.message + f"\nfix: {fix_for(r.check, inventory, r.host)}"
-                el = ET.SubElement(case, "failure", message=first, type="NotCompliant")
-                el.text = body
-            elif r.status == ERROR:
-                el = ET.SubElement(case, "error", message=first, type="CouldNotCheck")
-                el.text = r.message
-            elif r.status == WAIVED:
-                w = r.waiver or {}
-                ET.SubElement(
-                    case,
-                    "skipped",
-                    message=f"waived until {w.get('expires')}: {w.get('justification')} "
-                    f"[{first}]",
-                )
-            elif r.status == SKIPPED:
-                ET.SubElement(case, "skipped", message=first)
-        ET.SubElement(suite, "system-out").text = ""
-        ET.SubElement(suite, "system-err").text = ""
-    for k, v in totals.items():
-        root.set(k, str(v))
-    root.set("time", f"{wall:.3f}")
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
 # --- reports -------------------------------------------------------------------------------
@@ -369,17 +303,14 @@ def write_outputs(
     results: list[CheckResult],
     inventory: str | Path,
     *,
-    junitxml: Path | None = None,
     json_path: Path | None = None,
     report: Path | None = None,
     unused: list[Waiver] | None = None,
     wall: float | None = None,
 ) -> None:
-    for p in (junitxml, json_path, report):
+    for p in (json_path, report):
         if p is not None:
             p.parent.mkdir(parents=True, exist_ok=True)
-    if junitxml:
-        junitxml.write_bytes(junit_xml(results, inventory))
     if json_path:
         json_path.write_text(json.dumps(to_json(results, inventory, unused, wall), indent=2))
     if report:
