@@ -13,7 +13,7 @@ from ipvs_fleet.compliance.runner import run_checks
 
 EPILOG = """\
 exit codes:
-  the same as `pytest <checks> --inventory INV [--limit ...] [--waivers FILE]`, whose exit
+  the same as: pytest <checks> --inventory INV [--limit ...] [--waivers FILE], whose exit
   status is this verdict (a usage error there is pytest's 4, here 2):
   0  compliant: every check passed (or failed under a valid waiver: pytest's xfailed)
   1  not compliant: at least one check failed; the summary names host, check, expected
