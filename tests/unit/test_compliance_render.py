@@ -23,6 +23,7 @@ from ipvs_fleet.compliance.model import (
     Drift,
     exit_code,
 )
+from ipvs_fleet.compliance.waivers import parse_waivers
 
 INV = "inventory/prod.py"
 
@@ -113,6 +114,27 @@ def test_markdown_and_html_reports(tmp_path: Path) -> None:
     assert (tmp_path / "report-k8s-1.png").read_bytes()[:4] == b"\x89PNG"
     page = render.html_report(results, INV)
     assert "data:image/png;base64," in page and "NOT compliant" in page
+
+
+def test_html_report_from_its_template_escaped() -> None:
+    results = fleet(**{"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED,
+                       "ftp-1/sysctls": ERROR})  # fmt: skip
+    results[3].message = "<script>x</script> & more"
+    unused = parse_waivers([{"host": "h9", "check": "taint", "justification": "j",
+                             "expires": "2030-01-01"}], "w.yml")  # fmt: skip
+    page = render.html_report(results, "inv/<prod>.py", unused, 3.25)
+    assert page.startswith("<!doctype html><meta charset=utf-8><title>IPVS fleet compliance")
+    assert "<h1>IPVS fleet compliance: could not check</h1>" in page
+    assert "<p>Inventory <code>inv/&lt;prod&gt;.py</code>, exit code 2, 3.2 s</p>" in page
+    assert "<tr><td>k8s-2</td><td>k8s_node</td><td style='color:#2e7d32'>passed</td>" \
+        "<td style='color:#c62828'>failed</td></tr>" in page
+    assert "<h3>k8s-2 / sysctls: failed</h3>" in page
+    assert "<tr><td>net.ipv4.vs.conntrack</td><td>1</td><td>0</td></tr>" in page
+    assert "&lt;script&gt;x&lt;/script&gt; &amp; more" in page and "<script>" not in page
+    assert "<p>Waiver until 2026-12-31: TICKET-7</p>" in page
+    assert ": pyinfra -y inv/&lt;prod&gt;.py deploy.py --limit k8s-2</code></p>" in page
+    assert "<p>Unused waiver w.yml: waivers[0] (host h9): taint</p>" in page
+    assert "ftp-1 / sysctls: error" in page and "k8s-1 / sysctls" not in page
 
 
 def test_every_check_has_its_fix_and_a_taint_is_not_fixed_by_the_deploy() -> None:
