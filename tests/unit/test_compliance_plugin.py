@@ -249,3 +249,24 @@ def test_a_waiver_for_an_unknown_check_is_a_usage_error_before_any_host(tmp_path
     for run in (plain, wrapped):
         assert f"{w}: waivers[0] (host h1): unknown check 'sysctl'" in run.err, run.err
         assert "Traceback" not in run.err
+
+
+def test_real_checks_on_an_unreachable_host_give_one_verdict(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    inv = tmp_path / "inv.py"
+    inv.write_text(f'hosts = [("gone", {{"ipvs_host_class": "k8s_node", "ssh_hostname": '
+                   f'"127.0.0.1", "ssh_port": {port}, "ssh_known_hosts_file": "{known}"}})]\n')
+    checks = checks_dir()
+    plain = plain_pytest(checks, tmp_path, "--inventory", str(inv))
+    wrapped, doc = wrapper(checks, tmp_path, inv)
+    assert plain.rc == wrapped.rc == 2, plain.out + wrapped.out
+    assert plain.junit is not None and wrapped.junit is not None
+    valid_junit(plain.junit)
+    statuses = {(r["host"], r["check"]): r["status"] for r in doc["results"]}
+    assert len(statuses) == 10 and set(statuses.values()) == {"error"}
+    assert junit_statuses(plain.junit) == statuses == junit_statuses(wrapped.junit)
+    assert "gone: 10 error" in plain.out and "gone: 10 error" in wrapped.out

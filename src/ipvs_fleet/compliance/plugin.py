@@ -134,6 +134,11 @@ class FleetResults:
         )
         self._kind.setdefault(report.nodeid, FAILED if failure else ERROR)
         if not failure:
+            if call.when == "call":
+                # pytest's summary and JUnit call any exception in a test's body a failure and
+                # one in its setup an error: a check that could not run (connection lost in
+                # the middle of it) is reported as the setup error it amounts to.
+                report.when = "setup"
             return
         host, check = str(props[HOST_PROP]), str(props[CHECK_PROP])
         found = waiver_for(self.waivers, host, check, _groups(props.get(GROUPS_PROP)), self.today)
