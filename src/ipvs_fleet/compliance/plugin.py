@@ -155,7 +155,7 @@ class FleetResults:
             self._waiver[report.nodeid] = {**w.to_dict(), "expired": True}
             note = f"waiver expired on {w.expires.isoformat()}: {w.where}"
             self._note[report.nodeid] = note
-        # In the failure's own text: pytest's output and the JUnit <failure> both say it.
+            # In the failure's own text: pytest's output and the JUnit <failure> both say it.
             if isinstance(report.longrepr, ExceptionRepr):
                 report.longrepr.addsection("ipvs-fleet waiver", note)
             else:
