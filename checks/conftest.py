@@ -1,10 +1,12 @@
 """pytest-testinfra checks of IPVS hosts, run against a pyinfra inventory.
 
-    pytest checks/ --inventory inventory/lab.py [--limit GROUP_OR_HOST[,...]]
+    pytest checks/ --inventory inventory/lab.py [--limit GROUP_OR_HOST[,...]] [--waivers FILE]
 
 Every check is parametrized by host (test id `test_<check>[<host>]`); each host gets one
 SSH connection, reused by all its checks, and its facts are read once, for all hosts at
-the same time (see ipvs_fleet.compliance.session).
+the same time (see ipvs_fleet.compliance.session). The results plugin
+(ipvs_fleet.compliance.plugin) applies the waivers, prints a line per host as it completes
+and makes pytest's exit status the verdict (0 compliant, 1 not compliant, 2 could not check).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import testinfra.host
 from ipvs_fleet.compliance import latency
 from ipvs_fleet.compliance.expect import CHECK_PROP, CLASS_PROP, GROUPS_PROP, HOST_PROP, Expect
 from ipvs_fleet.compliance.facts import HostFacts
+from ipvs_fleet.compliance.plugin import check_name
 from ipvs_fleet.compliance.session import CheckSession, Target, open_session
 from ipvs_fleet.errors import ConfigError
 
 SESSION = pytest.StashKey[CheckSession]()
+pytest_plugins = ["ipvs_fleet.compliance.plugin"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,12 +70,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if callspec is None or "target" not in callspec.params:
             continue
         t: Target = callspec.params["target"]
-        check = getattr(item, "originalname", item.name).removeprefix("test_")
+        # JUnit properties of each testcase (and what the results plugin reads).
         item.user_properties += [
             (HOST_PROP, t.host.name),
             (CLASS_PROP, t.settings.host_class),
-            (GROUPS_PROP, list(t.host.groups)),
-            (CHECK_PROP, check),
+            (GROUPS_PROP, ",".join(t.host.groups)),
+            (CHECK_PROP, check_name(item)),
         ]
 
 

@@ -52,6 +52,11 @@ def templates_dir() -> Path:
     return role_dir() / "templates"
 
 
+def report_template(name: str) -> Path:
+    """A report template of ipvs-fleet itself, e.g. `check-report.html.j2`."""
+    return data_path("reports") / name
+
+
 def host_script(name: str) -> Path:
     """A script the deploy uploads to hosts, e.g. `ipvs-swap.sh`."""
     return role_dir() / "files" / name

@@ -1,4 +1,5 @@
-"""Summary, exit codes, JSON and JUnit rendering of check results."""
+"""Summary, exit codes, JSON, Markdown and HTML rendering of check results (the JUnit file
+is pytest's own: test_compliance_plugin)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lxml import etree
 
 from ipvs_fleet.compliance import render
 from ipvs_fleet.compliance.model import (
@@ -23,8 +23,8 @@ from ipvs_fleet.compliance.model import (
     Drift,
     exit_code,
 )
+from ipvs_fleet.compliance.waivers import parse_waivers
 
-XSD = Path(__file__).parents[1] / "data" / "junit.xsd"
 INV = "inventory/prod.py"
 
 
@@ -100,44 +100,6 @@ def test_json_has_classes_results_and_converge() -> None:
     json.dumps(doc)
 
 
-def _schema() -> etree.XMLSchema:
-    return etree.XMLSchema(etree.parse(str(XSD)))
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [{}, {"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED, "ftp-1/sysctls": ERROR}],
-)
-def test_junit_is_valid_against_the_schema(overrides: dict[str, str]) -> None:
-    xml = render.junit_xml(fleet(**overrides), INV)
-    doc = etree.fromstring(xml)
-    schema = _schema()
-    assert schema.validate(doc), schema.error_log
-    cases = doc.findall(".//testcase")
-    assert len(cases) == 6  # a testcase per host and check
-    assert {c.get("classname") for c in cases} == {"k8s_node.k8s-1", "k8s_node.k8s-2", "ftp.ftp-1"}
-
-
-def test_junit_outcomes() -> None:
-    xml = render.junit_xml(
-        fleet(**{"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED, "ftp-1/sysctls": ERROR}),
-        INV,
-    )
-    doc = etree.fromstring(xml)
-    assert doc.get("tests") == "6" and doc.get("failures") == "1" and doc.get("errors") == "1"
-    failure = doc.find(".//testcase[@classname='k8s_node.k8s-2'][@name='sysctls']/failure")
-    assert failure is not None
-    assert "expected 1, actual 0" in (failure.text or "")
-    skipped = doc.find(".//testcase[@classname='k8s_node.k8s-1'][@name='patched_module']/skipped")
-    assert skipped is not None and "waived until 2026-12-31: TICKET-7" in skipped.get("message", "")
-
-
-def test_schema_rejects_a_broken_report() -> None:
-    doc = etree.fromstring(render.junit_xml(fleet(), INV))
-    del doc.find(".//testcase").attrib["classname"]
-    assert not _schema().validate(doc)
-
-
 def test_markdown_and_html_reports(tmp_path: Path) -> None:
     results = fleet(**{"k8s-2/sysctls": FAILED})
     results[0].details["probe"] = {
@@ -145,13 +107,34 @@ def test_markdown_and_html_reports(tmp_path: Path) -> None:
         "attempts": [{"total_ms": 5.0 + i, "error": None} for i in range(20)],
     }
     md = tmp_path / "report.md"
-    render.write_outputs(results, INV, report=md, junitxml=tmp_path / "j.xml")
+    render.write_outputs(results, INV, report=md)
     text = md.read_text()
     assert "| net.ipv4.vs.conntrack | 1 | 0 |" in text
     assert "![k8s-1 latency CDF](report-k8s-1.png)" in text
     assert (tmp_path / "report-k8s-1.png").read_bytes()[:4] == b"\x89PNG"
     page = render.html_report(results, INV)
     assert "data:image/png;base64," in page and "NOT compliant" in page
+
+
+def test_html_report_from_its_template_escaped() -> None:
+    results = fleet(**{"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED,
+                       "ftp-1/sysctls": ERROR})  # fmt: skip
+    results[3].message = "<script>x</script> & more"
+    unused = parse_waivers([{"host": "h9", "check": "taint", "justification": "j",
+                             "expires": "2030-01-01"}], "w.yml")  # fmt: skip
+    page = render.html_report(results, "inv/<prod>.py", unused, 3.25)
+    assert page.startswith("<!doctype html><meta charset=utf-8><title>IPVS fleet compliance")
+    assert "<h1>IPVS fleet compliance: could not check</h1>" in page
+    assert "<p>Inventory <code>inv/&lt;prod&gt;.py</code>, exit code 2, 3.2 s</p>" in page
+    assert "<tr><td>k8s-2</td><td>k8s_node</td><td style='color:#2e7d32'>passed</td>" \
+        "<td style='color:#c62828'>failed</td></tr>" in page
+    assert "<h3>k8s-2 / sysctls: failed</h3>" in page
+    assert "<tr><td>net.ipv4.vs.conntrack</td><td>1</td><td>0</td></tr>" in page
+    assert "&lt;script&gt;x&lt;/script&gt; &amp; more" in page and "<script>" not in page
+    assert "<p>Waiver until 2026-12-31: TICKET-7</p>" in page
+    assert ": pyinfra -y inv/&lt;prod&gt;.py deploy.py --limit k8s-2</code></p>" in page
+    assert "<p>Unused waiver w.yml: waivers[0] (host h9): taint</p>" in page
+    assert "ftp-1 / sysctls: error" in page and "k8s-1 / sysctls" not in page
 
 
 def test_every_check_has_its_fix_and_a_taint_is_not_fixed_by_the_deploy() -> None:

@@ -1,4 +1,4 @@
-"""Waivers: validation, matching by host or group, expiry."""
+"""Waivers: validation, matching by host or group, expiry (applied: test_compliance_plugin)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_fleet.compliance.model import FAILED, PASSED, WAIVED, CheckResult
-from ipvs_fleet.compliance.waivers import apply_waivers, check_names, load_waivers, parse_waivers
+from ipvs_fleet.compliance.waivers import check_names, load_waivers, parse_waivers, waiver_for
 from ipvs_fleet.errors import ConfigError
 
 TODAY = dt.date(2026, 11, 26)
-
-
-def res(host: str = "lab-2", check: str = "patched_module", status: str = FAILED,
-        groups: tuple[str, ...] = ("k8s_nodes",)) -> CheckResult:
-    return CheckResult(host, check, status, "k8s_node", groups, message="stock module loaded")
 
 
 def waiver(**kw: object) -> dict[str, object]:
@@ -24,45 +18,39 @@ def waiver(**kw: object) -> dict[str, object]:
             "expires": "2026-12-31", **kw}
 
 
-def test_valid_waiver_marks_failure_waived() -> None:
-    r = res()
-    unused = apply_waivers([r], parse_waivers({"waivers": [waiver()]}, "w.yml"), TODAY)
-    assert r.status == WAIVED
-    assert r.waiver is not None and r.waiver["justification"] == "TICKET-1"
-    assert unused == []
+def found(entries: list[dict[str, object]], host: str = "lab-2", check: str = "patched_module",
+          groups: tuple[str, ...] = ("k8s_nodes",)) -> tuple[str, bool] | None:
+    """(justification, expired) of the waiver for a failure of `check` on `host`, or None."""
+    got = waiver_for(parse_waivers({"waivers": entries}, "w.yml"), host, check, groups, TODAY)
+    return None if got is None else (got[0].justification, got[1])
 
 
-def test_expired_waiver_fails_again_and_says_so() -> None:
-    r = res()
-    apply_waivers([r], parse_waivers([waiver(expires="2026-11-25")], "w.yml"), TODAY)
-    assert r.status == FAILED
-    assert "waiver expired on 2026-11-25" in r.message
-    assert r.waiver is not None and r.waiver["expired"] is True
+def test_valid_waiver_covers_the_failure() -> None:
+    assert found([waiver()]) == ("TICKET-1", False)
+
+
+def test_expired_waiver_is_found_as_expired() -> None:
+    assert found([waiver(expires="2026-11-25")]) == ("TICKET-1", True)
+
+
+def test_a_valid_waiver_wins_over_an_expired_one() -> None:
+    entries = [waiver(expires="2026-11-25", justification="old"), waiver(justification="new")]
+    assert found(entries) == ("new", False)
 
 
 def test_waiver_is_valid_through_its_expiry_day() -> None:
-    r = res()
-    apply_waivers([r], parse_waivers([waiver(expires=TODAY)], "w.yml"), TODAY)
-    assert r.status == WAIVED
+    assert found([waiver(expires=TODAY)]) == ("TICKET-1", False)
 
 
 def test_group_waiver_matches_members_only() -> None:
-    member, other = res(), res(host="ftp-1", groups=("ftp_hosts",))
-    ws = parse_waivers([{**waiver(), "host": None, "group": "k8s_nodes"}], "w.yml")
-    apply_waivers([member, other], ws, TODAY)
-    assert (member.status, other.status) == (WAIVED, FAILED)
-
-
-def test_waiver_does_not_touch_passing_checks_and_is_reported_unused() -> None:
-    r = res(status=PASSED)
-    unused = apply_waivers([r], parse_waivers([waiver()], "w.yml"), TODAY)
-    assert r.status == PASSED and len(unused) == 1
+    entries = [{**waiver(), "host": None, "group": "k8s_nodes"}]
+    entries = [{k: v for k, v in e.items() if v is not None} for e in entries]
+    assert found(entries) == ("TICKET-1", False)
+    assert found(entries, host="ftp-1", groups=("ftp_hosts",)) is None
 
 
 def test_other_check_is_not_waived() -> None:
-    r = res(check="sysctls")
-    apply_waivers([r], parse_waivers([waiver()], "w.yml"), TODAY)
-    assert r.status == FAILED
+    assert found([waiver()], check="sysctls") is None
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 from ipvs_fleet.cliopts import add_json
-from ipvs_fleet.compliance.model import ERROR, exit_code
+from ipvs_fleet.compliance.model import ERROR
 from ipvs_fleet.compliance.render import summary, write_outputs
 from ipvs_fleet.compliance.runner import run_checks
-from ipvs_fleet.compliance.session import open_session
-from ipvs_fleet.compliance.waivers import apply_waivers, check_names, load_waivers
 
 EPILOG = """\
 exit codes:
-  0  compliant: every check passed (or failed under a valid waiver)
+  the same as: pytest <checks> --inventory INV [--limit ...] [--waivers FILE], whose exit
+  status is this verdict (a usage error there is pytest's 4, here 2):
+  0  compliant: every check passed (or failed under a valid waiver: pytest's xfailed)
   1  not compliant: at least one check failed; the summary names host, check, expected
      and actual, and the command that converges the host
   2  could not check: unreachable host, bad or missing inventory, policy or waivers file
@@ -42,7 +42,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("inventory", type=Path, help="pyinfra inventory file (inventory/<env>.py)")
     p.add_argument("--limit", action="append", help="hosts or groups, comma-separated")
     p.add_argument("--policy", type=Path, help="host-class policy file (default: the role's)")
-    p.add_argument("--junitxml", type=Path, help="write JUnit XML (a testcase per host/check)")
+    p.add_argument("--junitxml", type=Path,
+                   help="write pytest's JUnit XML (xunit2: a testcase per host/check, with "
+                   "host, host_class, check, drift and fix properties; waived = xfailed)")
     add_json(p, "write results as JSON", dest="json_path")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
@@ -55,25 +57,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    # Everything that can be wrong before touching a host is checked first: exit 2, one line.
-    waivers = load_waivers(args.waivers) if args.waivers else []
-    open_session(args.inventory, args.limit, args.policy)
+    """pytest on the checks with these options (the verdict is its exit status), then reports.
+
+    Bad options, inventory, policy or waivers are pytest usage errors (exit 2 here), raised
+    before any host is contacted.
+    """
     extra = [] if args.swap_within is None else ["--swap-within", str(args.swap_within)]
-    results, wall = run_checks(args.inventory, args.limit, args.policy, extra_args=extra)
-    check_names(waivers, {r.check for r in results})
-    unused = apply_waivers(results, waivers)
+    if args.waivers:
+        extra += ["--waivers", str(args.waivers)]
+    if args.junitxml:
+        extra += ["--junitxml", str(args.junitxml)]
+    run_ = run_checks(args.inventory, args.limit, args.policy, extra_args=extra)
+    results, unused, wall = run_.results, run_.unused, run_.wall
     write_outputs(
-        results,
-        args.inventory,
-        junitxml=args.junitxml,
-        json_path=args.json_path,
-        report=args.report,
-        unused=unused,
+        results, args.inventory, json_path=args.json_path, report=args.report, unused=unused,
         wall=wall,
-    )
+    )  # fmt: skip
     print(summary(results, args.inventory, unused, wall))
-    code = exit_code(results)
     unreachable = sorted({r.host for r in results if r.status == ERROR})
     if unreachable:
         print(f"ipvs-fleet: could not check: {', '.join(unreachable)}", file=sys.stderr)
-    return code
+    return run_.exit_code

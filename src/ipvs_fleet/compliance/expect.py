@@ -1,7 +1,9 @@
 """How a check states a failure: each differing value as expected vs actual.
 
-The values travel to the report through the test's user_properties, so `pytest checks/`
-alone and `ipvs-fleet check` show the same thing.
+The values travel to the report on the test item: as JUnit properties (`drift`, one
+`key: expected E, actual A` each) in its user_properties, and whole (drift and details such
+as the latency probe's figures) in its stash, which the results plugin reads. So
+`pytest checks/` alone and `ipvs-fleet check` show the same thing.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import pytest
 
 from ipvs_fleet.compliance.model import Drift
 
-DRIFT_PROP = "ipvs_drift"
-DETAILS_PROP = "ipvs_details"
-HOST_PROP = "ipvs_host"
-CLASS_PROP = "ipvs_host_class"
-GROUPS_PROP = "ipvs_groups"
-CHECK_PROP = "ipvs_check"
+# user_properties of every check item (checks/conftest.py): JUnit <property> names.
+HOST_PROP = "host"
+CLASS_PROP = "host_class"
+GROUPS_PROP = "groups"
+CHECK_PROP = "check"
+DRIFT_PROP = "drift"
+# What a check found, whole: {"drift": [{key, expected, actual}], "details": {...}}.
+EXPECT_KEY = pytest.StashKey[dict[str, Any]]()
 
 
 class Expect:
@@ -31,6 +35,7 @@ class Expect:
         self.node = node
         self.drift: list[Drift] = []
         self.problems: list[str] = []
+        self._found = node.stash.setdefault(EXPECT_KEY, {"drift": [], "details": {}})
 
     def equal(self, key: str, expected: Any, actual: Any) -> bool:
         if str(expected) == str(actual):
@@ -46,11 +51,12 @@ class Expect:
         self.problems.append(text)
 
     def details(self, **kw: Any) -> None:
-        self.node.user_properties.append((DETAILS_PROP, kw))
+        self._found["details"].update(kw)
 
     def done(self, headline: str) -> None:
         if not self.drift and not self.problems:
             return
-        self.node.user_properties.append((DRIFT_PROP, [d.__dict__ for d in self.drift]))
+        self._found["drift"] = [d.__dict__ for d in self.drift]
+        self.node.user_properties += [(DRIFT_PROP, str(d)) for d in self.drift]
         lines = [headline, *[f"  {p}" for p in self.problems], *[f"  {d}" for d in self.drift]]
         pytest.fail("\n".join(lines), pytrace=False)

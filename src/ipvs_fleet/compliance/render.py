@@ -1,25 +1,24 @@
-"""Render check results: terminal summary, JUnit XML, JSON, Markdown and HTML reports."""
+"""Render check results: terminal summary, JSON, Markdown and HTML reports.
+
+The JUnit XML is pytest's own (`--junitxml`, passed through by `ipvs-fleet check`).
+"""
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import functools
-import html
 import io
 import json
-import socket
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree as ET
 
+import jinja2
 import yaml
 
 from ipvs_fleet.compliance.model import (
     ERROR,
     FAILED,
     PASSED,
-    SKIPPED,
     WAIVED,
     CheckResult,
     by_class,
@@ -29,6 +28,7 @@ from ipvs_fleet.compliance.model import (
 )
 from ipvs_fleet.compliance.waivers import Waiver
 from ipvs_fleet.probe.plot import pyplot
+from ipvs_fleet.resources import report_template
 
 FIXES_FILE = Path(__file__).with_name("fixes.yml")
 
@@ -154,71 +154,6 @@ def to_json(
     }
 
 
-def junit_xml(results: list[CheckResult], inventory: str | Path) -> bytes:
-    """JUnit XML (Ant format, as Jenkins and GitLab read it): a testsuite per host, a
-    testcase per check. Waived failures are `skipped` with the waiver as message."""
-    root = ET.Element("testsuites", name=f"ipvs-fleet check {inventory}")
-    stamp = dt.datetime.now().replace(microsecond=0).isoformat()
-    hostname = socket.gethostname() or "localhost"
-    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    wall = 0.0
-    for i, h in enumerate(by_host(results)):
-        counts = {
-            "tests": len(h.results),
-            "failures": sum(r.status == FAILED for r in h.results),
-            "errors": sum(r.status == ERROR for r in h.results),
-            "skipped": sum(r.status in (WAIVED, SKIPPED) for r in h.results),
-        }
-        t = sum(r.duration for r in h.results)
-        wall += t
-        for k in totals:
-            totals[k] += counts[k]
-        attrs = {
-            "name": f"{h.host_class}.{h.host}",
-            "package": h.host_class,
-            "id": str(i),
-            "hostname": hostname,
-            "timestamp": stamp,
-            "time": f"{t:.3f}",
-            **{k: str(v) for k, v in counts.items()},
-        }
-        suite = ET.SubElement(root, "testsuite", attrs)
-        props = ET.SubElement(suite, "properties")
-        ET.SubElement(props, "property", name="host", value=h.host)
-        ET.SubElement(props, "property", name="host_class", value=h.host_class)
-        ET.SubElement(props, "property", name="groups", value=",".join(h.results[0].groups))
-        for r in h.results:
-            case = ET.SubElement(
-                suite, "testcase", name=r.check, classname=f"{h.host_class}.{h.host}",
-                time=f"{r.duration:.3f}",
-            )
-            first = r.message.splitlines()[0] if r.message else ""
-            if r.status == FAILED:
-                body = r.message + f"\nfix: {fix_for(r.check, inventory, r.host)}"
-                el = ET.SubElement(case, "failure", message=first, type="NotCompliant")
-                el.text = body
-            elif r.status == ERROR:
-                el = ET.SubElement(case, "error", message=first, type="CouldNotCheck")
-                el.text = r.message
-            elif r.status == WAIVED:
-                w = r.waiver or {}
-                ET.SubElement(
-                    case,
-                    "skipped",
-                    message=f"waived until {w.get('expires')}: {w.get('justification')} "
-                    f"[{first}]",
-                )
-            elif r.status == SKIPPED:
-                ET.SubElement(case, "skipped", message=first)
-        ET.SubElement(suite, "system-out").text = ""
-        ET.SubElement(suite, "system-err").text = ""
-    for k, v in totals.items():
-        root.set(k, str(v))
-    root.set("time", f"{wall:.3f}")
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
-
-
 # --- reports -------------------------------------------------------------------------------
 
 
@@ -316,70 +251,48 @@ def html_report(
     unused: list[Waiver] | None = None,
     wall: float | None = None,
 ) -> str:
-    """A self-contained HTML report (plots embedded)."""
+    """A self-contained HTML report (plots embedded), from data/reports/check-report.html.j2."""
     code = exit_code(results)
-    e = html.escape
-    css = {PASSED: "#2e7d32", FAILED: "#c62828", ERROR: "#6a1b9a", WAIVED: "#ef6c00"}
-    parts = [
-        "<!doctype html><meta charset=utf-8><title>IPVS fleet compliance</title>",
-        "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;"
-        "padding:.2em .5em}table{border-collapse:collapse}pre{background:#f6f6f6;"
-        "padding:.5em}</style>",
-        f"<h1>IPVS fleet compliance: {e(verdict(code))}</h1>",
-        f"<p>Inventory <code>{e(str(inventory))}</code>, exit code {code}"
-        + (f", {wall:.1f} s" if wall else "") + "</p>",
+    path = report_template("check-report.html.j2")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(path.parent)), autoescape=True,
+        keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+    )  # fmt: skip
+    findings = [
+        {**r.to_dict(), "fix": fix_for(r.check, inventory, r.host) if r.status == FAILED else None}
+        for r in results
+        if r.status in (FAILED, ERROR, WAIVED)
     ]
-    checks = list(dict.fromkeys(r.check for r in results))
-    parts.append("<table><tr><th>host</th><th>class</th>"
-                 + "".join(f"<th>{e(c)}</th>" for c in checks) + "</tr>")
-    for h in by_host(results):
-        st = {r.check: r.status for r in h.results}
-        cells = "".join(
-            f"<td style='color:{css.get(st.get(c, ''), '#000')}'>{e(st.get(c, ''))}</td>"
-            for c in checks
-        )
-        parts.append(f"<tr><td>{e(h.host)}</td><td>{e(h.host_class)}</td>{cells}</tr>")
-    parts.append("</table>")
-    for r in results:
-        if r.status not in (FAILED, ERROR, WAIVED):
-            continue
-        parts.append(f"<h3>{e(r.host)} / {e(r.check)}: {e(r.status)}</h3>")
-        if r.drift:
-            parts.append("<table><tr><th>key</th><th>expected</th><th>actual</th></tr>")
-            parts += [f"<tr><td>{e(d.key)}</td><td>{e(d.expected)}</td><td>{e(d.actual)}</td>"
-                      "</tr>" for d in r.drift]
-            parts.append("</table>")
-        parts.append(f"<pre>{e(r.message)}</pre>")
-        if r.waiver:
-            parts.append(f"<p>Waiver until {e(str(r.waiver.get('expires')))}"
-                         f"{' (EXPIRED)' if r.waiver.get('expired') else ''}: "
-                         f"{e(str(r.waiver.get('justification')))}</p>")
-        if r.status == FAILED:
-            parts.append(f"<p>Fix: <code>{e(fix_for(r.check, inventory, r.host))}</code></p>")
-    for w in unused or []:
-        parts.append(f"<p>Unused waiver {e(w.where)}: {e(w.check)}</p>")
-    for host, png in _plots(results):
-        b64 = base64.b64encode(png).decode()
-        parts.append(f"<h3>Latency: {e(host)}</h3><img alt='{e(host)} latency CDF' "
-                     f"src='data:image/png;base64,{b64}'>")
-    return "\n".join(parts) + "\n"
+    return env.get_template(path.name).render(
+        verdict=verdict(code),
+        inventory=str(inventory),
+        code=code,
+        wall=wall,
+        checks=list(dict.fromkeys(r.check for r in results)),
+        hosts=[
+            {"host": h.host, "host_class": h.host_class,
+             "statuses": {r.check: r.status for r in h.results}}
+            for h in by_host(results)
+        ],  # fmt: skip
+        colors={PASSED: "#2e7d32", FAILED: "#c62828", ERROR: "#6a1b9a", WAIVED: "#ef6c00"},
+        findings=findings,
+        unused=unused or [],
+        plots=[(host, base64.b64encode(png).decode()) for host, png in _plots(results)],
+    )
 
 
 def write_outputs(
     results: list[CheckResult],
     inventory: str | Path,
     *,
-    junitxml: Path | None = None,
     json_path: Path | None = None,
     report: Path | None = None,
     unused: list[Waiver] | None = None,
     wall: float | None = None,
 ) -> None:
-    for p in (junitxml, json_path, report):
+    for p in (json_path, report):
         if p is not None:
             p.parent.mkdir(parents=True, exist_ok=True)
-    if junitxml:
-        junitxml.write_bytes(junit_xml(results, inventory))
     if json_path:
         json_path.write_text(json.dumps(to_json(results, inventory, unused, wall), indent=2))
     if report:

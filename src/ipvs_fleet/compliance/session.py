@@ -99,6 +99,8 @@ class CheckSession:
                 client = backend.__dict__.get("client")
                 if client is not None:
                     client.close()
+                    for hop in client.__dict__.get("ipvs_fleet_hops", []):
+                        hop.close()
 
 
 def _gather(conn: Future[testinfra.host.Host], cmd: str) -> facts_mod.HostFacts:

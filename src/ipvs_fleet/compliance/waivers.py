@@ -8,7 +8,8 @@ File format (YAML), as InSpec waivers but per host or inventory group:
         justification: kernel 6.12 artifact not built yet, see TICKET-42
         expires: 2026-12-31         # the waiver applies up to and including this day
 
-A waived failure is reported as waived; after the expiry date it fails again. An entry
+The fleet checks' pytest plugin (ipvs_fleet.compliance.plugin) applies them as pytest
+makes each report: a waived failure is xfailed; after the expiry date it fails again. An entry
 without a justification, expiry or target is rejected (ConfigError naming file and entry).
 """
 
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ipvs_fleet.compliance.model import FAILED, WAIVED, CheckResult
 from ipvs_fleet.errors import ConfigError, load_yaml_file
 
 FIELDS = {"host", "group", "check", "justification", "expires"}
@@ -40,10 +40,10 @@ class Waiver:
     def target(self) -> str:
         return f"host {self.host}" if self.host else f"group {self.group}"
 
-    def matches(self, r: CheckResult) -> bool:
-        if r.check != self.check:
+    def matches(self, host: str, check: str, groups: tuple[str, ...]) -> bool:
+        if check != self.check:
             return False
-        return r.host == self.host if self.host else self.group in r.groups
+        return host == self.host if self.host else self.group in groups
 
     def expired(self, today: dt.date) -> bool:
         return today > self.expires
@@ -128,28 +128,17 @@ def check_names(waivers: list[Waiver], known: set[str]) -> None:
             )
 
 
-def apply_waivers(
-    results: list[CheckResult], waivers: list[Waiver], today: dt.date | None = None
-) -> list[Waiver]:
-    """Mark failures covered by a valid waiver as waived, in place; note expired ones.
+def waiver_for(
+    waivers: list[Waiver], host: str, check: str, groups: tuple[str, ...], today: dt.date
+) -> tuple[Waiver, bool] | None:
+    """The waiver for a failure of `check` on `host`: (waiver, expired), or None.
 
-    Returns the waivers that matched no failure (stale waivers worth removing).
+    A valid waiver wins over an expired one; among several, the one expiring last.
     """
-    today = today or dt.date.today()
-    used: set[Waiver] = set()
-    for r in results:
-        if r.status != FAILED:
-            continue
-        matching = [w for w in waivers if w.matches(r)]
-        valid = [w for w in matching if not w.expired(today)]
-        if valid:
-            w = max(valid, key=lambda w: w.expires)
-            r.status = WAIVED
-            r.waiver = w.to_dict()
-            used.add(w)
-        elif matching:
-            w = max(matching, key=lambda w: w.expires)
-            r.waiver = {**w.to_dict(), "expired": True}
-            r.message = f"{r.message}\nwaiver expired on {w.expires.isoformat()}: {w.where}"
-            used.add(w)
-    return [w for w in waivers if w not in used]
+    matching = [w for w in waivers if w.matches(host, check, groups)]
+    valid = [w for w in matching if not w.expired(today)]
+    if valid:
+        return max(valid, key=lambda w: w.expires), False
+    if matching:
+        return max(matching, key=lambda w: w.expires), True
+    return None

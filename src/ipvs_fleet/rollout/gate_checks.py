@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from ipvs_fleet.compliance.runner import run_checks
 
     try:
-        results, _ = run_checks(args.inventory, [args.limit], extra_args=args.extra)
+        results = run_checks(args.inventory, [args.limit], extra_args=args.extra).results
     except FleetError as e:
         print(f"gate: {e}", file=sys.stderr)
         return 2
