@@ -79,16 +79,23 @@ def fail(message: str) -> StringCommand:
 LOCK = f"{STATE_DIR}/lock"
 
 
-def locked(what: str, wait: int, *parts: Any) -> StringCommand:
-    """`parts` as one shell command run under the host lock (flock on LOCK, as ipvs-swap.sh
-    takes it): a second controller waits up to `wait` s, then fails naming the holder."""
+def lock_preamble(what: str, wait: int) -> StringCommand:
+    """The shell words that take the host lock (flock on LOCK, as ipvs-swap.sh takes it) and
+    record `what` as its holder: a second controller waits up to `wait` s, then fails naming
+    the holder. One text for both engines: `locked()` here, the Ansible role's
+    `ipvs_fleet_locked` filter (tested equal)."""
     lock, holder = QuoteString(LOCK), QuoteString(LOCK + ".holder")
     return StringCommand(
         "mkdir -p", QuoteString(STATE_DIR), "&& exec 9>>", lock,
         "&& { flock -w", str(wait), "9 || { echo 'the host lock", LOCK,
         f"stayed held for {wait} s by:' \"$(cat", holder, "2>/dev/null)\" >&2; exit 1; }; }",
-        f"&& echo \"ipvs-fleet {what}, pid $$, since $(date -Is)\" >", holder, "&&", *parts,
+        f"&& echo \"ipvs-fleet {what}, pid $$, since $(date -Is)\" >", holder,
     )  # fmt: skip
+
+
+def locked(what: str, wait: int, *parts: Any) -> StringCommand:
+    """`parts` as one shell command run under the host lock (`lock_preamble`)."""
+    return StringCommand(lock_preamble(what, wait), "&&", *parts)
 
 
 def _names(items: Iterable[str]) -> str:
