@@ -35,6 +35,7 @@ from ipvs_fleet.simfleet.fleet import ROLLOUT_CONFIG, SimFleet
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WAVES = "1,10%,50%,100%"
+SITE = "ansible_collections/ipvs_fleet/fleet/playbooks/site.yml"
 SERIAL: list[int | str] = [1, "10%", "50%", "100%"]
 
 
@@ -104,7 +105,8 @@ def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
     }}  # fmt: skip
     inv_path = sim.dir / "ansible-hosts.yml"
     inv_path.write_text(yaml.safe_dump(inv, sort_keys=False))
-    plays = yaml.safe_load((REPO / "site.yml").read_text())
+    # the collection's site playbook; run from the checkout (its ansible.cfg finds the role)
+    plays = yaml.safe_load((REPO / SITE).read_text())
     for play in plays:
         if "serial" in play:
             play["serial"] = SERIAL
