@@ -266,6 +266,16 @@ def test_pending_names_each_change_of_a_drifted_host(tmp_path):
     assert lines[0] == f"install patch set 1.0+test for {KR} in {plan['updates_dir']}"
     assert "activate (reload) the installed build of ip_vs" in lines
     assert "set net.ipv4.vs.conntrack=1 (absent until activated)" in lines
+    # the rollback of a converged host: the set goes, the files come back
+    back = dict(plan, patchset="", sysctls={})
+    st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), back)
+    assert F.pending(st, back) == [
+        f"remove the patched modules from {plan['updates_dir']}",
+        "remove /etc/sysctl.d/90-ipvs-fleet.conf",
+        "restore /etc/modules-load.d/ipvs-fleet.conf",
+        "activate (reload) the installed build of " + ", ".join(sorted(plan["modules"])),
+        "load " + ", ".join(plan["modules"]),
+    ]
 
 
 def test_filters_without_the_package_name_the_missing_dependency(tmp_path):

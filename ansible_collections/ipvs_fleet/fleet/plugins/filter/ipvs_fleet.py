@@ -280,8 +280,12 @@ def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
             f"install patch set {plan['patchset']} for {plan['kernel_release']} "
             f"in {plan['updates_dir']}"
         )
-    if plan.get("patchset") == "" and (st.get("installed") or st.get("failed_set")):
-        out.append(f"remove the patched modules from {plan['updates_dir']}")
+    if plan.get("patchset") == "":  # the rollback's plan
+        if st.get("installed") or st.get("failed_set"):
+            out.append(f"remove the patched modules from {plan['updates_dir']}")
+        for path, backup in st.get("backups", {}).items():
+            if backup != "none":
+                out.append(f"restore {path}" if backup == "file" else f"remove {path}")
     if st.get("swap") != "idle":
         out.append(f"finish the earlier module swap ({st.get('swap')})")
     if st.get("stale"):
