@@ -42,8 +42,10 @@ SNAPSHOT = (
     "for f in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
     "/etc/modprobe.d/ipvs-fleet.conf; do echo file $f $(stat -c '%a %U:%G' $f) "
     "$(sha256sum < $f); done; "
-    # the swap's own records (logs, saved tables, the lock) differ by run, not by engine
+    # the swap's own records (logs, saved tables, the lock, its worker copy of ipvs-swap.sh,
+    # left by any swap of either engine) differ by run history, not by engine
     f"(cd {STATE_DIR} && find . \\( -path ./incoming -o -name 'swap.*' -o -name 'lock*' "
+    "-o -name 'ipvs-swap-worker.sh' "
     "-o -name 'table.*' \\) -prune "
     "-o -print | sort; stat -c '%n %a' ipvs-swap.sh; sha256sum ipvs-swap.sh)"
 )
