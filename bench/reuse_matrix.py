@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +59,10 @@ KNOB1 = {**dict.fromkeys(SCENARIOS, 40), "U": 5}
 SLOW = {"A": 3, "B": 3, "B2": 3, "C1": 2, "U": 3}  # each drop costs ~1 s
 CONFIGS = (("stock", None, SLOW), ("knob0", 0, SLOW), ("knob1", 1, KNOB1))
 ORDINARY_SIDES = (("stock", None), ("knob1", 1), ("stock2", None))
+
+
+# matplotlib's text parser is not thread-safe: the lines' plots are drawn one at a time.
+PLOT_LOCK = threading.Lock()
 
 
 def log(msg: str) -> None:
@@ -108,7 +114,9 @@ def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int,
                                    "p90": percentile(v, 90), "p99": percentile(v, 99),
                                    "max": max(v) if v else None} for k, v in samples.items()}
             (out / f"{line}-ordinary.json").write_text(json.dumps(
-                {"summary": res["ordinary"], "samples_ms": samples}) + "\n")
+                {"summary": res["ordinary"], "samples_ms": samples,
+                 "rounds": res["ordinary_runs"]}) + "\n")
+            res["ordinary_samples"] = samples
             log(f"{line} ordinary: {res['ordinary']}")
     finally:
         g.restore(before)
@@ -120,16 +128,28 @@ def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int,
                 res["runs"][f"{label}/{key(cell)}"] = json.loads(f.read_text())
     o = out / f"{line}-ordinary.json"
     if "ordinary" not in res and o.exists():
-        res["ordinary"] = json.loads(o.read_text())["summary"]
+        saved = json.loads(o.read_text())
+        res["ordinary"], res["ordinary_samples"] = saved["summary"], saved.get("samples_ms", {})
     for cell in CELLS:
         paths = [out / f"{line}-{label}-{key(cell)}.json" for label, _, _ in CONFIGS]
         try:
-            plot_files([p for p in paths if p.exists()], out / f"{line}-{key(cell)}.png",
-                       scenario="A", title=f"Debian {g.kernel_release}, {key(cell)}: "
-                       "scenario A (stock, knob=0, knob=1)")
+            with PLOT_LOCK:
+                plot_files([p for p in paths if p.exists()], out / f"{line}-{key(cell)}.png",
+                           scenario="A", title=f"Debian {g.kernel_release}, {key(cell)}: "
+                           "scenario A (stock, knob=0, knob=1)")
         except Exception as e:  # a plot is a by-product
             log(f"no plot {line} {key(cell)}: {e}")
     return res
+
+
+def p99_ratio_ci(base: list[float], other: list[float], n: int = 1000,
+                 seed: int = 1) -> tuple[float, float]:
+    """95% bootstrap interval of p99(other) / p99(base): both sides resampled with
+    replacement, n times (a fixed seed, so a regenerated table does not move)."""
+    rng = random.Random(seed)
+    ratios = sorted(percentile(rng.choices(other, k=len(other)), 99)
+                    / percentile(rng.choices(base, k=len(base)), 99) for _ in range(n))
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
 def cell_text(row: dict[str, Any]) -> str:
@@ -156,8 +176,9 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
     t = ["# Reuse results: the 1-second drop under the rulesets Kubernetes nodes run",
          "",
          f"Measured by `bench/reuse_matrix.py` in lab VMs (QEMU TCG, real Debian cloud "
-         f"kernels), {time.strftime('%Y-%m-%d')}, {elapsed / 60:.0f} min in all (this "
-         "run). Cells (ruleset / iptables backend / client / family) and "
+         f"kernels); rendered {time.strftime('%Y-%m-%d')} from the JSON of the runs in "
+         f"`{rel}` (the last run: {elapsed / 60:.0f} min). Cells (ruleset / iptables "
+         "backend / client / family) and "
          "scenarios: `src/ipvs_fleet/probe/scenario.py`; every cell has the INVALID-drop "
          "rule. Each entry: slow (connect >= 900 ms) / failed of attempts of the same-port "
          "reconnect. U: UDP to a removed real server, slow = needed the 1 s retry.",
@@ -181,18 +202,25 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
     t += ["",
           "Ordinary short connections (ephemeral ports, kube-proxy NodePort cell), stock vs "
           "patched knob=1, alternating rounds in one run (stock, knob=1, stock again: the "
-          "second stock side's ratio is the A/A noise of the run):",
+          "second stock side's ratio is the A/A noise of the run). The interval is a 95% "
+          "bootstrap of the p99 ratio over the connections; it does not cover drift between "
+          "rounds (the controller's load), which the A/A row shows:",
           "",
-          "| line | modules | n | p50 ms | p90 ms | p99 ms | p99 / stock |",
-          "|---|---|---|---|---|---|---|"]
+          "| line | modules | n | p50 ms | p90 ms | p99 ms | p99 / stock | 95% interval |",
+          "|---|---|---|---|---|---|---|---|"]
     names = {"stock": "stock", "knob1": "patched, knob=1", "stock2": "stock again (A/A)"}
     for ln in lines:
         o = ln.get("ordinary", {})
         for label in (x for x in names if x in o):
             x = o[label]
             ratio = "" if label == "stock" else f"{x['p99'] / o['stock']['p99']:.2f}"
+            smp = ln.get("ordinary_samples", {})
+            ci = ""
+            if label != "stock" and smp.get(label) and smp.get("stock"):
+                lo, hi = p99_ratio_ci(smp["stock"], smp[label])
+                ci = f"{lo:.2f}-{hi:.2f}"
             t.append(f"| {ln['line']} | {names[label]} | {x['n']} | {x['p50']:.2f} | "
-                     f"{x['p90']:.2f} | {x['p99']:.2f} | {ratio} |")
+                     f"{x['p90']:.2f} | {x['p99']:.2f} | {ratio} | {ci} |")
     warn = {f"{ln['line']} {k}": r["kernel_warnings"] for ln in lines
             for k, r in ln["runs"].items() if r["kernel_warnings"]}
     ftp = {ln["line"]: (ln["runs"].get(f"knob0/{key(CELLS[0])}") or {}).get("ftp", {}).get("ok")
@@ -242,7 +270,8 @@ def main() -> int:
         lines = [j.result() for j in jobs]
     lines.sort(key=lambda ln: [int(x) for x in ln["line"].split(".")])
     (args.out / "summary.json").write_text(json.dumps(
-        [{k: v for k, v in ln.items() if k != "runs"} for ln in lines], indent=1) + "\n")
+        [{k: v for k, v in ln.items() if k not in ("runs", "ordinary_samples")}
+         for ln in lines], indent=1) + "\n")
     args.doc.write_text(render(lines, args.out, time.monotonic() - t0))
     log(f"wrote {args.doc}")
     return 0

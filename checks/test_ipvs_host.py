@@ -16,7 +16,12 @@ from ipvs_fleet.compliance.facts import (
     HostFacts,
 )
 from ipvs_fleet.compliance.session import CheckSession, Target
-from ipvs_fleet.deploy.facts import updates_dir
+from ipvs_fleet.deploy.facts import (
+    fresh_swap_record,
+    swap_problem,
+    swap_record_problems,
+    updates_dir,
+)
 from ipvs_fleet.kernel import reuse_unsafe
 from ipvs_fleet.policy import KNOB
 
@@ -151,6 +156,35 @@ def test_reuse_safety(target: Target, facts: HostFacts, expect: Expect) -> None:
                 expect.problem(f"knob=1 but the host relies on conntrack: {u[what + '_reason']}")
     expect.details(usage=u, reuse=reuse)
     expect.done(f"{VS}{KNOB}=1 is unsafe on this host")
+
+
+def test_service_table(facts: HostFacts, swap_within: int | None, expect: Expect) -> None:
+    """No module swap left the IPVS table unrestored (or is running now), and right after a
+    swap (--swap-within, the rollout gate) the live services, real servers, weights,
+    schedulers, flags, timeouts and sync daemons equal what the swap saved and restored."""
+    unfinished = swap_problem(facts.swap)
+    if unfinished:
+        expect.problem(unfinished)
+    rec = facts.swap_record
+    if rec.get("present"):
+        expect.details(
+            swap_record={k: rec.get(k) for k in ("age", "services", "real_servers")},
+            swap_table_changed_since=len(rec["missing"]) + len(rec["extra"]),
+        )
+    fresh = fresh_swap_record(rec, swap_within)
+    if fresh and not rec.get("compared"):
+        expect.problem(swap_record_problems(rec, swap_within)[0])
+    elif fresh:
+        for line in rec["missing"]:
+            expect.differ(f"IPVS state line (restored by the swap {rec['age']} s ago)", line,
+                          "absent")  # fmt: skip
+        for line in rec["extra"]:
+            expect.differ("IPVS state line not in the swap's record", "absent", line)
+    expect.done(
+        "the IPVS service table is not what the last module swap restored"
+        if fresh
+        else "a module swap did not finish on this host"
+    )
 
 
 def test_latency_budget(fleet: CheckSession, target: Target, expect: Expect) -> None:

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ipvs_fleet.errors import ConfigError, FleetError
 
 MIRROR = os.environ.get("IPVS_FLEET_MIRROR", "http://deb.debian.org/debian")
@@ -36,9 +38,59 @@ SECURITY_MIRROR = os.environ.get("IPVS_FLEET_SECURITY_MIRROR", "http://deb.debia
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 CACHE = Path(os.environ.get("IPVS_FLEET_CACHE", Path.home() / ".cache" / "ipvs-fleet"))
 
-# The releases whose kernels are in the registry, and their kernel line.
-RELEASES: dict[str, str] = {"bullseye": "5.10", "bookworm": "6.1", "trixie": "6.12"}
+# The releases whose kernels are in the registry (kernel/releases.yml): release -> its
+# kernel line, the suites searched for its kernel, extra apt options for its roots.
+RELEASES_FILE = Path(__file__).parent / "kernel" / "releases.yml"
+SUITE_KINDS = ("release", "updates", "security")
 FLAVOUR = "cloud-amd64"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One supported Debian release, as kernel/releases.yml describes it."""
+
+    name: str
+    line: str
+    suites: tuple[str, ...] = SUITE_KINDS  # kinds from SUITE_KINDS
+    apt_options: tuple[str, ...] = ()
+
+
+def load_releases(path: Path = RELEASES_FILE) -> dict[str, Release]:
+    """Codename -> Release, in file order (ConfigError naming the file if malformed)."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the supported releases: {e}") from e
+    if not isinstance(doc, dict) or not doc:
+        raise ConfigError(f"{path}: expected a mapping of Debian codename to {{line: ...}}")
+    out = {}
+    for name, spec in doc.items():
+        where = f"{path}: {name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: must be a mapping with `line`")
+        line = spec.get("line")
+        # a string: YAML reads an unquoted 5.10 as the float 5.1
+        if not isinstance(line, str) or not re.fullmatch(r"\d+\.\d+", line):
+            raise ConfigError(f"{where}: needs `line: \"X.Y\"` (a kernel line, quoted)")
+        unknown = set(spec) - {"line", "suites", "apt_options"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        kinds = spec.get("suites", list(SUITE_KINDS))
+        if not isinstance(kinds, list) or not kinds or set(kinds) - set(SUITE_KINDS):
+            raise ConfigError(f"{where}.suites: a non-empty list of {', '.join(SUITE_KINDS)}")
+        opts = spec.get("apt_options", [])
+        if not isinstance(opts, list) or not all(isinstance(o, str) and "=" in o for o in opts):
+            raise ConfigError(f"{where}.apt_options: a list of `Name=value` strings")
+        out[str(name)] = Release(str(name), line, tuple(kinds), tuple(opts))
+    lines = [r.line for r in out.values()]
+    if len(set(lines)) != len(lines):
+        raise ConfigError(f"{path}: two releases share a kernel line: {lines}")
+    return out
+
+
+RELEASE_INFO: dict[str, Release] = load_releases()
+# Release -> kernel line (the form most callers need).
+RELEASES: dict[str, str] = {name: r.line for name, r in RELEASE_INFO.items()}
 
 # The lock file of the kernel pins (package data); $IPVS_FLEET_PINS_LOCK names another one.
 PINS_LOCK = Path(__file__).with_name("kernel_pins.lock.json")
@@ -88,12 +140,13 @@ class KernelPin:
 
 
 def suites(release: str) -> list[tuple[str, str]]:
-    """(mirror, suite) pairs searched for a release's kernel."""
-    return [
-        (MIRROR, release),
-        (MIRROR, f"{release}-updates"),
-        (SECURITY_MIRROR, f"{release}-security"),
-    ]
+    """(mirror, suite) pairs searched for a release's kernel (its `suites` in releases.yml)."""
+    every = {
+        "release": (MIRROR, release),
+        "updates": (MIRROR, f"{release}-updates"),
+        "security": (SECURITY_MIRROR, f"{release}-security"),
+    }
+    return [every[k] for k in RELEASE_INFO[check_release(release)].suites]
 
 
 def check_release(release: str, where: str = "release") -> str:

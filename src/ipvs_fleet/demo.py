@@ -1,8 +1,10 @@
-"""`ipvs-fleet demo`: the main job on the embedded lab, start to finish, with a summary.
+"""ipvs-fleet demo: the main job on the embedded lab, start to finish, with a summary.
 
-Boots the lab, builds the module set for every kernel it runs, rolls the deploy out in
-canary waves with gates, runs the compliance checks, measures the reuse scenario on the
-canary, and prints where each report is. Each step is the same command a user would run.
+Boots the lab while it builds the module set for every kernel the lab runs (QEMU on one
+side, downloads and compiles on the other: together they take about as long as the longer
+of the two), rolls the deploy out in canary waves with gates, runs the compliance checks,
+measures the reuse scenario on the canary, and prints where each report is. Each step is the
+same command a user would run.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from ipvs_fleet.resources import workdir
 
 STEPS = ("lab", "build", "rollout", "check", "probe")
+# Steps that run at the same time (their output lines prefixed with the step's name:
+# `lab up` marks its own lines [lab] already).
+TOGETHER = ("lab", "build")
+
+Step = tuple[str, str, list[str]]  # key, title, command
 
 
 def _run(title: str, cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
@@ -27,6 +35,49 @@ def _run(title: str, cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
     took = time.monotonic() - t0
     print(f"    {'ok' if rc == 0 else f'exit {rc}'} in {took:.0f} s", flush=True)
     return rc, took
+
+
+def _relay(key: str, proc: subprocess.Popen[str], started: float,
+           out: dict[str, tuple[int, float]]) -> None:  # fmt: skip
+    """Print a child's lines as they come, prefixed with its step; record its exit."""
+    with proc:  # closes the pipe
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"    {key:<5} | {line.rstrip()}", flush=True)
+    rc = proc.returncode
+    out[key] = (rc, time.monotonic() - started)
+    print(f"    {key:<5} | {'ok' if rc == 0 else f'exit {rc}'} in {out[key][1]:.0f} s", flush=True)
+
+
+def run_together(steps: list[Step], env: dict[str, str]) -> dict[str, tuple[int, float]]:
+    """Run the steps' commands at the same time; (exit code, seconds) of each."""
+    print("\n==> " + "; at the same time: ".join(title for _, title, _ in steps), flush=True)
+    for key, _, cmd in steps:
+        print(f"    {key:<5} | $ {' '.join(cmd)}", flush=True)
+    out: dict[str, tuple[int, float]] = {}
+    threads = []
+    for key, _, cmd in steps:
+        proc = subprocess.Popen(cmd, cwd=workdir(), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        t = threading.Thread(target=_relay, args=(key, proc, time.monotonic(), out))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    return {key: out[key] for key, _, _ in steps}
+
+
+def stages(plan: list[Step], skip: list[str]) -> list[list[Step]]:
+    """The plan's steps minus the skipped ones, in stages: TOGETHER's steps share one."""
+    out: list[list[Step]] = []
+    for step in plan:
+        if step[0] in skip:
+            continue
+        if step[0] in TOGETHER and out and out[-1][0][0] in TOGETHER:
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         IPVS_FLEET_ARTIFACTS=str(artifacts),
     )
     inventory = "inventory/lab.py"
-    plan: list[tuple[str, str, list[str]]] = [
+    plan: list[Step] = [
         ("lab", "Boot the lab fleet", [cli, "lab", "up"]),
         ("build", "Build the patched modules for the lab's kernels",
          [cli, "build", "--all-lab", "--out", str(artifacts)]),
@@ -53,14 +104,17 @@ def run(args: argparse.Namespace) -> int:
           "--json", str(reports / "checks.json"), "--report", str(reports / "checks.md")]),
         ("probe", "Reuse scenario on the canary (kube-proxy style INVALID-drop rule, knob=1)",
          [cli, "probe", "scenario", "--host", "k8s-canary", "--rule", "drop", "--knob", "1",
-          "--scenarios", "A=50,B=20", "--conntrack", "-o", str(reports / "probe.json")]),
+          "--scenarios", "A=50,B=20", "--conntrack", "--json", str(reports / "probe.json")]),
     ]  # fmt: skip
     results: dict[str, tuple[int, float]] = {}
-    for key, title, cmd in plan:
-        if key in args.skip:
-            continue
-        results[key] = _run(title, cmd, env)
-        if results[key][0] != 0 and key in ("lab", "build"):
+    started = time.monotonic()
+    for stage in stages(plan, args.skip):
+        if len(stage) > 1:
+            results |= run_together(stage, env)
+        else:
+            key, title, cmd = stage[0]
+            results[key] = _run(title, cmd, env)
+        if any(results[k][0] != 0 for k, _, _ in stage if k in TOGETHER):
             break  # nothing after this can run
     if results.get("probe", (1, 0))[0] == 0:
         _run("Latency plot", [cli, "probe", "plot", str(reports / "probe.json"),
@@ -68,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n==> Summary")
     for key, (rc, took) in results.items():
         print(f"    {key:<8} {'ok' if rc == 0 else f'FAILED (exit {rc})':<18} {took:6.0f} s")
+    print(f"    {'total':<8} {'':<18} {time.monotonic() - started:6.0f} s (wall)")
     _print_probe(reports / "probe.json")
     print(f"    reports: {reports}/ (rollout.json, checks.xml, checks.md, probe.json, probe.png)")
     print("    stop the lab: ipvs-fleet lab down")

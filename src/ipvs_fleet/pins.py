@@ -1,16 +1,16 @@
-"""`ipvs-fleet pins show | check | update`: the kernel pins lock of the builds and lab images.
+"""ipvs-fleet pins show | check | update: the kernel pins lock of the builds and lab images.
 
-The lock (`src/ipvs_fleet/kernel_pins.lock.json`, or $IPVS_FLEET_PINS_LOCK) names one Debian
-kernel per release. `show` prints it (no network); `update` resolves the newest kernel of each
+The lock (src/ipvs_fleet/kernel_pins.lock.json, or $IPVS_FLEET_PINS_LOCK) names one Debian
+kernel per release. "show" prints it (no network); "update" resolves the newest kernel of each
 release from the archive, prints old -> new per release and writes the lock (commit it);
-`check` tells whether the archive still has each locked kernel (exit 1 if one is gone: builds
+"check" tells whether the archive still has each locked kernel (exit 1 if one is gone: builds
 and lab images then use the newest kernel of that release, with a warning, or fail with
 --strict-pins / IPVS_FLEET_STRICT_PINS=1).
 
-**Example:**
+Examples:
 
     ipvs-fleet pins show
-    ipvs-fleet pins update --dry-run
+    ipvs-fleet pins update --dry
     ipvs-fleet pins update && git add src/ipvs_fleet/kernel_pins.lock.json
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ipvs_fleet import debian
+from ipvs_fleet.cliopts import add_dry
 from ipvs_fleet.debian import RELEASES, KernelPin
 from ipvs_fleet.errors import ConfigError
 
@@ -90,7 +91,7 @@ def _update(args: argparse.Namespace) -> int:
     for line in diff_lines(old, new):
         print(line)
     changed = sum(old.get(r) != new[r] for r in RELEASES)
-    if args.dry_run:
+    if args.dry:
         print(f"{changed} of {len(new)} pins would change (dry run: {path} not written)")
     elif changed or debian.lock_text(new) != (path.read_text() if path.exists() else ""):
         debian.write_lock(new, path)
@@ -114,5 +115,5 @@ def add_parser(sub: Any) -> None:
         "check", help="is each locked kernel still in the archive? (exit 1 if one is gone)"
     ).set_defaults(func=_check)
     u = s.add_parser("update", help="lock the newest kernel of each release; prints old -> new")
-    u.add_argument("-n", "--dry-run", action="store_true", help="print the diff, write nothing")
+    add_dry(u, "print the diff, write nothing", old=("-n", "--dry-run"))
     u.set_defaults(func=_update)

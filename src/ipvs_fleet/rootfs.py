@@ -14,17 +14,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ipvs_fleet.debian import MIRROR, SECURITY_MIRROR, check_release
+from ipvs_fleet.debian import RELEASE_INFO, check_release, suites
 from ipvs_fleet.errors import FleetError
 
 
 def sources(release: str) -> list[str]:
-    """The apt source lines for a release: main, -updates and -security."""
-    return [
-        f"deb {MIRROR} {release} main",
-        f"deb {MIRROR} {release}-updates main",
-        f"deb {SECURITY_MIRROR} {release}-security main",
-    ]
+    """The apt source lines for a release: main of each suite releases.yml lists for it
+    (the release, -updates and -security by default)."""
+    return [f"deb {mirror} {suite} main" for mirror, suite in suites(release)]
+
+
+def aptopt(option: str) -> str:
+    """`Name=value` as an mmdebstrap --aptopt in apt.conf syntax (`Name "value"`): apt reads a
+    bare `Name=value;` as a list item of a key of that name, i.e. ignores it."""
+    name, _, value = option.partition("=")
+    return f'--aptopt={name} "{value}"'
+
+
+def apt_options(release: str) -> list[str]:
+    """mmdebstrap options for the release's extra apt options (kept in the root's apt.conf.d)."""
+    return [aptopt(o) for o in RELEASE_INFO[check_release(release)].apt_options]
 
 
 def root_key(release: str, packages: Sequence[str], extra: str = "") -> str:
@@ -44,7 +53,7 @@ def make_root(
 ) -> Path:
     """Make a Debian root at `dest` (a directory) unless it already exists complete.
 
-    + release: Debian codename (bullseye, bookworm, trixie)
+    + release: Debian codename (a key of kernel/releases.yml)
     + packages: packages to include; `name=version` pins an exact version
     + dest: the directory; built as `dest.partial` and renamed when done
     + variant: mmdebstrap variant
@@ -63,7 +72,8 @@ def make_root(
         "--mode=root",
         "--format=directory",
         "--skip=check/empty",
-        "--aptopt=Acquire::Retries=3",
+        aptopt("Acquire::Retries=3"),
+        *apt_options(release),
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",

@@ -1,4 +1,4 @@
-"""`ipvs-fleet init DIR`: start a fleet repository that uses the installed ipvs-fleet.
+"""ipvs-fleet init DIR: start a fleet repository that uses the installed ipvs-fleet.
 
 The repository holds only what is the user's: the inventory, the policy (a copy of the
 packaged defaults to edit), waivers, and the deploy files that call the packaged deploy.

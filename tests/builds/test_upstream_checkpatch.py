@@ -26,9 +26,9 @@ from ipvs_fleet.debian import CACHE, MIRROR, _fetch, _packages, _stanzas
 
 pytestmark = [pytest.mark.lab, pytest.mark.build]
 
-UPSTREAM = Path(kernel.__file__).parent / "upstream"
+UPSTREAM = kernel.UPSTREAM
 SUITE = "sid"
-SERIES_LINE = "7.2"  # the kernel line the series applies to (its cover letter)
+SERIES_LINE = kernel.UPSTREAM_LINE  # the kernel line the series applies to (its cover letter)
 SIGN_OFF = "ERROR: Missing Signed-off-by: line(s)"
 MAINTAINERS_QUESTION = "WARNING: added, moved or deleted file(s), does MAINTAINERS need updating?"
 # f719e3754ee2 "ipvs: drop first packet to redirect conntrack" (2016, the drop),

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.deploy import PYINFRA, REPO
-from tests.fixtures.lab import FINGERPRINT
+from tests.fixtures.lab import FINGERPRINT, on_stock
 from tests.lab.test_deploy import assert_converged, live_state
 
 pytestmark = pytest.mark.lab
@@ -121,12 +121,6 @@ def test_a_swap_killed_at_each_stage_is_finished_by_the_next_run(lab, artifacts,
     # The host is on stock now (the last fault was a rollback's); the next test deploys.
 
 
-def on_stock(lab, deployer) -> None:
-    """The host on the stock modules (a rollback if it runs the patched set)."""
-    if "O" in live_state(lab, HOST)["taint"]:
-        deployer.run("deploy/rollback.py", "--limit", HOST)
-
-
 def module_tree(lab) -> str:
     """FINGERPRINT without the lock's and the swap's own records under /var/lib/ipvs-fleet
     (the upload of an archive lands there before any step takes the lock)."""
@@ -163,7 +157,7 @@ def test_a_set_built_for_another_kernel_brings_the_old_modules_and_table_back(
     """A valid manifest over modules of another kernel line (6.12's under 6.1's name): the
     install passes its checksums, the swap cannot load the set, sets it aside, loads the old
     (stock) modules again and restores the table; the host fails, naming it."""
-    on_stock(lab, deployer)
+    on_stock(lab, deployer, HOST)
     kr = lab.hosts[HOST].kernel_release
     other = next(a for k, a in artifacts.items() if k != kr)
     arts = corrupt_artifact(artifacts[kr], other, tmp_path / "artifacts")
@@ -193,7 +187,7 @@ def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_seria
     """Another controller holds the host lock: the step that needs it waits its
     ipvs_lock_wait_seconds, then fails naming the holder, with nothing changed. Then two
     deploys started together both succeed, one after the other, the table intact."""
-    on_stock(lab, deployer)
+    on_stock(lab, deployer, HOST)
     holder = f"echo 'the test, pid '$$ > {STATE}/lock.holder; exec sleep 299"
     # In a subshell of its own: `a && b &` would background the whole list, whose shell
     # keeps the SSH session's output open until the holder ends.

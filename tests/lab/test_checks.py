@@ -55,7 +55,7 @@ def test_converged_lab_is_compliant(checker: Checker, lab: Any) -> None:
     assert run.rc == 0, run.out
     root = _valid_junit(run.junit)
     cases = root.findall(".//testcase")
-    assert len(cases) == 9 * len(lab.hosts)  # a testcase per host and check
+    assert len(cases) == 10 * len(lab.hosts)  # a testcase per host and check
     assert all(len(c) == 0 for c in cases), "every testcase passes"
     assert root.get("failures") == "0" and root.get("errors") == "0"
     # Speed is measured, not asserted (under TCG on a loaded 2-core host the wall time varies

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from ipvs_fleet.build.artifact import Artifact
-from ipvs_fleet.debian import RELEASES
 from ipvs_fleet.kernel import MODINFO_REUSE, MODINFO_SET
 from ipvs_fleet.kernel.sysctls import READ_ALL_IN_FRESH_NETNS, integrity_problems, parse_dump
+from ipvs_fleet.lab.fleet import load_fleet
 from tests.fixtures.lab import OE_TAINT, UNLOAD_ALL
 
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
@@ -62,7 +62,8 @@ def install(lab: Any, host: str, art: Artifact, subdir: str) -> str:
     return d
 
 
-@pytest.mark.parametrize("release", list(RELEASES))
+# The releases of the lab fleet in use (lab/fleet.yml, or lab/fleet-7.2.yml for make test-7.2).
+@pytest.mark.parametrize("release", load_fleet().releases())
 def test_patched_set_loads_and_identifies_itself(
     lab: Any, artifacts: dict[str, Artifact], release: str
 ) -> None:

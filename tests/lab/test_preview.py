@@ -1,6 +1,6 @@
 """The flow users are promised, on the lab: `pyinfra inventory/lab.py deploy.py` without `-y`
 previews what will change per host and asks; `--dry` prints the same and exits 0; Enter
-at the prompt converges; `ipvs-fleet rollout --plan` lists the same pending changes from
+at the prompt converges; `ipvs-fleet rollout --dry` lists the same pending changes from
 pyinfra's own dry run; rollouts can be run again and again; host keys are strict by default.
 
 Each step is checked on the hosts themselves: a preview or dry run must leave every managed
@@ -258,7 +258,7 @@ def test_drift_is_listed_exactly_and_changes_nothing_until_confirmed(lab, run, t
     assert dry_json.changes() == {SET_KNOB: [canary]}
     assert fingerprints(lab) == before
     # the rollout's plan lists it too, per wave, from pyinfra's own dry run
-    plan = run(CLI, "rollout", lab.inventory_path, "--plan", "--waves", "canary,100%",
+    plan = run(CLI, "rollout", lab.inventory_path, "--dry", "--waves", "canary,100%",
                "--journal", tmp_path / "j.jsonl")  # fmt: skip
     assert plan.rc == 0, plan.out[-4000:]
     assert f"set net.ipv4.vs.{KNOB} = {want} (live {1 - want})" in plan.stdout
@@ -279,7 +279,7 @@ def test_plan_names_a_host_the_deploy_would_refuse(lab, run, tmp_path):
     lab.run(canary, "ipvsadm -A -t 10.99.0.1:21 -s rr")
     try:
         before = fingerprints(lab)
-        plan = run(CLI, "rollout", lab.inventory_path, "--plan", "--waves", "canary,100%",
+        plan = run(CLI, "rollout", lab.inventory_path, "--dry", "--waves", "canary,100%",
                    "--journal", tmp_path / "j.jsonl")  # fmt: skip
         assert plan.rc == 1, plan.out[-4000:]
         assert re.search(rf"{canary}: the deploy would refuse it: .*{KNOB}=1 refused.*"

@@ -1,8 +1,9 @@
 """The reuse scenarios end to end on real kernels, under the rulesets Kubernetes nodes run.
 
 A reduced matrix of `bench/reuse_matrix.py`, one module-scoped run per kernel line (one lab VM
-each, the three lines in parallel). `make test` runs the core cells (minimal, NodePort,
-host-network; fewer attempts); `make test-full` all below. Cells are (ruleset, iptables
+each, the lines of the lab fleet in parallel: 5.10, 6.1, 6.12; 7.2 with lab/fleet-7.2.yml).
+`make test` runs the core cells (minimal, NodePort, host-network; fewer attempts);
+`make test-full` all below. Cells are (ruleset, iptables
 backend, client, family): the minimal INVALID-drop cell, kube-proxy's IPVS-mode ruleset with
 its mark-based masquerade (NodePort from an outside client, a host-network client on the node:
 IPVS's LOCAL_OUT path, IPv6), masquerade-all from a pod on iptables-legacy, and Calico's chains
@@ -36,12 +37,16 @@ from typing import Any
 
 import pytest
 
+from ipvs_fleet.debian import RELEASES
+from ipvs_fleet.lab.fleet import load_fleet
 from ipvs_fleet.probe.harness import DROP_SCENARIOS, Guest, Plan, cell_label, summarize
 from ipvs_fleet.probe.probe import percentile
 
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
 
-LINES = ("5.10", "6.1", "6.12")
+# The kernel lines of the lab fleet in use: 5.10, 6.1 and 6.12 (lab/fleet.yml), or 7.2
+# (lab/fleet-7.2.yml, make test-7.2).
+LINES = tuple(RELEASES[r] for r in load_fleet().releases())
 REPORTS = Path(__file__).resolve().parents[2] / "reports" / "reuse"
 Cell = tuple[str, str, str, int]  # ruleset, iptables backend, client, family
 MINIMAL: Cell = ("minimal", "nft", "outside", 4)
@@ -146,14 +151,16 @@ def _save(name: str, data: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def lines(lab: Any, artifacts: Any, retrack_artifact: Any) -> dict[str, dict[str, Any]]:
+def lines(lab: Any, artifacts: Any, request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     """All lines measured at once (one VM each); {line: run_line result}."""
+    # the retrack variant is a 6.1 build: only a fleet with 6.1 needs it
+    retrack_art = request.getfixturevalue("retrack_artifact") if RETRACK_LINE in LINES else None
     jobs = {}
     with ThreadPoolExecutor(len(LINES)) as pool:
         for line in LINES:
             host = _host_of(lab, line)
             kr = lab.hosts[host].kernel_release
-            retrack = retrack_artifact if line == RETRACK_LINE else None
+            retrack = retrack_art if line == RETRACK_LINE else None
             jobs[line] = pool.submit(run_line, lab, artifacts[kr], retrack, host)
         done = {line: job.result() for line, job in jobs.items()}
     for line, data in done.items():
@@ -269,6 +276,7 @@ def test_udp_to_a_removed_real_server_behaves_as_stock(lines: dict[str, Any], li
         assert u["ok"] == u["count"], f"{line} {label}: unanswered after the retry: {u['udp']}"
 
 
+@pytest.mark.skipif(RETRACK_LINE not in LINES, reason=f"the lab fleet has no {RETRACK_LINE} host")
 def test_retrack_design_fails_every_reconnect_behind_kube_proxy(lines: dict[str, Any]) -> None:
     """The 1.x design (re-track inside IPVS's hook) with knob=1: the reconnect never crosses
     nat, is not masqueraded, and the real server cannot answer. This is what the cells must

@@ -22,7 +22,7 @@ import yaml
 
 from ipvs_fleet.lab import vm
 from ipvs_fleet.resources import default_policy_dir
-from tests.fixtures.lab import FINGERPRINT
+from tests.fixtures.lab import FINGERPRINT, on_stock
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("ipvs-fleet")
@@ -33,19 +33,24 @@ def fingerprint(lab, host: str) -> str:  # type: ignore[no-untyped-def]
     return str(lab.run(host, FINGERPRINT).stdout)
 
 
+def inventory_with(lab, path: Path, host: str, data: dict[str, object]) -> Path:  # type: ignore[no-untyped-def]
+    """The lab inventory with `data` added to one host's host data."""
+    path.write_text(
+        f"exec(open({str(lab.inventory_path)!r}).read())\n"
+        "for _g in [v for k, v in list(globals().items()) if isinstance(v, list)]:\n"
+        "    for _i, _h in enumerate(_g):\n"
+        f"        if isinstance(_h, tuple) and _h[0] == {host!r}:\n"
+        f"            _g[_i] = (_h[0], {{**_h[1], **{data!r}}})\n"
+    )
+    return path
+
+
 def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts, tmp_path):  # type: ignore[no-untyped-def]
     canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
     others = [n for n in lab.hosts if n != canary]
     before = {h: fingerprint(lab, h) for h in others}
     # The canary's host data gets a budget no host can meet (p99 of 0 ms).
-    inv = tmp_path / "inv.py"
-    inv.write_text(
-        f"exec(open({str(lab.inventory_path)!r}).read())\n"
-        "for _g in [v for k, v in list(globals().items()) if isinstance(v, list)]:\n"
-        "    for _i, _h in enumerate(_g):\n"
-        f"        if isinstance(_h, tuple) and _h[0] == {canary!r}:\n"
-        "            _g[_i] = (_h[0], {**_h[1], 'ipvs_latency_budget': {'p99_ms': 0}})\n"
-    )
+    inv = inventory_with(lab, tmp_path / "inv.py", canary, {"ipvs_latency_budget": {"p99_ms": 0}})
     env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir),
                IPVS_FLEET_ARTIFACTS=str(next(iter(artifacts.values())).path.parent))  # fmt: skip
     report = tmp_path / "report.json"
@@ -72,6 +77,60 @@ def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts
                            "test ! -e /etc/sysctl.d/90-ipvs-fleet.conf", check=False).ok
 
 
+def test_a_table_changed_during_the_step_fails_the_gate_naming_the_lines(  # type: ignore[no-untyped-def]
+    lab, artifacts, deployer, tmp_path
+):
+    """The canary's swap restores its table, then its post-activate hook takes one real
+    server out (standing in for anything that changes the table during the step: a restore
+    gone wrong, an agent flushing services on a module reload). Every other check passes;
+    the gate's service_table check compares the live table with the swap's record, fails the
+    canary naming the missing line, and the rollout halts with the other hosts untouched."""
+    canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
+    others = [n for n in lab.hosts if n != canary]
+    on_stock(lab, deployer, canary)
+    lost = "-a -t 10.97.0.2:80 -r 10.97.1.2:80 -m -w 1"
+    lab.run(canary, "ipvsadm -A -t 10.97.0.2:80 -s rr && ipvsadm -a -t 10.97.0.2:80 "
+            "-r 10.97.1.1:80 -m && ipvsadm -a -t 10.97.0.2:80 -r 10.97.1.2:80 -m")  # fmt: skip
+    try:
+        before = {h: fingerprint(lab, h) for h in others}
+        # (the rollback swaps too and runs the hook again: the server is gone by then)
+        hook = "ipvsadm -d -t 10.97.0.2:80 -r 10.97.1.2:80 || true"
+        inv = inventory_with(lab, tmp_path / "inv.py", canary, {"ipvs_post_activate": hook})
+        report = tmp_path / "report.json"
+        r = subprocess.run(
+            [str(CLI), "rollout", str(inv), "--waves", "canary,100%", "--journal",
+             str(tmp_path / "j.jsonl"), "--json", str(report)],
+            cwd=REPO, env=deployer.env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
+        doc = json.loads(report.read_text())
+        assert doc["outcome"] == "halted" and doc["halted_at_wave"] == 1, doc
+        detail = doc["hosts"][canary]["detail"]
+        # service_table alone failed: every other check of the canary passed
+        assert detail.startswith("rolled back after: service_table: the IPVS service table is "
+                                 "not what the last module swap restored"), detail  # fmt: skip
+        assert ";" not in detail and f"expected {lost}, actual absent" in detail, detail
+        assert doc["hosts"][canary]["state"] == "rolled-back", doc["hosts"][canary]
+        for h in others:
+            assert doc["hosts"][h]["state"] == "old"
+            assert fingerprint(lab, h) == before[h], f"{h} was touched"
+        # The same host and table with no hook: the gate passes (the check compares, and the
+        # restored table is the record).
+        assert "O" not in lab.run(canary, "cat /sys/module/ip_vs/taint").stdout
+        lab.run(canary, "ipvsadm -a -t 10.97.0.2:80 -r 10.97.1.2:80 -m")
+        r = subprocess.run(
+            [str(CLI), "rollout", str(lab.inventory_path), "--waves", "100%", "--limit", canary,
+             "--journal", str(tmp_path / "j2.jsonl"), "--json", str(report)],
+            cwd=REPO, env=deployer.env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        doc = json.loads(report.read_text())
+        assert doc["hosts"][canary]["state"] == "new-verified", doc["hosts"][canary]
+        assert lost in lab.run(canary, "ipvsadm-save -n").stdout
+    finally:
+        lab.run(canary, "ipvsadm -D -t 10.97.0.2:80", check=False)
+
+
 def test_a_host_frozen_mid_swap_fails_within_its_timeout_and_a_resume_completes(  # type: ignore[no-untyped-def]
     lab, artifacts, deployer, tmp_path
 ):
@@ -83,8 +142,7 @@ def test_a_host_frozen_mid_swap_fails_within_its_timeout_and_a_resume_completes(
     deploys the canary instead)."""
     canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
     others = [n for n in lab.hosts if n != canary]
-    if "O" in lab.run(canary, "cat /sys/module/ip_vs/taint").stdout:
-        deployer.run("deploy/rollback.py", "--limit", canary)  # a swap for the deploy to do
+    on_stock(lab, deployer, canary)
     lab.run(canary, "ipvsadm -A -t 10.97.0.1:80 -s rr && ipvsadm -a -t 10.97.0.1:80 "
             "-r 10.97.1.1:80 -m")  # fmt: skip
     try:

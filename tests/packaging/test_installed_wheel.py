@@ -128,7 +128,7 @@ def test_deploy_is_planned_from_the_repository(installed: Installed) -> None:
     r = installed.run("pyinfra", "--dry", "inventory/local.py", "deploy.py",
                       IPVS_FLEET_PREFLIGHT="report")  # fmt: skip
     assert f"[@local] refused: host @local (kernel {kernel}): no module artifact" in r.stderr
-    r = installed.run("ipvs-fleet", "rollout", "inventory/local.py", "--plan", "--waves", "1")
+    r = installed.run("ipvs-fleet", "rollout", "inventory/local.py", "--dry", "--waves", "1")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "@local: the deploy would refuse it" in r.stdout + r.stderr
     assert (installed.repo / "reports").is_dir()  # state goes to the user's directory

@@ -20,6 +20,7 @@ from ipvs_fleet.build.artifact import FORMAT, MANIFEST, Artifact, load_artifact
 from ipvs_fleet.build.dkms import make_dkms_tree
 from ipvs_fleet.debian import KernelPin
 from ipvs_fleet.errors import FleetError
+from tests.fixtures.pins import FakeArchive
 
 PIN = KernelPin("bookworm", "6.1", "6.1.0-56-cloud-amd64", "6.1.192-2")
 
@@ -101,3 +102,31 @@ def test_dkms_tree_is_complete(tmp_path: Path) -> None:
     assert "linux-source-$line" in (tree / "dkms-make.sh").read_text()
     script = (tree / "dkms-make.sh").read_text()
     assert not any(f"{{{k}}}" in script for k in ("line", "members", "objs", "id_header"))
+
+
+def test_build_shows_each_step_of_each_kernel_line_as_it_starts(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fake_archive: FakeArchive,
+    shipped_pins: dict[str, KernelPin],
+) -> None:
+    """`ipvs-fleet build` says what it is doing before each long step, per kernel line."""
+    from ipvs_fleet.cli import main
+
+    pin = fake_archive.publish(shipped_pins["bookworm"])
+    seen: list[str] = []
+
+    def stop_in_builder_root(*args: object, **kwargs: object) -> None:
+        seen.append(capsys.readouterr().out)  # printed before the step's minutes
+        raise FleetError("stopped in the builder root")
+
+    monkeypatch.setattr(build, "builder_root", stop_in_builder_root)
+    assert main(["build", "--release", "bookworm", "--out", str(tmp_path)]) == 2
+    assert seen and seen[0].startswith(
+        f"[1/1] {pin.line} {pin.kernel_release}: builder root of bookworm"
+    ), seen
+    fake_artifact(tmp_path, pin)
+    assert main(["build", "--release", "bookworm", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"[1/1] {pin.line} {pin.kernel_release}: cached"), out

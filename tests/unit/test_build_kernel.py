@@ -56,6 +56,18 @@ def test_dislocated_variant_swaps_only_the_sysctl_patch() -> None:
         kernel.series("6.1", "seed")
 
 
+def test_upstream_variant_is_the_series_module_patch_on_its_line_only() -> None:
+    """The `upstream` variant builds the upstream series' IPVS patch alone (bit 3 of
+    conn_reuse_mode), not the product's knob, and only on the line the series is against."""
+    files = kernel.series(kernel.UPSTREAM_LINE, "upstream")
+    assert [p.parent for p in files] == [kernel.UPSTREAM]
+    assert "conn_reuse_old_conntrack" not in files[0].read_text()
+    assert "sysctl_conn_reuse_mode(ipvs) & 4" in files[0].read_text()
+    assert kernel.reuse_design(files) == "none"
+    with pytest.raises(ConfigError, match="upstream series is against 7.2, not 6.12"):
+        kernel.series("6.12", "upstream")
+
+
 def test_unknown_line_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="no patch series for kernel line 4.19"):
         kernel.series("4.19")
@@ -78,7 +90,7 @@ def _dump(line: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("line", ["5.10", "6.1", "6.12"])
+@pytest.mark.parametrize("line", ["5.10", "6.1", "6.12", "7.2"])
 def test_integrity_accepts_documented_defaults(line: str) -> None:
     assert integrity_problems(line, _dump(line)) == []
 

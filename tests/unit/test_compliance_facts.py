@@ -45,6 +45,15 @@ alias conntrack expire_nodest_conn
 #done
 @@@ kube_proxy
 running
+@@@ swap
+state=idle
+@@@ swap_record
+present=yes
+age=12
+services=3
+real_servers=8
+missing -a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1
+compared=yes
 """
 
 
@@ -63,6 +72,9 @@ def test_parse_all_sections() -> None:
     assert f.netns.complete and f.netns.defaults["conntrack"] == "0"
     assert f.netns.problems == ["writing conntrack also changed expire_nodest_conn"]
     assert f.kube_proxy is True
+    assert f.swap == {"state": "idle"}
+    assert f.swap_record["missing"] == ["-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1"]
+    assert f.swap_record["age"] == 12 and f.swap_record["compared"] is True
 
 
 def test_etc_shadows_usr_lib_with_the_same_name() -> None:
@@ -89,7 +101,8 @@ def test_garbage_is_an_error() -> None:
 
 def test_gather_command_is_one_shell_line_with_every_section() -> None:
     cmd = facts.gather_command(["conntrack", "conn_reuse_old_conntrack"])
-    for name in ("kernel", "loaded", "sysctls", "usage", "persisted", "netns", "kube_proxy"):
+    for name in ("kernel", "loaded", "sysctls", "usage", "persisted", "netns", "kube_proxy",
+                 "swap", "swap_record"):
         assert f"echo '@@@ {name}'" in cmd
     assert "unshare -n bash -c" in cmd
 

@@ -10,11 +10,13 @@ from ipvs_fleet.deploy.facts import (
     IpvsInstalledModules,
     IpvsInstalledSet,
     IpvsLoadedModules,
+    IpvsSwapRecord,
     IpvsSysctls,
     IpvsUsage,
     Lockdown,
     dkms_problems,
     refuses_unsigned,
+    swap_record_problems,
 )
 from ipvs_fleet.deploy.plan import decide, interlock, read_facts
 from ipvs_fleet.errors import ConfigError, FleetError
@@ -237,3 +239,40 @@ def test_a_host_lost_while_its_facts_are_read_fails_alone():
 
     with pytest.raises(KeyError):  # anything else still aborts the run
         read_facts(_Host(), bug)  # type: ignore[arg-type]
+
+
+RECORD = ["present=yes", "age=40", "services=3", "real_servers=8"]
+
+
+def test_swap_record_lists_what_changed_since_the_swap_restored_the_table():
+    rec = IpvsSwapRecord().process([
+        *RECORD,
+        "missing -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1",
+        "extra -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
+        "extra #timeouts 900 120 300",
+        "compared=yes",
+    ])  # fmt: skip
+    assert rec["present"] and rec["compared"] and (rec["age"], rec["services"]) == (40, 3)
+    assert rec["missing"] == ["-a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1"]
+    assert rec["extra"][1] == "#timeouts 900 120 300"
+    # Within the step's time the differences fail the host; an older record only informs.
+    assert swap_record_problems(rec, 60) == [
+        "not live, though the swap 40 s ago restored it: -a -t 10.96.0.10:53 -r 10.244.1.7:53 "
+        "-m -w 1",
+        "live, though not in the swap's record: -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
+        "live, though not in the swap's record: #timeouts 900 120 300",
+    ]
+    assert swap_record_problems(rec, 39) == []
+    assert swap_record_problems(rec, None) == []
+
+
+def test_swap_record_absent_or_not_comparable():
+    assert IpvsSwapRecord().process(["present=no"])["present"] is False
+    assert swap_record_problems(IpvsSwapRecord().process(["present=no"]), 60) == []
+    old = IpvsSwapRecord().process([*RECORD, "compared=unsupported"])
+    assert swap_record_problems(old, 60) == [
+        "the live IPVS table could not be compared with /var/lib/ipvs-fleet/swap.last/restored "
+        "(unsupported)"
+    ]
+    same = IpvsSwapRecord().process([*RECORD, "compared=yes"])
+    assert swap_record_problems(same, 60) == []

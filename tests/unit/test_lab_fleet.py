@@ -49,6 +49,17 @@ def test_kernel_args_are_kept_in_order(tmp_path: Path) -> None:
     )
 
 
+def test_the_7_2_fleet_boots_sid_with_the_selftest_tools() -> None:
+    """lab/fleet-7.2.yml: one sid host whose image carries socat and nftables (the upstream
+    kselftest's tools), apart from lab/fleet.yml (whose releases stay the three stable ones)."""
+    repo = Path(__file__).parents[2]
+    fleet = load_fleet(repo / "lab/fleet-7.2.yml")
+    assert fleet.releases() == ["sid"]
+    (host,) = fleet.hosts.values()
+    assert (host.host_class, host.packages) == ("k8s_node", ("nftables", "socat"))
+    assert load_fleet(repo / "lab/fleet.yml").releases() == ["bullseye", "bookworm", "trixie"]
+
+
 def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
     fleet = load_fleet(write(tmp_path, GOOD.replace("k8s_node", "connmark")), {"connmark"})
     assert fleet.hosts["k8s-canary"].groups == ("connmark_hosts", "canary")
@@ -65,6 +76,8 @@ def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
         (GOOD + "    memory_mb: lots\n", "hosts.k8s-canary.memory_mb", "integer"),
         (GOOD + "    kernel_args: [\"a; reboot\"]\n", "hosts.k8s-canary.kernel_args", "list of"),
         (GOOD + "    kernel_args: lockdown=integrity\n", "hosts.k8s-canary.kernel_args", "list"),
+        (GOOD + "    packages: [\"socat; reboot\"]\n", "hosts.k8s-canary.packages", "package"),
+        (GOOD + "    packages: socat\n", "hosts.k8s-canary.packages", "list"),
         (GOOD.replace("k8s-canary:", "K8s_Canary:"), "hosts.K8s_Canary", "host name"),
         (GOOD.replace("release: bookworm", "release: [bookworm]"), "hosts.k8s-canary.release",
          "must be a string"),

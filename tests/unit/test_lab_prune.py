@@ -15,6 +15,7 @@ from tests.fixtures.pins import FakeArchive
 PINS = {
     "bullseye": KernelPin("bullseye", "5.10", "5.10.0-46-cloud-amd64", "5.10.262-1"),
     "bookworm": KernelPin("bookworm", "6.1", "6.1.0-56-cloud-amd64", "6.1.192-2"),
+    "sid": KernelPin("sid", "7.2", "7.2.13+deb14-cloud-amd64", "7.2.13-1"),
 }
 TRIXIE = KernelPin("trixie", "6.12", "6.12.118+deb13-cloud-amd64", "6.12.118-1")
 

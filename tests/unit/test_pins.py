@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +29,10 @@ OLD = {
     "bullseye": KernelPin("bullseye", "5.10", "5.10.0-46-cloud-amd64", "5.10.262-1"),
     "bookworm": KernelPin("bookworm", "6.1", "6.1.0-56-cloud-amd64", "6.1.192-2"),
     "trixie": KernelPin("trixie", "6.12", "6.12.118+deb13-cloud-amd64", "6.12.118-1"),
+    "sid": KernelPin("sid", "7.2", "7.2.13+deb14-cloud-amd64", "7.2.13-1"),
 }
+# The releases of the default lab fleet (lab/fleet.yml): what `build --all-lab` builds.
+LAB = ("bullseye", "bookworm", "trixie")
 # Debian's next upload of bookworm's kernel (an ABI bump: a new kernel release).
 NEW_BOOKWORM = KernelPin("bookworm", "6.1", "6.1.0-57-cloud-amd64", "6.1.193-1")
 
@@ -160,14 +164,14 @@ def test_pins_update_shows_old_to_new_and_writes_the_lock(
     archive.remove(OLD["bookworm"])
     lock = debian.lock_path()
     before = lock.read_text()
-    assert cli.main(["pins", "update", "--dry-run"]) == 0
+    assert cli.main(["pins", "update", "--dry"]) == 0
     out = capsys.readouterr().out
     assert lock.read_text() == before
     assert "bookworm  6.1.0-56-cloud-amd64 6.1.192-2 -> 6.1.0-57-cloud-amd64 6.1.193-1" in out
     assert "bullseye  5.10.0-46-cloud-amd64 5.10.262-1 (unchanged)" in out
-    assert "1 of 3 pins would change (dry run" in out
+    assert "1 of 4 pins would change (dry run" in out
     assert cli.main(["pins", "update"]) == 0
-    assert f"wrote {lock}: 1 of 3 pins changed" in capsys.readouterr().out
+    assert f"wrote {lock}: 1 of 4 pins changed" in capsys.readouterr().out
     assert debian.locked_pins() == {**OLD, "bookworm": NEW_BOOKWORM}
     assert cli.main(["pins", "update"]) == 0
     assert "up to date" in capsys.readouterr().out
@@ -205,7 +209,7 @@ def test_pins_check_exit_code_says_whether_a_pin_is_gone(
 def test_builds_take_the_locked_pins(archive: FakeArchive, capsys: Capsys) -> None:
     archive.publish(NEW_BOOKWORM, "bookworm-security")
     args = cli.parser().parse_args(["build", "--all-lab"])
-    assert build_cli.targets(args) == list(OLD.values())
+    assert build_cli.targets(args) == [OLD[r] for r in LAB]
     assert build.pin_for("bookworm", None, None) == OLD["bookworm"]
     assert build.pin_for("bookworm", OLD["bookworm"].kernel_release, None) == OLD["bookworm"]
     # The newer upload is still buildable when named with its version.
@@ -215,6 +219,17 @@ def test_builds_take_the_locked_pins(archive: FakeArchive, capsys: Capsys) -> No
     archive.remove(OLD["bookworm"])
     assert build_cli.targets(args)[1] == NEW_BOOKWORM
     assert "warning: bookworm: locked kernel" in capsys.readouterr().err
+
+
+def test_all_lab_builds_the_releases_of_the_fleet_in_use(
+    archive: FakeArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`build --all-lab` follows the fleet file: the 7.2 lab (sid alone) builds only 7.2, and
+    the default lab does not build it (CI's time)."""
+    args = cli.parser().parse_args(["build", "--all-lab"])
+    assert OLD["sid"] not in build_cli.targets(args)
+    monkeypatch.setenv("IPVS_FLEET_FLEET", str(Path(__file__).parents[2] / "lab/fleet-7.2.yml"))
+    assert build_cli.targets(args) == [OLD["sid"]]
 
 
 def test_build_strict_pins_flag(
@@ -293,3 +308,40 @@ def test_lab_image_offline_is_the_locked_pins_cached_image(
     assert "cannot fetch" in logs[0] and f"using cached image {other.name}" in logs[0]
     with pytest.raises(debian.ArchiveUnreachable):
         image.build_image("trixie")  # nothing cached: the reason, not a half-made image
+
+
+def test_releases_file_gives_each_release_its_line_suites_and_apt_options() -> None:
+    """kernel/releases.yml: the stable releases search the release, -updates and -security;
+    sid (unstable) only itself, and its roots accept an InRelease past its Valid-Until."""
+    from ipvs_fleet import rootfs
+
+    assert debian.RELEASES == {"bullseye": "5.10", "bookworm": "6.1", "trixie": "6.12",
+                               "sid": "7.2"}  # fmt: skip
+    assert [s for _, s in debian.suites("trixie")] == ["trixie", "trixie-updates",
+                                                       "trixie-security"]  # fmt: skip
+    assert [s for _, s in debian.suites("sid")] == ["sid"]
+    assert rootfs.sources("sid") == [f"deb {debian.MIRROR} sid main"]
+    # apt.conf syntax: a bare `Name=value` is no option to apt (seen: sid's expired InRelease)
+    assert rootfs.apt_options("sid") == ['--aptopt=Acquire::Check-Valid-Until "false"']
+    assert rootfs.apt_options("bookworm") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("sid: {line: 7.2}\n", "needs `line"),  # a float, not the quoted line
+        ("sid: {line: '7.2', suites: [release, backports]}\n", "sid.suites"),
+        ("sid: {line: '7.2', apt_options: [Check-Valid-Until]}\n", "sid.apt_options"),
+        ("sid: {line: '7.2', codename: unstable}\n", "unknown keys"),
+        ("a: {line: '7.2'}\nb: {line: '7.2'}\n", "two releases share a kernel line"),
+        ("- sid\n", "expected a mapping"),
+    ],
+)
+def test_bad_releases_file_names_the_file_and_release(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    path = tmp_path / "releases.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(str(path))) as e:
+        debian.load_releases(path)
+    assert words in str(e.value)

@@ -1,6 +1,6 @@
 """`ipvs-fleet rollout` as a user runs it again and again: a completed journal is archived and
 a new rollout starts, --resume continues only an unfinished one, --limit, pyinfra options
-passed through to the pyinfra children, and --plan from pyinfra's own dry run.
+passed through to the pyinfra children, and --dry from pyinfra's own dry run.
 
 The runner is a recording stand-in (the CLI's PyinfraRunner replaced), except where the test
 checks the pyinfra command lines the real runner builds (its child process replaced).
@@ -218,7 +218,7 @@ def test_plan_lists_each_hosts_pending_changes_per_wave(cli, capsys):
         "n1": PlannedHost(["install patch set 2.0+x for 6.1.0-57-cloud-amd64"]),
         "n2": PlannedHost(["install patch set 2.0+x for 6.1.0-57-cloud-amd64"]),
     }
-    assert cli("--plan") == 0
+    assert cli("--dry") == 0
     out = capsys.readouterr().out
     assert "c1:" in out and "conn_reuse_old_conntrack = 1 (live 0)" in out
     assert "n1, n2:" in out and "install patch set 2.0+x" in out
@@ -231,7 +231,7 @@ def test_plan_exits_1_naming_a_refused_or_unplanned_host(cli, tmp_path, capsys):
         "n2": PlannedHost(refused="host n2 (kernel 6.1): conn_reuse_old_conntrack=1 refused"),
         "f1": PlannedHost(error="Could not connect (timed out)"),
     }
-    assert cli("--plan") == 1
+    assert cli("--dry") == 1
     cap = capsys.readouterr()
     assert "n2: the deploy would refuse it: host n2" in cap.err
     assert "f1: could not be planned: Could not connect" in cap.err

@@ -18,6 +18,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,14 @@ from ipvs_fleet.debian import (
 )
 from ipvs_fleet.errors import ConfigError, FleetError
 
-MEMBERS = ["net/netfilter/ipvs", "net/netfilter/xt_ipvs.c", "include/net/ip_vs.h"]
+# The upstream series (variant `upstream`) also documents its sysctl: the file is extracted
+# so that its patch applies whole.
+MEMBERS = [
+    "net/netfilter/ipvs",
+    "net/netfilter/xt_ipvs.c",
+    "include/net/ip_vs.h",
+    "Documentation/networking/ipvs-sysctl.rst",
+]
 ID_HEADER = "ipvs_fleet_id.h"
 
 
@@ -153,13 +161,28 @@ def _kbuild_extras(moddir: Path, set_id: str) -> None:
     (moddir / "Makefile").write_text(makefile + "\n".join(extra) + "\n")
 
 
+# chroot with /proc mounted in a private mount namespace (gone with the command, even when
+# it is killed): 7.2's objtool reads /proc while linking the modules.
+IN_ROOT = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    "sh",
+    "-c",
+    'root=$1; shift; mount -t proc proc "$root/proc" && exec chroot "$root" "$@"',
+    "in-root",
+]
+
+
 def _chroot(root: Path, cmd: list[str], log: Path) -> None:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         r = subprocess.run(
-            ["chroot", str(root), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env
+            [*IN_ROOT, str(root), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     if r.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
@@ -243,35 +266,45 @@ def build_for(
     patches: list[Path] | None = None,
     force: bool = False,
     log_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Artifact:
     """Build (or reuse the cached) module artifact for one pinned kernel.
 
     + pin: the kernel (release, kernel release, package version)
     + out_dir: artifacts folder; the artifact lands in `out_dir/<kernel_release>/`
-    + variant: test-only build variant (`dislocated`), stored under `out_dir/variants/`
+    + variant: test-only build variant (`dislocated`, `retrack`, `upstream`), stored under
+      `out_dir/variants/`
     + patches: override the series (tests); default `kernel.series(pin.line, variant)`
     + force: rebuild even if a matching artifact exists
     + log_dir: where build logs go (default: next to the artifact)
+    + progress: called with each step's name as it starts (the build takes minutes)
     """
+    step = progress or (lambda _: None)
     files = patches if patches is not None else kernel.series(pin.line, variant)
     phash = kernel.patchset_hash(files)
     dest = artifact_dir(Path(out_dir), pin.kernel_release, variant)
     if not force and (hit := _cached(dest, pin, phash)):
+        step("cached: same kernel, source version and patch set")
         return hit
     started = time.monotonic()
     logs = Path(log_dir or Path(out_dir) / "logs")
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{pin.kernel_release}{'.' + variant if variant else ''}.log"
     log.write_text("")
+    step(f"builder root of {pin.release} (made once, then reused)")
     root = builder_root(pin, log=logs / f"builder-{pin.release}.log")
     work = Path(tempfile.mkdtemp(prefix="ipvs-build-", dir=root / "tmp"))
     staging = Path(out_dir) / f".{pin.kernel_release}.partial-{os.getpid()}"
     try:
+        step(f"extracting the IPVS sources of linux-source {pin.version}")
         src = extract_sources(pin, root, work / "src")
+        step(f"applying {len(files)} patches")
         apply_series(files, src.top)
         sid = kernel.set_id(files, variant)
         _kbuild_extras(src.moddir, sid)
+        step(f"compiling the modules (log {log})")
         kos = compile_modules(pin, root, src, log)
+        step(f"checking and packing {len(kos)} modules")
         vermagic = _modinfo(root, kos[0], "vermagic")
         if not vermagic.startswith(pin.kernel_release + " "):
             raise FleetError(f"vermagic {vermagic!r} does not match {pin.kernel_release}")

@@ -1,19 +1,21 @@
-"""`ipvs-fleet build`: build the patched IPVS module set for the pinned Debian kernels.
+"""ipvs-fleet build: build the patched IPVS module set for the pinned Debian kernels.
 
-**Example:**
+Examples:
 
     ipvs-fleet build --release bookworm --out artifacts/
     ipvs-fleet build --all-lab --out artifacts/
+    IPVS_FLEET_FLEET=lab/fleet-7.2.yml ipvs-fleet build --all-lab --out artifacts/
     ipvs-fleet build --kernel-release 6.1.0-56-cloud-amd64 --release bookworm
     ipvs-fleet build --release bookworm --dkms dkms/
 
-The kernels are the locked pins (`ipvs-fleet pins show`); a pin the archive no longer has is
+The kernels are the locked pins (see: ipvs-fleet pins show); a pin the archive no longer has is
 replaced by the release's newest kernel with a warning, or is an error with --strict-pins.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from pathlib import Path
@@ -35,11 +37,18 @@ def targets(args: argparse.Namespace) -> list[KernelPin]:
     from ipvs_fleet.build.build import pin_for
 
     if args.all_lab:
-        return [pinned_kernel(r) for r in RELEASES]
+        from ipvs_fleet.lab.fleet import load_fleet
+
+        return [pinned_kernel(r) for r in load_fleet().releases()]
     if not args.release:
         raise ConfigError("name a target: --release R [--kernel-release K], or --all-lab")
     check_release(args.release, "--release")
     return [pin_for(args.release, args.kernel_release, args.source_version)]
+
+
+def say(tag: str, started: float, what: str) -> None:
+    """One progress line of a kernel line's build, as the step starts."""
+    print(f"{tag}: {what} ({time.monotonic() - started:.0f} s)", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,13 +58,16 @@ def run(args: argparse.Namespace) -> int:
     if args.strict_pins:
         os.environ[STRICT_PINS_ENV] = "1"
     out = Path(args.out)
-    for pin in targets(args):
+    pins = targets(args)
+    for i, pin in enumerate(pins, 1):
         t0 = time.monotonic()
-        art = build_for(pin, out, variant=args.variant, force=args.force)
+        tag = f"[{i}/{len(pins)}] {pin.line} {pin.kernel_release}"
+        progress = functools.partial(say, tag, t0)
+        art = build_for(pin, out, variant=args.variant, force=args.force, progress=progress)
         took = time.monotonic() - t0
         print(
             f"{pin.kernel_release}: {art.path} ({len(art.modules)} modules, "
-            f"{art.set_id}, reuse={art.reuse_design}, {took:.1f}s)"
+            f"{art.set_id}, reuse={art.reuse_design}, {took:.1f}s)", flush=True
         )
         if args.dkms:
             tree = make_dkms_tree(pin.line, Path(args.dkms), [m[:-3] for m in art.modules])
@@ -73,20 +85,25 @@ def add_parser(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--release", help="Debian release (bullseye, bookworm, trixie)")
-    p.add_argument("--kernel-release", help="`uname -r` to build for (default: the pinned one)")
+    p.add_argument("--release", help=f"Debian release ({', '.join(RELEASES)})")
+    p.add_argument("--kernel-release", help="uname -r to build for (default: the pinned one)")
     p.add_argument(
         "--source-version",
         help="Debian package version of that kernel's headers/linux-source "
         "(needed when --kernel-release is not the release's pinned kernel)",
     )
-    p.add_argument("--all-lab", action="store_true", help="the pinned kernel of every release")
+    p.add_argument(
+        "--all-lab",
+        action="store_true",
+        help="the pinned kernel of every release the lab fleet boots "
+        "($IPVS_FLEET_FLEET, else lab/fleet.yml)",
+    )
     p.add_argument("--out", default="artifacts", help="artifacts folder (default: artifacts)")
     p.add_argument(
         "--variant",
         choices=list(kernel.VARIANTS),
         help="test-only variant (dislocated: the seed's sysctl-table bug; retrack: the 1.x "
-        "reuse design); never deploy it",
+        "reuse design; upstream: the upstream series, 7.2 only); never deploy it",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument(
@@ -97,6 +114,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--dkms", metavar="DIR", help="also write the DKMS source tree under DIR")
     p.add_argument(
-        "--dkms-test", action="store_true", help="and run `dkms build` of it in the builder root"
+        "--dkms-test", action="store_true", help="and run 'dkms build' of it in the builder root"
     )
     p.set_defaults(func=run)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ipvs_fleet.cliopts import add_json
 from ipvs_fleet.compliance.model import ERROR, exit_code
 from ipvs_fleet.compliance.render import summary, write_outputs
 from ipvs_fleet.compliance.runner import run_checks
@@ -42,9 +43,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--limit", action="append", help="hosts or groups, comma-separated")
     p.add_argument("--policy", type=Path, help="host-class policy file (default: the role's)")
     p.add_argument("--junitxml", type=Path, help="write JUnit XML (a testcase per host/check)")
-    p.add_argument("--json", type=Path, dest="json_path", help="write results as JSON")
+    add_json(p, "write results as JSON", dest="json_path")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
+    p.add_argument(
+        "--swap-within", type=int, metavar="SECONDS",
+        help="also compare each host's live IPVS table with its last module swap's record, "
+        "if that swap finished less than SECONDS ago (as the rollout gate does)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -52,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong before touching a host is checked first: exit 2, one line.
     waivers = load_waivers(args.waivers) if args.waivers else []
     open_session(args.inventory, args.limit, args.policy)
-    results, wall = run_checks(args.inventory, args.limit, args.policy)
+    extra = [] if args.swap_within is None else ["--swap-within", str(args.swap_within)]
+    results, wall = run_checks(args.inventory, args.limit, args.policy, extra_args=extra)
     check_names(waivers, {r.check for r in results})
     unused = apply_waivers(results, waivers)
     write_outputs(

@@ -133,6 +133,80 @@ def swap_problem(swap: dict[str, Any]) -> str | None:
     return None
 
 
+class IpvsSwapRecord(FactBase[dict[str, Any]]):
+    """
+    The last finished module swap's record (swap.last/restored: the state it restored) and
+    how the live state differs from it now, as sorted `ipvsadm-save -n` lines plus the
+    timeouts and sync daemons (ipvs-swap.sh --snapshot, the swap's own snapshot).
+
+    .. code:: python
+
+        {"present": True, "age": 42, "services": 3, "real_servers": 8, "compared": True,
+         "missing": ["-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1"], "extra": []}
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        d = SWAP_STATE_DIR
+        r = f"{d}/swap.last/restored"
+        # The swap leaves its worker, a copy of ipvs-swap.sh, on the host (the script itself
+        # is removed after the run). One from before --snapshot would take the flag for a
+        # swap: ask only a script that knows it.
+        w = f"{d}/ipvs-swap-worker.sh"
+        return (
+            f"if [ ! -f {r} ]; then echo present=no; exit 0; fi; echo present=yes; "
+            f'echo "age=$(( $(date +%s) - $(stat -c %Y {r}) ))"; '
+            f"echo \"services=$(grep -c '^-A' {r})\"; "
+            f"echo \"real_servers=$(grep -c '^-a' {r})\"; "
+            f"if grep -q -- '--snapshot' {w} 2>/dev/null; then "
+            f"live=$(sh {w} --snapshot) || {{ echo compared=failed; exit 0; }}; "
+            f'echo "$live" | sort > /tmp/.ipvs-fleet-live.$$; sort {r} | '
+            f"diff - /tmp/.ipvs-fleet-live.$$ | sed -n 's/^< /missing /p; s/^> /extra /p'; "
+            f"rm -f /tmp/.ipvs-fleet-live.$$; echo compared=yes; "
+            "else echo compared=unsupported; fi"
+        )
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"present": False, "missing": [], "extra": []}
+        for line in output:
+            line = line.rstrip("\n")
+            kind, _, rest = line.partition(" ")
+            if kind in ("missing", "extra"):
+                out[kind].append(rest)
+                continue
+            key, _, value = line.strip().partition("=")
+            if key == "present":
+                out["present"] = value == "yes"
+            elif key in ("age", "services", "real_servers"):
+                out[key] = int(value) if value.lstrip("-").isdigit() else None
+            elif key == "compared":
+                out["compared"] = value == "yes"
+                if value != "yes":
+                    out["not_compared"] = value
+        return out
+
+
+def fresh_swap_record(rec: dict[str, Any], within: int | None) -> bool:
+    """Whether the swap record is from the last `within` seconds, i.e. from the step being
+    verified: an older one may have been changed since by the table's owner (kube-proxy)."""
+    age = rec.get("age")
+    return bool(rec.get("present")) and within is not None and age is not None and age <= within
+
+
+def swap_record_problems(rec: dict[str, Any], within: int | None) -> list[str]:
+    """How the live state differs from a fresh swap record (IpvsSwapRecord), as text."""
+    if not fresh_swap_record(rec, within):
+        return []
+    where = f"{SWAP_STATE_DIR}/swap.last/restored"
+    if not rec.get("compared"):
+        return [f"the live IPVS table could not be compared with {where} "
+                f"({rec.get('not_compared', 'no answer')})"]  # fmt: skip
+    out = [f"not live, though the swap {rec['age']} s ago restored it: {x}" for x in rec["missing"]]
+    out += [f"live, though not in the swap's record: {x}" for x in rec["extra"]]
+    return out
+
+
 def _in_indexed_updates(kernel_release: str, listing: str) -> StringCommand:
     """Run `listing` in our updates dir; print depmod-missing first unless depmod indexed it.
 

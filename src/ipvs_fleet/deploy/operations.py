@@ -25,10 +25,12 @@ from ipvs_fleet.deploy.facts import (
     IpvsInstalledModules,
     IpvsInstalledSet,
     IpvsLoadedModules,
+    IpvsSwapRecord,
     IpvsSwapState,
     IpvsSysctls,
     failed_set_dir,
     swap_problem,
+    swap_record_problems,
     updates_dir,
 )
 from ipvs_fleet.policy import KNOB, LOCK_WAIT_S, HostSettings
@@ -469,7 +471,9 @@ def sysctl_live(key: str, value: int, activation: str = "reload") -> Generator[A
 
 
 @operation()
-def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, None]:
+def verified(
+    patchset: str, sysctls: Mapping[str, int], swap_within: int | None = None
+) -> Generator[Any, None, None]:
     """
     Fail the host unless the running state is what was deployed: every loaded IPVS module
     from the expected build, the given values live. A step of the execution: it reads the
@@ -479,6 +483,8 @@ def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, 
     + patchset: the expected patch-set version; "" for the stock build (then the knob
       must not exist)
     + sysctls: {key: value} that must be live
+    + swap_within: also compare the live IPVS table with the record of a module swap that
+      finished less than this many seconds ago (the rollout gate: the time since its deploy)
     """
     what = f"patch set {patchset}" if patchset else "the stock build"
     if previewing():
@@ -488,6 +494,8 @@ def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, 
     live: dict[str, Any] = host.get_fact(IpvsSysctls)
     swap: dict[str, Any] = host.get_fact(IpvsSwapState)
     problems = verification_problems(loaded, live, patchset, sysctls, swap)
+    if swap_within is not None:
+        problems += swap_record_problems(host.get_fact(IpvsSwapRecord), swap_within)
     if problems:
         yield fail(f"verification failed on {host.name}: " + "; ".join(problems))
         return

@@ -5,7 +5,7 @@ exception raised while loading aborts the run for all hosts. So everything that 
 host's deploy invalid (policy, missing artifact, lockdown, the reuse interlock) is checked
 here, at load time.
 
-A plan (`ipvs-fleet rollout --plan`: a dry run with $IPVS_FLEET_PREFLIGHT=report) wants
+A plan (`ipvs-fleet rollout --dry`: a dry run with $IPVS_FLEET_PREFLIGHT=report) wants
 every host's verdict, not the first refusal: there a refused host is logged
 (`[host] refused: <why>`) and failed alone, and the other hosts are planned.
 """

@@ -5,7 +5,10 @@ the matching Debian `linux-source`), `patches/reference/` (the seed in its pre-5
 built), `patches/dislocated/<line>/` (a test-only replacement for 0001 that reproduces the
 seed's sysctl-table bug, so the table-integrity check can be shown to fail), `patches/retrack/`
 (a test-only replacement for 0002: the 1.x reuse design, so the lab can show what it breaks and
-the interlock and the reuse_safety check refusing it).
+the interlock and the reuse_safety check refusing it). `upstream/` is the series proposed
+upstream (issue 18) against UPSTREAM_LINE's source; the test-only variant `upstream` builds
+the module from its patches that touch IPVS (bit 3 of conn_reuse_mode, not the product's knob)
+so the lab can run its kselftest against it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from ipvs_fleet.errors import ConfigError, load_yaml_file
 PATCHSET_VERSION = "2.0"
 PATCHES = Path(__file__).parent / "patches"
 SYSCTL_DEFAULTS = Path(__file__).parent / "sysctl_defaults.yml"
+UPSTREAM = Path(__file__).parent / "upstream"
+UPSTREAM_LINE = "7.2"  # the kernel line the upstream series applies to (its cover letter)
 REUSE_DESIGNS = Path(__file__).parent / "reuse_designs.yml"
 # Module info fields carried by every built module (MODINFO_SET) and by ip_vs (MODINFO_REUSE).
 MODINFO_SET = "ipvs_fleet"
 MODINFO_REUSE = "ipvs_fleet_reuse"
 # Build variants besides the shipped one; test-only, never deployed.
-VARIANTS = ("dislocated", "retrack")
+VARIANTS = ("dislocated", "retrack", "upstream")
 
 
 def lines() -> list[str]:
@@ -45,10 +50,23 @@ def series(line: str, variant: str | None = None) -> list[Path]:
         return files
     if variant not in VARIANTS:
         raise ConfigError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
+    if variant == "upstream":
+        if line != UPSTREAM_LINE:
+            raise ConfigError(f"the upstream series is against {UPSTREAM_LINE}, not {line}")
+        return upstream_module_patches()
     swap = {p.name[:4]: p for p in (PATCHES / variant / line).glob("*.patch")}
     if not swap:
         raise ConfigError(f"variant {variant} has no patches for kernel line {line}")
     return [swap.get(p.name[:4], p) for p in files]
+
+
+def upstream_module_patches() -> list[Path]:
+    """The upstream series' patches that change the modules (not the selftest's), in order."""
+    return [
+        p
+        for p in sorted(UPSTREAM.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+        if "\n+++ b/net/netfilter/ipvs/" in p.read_text()
+    ]
 
 
 def patchset_hash(files: list[Path]) -> str:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ipvs_fleet.cliopts import add_dry
 from ipvs_fleet.debian import STRICT_PINS_ENV
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.lab.lab import Lab
@@ -39,7 +40,7 @@ def add_parser(subparsers: Any) -> None:
     prune = sub.add_parser(
         "prune", help="remove cached images no current pin uses (running VMs' images stay)"
     )
-    prune.add_argument("-n", "--dry-run", action="store_true", help="only list them")
+    add_dry(prune, "only list them", old=("-n", "--dry-run"))
     prune.set_defaults(func=_prune)
     ssh = sub.add_parser("ssh", help="ssh to a lab host: ssh HOST [-- CMD...]")
     ssh.add_argument("host", metavar="HOST")
@@ -84,8 +85,8 @@ def _status(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from ipvs_fleet.lab.image import cache_dir, prune_images
 
-    removed = prune_images(dry_run=args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
+    removed = prune_images(dry_run=args.dry)
+    verb = "would remove" if args.dry else "removed"
     for path, why in removed:
         print(f"{verb} {path.name} ({why})")
     print(f"{verb} {len(removed)} cache entries from {cache_dir()}")

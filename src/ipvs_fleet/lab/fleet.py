@@ -15,13 +15,17 @@ from typing import Any
 
 import yaml
 
-from ipvs_fleet.debian import check_release
+from ipvs_fleet.debian import RELEASES, check_release
 from ipvs_fleet.errors import ConfigError, load_yaml_file
 from ipvs_fleet.resources import data_path, policy_file
 
 DEFAULT_FLEET = data_path("lab/fleet.yml")
 
-HOST_FIELDS = {"release", "host_class", "groups", "memory_mb", "kernel_args", "build_tools"}
+HOST_FIELDS = {
+    "release", "host_class", "groups", "memory_mb", "kernel_args", "build_tools", "packages"
+}
+# A Debian package name (Debian Policy 5.6.1).
+PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 # Extra kernel command-line words, e.g. `lockdown=integrity`: letters, digits and ._,=-
 KARG_RE = re.compile(r"[A-Za-z0-9_.,=-]+")
 TOP_FIELDS = {"hosts", "class_groups"}
@@ -41,6 +45,7 @@ class FleetHost:
     memory_mb: int = 1024
     kernel_args: tuple[str, ...] = ()  # appended to the VM's kernel command line
     build_tools: bool = False  # image carries dkms, a compiler, the kernel's headers and source
+    packages: tuple[str, ...] = ()  # Debian packages its image carries besides LAB_PACKAGES
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ class Fleet:
         for h in self.hosts.values():
             out += [g for g in h.groups if g not in out]
         return out
+
+    def releases(self) -> list[str]:
+        """The Debian releases its hosts boot, each once, in kernel/releases.yml's order."""
+        booted = {h.release for h in self.hosts.values()}
+        return [r for r in RELEASES if r in booted]
 
 
 def fleet_path() -> Path:
@@ -138,10 +148,15 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
         tools = spec.get("build_tools", False)
         if not isinstance(tools, bool):
             raise err(f"{field}.build_tools", f"must be true or false, not {tools!r}")
+        pkgs = spec.get("packages") or []
+        if not isinstance(pkgs, list) or not all(
+            isinstance(p, str) and PACKAGE_RE.fullmatch(p) for p in pkgs
+        ):
+            raise err(f"{field}.packages", "must be a list of Debian package names")
         group = class_groups.get(cls, f"{cls}_hosts")
         groups = (group, *[g for g in extra if g != group])
         hosts[name] = FleetHost(
-            name, spec["release"], cls, groups, memory, tuple(kargs), tools
+            name, spec["release"], cls, groups, memory, tuple(kargs), tools, tuple(sorted(pkgs))
         )
     return Fleet(path, hosts, dict(class_groups))
 

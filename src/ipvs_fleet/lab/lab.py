@@ -33,8 +33,11 @@ from typing import Any
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab import vm
 from ipvs_fleet.lab.fleet import Fleet, load_fleet
-from ipvs_fleet.lab.image import Image, build_image, seed_tar
+from ipvs_fleet.lab.image import LAB_PACKAGES, Image, build_image, seed_tar
 from ipvs_fleet.resources import data_path, workdir
+
+# What a lab image is made for: release, build tools, extra packages (the fleet file's).
+ImageKind = tuple[str, bool, tuple[str, ...]]
 
 INVENTORY = data_path("inventory/lab.py")
 STATE_VERSION = 1
@@ -234,7 +237,7 @@ class Lab:
             boot = time.monotonic()
             for name in todo:
                 spec = fleet.hosts[name]
-                image = images[(spec.release, spec.build_tools)]
+                image = images[(spec.release, spec.build_tools, spec.packages)]
                 files = self.vm_files(name)
                 if name in st.hosts:  # it died: drop its pidfile and its SSH master
                     self._close_master(name)
@@ -399,21 +402,25 @@ class Lab:
             if r.returncode != 0:
                 raise FleetError(f"ssh-keygen {key} failed: {r.stderr.strip()}")
 
-    def _images(self, fleet: Fleet, names: Sequence[str]) -> dict[tuple[str, bool], Image]:
-        """The image of each (release, build_tools) the named hosts boot, built in parallel."""
-        kinds = sorted({(fleet.hosts[n].release, fleet.hosts[n].build_tools) for n in names})
+    def _images(self, fleet: Fleet, names: Sequence[str]) -> dict[ImageKind, Image]:
+        """The image of each (release, build_tools, packages) the named hosts boot, built in
+        parallel."""
+        kinds = sorted(
+            {(h.release, h.build_tools, h.packages) for h in (fleet.hosts[n] for n in names)}
+        )
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
 
-        def label(kind: tuple[str, bool]) -> str:
-            return kind[0] + ("-build" if kind[1] else "")
+        def label(kind: ImageKind) -> str:
+            return kind[0] + ("-build" if kind[1] else "") + "".join(f"+{p}" for p in kind[2])
 
         pending = set(kinds)
         for k in kinds:
             (logs / f"image-{label(k)}.log").unlink(missing_ok=True)  # progress shows this build's
 
-        def one(kind: tuple[str, bool]) -> Image:
-            img = build_image(kind[0], build_tools=kind[1], log=self.log,
+        def one(kind: ImageKind) -> Image:
+            extra = [*LAB_PACKAGES, *kind[2]] if kind[2] else None
+            img = build_image(kind[0], extra, build_tools=kind[1], log=self.log,
                               logfile=logs / f"image-{label(kind)}.log")  # fmt: skip
             pending.discard(kind)
             return img

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ipvs_fleet.cliopts import add_alias, add_json
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.probe import probe
 from ipvs_fleet.probe.harness import BACKENDS, CLIENTS, FAMILIES, RULESETS
@@ -25,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
         description="Measure short connections through an IPVS virtual service.",
     )
     sub = p.add_subparsers(dest="probe_command", required=True)
-    probe.add_arguments(sub)
+    probe.add_arguments(sub, alias=add_alias)
 
     s = sub.add_parser("scenario", help="run the reuse scenarios in a lab VM (JSON out)")
     s.add_argument("--lab-dir", type=Path, help="lab dir (default: $IPVS_FLEET_LAB_DIR)")
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
     s.add_argument("--modules", choices=("stock", "patched", "loaded"), default="loaded",
                    help="load the stock or the built modules first (default: keep loaded)")
     s.add_argument("--artifacts", type=Path, default=Path("artifacts"),
-                   help="artifacts dir of `ipvs-fleet build` (for --modules patched)")
+                   help="artifacts dir of 'ipvs-fleet build' (for --modules patched)")
     s.add_argument("--rule", choices=("drop", "accept"), default="drop",
                    help="INVALID rule in the director's FORWARD chain")
     s.add_argument("--knob", type=int, choices=(0, 1), help="conn_reuse_old_conntrack")
@@ -51,7 +52,7 @@ def add_parser(subparsers: Any) -> None:
     s.add_argument("--ordinary", type=int, default=0, help="ordinary short connections")
     s.add_argument("--ftp", action="store_true", help="passive FTP through ip_vs_ftp")
     s.add_argument("--conntrack", action="store_true", help="conntrack view after a reuse")
-    s.add_argument("-o", "--output", type=Path, help="write the JSON result here")
+    add_json(s, "write the JSON result here (default: stdout)", old=("-o", "--output"))
     s.set_defaults(func=_cmd_scenario)
 
     pl = sub.add_parser("plot", help="latency CDF (PNG) from probe/scenario JSON")
@@ -95,9 +96,9 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
                 family=args.family)
     result = guest.run_plan(plan)
     text = json.dumps(result, indent=1)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
         for name, row in summarize(result).items():
             print(f"{name:<9} " + " ".join(f"{k}={v}" for k, v in row.items()))
     else:

@@ -515,8 +515,15 @@ def serve(ip: str, port: int, identity: str, hold: float = 30.0,
 # --- command line ---------------------------------------------------------------------------
 
 
-def add_arguments(sub: Any) -> None:
-    """Add the `connect` and `serve` subcommands to an argparse subparsers object."""
+def _plain_alias(p: argparse.ArgumentParser, *old: str, new: str, dest: str,
+                 **kwargs: Any) -> None:  # fmt: skip
+    """A hidden old spelling of an option (a copied probe.py has no ipvs_fleet.cliopts)."""
+    p.add_argument(*old, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_arguments(sub: Any, alias: Callable[..., None] = _plain_alias) -> None:
+    """Add the `connect` and `serve` subcommands to an argparse subparsers object; `alias`
+    adds an option's old spelling (`ipvs-fleet` passes one that prints a deprecation note)."""
     c = sub.add_parser("connect", help="short connections to VIP:port, JSON result")
     c.add_argument("target", help="VIP:port")
     c.add_argument("-n", "--count", type=int, default=100)
@@ -531,7 +538,8 @@ def add_arguments(sub: Any) -> None:
     c.add_argument("--deadline", type=float, default=120.0, help="whole run, seconds")
     c.add_argument("--slow-ms", type=float, default=SLOW_MS)
     c.add_argument("--summary", action="store_true", help="leave out per-attempt times")
-    c.add_argument("-o", "--output", help="write JSON here instead of stdout")
+    c.add_argument("--json", metavar="PATH", help="write the JSON result here (default: stdout)")
+    alias(c, "-o", "--output", new="--json", dest="json", metavar="PATH")
     c.set_defaults(func=_cmd_connect)
     s = sub.add_parser("serve", help="identity server for probe requests")
     s.add_argument("--bind", default="0.0.0.0", help="address to listen on (:: for IPv6)")
@@ -539,7 +547,7 @@ def add_arguments(sub: Any) -> None:
     s.add_argument("--udp-port", type=int, help="also answer UDP datagrams on this port")
     s.add_argument("--identity", default=socket.gethostname())
     s.add_argument("--hold", type=float, default=30.0,
-                   help="seconds a `hold` connection may stay idle")
+                   help="seconds a 'hold' connection may stay idle")
     s.set_defaults(func=_cmd_serve)
 
 
@@ -558,8 +566,8 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         deadline=args.deadline, slow_ms=args.slow_ms, with_attempts=not args.summary,
     )
     text = json.dumps(result, indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             f.write(text + "\n")
     else:
         print(text)

@@ -1,4 +1,4 @@
-"""`ipvs-fleet rollout inventory/<env>.py`: the deploy in waves; gates, halt, rollback, resume."""
+"""ipvs-fleet rollout inventory/<env>.py: the deploy in waves; gates, halt, rollback, resume."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ipvs_fleet.build.artifact import artifacts_id
+from ipvs_fleet.cliopts import add_dry, add_json
 from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.policy import load_policy
 from ipvs_fleet.resources import ROLLOUT, deploy_file, workdir
@@ -34,8 +35,8 @@ waves: a group name (its hosts), a host count, or N% of the hosts outside the gr
 the last entry repeats until every host is in a wave (as Ansible's serial). Host order is the
 inventory's. A journal whose rollout completed is archived (<journal stem>.<UTC time>.jsonl)
 and a new rollout starts; an unfinished one is continued with --resume or archived with --new.
-Exit codes: 0 completed (--plan: every host can be deployed), 1 halted (a wave failed its
-gate; --plan: a host would be refused or could not be planned), 2 bad input.
+Exit codes: 0 completed (--dry: every host can be deployed), 1 halted (a wave failed its
+gate; --dry: a host would be refused or could not be planned), 2 bad input.
 """
 
 
@@ -52,9 +53,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help=f"rollout policy YAML (default: the policy directory's {ROLLOUT}, else "
                         "the packaged one)")
-    p.add_argument("--plan", action="store_true",
-                   help="print the waves and each host's pending changes (pyinfra's dry run); "
-                        "touch nothing")
+    add_dry(p, "print the waves and each host's pending changes (pyinfra's dry run); touch "
+               "nothing", old=("--plan",))
     p.add_argument("--resume", action="store_true",
                    help="continue the journal's unfinished rollout, skipping hosts already "
                         "verified")
@@ -65,7 +65,7 @@ def add_parser(sub: Any) -> None:
                         "repeated (as pyinfra's --limit); --resume keeps the journal's")
     p.add_argument("--journal", type=Path,
                    help="journal file (default: reports/rollout/<inventory>.jsonl)")
-    p.add_argument("--json", type=Path, dest="json_out", help="write the JSON report here")
+    add_json(p, "write the JSON report here", dest="json_out")
     p.add_argument("--soak", type=float, help="seconds to wait after each wave's deploy")
     p.add_argument("--max-fail-percent", type=float, help="override the policy's default")
     p.add_argument("--no-rollback", action="store_true",
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.resume:
         waves = resumed_plan(view, waves, {n for n, _, _ in hosts}, jpath)
-    elif view.runs and not args.plan and not (view.completed or args.new):
+    elif view.runs and not args.dry and not (view.completed or args.new):
         raise ConfigError(
             f"{jpath}: an unfinished rollout (outcome: {view.outcome or 'none'}, last record "
             f"{_when(view.last_ts)}); continue it with --resume, or archive it and start a new "
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         log_dir=log_dir,
         env=env,
     )
-    if args.plan:
+    if args.dry:
         states = {h: r.state for h, r in view.hosts.items()} if args.resume else None
         console.print(f"[bold]Plan[/] for {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
                       "pyinfra's dry run of the deploy (nothing is changed)...")  # fmt: skip

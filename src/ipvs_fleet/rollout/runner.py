@@ -230,6 +230,7 @@ class PyinfraRunner:
     log_dir: Path | None = None
     env: dict[str, str] | None = None
     _seq: int = 0
+    _deploy_began: float | None = None  # monotonic start of the last deploy step
 
     def _log(self, what: str) -> Path | None:
         if self.log_dir is None:
@@ -302,7 +303,16 @@ class PyinfraRunner:
         return StepResult(outcomes, secs, err), doc
 
     def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult:
+        self._deploy_began = time.monotonic()
         return self.pyinfra(self.deploy_file, hosts, progress, what="deploy")[0]
+
+    def _swap_within(self) -> int | None:
+        """Seconds since the deploy step began: a swap record younger than that is this
+        step's, so the gate compares the live table with it (the host's clock measures the
+        record's age, so the clocks need not agree)."""
+        if self._deploy_began is None:
+            return None
+        return int(time.monotonic() - self._deploy_began) + 2
 
     def rollback(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         return self.pyinfra(
@@ -318,7 +328,9 @@ class PyinfraRunner:
     def gate(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         if self.use_checks and checks_available():
             return self._checks_gate(hosts, progress)
-        res = self.pyinfra(VERIFY_DEPLOY, hosts, progress, what="verify")[0]
+        within = self._swap_within()
+        data = {} if within is None else {"ipvs_swap_within": str(within)}
+        res = self.pyinfra(VERIFY_DEPLOY, hosts, progress, data=data, what="verify")[0]
         for o in res.hosts.values():
             o.details["gate"] = "pyinfra verification"
         return res
@@ -330,6 +342,9 @@ class PyinfraRunner:
         cmd = [sys.executable, "-m", "ipvs_fleet.rollout.gate_checks",
                "--inventory", str(self.inventory), "--limit", ",".join(hosts), "--out", out,
                "--", *self.check_args, *latency_deselect(hosts, self.latency_hosts)]  # fmt: skip
+        within = self._swap_within()
+        if within is not None:
+            cmd += ["--swap-within", str(within)]
         t0 = time.monotonic()
         try:
             rc, _, err = run_child(

@@ -16,7 +16,8 @@
 # Exit codes: 0 swapped and verified, or nothing to swap; 3 failed, the old modules and the
 # table restored; 4 failed and the table not restored (swap.pending keeps it for the next
 # run); 5 the host lock stayed held (the holder is named); 6 not finished in time (the swap
-# goes on on the host; the next run waits for it).
+# goes on on the host; the next run waits for it). `--snapshot` prints the live state in the
+# saved form and changes nothing.
 set -u
 state=/var/lib/ipvs-fleet
 pending=$state/swap.pending
@@ -24,6 +25,21 @@ lock=$state/lock
 worker=$state/ipvs-swap-worker.sh
 : "${IPVS_FLEET_LOCK_WAIT:=300}"
 : "${IPVS_FLEET_SWAP_TIMEOUT:=600}"
+
+# The state a swap must bring back: the table, the timeouts, the sync daemons.
+snapshot() {
+    ipvsadm-save -n || return 1
+    ipvsadm -L --timeout | sed -n 's/^Timeout (tcp tcpfin udp): */#timeouts /p'
+    ipvsadm -L --daemon | sed 's/^/#daemon /'
+}
+
+if [ "${1:-}" = --snapshot ]; then
+    # Read-only: the live state as a swap saves it, for the checks to compare with the
+    # last swap's record (ipvsadm would load ip_vs if it were not loaded: it changes nothing).
+    [ -d /sys/module/ip_vs ] || { echo "#ip_vs not loaded"; exit 0; }
+    snapshot
+    exit $?
+fi
 
 if [ "${1:-}" != --worker ]; then
     # The caller's side: start the worker detached, wait for its outcome. With
@@ -97,13 +113,6 @@ if ! flock -w "$IPVS_FLEET_LOCK_WAIT" 9; then
     finish 5
 fi
 echo "ipvs-swap $id, pid $$, since $(date -Is)" > "$lock.holder"
-
-# The state a swap must bring back: the table, the timeouts, the sync daemons.
-snapshot() {
-    ipvsadm-save -n || return 1
-    ipvsadm -L --timeout | sed -n 's/^Timeout (tcp tcpfin udp): */#timeouts /p'
-    ipvsadm -L --daemon | sed 's/^/#daemon /'
-}
 
 restore() {
     ipvsadm -C || return 1

@@ -1,0 +1,151 @@
+"""The CI examples run: the shell commands of ci-examples/github-actions.yml and
+gitlab-ci.yml, read from the YAML (tests/fixtures/ci_examples.py), run against the lab as the
+examples document their inputs: ipvs-fleet's wheel installed by the example's own `pip
+install` line (the wheel of this tree instead of a release, same extras) into a fresh
+virtualenv, a repository of `ipvs-fleet init` with the lab's hosts in inventory/prod.py (no
+key paths: the example's SSH step provides them), the lab's client key and host keys as the
+secret / File variables, a scratch HOME. The hosts are converged first (a deploy), so the
+check must pass: the JUnit file the job publishes must hold every host's checks and no
+failure or error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ipvs_fleet.lab import Lab
+from tests.fixtures.ci_examples import (
+    GITHUB,
+    GITLAB,
+    Command,
+    Job,
+    from_wheel,
+    github_job,
+    gitlab_job,
+    is_install,
+)
+from tests.fixtures.deploy import Deployer
+from tests.fixtures.wheel import build_wheel
+
+pytestmark = [pytest.mark.lab, pytest.mark.pypi, pytest.mark.destructive]
+
+
+def user_inventory(lab: Lab) -> str:
+    """inventory/prod.py as a user writes it for these hosts: where to reach them and their
+    class, no key or known_hosts paths (the CI job's SSH step puts those in ~/.ssh)."""
+    lines = ['"""The lab\'s hosts, as a fleet repository lists its own."""', ""]
+    for group, names in lab.groups.items():
+        hosts = [(n, {"ssh_hostname": "127.0.0.1", "ssh_port": lab.hosts[n].port,
+                      "ssh_user": "root", "ipvs_host_class": lab.hosts[n].host_class})
+                 for n in names]  # fmt: skip
+        lines.append(f"{group} = {hosts!r}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("ci-wheel"))
+
+
+def clean_env(venv: Path, home: Path) -> dict[str, str]:
+    """A runner's environment: nothing of the checkout, its venv, its lab or an SSH agent
+    leaks in."""
+    leaks = ("PYTHONPATH", "VIRTUAL_ENV", "SSH_AUTH_SOCK")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("IPVS_FLEET_") and k not in leaks}  # fmt: skip
+    return env | {"HOME": str(home), "CI": "true", "COLUMNS": "300",
+                  "PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"}  # fmt: skip
+
+
+def sh(cmd: Command, cwd: Path, env: dict[str, str], timeout: float = 1200) -> str:
+    """Run one command as the CI runs a step (bash, -e, pipefail); its output."""
+    r = subprocess.run(["bash", "-eo", "pipefail", "-c", cmd.shell], cwd=cwd,
+                       env=env | cmd.env, capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    assert r.returncode == 0, f"$ {cmd.shell}\nexit {r.returncode}\n{r.stdout[-4000:]}\n" \
+        f"{r.stderr[-4000:]}"  # fmt: skip
+    return r.stdout + r.stderr
+
+
+def run_job(job: Job, lab: Lab, wheel: Path, tmp: Path, env: dict[str, str]) -> Path:
+    """The job's install (of the wheel), the repository, the job's other commands; the repo."""
+    venv, repo = tmp / "venv", tmp / "repo"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    repo.mkdir()
+    (install,) = [c for c in job.commands if is_install(c)]
+    sh(from_wheel(install, wheel), repo, env)
+    sh(Command("ipvs-fleet init ."), repo, env)
+    (repo / "inventory" / "prod.py").write_text(user_inventory(lab))
+    for cmd in job.commands:
+        if cmd is not install:
+            print(sh(cmd, repo, env)[-3000:])
+    return repo
+
+
+def assert_junit_passes(path: Path, lab: Lab) -> None:
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    cases = [c for s in suites for c in s.findall("testcase")]
+    tests = sum(int(s.get("tests", 0)) for s in suites)
+    print(f"{path}: {len(suites)} suites, {tests} tests")
+    assert tests == len(cases) > 0
+    assert [int(s.get(k, 0)) for s in suites for k in ("failures", "errors")] == [0] * (
+        2 * len(suites))  # fmt: skip
+    assert not [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    checked = {c.get("classname", "").rpartition(".")[2] for c in cases}
+    assert checked == set(lab.hosts), checked
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Lab, deployer: Deployer) -> Lab:
+    """The lab's hosts converged (earlier tests leave them in other states)."""
+    deployer.run()
+    return lab
+
+
+def test_github_actions_example_runs_and_its_junit_passes(
+    converged: Lab, wheel: Path, tmp_path: Path
+) -> None:
+    lab = converged
+    home = tmp_path / "home"
+    home.mkdir()
+    repo = tmp_path / "repo"
+    context = {
+        "secrets.FLEET_SSH_KEY": lab.client_key.read_text().rstrip("\n"),
+        "vars.FLEET_KNOWN_HOSTS": lab.known_hosts.read_text().rstrip("\n"),
+        "vars.IPVS_FLEET_REPO": "example/ipvs-fleet",  # replaced by the wheel
+        "github.workspace": str(repo),
+    }
+    job = github_job(yaml.safe_load(GITHUB.read_text()), context)
+    env = clean_env(tmp_path / "venv", home) | {"GITHUB_WORKSPACE": str(repo)}
+    run_job(job, lab, wheel, tmp_path, env)
+    assert (home / ".ssh" / "id_ed25519").is_file()
+    for junit in job.junit:
+        assert_junit_passes(repo / junit, lab)
+
+
+def test_gitlab_ci_example_runs_and_its_junit_passes(
+    converged: Lab, wheel: Path, tmp_path: Path
+) -> None:
+    lab = converged
+    home = tmp_path / "home"
+    home.mkdir()
+    repo = tmp_path / "repo"
+    variables = {"CI_PROJECT_DIR": str(repo), "CI_API_V4_URL": "https://gitlab.example/api/v4",
+                 "IPVS_FLEET_PROJECT": "1",  # the registry: replaced by the wheel
+                 # File variables: GitLab writes the value to a file, the variable is its path
+                 "FLEET_SSH_KEY": str(lab.client_key),
+                 "FLEET_KNOWN_HOSTS": str(lab.known_hosts)}  # fmt: skip
+    job = gitlab_job(yaml.safe_load(GITLAB.read_text()), variables)
+    env = clean_env(tmp_path / "venv", home) | variables
+    run_job(job, lab, wheel, tmp_path, env)
+    assert (home / ".ssh" / "id_ed25519").is_file()
+    for junit in job.junit:
+        assert_junit_passes(repo / junit, lab)

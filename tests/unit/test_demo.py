@@ -1,0 +1,77 @@
+"""`ipvs-fleet demo` boots the lab and builds the modules at the same time, then runs the
+rest one step after the other; each command is a stand-in `ipvs-fleet` that logs when it
+starts and ends."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipvs_fleet import demo
+
+FAKE_CLI = """#!/bin/sh
+echo "$1 start $(date +%s.%N)" >> {log}
+case "$1" in lab|build) sleep 1;; esac
+echo "$1 line of output"
+echo "$1 end $(date +%s.%N)" >> {log}
+exit {rc}
+"""
+
+
+def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rc: int = 0) -> Path:
+    """Point the demo at a stand-in ipvs-fleet next to a stand-in python; its log file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    cli = bin_dir / "ipvs-fleet"
+    cli.write_text(FAKE_CLI.format(log=log, rc=rc))
+    cli.chmod(cli.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("IPVS_FLEET_LAB_DIR", str(tmp_path / "lab"))
+    monkeypatch.setenv("IPVS_FLEET_ARTIFACTS", str(tmp_path / "artifacts"))
+    return log
+
+
+def spans(log: Path) -> dict[str, tuple[float, float]]:
+    times: dict[str, dict[str, float]] = {}
+    for line in log.read_text().splitlines():
+        cmd, what, when = line.split()
+        times.setdefault(cmd, {})[what] = float(when)
+    return {cmd: (t["start"], t["end"]) for cmd, t in times.items()}
+
+
+def test_lab_boot_and_module_build_overlap_then_the_rest_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = fake_cli(tmp_path, monkeypatch)
+    args = argparse.Namespace(reports=str(tmp_path / "reports"), skip=[])
+    assert demo.run(args) == 0
+    s = spans(log)
+    assert list(s)[:2] in (["lab", "build"], ["build", "lab"])
+    # each sleeps 1 s: started together, they overlap
+    assert s["build"][0] < s["lab"][1] and s["lab"][0] < s["build"][1], s
+    assert s["rollout"][0] >= max(s["lab"][1], s["build"][1]), s
+    assert s["check"][0] >= s["rollout"][1] and s["probe"][0] >= s["check"][1], s
+    out = capsys.readouterr().out
+    assert "    lab   | lab line of output" in out and "    build | build line of output" in out
+    assert "total" in out
+
+
+def test_a_failed_boot_or_build_stops_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = fake_cli(tmp_path, monkeypatch, rc=1)
+    assert demo.run(argparse.Namespace(reports=str(tmp_path / "r"), skip=[])) == 1
+    assert set(spans(log)) == {"lab", "build"}
+
+
+def test_stages_put_only_boot_and_build_together() -> None:
+    plan = [(k, k, [k]) for k in demo.STEPS]
+    assert [[k for k, _, _ in st] for st in demo.stages(plan, [])] == [
+        ["lab", "build"], ["rollout"], ["check"], ["probe"]]  # fmt: skip
+    assert [[k for k, _, _ in st] for st in demo.stages(plan, ["lab", "check"])] == [
+        ["build"], ["rollout"], ["probe"]]  # fmt: skip
