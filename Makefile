@@ -72,7 +72,7 @@ test: deps venv lint
 	  if [ $$up -ne 0 ] || [ $$built -ne 0 ]; then \
 	    $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit 1; fi; \
 	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
-	    $(BIN)/pytest -m '$(TEST_MARKS)'; rc=$$?; \
+	    $(BIN)/pytest -m '$(TEST_MARKS)' --junitxml=reports/test-junit.xml; rc=$$?; \
 	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit $$rc
 
 # The 7.2 line (Debian unstable's cloud kernel) on a lab of its own (lab/fleet-7.2.yml, one

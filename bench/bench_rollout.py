@@ -165,7 +165,7 @@ def main() -> int:
             fresh(sim, art)
             # 50 sshd behind one saturated TCG VM answer a burst of connects late: the same
             # patience pyinfra gets (sim inventory: connect retries), not Ansible's 10 s.
-            aenv = dict(env, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_TIMEOUT="60",
+            aenv = dict(env, ANSIBLE_COLLECTIONS_PATH=str(REPO), ANSIBLE_TIMEOUT="60",
                         ANSIBLE_SSH_RETRIES="3")  # fmt: skip
             a, arc, aout = timed([str(BIN / "ansible-playbook"), "-i", str(inv), str(book),
                                   "-f", str(args.hosts)], aenv,

@@ -38,8 +38,9 @@ HOST_DATA = {
     "swap or reboot (over the class's `pre_activate`); a failing one stops the host unswapped",
     "ipvs_post_activate": "shell command(s) run right after the swap or reboot (over the "
     "class's `post_activate`)",
-    "ipvs_lock_wait_seconds": "how long install, removal and swap wait for the host lock another "
-    "controller holds, then fail naming the holder (over the class's `lock_wait_seconds`, 300)",
+    "ipvs_lock_wait_seconds": "how long install, configure, removal and swap wait for the host "
+    "lock another controller holds, then fail naming the holder (over the class's "
+    "`lock_wait_seconds`, 300)",
 }
 
 

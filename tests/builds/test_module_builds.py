@@ -61,6 +61,7 @@ def test_patch_that_does_not_apply_names_file_and_hunk(
     assert leftovers == []
 
 
+@pytest.mark.slow  # ~75 s; make test-dkms builds and installs on a VM, make test-full here
 def test_dkms_build_succeeds(
     lab_pins: dict[str, KernelPin], artifacts: dict[str, Artifact], tmp_path: Path
 ) -> None:

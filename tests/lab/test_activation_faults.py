@@ -5,7 +5,7 @@ or `rollout --resume` would: the host must end on the build that command asks fo
 IPVS table, timeouts and sync daemon identical to what it had, and nothing left pending.
 
 The tests run in this order and each leaves the state the next starts from (stated in
-each); run alone, each still passes. Cost: 18 pyinfra runs limited to one host (~6 min under
+each); run alone, each still passes. Cost: 18 pyinfra runs limited to one host (~11 min under
 TCG); the reboot and next-boot test (`slow`) two reboots more.
 """
 
@@ -21,7 +21,8 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +181,9 @@ def test_a_set_built_for_another_kernel_brings_the_old_modules_and_table_back(
     assert lab.run(HOST, STATE_READ).stdout == table  # on stock: where the next test starts
 
 
-@pytest.mark.destructive
-def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_serialise(
-    lab, artifacts, deployer, table
-):
-    """Another controller holds the host lock: the step that needs it waits its
-    ipvs_lock_wait_seconds, then fails naming the holder, with nothing changed. Then two
-    deploys started together both succeed, one after the other, the table intact."""
-    on_stock(lab, deployer, HOST)
+@contextmanager
+def lock_held(lab) -> Iterator[None]:
+    """Another controller holds the host lock (a process on the host, named in lock.holder)."""
     holder = f"echo 'the test, pid '$$ > {STATE}/lock.holder; exec sleep 299"
     # In a subshell of its own: `a && b &` would background the whole list, whose shell
     # keeps the SSH session's output open until the holder ends.
@@ -196,16 +192,35 @@ def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_seria
     try:
         wait_for(lambda: lab.run(HOST, f"flock -n {STATE}/lock true", check=False).rc != 0,
                  seconds=30, step=0.5)  # fmt: skip
-        before = module_tree(lab)
-        r = deployer.run("deploy.py", "--limit", HOST, "--data", "ipvs_lock_wait_seconds=5",
-                         check=False)  # fmt: skip
-        out = r.stdout + r.stderr
-        assert r.rc != 0, out[-3000:]
-        assert re.search(rf"the host lock {STATE}/lock stayed held for 5 s by: the test, pid",
-                         out), out[-3000:]  # fmt: skip
-        assert module_tree(lab) == before
+        yield
     finally:
         lab.run(HOST, "pkill -f 'sleep 299'", check=False)
+
+
+def refused_for_the_lock(deployer) -> str:
+    """A deploy that waits 5 s for the held lock: it fails naming the holder; its output."""
+    r = deployer.run("deploy.py", "--limit", HOST, "--data", "ipvs_lock_wait_seconds=5",
+                     check=False)  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.rc != 0, out[-3000:]
+    assert re.search(rf"the host lock {STATE}/lock stayed held for 5 s by: the test, pid",
+                     out), out[-3000:]  # fmt: skip
+    return out
+
+
+@pytest.mark.destructive
+def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_serialise(
+    lab, artifacts, deployer, table
+):
+    """Another controller holds the host lock: the step that needs it waits its
+    ipvs_lock_wait_seconds, then fails naming the holder, with nothing changed. Then two
+    deploys started together both succeed, one after the other, the table intact. On the
+    converged host, a managed file changed by hand waits for the lock the same way."""
+    on_stock(lab, deployer, HOST)
+    with lock_held(lab):
+        before = module_tree(lab)
+        out = refused_for_the_lock(deployer)
+        assert module_tree(lab) == before
     procs = [
         subprocess.Popen(
             [str(PYINFRA), "-y", "--limit", HOST, str(deployer.inventory), "deploy.py"],
@@ -217,7 +232,21 @@ def test_a_held_host_lock_fails_the_step_naming_the_holder_and_two_deploys_seria
     outs = [p.communicate(timeout=1200)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    # Configure takes it too: on the converged host, a managed file changed by hand is not
+    # rewritten while another controller holds the lock.
+    conf = "/etc/sysctl.d/90-ipvs-fleet.conf"
+    lab.run(HOST, f"echo '# changed by hand' >> {conf}; rm -rf {STATE}/staging")
+    changed = lab.run(HOST, f"sha256sum {conf}").stdout
+    with lock_held(lab):
+        out = refused_for_the_lock(deployer)
+        assert f"Write {conf}" in out, out[-3000:]
+        # uploaded beside the state, not renamed into place
+        assert lab.run(HOST, f"sha256sum {conf}").stdout == changed
+        staged = lab.run(HOST, f"ls {STATE}/staging/*{conf}", check=False)
+        assert staged.rc == 0 and staged.stdout.count("\n") == 1, staged
+    # the refused run's staged copy is left; the next run's rename removes it a day later
     redeploy(lab, artifacts, deployer, table)
+    assert "changed by hand" not in lab.run(HOST, f"cat {conf}").stdout
 
 
 @pytest.mark.destructive

@@ -200,6 +200,7 @@ def test_tags_verify_verifies_a_converged_host_and_changes_nothing(
     assert not [t for t in tasks if t.startswith(("Install", "Write", "Swap", "Load", "Set"))]
 
 
+@pytest.mark.slow  # ~50 s; make test compares the Ansible path's hosts with pyinfra's state
 def test_checks_pass_after_the_ansible_path(lab, ansible_converged, deployer, tmp_path):
     env = dict(deployer.env, IPVS_FLEET_ANSIBLE_INVENTORY=str(playbook_inventory(tmp_path, lab)))
     r = subprocess.run(
@@ -213,6 +214,7 @@ def playbook_inventory(tmp_path: Path, lab) -> Path:
     return write_lab_inventory(lab, tmp_path / "lab.ansible.yml", user=ANSIBLE_USER)
 
 
+@pytest.mark.slow  # ~50 s: make test-full
 def test_pyinfra_reads_the_ansible_inventory(lab, ansible_converged, deployer, tmp_path):
     """The pyinfra deploy, driven by the Ansible inventory, sees nothing left to do."""
     env = dict(os.environ, **deployer.env)

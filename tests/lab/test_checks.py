@@ -251,7 +251,7 @@ def test_a_dislocated_table_fails_the_sysctl_table_check(
 ) -> None:
     """canary (its kernel is the dislocated variant's): ip_vs replaced by the seed's
     dislocated-table build (the fleet's files stay). The taint check fails by a reboot-time
-    fault: tests/lab/test_deploy.py::test_a_taint_fails_its_check_and_a_reboot_keeps_the_rest."""
+    fault: tests/lab/test_deploy.py::test_a_taint_fails_its_check_until_the_host_boots_again."""
     canary, _, _ = _hosts_by_class(lab)
     if lab.hosts[canary].kernel_release != dislocated_artifact.kernel_release:
         pytest.fail(f"the dislocated variant is built for {dislocated_artifact.kernel_release}; "

@@ -242,6 +242,7 @@ def test_enter_at_the_prompt_converges_and_then_nothing_is_pending(lab, artifact
     assert dry.rc == 0 and dry.changes() == {} and dry.will() == {}, dry.out[-4000:]
 
 
+@pytest.mark.slow  # ~2 min; make test previews fresh hosts and confirms at the prompt
 def test_drift_is_listed_exactly_and_changes_nothing_until_confirmed(lab, run, tmp_path):
     canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
     want = class_sysctls(lab, canary)[KNOB]

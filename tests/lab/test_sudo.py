@@ -47,6 +47,7 @@ def check(env: dict[str, str], inventory: str, *args: str) -> subprocess.Complet
 
 
 @pytest.mark.destructive
+@pytest.mark.slow  # ~2 min; make test runs the rollout as fleet with sudo (deploy, gate, check)
 def test_rollback_and_deploy_as_fleet_with_sudo(lab, artifacts, deployer, deployed):
     fleet = sudo_deployer(deployer, "fleet")
     since = cursor(lab)

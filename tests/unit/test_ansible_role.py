@@ -235,7 +235,8 @@ def test_lock_preamble_is_the_pyinfra_one():
     """One host-lock text for both engines: the filter returns what `locked()` builds."""
     from ipvs_fleet.deploy.operations import lock_preamble, locked
 
-    for what, wait in (("install (ansible)", 30), ("remove (ansible)", 5)):
+    tasks = (("install", 30), ("configure", 5), ("remove", 5), ("restore", 5))
+    for what, wait in ((f"{w} (ansible)", n) for w, n in tasks):
         text = F.locked(what, wait)
         assert text == lock_preamble(what, wait).get_raw_value()
         assert locked(what, wait, "true").get_raw_value() == f"{text} && true"
@@ -245,12 +246,18 @@ def test_lock_preamble_is_the_pyinfra_one():
     assert r.returncode == 0, r.stderr
 
 
-def test_role_tasks_take_the_lock_through_the_filter_only():
-    """The lock preamble is written nowhere in the role: its tasks call the filter."""
+def test_every_task_that_changes_the_ipvs_state_takes_the_lock_through_the_filter():
+    """Install, configure (files and live sysctls) and rollback take the host lock, as the
+    pyinfra operations do; the preamble is written nowhere in the role but the filter."""
     tasks = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/tasks"
     users = {p.name for p in tasks.glob("*.yml") if "ipvs_fleet_locked(" in p.read_text()}
-    assert users == {"install.yml", "rollback.yml"}
+    assert users == {"install.yml", "configure.yml", "sysctls.yml", "rollback.yml"}
     assert not [p.name for p in tasks.glob("*.yml") if "flock" in p.read_text()]
+    configure = (tasks / "configure.yml").read_text()
+    # the managed files are uploaded beside the state, never written in place
+    assert "dest: \"{{ __ipvs_fleet_staged_path }}\"" in configure
+    assert "item.path | ipvs_fleet.fleet.ipvs_fleet_staging_path(__ipvs_fleet_token)" in configure
+    assert "dest: \"{{ item.path }}\"" not in configure
 
 
 def test_pending_names_each_change_of_a_drifted_host(tmp_path):

@@ -52,7 +52,9 @@ present=yes
 age=12
 services=3
 real_servers=8
-missing -a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1
+restored -A -t 10.0.0.1:80 -s rr
+restored -a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1
+live -A -t 10.0.0.1:80 -s rr
 compared=yes
 """
 

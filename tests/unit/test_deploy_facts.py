@@ -247,18 +247,23 @@ RECORD = ["present=yes", "age=40", "services=3", "real_servers=8"]
 def test_swap_record_lists_what_changed_since_the_swap_restored_the_table():
     rec = IpvsSwapRecord().process([
         *RECORD,
-        "missing -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1",
-        "extra -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
-        "extra #timeouts 900 120 300",
+        "restored -A -t 10.96.0.10:53 -s rr",
+        "restored -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1",
+        "restored #timeouts 900 120 301",
+        "live -A -t 10.96.0.10:53 -s rr",
+        "live -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
+        "live #timeouts 900 120 300",
         "compared=yes",
     ])  # fmt: skip
     assert rec["present"] and rec["compared"] and (rec["age"], rec["services"]) == (40, 3)
-    assert rec["missing"] == ["-a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1"]
+    assert rec["missing"] == ["-a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1",
+                              "#timeouts 900 120 301"]  # fmt: skip
     assert rec["extra"][1] == "#timeouts 900 120 300"
     # Within the step's time the differences fail the host; an older record only informs.
     assert swap_record_problems(rec, 60) == [
         "not live, though the swap 40 s ago restored it: -a -t 10.96.0.10:53 -r 10.244.1.7:53 "
         "-m -w 1",
+        "not live, though the swap 40 s ago restored it: #timeouts 900 120 301",
         "live, though not in the swap's record: -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
         "live, though not in the swap's record: #timeouts 900 120 300",
     ]
@@ -274,5 +279,6 @@ def test_swap_record_absent_or_not_comparable():
         "the live IPVS table could not be compared with /var/lib/ipvs-fleet/swap.last/restored "
         "(unsupported)"
     ]
-    same = IpvsSwapRecord().process([*RECORD, "compared=yes"])
+    same = IpvsSwapRecord().process([*RECORD, "restored -A -t 10.0.0.1:80 -s rr",
+                                     "live -A -t 10.0.0.1:80 -s rr", "compared=yes"])  # fmt: skip
     assert swap_record_problems(same, 60) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
@@ -161,19 +162,20 @@ class IpvsSwapRecord(FactBase[dict[str, Any]]):
             f"echo \"real_servers=$(grep -c '^-a' {r})\"; "
             f"if grep -q -- '--snapshot' {w} 2>/dev/null; then "
             f"live=$(sh {w} --snapshot) || {{ echo compared=failed; exit 0; }}; "
-            f'echo "$live" | sort > /tmp/.ipvs-fleet-live.$$; sort {r} | '
-            f"diff - /tmp/.ipvs-fleet-live.$$ | sed -n 's/^< /missing /p; s/^> /extra /p'; "
-            f"rm -f /tmp/.ipvs-fleet-live.$$; echo compared=yes; "
-            "else echo compared=unsupported; fi"
+            # both as they are, compared here: no temporary file on the host
+            f"sed 's/^/restored /' {r}; printf '%s\\n' \"$live\" | sed 's/^/live /'; "
+            "echo compared=yes; else echo compared=unsupported; fi"
         )
 
     def process(self, output: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {"present": False, "missing": [], "extra": []}
+        seen: dict[str, list[str]] = {"restored": [], "live": []}
         for line in output:
             line = line.rstrip("\n")
             kind, _, rest = line.partition(" ")
-            if kind in ("missing", "extra"):
-                out[kind].append(rest)
+            if kind in seen:
+                if rest.strip():
+                    seen[kind].append(rest)
                 continue
             key, _, value = line.strip().partition("=")
             if key == "present":
@@ -184,6 +186,10 @@ class IpvsSwapRecord(FactBase[dict[str, Any]]):
                 out["compared"] = value == "yes"
                 if value != "yes":
                     out["not_compared"] = value
+        # as multisets, each in its own order: what the record has and the live state lacks
+        restored, live = Counter(seen["restored"]), Counter(seen["live"])
+        out["missing"] = list((restored - live).elements())
+        out["extra"] = list((live - restored).elements())
         return out
 
 

@@ -11,7 +11,10 @@ execution, a command that fails with the list of problems.
 
 from __future__ import annotations
 
+import os
 import posixpath
+import secrets
+import shlex
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -58,6 +61,21 @@ def backup_path(path: str) -> str:
     return f"{STATE_DIR}/backup{path}"
 
 
+STAGING_DIR = f"{STATE_DIR}/staging"
+# One folder per controller run under STAGING_DIR: two controllers never upload to, read the
+# facts of, or rename the same staged file.
+RUN_TOKEN = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def staging_path(path: str, token: str = RUN_TOKEN) -> str:
+    """Where a managed file is uploaded before it is renamed into place under the host lock."""
+    return f"{STAGING_DIR}/{token}{path}"
+
+
+# Run under the lock after a staged file is renamed: the folders of runs that died a day ago.
+STALE_STAGING = f"find {STAGING_DIR} -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {{}} +"
+
+
 def previewing() -> bool:
     """Whether pyinfra is detecting changes (a preview or --dry), not executing."""
     return not host.state.is_executing
@@ -98,6 +116,29 @@ def lock_preamble(what: str, wait: int) -> StringCommand:
 def locked(what: str, wait: int, *parts: Any) -> StringCommand:
     """`parts` as one shell command run under the host lock (`lock_preamble`)."""
     return StringCommand(lock_preamble(what, wait), "&&", *parts)
+
+
+# renameat2(AT_FDCWD, $0, AT_FDCWD, $1, RENAME_EXCHANGE) through perl (perl-base is Essential on
+# Debian; coreutils' `mv --exchange` is 9.5+, after bookworm). Arguments: two paths, `uname -m`.
+EXCHANGE = (
+    "perl -e 'my %nr = (x86_64 => 316, aarch64 => 276); my $n = $nr{$ARGV[2]} "
+    'or die "no renameat2 number for $ARGV[2]\\n"; '
+    'syscall($n, -100, $ARGV[0], -100, $ARGV[1], 2) == 0 or die "renameat2: $!\\n"\''
+)
+
+
+def swap_in(staging: str, dest: str) -> str:
+    """Shell text that puts the directory `staging` at `dest` with no moment where `dest` is
+    missing (modules.dep points into it): an atomic exchange when `dest` exists, then the old
+    set (now at `staging`) is removed. Where the file system cannot exchange, two renames, said
+    on stderr. The Ansible role's `ipvs_fleet_swap_in` filter returns the same text."""
+    s, d = shlex.quote(staging), shlex.quote(dest)
+    return (
+        f'if [ -d {d} ]; then {{ {EXCHANGE} {s} {d} "$(uname -m)" || '
+        f'{{ echo "ipvs-fleet: no atomic exchange here: two renames" >&2; '
+        f"rm -rf {d}.old && mv {d} {d}.old && mv {s} {d} && mv {d}.old {s}; }}; }} "
+        f"&& rm -rf {s}; else mv {s} {d}; fi"
+    )
 
 
 def _names(items: Iterable[str]) -> str:
@@ -165,8 +206,8 @@ def modules_installed(
     )  # fmt: skip
     old = f"{dest}.old"
     # Under the host lock (another controller's install or swap waits), the staged set is
-    # verified, then on disk before the rename (a crash leaves the old set or the new one,
-    # whole), and the index with it.
+    # verified, then on disk before it is exchanged with the live one (a crash leaves the old
+    # set or the new one, whole, where modules.dep points), and the index with it.
     # A controller that waited for the lock may find this set installed by the other one.
     same = StringCommand(
         "[ -d", QuoteString(dest), "] && [ $(ls", QuoteString(dest), "| wc -l) -eq",
@@ -183,9 +224,7 @@ def modules_installed(
         "&& printf '%s\\n'", QuoteString(sums), "| sha256sum -c --quiet --strict",
         "&& [ $(ls", QuoteString(staging), "| wc -l) -eq", str(len(modules)), "]",
         "&& sync -f", QuoteString(staging),
-        "&& rm -rf", QuoteString(old),
-        "&& { [ ! -d", QuoteString(dest), "] || mv", QuoteString(dest), QuoteString(old), "; }",
-        "&& mv", QuoteString(staging), QuoteString(dest),
+        "&& {", swap_in(staging, dest), "; }",
         "&& rm -rf", QuoteString(old), QuoteString(remote_tar),
         "&& depmod", QuoteString(kernel_release), "&& sync -f", QuoteString(dest), "; fi",
     )  # fmt: skip
@@ -265,23 +304,13 @@ def modules_removed(
     )  # fmt: skip
 
 
-@operation()
-def config_file(path: str, settings: HostSettings) -> Generator[Any, None, None]:
-    """
-    Write one managed file (sysctl.d, modules-load.d or modprobe.d) from the host class's
-    template, keeping a one-time backup of whatever was there before.
-
-    + path: a key of MANAGED_FILES
-    + settings: the host's policy settings
-    """
-    backup = backup_path(path)
-    need_backup = host.get_fact(File, path=backup) is None and (
-        host.get_fact(File, path=backup + ".absent") is None
-    )
-    write = list(
+def _rendered(path: str, dest: str, settings: HostSettings) -> list[Any]:
+    """The commands that write the class's template for `path` (a MANAGED_FILES key) to
+    `dest`; none when `dest` already holds exactly those bytes."""
+    return list(
         files.template._inner(
             src=str(TEMPLATES / MANAGED_FILES[path]),
-            dest=path,
+            dest=dest,
             mode="0644",
             # as Ansible renders templates, so both engines write the same bytes
             jinja_env_kwargs={"trim_blocks": True},
@@ -290,6 +319,25 @@ def config_file(path: str, settings: HostSettings) -> Generator[Any, None, None]
             ipvs_modules=list(settings.modules),
         )
     )
+
+
+@operation()
+def config_file(
+    path: str, settings: HostSettings, lock_wait: int = LOCK_WAIT_S
+) -> Generator[Any, None, None]:
+    """
+    Write one managed file (sysctl.d, modules-load.d or modprobe.d) from the host class's
+    template, keeping a one-time backup of whatever was there before.
+
+    + path: a key of MANAGED_FILES
+    + settings: the host's policy settings
+    + lock_wait: seconds to wait for the host lock (another controller's step)
+    """
+    backup = backup_path(path)
+    need_backup = host.get_fact(File, path=backup) is None and (
+        host.get_fact(File, path=backup + ".absent") is None
+    )
+    write = _rendered(path, path, settings)
     if not need_backup and not write:
         host.noop(f"{path} is up to date")
         return
@@ -299,31 +347,41 @@ def config_file(path: str, settings: HostSettings) -> Generator[Any, None, None]
         what.append(f"keep the previous {path} for rollback" if exists
                     else f"note for rollback that {path} did not exist")  # fmt: skip
     will("; ".join(what))
+    q, b, staged = QuoteString(path), QuoteString(backup), staging_path(path)
+    steps: list[Any] = ["true"]
     if need_backup:
-        q, b = QuoteString(path), QuoteString(backup)
-        yield StringCommand(
+        steps = [
             "mkdir -p", QuoteString(posixpath.dirname(backup)),
-            "&& if [ -f", q, "]; then cp -p", q, b,
-            "; else touch", QuoteString(backup + ".absent"), "; fi",
-        )  # fmt: skip
-    yield from write
+            "&& { if [ -f", q, "]; then cp -p", q, b,
+            "; else touch", QuoteString(backup + ".absent"), "; fi; }",
+        ]  # fmt: skip
+    if write:
+        # Uploaded beside the state, then renamed into place under the host lock: a swap of
+        # another controller never reads a half-written modprobe.d or sysctl.d file, and a
+        # waiting controller finds the file as the other one left it.
+        yield from _rendered(path, staged, settings)
+        # this run's folder goes with the file: the next file's upload makes it again
+        steps += ["&& mv -f", QuoteString(staged), q,
+                  "&& rm -rf", QuoteString(f"{STAGING_DIR}/{RUN_TOKEN}"), "&&", STALE_STAGING]
+    yield locked("configure", lock_wait, *steps)
 
 
 @operation()
-def config_file_restored(path: str) -> Generator[Any, None, None]:
+def config_file_restored(path: str, lock_wait: int = LOCK_WAIT_S) -> Generator[Any, None, None]:
     """
-    Put back the file the deploy replaced (or remove the one it created).
+    Put back the file the deploy replaced (or remove the one it created), under the host lock.
 
     + path: a key of MANAGED_FILES
+    + lock_wait: seconds to wait for the host lock (another controller's step)
     """
     backup = backup_path(path)
     q, b, absent = QuoteString(path), QuoteString(backup), QuoteString(backup + ".absent")
     if host.get_fact(File, path=backup):
         will(f"restore {path} from the copy kept by the first deploy")
-        yield StringCommand("cp -p", b, q, "&& rm -f", b)
+        yield locked("restore", lock_wait, "cp -p", b, q, "&& rm -f", b)
     elif host.get_fact(File, path=backup + ".absent"):
         will(f"remove {path} (the deploy created it)")
-        yield StringCommand("rm -f", q, absent)
+        yield locked("restore", lock_wait, "rm -f", q, absent)
     else:
         host.noop(f"{path} has no backup to restore")
 
@@ -442,14 +500,18 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
 
 
 @operation()
-def sysctl_live(key: str, value: int, activation: str = "reload") -> Generator[Any, None, None]:
+def sysctl_live(
+    key: str, value: int, activation: str = "reload", lock_wait: int = LOCK_WAIT_S
+) -> Generator[Any, None, None]:
     """
-    Set one net.ipv4.vs.* value in the running kernel.
+    Set one net.ipv4.vs.* value in the running kernel, under the host lock (not while another
+    controller's swap has the modules out).
 
     + key: the key under net.ipv4.vs
     + value: the class's value
     + activation: the host's strategy; with next-boot a key the loaded (stock) module lacks
       appears with the patched module at the next boot
+    + lock_wait: seconds to wait for the host lock
     """
     live = host.get_fact(IpvsSysctls)
     name = f"net.ipv4.vs.{key}"
@@ -467,7 +529,7 @@ def sysctl_live(key: str, value: int, activation: str = "reload") -> Generator[A
         will(f"set {name} = {value} (the key appears once the modules above are active)")
     else:
         will(f"set {name} = {value} (live {live[key]})")
-    yield StringCommand("sysctl -w", QuoteString(f"{name}={value}"))
+    yield locked("configure", lock_wait, "sysctl -w", QuoteString(f"{name}={value}"))
 
 
 @operation()

@@ -76,7 +76,8 @@ def rollout() -> None:
             lock_wait=plan.settings.lock_wait,
         )
     for path in host.loop(ipvs.MANAGED_FILES):
-        ipvs.config_file(name=f"Write {path}", path=path, settings=plan.settings)
+        ipvs.config_file(name=f"Write {path}", path=path, settings=plan.settings,
+                         lock_wait=plan.settings.lock_wait)
     _activate(plan.settings, plan.patchset)
     # Every key a policy may set, in the schema's order: the same list on every host.
     for key in host.loop(load_policy().schema):
@@ -86,6 +87,7 @@ def rollout() -> None:
                 key=key,
                 value=plan.settings.sysctls[key],
                 activation=plan.settings.activation,
+                lock_wait=plan.settings.lock_wait,
             )
     _verify(plan.settings, plan.patchset)
 
@@ -104,6 +106,7 @@ def rollback() -> None:
         lock_wait=settings.lock_wait,
     )
     for path in host.loop(ipvs.MANAGED_FILES):
-        ipvs.config_file_restored(name=f"Restore the previous {path}", path=path)
+        ipvs.config_file_restored(name=f"Restore the previous {path}", path=path,
+                                  lock_wait=settings.lock_wait)
     _activate(settings, "")
     _verify(settings, "")

@@ -41,10 +41,13 @@ try:
     )
     from ipvs_fleet.deploy.operations import (
         MANAGED_FILES,
+        STALE_STAGING,
         STATE_DIR,
         backup_path,
         is_current,
         lock_preamble,
+        staging_path,
+        swap_in,
         verification_problems,
     )
     from ipvs_fleet.deploy.plan import decide
@@ -185,6 +188,7 @@ def plan(
         "usage": hp.usage,
         "updates_dir": updates_dir(kernel),
         "state_dir": STATE_DIR,
+        "stale_staging": STALE_STAGING,
     }
 
 
@@ -271,6 +275,16 @@ def locked(what: str, wait: int) -> str:
     return str(lock_preamble(what, int(wait)).get_raw_value())
 
 
+def exchange(staging: str, dest: str) -> str:
+    """The install's swap of the staged set into place (operations.swap_in), as text."""
+    return swap_in(staging, dest)
+
+
+def staged(path: str, token: str) -> str:
+    """Where this run uploads a managed file before the locked rename (operations.staging_path)."""
+    return staging_path(path, token)
+
+
 def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
     """What a run would change on the host, one line each ([] = nothing): the check-mode
     report, since the role's command tasks are skipped in check mode."""
@@ -324,5 +338,7 @@ class FilterModule:
                 "ipvs_fleet_rollback_plan": rollback_plan,
                 "ipvs_fleet_locked": locked,
                 "ipvs_fleet_pending": pending,
+                "ipvs_fleet_swap_in": exchange,
+                "ipvs_fleet_staging_path": staged,
             }.items()
         }

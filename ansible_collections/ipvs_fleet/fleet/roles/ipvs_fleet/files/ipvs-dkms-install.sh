@@ -67,9 +67,18 @@ for f in "$dest.new"/*.ko; do
         exit 3
     fi
 done
-rm -rf "$dest.old"
-if [ -d "$dest" ]; then mv "$dest" "$dest.old"; fi
-mv "$dest.new" "$dest"
+sync -f "$dest.new"
+# as operations.swap_in: exchanged with the live set, never a moment without one
+if [ -d "$dest" ]; then
+    perl -e 'my %nr = (x86_64 => 316, aarch64 => 276); my $n = $nr{$ARGV[2]} or die "no renameat2 number for $ARGV[2]\n"; syscall($n, -100, $ARGV[0], -100, $ARGV[1], 2) == 0 or die "renameat2: $!\n"' "$dest.new" "$dest" "$(uname -m)" || {
+        echo "ipvs-fleet: no atomic exchange here: two renames" >&2
+        rm -rf "$dest.old" && mv "$dest" "$dest.old" && mv "$dest.new" "$dest" && mv "$dest.old" "$dest.new"
+    }
+    rm -rf "$dest.new"
+else
+    mv "$dest.new" "$dest"
+fi
 rm -rf "$dest.old" "$tarball"
 depmod "$kr"
+sync -f "$dest"
 echo "ipvs-dkms: built and installed $n modules of set $sid for $kr"
