@@ -3,7 +3,8 @@
 `ansible-playbook -i lab.ansible.yml ipvs_fleet.fleet.site` run by FQCN from a directory outside
 the checkout. It converges stock hosts to the very state the pyinfra deploy produces, reruns
 with changed=0, and the checks pass after it; `--check --diff` on a drifted host reports the
-pending change and changes and fails nothing; `--tags verify` verifies only. As real fleets
+pending change and changes and fails nothing; `--tags verify` verifies only; the rollback
+playbook brings a host to the state pyinfra's rollback leaves. As real fleets
 run it: the inventory connects as the non-root user `fleet` with become (sudo); the checks and
 pyinfra, reading the same inventory, connect as `fleet` and use sudo too."""
 
@@ -198,6 +199,33 @@ def test_tags_verify_verifies_a_converged_host_and_changes_nothing(
     assert "Verify the loaded build and the class values are live" in tasks, tasks
     # only the read-only phases ran: the plan, the state read, the verification
     assert not [t for t in tasks if t.startswith(("Install", "Write", "Swap", "Load", "Set"))]
+
+
+def test_rollback_playbook_brings_a_host_to_the_pyinfra_rollback_state(
+    lab, ansible_stock, ansible_converged, playbook
+):
+    """`ipvs_fleet.fleet.rollback` on one converged host: `--check` names the removal and
+    changes nothing; the real run leaves the host exactly as pyinfra's deploy/rollback.py left
+    it (snapshot: stock modules loaded, set removed, files restored); the site playbook then
+    converges it again to the pyinfra state (later tests find the lab converged)."""
+    pyinfra_state, stock = ansible_stock
+    name = next(n for n, h in lab.hosts.items() if "canary" not in h.groups)
+    before = snapshot(lab, name)
+    rc, out, _ = playbook.run("ipvs_fleet.fleet.rollback", "--check", "--limit", name)
+    assert rc == 0, out[-4000:]
+    assert "remove the patched modules from /lib/modules/" in out, out[-4000:]
+    assert snapshot(lab, name) == before
+    try:
+        rc, out, seconds = playbook.run("ipvs_fleet.fleet.rollback", "--limit", name)
+        print(f"ansible-playbook ipvs_fleet.fleet.rollback, one host: {seconds:.1f} s")
+        assert rc == 0, out[-4000:]
+        assert recap(out)[name]["changed"] > 0, out[-4000:]
+        assert snapshot(lab, name) == stock[name]
+    finally:
+        rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "--limit", name)
+        print(f"ansible-playbook ipvs_fleet.fleet.site, one stock host: {seconds:.1f} s")
+    assert rc == 0, out[-4000:]
+    assert snapshot(lab, name) == pyinfra_state[name]
 
 
 @pytest.mark.slow  # ~50 s; make test compares the Ansible path's hosts with pyinfra's state
