@@ -36,9 +36,14 @@ lock: venv
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 	  --generate-hashes -o requirements.lock
 
+# ansible-lint runs in the collection's folder (its .ansible-lint: production profile), the
+# collection found from the checkout's root as when run by FQCN.
+COLLECTION := ansible_collections/ipvs_fleet/fleet
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	cd $(COLLECTION) && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_COLLECTIONS_PATH=$(CURDIR) NO_COLOR=1 \
+	  $(CURDIR)/$(BIN)/ansible-lint --nocolor -q
 
 # The hermetic tier: no network, no VM, no module build (kernel pins from the lock); ~30 s.
 unit: venv

@@ -59,7 +59,7 @@ def main() -> int:
     inv = write_lab_inventory(lab, Path(tempfile.mkdtemp()) / "lab.ansible.yml")
     limit = ["--limit", args.limit] if args.limit else []
     pyinfra = [str(BIN / "pyinfra"), "-y", *limit, str(REPO / "inventory" / "lab.py")]
-    ansible = [str(BIN / "ansible-playbook"), "-i", str(inv), *limit, "site.yml"]
+    ansible = [str(BIN / "ansible-playbook"), "-i", str(inv), *limit, "ipvs_fleet.fleet.site"]
     rollback = [*pyinfra, "deploy/rollback.py"]
     times: dict[str, list[float]] = {}
     bad = []

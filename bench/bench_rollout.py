@@ -35,6 +35,7 @@ from ipvs_fleet.simfleet.fleet import ROLLOUT_CONFIG, SimFleet
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WAVES = "1,10%,50%,100%"
+SITE = "ansible_collections/ipvs_fleet/fleet/playbooks/site.yml"
 SERIAL: list[int | str] = [1, "10%", "50%", "100%"]
 
 
@@ -104,7 +105,8 @@ def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
     }}  # fmt: skip
     inv_path = sim.dir / "ansible-hosts.yml"
     inv_path.write_text(yaml.safe_dump(inv, sort_keys=False))
-    plays = yaml.safe_load((REPO / "site.yml").read_text())
+    # the collection's site playbook; run from the checkout (its ansible.cfg finds the role)
+    plays = yaml.safe_load((REPO / SITE).read_text())
     for play in plays:
         if "serial" in play:
             play["serial"] = SERIAL
@@ -163,7 +165,7 @@ def main() -> int:
             fresh(sim, art)
             # 50 sshd behind one saturated TCG VM answer a burst of connects late: the same
             # patience pyinfra gets (sim inventory: connect retries), not Ansible's 10 s.
-            aenv = dict(env, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_TIMEOUT="60",
+            aenv = dict(env, ANSIBLE_COLLECTIONS_PATH=str(REPO), ANSIBLE_TIMEOUT="60",
                         ANSIBLE_SSH_RETRIES="3")  # fmt: skip
             a, arc, aout = timed([str(BIN / "ansible-playbook"), "-i", str(inv), str(book),
                                   "-f", str(args.hosts)], aenv,

@@ -17,9 +17,12 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = REPO / "roles" / "ipvs_fleet" / "defaults" / "main.yml"
+DEFAULTS = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/defaults/main.yml"
 PAGE = REPO / "docs" / "ansible.md"
-BEGIN = "<!-- GENERATED from roles/ipvs_fleet/defaults/main.yml by docs/gen_ansible.py -->"
+BEGIN = (
+    "<!-- GENERATED from ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/defaults/main.yml "
+    "by docs/gen_ansible.py -->"
+)
 END = "<!-- END GENERATED -->"
 # Host data the policy reads (src/ipvs_fleet/policy.py HOST_KEYS), set in inventory or
 # group_vars, never in the role's defaults (a default class would hide a missing one).

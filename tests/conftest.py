@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.deploy",
     "tests.fixtures.checks",
     "tests.fixtures.pins",
+    "tests.fixtures.collection",
 ]
 
 # The lab tests share one booted lab per session; they run in the order a user's work goes

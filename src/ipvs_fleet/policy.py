@@ -1,8 +1,9 @@
 """Host-class policy: what each class of host wants from IPVS, validated before any host is touched.
 
-The policy file (`roles/ipvs_fleet/vars/host_classes.yml`, packaged; `--policy` or
-$IPVS_FLEET_POLICY names the user's) is the one source that the pyinfra deploy, the Ansible
-role and the checks read. Host data may override a class per host:
+The policy file (the collection role's `policy/host_classes.yml`, packaged:
+`resources.policy_file()`; `--policy` or $IPVS_FLEET_POLICY names the user's) is the one
+source that the pyinfra deploy, the Ansible role and the checks read. Host data may
+override a class per host:
 
 - `ipvs_host_class`: the class name (required)
 - `ipvs_sysctls`: {key: value} merged over the class's sysctls

@@ -1,17 +1,18 @@
 """Where ipvs-fleet finds its own files and the user's: the one resolver every module uses.
 
 Package data (`ipvs_fleet/data/`, read through importlib.resources) mirrors the repository's
-top level: `roles/ipvs_fleet` (policy defaults, templates, host scripts), `checks/`, the
-pyinfra deploy files (`deploy.py`, `deploy/rollback.py`, `group_data/`), `inventory/`,
-`lab/fleet.yml` and the Ansible playbooks. In a checkout these are symlinks to the top-level
+top level: the Ansible collection `ansible_collections/ipvs_fleet/fleet` (its role holds the
+policy defaults, templates and host scripts; its playbooks site and rollback), `checks/`, the
+pyinfra deploy files (`deploy.py`, `deploy/rollback.py`, `group_data/`), `inventory/` and
+`lab/fleet.yml`. In a checkout these are symlinks to the top-level
 paths that Ansible and pyinfra use, so each file exists once; a wheel carries the files.
 
 The policy is `--policy` / $IPVS_FLEET_POLICY (a host_classes.yml, or a directory holding
-host_classes.yml and optionally rollout.yml), else the packaged role's `vars/`. What the
+host_classes.yml and optionally rollout.yml), else the packaged role's `policy/`. What the
 tool writes (artifacts/, reports/, .lab/, .simfleet/) goes to the current directory.
 
 >>> role_dir() / "templates"
-PosixPath('.../ipvs_fleet/data/roles/ipvs_fleet/templates')
+PosixPath('.../ipvs_fleet/data/ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/templates')
 """
 
 from __future__ import annotations
@@ -43,9 +44,19 @@ def data_path(relative: str | Path) -> Path:
     return data_dir() / relative
 
 
+def collections_dir() -> Path:
+    """An ANSIBLE_COLLECTIONS_PATH entry holding the collection ipvs_fleet.fleet."""
+    return data_path("ansible_collections").parent
+
+
+def collection_dir() -> Path:
+    """The Ansible collection ipvs_fleet.fleet (`ansible-galaxy collection build` there)."""
+    return data_path("ansible_collections/ipvs_fleet/fleet")
+
+
 def role_dir() -> Path:
-    """The Ansible role `ipvs_fleet` (its parent is an ANSIBLE_ROLES_PATH entry)."""
-    return data_path("roles/ipvs_fleet")
+    """The collection's role `ipvs_fleet.fleet.ipvs_fleet`."""
+    return collection_dir() / "roles" / "ipvs_fleet"
 
 
 def templates_dir() -> Path:
@@ -69,7 +80,8 @@ def checks_dir() -> Path:
 
 
 def default_policy_dir() -> Path:
-    return role_dir() / "vars"
+    """The policy's one copy: data of the role (its defaults point there), not role vars."""
+    return role_dir() / "policy"
 
 
 def policy_file(name: str = HOST_CLASSES, override: str | Path | None = None) -> Path:

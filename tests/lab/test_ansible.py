@@ -1,8 +1,12 @@
-"""The Ansible path on the lab: `ansible-playbook -i inventory/lab.ansible.yml site.yml`
-converges stock hosts to the very state the pyinfra deploy produces, reruns with changed=0,
-and the checks pass after it. As real fleets run it: the inventory connects as the
-non-root user `fleet` with `ansible_become` (sudo); the checks and pyinfra, reading the same
-inventory, connect as `fleet` and use sudo too."""
+"""The Ansible path on the lab, as a user runs it: the collection ipvs_fleet.fleet built with
+`ansible-galaxy collection build`, installed offline from its tarball, and
+`ansible-playbook -i lab.ansible.yml ipvs_fleet.fleet.site` run by FQCN from a directory outside
+the checkout. It converges stock hosts to the very state the pyinfra deploy produces, reruns
+with changed=0, and the checks pass after it; `--check --diff` on a drifted host reports the
+pending change and changes and fails nothing; `--tags verify` verifies only; the rollback
+playbook brings a host to the state pyinfra's rollback leaves. As real fleets
+run it: the inventory connects as the non-root user `fleet` with become (sudo); the checks and
+pyinfra, reading the same inventory, connect as `fleet` and use sudo too."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.ansible_inventory import write_lab_inventory
+from ipvs_fleet.policy import load_policy
+from tests.fixtures.collection import collection_env
 
 pytestmark = pytest.mark.lab
 
@@ -37,8 +43,10 @@ SNAPSHOT = (
     "for f in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
     "/etc/modprobe.d/ipvs-fleet.conf; do echo file $f $(stat -c '%a %U:%G' $f) "
     "$(sha256sum < $f); done; "
-    # the swap's own records (logs, saved tables, the lock) differ by run, not by engine
+    # the swap's own records (logs, saved tables, the lock, its worker copy of ipvs-swap.sh,
+    # left by any swap of either engine) differ by run history, not by engine
     f"(cd {STATE_DIR} && find . \\( -path ./incoming -o -name 'swap.*' -o -name 'lock*' "
+    "-o -name 'ipvs-swap-worker.sh' "
     "-o -name 'table.*' \\) -prune "
     "-o -print | sort; stat -c '%n %a' ipvs-swap.sh; sha256sum ipvs-swap.sh)"
 )
@@ -49,16 +57,17 @@ def snapshot(lab, name: str) -> str:
 
 
 class Playbook:
-    """ansible-playbook runs against the session's lab (inventory/lab.ansible.yml form)."""
+    """ansible-playbook runs the installed collection's playbooks (by FQCN, from `cwd`, a
+    directory outside the checkout) against the session's lab (inventory/lab.ansible.yml)."""
 
-    def __init__(self, inventory: Path, env: dict[str, str]) -> None:
-        self.inventory, self.env = inventory, env
+    def __init__(self, inventory: Path, env: dict[str, str], cwd: Path) -> None:
+        self.inventory, self.env, self.cwd = inventory, env, cwd
 
-    def run(self, playbook: str = "site.yml", *args: str) -> tuple[int, str, float]:
+    def run(self, playbook: str = "ipvs_fleet.fleet.site", *args: str) -> tuple[int, str, float]:
         t0 = time.monotonic()
         r = subprocess.run(
             [str(BIN / "ansible-playbook"), "-i", str(self.inventory), playbook, *args],
-            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=1800,
+            cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800,
         )  # fmt: skip
         return r.returncode, r.stdout + r.stderr, time.monotonic() - t0
 
@@ -72,12 +81,10 @@ def recap(out: str) -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture(scope="session")
-def playbook(lab, deployer, tmp_path_factory) -> Playbook:
-    inv = write_lab_inventory(
-        lab, tmp_path_factory.mktemp("ansible") / "lab.ansible.yml", user=ANSIBLE_USER
-    )
-    env = dict(deployer.env, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    return Playbook(inv, env)
+def playbook(lab, deployer, installed_collection, tmp_path_factory) -> Playbook:
+    user_dir = tmp_path_factory.mktemp("ansible")
+    inv = write_lab_inventory(lab, user_dir / "lab.ansible.yml", user=ANSIBLE_USER)
+    return Playbook(inv, collection_env(installed_collection, deployer.env), user_dir)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +103,7 @@ def ansible_converged(lab, ansible_stock, playbook):
     """The stock hosts converged by ansible-playbook:
     (pyinfra snapshots, ansible snapshots, first run)."""
     pyinfra_state, _ = ansible_stock
-    first = playbook.run("site.yml", "-e", CANARY_THEN_ALL)
+    first = playbook.run("ipvs_fleet.fleet.site", "-e", CANARY_THEN_ALL)
     assert first[0] == 0, first[1][-6000:]
     return pyinfra_state, {n: snapshot(lab, n) for n in lab.hosts}, first
 
@@ -132,12 +139,93 @@ def test_ansible_converges_stock_hosts_to_the_pyinfra_state(lab, ansible_converg
 
 
 def test_second_ansible_run_changes_nothing(lab, ansible_converged, playbook):
-    rc, out, seconds = playbook.run("site.yml", "-e", CANARY_THEN_ALL)
+    rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "-e", CANARY_THEN_ALL)
     print(f"ansible-playbook no-op: {seconds:.1f} s")
     assert rc == 0, out[-4000:]
     got = recap(out)
     assert set(got) == set(lab.hosts)
     assert {h: r["changed"] for h, r in got.items()} == dict.fromkeys(lab.hosts, 0), out[-4000:]
+
+
+def a_class_sysctl(lab, name: str) -> tuple[str, int]:
+    """A 0/1 sysctl the host's class sets, and the value it wants."""
+    wanted = load_policy().for_host(name, {"ipvs_host_class": lab.hosts[name].host_class}).sysctls
+    key = next(k for k, v in sorted(wanted.items()) if v in (0, 1))
+    return key, wanted[key]
+
+
+def test_check_diff_reports_a_drifted_sysctl_and_changes_nothing(
+    lab, ansible_converged, playbook
+):
+    """A converged host whose class sysctl was changed by hand: `--check --diff` exits 0,
+    counts the host as changed, names the value it would set, and the host is as before
+    (snapshot). `--tags verify` (no --check) then fails that host naming the drift, and a
+    real run puts the value back."""
+    name = next(iter(lab.hosts))
+    key, want = a_class_sysctl(lab, name)
+    path = f"/proc/sys/net/ipv4/vs/{key}"
+    lab.run(name, f"echo {1 - want} > {path}")
+    try:
+        drifted = snapshot(lab, name)
+        rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "--check", "--diff",
+                                        "--limit", name)  # fmt: skip
+        print(f"ansible-playbook --check --diff, one drifted host: {seconds:.1f} s")
+        assert rc == 0, out[-4000:]
+        got = recap(out)[name]
+        assert got["failed"] == 0 and got["changed"] >= 1, out[-4000:]
+        assert f"set net.ipv4.vs.{key}={want} (live: {1 - want})" in out, out[-4000:]
+        assert snapshot(lab, name) == drifted  # nothing changed on the host
+        assert lab.run(name, f"cat {path}").stdout.strip() == str(1 - want)
+
+        rc, out, _ = playbook.run("ipvs_fleet.fleet.site", "--tags", "verify", "--limit", name)
+        assert rc != 0, out[-4000:]
+        assert f"{name} not verified" in out and key in out, out[-4000:]
+        assert "Install the module set" not in out and "Set live the IPVS" not in out
+        assert snapshot(lab, name) == drifted
+    finally:
+        rc, out, _ = playbook.run("ipvs_fleet.fleet.site", "--limit", name)
+    assert rc == 0, out[-4000:]
+    assert lab.run(name, f"cat {path}").stdout.strip() == str(want)
+
+
+def test_tags_verify_verifies_a_converged_host_and_changes_nothing(
+    lab, ansible_converged, playbook
+):
+    rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "--tags", "verify")
+    print(f"ansible-playbook --tags verify: {seconds:.1f} s")
+    assert rc == 0, out[-4000:]
+    assert {h: r["changed"] for h, r in recap(out).items()} == dict.fromkeys(lab.hosts, 0)
+    tasks = re.findall(r"^TASK \[(?:ipvs_fleet\.fleet\.ipvs_fleet : )?(.*?)\]", out, re.M)
+    assert "Verify the loaded build and the class values are live" in tasks, tasks
+    # only the read-only phases ran: the plan, the state read, the verification
+    assert not [t for t in tasks if t.startswith(("Install", "Write", "Swap", "Load", "Set"))]
+
+
+def test_rollback_playbook_brings_a_host_to_the_pyinfra_rollback_state(
+    lab, ansible_stock, ansible_converged, playbook
+):
+    """`ipvs_fleet.fleet.rollback` on one converged host: `--check` names the removal and
+    changes nothing; the real run leaves the host exactly as pyinfra's deploy/rollback.py left
+    it (snapshot: stock modules loaded, set removed, files restored); the site playbook then
+    converges it again to the pyinfra state (later tests find the lab converged)."""
+    pyinfra_state, stock = ansible_stock
+    name = next(n for n, h in lab.hosts.items() if "canary" not in h.groups)
+    before = snapshot(lab, name)
+    rc, out, _ = playbook.run("ipvs_fleet.fleet.rollback", "--check", "--limit", name)
+    assert rc == 0, out[-4000:]
+    assert "remove the patched modules from /lib/modules/" in out, out[-4000:]
+    assert snapshot(lab, name) == before
+    try:
+        rc, out, seconds = playbook.run("ipvs_fleet.fleet.rollback", "--limit", name)
+        print(f"ansible-playbook ipvs_fleet.fleet.rollback, one host: {seconds:.1f} s")
+        assert rc == 0, out[-4000:]
+        assert recap(out)[name]["changed"] > 0, out[-4000:]
+        assert snapshot(lab, name) == stock[name]
+    finally:
+        rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "--limit", name)
+        print(f"ansible-playbook ipvs_fleet.fleet.site, one stock host: {seconds:.1f} s")
+    assert rc == 0, out[-4000:]
+    assert snapshot(lab, name) == pyinfra_state[name]
 
 
 @pytest.mark.slow  # ~50 s; make test compares the Ansible path's hosts with pyinfra's state

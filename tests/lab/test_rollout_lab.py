@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from ipvs_fleet.lab import vm
+from ipvs_fleet.resources import default_policy_dir
 from tests.fixtures.lab import FINGERPRINT, on_stock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def test_a_host_frozen_mid_swap_fails_within_its_timeout_and_a_resume_completes(
     try:
         table = lab.run(canary, "ipvsadm-save -n").stdout
         before = {h: fingerprint(lab, h) for h in others}
-        cfg = yaml.safe_load((REPO / "roles/ipvs_fleet/vars/rollout.yml").read_text())
+        cfg = yaml.safe_load((default_policy_dir() / "rollout.yml").read_text())
         cfg["host_command_timeout_seconds"] = 60
         (tmp_path / "rollout.yml").write_text(yaml.safe_dump(cfg))
         env = dict(deployer.env)

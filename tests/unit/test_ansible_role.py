@@ -1,5 +1,6 @@
-"""The ipvs_fleet Ansible role: its filters on recorded probe output, its playbooks' syntax,
-and the preflight refusing on the controller itself (connection local, nothing changed)."""
+"""The ipvs_fleet.fleet collection's role: its filters on recorded probe output, its
+playbooks' syntax, and the preflight refusing on the controller itself (connection local,
+nothing changed)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ KR = "6.1.0-56-cloud-amd64"
 
 
 def load_filters() -> ModuleType:
-    path = REPO / "roles" / "ipvs_fleet" / "filter_plugins" / "ipvs_fleet.py"
+    path = REPO / "ansible_collections/ipvs_fleet/fleet/plugins/filter/ipvs_fleet.py"
     spec = importlib.util.spec_from_file_location("ipvs_fleet_filters", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
@@ -171,19 +172,26 @@ def test_probe_scripts_run_in_sh():
 
 def test_playbooks_parse():
     r = subprocess.run(
-        [str(PLAYBOOK), "-i", "localhost,", "--syntax-check", "site.yml", "rollback.yml"],
+        [str(PLAYBOOK), "-i", "localhost,", "--syntax-check", "ipvs_fleet.fleet.site",
+         "ipvs_fleet.fleet.rollback"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def run_site(tmp_path: Path, hosts: dict[str, dict[str, Any]], artifacts: Path) -> tuple[int, str]:
-    """site.yml against hosts that are this machine (connection local)."""
+    """The site playbook (by FQCN, the checkout's collection through ansible.cfg) against
+    hosts that are this machine (connection local, as root: no become)."""
     inv = tmp_path / "inv.yml"
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    local = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+    }
     inv.write_text(json.dumps({"all": {"hosts": {h: dict(local, **v) for h, v in hosts.items()}}}))
     r = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inv), "site.yml", "-e", f"ipvs_fleet_artifacts_dir={artifacts}"],
+        [str(PLAYBOOK), "-i", str(inv), "ipvs_fleet.fleet.site",
+         "-e", f"ipvs_fleet_artifacts_dir={artifacts}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     return r.returncode, r.stdout + r.stderr
@@ -227,7 +235,8 @@ def test_lock_preamble_is_the_pyinfra_one():
     """One host-lock text for both engines: the filter returns what `locked()` builds."""
     from ipvs_fleet.deploy.operations import lock_preamble, locked
 
-    for what, wait in (("install (ansible)", 30), ("configure (ansible)", 5)):
+    tasks = (("install", 30), ("configure", 5), ("remove", 5), ("restore", 5))
+    for what, wait in ((f"{w} (ansible)", n) for w, n in tasks):
         text = F.locked(what, wait)
         assert text == lock_preamble(what, wait).get_raw_value()
         assert locked(what, wait, "true").get_raw_value() == f"{text} && true"
@@ -240,13 +249,59 @@ def test_lock_preamble_is_the_pyinfra_one():
 def test_every_task_that_changes_the_ipvs_state_takes_the_lock_through_the_filter():
     """Install, configure (files and live sysctls) and rollback take the host lock, as the
     pyinfra operations do; the preamble is written nowhere in the role but the filter."""
-    tasks = REPO / "roles" / "ipvs_fleet" / "tasks"
+    tasks = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/tasks"
     users = {p.name for p in tasks.glob("*.yml") if "ipvs_fleet_locked(" in p.read_text()}
     assert users == {"install.yml", "configure.yml", "sysctls.yml", "rollback.yml"}
     assert not [p.name for p in tasks.glob("*.yml") if "flock" in p.read_text()]
     configure = (tasks / "configure.yml").read_text()
     # the managed files are uploaded beside the state, never written in place
     assert "dest: \"{{ __ipvs_fleet_staged_path }}\"" in configure
-    assert "item.path | ipvs_fleet_staging_path(__ipvs_fleet_token)" in configure
+    assert "item.path | ipvs_fleet.fleet.ipvs_fleet_staging_path(__ipvs_fleet_token)" in configure
     assert "dest: \"{{ item.path }}\"" not in configure
 
+
+def test_pending_names_each_change_of_a_drifted_host(tmp_path):
+    plan = a_plan(tmp_path)
+    loaded = [f"{m}|1.0+test|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
+    st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), plan)
+    assert F.pending(st, plan) == []
+    drifted = dict(plan["sysctls"], conn_reuse_old_conntrack=0)
+    st = F.state(state_output(plan["module_sums"], loaded, drifted), plan)
+    assert F.pending(st, plan) == ["set net.ipv4.vs.conn_reuse_old_conntrack=1 (live: 0)"]
+    stock = F.state(state_output({}, ["ip_vs|-|-|-|-|-|-|-"], {"conn_reuse_mode": 1}), plan)
+    lines = F.pending(stock, plan)
+    assert lines[0] == f"install patch set 1.0+test for {KR} in {plan['updates_dir']}"
+    assert "activate (reload) the installed build of ip_vs" in lines
+    assert "set net.ipv4.vs.conntrack=1 (absent until activated)" in lines
+    # the rollback of a converged host: the set goes, the files come back
+    back = dict(plan, patchset="", sysctls={})
+    st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), back)
+    assert F.pending(st, back) == [
+        f"remove the patched modules from {plan['updates_dir']}",
+        "remove /etc/sysctl.d/90-ipvs-fleet.conf",
+        "restore /etc/modules-load.d/ipvs-fleet.conf",
+        "activate (reload) the installed build of " + ", ".join(sorted(plan["modules"])),
+        "load " + ", ".join(plan["modules"]),
+    ]
+
+
+def test_filters_without_the_package_name_the_missing_dependency(tmp_path):
+    """The collection's filters need the ipvs-fleet package (declared): without it the
+    plugin still loads, and each filter fails naming what to install."""
+    blocker = tmp_path / "ipvs_fleet"  # an empty package shadowing the real one
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('no ipvs_fleet here')\n")
+    plugin = REPO / "ansible_collections/ipvs_fleet/fleet/plugins/filter/ipvs_fleet.py"
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('f', {str(plugin)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "f = m.FilterModule().filters()['ipvs_fleet_plan']\n"
+        "try:\n    f('', 'h', {}, '/x')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "needs the ipvs-fleet Python package" in r.stdout
+    assert "pip install ipvs-fleet" in r.stdout

@@ -12,6 +12,7 @@ from pathlib import Path
 from ipvs_fleet.deploy.operations import EXCHANGE, swap_in
 
 REPO = Path(__file__).resolve().parents[2]
+ROLE = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet"
 
 
 def sets(tmp_path: Path, live: bool = True) -> tuple[Path, Path]:
@@ -66,14 +67,14 @@ def test_without_an_exchange_two_renames_and_it_says_so(tmp_path):
 
 
 def test_both_engines_and_the_dkms_script_use_the_same_exchange():
-    path = REPO / "roles" / "ipvs_fleet" / "filter_plugins" / "ipvs_fleet.py"
+    path = REPO / "ansible_collections/ipvs_fleet/fleet/plugins/filter/ipvs_fleet.py"
     spec = importlib.util.spec_from_file_location("ipvs_fleet_filters_x", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.FilterModule().filters()["ipvs_fleet_swap_in"]("/a.new", "/a") == swap_in(
         "/a.new", "/a")  # fmt: skip
-    install = (REPO / "roles" / "ipvs_fleet" / "tasks" / "install.yml").read_text()
-    assert "| ipvs_fleet_swap_in(__dest) }}" in install and "mv {{" not in install
-    dkms = REPO / "roles" / "ipvs_fleet" / "files" / "ipvs-dkms-install.sh"
+    install = (ROLE / "tasks" / "install.yml").read_text()
+    assert "| ipvs_fleet.fleet.ipvs_fleet_swap_in(__dest) }}" in install and "mv {{" not in install
+    dkms = ROLE / "files" / "ipvs-dkms-install.sh"
     assert EXCHANGE in dkms.read_text()

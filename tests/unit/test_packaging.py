@@ -23,6 +23,8 @@ from tests.fixtures.wheel import (
     wheel_names,
 )
 
+ROLE = "data/ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet"
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -32,7 +34,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_carries_every_packaged_file(wheel: Path) -> None:
     names = wheel_names(wheel)
     expected = expected_data_files()
-    assert "ipvs_fleet/data/roles/ipvs_fleet/vars/host_classes.yml" in expected
+    assert f"ipvs_fleet/{ROLE}/policy/host_classes.yml" in expected
+    assert "ipvs_fleet/data/ansible_collections/ipvs_fleet/fleet/galaxy.yml" in expected
+    assert "ipvs_fleet/data/ansible_collections/ipvs_fleet/fleet/playbooks/site.yml" in expected
     assert sorted(expected - names) == []
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
@@ -52,10 +56,10 @@ def test_unpacked_wheel_finds_its_own_files(wheel: Path, tmp_path: Path) -> None
     got = json.loads(r.stdout)
     pkg = site / "ipvs_fleet"
     assert got["package"] == str(pkg / "__init__.py")
-    assert got["policy"] == str(pkg / "data/roles/ipvs_fleet/vars/host_classes.yml")
+    assert got["policy"] == str(pkg / ROLE / "policy/host_classes.yml")
     assert got["classes"] == sorted(load_policy().classes)
     assert got["templates"] == sorted(os.listdir(resources.templates_dir()))
-    assert got["swap"] == str(pkg / "data/roles/ipvs_fleet/files/ipvs-swap.sh")
+    assert got["swap"] == str(pkg / ROLE / "files/ipvs-swap.sh")
     assert got["checks"] == sorted(p.name for p in (REPO / "checks").glob("*.py"))
     assert got["deploy"] == str(pkg / "data/deploy.py")
     assert Path(got["swap"]).read_bytes() == resources.host_script("ipvs-swap.sh").read_bytes()

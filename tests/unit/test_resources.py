@@ -21,8 +21,8 @@ def no_policy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "packaged",
-    ["roles/ipvs_fleet", "checks", "deploy.py", "deploy/rollback.py", "group_data/all.py",
-     "inventory/lab.py", "lab/fleet.yml", "site.yml", "rollback.yml"],
+    ["ansible_collections", "checks", "deploy.py", "deploy/rollback.py", "group_data/all.py",
+     "inventory/lab.py", "lab/fleet.yml"],
 )  # fmt: skip
 def test_package_data_is_the_top_level_file(packaged: str) -> None:
     """In a checkout each packaged path is the repository's own file, not a copy."""
@@ -32,15 +32,18 @@ def test_package_data_is_the_top_level_file(packaged: str) -> None:
 
 def test_role_files_resolve_inside_the_package() -> None:
     pkg = Path(resources.__file__).parent
-    assert resources.templates_dir() == pkg / "data" / "roles" / "ipvs_fleet" / "templates"
+    role = pkg / "data/ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet"
+    assert resources.templates_dir() == role / "templates"
+    assert (resources.collection_dir() / "galaxy.yml").is_file()
+    assert (resources.collections_dir() / "ansible_collections").is_dir()
     assert (resources.templates_dir() / "90-ipvs-fleet.conf.j2").is_file()
     assert resources.host_script("ipvs-swap.sh").is_file()
     assert (resources.checks_dir() / "conftest.py").is_file()
 
 
-def test_default_policy_is_the_packaged_role_vars() -> None:
-    assert resources.policy_file() == resources.role_dir() / "vars" / "host_classes.yml"
-    assert resources.policy_file("rollout.yml") == resources.role_dir() / "vars" / "rollout.yml"
+def test_default_policy_is_the_packaged_role_policy() -> None:
+    assert resources.policy_file() == resources.role_dir() / "policy" / "host_classes.yml"
+    assert resources.policy_file("rollout.yml") == resources.role_dir() / "policy" / "rollout.yml"
     assert "k8s_node" in load_policy().classes
 
 
@@ -61,7 +64,7 @@ def test_policy_directory_from_the_environment(
     assert resources.policy_file() == d / "host_classes.yml"
     assert set(load_policy().classes) == {"mine"}
     # No rollout.yml of its own: the packaged one.
-    assert resources.policy_file("rollout.yml") == resources.role_dir() / "vars" / "rollout.yml"
+    assert resources.policy_file("rollout.yml") == resources.role_dir() / "policy" / "rollout.yml"
     (d / "rollout.yml").write_text("waves: [1]\n")
     assert resources.policy_file("rollout.yml") == d / "rollout.yml"
 
@@ -70,7 +73,8 @@ def test_policy_file_override_names_host_classes_only(tmp_path: Path) -> None:
     f = write_policy(tmp_path / "p", "other") / "host_classes.yml"
     assert resources.policy_file(override=f) == f
     assert set(load_policy(f).classes) == {"other"}
-    assert resources.policy_file("rollout.yml", override=f).parent == resources.role_dir() / "vars"
+    policy_dir = resources.role_dir() / "policy"
+    assert resources.policy_file("rollout.yml", override=f).parent == policy_dir
 
 
 def test_policy_directory_without_host_classes_is_an_error(tmp_path: Path) -> None:

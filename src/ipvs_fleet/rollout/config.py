@@ -1,6 +1,6 @@
 """Rollout policy (waves, thresholds, soak, rollback) and the wave plan it gives an inventory.
 
-The policy is data (`roles/ipvs_fleet/vars/rollout.yml`):
+The policy is data (the collection role's `policy/rollout.yml`):
 
     waves: [canary, 1, "10%", "50%", "100%"]
     max_fail_percent: 0

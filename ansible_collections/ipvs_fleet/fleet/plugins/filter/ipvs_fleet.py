@@ -1,16 +1,18 @@
-"""Filters of the ipvs_fleet role: the pyinfra deploy's own facts, policy and checks, for Ansible.
+"""Filters of the ipvs_fleet.fleet collection: the pyinfra deploy's own facts, policy and
+checks, for Ansible.
 
 The role reads hosts with the same shell commands as the pyinfra facts
 (`ipvs_fleet.deploy.facts`), parses their output with the same `process()` methods, and
 decides with the same policy loader, artifact loader and reuse interlock
 (`ipvs_fleet.policy`, `ipvs_fleet.build.artifact`, `ipvs_fleet.deploy.plan`). Nothing the
-two engines decide is defined twice; the controller needs the `ipvs_fleet` package
-installed next to ansible-core (it is, in the project's venv).
+two engines decide is defined twice, so the controller needs the `ipvs-fleet` Python package
+next to ansible-core: a declared dependency (the collection's requirements.txt and README).
 
-    {{ 'preflight' | ipvs_fleet_probe_command }}                      -> shell script
-    {{ probe.stdout | ipvs_fleet_plan(inventory_hostname, hostvars[inventory_hostname],
-                                       artifacts_dir, policy_file) }}  -> plan dict
-    {{ probe.stdout | ipvs_fleet_state(plan) }}                       -> state dict
+    {{ 'preflight' | ipvs_fleet.fleet.ipvs_fleet_probe_command }}     -> shell script
+    {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_plan(inventory_hostname,
+         hostvars[inventory_hostname], artifacts_dir, policy_file) }}  -> plan dict
+    {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_state(plan) }}      -> state dict
+    {{ 'install (ansible)' | ipvs_fleet.fleet.ipvs_fleet_locked(30) }} -> host-lock preamble
 """
 
 from __future__ import annotations
@@ -24,30 +26,41 @@ try:
 except ImportError:  # imported by the unit tests without Ansible's plugin loader
     AnsibleFilterError = ValueError  # type: ignore[misc,assignment]
 
-from ipvs_fleet.deploy.facts import (
-    IpvsInstalledModules,
-    IpvsLoadedModules,
-    IpvsSwapState,
-    IpvsSysctls,
-    IpvsUsage,
-    Lockdown,
-    failed_set_dir,
-    updates_dir,
-)
-from ipvs_fleet.deploy.operations import (
-    MANAGED_FILES,
-    STALE_STAGING,
-    STATE_DIR,
-    backup_path,
-    is_current,
-    lock_preamble,
-    staging_path,
-    swap_in,
-    verification_problems,
-)
-from ipvs_fleet.deploy.plan import decide
-from ipvs_fleet.errors import FleetError
-from ipvs_fleet.policy import load_policy
+REQUIREMENT = "ipvs-fleet"  # the PyPI name; the collection's requirements.txt pins it
+
+try:
+    from ipvs_fleet.deploy.facts import (
+        IpvsInstalledModules,
+        IpvsLoadedModules,
+        IpvsSwapState,
+        IpvsSysctls,
+        IpvsUsage,
+        Lockdown,
+        failed_set_dir,
+        updates_dir,
+    )
+    from ipvs_fleet.deploy.operations import (
+        MANAGED_FILES,
+        STALE_STAGING,
+        STATE_DIR,
+        backup_path,
+        is_current,
+        lock_preamble,
+        staging_path,
+        swap_in,
+        verification_problems,
+    )
+    from ipvs_fleet.deploy.plan import decide
+    from ipvs_fleet.errors import FleetError
+    from ipvs_fleet.policy import load_policy
+except ImportError as e:  # a clear error at the first filter use, not a plugin-load traceback
+    _MISSING: str | None = (
+        f"the ipvs_fleet.fleet collection needs the {REQUIREMENT} Python package on the "
+        f"controller, in ansible-core's Python (pip install {REQUIREMENT}; see the "
+        f"collection's requirements.txt): {e}"
+    )
+else:
+    _MISSING = None
 
 MARK = "@@ipvs-fleet@@ "
 ROLE_PREFIX = "ipvs_fleet_"  # the role's own settings, not host data of the policy
@@ -262,16 +275,70 @@ def locked(what: str, wait: int) -> str:
     return str(lock_preamble(what, int(wait)).get_raw_value())
 
 
+def exchange(staging: str, dest: str) -> str:
+    """The install's swap of the staged set into place (operations.swap_in), as text."""
+    return swap_in(staging, dest)
+
+
+def staged(path: str, token: str) -> str:
+    """Where this run uploads a managed file before the locked rename (operations.staging_path)."""
+    return staging_path(path, token)
+
+
+def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
+    """What a run would change on the host, one line each ([] = nothing): the check-mode
+    report, since the role's command tasks are skipped in check mode."""
+    out = []
+    if st.get("install"):
+        out.append(
+            f"install patch set {plan['patchset']} for {plan['kernel_release']} "
+            f"in {plan['updates_dir']}"
+        )
+    if plan.get("patchset") == "":  # the rollback's plan
+        if st.get("installed") or st.get("failed_set"):
+            out.append(f"remove the patched modules from {plan['updates_dir']}")
+        for path, backup in st.get("backups", {}).items():
+            if backup != "none":
+                out.append(f"restore {path}" if backup == "file" else f"remove {path}")
+    if st.get("swap") != "idle":
+        out.append(f"finish the earlier module swap ({st.get('swap')})")
+    if st.get("stale"):
+        out.append(
+            f"activate ({plan['activation']}) the installed build of {', '.join(st['stale'])}"
+        )
+    if st.get("missing"):
+        out.append(f"load {', '.join(st['missing'])}")
+    for key, value in st.get("sysctl_changes", {}).items():
+        out.append(f"set net.ipv4.vs.{key}={value} (live: {st['sysctls'].get(key)})")
+    for key in st.get("sysctl_absent", []):
+        out.append(f"set net.ipv4.vs.{key}={plan['sysctls'][key]} (absent until activated)")
+    return out
+
+
+def _guarded(f: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if _MISSING:
+            raise AnsibleFilterError(_MISSING)
+        return f(*args, **kwargs)
+
+    run.__doc__, run.__name__ = f.__doc__, f.__name__
+    return run
+
+
 class FilterModule:
-    """Ansible's entry point for the role's filters."""
+    """Ansible's entry point for the collection's filters."""
 
     def filters(self) -> dict[str, Callable[..., Any]]:
         return {
-            "ipvs_fleet_probe_command": probe_command,
-            "ipvs_fleet_plan": plan,
-            "ipvs_fleet_state": state,
-            "ipvs_fleet_rollback_plan": rollback_plan,
-            "ipvs_fleet_locked": locked,
-            "ipvs_fleet_swap_in": swap_in,
-            "ipvs_fleet_staging_path": staging_path,
+            name: _guarded(f)
+            for name, f in {
+                "ipvs_fleet_probe_command": probe_command,
+                "ipvs_fleet_plan": plan,
+                "ipvs_fleet_state": state,
+                "ipvs_fleet_rollback_plan": rollback_plan,
+                "ipvs_fleet_locked": locked,
+                "ipvs_fleet_pending": pending,
+                "ipvs_fleet_swap_in": exchange,
+                "ipvs_fleet_staging_path": staged,
+            }.items()
         }
