@@ -54,7 +54,8 @@ unit-py313:
 	.ci/unit-python trixie python3.13
 
 # The lab tests need the module artifacts and the booted lab: build the one while the other
-# boots (mostly downloads and dpkg on one side, QEMU on the other), then run every test.
+# boots (mostly downloads and dpkg on one side, QEMU on the other), then run every test. The
+# unit tier on Python 3.13 (make unit-py313) runs in that wait too; 3.11's is in the main run.
 TEST_LAB := .lab/test
 TEST_ARTIFACTS := .test-artifacts
 # `make test` (CI) leaves out the `slow` lab tests; `make test-full` runs them too.
@@ -64,24 +65,35 @@ test-full: export IPVS_FLEET_TEST_FULL := 1
 test-full: test
 test: deps venv lint
 	@mkdir -p reports
-	@echo "==> building the module artifacts (log: reports/test-build.log) while the lab boots"
+	@echo "==> building the module artifacts (log: reports/test-build.log) and the unit tier on"
+	@echo "    Python 3.13 (log: reports/test-py313.log) while the lab boots"
 	@$(BIN)/ipvs-fleet build --all-lab --out $(TEST_ARTIFACTS) > reports/test-build.log 2>&1 & \
 	  build=$$!; \
+	  .ci/unit-python trixie python3.13 > reports/test-py313.log 2>&1 & py313=$$!; \
 	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) up; up=$$?; \
 	  wait $$build; built=$$?; tail -4 reports/test-build.log; \
+	  wait $$py313; py=$$?; echo "==> unit tier on Python 3.13: exit $$py"; tail -1 reports/test-py313.log; \
 	  if [ $$up -ne 0 ] || [ $$built -ne 0 ]; then \
 	    $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit 1; fi; \
 	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
 	    $(BIN)/pytest -m '$(TEST_MARKS)' --junitxml=reports/test-junit.xml; rc=$$?; \
-	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit $$rc
+	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; \
+	  if [ $$py -ne 0 ]; then echo "unit tier on Python 3.13 failed: reports/test-py313.log"; exit 1; fi; \
+	  exit $$rc
 
 # The 7.2 line (Debian unstable's cloud kernel) on a lab of its own (lab/fleet-7.2.yml, one
 # VM): apart from `make test` because CI's time budget is spent. Builds the 7.2 set while the VM
-# boots, then runs the lab tests that apply to that line: the module set, the line's reduced
-# reuse matrix, and the upstream series' kselftest (passes on its patch, fails on stock).
+# boots, then runs the lab tests that apply to one host of that line: the deploy and its
+# no-op rerun, the compliance checks (all pass, then a hand-changed sysctl fails), the module
+# set, the line's reduced reuse matrix, and the upstream series' kselftest (passes on its
+# patch, fails on stock).
 LAB_72 := .lab/test-7.2
 FLEET_72 := lab/fleet-7.2.yml
-TESTS_72 := tests/lab/test_modules.py::test_patched_set_loads_and_identifies_itself \
+TESTS_72 := tests/lab/test_deploy.py::test_fresh_deploy_converges_every_host \
+	tests/lab/test_deploy.py::test_second_run_changes_nothing \
+	tests/lab/test_checks.py::test_converged_lab_is_compliant \
+	tests/lab/test_checks.py::test_hand_changed_sysctl_is_drift_with_converge_command \
+	tests/lab/test_modules.py::test_patched_set_loads_and_identifies_itself \
 	tests/lab/test_reuse.py tests/lab/test_upstream_selftest.py
 test-7.2: export IPVS_FLEET_FLEET := $(FLEET_72)
 test-7.2: deps venv lint
