@@ -26,9 +26,12 @@ from ipvs_fleet.probe.probe import evaluate_budget
 PROBE_DIR = Path(ipvs_fleet.probe.__file__).parent
 PROBE_FILES = ("probe.py", "scenario.py")
 REMOTE_DIR = "/run/ipvs-fleet-check"
-# Where no slow connect is allowed, enough attempts to see a rare one; where the ~1 s drop
-# is expected (knob 0 or absent), three attempts show it without costing many seconds.
-COUNT_STRICT = 20
+# Where no slow connect is allowed, enough attempts to see a rare one, and at least 100 so
+# the nearest-rank p99 the budget names is the 99th value, not the maximum (with 20 it was
+# the maximum: in a CI run one connect of 116 ms under TCG failed the 100 ms budget of a run
+# whose p90 was 47 ms). 100 connects took 2.4 s on a lab VM (20: 1.4 s). Where the ~1 s
+# drop is expected (knob 0 or absent), three attempts show it without costing many seconds.
+COUNT_STRICT = 100
 COUNT_EXPECTED_SLOW = 3
 SCENARIO = "A"
 
