@@ -201,7 +201,11 @@ def test_tags_verify_verifies_a_converged_host_and_changes_nothing(
     assert not [t for t in tasks if t.startswith(("Install", "Write", "Swap", "Load", "Set"))]
 
 
-@pytest.mark.slow  # ~280 s (a swap each way on one host): make test-full, for CI's time
+# slow (make test-full): ~280 s, a module swap each way on one host, over CI's 90 minutes
+# in make test. The only run of the rollback playbook on a VM; the role's rollback tasks
+# are syntax-checked and their plan unit-tested (tests/unit/test_ansible_role.py); pyinfra's
+# rollback runs in make test.
+@pytest.mark.slow
 def test_rollback_playbook_brings_a_host_to_the_pyinfra_rollback_state(
     lab, ansible_stock, ansible_converged, playbook
 ):
