@@ -112,7 +112,6 @@ def converged(lab: Lab, deployer: Deployer) -> Lab:
     return lab
 
 
-@pytest.mark.slow  # ~85 s; make test-full (tests/packaging installs the wheel in make test)
 def test_github_actions_example_runs_and_its_junit_passes(
     converged: Lab, wheel: Path, tmp_path: Path
 ) -> None:
@@ -134,7 +133,6 @@ def test_github_actions_example_runs_and_its_junit_passes(
         assert_junit_passes(repo / junit, lab)
 
 
-@pytest.mark.slow  # ~80 s; make test-full, as the GitHub example
 def test_gitlab_ci_example_runs_and_its_junit_passes(
     converged: Lab, wheel: Path, tmp_path: Path
 ) -> None:
