@@ -66,8 +66,8 @@ TEST_LAB := .lab/test
 TEST_ARTIFACTS := .test-artifacts
 # `make test` (CI) leaves out the `slow` lab tests; `make test-full` runs them too.
 TEST_MARKS ?= not dkms and not slow
-BESIDE_MARKS = (not lab or build or pypi) and ($(TEST_MARKS))
-VM_MARKS = lab and not build and not pypi and ($(TEST_MARKS))
+# The two streams split by folder: tests/lab needs the VMs, nothing else does (the CI
+# examples are marked `pypi` and use the VMs: a marker split ran them beside the lab tests).
 test-full: TEST_MARKS := not dkms
 test-full: export IPVS_FLEET_TEST_FULL := 1
 test-full: test
@@ -86,11 +86,11 @@ test: deps venv
 	    $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit 1; fi; \
 	  echo "==> beside the lab tests, at nice 5: the unit tier, builds and wheel (log:"; \
 	  echo "    reports/test-unit.log) and the unit tier on Python 3.13 (reports/test-py313.log)"; \
-	  IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) nice -n 5 $(BIN)/pytest -m '$(BESIDE_MARKS)' \
+	  IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) nice -n 5 $(BIN)/pytest -m '$(TEST_MARKS)' --ignore=tests/lab \
 	    --junitxml=reports/test-unit-junit.xml > reports/test-unit.log 2>&1 & unit=$$!; \
 	  nice -n 5 .ci/unit-python trixie python3.13 > reports/test-py313.log 2>&1 & py313=$$!; \
 	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
-	    $(BIN)/pytest -m '$(VM_MARKS)' --junitxml=reports/test-junit.xml; rc=$$?; \
+	    $(BIN)/pytest -m '$(TEST_MARKS)' --junitxml=reports/test-junit.xml tests/lab; rc=$$?; \
 	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; \
 	  wait $$unit; u=$$?; wait $$py313; py=$$?; \
 	  echo "==> unit tier, builds and wheel: exit $$u"; \
