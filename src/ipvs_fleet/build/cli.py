@@ -3,7 +3,7 @@
 Examples:
 
     ipvs-fleet build --release bookworm --out artifacts/
-    ipvs-fleet build --all-lab --out artifacts/
+    ipvs-fleet build --all-lab --out artifacts/            # the lines at once (--jobs 3)
     IPVS_FLEET_FLEET=lab/fleet-7.2.yml ipvs-fleet build --all-lab --out artifacts/
     ipvs-fleet build --kernel-release 6.1.0-56-cloud-amd64 --release bookworm
     ipvs-fleet build --release bookworm --dkms dkms/
@@ -18,6 +18,8 @@ import argparse
 import functools
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from ipvs_fleet.debian import (
     check_release,
     pinned_kernel,
 )
-from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.errors import ConfigError, FleetError
 
 
 def targets(args: argparse.Namespace) -> list[KernelPin]:
@@ -51,15 +53,42 @@ def say(tag: str, started: float, what: str) -> None:
     print(f"{tag}: {what} ({time.monotonic() - started:.0f} s)", flush=True)
 
 
+def build_lines(
+    pins: list[KernelPin], jobs: int, build_one: Callable[[int, KernelPin], Any]
+) -> list[Any]:
+    """build_one(i, pin) for every pin, `jobs` at a time, results in the order of `pins`.
+    Every line is built even when another fails (each line's outcome is its own); then the
+    first failure is raised, naming its line, after the others have finished."""
+    if jobs <= 1 or len(pins) <= 1:
+        return [build_one(i, pin) for i, pin in enumerate(pins, 1)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(build_one, i, pin) for i, pin in enumerate(pins, 1)]
+        wait(futures)
+    failed = [(pin, f.exception()) for pin, f in zip(pins, futures, strict=True)
+              if f.exception() is not None]  # fmt: skip
+    for pin, exc in failed:
+        print(f"{pin.line} {pin.kernel_release}: build failed: {exc}", flush=True)
+    if failed:
+        pin, exc = failed[0]
+        if isinstance(exc, FleetError):
+            raise FleetError(f"{len(failed)} of {len(pins)} builds failed; first, "
+                             f"{pin.line} {pin.kernel_release}: {exc}") from exc  # fmt: skip
+        raise exc  # type: ignore[misc]
+    return [f.result() for f in futures]
+
+
 def run(args: argparse.Namespace) -> int:
     from ipvs_fleet.build.build import build_for
     from ipvs_fleet.build.dkms import dkms_build, make_dkms_tree
 
     if args.strict_pins:
         os.environ[STRICT_PINS_ENV] = "1"
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be 1 or more, not {args.jobs}")
     out = Path(args.out)
     pins = targets(args)
-    for i, pin in enumerate(pins, 1):
+
+    def build_one(i: int, pin: KernelPin) -> Any:
         t0 = time.monotonic()
         tag = f"[{i}/{len(pins)}] {pin.line} {pin.kernel_release}"
         progress = functools.partial(say, tag, t0)
@@ -69,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
             f"{pin.kernel_release}: {art.path} ({len(art.modules)} modules, "
             f"{art.set_id}, reuse={art.reuse_design}, {took:.1f}s)", flush=True
         )
-        if args.dkms:
+        return art
+
+    arts = build_lines(pins, args.jobs, build_one)
+    if args.dkms:
+        for pin, art in zip(pins, arts, strict=True):
             tree = make_dkms_tree(pin.line, Path(args.dkms), [m[:-3] for m in art.modules])
             print(f"{pin.line}: DKMS source tree {tree}")
             if args.dkms_test:
@@ -104,6 +137,13 @@ def add_parser(sub: Any) -> None:
         choices=list(kernel.VARIANTS),
         help="test-only variant (dislocated: the seed's sysctl-table bug; retrack: the 1.x "
         "reuse design; upstream: the upstream series, 7.2 only); never deploy it",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=3,
+        help="kernel lines built at once (default: 3; each line has its own builder root, "
+        "and a cold one is mostly downloads and dpkg)",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument(
