@@ -106,6 +106,9 @@ class FakeHost:
                     out.append((rf"^! \(test -e {re.escape(p)} ", stat_line(p)))
                 sha = sha1_of_template(path, self.host_class)
                 out.append((rf"^test -e {re.escape(path)} && \( sha1sum", f"{sha}  {path}"))
+                # the deploy's own fact (ManagedFile): the backup kept, the file as rendered
+                out.append((rf"^f={re.escape(path)}; b=",
+                            ["backup=yes", "exists=yes", f"mode=644 sha1={sha}"]))  # fmt: skip
         return out
 
 

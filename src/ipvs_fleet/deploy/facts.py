@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from collections import Counter
 from typing import Any
 
@@ -303,6 +304,44 @@ class DkmsVersions(FactBase[list[str]]):
             for v in output
             if v.strip() and v.strip() != "original_module" and not v.startswith("kernel-")
         )
+
+
+class ManagedFile(FactBase[dict[str, Any]]):
+    """
+    A file the deploy manages and its rollback record, in one command (pyinfra's File,
+    Directory and Sha1File facts cost a command each, about 0.15 s under TCG): whether the
+    backup or its `.absent` note exists, whether the file exists, and a regular file's
+    mode and sha1.
+
+    .. code:: python
+
+        {"backup": True, "absent": False, "exists": True, "mode": "644", "sha1": "9f0c..."}
+    """
+
+    def command(self, path: str, backup: str) -> str:
+        return (
+            f"f={shlex.quote(path)}; b={shlex.quote(backup)}; "
+            '{ [ -e "$b" ] || [ -L "$b" ]; } && echo backup=yes; '
+            '{ [ -e "$b.absent" ] || [ -L "$b.absent" ]; } && echo absent=yes; '
+            '{ [ -e "$f" ] || [ -L "$f" ]; } && echo exists=yes; '
+            '[ -f "$f" ] && [ ! -L "$f" ] && echo "mode=$(stat -c %a "$f")" '
+            '"sha1=$(sha1sum < "$f" | cut -d" " -f1)"; true'
+        )
+
+    @staticmethod
+    def default() -> dict[str, Any]:
+        """No output: neither record nor file (pyinfra skips `process` then)."""
+        return {"backup": False, "absent": False, "exists": False, "mode": None, "sha1": None}
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        words = dict(w.partition("=")[::2] for line in output for w in line.split())
+        return {
+            "backup": words.get("backup") == "yes",
+            "absent": words.get("absent") == "yes",
+            "exists": words.get("exists") == "yes",
+            "mode": words.get("mode"),
+            "sha1": words.get("sha1"),
+        }
 
 
 class IpvsSysctls(FactBase[dict[str, int | list[int]]]):

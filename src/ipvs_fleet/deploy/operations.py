@@ -11,16 +11,19 @@ execution, a command that fails with the list of problems.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import secrets
 import shlex
 from collections.abc import Generator, Iterable, Iterator, Mapping
+from io import StringIO
 from typing import Any
 
 from pyinfra import host, logger
-from pyinfra.api import QuoteString, StringCommand, operation
-from pyinfra.facts.files import Directory, File
+from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.api.util import get_template
+from pyinfra.facts.files import Directory
 from pyinfra.operations import files, server
 
 from ipvs_fleet.deploy.facts import (
@@ -31,6 +34,7 @@ from ipvs_fleet.deploy.facts import (
     IpvsSwapRecord,
     IpvsSwapState,
     IpvsSysctls,
+    ManagedFile,
     failed_set_dir,
     swap_problem,
     swap_record_problems,
@@ -304,21 +308,23 @@ def modules_removed(
     )  # fmt: skip
 
 
-def _rendered(path: str, dest: str, settings: HostSettings) -> list[Any]:
-    """The commands that write the class's template for `path` (a MANAGED_FILES key) to
-    `dest`; none when `dest` already holds exactly those bytes."""
-    return list(
-        files.template._inner(
-            src=str(TEMPLATES / MANAGED_FILES[path]),
-            dest=dest,
-            mode="0644",
-            # as Ansible renders templates, so both engines write the same bytes
-            jinja_env_kwargs={"trim_blocks": True},
-            ipvs_host_class=settings.host_class,
-            ipvs_sysctls=settings.sysctls,
-            ipvs_modules=list(settings.modules),
-        )
-    )
+def _template_kwargs(path: str, settings: HostSettings) -> dict[str, Any]:
+    """files.template's arguments for `path` (a MANAGED_FILES key) and the host's class."""
+    return {
+        "src": str(TEMPLATES / MANAGED_FILES[path]),
+        # as Ansible renders templates, so both engines write the same bytes
+        "jinja_env_kwargs": {"trim_blocks": True},
+        "ipvs_host_class": settings.host_class,
+        "ipvs_sysctls": settings.sysctls,
+        "ipvs_modules": list(settings.modules),
+    }
+
+
+def rendered(path: str, settings: HostSettings) -> str:
+    """The bytes the class's template for `path` renders to, as files.template renders them."""
+    kw = _template_kwargs(path, settings)
+    src, env = kw.pop("src"), kw.pop("jinja_env_kwargs")
+    return str(get_template(src, env).render(kw))
 
 
 @operation()
@@ -334,17 +340,21 @@ def config_file(
     + lock_wait: seconds to wait for the host lock (another controller's step)
     """
     backup = backup_path(path)
-    need_backup = host.get_fact(File, path=backup) is None and (
-        host.get_fact(File, path=backup + ".absent") is None
-    )
-    write = _rendered(path, path, settings)
+    # One fact command for what files.template and the backup test would read in five.
+    now = host.get_fact(ManagedFile, path=path, backup=backup)
+    need_backup = not now["backup"] and not now["absent"]
+    content = rendered(path, settings)
+    write = now["mode"] != "644" or now["sha1"] != hashlib.sha1(content.encode()).hexdigest()
     if not need_backup and not write:
         host.noop(f"{path} is up to date")
         return
-    exists = host.get_fact(File, path=path) is not None
-    what = [f"{'rewrite' if exists else 'create'} {path} ({settings.host_class})"] if write else []
+    if write and host.state.config.DIFF:
+        # pyinfra's own diff of the file against what it would write (--diff)
+        list(files.template._inner(dest=path, mode="0644", **_template_kwargs(path, settings)))
+    what = [f"{'rewrite' if now['exists'] else 'create'} {path} ({settings.host_class})"] \
+        if write else []  # fmt: skip
     if need_backup:
-        what.append(f"keep the previous {path} for rollback" if exists
+        what.append(f"keep the previous {path} for rollback" if now["exists"]
                     else f"note for rollback that {path} did not exist")  # fmt: skip
     will("; ".join(what))
     q, b, staged = QuoteString(path), QuoteString(backup), staging_path(path)
@@ -358,10 +368,13 @@ def config_file(
     if write:
         # Uploaded beside the state, then renamed into place under the host lock: a swap of
         # another controller never reads a half-written modprobe.d or sysctl.d file, and a
-        # waiting controller finds the file as the other one left it.
-        yield from _rendered(path, staged, settings)
+        # waiting controller finds the file as the other one left it. The run's own folder
+        # is new, so no fact is read about it.
+        yield StringCommand("mkdir -p", QuoteString(posixpath.dirname(staged)))
+        yield FileUploadCommand(StringIO(content), staged,
+                                remote_temp_filename=host.get_temp_filename(staged))  # fmt: skip
         # this run's folder goes with the file: the next file's upload makes it again
-        steps += ["&& mv -f", QuoteString(staged), q,
+        steps += ["&& chmod 644", QuoteString(staged), "&& mv -f", QuoteString(staged), q,
                   "&& rm -rf", QuoteString(f"{STAGING_DIR}/{RUN_TOKEN}"), "&&", STALE_STAGING]
     yield locked("configure", lock_wait, *steps)
 
@@ -376,10 +389,11 @@ def config_file_restored(path: str, lock_wait: int = LOCK_WAIT_S) -> Generator[A
     """
     backup = backup_path(path)
     q, b, absent = QuoteString(path), QuoteString(backup), QuoteString(backup + ".absent")
-    if host.get_fact(File, path=backup):
+    now = host.get_fact(ManagedFile, path=path, backup=backup)
+    if now["backup"]:
         will(f"restore {path} from the copy kept by the first deploy")
         yield locked("restore", lock_wait, "cp -p", b, q, "&& rm -f", b)
-    elif host.get_fact(File, path=backup + ".absent"):
+    elif now["absent"]:
         will(f"remove {path} (the deploy created it)")
         yield locked("restore", lock_wait, "rm -f", q, absent)
     else:
@@ -432,6 +446,13 @@ def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCo
         )  # fmt: skip
 
 
+def _one_off_upload(src: Any, dest: str) -> Iterator[Any]:
+    """Upload a host script that its run removes: no fact is read about it (files.put reads
+    three, about 0.15 s each under TCG, and would always find it gone)."""
+    yield StringCommand("mkdir -p", QuoteString(posixpath.dirname(dest)))
+    yield FileUploadCommand(str(src), dest, remote_temp_filename=host.get_temp_filename(dest))
+
+
 @operation()
 def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None, None]:
     """
@@ -453,8 +474,8 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         # An earlier swap is still running, or died with its table saved and not restored:
         # wait for it, or restore that table, before anything else reads the host.
         will(f"finish the earlier module swap ({swap_problem(unfinished)})")
-        yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
-        yield StringCommand(f"IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
+        yield from _one_off_upload(SWAP_SCRIPT, script)
+        yield StringCommand("chmod 0755", q, f"&& IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
                             "--recover-only; rc=$?; rm -f", q, "; exit $rc")
     if swap and settings.activation == "next-boot":
         host.noop(f"{_names(stale)} switch to {want} at next boot")
@@ -487,10 +508,10 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     if swap and settings.activation == "reboot":
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
     elif swap:
-        yield from files.put._inner(src=str(SWAP_SCRIPT), dest=script, mode="0755")
+        yield from _one_off_upload(SWAP_SCRIPT, script)
         # Run and remove, as Ansible's script module does: both engines leave the same
         # host state (the swap's detached worker, its logs and table copies stay).
-        yield StringCommand(f"IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
+        yield StringCommand("chmod 0755", q, f"&& IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
                             "; rc=$?; rm -f", q, "; exit $rc")
     if swap:
         yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
