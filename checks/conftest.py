@@ -17,9 +17,15 @@ import pytest
 import testinfra.host
 
 from ipvs_fleet.compliance import latency
-from ipvs_fleet.compliance.expect import CHECK_PROP, CLASS_PROP, GROUPS_PROP, HOST_PROP, Expect
+from ipvs_fleet.compliance.expect import (
+    CHECK_PROP,
+    CLASS_PROP,
+    GROUPS_PROP,
+    HOST_PROP,
+    Expect,
+    check_name,
+)
 from ipvs_fleet.compliance.facts import HostFacts
-from ipvs_fleet.compliance.plugin import check_name
 from ipvs_fleet.compliance.session import CheckSession, Target, open_session
 from ipvs_fleet.errors import ConfigError
 

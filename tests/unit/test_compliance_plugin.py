@@ -187,6 +187,30 @@ def test_wrapper_verdict_equals_plain_pytest(
         assert "k8s-a: 3 passed" in run.out, run.out
 
 
+def test_plain_pytest_from_a_repository_root_with_its_own_pytest_config(
+    fake_checks: Path, tmp_path: Path
+) -> None:
+    """`pytest checks/ --inventory inventory/x.py` from a repository's root: pytest takes the
+    repository's own config (the inventory's path counts when it finds the rootdir), this
+    project's included, with warnings as errors. Seen failing: the conftest imported the
+    plugin before pytest registered it, a PytestAssertRewriteWarning, exit 1 before any host."""
+    repo = tmp_path / "repo"
+    shutil.copytree(fake_checks, repo / "checks")
+    (repo / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\nfilterwarnings = ["error", "ignore::DeprecationWarning"]\n'
+    )
+    (repo / "inventory").mkdir()
+    inv = inventory(repo / "inventory", {"k8s-b": {"sysctls": "fail"}})
+    junit = tmp_path / "plain.xml"
+    cmd = [sys.executable, "-m", "pytest", "checks/", "--inventory",
+           str(inv.relative_to(repo)), "--junitxml", str(junit)]  # fmt: skip
+    plain = _run(cmd, junit, repo / "checks", repo)
+    assert "configfile: pyproject.toml" in plain.out, plain.out + plain.err
+    assert plain.rc == 1, plain.out + plain.err
+    assert plain.junit is not None
+    assert "k8s-b: 2 passed, 1 failed" in plain.out, plain.out
+
+
 def test_waived_failure_is_xfailed_with_justification_and_expiry(
     fake_checks: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,12 @@ import pytest
 
 from ipvs_fleet.compliance.model import Drift
 
+
+def check_name(item: pytest.Item) -> str:
+    """The check an item runs: its test function's name without `test_`."""
+    return str(getattr(item, "originalname", item.name)).removeprefix("test_")
+
+
 # user_properties of every check item (checks/conftest.py): JUnit <property> names.
 HOST_PROP = "host"
 CLASS_PROP = "host_class"

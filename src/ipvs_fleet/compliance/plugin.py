@@ -30,6 +30,7 @@ from ipvs_fleet.compliance.expect import (
     EXPECT_KEY,
     GROUPS_PROP,
     HOST_PROP,
+    check_name,
 )
 from ipvs_fleet.compliance.model import (
     ERROR,
@@ -68,11 +69,6 @@ def pytest_configure(config: pytest.Config) -> None:
     results = FleetResults(waivers, str(config.getoption("--inventory") or ""))
     config.stash[RESULTS] = results
     config.pluginmanager.register(results, PLUGIN_NAME)
-
-
-def check_name(item: pytest.Item) -> str:
-    """The check an item runs: its test function's name without `test_`."""
-    return str(getattr(item, "originalname", item.name)).removeprefix("test_")
 
 
 class FleetResults:
