@@ -18,7 +18,8 @@ import secrets
 import shlex
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from io import StringIO
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from pyinfra import host, logger
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
@@ -327,6 +328,15 @@ def rendered(path: str, settings: HostSettings) -> str:
     return str(get_template(src, env).render(kw))
 
 
+def _one_off_upload(src: str | Path | IO[str], dest: str) -> Iterator[Any]:
+    """Upload a file to a path no fact is read about: a host script its run removes, or a
+    managed file's copy in this run's new staging folder (files.put reads three facts, about
+    0.15 s each under TCG, and would always find the path absent)."""
+    yield StringCommand("mkdir -p", QuoteString(posixpath.dirname(dest)))
+    local = src if not isinstance(src, (str, Path)) else str(src)
+    yield FileUploadCommand(local, dest, remote_temp_filename=host.get_temp_filename(dest))
+
+
 @operation()
 def config_file(
     path: str, settings: HostSettings, lock_wait: int = LOCK_WAIT_S
@@ -368,11 +378,8 @@ def config_file(
     if write:
         # Uploaded beside the state, then renamed into place under the host lock: a swap of
         # another controller never reads a half-written modprobe.d or sysctl.d file, and a
-        # waiting controller finds the file as the other one left it. The run's own folder
-        # is new, so no fact is read about it.
-        yield StringCommand("mkdir -p", QuoteString(posixpath.dirname(staged)))
-        yield FileUploadCommand(StringIO(content), staged,
-                                remote_temp_filename=host.get_temp_filename(staged))  # fmt: skip
+        # waiting controller finds the file as the other one left it.
+        yield from _one_off_upload(StringIO(content), staged)
         # this run's folder goes with the file: the next file's upload makes it again
         steps += ["&& chmod 644", QuoteString(staged), "&& mv -f", QuoteString(staged), q,
                   "&& rm -rf", QuoteString(f"{STAGING_DIR}/{RUN_TOKEN}"), "&&", STALE_STAGING]
@@ -444,13 +451,6 @@ def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCo
             f"124: timed out after {timeout} s):' >&2; printf '%s\\n'", QuoteString(cmd),
             ">&2; exit 1; }",
         )  # fmt: skip
-
-
-def _one_off_upload(src: Any, dest: str) -> Iterator[Any]:
-    """Upload a host script that its run removes: no fact is read about it (files.put reads
-    three, about 0.15 s each under TCG, and would always find it gone)."""
-    yield StringCommand("mkdir -p", QuoteString(posixpath.dirname(dest)))
-    yield FileUploadCommand(str(src), dest, remote_temp_filename=host.get_temp_filename(dest))
 
 
 @operation()
