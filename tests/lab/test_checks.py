@@ -253,6 +253,27 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
     assert checker.run().rc == 0, "the faults were put back"
 
 
+def test_the_strict_latency_budget_fails_on_a_patched_node_over_100_connects(
+    checker: Checker, lab: Any, tmp_path: Path
+) -> None:
+    """The k8s_node budget as a converged node runs it (knob=1: 100 connects, no slow one
+    allowed), with p99_ms 0 from a policy file: latency_budget alone fails, on 100 connects,
+    naming the p99 it measured. (The stock test fails the same check with 3 connects.)"""
+    canary, _, _ = _hosts_by_class(lab)
+    policy = yaml.safe_load(policy_file().read_text())
+    policy["host_classes"]["k8s_node"]["latency_budget"]["p99_ms"] = 0
+    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
+    strict = Checker(checker.inventory, dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path /
+                     "policy.yml")), tmp_path)  # fmt: skip
+    run = strict.run("--limit", canary)
+    assert run.rc == 1, run.out
+    assert _failed(run, canary) == {"latency_budget"}, run.status(canary)
+    res = _result(run, canary, "latency_budget")
+    assert re.search(r"p99 [\d.]+ ms above 0 ms", res["message"]), res["message"]
+    assert "knob=1: 100 connects, 0 slow, 0 failed" in res["message"], res["message"]
+    assert "ipvs_latency_budget" in res["fix"] and res["converge"] is None
+
+
 @pytest.mark.destructive
 def test_a_dislocated_table_fails_the_sysctl_table_check(
     checker: Checker, lab: Any, dislocated_artifact: Any
