@@ -208,6 +208,16 @@ def _hosts_by_class(lab: Any) -> tuple[str, str, str]:
     return canary, node, ftp
 
 
+def _checker_with_p99_zero(checker: Checker, tmp_path: Path, host_class: str) -> Checker:
+    """A checker whose policy file gives `host_class` a latency budget of p99 <= 0 ms, which
+    no host meets (the other classes and values as shipped)."""
+    policy = yaml.safe_load(policy_file().read_text())
+    policy["host_classes"][host_class]["latency_budget"]["p99_ms"] = 0
+    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
+    env = dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path / "policy.yml"))
+    return Checker(checker.inventory, env, tmp_path)
+
+
 @pytest.mark.destructive
 def test_persisted_drift_and_latency_budget_each_fail_alone(
     checker: Checker, lab: Any, tmp_path: Path
@@ -216,11 +226,7 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
     would flip it); node: conn_reuse_mode forced to 0 as kube-proxy does; ftp: a latency
     budget (p99 <= 0 ms, from a policy file) that no host can meet."""
     canary, node, ftp = _hosts_by_class(lab)
-    policy = yaml.safe_load(policy_file().read_text())
-    policy["host_classes"]["ftp"]["latency_budget"]["p99_ms"] = 0
-    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
-    strict = Checker(checker.inventory, dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path /
-                     "policy.yml")), tmp_path)  # fmt: skip
+    strict = _checker_with_p99_zero(checker, tmp_path, "ftp")
     lab.run(canary, f"cp -p {SYSCTL_FILE} /root/persisted.bak && sed -i "
             f"'s/^net.ipv4.vs.{KNOB} = 1$/net.ipv4.vs.{KNOB} = 0/' {SYSCTL_FILE}")
     lab.run(node, "sysctl -qw net.ipv4.vs.conn_reuse_mode=0")
@@ -260,11 +266,7 @@ def test_the_strict_latency_budget_fails_on_a_patched_node_over_100_connects(
     allowed), with p99_ms 0 from a policy file: latency_budget alone fails, on 100 connects,
     naming the p99 it measured. (The stock test fails the same check with 3 connects.)"""
     canary, _, _ = _hosts_by_class(lab)
-    policy = yaml.safe_load(policy_file().read_text())
-    policy["host_classes"]["k8s_node"]["latency_budget"]["p99_ms"] = 0
-    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
-    strict = Checker(checker.inventory, dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path /
-                     "policy.yml")), tmp_path)  # fmt: skip
+    strict = _checker_with_p99_zero(checker, tmp_path, "k8s_node")
     run = strict.run("--limit", canary)
     assert run.rc == 1, run.out
     assert _failed(run, canary) == {"latency_budget"}, run.status(canary)
