@@ -169,16 +169,14 @@ def _save(name: str, data: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def lines(lab: Any, artifacts: Any, request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+def lines(lab: Any, artifacts: Any, retrack_artifact: Any) -> dict[str, dict[str, Any]]:
     """All lines measured at once (one VM each); {line: run_line result}."""
-    # the retrack variant is a 6.1 build: only a fleet with 6.1 needs it
-    retrack_art = request.getfixturevalue("retrack_artifact") if RETRACK_LINE in LINES else None
     jobs = {}
     with ThreadPoolExecutor(len(LINES)) as pool:
         for line in LINES:
             host = _host_of(lab, line)
             kr = lab.hosts[host].kernel_release
-            retrack = retrack_art if line == RETRACK_LINE else None
+            retrack = retrack_artifact if line == RETRACK_LINE else None
             jobs[line] = pool.submit(run_line, lab, artifacts[kr], retrack, host)
         done = {line: job.result() for line, job in jobs.items()}
     for line, data in done.items():
