@@ -6,7 +6,8 @@ virtualenv, a repository of `ipvs-fleet init` with the lab's hosts in inventory/
 key paths: the example's SSH step provides them), the lab's client key and host keys as the
 secret / File variables, a scratch HOME. The hosts are converged first (a deploy), so the
 check must pass: the JUnit file the job publishes must hold every host's checks and no
-failure or error.
+failure or error. The two jobs' installs (pip on the controller) run together while that
+deploy runs on the guests; their checks run one after the other.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,19 +78,81 @@ def sh(cmd: Command, cwd: Path, env: dict[str, str], timeout: float = 1200) -> s
     return r.stdout + r.stderr
 
 
-def run_job(job: Job, lab: Lab, wheel: Path, tmp: Path, env: dict[str, str]) -> Path:
-    """The job's install (of the wheel), the repository, the job's other commands; the repo."""
-    venv, repo = tmp / "venv", tmp / "repo"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    repo.mkdir()
-    (install,) = [c for c in job.commands if is_install(c)]
-    sh(from_wheel(install, wheel), repo, env)
-    sh(Command("ipvs-fleet init ."), repo, env)
-    (repo / "inventory" / "prod.py").write_text(user_inventory(lab))
-    for cmd in job.commands:
-        if cmd is not install:
-            print(sh(cmd, repo, env)[-3000:])
-    return repo
+@dataclass
+class Runner:
+    """One example's job as its runner holds it: a scratch HOME, the checkout folder, the
+    fresh virtualenv and the environment; `installed` is the job's `pip install` (of the
+    wheel), started at once in the background."""
+
+    job: Job
+    tmp: Path
+    env: dict[str, str]
+    installed: Future[None] | None = None
+
+    @property
+    def home(self) -> Path:
+        return self.tmp / "home"
+
+    @property
+    def repo(self) -> Path:
+        return self.tmp / "repo"
+
+    def install(self, wheel: Path) -> None:
+        """The virtualenv, then the job's install line (of the wheel)."""
+        subprocess.run([sys.executable, "-m", "venv", str(self.tmp / "venv")], check=True,
+                       timeout=300)  # fmt: skip
+        (install,) = [c for c in self.job.commands if is_install(c)]
+        sh(from_wheel(install, wheel), self.repo, self.env)
+
+    def run(self, lab: Lab) -> None:
+        """After the install: the repository, the job's other commands."""
+        assert self.installed is not None
+        self.installed.result()
+        sh(Command("ipvs-fleet init ."), self.repo, self.env)
+        (self.repo / "inventory" / "prod.py").write_text(user_inventory(lab))
+        for cmd in self.job.commands:
+            if not is_install(cmd):
+                print(sh(cmd, self.repo, self.env)[-3000:])
+
+
+def github_runner(lab: Lab, tmp: Path) -> Runner:
+    repo = tmp / "repo"
+    context = {
+        "secrets.FLEET_SSH_KEY": lab.client_key.read_text().rstrip("\n"),
+        "vars.FLEET_KNOWN_HOSTS": lab.known_hosts.read_text().rstrip("\n"),
+        "vars.IPVS_FLEET_REPO": "example/ipvs-fleet",  # replaced by the wheel
+        "github.workspace": str(repo),
+    }
+    job = github_job(yaml.safe_load(GITHUB.read_text()), context)
+    env = clean_env(tmp / "venv", tmp / "home") | {"GITHUB_WORKSPACE": str(repo)}
+    return Runner(job, tmp, env)
+
+
+def gitlab_runner(lab: Lab, tmp: Path) -> Runner:
+    variables = {"CI_PROJECT_DIR": str(tmp / "repo"),
+                 "CI_API_V4_URL": "https://gitlab.example/api/v4",
+                 "IPVS_FLEET_PROJECT": "1",  # the registry: replaced by the wheel
+                 # File variables: GitLab writes the value to a file, the variable is its path
+                 "FLEET_SSH_KEY": str(lab.client_key),
+                 "FLEET_KNOWN_HOSTS": str(lab.known_hosts)}  # fmt: skip
+    job = gitlab_job(yaml.safe_load(GITLAB.read_text()), variables)
+    return Runner(job, tmp, clean_env(tmp / "venv", tmp / "home") | variables)
+
+
+@pytest.fixture(scope="module")
+def runners(
+    lab: Lab, wheel: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Runner]]:
+    """Both examples' runners, their installs (pip, on the controller) started together
+    while the deploy (`converged`, on the guests) runs."""
+    made = {"github": github_runner(lab, tmp_path_factory.mktemp("github")),
+            "gitlab": gitlab_runner(lab, tmp_path_factory.mktemp("gitlab"))}  # fmt: skip
+    with ThreadPoolExecutor(len(made)) as pool:
+        for r in made.values():
+            r.home.mkdir()
+            r.repo.mkdir()
+            r.installed = pool.submit(r.install, wheel)
+        yield made
 
 
 def assert_junit_passes(path: Path, lab: Lab) -> None:
@@ -106,48 +172,28 @@ def assert_junit_passes(path: Path, lab: Lab) -> None:
 
 
 @pytest.fixture(scope="module")
-def converged(lab: Lab, deployer: Deployer) -> Lab:
-    """The lab's hosts converged (earlier tests leave them in other states)."""
+def converged(lab: Lab, deployer: Deployer, runners: dict[str, Runner]) -> Lab:
+    """The lab's hosts converged (earlier tests leave them in other states), while the
+    runners install."""
     deployer.run()
     return lab
 
 
 def test_github_actions_example_runs_and_its_junit_passes(
-    converged: Lab, wheel: Path, tmp_path: Path
+    converged: Lab, runners: dict[str, Runner]
 ) -> None:
-    lab = converged
-    home = tmp_path / "home"
-    home.mkdir()
-    repo = tmp_path / "repo"
-    context = {
-        "secrets.FLEET_SSH_KEY": lab.client_key.read_text().rstrip("\n"),
-        "vars.FLEET_KNOWN_HOSTS": lab.known_hosts.read_text().rstrip("\n"),
-        "vars.IPVS_FLEET_REPO": "example/ipvs-fleet",  # replaced by the wheel
-        "github.workspace": str(repo),
-    }
-    job = github_job(yaml.safe_load(GITHUB.read_text()), context)
-    env = clean_env(tmp_path / "venv", home) | {"GITHUB_WORKSPACE": str(repo)}
-    run_job(job, lab, wheel, tmp_path, env)
-    assert (home / ".ssh" / "id_ed25519").is_file()
-    for junit in job.junit:
-        assert_junit_passes(repo / junit, lab)
+    r = runners["github"]
+    r.run(converged)
+    assert (r.home / ".ssh" / "id_ed25519").is_file()
+    for junit in r.job.junit:
+        assert_junit_passes(r.repo / junit, converged)
 
 
 def test_gitlab_ci_example_runs_and_its_junit_passes(
-    converged: Lab, wheel: Path, tmp_path: Path
+    converged: Lab, runners: dict[str, Runner]
 ) -> None:
-    lab = converged
-    home = tmp_path / "home"
-    home.mkdir()
-    repo = tmp_path / "repo"
-    variables = {"CI_PROJECT_DIR": str(repo), "CI_API_V4_URL": "https://gitlab.example/api/v4",
-                 "IPVS_FLEET_PROJECT": "1",  # the registry: replaced by the wheel
-                 # File variables: GitLab writes the value to a file, the variable is its path
-                 "FLEET_SSH_KEY": str(lab.client_key),
-                 "FLEET_KNOWN_HOSTS": str(lab.known_hosts)}  # fmt: skip
-    job = gitlab_job(yaml.safe_load(GITLAB.read_text()), variables)
-    env = clean_env(tmp_path / "venv", home) | variables
-    run_job(job, lab, wheel, tmp_path, env)
-    assert (home / ".ssh" / "id_ed25519").is_file()
-    for junit in job.junit:
-        assert_junit_passes(repo / junit, lab)
+    r = runners["gitlab"]
+    r.run(converged)
+    assert (r.home / ".ssh" / "id_ed25519").is_file()
+    for junit in r.job.junit:
+        assert_junit_passes(r.repo / junit, converged)
