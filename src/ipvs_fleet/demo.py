@@ -104,9 +104,12 @@ def run(args: argparse.Namespace) -> int:
         ("check", "Compliance checks",
          [cli, "check", inventory, "--junitxml", str(reports / "checks.xml"),
           "--json", str(reports / "checks.json"), "--report", str(reports / "checks.md")]),
-        ("probe", "Reuse scenario on the canary (kube-proxy style INVALID-drop rule, knob=1)",
-         [cli, "probe", "scenario", "--host", "k8s-canary", "--rule", "drop", "--knob", "1",
-          "--scenarios", "A=50,B=20", "--conntrack", "--json", str(reports / "probe.json")]),
+        # kube-proxy's own IPVS-mode ruleset (its mark-based masquerade), a NodePort from an
+        # outside client: where the 1.x design failed every reused connection
+        ("probe", "Reuse scenario on the canary (kube-proxy's ruleset, NodePort, knob=1)",
+         [cli, "probe", "scenario", "--host", "k8s-canary", "--ruleset", "kube-proxy",
+          "--knob", "1", "--scenarios", "A=50,B=20", "--conntrack",
+          "--json", str(reports / "probe.json")]),
     ]  # fmt: skip
     results: dict[str, tuple[int, float]] = {}
     started = time.monotonic()
