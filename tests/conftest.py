@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest_plugins = [
@@ -16,6 +18,8 @@ pytest_plugins = [
 # The lab tests share one booted lab per session; they run in the order a user's work goes
 # (boot, modules, reuse behaviour, deploy, checks, the Ansible path, rollouts), so each
 # starts from the state the previous one leaves and the fresh deploy sees a fresh lab.
+# The checks come right after the deploy (both leave the lab converged): mostly one host
+# at a time, they leave a core to the `canary_lab` tests `make test` runs beside them.
 LAB_ORDER = [
     "test_lab.py",
     "test_modules.py",
@@ -23,9 +27,9 @@ LAB_ORDER = [
     "test_upstream_selftest.py",
     "test_deploy.py",
     "test_activation_faults.py",
+    "test_checks.py",
     "test_preview.py",
     "test_lockdown.py",
-    "test_checks.py",
     "test_ci_examples.py",
     "test_ansible.py",
     "test_sudo.py",
@@ -38,8 +42,9 @@ LAB_ORDER = [
 # a test using one changes those hosts, so it is `destructive` whether or not it says so.
 CONVERGING_FIXTURES = {"deployer", "deployed"}
 
-# Per-test timeout of the unit tier (pyproject's `timeout` is sized for the lab tests).
-UNIT_TIMEOUT = 120
+# Per-test timeout of the unit tier (pyproject's `timeout` is sized for the lab tests);
+# `make test` raises it where the tier runs at nice 19 beside the lab's busy guests.
+UNIT_TIMEOUT = int(os.environ.get("IPVS_FLEET_UNIT_TIMEOUT", "120"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects: the markers added here count

@@ -4,6 +4,9 @@ controller killed mid-swap. After each fault the same command is run again, as a
 or `rollout --resume` would: the host must end on the build that command asks for, with the
 IPVS table, timeouts and sync daemon identical to what it had, and nothing left pending.
 
+`make test` runs them on the canary's own one-VM lab (lab/fleet-canary.yml, marker
+`canary_lab`), beside the main lab's tests; on the main lab they run the same.
+
 The tests run in this order and each leaves the state the next starts from (stated in
 each); run alone, each still passes. Cost: 18 pyinfra runs limited to one host (~11 min under
 TCG); the reboot and next-boot test (`slow`) two reboots more.
@@ -32,7 +35,7 @@ from tests.fixtures.deploy import PYINFRA, REPO
 from tests.fixtures.lab import FINGERPRINT, on_stock
 from tests.lab.test_deploy import assert_converged, live_state
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.canary_lab]
 
 HOST = "k8s-canary"
 STATE = "/var/lib/ipvs-fleet"
@@ -153,15 +156,15 @@ def corrupt_artifact(good: Any, other: Any, folder: Path) -> Path:
 
 @pytest.mark.destructive
 def test_a_set_built_for_another_kernel_brings_the_old_modules_and_table_back(
-    lab, artifacts, deployer, table, tmp_path
+    lab, artifacts, other_kernel_artifact, deployer, table, tmp_path
 ):
     """A valid manifest over modules of another kernel line (6.12's under 6.1's name): the
     install passes its checksums, the swap cannot load the set, sets it aside, loads the old
     (stock) modules again and restores the table; the host fails, naming it."""
     on_stock(lab, deployer, HOST)
     kr = lab.hosts[HOST].kernel_release
-    other = next(a for k, a in artifacts.items() if k != kr)
-    arts = corrupt_artifact(artifacts[kr], other, tmp_path / "artifacts")
+    assert other_kernel_artifact.kernel_release != kr
+    arts = corrupt_artifact(artifacts[kr], other_kernel_artifact, tmp_path / "artifacts")
     bad = type(deployer)(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
     r = bad.run("deploy.py", "--limit", HOST, check=False)
     out = r.stdout + r.stderr
