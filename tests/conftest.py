@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytest_plugins = [
@@ -42,9 +40,8 @@ LAB_ORDER = [
 # a test using one changes those hosts, so it is `destructive` whether or not it says so.
 CONVERGING_FIXTURES = {"deployer", "deployed"}
 
-# Per-test timeout of the unit tier (pyproject's `timeout` is sized for the lab tests);
-# `make test` raises it where the tier runs at nice 19 beside the lab's busy guests.
-UNIT_TIMEOUT = int(os.environ.get("IPVS_FLEET_UNIT_TIMEOUT", "120"))
+# Per-test timeout of the unit tier (pyproject's `timeout` is sized for the lab tests).
+UNIT_TIMEOUT = 120
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects: the markers added here count

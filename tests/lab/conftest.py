@@ -13,4 +13,4 @@ from ipvs_fleet.build.artifact import Artifact
 @pytest.fixture(scope="session", autouse=True)
 def _variants_build_in_background(variant_builds: dict[str, Future[Artifact]]) -> None:
     """Starts them: the first test that uses one (test_modules, 2 min into the tier) finds it
-    built instead of compiling it in its setup (38 s in CI's run of 0eb365d)."""
+    built instead of compiling it in its setup (38 s in a fresh-clone run of 0eb365d)."""

@@ -171,6 +171,14 @@ def assert_junit_passes(path: Path, lab: Lab) -> None:
     assert checked == set(lab.hosts), checked
 
 
+def run_and_check(r: Runner, lab: Lab) -> None:
+    """Run the job; its SSH step wrote the key, and every JUnit file it publishes passes."""
+    r.run(lab)
+    assert (r.home / ".ssh" / "id_ed25519").is_file()
+    for junit in r.job.junit:
+        assert_junit_passes(r.repo / junit, lab)
+
+
 @pytest.fixture(scope="module")
 def converged(lab: Lab, deployer: Deployer, runners: dict[str, Runner]) -> Lab:
     """The lab's hosts converged (earlier tests leave them in other states), while the
@@ -182,18 +190,10 @@ def converged(lab: Lab, deployer: Deployer, runners: dict[str, Runner]) -> Lab:
 def test_github_actions_example_runs_and_its_junit_passes(
     converged: Lab, runners: dict[str, Runner]
 ) -> None:
-    r = runners["github"]
-    r.run(converged)
-    assert (r.home / ".ssh" / "id_ed25519").is_file()
-    for junit in r.job.junit:
-        assert_junit_passes(r.repo / junit, converged)
+    run_and_check(runners["github"], converged)
 
 
 def test_gitlab_ci_example_runs_and_its_junit_passes(
     converged: Lab, runners: dict[str, Runner]
 ) -> None:
-    r = runners["gitlab"]
-    r.run(converged)
-    assert (r.home / ".ssh" / "id_ed25519").is_file()
-    for junit in r.job.junit:
-        assert_junit_passes(r.repo / junit, converged)
+    run_and_check(runners["gitlab"], converged)
