@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.loaded import loaded_output
+
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 KR = "6.1.0-56-cloud-amd64"
@@ -112,7 +114,7 @@ def test_plan_refuses_knob_under_kube_proxy_nat_rules_on_a_retrack_build(tmp_pat
 def state_output(installed: dict[str, str], loaded: list[str], sysctls: dict[str, int]) -> str:
     return "\n".join(
         [F.MARK + "installed", *(f"{sha}  {n}" for n, sha in installed.items())]
-        + [F.MARK + "loaded", *loaded]
+        + [F.MARK + "loaded", *loaded_output(loaded)]
         + [F.MARK + "sysctls", *(f"/proc/sys/net/ipv4/vs/{k}:{v}" for k, v in sysctls.items())]
         + [F.MARK + "backups", "/etc/sysctl.d/90-ipvs-fleet.conf=absent",
            "/etc/modules-load.d/ipvs-fleet.conf=file", "/etc/modprobe.d/ipvs-fleet.conf=none"]

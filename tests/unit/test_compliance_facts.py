@@ -9,14 +9,14 @@ import pytest
 from ipvs_fleet.compliance import facts
 from ipvs_fleet.compliance.inventory import load_inventory, select_hosts
 from ipvs_fleet.errors import ConfigError
+from tests.fixtures.loaded import loaded_output
 
 OUTPUT = """\
 @@@ kernel
 6.1.0-56-cloud-amd64
 12288
 @@@ loaded
-ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|handback
-ip_vs_rr|1.0+abc|-|OE|1.0+abc|-|1.0+abc|-
+{loaded}
 @@@ sysctls
 /proc/sys/net/ipv4/vs/conn_reuse_mode:1
 /proc/sys/net/ipv4/vs/conn_reuse_old_conntrack:1
@@ -56,7 +56,11 @@ restored -A -t 10.0.0.1:80 -s rr
 restored -a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1
 live -A -t 10.0.0.1:80 -s rr
 compared=yes
-"""
+""".replace(
+    "{loaded}",
+    "\n".join(loaded_output(["ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|handback",
+                              "ip_vs_rr|1.0+abc|-|OE|1.0+abc|-|1.0+abc|-"])),
+)  # fmt: skip
 
 
 def test_parse_all_sections() -> None:

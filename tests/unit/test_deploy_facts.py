@@ -25,13 +25,32 @@ from ipvs_fleet.policy import load_policy
 SHA = "a" * 64
 
 
+U = "/lib/modules/6.1.0-57-cloud-amd64/updates/ipvs-fleet"
+
+
+def modinfo(name: str, version: str, srcversion: str, patchset: str, reuse: str = "") -> list[str]:
+    """`modinfo` output for an installed file, as the facts read it (one call, many files)."""
+    return [
+        f"filename:       {U}/{name}.ko",
+        f"version:        {version}",
+        *([f"ipvs_fleet:     {patchset}"] if patchset else []),
+        *([f"ipvs_fleet_reuse: {reuse}"] if reuse else []),
+        "parm:           conn_tab_bits:Set connections' hash size (int)",
+        f"srcversion:     {srcversion}",
+        f"name:           {name}",
+    ]
+
+
 def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one():
     out = IpvsLoadedModules().process(
         [
-            "ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|handback",
-            "ip_vs_rr|-|DEF|-|1.0+abc|XYZ|1.0+abc|-",  # stock rr, our rr installed
-            "ip_vs_sh|1.0+old|-|OE|1.0+abc|-|1.0+abc|-",  # an older patched build loaded
-            "xt_ipvs|-|-|-|-|-|-|-",
+            "loaded|ip_vs|1.0+abc|-|OE",
+            "loaded|ip_vs_rr|-|DEF|-",  # stock rr, our rr installed
+            "loaded|ip_vs_sh|1.0+old|-|OE",  # an older patched build loaded
+            "loaded|xt_ipvs|-|-|-",  # not installed by us
+            *modinfo("ip_vs", "1.0+abc", "AAA", "1.0+abc", "handback"),
+            *modinfo("ip_vs_rr", "1.0+abc", "XYZ", "1.0+abc"),
+            *modinfo("ip_vs_sh", "1.0+abc", "SSS", "1.0+abc"),
         ]
     )
     assert out["ip_vs"] == {
@@ -44,7 +63,17 @@ def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one(
     }
     assert out["ip_vs_rr"]["patched"] is False and out["ip_vs_rr"]["patchset"] is None
     assert out["ip_vs_sh"]["patched"] is False
-    assert out["xt_ipvs"]["patched"] is False
+    assert out["xt_ipvs"] == {"version": None, "srcversion": None, "taint": "",
+                              "patched": False, "patchset": None, "reuse": None}  # fmt: skip
+
+
+def test_loaded_modules_match_by_srcversion_and_ignore_files_of_unloaded_modules():
+    out = IpvsLoadedModules().process(
+        ["loaded|ip_vs|-|AAA|OE", *modinfo("ip_vs", "", "AAA", "1.0+abc"),
+         *modinfo("ip_vs_wrr", "1.0+abc", "W", "1.0+abc")]
+    )  # fmt: skip
+    assert list(out) == ["ip_vs"]
+    assert out["ip_vs"]["patched"] is True and out["ip_vs"]["reuse"] is None
 
 
 def test_installed_modules():
@@ -174,11 +203,13 @@ def test_dkms_ready_names_what_is_missing_with_the_version_to_install():
 
 
 def test_installed_set_reads_each_module_set_id():
-    out = ["ip_vs.ko 1.0+abc", "ip_vs_rr.ko 1.0+abc", "xt_ipvs.ko"]
+    out = [*modinfo("ip_vs", "1.0+abc", "A", "1.0+abc", "handback"),
+           *modinfo("ip_vs_rr", "1.0+abc", "B", "1.0+abc"),
+           *modinfo("xt_ipvs", "", "C", "")]  # fmt: skip
     assert IpvsInstalledSet().process(out) == {
         "ip_vs.ko": "1.0+abc", "ip_vs_rr.ko": "1.0+abc", "xt_ipvs.ko": ""
     }  # fmt: skip
-    assert IpvsInstalledSet().process(["depmod-missing", "ip_vs.ko 1.0+abc"]) == {}
+    assert IpvsInstalledSet().process(["depmod-missing", *out]) == {}
 
 
 def test_build_mode_plan_uploads_the_dkms_tree_of_the_kernel_line():

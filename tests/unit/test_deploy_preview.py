@@ -27,6 +27,7 @@ from pyinfra.api.util import get_template
 from ipvs_fleet.deploy.operations import MANAGED_FILES, TEMPLATES
 from ipvs_fleet.policy import load_policy
 from ipvs_fleet.rollout.runner import plan_outcomes
+from tests.fixtures.loaded import loaded_output
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -87,7 +88,7 @@ class FakeHost:
             (r"sha256sum -- \*\.ko",
              [f"{sha}  {n}" for n, sha in MODULES.items()] if self.installed
              else ["depmod-missing"]),  # fmt: skip
-            (r"for d in /sys/module/ip_vs ", loaded),
+            (r"for d in /sys/module/ip_vs ", loaded_output(loaded)),
             (r"swap.pending \] && s=pending", self.swap or ["state=idle"]),
             (r"/proc/sys/net/ipv4/vs/\*", [f"/proc/sys/net/ipv4/vs/{k}:{v}"
                                            for k, v in self.sysctls.items()]),  # fmt: skip
