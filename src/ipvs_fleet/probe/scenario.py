@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ftplib
 import glob
 import hashlib
 import ipaddress
@@ -80,6 +79,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -813,10 +813,20 @@ def netns_path(name: str) -> str:
     return f"/run/netns/{name}"
 
 
-def run_in_netns(name: str, argv: list[str], timeout: float = 30) -> str:
+def read_text(path: str) -> str:
+    """A file's stripped content, "" if it cannot be read (a sysctl the kernel lacks)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def run_in_netns(name: str, argv: list[str], timeout: float = 30,
+                 input: str | None = None) -> str:
     """Run argv in netns `name` (setns in the child: one fork, no `ip netns exec`)."""
     path = netns_path(name)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
                        preexec_fn=lambda: setns(path))
     if r.returncode != 0:
         raise Failed(f"`{' '.join(argv)}` in {name} exited {r.returncode}: "
@@ -1190,6 +1200,89 @@ class Cell:
         return c
 
 
+class Forked:
+    """A child forked from this process, with the part of Popen's interface `down` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.rc: int | None = None
+
+    def poll(self) -> int | None:
+        if self.rc is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.rc = os.waitstatus_to_exitcode(status)
+        return self.rc
+
+    def _signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if time.monotonic() > end:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return rc
+
+
+def serve_forked(netns: str, bind: str, port: int, identity: str, hold: float,
+                 wait: float = 30.0) -> Forked:
+    """A real server (probe.serve, TCP `port` and UDP_PORT) in a child forked into `netns`.
+
+    A fork, not `python3 probe.py serve`: a new interpreter and its imports cost about 1 s
+    of CPU under QEMU TCG, twice per topology. The child writes to a pipe of its own, so
+    it never holds this process's output (an SSH channel) open.
+    """
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.close(r)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            setns(netns_path(netns))
+            probe.serve(bind, port, identity, hold, UDP_PORT)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, then exit
+            with contextlib.suppress(OSError):
+                os.write(2, f"real server {identity}: {e!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    child, seen = Forked(pid), b""
+    try:
+        end = time.monotonic() + wait
+        while time.monotonic() < end and b"\n" not in seen:
+            ready, _, _ = select.select([r], [], [], 0.5)
+            if ready:
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    break
+                seen += chunk
+    finally:
+        os.close(r)
+    if not seen.startswith(b"listening"):
+        child.kill()
+        raise Failed(f"real server {identity} in {netns} did not start (rc {child.poll()}): "
+                     f"{seen.decode(errors='replace').strip()[-400:]}")
+    return child
+
+
 class Topology:
     """Client(s), director (node) and two real servers in fresh network namespaces."""
 
@@ -1204,7 +1297,7 @@ class Topology:
         self.rule = cell.rule
         self.lay = cell_layout(cell.ruleset, cell.client, cell.family, self.rid)
         self.ns = {k: f"{NETNS_PREFIX}{self.rid}{k}" for k in ("c", "p", "d", "r1", "r2")}
-        self.procs: list[subprocess.Popen[str]] = []
+        self.procs: list[Forked | subprocess.Popen[str]] = []
         self.ipvs: IpvsControl | None = None
         self.sysctls: dict[str, int] = {}
         self.rules_text = director_rules(self.lay, cell.rule)
@@ -1226,53 +1319,58 @@ class Topology:
                 raise Failed(f"`{tool}` is missing in the guest (lab image without it?)")
         six = "-6 " if lay.family == 6 else ""
         nodad = " nodad" if lay.family == 6 else ""
-        cmds = [f"ip netns add {v}" for v in n.values()]
-        cmds += [f"ip -n {v} link set lo up" for v in n.values()]
+        # `ip -batch`: one process for the namespaces and veth pairs, then one per namespace
+        # (a process start costs ~70 ms of CPU under QEMU TCG; one `ip` per line made ~35).
+        # The director's side first: a leaf's route then goes via a peer that is up.
+        top = [f"netns add {v}" for v in n.values()]
+        per_ns: dict[str, list[str]] = {v: ["link set lo up"] for v in n.values()}
+        leaves: list[str] = []
         for ln in lay.links.values():
             leaf_ns = n[ln.leaf]
-            cmds += [f"ip link add {ln.peer_dev} netns {leaf_ns} type veth "
-                     f"peer name {ln.dev} netns {n['d']}",
-                     f"ip -n {leaf_ns} addr add {ln.leaf_ip}/{ln.plen} dev {ln.peer_dev}{nodad}",
-                     f"ip -n {leaf_ns} link set {ln.peer_dev} up",
-                     f"ip -n {n['d']} addr add {ln.node_ip}/{ln.plen} dev {ln.dev}{nodad}",
-                     f"ip -n {n['d']} link set {ln.dev} up"]
-            if ln.leaf in ("c", "p"):
-                cmds.append(f"ip {six}-n {leaf_ns} route add default via {ln.node_ip}")
-            else:
-                cmds.append(f"ip {six}-n {leaf_ns} route add {lay.rs_routes} via {ln.node_ip}")
+            top.append(f"link add {ln.peer_dev} netns {leaf_ns} type veth "
+                       f"peer name {ln.dev} netns {n['d']}")
+            per_ns[n["d"]] += [f"addr add {ln.node_ip}/{ln.plen} dev {ln.dev}{nodad}",
+                               f"link set {ln.dev} up"]
+            via = "default" if ln.leaf in ("c", "p") else lay.rs_routes
+            per_ns[leaf_ns] += [f"addr add {ln.leaf_ip}/{ln.plen} dev {ln.peer_dev}{nodad}",
+                                f"link set {ln.peer_dev} up",
+                                f"route add {via} via {ln.node_ip}"]
+            leaves.append(leaf_ns)
         hl = ADDRS[lay.family]["host_len"]
         if lay.vip_dev != "lo":  # kube-ipvs0: a dummy device, left down as kube-proxy does
-            cmds.append(f"ip -n {n['d']} link add {lay.vip_dev} type dummy")
-        cmds += [f"ip -n {n['d']} addr add {v}/{hl} dev {lay.vip_dev}{nodad}" for v in lay.vips]
-        sh(" && ".join(cmds))
-        d = f"ip netns exec {n['d']}"
+            per_ns[n["d"]].append(f"link add {lay.vip_dev} type dummy")
+        per_ns[n["d"]] += [f"addr add {v}/{hl} dev {lay.vip_dev}{nodad}" for v in lay.vips]
+        sh("ip -batch -", input="\n".join(top) + "\n")
+        for ns in [n["d"], *(v for v in n.values() if v != n["d"])]:
+            sh(f"ip {six}-n {ns} -batch -", input="\n".join(per_ns[ns]) + "\n")
         sysctls = dict(K8S_SYSCTLS if lay.k8s else SYSCTLS)
         if self.knob is not None:
             if not os.path.exists(f"/proc/sys/net/ipv4/vs/{KNOB}"):
                 raise Failed(f"knob={self.knob} asked, but the loaded ip_vs has no {KNOB}")
             sysctls[KNOB] = self.knob
-        sets = ["echo 1 > /proc/sys/net/ipv4/ip_forward"]
+        sets = {"/proc/sys/net/ipv4/ip_forward": 1}
         if lay.family == 6:
-            sets.append("echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
-        sets += [f"echo {v} > /proc/sys/net/ipv4/vs/{k}" for k, v in sysctls.items()]
-        sh(f"{d} sh -c '{' && '.join(sets)}'")
+            sets["/proc/sys/net/ipv6/conf/all/forwarding"] = 1
+        sets.update({f"/proc/sys/net/ipv4/vs/{k}": v for k, v in sysctls.items()})
+        # the director's sysctls from this thread, moved into its netns (no process)
+        with in_netns(netns_path(n["d"])):
+            for path, v in sets.items():
+                with open(path, "w") as f:
+                    f.write(f"{v}\n")
         if self.ipset_text:
-            sh(f"{d} ipset restore", input=self.ipset_text)
-        sh(f"{d} {self.restore_cmd} -w", input=self.rules_text)
+            run_in_netns(n["d"], ["ipset", "restore"], input=self.ipset_text)
+        run_in_netns(n["d"], [self.restore_cmd, "-w"], input=self.rules_text)
         for leaf in ("c", "p"):
-            sh(f"ip netns exec {n[leaf]} {self.restore_cmd} -w", input=client_rules(lay))
-        sh(f"{d} ipvsadm -R", input=ipvsadm_restore(lay))
-        self.sysctls = {k: int(sh(f"{d} cat /proc/sys/net/ipv4/vs/{k}")) for k in sysctls}
-        liberal = sh(f"{d} cat /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal",
-                     check=False).strip()
+            run_in_netns(n[leaf], [self.restore_cmd, "-w"], input=client_rules(lay))
+        run_in_netns(n["d"], ["ipvsadm", "-R"], input=ipvsadm_restore(lay))
+        with in_netns(netns_path(n["d"])):
+            self.sysctls = {k: int(read_text(f"/proc/sys/net/ipv4/vs/{k}")) for k in sysctls}
+            liberal = read_text("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
         if liberal.isdigit():
             self.sysctls["nf_conntrack_tcp_be_liberal"] = int(liberal)
         bind = "::" if lay.family == 6 else "0.0.0.0"
         for i, name in enumerate(lay.real_servers, 1):
-            self.spawn([*self.exec(f"r{i}"), sys.executable, os.path.join(HERE, "probe.py"),
-                        "serve", "--bind", bind, "--port", str(lay.rs_port),
-                        "--udp-port", str(UDP_PORT), "--identity", name,
-                        "--hold", str(self.hold)], "listening")
+            self.procs.append(serve_forked(n[f"r{i}"], bind, lay.rs_port, name, self.hold))
         self.ipvs = IpvsControl(n["d"], lay.family, self.ipvs_edits)
 
     def exec(self, leaf: str) -> list[str]:
@@ -1366,8 +1464,8 @@ class Topology:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for v in self.ns.values():
-            sh(f"ip netns del {v}", check=False)
+        sh("ip -force -batch -", check=False,
+           input="".join(f"netns del {v}\n" for v in self.ns.values()))
 
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -1571,6 +1669,8 @@ def conntrack_after_reuse(topo: Topology, name: str, timeout: float) -> dict[str
 
 def ftp_transfer(topo: Topology, size: int = 256 * 1024, timeout: float = 20) -> dict[str, Any]:
     """Passive FTP download through an IPVS FTP service (ip_vs_ftp) to vsftpd on rs1."""
+    import ftplib  # here only: it imports ssl, ~0.3 s at every probe start under TCG
+
     root = f"/tmp/ipvsp-ftp-{topo.rid}"
     os.makedirs(root, mode=0o755)
     os.makedirs("/var/run/vsftpd/empty", exist_ok=True)
