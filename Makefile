@@ -65,13 +65,14 @@ unit-py313:
 # `make`, not $(MAKE), runs lint: with $(MAKE) in it, `make -n test` would run the recipe.
 # The lab tests run in two steps. First the kernel tier (LAB_FIRST: the lab, the module sets,
 # the reuse scenarios) keeps the three guests busy. Then the rest of the main lab's tests
-# and, beside them, the `canary_lab` tests on a one-VM lab of their own (CANARY_FLEET: the
-# activation faults and the locked-down host, single-host work that kept one core idle for
-# 9 minutes, measured with /proc/stat: 30 busy and 29 idle CPU-seconds every 30 s).
+# and, beside them, the `side_lab` tests on a two-VM lab of their own (SIDE_FLEET: the
+# activation faults, the locked-down host, sudo, the gate's halt). Those work on the canary
+# alone: on the main lab they kept one core busy and the other idle for 16 minutes (/proc/stat
+# every 30 s: 30 busy and 29 idle CPU-seconds).
 TEST_LAB := .lab/test
 TEST_ARTIFACTS := .test-artifacts
-CANARY_LAB := .lab/test-canary
-CANARY_FLEET := lab/fleet-canary.yml
+SIDE_LAB := .lab/test-side
+SIDE_FLEET := lab/fleet-side.yml
 LAB_FIRST := tests/lab/test_lab.py tests/lab/test_modules.py tests/lab/test_reuse.py \
 	tests/lab/test_upstream_selftest.py
 # `make test` (CI) leaves out the `slow` lab tests; `make test-full` runs them too.
@@ -101,22 +102,22 @@ test: deps venv
 	    --junitxml=reports/test-unit-junit.xml > reports/test-unit.log 2>&1 & unit=$$!; \
 	  nice -n 5 .ci/unit-python trixie python3.13 > reports/test-py313.log 2>&1 & py313=$$!; \
 	  echo "==> the kernel tier on the main lab: $(LAB_FIRST)"; \
-	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) $(BIN)/pytest -m '$(TEST_MARKS) and not canary_lab' \
+	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) $(BIN)/pytest -m '$(TEST_MARKS) and not side_lab' \
 	    --junitxml=reports/test-junit-kernel.xml $(LAB_FIRST); first=$$?; \
-	  echo "==> the other lab tests; beside them the canary's own lab (lab/fleet-canary.yml,"; \
-	  echo "    log: reports/test-canary.log)"; \
-	  IPVS_FLEET_FLEET=$(CANARY_FLEET) IPVS_FLEET_TEST_LAB_DIR=$(CANARY_LAB) $(BIN)/pytest \
-	    -m '$(TEST_MARKS) and canary_lab' --junitxml=reports/test-canary-junit.xml tests/lab \
-	    > reports/test-canary.log 2>&1 & canary=$$!; \
-	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) $(BIN)/pytest -m '$(TEST_MARKS) and not canary_lab' \
+	  echo "==> the other lab tests; beside them the side lab's (lab/fleet-side.yml, log:"; \
+	  echo "    reports/test-side.log)"; \
+	  IPVS_FLEET_FLEET=$(SIDE_FLEET) IPVS_FLEET_TEST_LAB_DIR=$(SIDE_LAB) $(BIN)/pytest \
+	    -m '$(TEST_MARKS) and side_lab' --junitxml=reports/test-side-junit.xml tests/lab \
+	    > reports/test-side.log 2>&1 & side=$$!; \
+	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) $(BIN)/pytest -m '$(TEST_MARKS) and not side_lab' \
 	    --junitxml=reports/test-junit.xml tests/lab $(addprefix --ignore=,$(LAB_FIRST)); rc=$$?; \
 	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; \
-	  wait $$canary; c=$$?; \
-	  IPVS_FLEET_FLEET=$(CANARY_FLEET) $(BIN)/ipvs-fleet lab --lab-dir $(CANARY_LAB) down >/dev/null; \
-	  echo "==> the canary's own lab: exit $$c"; \
-	  if [ $$c -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-canary.log; \
-	  else sed -n '/slowest/,$$p' reports/test-canary.log | tail -n +2 | head -8; \
-	    tail -1 reports/test-canary.log; fi; \
+	  wait $$side; c=$$?; \
+	  IPVS_FLEET_FLEET=$(SIDE_FLEET) $(BIN)/ipvs-fleet lab --lab-dir $(SIDE_LAB) down >/dev/null; \
+	  echo "==> the side lab's tests: exit $$c"; \
+	  if [ $$c -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-side.log; \
+	  else sed -n '/slowest/,$$p' reports/test-side.log | tail -n +2 | head -8; \
+	    tail -1 reports/test-side.log; fi; \
 	  wait $$unit; u=$$?; wait $$py313; py=$$?; \
 	  echo "==> unit tier, builds and wheel: exit $$u"; \
 	  if [ $$u -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-unit.log; \
@@ -124,7 +125,7 @@ test: deps venv
 	  echo "==> unit tier on Python 3.13: exit $$py"; \
 	  if [ $$py -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-py313.log; \
 	  else tail -1 reports/test-py313.log; fi; \
-	  echo "==> kernel tier: exit $$first; other lab tests: exit $$rc; canary's lab: exit $$c"; \
+	  echo "==> kernel tier: exit $$first; other lab tests: exit $$rc; side lab: exit $$c"; \
 	  if [ $$first -ne 0 ] || [ $$rc -ne 0 ] || [ $$c -ne 0 ]; then exit 1; fi; \
 	  if [ $$u -ne 0 ] || [ $$py -ne 0 ]; then exit 1; fi
 

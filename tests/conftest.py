@@ -17,7 +17,7 @@ pytest_plugins = [
 # (boot, modules, reuse behaviour, deploy, checks, the Ansible path, rollouts), so each
 # starts from the state the previous one leaves and the fresh deploy sees a fresh lab.
 # The checks come right after the deploy (both leave the lab converged): mostly one host
-# at a time, they leave a core to the `canary_lab` tests `make test` runs beside them.
+# at a time, they leave a core to the `side_lab` tests `make test` runs beside them.
 LAB_ORDER = [
     "test_lab.py",
     "test_modules.py",

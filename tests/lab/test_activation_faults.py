@@ -4,8 +4,8 @@ controller killed mid-swap. After each fault the same command is run again, as a
 or `rollout --resume` would: the host must end on the build that command asks for, with the
 IPVS table, timeouts and sync daemon identical to what it had, and nothing left pending.
 
-`make test` runs them on the canary's own one-VM lab (lab/fleet-canary.yml, marker
-`canary_lab`), beside the main lab's tests; on the main lab they run the same.
+`make test` runs them on the side lab (lab/fleet-side.yml, marker `side_lab`), beside the
+main lab's tests; on the main lab they run the same.
 
 The tests run in this order and each leaves the state the next starts from (stated in
 each); run alone, each still passes. Cost: 18 pyinfra runs limited to one host (~11 min under
@@ -35,7 +35,7 @@ from tests.fixtures.deploy import PYINFRA, REPO
 from tests.fixtures.lab import FINGERPRINT, on_stock
 from tests.lab.test_deploy import assert_converged, live_state
 
-pytestmark = [pytest.mark.lab, pytest.mark.canary_lab]
+pytestmark = [pytest.mark.lab, pytest.mark.side_lab]
 
 HOST = "k8s-canary"
 STATE = "/var/lib/ipvs-fleet"

@@ -22,7 +22,7 @@ from tests.fixtures.lab import one_host_lab
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 HOST = "locked-node"
-pytestmark = [pytest.mark.lab, pytest.mark.canary_lab]
+pytestmark = [pytest.mark.lab, pytest.mark.side_lab]
 # Everything a deploy would touch on the host, with change times.
 FINGERPRINT = (
     "kr=$(uname -r); for p in /lib/modules/$kr/updates /lib/modules/$kr/modules.dep "

@@ -1,10 +1,12 @@
-"""Rollout on the 3-VM lab: the canary wave first and its gate; a canary that cannot meet its
-gate (an impossible latency budget in its host data) halts the rollout, and every other host
-is untouched, as the hosts themselves show (their IPVS files, modules and sysctls are the same,
-down to each file's change time, before and after).
+"""Rollout on the lab: the canary wave first and its gate; a canary that cannot meet its
+gate (an impossible latency budget in its host data, a table changed during the step) halts
+the rollout, and every other host is untouched, as the hosts themselves show (their IPVS
+files, modules and sysctls are the same, down to each file's change time, before and after).
+`make test` runs this on the side lab (lab/fleet-side.yml: the canary and one node), beside
+the main lab's tests; on the main lab it runs the same.
 
 Cost: one canary deploy, one gate (the checks with the latency probe) and one rollback on the
-bookworm VM; the other two hosts are only read.
+canary; the other hosts are only read.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tests.fixtures.lab import FINGERPRINT, on_stock
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("ipvs-fleet")
-pytestmark = [pytest.mark.lab, pytest.mark.destructive]
+pytestmark = [pytest.mark.lab, pytest.mark.destructive, pytest.mark.side_lab]
 
 
 def fingerprint(lab, host: str) -> str:  # type: ignore[no-untyped-def]

@@ -2,7 +2,8 @@
 (passwordless sudo) and `fleetpw` (a sudo that asks for a password). The deploy, the
 rollback and the checks run as `fleet` through sudo; a sudo that asks for a password is
 refused before anything changes, naming the host. (The Ansible path runs as `fleet` with
-`become` in tests/lab/test_ansible.py.)"""
+`become` in tests/lab/test_ansible.py.) `make test` runs this on the side lab
+(lab/fleet-side.yml), beside the main lab's tests."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.fixtures.deploy import REPO, Deployer
 from tests.fixtures.lab import FINGERPRINT
 from tests.lab.test_deploy import assert_converged, live_state
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.side_lab]
 
 HOST = "k8s-canary"
 BIN = Path(sys.executable).parent
