@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ipvs_fleet.errors import ConfigError, FleetError
+from ipvs_fleet.lab.inventory import lab_host_data
 from ipvs_fleet.resources import workdir
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def lab_inventory(lab: Lab, user: str = "root") -> dict[str, Any]:
                 "ansible_host": "127.0.0.1",
                 "ansible_port": h.port,
                 "ipvs_host_class": h.host_class,
+                **lab_host_data(h.host_class),
             }
     return {
         "all": {

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from lxml import etree
 
 from ipvs_fleet.policy import KNOB
-from ipvs_fleet.resources import policy_file
 from tests.fixtures.artifacts import artifacts_with
 from tests.fixtures.checks import Checker, CheckRun
+from tests.fixtures.inventory import inventory_with
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO, UNLOAD_ALL
 
 pytestmark = pytest.mark.lab
@@ -208,14 +207,13 @@ def _hosts_by_class(lab: Any) -> tuple[str, str, str]:
     return canary, node, ftp
 
 
-def _checker_with_p99_zero(checker: Checker, tmp_path: Path, host_class: str) -> Checker:
-    """A checker whose policy file gives `host_class` a latency budget of p99 <= 0 ms, which
-    no host meets (the other classes and values as shipped)."""
-    policy = yaml.safe_load(policy_file().read_text())
-    policy["host_classes"][host_class]["latency_budget"]["p99_ms"] = 0
-    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
-    env = dict(checker.env, IPVS_FLEET_POLICY=str(tmp_path / "policy.yml"))
-    return Checker(checker.inventory, env, tmp_path)
+def _checker_with_p99_zero(checker: Checker, lab: Any, tmp_path: Path, host_class: str) -> Checker:
+    """A checker whose inventory gives the hosts of `host_class` a latency budget of p99 <= 0
+    ms in their host data (over the lab's own budget), which no host meets."""
+    zero = {"ipvs_latency_budget": {"p99_ms": 0}}
+    hosts = [n for n, h in lab.hosts.items() if h.host_class == host_class]
+    inv = inventory_with(checker.inventory, tmp_path / "inv.py", dict.fromkeys(hosts, zero))
+    return Checker(inv, checker.env, tmp_path)
 
 
 @pytest.mark.destructive
@@ -224,9 +222,9 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
 ) -> None:
     """canary: its sysctl.d file says knob 0 while the live value is still 1 (the next boot
     would flip it); node: conn_reuse_mode forced to 0 as kube-proxy does; ftp: a latency
-    budget (p99 <= 0 ms, from a policy file) that no host can meet."""
+    budget (p99 <= 0 ms, in its host data) that no host can meet."""
     canary, node, ftp = _hosts_by_class(lab)
-    strict = _checker_with_p99_zero(checker, tmp_path, "ftp")
+    strict = _checker_with_p99_zero(checker, lab, tmp_path, "ftp")
     lab.run(canary, f"cp -p {SYSCTL_FILE} /root/persisted.bak && sed -i "
             f"'s/^net.ipv4.vs.{KNOB} = 1$/net.ipv4.vs.{KNOB} = 0/' {SYSCTL_FILE}")
     lab.run(node, "sysctl -qw net.ipv4.vs.conn_reuse_mode=0")
@@ -263,10 +261,10 @@ def test_the_strict_latency_budget_fails_on_a_patched_node_over_100_connects(
     checker: Checker, lab: Any, tmp_path: Path
 ) -> None:
     """The k8s_node budget as a converged node runs it (knob=1: 100 connects, no slow one
-    allowed), with p99_ms 0 from a policy file: latency_budget alone fails, on 100 connects,
+    allowed), with p99_ms 0 in its host data: latency_budget alone fails, on 100 connects,
     naming the p99 it measured. (The stock test fails the same check with 3 connects.)"""
     canary, _, _ = _hosts_by_class(lab)
-    strict = _checker_with_p99_zero(checker, tmp_path, "k8s_node")
+    strict = _checker_with_p99_zero(checker, lab, tmp_path, "k8s_node")
     run = strict.run("--limit", canary)
     assert run.rc == 1, run.out
     assert _failed(run, canary) == {"latency_budget"}, run.status(canary)

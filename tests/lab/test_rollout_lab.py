@@ -24,6 +24,7 @@ import yaml
 
 from ipvs_fleet.lab import vm
 from ipvs_fleet.resources import default_policy_dir
+from tests.fixtures.inventory import inventory_with
 from tests.fixtures.lab import FINGERPRINT, on_stock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,25 +36,14 @@ def fingerprint(lab, host: str) -> str:  # type: ignore[no-untyped-def]
     return str(lab.run(host, FINGERPRINT).stdout)
 
 
-def inventory_with(lab, path: Path, host: str, data: dict[str, object]) -> Path:  # type: ignore[no-untyped-def]
-    """The lab inventory with `data` added to one host's host data."""
-    path.write_text(
-        f"exec(open({str(lab.inventory_path)!r}).read())\n"
-        "for _g in [v for k, v in list(globals().items()) if isinstance(v, list)]:\n"
-        "    for _i, _h in enumerate(_g):\n"
-        f"        if isinstance(_h, tuple) and _h[0] == {host!r}:\n"
-        f"            _g[_i] = (_h[0], {{**_h[1], **{data!r}}})\n"
-    )
-    return path
-
-
 @pytest.mark.slow  # ~80 s; make test halts a rollout at the canary's gate on the table check
 def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts, tmp_path):  # type: ignore[no-untyped-def]
     canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
     others = [n for n in lab.hosts if n != canary]
     before = {h: fingerprint(lab, h) for h in others}
     # The canary's host data gets a budget no host can meet (p99 of 0 ms).
-    inv = inventory_with(lab, tmp_path / "inv.py", canary, {"ipvs_latency_budget": {"p99_ms": 0}})
+    inv = inventory_with(lab.inventory_path, tmp_path / "inv.py",
+                         {canary: {"ipvs_latency_budget": {"p99_ms": 0}}})
     env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir),
                IPVS_FLEET_ARTIFACTS=str(next(iter(artifacts.values())).path.parent))  # fmt: skip
     report = tmp_path / "report.json"
@@ -98,7 +88,8 @@ def test_a_table_changed_during_the_step_fails_the_gate_naming_the_lines(  # typ
         before = {h: fingerprint(lab, h) for h in others}
         # (the rollback swaps too and runs the hook again: the server is gone by then)
         hook = "ipvsadm -d -t 10.97.0.2:80 -r 10.97.1.2:80 || true"
-        inv = inventory_with(lab, tmp_path / "inv.py", canary, {"ipvs_post_activate": hook})
+        inv = inventory_with(lab.inventory_path, tmp_path / "inv.py",
+                             {canary: {"ipvs_post_activate": hook}})
         report = tmp_path / "report.json"
         r = subprocess.run(
             [str(CLI), "rollout", str(inv), "--waves", "canary,100%", "--journal",

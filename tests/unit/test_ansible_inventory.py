@@ -44,6 +44,7 @@ def test_lab_inventory_round_trips_to_pyinfra(tmp_path):
         "ssh_known_hosts_file": str(lab.known_hosts),
         "ssh_strict_host_key_checking": "yes",
         "ipvs_host_class": "k8s_node",
+        "ipvs_latency_budget": {"p99_ms": 800},
     }
     assert data["ftp-director"]["ipvs_host_class"] == "ftp"
 

@@ -8,11 +8,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ipvs_fleet.lab import Lab, LabHost, hosts_for_testinfra
 from ipvs_fleet.lab.image import seed_tar
-from ipvs_fleet.lab.inventory import pyinfra_groups
+from ipvs_fleet.lab.inventory import LAB_P99_MS, lab_host_data, pyinfra_groups
 from ipvs_fleet.lab.lab import _State
+from ipvs_fleet.resources import policy_file
 
 
 @pytest.fixture
@@ -69,6 +71,22 @@ def test_pyinfra_groups_carry_class_and_ssh_data(recorded: Lab) -> None:
     assert data["ssh_user"] == "root"
     assert data["ssh_strict_host_key_checking"] == "yes"
     assert data["ssh_known_hosts_file"] == str(recorded.known_hosts)
+
+
+def test_the_lab_raises_a_p99_budget_and_adds_none(
+    recorded: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """k8s_node's 100 ms goes up to LAB_P99_MS; ftp budgets no p99 and gets none (a lab
+    value there would fail its 1 s connects); a class above LAB_P99_MS keeps its own."""
+    groups = pyinfra_groups(recorded)
+    canary = dict(groups["k8s_nodes"])["k8s-canary"]
+    assert canary["ipvs_latency_budget"] == {"p99_ms": LAB_P99_MS}
+    assert "ipvs_latency_budget" not in dict(groups["ftp_hosts"])["ftp-director"]
+    policy = yaml.safe_load(policy_file().read_text())
+    policy["host_classes"]["k8s_node"]["latency_budget"]["p99_ms"] = LAB_P99_MS + 1
+    (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
+    monkeypatch.setenv("IPVS_FLEET_POLICY", str(tmp_path / "policy.yml"))
+    assert lab_host_data("k8s_node") == {}
 
 
 def test_hosts_for_testinfra(recorded: Lab) -> None:

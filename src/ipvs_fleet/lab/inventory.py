@@ -7,8 +7,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipvs_fleet.errors import FleetError
+from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab.lab import Lab
+from ipvs_fleet.policy import load_policy
+
+# The lab's VMs are TCG guests sharing the controller's two cores (make test runs five of
+# them beside pytest), so a probe's p99 measures CPU contention as well as the kernel: a
+# converged canary measured 115.3 ms in CI against the k8s_node class's 100 ms. The lab
+# raises a class's p99 budget to this, below its slow_ms, and keeps the real signal (no slow
+# connect: a lost SYN costs 1 s; no failed one), as the fix text advises for a host that
+# needs another budget. A class without a p99 budget keeps none; a test's host data wins.
+LAB_P99_MS = 800
+
+
+def lab_host_data(host_class: str) -> dict[str, Any]:
+    """The lab's own host data for a host of `host_class`: its latency budget's p99 raised
+    to LAB_P99_MS where the class budgets a lower one (never lowered, never added)."""
+    try:
+        budget = load_policy().classes.get(host_class, {}).get("latency_budget", {})
+    except ConfigError:
+        return {}  # the deploy and the checks name the policy's error themselves
+    p99 = budget.get("p99_ms")
+    if p99 is None or p99 >= LAB_P99_MS:
+        return {}
+    return {"ipvs_latency_budget": {"p99_ms": LAB_P99_MS}}
 
 
 def host_data(lab: Lab, name: str, user: str = "root") -> dict[str, Any]:
@@ -17,6 +39,7 @@ def host_data(lab: Lab, name: str, user: str = "root") -> dict[str, Any]:
     h = lab.hosts[name]
     sudo = {"_sudo": True} if user != "root" else {}
     return {
+        **lab_host_data(h.host_class),
         "ipvs_host_class": h.host_class,
         "ipvs_release": h.release,
         "ipvs_kernel_release": h.kernel_release,
