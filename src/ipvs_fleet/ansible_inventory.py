@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ipvs_fleet.errors import ConfigError, FleetError
-from ipvs_fleet.lab.inventory import lab_host_data
+from ipvs_fleet.lab.inventory import lab_class_data
 from ipvs_fleet.resources import workdir
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def lab_inventory(lab: Lab, user: str = "root") -> dict[str, Any]:
     )
     children: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
+    class_data = lab_class_data()
     for name, h in sorted(hosts.items()):
         for group in h.groups:
             entry = children.setdefault(group, {"hosts": {}})
@@ -100,7 +101,7 @@ def lab_inventory(lab: Lab, user: str = "root") -> dict[str, Any]:
                 "ansible_host": "127.0.0.1",
                 "ansible_port": h.port,
                 "ipvs_host_class": h.host_class,
-                **lab_host_data(h.host_class),
+                **class_data.get(h.host_class, {}),
             }
     return {
         "all": {

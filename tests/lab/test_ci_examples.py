@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from ipvs_fleet.lab import Lab
-from ipvs_fleet.lab.inventory import lab_host_data
+from ipvs_fleet.lab.inventory import lab_class_data
 from tests.fixtures.ci_examples import (
     GITHUB,
     GITLAB,
@@ -44,13 +44,14 @@ pytestmark = [pytest.mark.lab, pytest.mark.pypi, pytest.mark.destructive]
 
 def user_inventory(lab: Lab) -> str:
     """inventory/prod.py as a user writes it for these hosts: where to reach them, their class
-    and the lab's latency budget (lab_host_data: TCG guests), no key or known_hosts paths (the
+    and the lab's latency budget (lab_class_data: TCG guests), no key or known_hosts paths (the
     CI job's SSH step puts those in ~/.ssh)."""
     lines = ['"""The lab\'s hosts, as a fleet repository lists its own."""', ""]
+    class_data = lab_class_data()
     for group, names in lab.groups.items():
         hosts = [(n, {"ssh_hostname": "127.0.0.1", "ssh_port": lab.hosts[n].port,
                       "ssh_user": "root", "ipvs_host_class": lab.hosts[n].host_class,
-                      **lab_host_data(lab.hosts[n].host_class)})
+                      **class_data.get(lab.hosts[n].host_class, {})})
                  for n in names]  # fmt: skip
         lines.append(f"{group} = {hosts!r}")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import yaml
 
 from ipvs_fleet.lab import Lab, LabHost, hosts_for_testinfra
 from ipvs_fleet.lab.image import seed_tar
-from ipvs_fleet.lab.inventory import LAB_P99_MS, lab_host_data, pyinfra_groups
+from ipvs_fleet.lab.inventory import LAB_P99_MS, lab_class_data, pyinfra_groups
 from ipvs_fleet.lab.lab import _State
 from ipvs_fleet.resources import policy_file
 
@@ -86,7 +86,7 @@ def test_the_lab_raises_a_p99_budget_and_adds_none(
     policy["host_classes"]["k8s_node"]["latency_budget"]["p99_ms"] = LAB_P99_MS + 1
     (tmp_path / "policy.yml").write_text(yaml.safe_dump(policy))
     monkeypatch.setenv("IPVS_FLEET_POLICY", str(tmp_path / "policy.yml"))
-    assert lab_host_data("k8s_node") == {}
+    assert lab_class_data()["k8s_node"] == {}
 
 
 def test_hosts_for_testinfra(recorded: Lab) -> None:

@@ -20,26 +20,33 @@ from ipvs_fleet.policy import load_policy
 LAB_P99_MS = 800
 
 
-def lab_host_data(host_class: str) -> dict[str, Any]:
-    """The lab's own host data for a host of `host_class`: its latency budget's p99 raised
-    to LAB_P99_MS where the class budgets a lower one (never lowered, never added)."""
+def lab_class_data() -> dict[str, dict[str, Any]]:
+    """The lab's own host data per host class, from one read of the policy: the latency
+    budget's p99 raised to LAB_P99_MS where the class budgets a lower one (never lowered,
+    never added); {} for the other classes."""
     try:
-        budget = load_policy().classes.get(host_class, {}).get("latency_budget", {})
+        classes = load_policy().classes
     except ConfigError:
         return {}  # the deploy and the checks name the policy's error themselves
-    p99 = budget.get("p99_ms")
-    if p99 is None or p99 >= LAB_P99_MS:
-        return {}
-    return {"ipvs_latency_budget": {"p99_ms": LAB_P99_MS}}
+    out: dict[str, dict[str, Any]] = {}
+    for name, body in classes.items():
+        p99 = body["latency_budget"].get("p99_ms")
+        raise_it = p99 is not None and p99 < LAB_P99_MS
+        out[name] = {"ipvs_latency_budget": {"p99_ms": LAB_P99_MS}} if raise_it else {}
+    return out
 
 
-def host_data(lab: Lab, name: str, user: str = "root") -> dict[str, Any]:
-    """pyinfra host data of a lab host: its class and release, and SSH with host keys
-    checked, as root or as a non-root `user` with sudo (the image's SUDO_USERS)."""
+def host_data(
+    lab: Lab, name: str, user: str = "root", class_data: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """pyinfra host data of a lab host: its class and release, the lab's budget
+    (`class_data`, else lab_class_data()), and SSH with host keys checked, as root or as a
+    non-root `user` with sudo (the image's SUDO_USERS)."""
     h = lab.hosts[name]
+    class_data = lab_class_data() if class_data is None else class_data
     sudo = {"_sudo": True} if user != "root" else {}
     return {
-        **lab_host_data(h.host_class),
+        **class_data.get(h.host_class, {}),
         "ipvs_host_class": h.host_class,
         "ipvs_release": h.release,
         "ipvs_kernel_release": h.kernel_release,
@@ -63,7 +70,8 @@ def pyinfra_groups(
     lab = lab or Lab()
     if not lab.hosts:
         raise FleetError(f"lab {lab.dir} has no hosts (run: ipvs-fleet lab up)")
+    class_data = lab_class_data()
     return {
-        group: [(n, host_data(lab, n, user)) for n in names]
+        group: [(n, host_data(lab, n, user, class_data)) for n in names]
         for group, names in lab.groups.items()
     }

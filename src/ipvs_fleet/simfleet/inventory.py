@@ -11,12 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from ipvs_fleet.lab.inventory import lab_host_data
+from ipvs_fleet.lab.inventory import lab_class_data
 
 _dir = Path(os.environ.get("IPVS_FLEET_SIM_DIR", Path.cwd() / ".simfleet"))
 _state = json.loads((_dir / "state.json").read_text())
 _extra_path = _dir / "hostdata.json"
 _extra = json.loads(_extra_path.read_text()) if _extra_path.is_file() else {}
+_lab_budget = lab_class_data().get("k8s_node", {})  # one policy read, not one per host
 
 
 def _host(name: str, h: dict) -> tuple[str, dict]:
@@ -36,7 +37,7 @@ def _host(name: str, h: dict) -> tuple[str, dict]:
         "ipvs_activation": "next-boot",
         # All hosts share one TCG VM's CPU, so a probe's p99 measures CPU contention, not the
         # network: the lab's budget (p99 raised, no slow connect and no failure still).
-        **lab_host_data("k8s_node"),
+        **_lab_budget,
     }
     data.update(_extra.get(name, {}))
     return name, data
