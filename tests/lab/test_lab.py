@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ipvs_fleet.debian import RELEASES
 from ipvs_fleet.lab import Lab
+from ipvs_fleet.lab.fleet import fleet_path
 from tests.fixtures.deploy import REPO
 
 pytestmark = pytest.mark.lab
@@ -39,6 +41,29 @@ def test_default_fleet_is_up(lab: Lab) -> None:
         "k8s-node-1": ("trixie", "k8s_node"),
         "ftp-director": ("bullseye", "ftp"),
     }
+
+
+def test_up_with_a_fleet_file_that_differs_from_the_running_hosts_refuses(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """A running lab and a fleet file naming its hosts with another release (as after `make
+    demo`, whose fleet is lab/fleet-demo.yml, then `lab up` with lab/fleet.yml): `up` says
+    which host differs and how to go on, and leaves the VMs as they are."""
+    names = list(lab.hosts)
+    other = {"bookworm": "trixie"}.get(lab.hosts[names[0]].release, "bookworm")
+    spec = yaml.safe_load(fleet_path().read_text())  # the session lab's own fleet file
+    spec["hosts"][names[0]]["release"] = other
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(yaml.safe_dump(spec, sort_keys=False))
+    pids = {n: lab.vm_files(n).pidfile.read_text() for n in names}
+    r = cli(lab.dir, "--fleet", str(fleet), "up")
+    assert r.returncode == 2, r.stdout + r.stderr
+    want = f"{names[0]} runs {lab.hosts[names[0]].release} as "
+    assert want in r.stderr and f"wants {other} as " in r.stderr, r.stderr
+    assert "ipvs-fleet lab down" in r.stderr, r.stderr
+    assert all(n not in r.stderr for n in names[1:]), r.stderr  # only the one that differs
+    assert {n: lab.vm_files(n).pidfile.read_text() for n in names} == pids
+    assert all(lab.is_running(n) for n in names)
 
 
 def test_each_vm_runs_its_own_kernel_line(lab: Lab) -> None:

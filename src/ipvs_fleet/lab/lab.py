@@ -224,7 +224,9 @@ class Lab:
         t0 = time.monotonic()
         with self._locked():
             st = self._load()
-            todo = [n for n in names if not (n in st.hosts and self.is_running(n))]
+            running = [n for n in names if n in st.hosts and self.is_running(n)]
+            self._check_same_hosts(fleet, st, running)
+            todo = [n for n in names if n not in running]
             if not todo:
                 self.log(f"lab {self.dir} is up: {', '.join(names)}")
                 return
@@ -271,6 +273,29 @@ class Lab:
             with self._ticker(progress), ThreadPoolExecutor(len(todo)) as pool:
                 list(pool.map(wait, todo))
         self.log(f"lab up: {', '.join(names)} reachable in {time.monotonic() - t0:.0f} s")
+
+    def _check_same_hosts(self, fleet: Fleet, st: _State, running: Sequence[str]) -> None:
+        """Refuse a fleet file whose hosts differ from the running ones of the same name:
+        `up` would otherwise call the lab up while its VMs boot another release or class
+        (e.g. `lab up` after `make demo`, whose fleet is lab/fleet-demo.yml)."""
+        differ = []
+        for n in running:
+            h, spec = st.hosts[n], fleet.hosts[n]
+            if (h.release, h.host_class, tuple(h.groups)) != (
+                spec.release, spec.host_class, spec.groups
+            ):  # fmt: skip
+                differ.append(
+                    f"{n} runs {h.release} as {h.host_class} (groups {', '.join(h.groups)}), "
+                    f"the file wants {spec.release} as {spec.host_class} "
+                    f"(groups {', '.join(spec.groups)})"
+                )
+        if differ:
+            was = st.fleet_file or "another fleet file"
+            raise ConfigError(
+                f"lab {self.dir} runs other hosts than {fleet.path} describes: "
+                f"{'; '.join(differ)}. It was booted from {was}: stop it first "
+                f"(ipvs-fleet lab down), or use that fleet file (IPVS_FLEET_FLEET or --fleet)"
+            )
 
     def down(self, keep: Collection[str] = ()) -> list[str]:
         """Stop the VMs this lab started (by their pidfiles), except `keep`; return their names."""
