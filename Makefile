@@ -164,7 +164,7 @@ test-dkms: deps venv
 
 # The demo boots the lab while it builds the modules (ipvs_fleet/demo.py), as `test` does.
 demo: deps venv
-	$(BIN)/ipvs-fleet demo
+	$(BIN)/ipvs-fleet demo $(if $(FLEET),--fleet $(FLEET))
 
 lab-down: venv
 	$(BIN)/ipvs-fleet lab down

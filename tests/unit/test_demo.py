@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet import demo
+from ipvs_fleet.lab.fleet import load_fleet
+from ipvs_fleet.resources import data_path
 
 FAKE_CLI = """#!/bin/sh
 echo "$1 start $(date +%s.%N)" >> {log}
+echo "$1 fleet $IPVS_FLEET_FLEET" >> {log}.fleet
 case "$1" in lab|build) sleep 1;; esac
 echo "$1 line of output"
 echo "$1 end $(date +%s.%N)" >> {log}
@@ -33,7 +36,18 @@ def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rc: int = 0) -> Pa
     monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
     monkeypatch.setenv("IPVS_FLEET_LAB_DIR", str(tmp_path / "lab"))
     monkeypatch.setenv("IPVS_FLEET_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("IPVS_FLEET_FLEET", raising=False)
+    monkeypatch.chdir(tmp_path)
     return log
+
+
+def demo_args(tmp_path: Path, fleet: str | None = None) -> argparse.Namespace:
+    return argparse.Namespace(reports=str(tmp_path / "reports"), skip=[], fleet=fleet)
+
+
+def fleets(log: Path) -> dict[str, str]:
+    """The $IPVS_FLEET_FLEET each step's command saw."""
+    return dict(line.split(" fleet ") for line in Path(f"{log}.fleet").read_text().splitlines())
 
 
 def spans(log: Path) -> dict[str, tuple[float, float]]:
@@ -48,8 +62,7 @@ def test_lab_boot_and_module_build_overlap_then_the_rest_follows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     log = fake_cli(tmp_path, monkeypatch)
-    args = argparse.Namespace(reports=str(tmp_path / "reports"), skip=[])
-    assert demo.run(args) == 0
+    assert demo.run(demo_args(tmp_path)) == 0
     s = spans(log)
     assert list(s)[:2] in (["lab", "build"], ["build", "lab"])
     # each sleeps 1 s: started together, they overlap
@@ -65,7 +78,7 @@ def test_a_failed_boot_or_build_stops_the_demo(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = fake_cli(tmp_path, monkeypatch, rc=1)
-    assert demo.run(argparse.Namespace(reports=str(tmp_path / "r"), skip=[])) == 1
+    assert demo.run(demo_args(tmp_path)) == 1
     assert set(spans(log)) == {"lab", "build"}
 
 
@@ -75,3 +88,33 @@ def test_stages_put_only_boot_and_build_together() -> None:
         ["lab", "build"], ["rollout"], ["check"], ["probe"]]  # fmt: skip
     assert [[k for k, _, _ in st] for st in demo.stages(plan, ["lab", "check"])] == [
         ["build"], ["rollout"], ["probe"]]  # fmt: skip
+
+
+def test_the_demo_boots_and_builds_the_demo_fleet_unless_told_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step sees one fleet file: the packaged lab/fleet-demo.yml (three bookworm hosts),
+    else the user's own lab/fleet-demo.yml in the current directory, else $IPVS_FLEET_FLEET,
+    else --fleet."""
+    log = fake_cli(tmp_path, monkeypatch)
+    assert demo.run(demo_args(tmp_path)) == 0
+    packaged = data_path(demo.DEMO_FLEET)
+    assert set(fleets(log).values()) == {str(packaged)}
+    assert {h.release for h in load_fleet(packaged).hosts.values()} == {"bookworm"}
+    assert set(load_fleet(packaged).hosts) == set(load_fleet(data_path("lab/fleet.yml")).hosts)
+
+    Path(f"{log}.fleet").unlink()
+    (tmp_path / "lab").mkdir(exist_ok=True)
+    (tmp_path / demo.DEMO_FLEET).write_text(packaged.read_text())
+    assert demo.run(demo_args(tmp_path)) == 0
+    assert set(fleets(log).values()) == {str(tmp_path / demo.DEMO_FLEET)}
+
+    Path(f"{log}.fleet").unlink()
+    monkeypatch.setenv("IPVS_FLEET_FLEET", "lab/fleet.yml")
+    assert demo.run(demo_args(tmp_path)) == 0
+    assert set(fleets(log).values()) == {str(tmp_path / "lab/fleet.yml")}
+
+    Path(f"{log}.fleet").unlink()
+    assert demo.run(demo_args(tmp_path, fleet="/x/fleet-side.yml")) == 0
+    assert set(fleets(log).values()) == {"/x/fleet-side.yml"}
+    assert set(fleets(log)) == set(demo.STEPS)
