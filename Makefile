@@ -25,7 +25,12 @@ $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (pyenv install 3.11 or apt python3.11)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	@# uv installs the lock's wheels in parallel: 6 s against pip's 21 s, no cache (make demo
+	@# cold). uv itself comes from the lock, by its hashes; pip does the rest if uv fails.
+	awk '/^uv==/ {p = 1; print; next} p && /^[^ ]/ {p = 0} p' requirements.lock > $(VENV)/uv.req
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(VENV)/uv.req
+	$(BIN)/uv pip install -q --native-tls --python $(BIN)/python --require-hashes -r requirements.lock \
+	  || $(BIN)/pip install -q --require-hashes -r requirements.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
