@@ -6,10 +6,10 @@ of the two), rolls the deploy out in canary waves with gates, runs the complianc
 measures the reuse scenario on the canary, and prints where each report is. Each step is the
 same command a user would run.
 
-The demo's fleet is lab/fleet-demo.yml (DEMO_FLEET): the three hosts of lab/fleet.yml, all on
-bookworm, so a first run makes one image and one builder root and compiles one module set
-(cold on 2 cores, the three-kernel fleet takes about 9 minutes, this one under 5).
-`--fleet` (or $IPVS_FLEET_FLEET) names another, e.g. lab/fleet.yml.
+The demo's fleet is lab/fleet-demo.yml (DEMO_FLEET): the canary and the FTP director of
+lab/fleet.yml, both on bookworm, so a first run makes one image and one builder root,
+compiles one module set and boots two VMs (cold on 2 cores, the three-kernel fleet takes
+about 9 minutes). `--fleet` (or $IPVS_FLEET_FLEET) names another, e.g. lab/fleet.yml.
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--reports", default=str(workdir() / "reports" / "demo"), help="report folder")
     p.add_argument(
         "--fleet",
-        help=f"lab fleet file (default: $IPVS_FLEET_FLEET, else {DEMO_FLEET}: the three hosts "
-        "of lab/fleet.yml on bookworm, one image and one module set)",
+        help=f"lab fleet file (default: $IPVS_FLEET_FLEET, else {DEMO_FLEET}: the canary and "
+        "the FTP director of lab/fleet.yml on bookworm, one image and one module set)",
     )
     p.add_argument(
         "--skip", action="append", default=[], choices=STEPS, help="skip a step (repeatable)"

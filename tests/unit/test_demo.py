@@ -93,15 +93,21 @@ def test_stages_put_only_boot_and_build_together() -> None:
 def test_the_demo_boots_and_builds_the_demo_fleet_unless_told_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every step sees one fleet file: the packaged lab/fleet-demo.yml (three bookworm hosts),
+    """Every step sees one fleet file: the packaged lab/fleet-demo.yml (two bookworm hosts),
     else the user's own lab/fleet-demo.yml in the current directory, else $IPVS_FLEET_FLEET,
     else --fleet."""
     log = fake_cli(tmp_path, monkeypatch)
     assert demo.run(demo_args(tmp_path)) == 0
     packaged = data_path(demo.DEMO_FLEET)
     assert set(fleets(log).values()) == {str(packaged)}
-    assert {h.release for h in load_fleet(packaged).hosts.values()} == {"bookworm"}
-    assert set(load_fleet(packaged).hosts) == set(load_fleet(data_path("lab/fleet.yml")).hosts)
+    hosts = load_fleet(packaged).hosts
+    assert {h.release for h in hosts.values()} == {"bookworm"}
+    # a canary and a second wave of another class (knob 1, then knob 0), as named in fleet.yml
+    assert {n: (h.host_class, h.groups) for n, h in hosts.items()} == {
+        "k8s-canary": ("k8s_node", ("k8s_nodes", "canary")),
+        "ftp-director": ("ftp", ("ftp_hosts",)),
+    }
+    assert set(hosts) < set(load_fleet(data_path("lab/fleet.yml")).hosts)
 
     Path(f"{log}.fleet").unlink()
     (tmp_path / "lab").mkdir(exist_ok=True)
