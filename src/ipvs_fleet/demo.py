@@ -38,8 +38,9 @@ DEMO_FLEET = "lab/fleet-demo.yml"
 def demo_fleet(arg: str | None) -> Path:
     """The fleet the demo boots: --fleet, else $IPVS_FLEET_FLEET, else DEMO_FLEET (the
     user's file of that name, else the packaged one)."""
-    if arg or os.environ.get("IPVS_FLEET_FLEET"):
-        return Path(arg or os.environ["IPVS_FLEET_FLEET"]).absolute()
+    given = arg or os.environ.get("IPVS_FLEET_FLEET")
+    if given:
+        return Path(given).absolute()
     mine = workdir() / DEMO_FLEET
     return mine if mine.is_file() else data_path(DEMO_FLEET)
 
