@@ -17,7 +17,8 @@ _dir = Path(os.environ.get("IPVS_FLEET_SIM_DIR", Path.cwd() / ".simfleet"))
 _state = json.loads((_dir / "state.json").read_text())
 _extra_path = _dir / "hostdata.json"
 _extra = json.loads(_extra_path.read_text()) if _extra_path.is_file() else {}
-_lab_budget = lab_class_data().get("k8s_node", {})  # one policy read, not one per host
+_CLASS = "k8s_node"  # every simulated host's
+_lab_budget = lab_class_data().get(_CLASS, {})  # one policy read, not one per host
 
 
 def _host(name: str, h: dict) -> tuple[str, dict]:
@@ -32,7 +33,7 @@ def _host(name: str, h: dict) -> tuple[str, dict]:
         # connect timeout is 10 s): try again rather than fail a host the fault tests did not
         # break.
         "ssh_connect_retries": 2,
-        "ipvs_host_class": "k8s_node",
+        "ipvs_host_class": _CLASS,
         # One kernel for all simulated hosts: the running modules are never swapped per host.
         "ipvs_activation": "next-boot",
         # All hosts share one TCG VM's CPU, so a probe's p99 measures CPU contention, not the
