@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     arts = build_lines(pins, args.jobs, build_one)
     if args.dkms:
-        for pin, art in zip(pins, arts, strict=True):
-            tree = make_dkms_tree(pin.line, Path(args.dkms), [m[:-3] for m in art.modules])
-            print(f"{pin.line}: DKMS source tree {tree}")
+        tree = make_dkms_tree(Path(args.dkms))
+        print(f"DKMS source tree {tree}")
+        for pin in pins:
             if args.dkms_test:
                 dkms_build(pin, tree)
                 print(f"{pin.kernel_release}: dkms build ok")
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "build",
-        help="build the patched IPVS modules (artifact per kernel)",
+        help="build the fix module ip_vs_reuse (artifact per kernel, from linux-headers)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -122,7 +122,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kernel-release", help="uname -r to build for (default: the pinned one)")
     p.add_argument(
         "--source-version",
-        help="Debian package version of that kernel's headers/linux-source "
+        help="Debian package version of that kernel's headers "
         "(needed when --kernel-release is not the release's pinned kernel)",
     )
     p.add_argument(
@@ -135,8 +135,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--variant",
         choices=list(kernel.VARIANTS),
-        help="test-only variant (dislocated: the seed's sysctl-table bug; retrack: the 1.x "
-        "reuse design; upstream: the upstream series, 7.2 only); never deploy it",
+        help="test-only variant (baddefault: the knob reads 1 in a new netns; nodesign: no "
+        "declared reuse design; upstream: a patched ip_vs set from the upstream series, 7.2 "
+        "only); never deploy it",
     )
     p.add_argument(
         "--jobs",

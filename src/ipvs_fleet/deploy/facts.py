@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections import Counter
 from typing import Any
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
+from ipvs_fleet.kernel import MODINFO_REUSE, MODINFO_SET, MODULE_NAME
+
 UPDATES_SUBDIR = "updates/ipvs-fleet"
-# Custom modinfo fields that the patched build carries (see src/ipvs_fleet/kernel).
-PATCHSET_FIELD = "ipvs_fleet"
-REUSE_FIELD = "ipvs_fleet_reuse"
+# Custom modinfo fields that the fix module carries (see src/ipvs_fleet/kernel).
+PATCHSET_FIELD = MODINFO_SET
+REUSE_FIELD = MODINFO_REUSE
 
 
 def updates_dir(kernel_release: str) -> str:
     return f"/lib/modules/{kernel_release}/{UPDATES_SUBDIR}"
 
 
-def failed_set_dir(kernel_release: str) -> str:
-    """Where the swap sets aside an installed set that did not load: outside /lib/modules,
-    since depmod indexes every directory under it (updates/ first) and modprobe would keep
-    resolving the failed build instead of the stock one."""
-    return f"/var/lib/ipvs-fleet/failed-set/{kernel_release}"
-
-
 class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
     """
     The loaded IPVS modules (ip_vs*, xt_ipvs) and whether each is the build installed in
-    updates/ipvs-fleet.
+    updates/ipvs-fleet (the fix module ip_vs_reuse; the distro's own have taint "").
 
     .. code:: python
 
         {
-            "ip_vs": {
-                "version": "1.0+dcf6fb2558d2", "taint": "OE",
-                "patched": True, "patchset": "1.0+dcf6fb2558d2", "reuse": "handback",
+            "ip_vs": {"version": None, "taint": "", "patched": False, ...},
+            "ip_vs_reuse": {
+                "version": "3.0+dcf6fb2558d2", "taint": "OE",
+                "patched": True, "patchset": "3.0+dcf6fb2558d2", "reuse": "prekill",
             },
         }
     """
@@ -46,7 +41,7 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
     def command(self) -> str:
         # sysfs describes the loaded code; modinfo on a name would describe the file that
         # modprobe would pick instead. Debian kernels publish no srcversion, so the patched
-        # build carries MODULE_VERSION(<set id>), shown in /sys/module/<m>/version.
+        # module carries MODULE_VERSION(<set id>), shown in /sys/module/<m>/version.
         # Shell builtins read sysfs and one modinfo reads every installed file of a loaded
         # module: a process start is the cost that counts on a busy host (about 50 ms of
         # CPU each under QEMU TCG; the former cat/modinfo per module and field made ~120).
@@ -98,137 +93,6 @@ class IpvsLoadedModules(FactBase[dict[str, dict[str, Any]]]):
         return mods
 
 
-SWAP_STATE_DIR = "/var/lib/ipvs-fleet"
-
-
-class IpvsSwapState(FactBase[dict[str, Any]]):
-    """
-    Whether a module swap (ipvs-swap.sh) runs on the host now, or died with its saved table
-    not restored (swap.pending/), and what it saved.
-
-    .. code:: python
-
-        {"state": "pending", "stage": "cleared", "services": 11, "real_servers": 22}
-    """
-
-    default = dict
-
-    def command(self) -> str:
-        d = SWAP_STATE_DIR
-        # `flock -n` fails while a swap worker holds the host lock
-        return (
-            f's=idle; [ -d {d}/swap.pending ] && s=pending; '
-            f'if [ -e {d}/lock ] && ! flock -n {d}/lock true; then s=running; fi; '
-            f'echo "state=$s"; '
-            f'if [ -d {d}/swap.pending ]; then '
-            f'echo "stage=$(cat {d}/swap.pending/stage 2>/dev/null)"; '
-            f"echo \"services=$(grep -c '^-A' {d}/swap.pending/snapshot 2>/dev/null)\"; "
-            f"echo \"real_servers=$(grep -c '^-a' {d}/swap.pending/snapshot 2>/dev/null)\"; fi"
-        )
-
-    def process(self, output: list[str]) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": "idle"}
-        for line in output:
-            key, _, value = line.strip().partition("=")
-            if key in ("services", "real_servers"):
-                out[key] = int(value) if value.isdigit() else 0
-            elif key in ("state", "stage"):
-                out[key] = value
-        return out
-
-
-def swap_problem(swap: dict[str, Any]) -> str | None:
-    """What an unfinished swap leaves for verification to report, if anything."""
-    if swap.get("state") == "pending":
-        return (
-            f"a module swap died after {swap.get('stage') or 'saving'} with its saved table "
-            f"({swap.get('services', 0)} services, {swap.get('real_servers', 0)} real servers) "
-            f"not restored: {SWAP_STATE_DIR}/swap.pending"
-        )
-    if swap.get("state") == "running":
-        return "a module swap is running on the host"
-    return None
-
-
-class IpvsSwapRecord(FactBase[dict[str, Any]]):
-    """
-    The last finished module swap's record (swap.last/restored: the state it restored) and
-    how the live state differs from it now, as sorted `ipvsadm-save -n` lines plus the
-    timeouts and sync daemons (ipvs-swap.sh --snapshot, the swap's own snapshot).
-
-    .. code:: python
-
-        {"present": True, "age": 42, "services": 3, "real_servers": 8, "compared": True,
-         "missing": ["-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1"], "extra": []}
-    """
-
-    default = dict
-
-    def command(self) -> str:
-        d = SWAP_STATE_DIR
-        r = f"{d}/swap.last/restored"
-        # The swap leaves its worker, a copy of ipvs-swap.sh, on the host (the script itself
-        # is removed after the run). One from before --snapshot would take the flag for a
-        # swap: ask only a script that knows it.
-        w = f"{d}/ipvs-swap-worker.sh"
-        return (
-            f"if [ ! -f {r} ]; then echo present=no; exit 0; fi; echo present=yes; "
-            f'echo "age=$(( $(date +%s) - $(stat -c %Y {r}) ))"; '
-            f"echo \"services=$(grep -c '^-A' {r})\"; "
-            f"echo \"real_servers=$(grep -c '^-a' {r})\"; "
-            f"if grep -q -- '--snapshot' {w} 2>/dev/null; then "
-            f"live=$(sh {w} --snapshot) || {{ echo compared=failed; exit 0; }}; "
-            # both as they are, compared here: no temporary file on the host
-            f"sed 's/^/restored /' {r}; printf '%s\\n' \"$live\" | sed 's/^/live /'; "
-            "echo compared=yes; else echo compared=unsupported; fi"
-        )
-
-    def process(self, output: list[str]) -> dict[str, Any]:
-        out: dict[str, Any] = {"present": False, "missing": [], "extra": []}
-        seen: dict[str, list[str]] = {"restored": [], "live": []}
-        for line in output:
-            line = line.rstrip("\n")
-            kind, _, rest = line.partition(" ")
-            if kind in seen:
-                if rest.strip():
-                    seen[kind].append(rest)
-                continue
-            key, _, value = line.strip().partition("=")
-            if key == "present":
-                out["present"] = value == "yes"
-            elif key in ("age", "services", "real_servers"):
-                out[key] = int(value) if value.lstrip("-").isdigit() else None
-            elif key == "compared":
-                out["compared"] = value == "yes"
-                if value != "yes":
-                    out["not_compared"] = value
-        # as multisets, each in its own order: what the record has and the live state lacks
-        restored, live = Counter(seen["restored"]), Counter(seen["live"])
-        out["missing"] = list((restored - live).elements())
-        out["extra"] = list((live - restored).elements())
-        return out
-
-
-def fresh_swap_record(rec: dict[str, Any], within: int | None) -> bool:
-    """Whether the swap record is from the last `within` seconds, i.e. from the step being
-    verified: an older one may have been changed since by the table's owner (kube-proxy)."""
-    age = rec.get("age")
-    return bool(rec.get("present")) and within is not None and age is not None and age <= within
-
-
-def swap_record_problems(rec: dict[str, Any], within: int | None) -> list[str]:
-    """How the live state differs from a fresh swap record (IpvsSwapRecord), as text."""
-    if not fresh_swap_record(rec, within):
-        return []
-    where = f"{SWAP_STATE_DIR}/swap.last/restored"
-    if not rec.get("compared"):
-        return [f"the live IPVS table could not be compared with {where} "
-                f"({rec.get('not_compared', 'no answer')})"]  # fmt: skip
-    out = [f"not live, though the swap {rec['age']} s ago restored it: {x}" for x in rec["missing"]]
-    out += [f"live, though not in the swap's record: {x}" for x in rec["extra"]]
-    return out
-
-
 def _in_indexed_updates(kernel_release: str, listing: str) -> StringCommand:
     """Run `listing` in our updates dir; print depmod-missing first unless depmod indexed it.
 
@@ -237,7 +101,7 @@ def _in_indexed_updates(kernel_release: str, listing: str) -> StringCommand:
     """
     dep = f"/lib/modules/{kernel_release}/modules.dep"
     return StringCommand(
-        "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/ip_vs.ko"), QuoteString(dep),
+        "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/{MODULE_NAME}.ko"), QuoteString(dep),
         "2>/dev/null || echo depmod-missing;",
         "cd", QuoteString(updates_dir(kernel_release)), "2>/dev/null &&", listing,
     )  # fmt: skip
@@ -254,7 +118,7 @@ class IpvsInstalledModules(FactBase[dict[str, str]]):
 
     .. code:: python
 
-        {"ip_vs.ko": "3f5c...", "ip_vs_rr.ko": "9a1b..."}
+        {"ip_vs_reuse.ko": "3f5c..."}
     """
 
     default = dict
@@ -275,12 +139,12 @@ class IpvsInstalledModules(FactBase[dict[str, str]]):
 
 class IpvsInstalledSet(FactBase[dict[str, str]]):
     """
-    The patch-set version (module info `ipvs_fleet`) of each module installed by ipvs-fleet
-    for a kernel release; {} unless depmod has indexed them (as IpvsInstalledModules).
+    The set id (module info `ipvs_fleet`) of each module installed by ipvs-fleet for a
+    kernel release; {} unless depmod has indexed them (as IpvsInstalledModules).
 
     .. code:: python
 
-        {"ip_vs.ko": "1.0+dcf6fb2558d2", "ip_vs_rr.ko": "1.0+dcf6fb2558d2"}
+        {"ip_vs_reuse.ko": "3.0+dcf6fb2558d2"}
     """
 
     default = dict
@@ -524,23 +388,21 @@ class Lockdown(FactBase[dict[str, Any]]):
 class DkmsReady(FactBase[dict[str, Any]]):
     """
     What build mode (`ipvs_install: dkms`) needs on the host: dkms and a compiler, and the
-    headers and linux-source of exactly the running kernel's package version.
+    headers of exactly the running kernel's package version.
 
     .. code:: python
 
         {"dkms": True, "tools_missing": [], "running": "6.1.192-2", "headers": "6.1.192-2",
-         "source": "6.1.192-2", "source_tar": True, "build_dir": True}
+         "build_dir": True}
     """
 
-    def command(self, kernel_release: str, line: str) -> StringCommand:
-        headers, source = f"linux-headers-{kernel_release}", f"linux-source-{line}"
+    def command(self, kernel_release: str) -> StringCommand:
+        headers = f"linux-headers-{kernel_release}"
         return StringCommand(
             "command -v dkms >/dev/null && echo dkms=yes || echo dkms=no;",
-            "for t in gcc make patch xz; do command -v $t >/dev/null || echo missing=$t; done;",
+            "for t in gcc make; do command -v $t >/dev/null || echo missing=$t; done;",
             "echo running=$(uname -v | sed -n 's/.*Debian \\([^ ]*\\).*/\\1/p');",
             "echo headers=$(dpkg-query -W -f '${Version}'", QuoteString(headers), "2>/dev/null);",
-            "echo source=$(dpkg-query -W -f '${Version}'", QuoteString(source), "2>/dev/null);",
-            "[ -f", QuoteString(f"/usr/src/{source}.tar.xz"), "] && echo source_tar=yes;",
             "[ -e", QuoteString(f"/lib/modules/{kernel_release}/build"), "] && echo build=yes;",
             "true",
         )  # fmt: skip
@@ -559,16 +421,14 @@ class DkmsReady(FactBase[dict[str, Any]]):
             "tools_missing": missing,
             "running": kv.get("running") or None,
             "headers": kv.get("headers") or None,
-            "source": kv.get("source") or None,
-            "source_tar": kv.get("source_tar") == "yes",
             "build_dir": kv.get("build") == "yes",
         }
 
 
-def dkms_problems(ready: dict[str, Any], kernel_release: str, line: str) -> list[str]:
-    """What keeps this host from building the set with DKMS ([] when nothing)."""
+def dkms_problems(ready: dict[str, Any], kernel_release: str) -> list[str]:
+    """What keeps this host from building the fix module with DKMS ([] when nothing)."""
     want = ready["running"]
-    headers, source = f"linux-headers-{kernel_release}", f"linux-source-{line}"
+    headers = f"linux-headers-{kernel_release}"
     pin = f"={want}" if want else ""
     out = []
     if not ready["dkms"]:
@@ -579,10 +439,6 @@ def dkms_problems(ready: dict[str, Any], kernel_release: str, line: str) -> list
         out.append(f"{headers}{pin} is not installed")
     elif want and ready["headers"] != want:
         out.append(f"{headers} is {ready['headers']}, the running kernel is {want}")
-    if not ready["source"] or not ready["source_tar"]:
-        out.append(f"{source}{pin} is not installed")
-    elif want and ready["source"] != want:
-        out.append(f"{source} is {ready['source']}, the running kernel is {want}")
     return out
 
 

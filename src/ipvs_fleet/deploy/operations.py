@@ -32,21 +32,16 @@ from ipvs_fleet.deploy.facts import (
     IpvsInstalledModules,
     IpvsInstalledSet,
     IpvsLoadedModules,
-    IpvsSwapRecord,
-    IpvsSwapState,
     IpvsSysctls,
     ManagedFile,
-    failed_set_dir,
-    swap_problem,
-    swap_record_problems,
     updates_dir,
 )
+from ipvs_fleet.kernel import MODULE_NAME
 from ipvs_fleet.policy import KNOB, LOCK_WAIT_S, HostSettings
 from ipvs_fleet.resources import host_script, templates_dir
 
 STATE_DIR = "/var/lib/ipvs-fleet"
 TEMPLATES = templates_dir()
-SWAP_SCRIPT = host_script("ipvs-swap.sh")
 DKMS_SCRIPT = host_script("ipvs-dkms-install.sh")
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
 MODULES_LOAD_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
@@ -105,7 +100,7 @@ LOCK = f"{STATE_DIR}/lock"
 
 
 def lock_preamble(what: str, wait: int) -> StringCommand:
-    """The shell words that take the host lock (flock on LOCK, as ipvs-swap.sh takes it) and
+    """The shell words that take the host lock (flock on LOCK) and
     record `what` as its holder: a second controller waits up to `wait` s, then fails naming
     the holder. One text for both engines: `locked()` here, the Ansible role's
     `ipvs_fleet_locked` filter (tested equal)."""
@@ -275,9 +270,8 @@ def modules_removed(
     kernel_release: str, lock_wait: int = LOCK_WAIT_S
 ) -> Generator[Any, None, None]:
     """
-    Remove the ipvs-fleet module set (and a build mode DKMS registration) so that modprobe
-    resolves the stock modules again, under the host lock (a swap or an install of another
-    controller finishes first).
+    Remove the installed fix module (and a build mode DKMS registration), under the host
+    lock (an install or activation of another controller finishes first).
 
     + kernel_release: the host's `uname -r`
     + lock_wait: seconds to wait for the host lock
@@ -285,14 +279,11 @@ def modules_removed(
     dest = updates_dir(kernel_release)
     dkms = host.get_fact(DkmsVersions)
     installed = host.get_fact(IpvsInstalledModules, kernel_release=kernel_release)
-    failed = failed_set_dir(kernel_release)
-    failed_copy = host.get_fact(Directory, path=failed)
-    if not dkms and not installed and not failed_copy:
+    on_disk = host.get_fact(Directory, path=dest)
+    if not dkms and not installed and not on_disk:
         host.noop(f"no ipvs-fleet modules are installed for {kernel_release}")
         return
-    parts = [f"{len(installed)} modules in {dest}"] if installed else []
-    if failed_copy:
-        parts.append(f"the set that did not load, in {failed}")
+    parts = [f"{', '.join(sorted(installed)) or 'an unindexed copy'} in {dest}"]
     if dkms:
         parts.append(f"DKMS ipvs-fleet {_names(dkms)}")
     will(f"remove the ipvs-fleet module set for {kernel_release} ({'; '.join(parts)}), depmod")
@@ -304,8 +295,7 @@ def modules_removed(
         )  # fmt: skip
     yield locked(
         "remove", lock_wait,
-        "rm -rf", QuoteString(dest), QuoteString(failed),
-        "&& depmod", QuoteString(kernel_release),
+        "rm -rf", QuoteString(dest), "&& depmod", QuoteString(kernel_release),
     )  # fmt: skip
 
 
@@ -376,8 +366,8 @@ def config_file(
             "; else touch", QuoteString(backup + ".absent"), "; fi; }",
         ]  # fmt: skip
     if write:
-        # Uploaded beside the state, then renamed into place under the host lock: a swap of
-        # another controller never reads a half-written modprobe.d or sysctl.d file, and a
+        # Uploaded beside the state, then renamed into place under the host lock: a modprobe
+        # of another controller never reads a half-written modprobe.d or sysctl.d file, and a
         # waiting controller finds the file as the other one left it.
         yield from _one_off_upload(StringIO(content), staged)
         # this run's folder goes with the file: the next file's upload makes it again
@@ -408,10 +398,19 @@ def config_file_restored(path: str, lock_wait: int = LOCK_WAIT_S) -> Generator[A
 
 
 def is_current(info: Mapping[str, Any], patchset: str) -> bool:
-    """Whether a loaded module (IpvsLoadedModules entry) is the wanted build ("" = stock)."""
-    if patchset:
-        return bool(info["patched"]) and info["patchset"] == patchset
+    """Whether the loaded fix module (an IpvsLoadedModules entry) is the build of `patchset`."""
+    return bool(info["patched"]) and info["patchset"] == patchset
+
+
+def is_stock(info: Mapping[str, Any]) -> bool:
+    """Whether a loaded IPVS module is the distro's own in-tree build (no O taint)."""
     return "O" not in str(info["taint"] or "")
+
+
+def foreign_modules(loaded: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Loaded IPVS modules that are neither the distro's own nor the fix module (a patched
+    ip_vs set of ipvs-fleet 2.x, say): replacing them means unloading IPVS."""
+    return sorted(m for m, info in loaded.items() if m != MODULE_NAME and not is_stock(info))
 
 
 def verification_problems(
@@ -419,20 +418,23 @@ def verification_problems(
     live: Mapping[str, Any],
     patchset: str,
     sysctls: Mapping[str, int],
-    swap: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """What differs from the deployed state: loaded build ("" = stock), live values, and a
-    module swap still running or died with its table not restored (IpvsSwapState)."""
+    """What differs from the deployed state: the fix module loaded from the `patchset` build
+    ("" = not loaded, the rollback), every other IPVS module the distro's own, live values."""
     problems = []
-    unfinished = swap_problem(dict(swap or {}))
-    if unfinished:
-        problems.append(unfinished)
     if "ip_vs" not in loaded:
         problems.append("ip_vs is not loaded")
-    for m, info in sorted(loaded.items()):
-        if not is_current(info, patchset):
-            what = f"patch set {patchset}" if patchset else "the stock build"
-            problems.append(f"{m}: the loaded build is not {what}")
+    fix = loaded.get(MODULE_NAME)
+    if patchset and fix is None:
+        problems.append(f"{MODULE_NAME} is not loaded")
+    elif patchset and fix is not None and not is_current(fix, patchset):
+        problems.append(f"{MODULE_NAME}: the loaded build is not patch set {patchset} "
+                        f"(version {fix['version'] or '?'})")  # fmt: skip
+    elif not patchset and fix is not None:
+        problems.append(f"{MODULE_NAME} is still loaded")
+    for m in foreign_modules(loaded):
+        problems.append(f"{m}: the loaded build is not the distro's own (taint "
+                        f"{loaded[m]['taint']}); a reboot loads the stock one")  # fmt: skip
     if not patchset and KNOB in live:
         problems.append(f"net.ipv4.vs.{KNOB} still exists")
     for key, value in sorted(sysctls.items()):
@@ -443,7 +445,7 @@ def verification_problems(
 
 def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCommand]:
     """Each drain hook as a command bounded by `timeout`; a failing one fails the host
-    there, so nothing after it (the swap, for a pre-hook) runs."""
+    there, so nothing after it (the activation, for a pre-hook) runs."""
     for n, cmd in enumerate(commands, 1):
         yield StringCommand(
             "timeout", str(timeout), "sh -c", QuoteString(cmd),
@@ -456,96 +458,105 @@ def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCo
 @operation()
 def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None, None]:
     """
-    Make the running kernel use the installed module set, by the host's activation strategy.
+    Make the running kernel use the installed fix module beside the distro's own IPVS
+    modules, by the host's activation strategy; IPVS itself is never unloaded.
 
-    + settings: the host's policy settings (activation, modules to load)
-    + patchset: the patch-set version the loaded ip_vs must report; "" for the stock build
+    `reload` (live): under the host lock, `modprobe` each class module not loaded (the fix
+    module among them) and, where the fix module is loaded from another build, `rmmod` and
+    load only it; with patchset "" (the rollback) `rmmod` the fix module. The modprobe.d
+    file sets the class's values again whenever ip_vs or the fix module loads. `reboot`
+    reboots, `next-boot` leaves it to the next boot. A loaded IPVS module of another
+    out-of-tree build cannot be replaced without unloading IPVS: `reload` fails the host
+    saying so (a reboot replaces it).
+
+    + settings: the host's policy settings (activation, modules to load, hooks)
+    + patchset: the set id the loaded fix module must report; "" for no fix module
     """
     loaded = host.get_fact(IpvsLoadedModules)
-    unfinished = host.get_fact(IpvsSwapState)
-    want = f"patch set {patchset}" if patchset else "the stock build"
-    stale = sorted(m for m, info in loaded.items() if not is_current(info, patchset))
-    swap = bool(loaded and stale)
-    script = f"{STATE_DIR}/ipvs-swap.sh"
-    q = QuoteString(script)
-    if unfinished.get("state") in ("pending", "running") and not (
-        swap and settings.activation == "reload"
-    ):
-        # An earlier swap is still running, or died with its table saved and not restored:
-        # wait for it, or restore that table, before anything else reads the host.
-        will(f"finish the earlier module swap ({swap_problem(unfinished)})")
-        yield from _one_off_upload(SWAP_SCRIPT, script)
-        yield StringCommand("chmod 0755", q, f"&& IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
-                            "--recover-only; rc=$?; rm -f", q, "; exit $rc")
-    if swap and settings.activation == "next-boot":
-        host.noop(f"{_names(stale)} switch to {want} at next boot")
+    fix = loaded.get(MODULE_NAME)
+    foreign = foreign_modules(loaded)
+    if patchset:
+        stale = fix is not None and not is_current(fix, patchset)
+        want = f"{MODULE_NAME} {patchset}"
+    else:
+        stale = fix is not None
+        want = f"no {MODULE_NAME}"
+    missing = [m for m in settings.modules if m not in loaded and (patchset or m != MODULE_NAME)]
+    change = stale or foreign or MODULE_NAME in missing
+    if not change and not missing:
+        host.noop(f"{want} is active, IPVS modules stock")
         return
-    missing = [m for m in settings.modules if m not in loaded or m in stale]
-    if not swap and not missing:
-        if unfinished.get("state") not in ("pending", "running"):
-            host.noop(f"{want} is active")
+    if change and settings.activation == "next-boot":
+        host.noop(f"{want} at next boot")
+        return
+    if foreign and settings.activation == "reload":
+        yield fail(f"{_names(foreign)}: loaded from an out-of-tree build that is not the fix "
+                   "module; replacing it would unload IPVS and drop its tables and "
+                   "connections: reboot the host (host data ipvs_activation: reboot)")  # fmt: skip
         return
     what = []
-    if swap and settings.activation == "reboot":
-        what.append(f"reboot to load {want} (loaded now: {_names(stale)} of another build)")
-    elif swap:
-        what.append(
-            f"reload the IPVS stack with ipvs-swap.sh ({_names(stale)} -> {want}; "
-            "the service table is saved, restored and compared)"
-            + (f"; first finish the earlier swap ({swap_problem(unfinished)})"
-               if unfinished.get("state") in ("pending", "running") else "")
-        )  # fmt: skip
-    not_loaded = [m for m in settings.modules if m not in loaded]
-    if not_loaded:
-        what.append(f"load {_names(not_loaded)}")
-    if swap and settings.pre_activate:
-        what.insert(0, f"run {len(settings.pre_activate)} pre-activation hook(s)")
-    if swap and settings.post_activate:
+    if change and settings.pre_activate:
+        what.append(f"run {len(settings.pre_activate)} pre-activation hook(s)")
+    if change and settings.activation == "reboot":
+        what.append(f"reboot for {want}" + (f" (and stock {_names(foreign)})" if foreign else ""))
+    else:
+        if stale:
+            what.append(f"unload {MODULE_NAME} {fix['version'] if fix else ''} (IPVS stays "
+                        "loaded, its tables untouched)")  # fmt: skip
+        if missing or (stale and patchset):
+            loads = [*missing, *([MODULE_NAME] if stale and patchset else [])]
+            what.append(f"load {_names(loads)}")
+    if change and settings.post_activate:
         what.append(f"run {len(settings.post_activate)} post-activation hook(s)")
-    will("; ".join(what) or f"load {_names(missing)}")
-    if swap:
+    will("; ".join(what))
+    if change:
         yield from hooks("pre-activation", settings.pre_activate, settings.hook_timeout)
-    if swap and settings.activation == "reboot":
+    if change and settings.activation == "reboot":
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
-    elif swap:
-        yield from _one_off_upload(SWAP_SCRIPT, script)
-        # Run and remove, as Ansible's script module does: both engines leave the same
-        # host state (the swap's detached worker, its logs and table copies stay).
-        yield StringCommand("chmod 0755", q, f"&& IPVS_FLEET_LOCK_WAIT={settings.lock_wait}", q,
-                            "; rc=$?; rm -f", q, "; exit $rc")
-    if swap:
+    else:
+        steps: list[Any] = ["true"]
+        if stale:
+            steps += ["&& rmmod", MODULE_NAME]
+        loads = [*missing, *([MODULE_NAME] if stale and patchset else [])]
+        if loads:
+            steps += ["&& for m in", *[QuoteString(m) for m in loads],
+                      '; do modprobe "$m" || exit 1; done']  # fmt: skip
+        yield locked("activate", settings.lock_wait, *steps)
+    if change:
         yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
-    if missing:
-        names = [QuoteString(m) for m in missing]
-        yield StringCommand("for m in", *names, '; do modprobe "$m"; done')
 
 
 @operation()
 def sysctl_live(
-    key: str, value: int, activation: str = "reload", lock_wait: int = LOCK_WAIT_S
+    key: str, value: int, activation: str = "reload", lock_wait: int = LOCK_WAIT_S,
+    if_present: bool = False,
 ) -> Generator[Any, None, None]:
     """
     Set one net.ipv4.vs.* value in the running kernel, under the host lock (not while another
-    controller's swap has the modules out).
+    controller loads or unloads the fix module).
 
     + key: the key under net.ipv4.vs
     + value: the class's value
-    + activation: the host's strategy; with next-boot a key the loaded (stock) module lacks
-      appears with the patched module at the next boot
+    + activation: the host's strategy; with next-boot a key that needs the fix module
+      appears with it at the next boot
     + lock_wait: seconds to wait for the host lock
+    + if_present: a key that does not exist is left alone (the rollback's knob 0)
     """
     live = host.get_fact(IpvsSysctls)
     name = f"net.ipv4.vs.{key}"
     if live.get(key) == value:
         host.noop(f"{name} is {value}")
         return
+    if key not in live and if_present:
+        host.noop(f"{name} does not exist")
+        return
     if key not in live:
         if activation == "next-boot":
-            host.noop(f"{name} appears with the patched module at next boot")
+            host.noop(f"{name} appears with {MODULE_NAME} at next boot")
             return
         if not previewing():
-            yield fail(f"error: {name} does not exist: ip_vs is not loaded, or is a build "
-                       "without it")  # fmt: skip
+            yield fail(f"error: {name} does not exist: ip_vs (or, for {KNOB}, {MODULE_NAME}) "
+                       "is not loaded")  # fmt: skip
             return
         will(f"set {name} = {value} (the key appears once the modules above are active)")
     else:
@@ -554,31 +565,24 @@ def sysctl_live(
 
 
 @operation()
-def verified(
-    patchset: str, sysctls: Mapping[str, int], swap_within: int | None = None
-) -> Generator[Any, None, None]:
+def verified(patchset: str, sysctls: Mapping[str, int]) -> Generator[Any, None, None]:
     """
-    Fail the host unless the running state is what was deployed: every loaded IPVS module
-    from the expected build, the given values live. A step of the execution: it reads the
-    host when it runs, after the operations before it, and changes nothing; a preview
-    or dry run only notes that it will run.
+    Fail the host unless the running state is what was deployed: the fix module loaded from
+    the expected build (or, for "", not loaded), every other IPVS module the distro's own,
+    the given values live. A step of the execution: it reads the host when it runs, after
+    the operations before it, and changes nothing; a preview or dry run only notes that it
+    will run.
 
-    + patchset: the expected patch-set version; "" for the stock build (then the knob
-      must not exist)
+    + patchset: the expected set id; "" for no fix module (then the knob must not exist)
     + sysctls: {key: value} that must be live
-    + swap_within: also compare the live IPVS table with the record of a module swap that
-      finished less than this many seconds ago (the rollout gate: the time since its deploy)
     """
-    what = f"patch set {patchset}" if patchset else "the stock build"
+    what = f"{MODULE_NAME} {patchset}" if patchset else f"the stock IPVS modules, no {MODULE_NAME}"
     if previewing():
         host.noop(f"verification of {what} runs after the changes")
         return
     loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
     live: dict[str, Any] = host.get_fact(IpvsSysctls)
-    swap: dict[str, Any] = host.get_fact(IpvsSwapState)
-    problems = verification_problems(loaded, live, patchset, sysctls, swap)
-    if swap_within is not None:
-        problems += swap_record_problems(host.get_fact(IpvsSwapRecord), swap_within)
+    problems = verification_problems(loaded, live, patchset, sysctls)
     if problems:
         yield fail(f"verification failed on {host.name}: " + "; ".join(problems))
         return

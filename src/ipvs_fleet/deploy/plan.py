@@ -116,7 +116,7 @@ def decide(
     where = f"host {name} (kernel {kernel_release})"
     lock = refuses_unsigned(lockdown)
     if lock:
-        raise FleetError(f"{where}: {lock}; it would refuse the unsigned patched modules")
+        raise FleetError(f"{where}: {lock}; it would refuse the unsigned fix module")
     if settings.install == "dkms":
         return _decide_dkms(settings, where, kernel_release, usage, dkms_ready)
     try:
@@ -147,20 +147,16 @@ def _decide_dkms(
     ready: dict[str, Any] | None,
 ) -> HostPlan:
     from ipvs_fleet.build.dkms import dkms_bundle
-    from ipvs_fleet.debian import RELEASES
 
     if ready is None:
         raise FleetError(
             f"{where}: ipvs_install=dkms (build on the host) is done by the pyinfra deploy "
             "(pyinfra INVENTORY deploy.py); this engine installs built artifacts only"
         )
-    line = kernel_line(kernel_release)
-    if line not in RELEASES.values():
-        raise FleetError(f"{where}: no patch series for kernel line {line}")
-    problems = dkms_problems(ready, kernel_release, line)
+    problems = dkms_problems(ready, kernel_release)
     if problems:
         raise FleetError(f"{where}: ipvs_install=dkms: {'; '.join(problems)}")
-    b = dkms_bundle(line)
+    b = dkms_bundle()
     why = interlock(settings, usage, b.reuse_design)
     if why:
         raise FleetError(f"{where}: {why}")
@@ -277,7 +273,7 @@ def _plan_host(host: Host) -> HostPlan | None:
     def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         kr = running_kernel(host)
         ready = (
-            host.get_fact(DkmsReady, kernel_release=kr, line=kernel_line(kr))
+            host.get_fact(DkmsReady, kernel_release=kr)
             if settings.install == "dkms"
             else None
         )

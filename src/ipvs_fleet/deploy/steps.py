@@ -21,16 +21,16 @@ from ipvs_fleet.deploy.plan import (
     running_kernel,
     settings_for,
 )
-from ipvs_fleet.policy import ACTIVATIONS, HostSettings, load_policy
+from ipvs_fleet.policy import ACTIVATIONS, KNOB, HostSettings, load_policy
 
 
 def _activate(settings: HostSettings, patchset: str) -> None:
     """modules_active as one operation per strategy, named after it."""
-    what = "patched" if patchset else "stock"
+    what = "Load the fix module" if patchset else "Unload the fix module"
     for strategy in host.loop(ACTIVATIONS):
         if strategy == settings.activation:
             ipvs.modules_active(
-                name=f"Activate the {what} modules ({strategy})",
+                name=f"{what} ({strategy})",
                 settings=settings,
                 patchset=patchset,
             )
@@ -41,16 +41,16 @@ def _verify(settings: HostSettings, patchset: str) -> None:
         return  # the running kernel keeps its modules until the next boot
     ipvs.verified(
         name=(
-            "Verify the patched modules and the class values are live"
+            "Verify the fix module and the class values are live"
             if patchset
-            else "Verify the stock modules are loaded and the knob is gone"
+            else "Verify the fix module is unloaded and the knob is gone"
         ),
         patchset=patchset,
         sysctls=settings.sysctls if patchset else {},
     )
 
 
-@deploy("Roll out the patched IPVS modules")
+@deploy("Roll out the fix module ip_vs_reuse")
 def rollout() -> None:
     """Preflight every host (at load time), then install, configure, activate, verify."""
     plan: HostPlan | None = plan_host(host)
@@ -58,7 +58,7 @@ def rollout() -> None:
         return  # lost while its facts were read, or refused in a plan: no operation
     if plan.build_on_host:
         ipvs.modules_built_on_host(
-            name="Build the patch set on the host (DKMS) and install it",
+            name="Build the fix module on the host (DKMS) and install it",
             kernel_release=plan.kernel_release,
             tarball=plan.tarball,
             tarball_sha256=plan.tarball_sha256,
@@ -67,7 +67,7 @@ def rollout() -> None:
         )
     else:
         ipvs.modules_installed(
-            name="Install the patched IPVS module set",
+            name="Install the fix module",
             kernel_release=plan.kernel_release,
             tarball=plan.tarball,
             tarball_sha256=plan.tarball_sha256,
@@ -92,18 +92,20 @@ def rollout() -> None:
     _verify(plan.settings, plan.patchset)
 
 
-@deploy("Roll back to the stock IPVS modules")
+@deploy("Roll back: no fix module, the stock IPVS modules")
 def rollback() -> None:
-    """Stock modules and the previous config files back, verified: the knob is gone."""
+    """The knob to 0, the fix module unloaded (IPVS stays), its files and the previous
+    config files back, verified: the knob is gone."""
     settings = settings_for(host)
     if not check_sudo(host):
         return  # lost while its facts were read: failed, no operation
     kr = read_facts(host, lambda: running_kernel(host))
     if kr is None:
         return  # lost while its facts were read: failed, no operation
+    ipvs.sysctl_live(name="Set net.ipv4.vs.conn_reuse_old_conntrack to 0", key=KNOB, value=0,
+                     if_present=True, lock_wait=settings.lock_wait)
     ipvs.modules_removed(
-        name="Remove the patched IPVS module set", kernel_release=kr,
-        lock_wait=settings.lock_wait,
+        name="Remove the fix module's files", kernel_release=kr, lock_wait=settings.lock_wait,
     )
     for path in host.loop(ipvs.MANAGED_FILES):
         ipvs.config_file_restored(name=f"Restore the previous {path}", path=path,

@@ -1,14 +1,13 @@
-"""The IPVS patch series, one per supported kernel line, and what identifies a build of it.
+"""The fix module ip_vs_reuse, and what identifies a build of it.
 
-Layout: `patches/<line>/NNNN-*.patch` (applied in name order with `patch -p1` to the root of
-the matching Debian `linux-source`), `patches/reference/` (the seed in its pre-5.9 form, never
-built), `patches/dislocated/<line>/` (a test-only replacement for 0001 that reproduces the
-seed's sysctl-table bug, so the table-integrity check can be shown to fail), `patches/retrack/`
-(a test-only replacement for 0002: the 1.x reuse design, so the lab can show what it breaks and
-the interlock and the reuse_safety check refusing it). `upstream/` is the series proposed
-upstream (issue 18) against UPSTREAM_LINE's source; the test-only variant `upstream` builds
-the module from its patches that touch IPVS (bit 3 of conn_reuse_mode, not the product's knob)
-so the lab can run its kselftest against it.
+Layout: `module/` holds the module's source (`ip_vs_reuse.c`, `Kbuild`), built out of tree
+against a kernel's `linux-headers` and loaded beside the distro's own, unmodified ip_vs (one
+source for every kernel line; the line differences are `#if`s in the source).
+`patches/reference/` keeps the 2020 seed in its pre-5.9 form (never built). `upstream/` is
+the series proposed upstream (issue 18) against UPSTREAM_LINE's source; the test-only variant
+`upstream` builds a patched ip_vs set from its patches that touch IPVS so the lab can run its
+kselftest against it. The other test-only variants build the module with a `-D` flag that
+breaks one thing a check must catch.
 """
 
 from __future__ import annotations
@@ -21,43 +20,49 @@ from typing import Any
 
 from ipvs_fleet.errors import ConfigError, load_yaml_file
 
-# Bump when the series changes in a way a reader should see in `modinfo`.
-PATCHSET_VERSION = "2.0"
+# Bump when the module changes in a way a reader should see in `modinfo`.
+PATCHSET_VERSION = "3.0"
+MODULE_DIR = Path(__file__).parent / "module"
+MODULE_NAME = "ip_vs_reuse"
 PATCHES = Path(__file__).parent / "patches"
 SYSCTL_DEFAULTS = Path(__file__).parent / "sysctl_defaults.yml"
 UPSTREAM = Path(__file__).parent / "upstream"
 UPSTREAM_LINE = "7.2"  # the kernel line the upstream series applies to (its cover letter)
 REUSE_DESIGNS = Path(__file__).parent / "reuse_designs.yml"
-# Module info fields carried by every built module (MODINFO_SET) and by ip_vs (MODINFO_REUSE).
+# Module info fields carried by every built module: the set id, and what knob=1 does.
 MODINFO_SET = "ipvs_fleet"
 MODINFO_REUSE = "ipvs_fleet_reuse"
-# Build variants besides the shipped one; test-only, never deployed.
-VARIANTS = ("dislocated", "retrack", "upstream")
+# Test-only module variants (never deployed) and the define each is compiled with:
+# baddefault: the knob reads 1 in a new netns (the sysctl-table check must fail);
+# nodesign: no `ipvs_fleet_reuse` module info (the reuse-safety check and the interlock must
+# refuse it behind an INVALID-drop or nat rule).
+MODULE_VARIANTS = {
+    "baddefault": "IP_VS_REUSE_TEST_BAD_DEFAULT",
+    "nodesign": "IP_VS_REUSE_TEST_NO_DESIGN",
+}
+VARIANTS = (*MODULE_VARIANTS, "upstream")
 
 
-def lines() -> list[str]:
-    """Kernel lines that have a patch series."""
-    return sorted(p.name for p in PATCHES.iterdir() if re.fullmatch(r"\d+\.\d+", p.name))
+def module_sources() -> list[Path]:
+    """The fix module's source files, in name order (what a build compiles and hashes)."""
+    return sorted(p for p in MODULE_DIR.iterdir() if p.is_file())
 
 
-def series(line: str, variant: str | None = None) -> list[Path]:
-    """The patch files for a kernel line, in the order they apply."""
-    folder = PATCHES / line
-    if not folder.is_dir():
-        raise ConfigError(f"no patch series for kernel line {line} (have: {', '.join(lines())})")
-    files = sorted(folder.glob("*.patch"))
+def check_variant(variant: str | None, line: str | None = None) -> None:
+    """ConfigError unless `variant` is None or a known one that exists for `line`."""
     if variant is None:
-        return files
+        return
     if variant not in VARIANTS:
         raise ConfigError(f"unknown build variant {variant!r} (known: {', '.join(VARIANTS)})")
-    if variant == "upstream":
-        if line != UPSTREAM_LINE:
-            raise ConfigError(f"the upstream series is against {UPSTREAM_LINE}, not {line}")
-        return upstream_module_patches()
-    swap = {p.name[:4]: p for p in (PATCHES / variant / line).glob("*.patch")}
-    if not swap:
-        raise ConfigError(f"variant {variant} has no patches for kernel line {line}")
-    return [swap.get(p.name[:4], p) for p in files]
+    if variant == "upstream" and line is not None and line != UPSTREAM_LINE:
+        raise ConfigError(f"the upstream series is against {UPSTREAM_LINE}, not {line}")
+
+
+def build_inputs(line: str, variant: str | None = None) -> list[Path]:
+    """What a build of `line` (and `variant`) is made from: the module's sources, or for the
+    `upstream` variant the upstream series' patches to IPVS."""
+    check_variant(variant, line)
+    return upstream_module_patches() if variant == "upstream" else module_sources()
 
 
 def upstream_module_patches() -> list[Path]:
@@ -70,7 +75,7 @@ def upstream_module_patches() -> list[Path]:
 
 
 def patchset_hash(files: list[Path]) -> str:
-    """sha256 over the names and contents of a series: changes whenever a patch does."""
+    """sha256 over the names and contents of a build's inputs: changes whenever one does."""
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
@@ -78,13 +83,14 @@ def patchset_hash(files: list[Path]) -> str:
 
 
 def set_id(files: list[Path], variant: str | None = None) -> str:
-    """The value of the `ipvs_fleet` module info field: version, series hash, variant."""
+    """The value of the `ipvs_fleet` module info field: version, inputs' hash, variant."""
     sid = f"{PATCHSET_VERSION}+{patchset_hash(files)[:12]}"
     return f"{sid}.{variant}" if variant else sid
 
 
 def reuse_design(files: list[Path]) -> str:
-    """What knob=1 does in this series, as declared by its `ipvs_fleet_reuse` module info."""
+    """What knob=1 does in these sources, as declared by their `ipvs_fleet_reuse` module
+    info ("none" when they declare none)."""
     for p in files:
         m = re.search(rf'MODULE_INFO\({MODINFO_REUSE}, "([\w-]+)"\)', p.read_text())
         if m:
@@ -115,7 +121,7 @@ def reuse_unsafe(design: str | None, usage: dict[str, Any]) -> str | None:
         if usage.get(shape):
             what, key = _SHAPES[shape]
             rule = usage.get(key)
-            return (f"the loaded/installed ip_vs reuse design is '{design or 'none'}' "
+            return (f"the loaded/installed ip_vs_reuse's reuse design is '{design or 'none'}' "
                     f"({designs[name]['what']}), and the host has {what}"
                     + (f": {rule}" if isinstance(rule, str) else ""))
     return None
