@@ -38,12 +38,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--inventory", help="pyinfra inventory file (e.g. inventory/lab.py)")
     g.addoption("--limit", action="append", help="hosts or groups to check (comma-separated)")
     g.addoption("--policy", help="host-class policy file (default: the role's host_classes.yml)")
-    g.addoption(
-        "--swap-within", type=int, metavar="SECONDS",
-        help="compare the live IPVS table with the record of a module swap that finished "
-        "less than SECONDS ago (the rollout gate passes the time since its deploy began); "
-        "an older record may have been changed since by the table's owner",
-    )  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -107,12 +101,6 @@ def host(fleet: CheckSession, target: Target) -> testinfra.host.Host:
 @pytest.fixture
 def facts(fleet: CheckSession, target: Target) -> HostFacts:
     return fleet.facts(target.host.name)
-
-
-@pytest.fixture
-def swap_within(request: pytest.FixtureRequest) -> int | None:
-    value: int | None = request.config.getoption("--swap-within")
-    return value
 
 
 @pytest.fixture

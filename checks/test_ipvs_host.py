@@ -16,13 +16,8 @@ from ipvs_fleet.compliance.facts import (
     HostFacts,
 )
 from ipvs_fleet.compliance.session import CheckSession, Target
-from ipvs_fleet.deploy.facts import (
-    fresh_swap_record,
-    swap_problem,
-    swap_record_problems,
-    updates_dir,
-)
-from ipvs_fleet.kernel import reuse_unsafe
+from ipvs_fleet.deploy.facts import updates_dir
+from ipvs_fleet.kernel import MODULE_NAME, reuse_unsafe
 from ipvs_fleet.policy import KNOB
 
 VS = "net.ipv4.vs."
@@ -30,33 +25,38 @@ ALLOWED_TAINT = TAINT_OOT | TAINT_UNSIGNED
 
 
 def test_patched_module(target: Target, facts: HostFacts, expect: Expect) -> None:
-    """ip_vs and every other loaded IPVS module are the patched build from updates/."""
-    loaded = facts.loaded
+    """The fix module ip_vs_reuse is loaded and is the build installed in updates/ (the
+    artifact's set, when this controller holds it); every other loaded IPVS module is the
+    distro's own in-tree build (no O taint)."""
     where = updates_dir(facts.kernel_release)
-    if "ip_vs" not in loaded:
-        expect.differ("ip_vs", f"patched build from {where}", "not loaded")
-    for name, m in sorted(loaded.items()):
-        if not m["patched"]:
-            expect.problem(
-                f"stock module loaded: {name} (srcversion {m['srcversion'] or '?'}, "
-                f"not the build in {where})"
-            )
-    sets = {m["patchset"] for m in loaded.values() if m["patched"]}
-    if len(sets) > 1:
-        expect.problem(f"modules from different builds loaded: {', '.join(sorted(sets))}")
+    fix = facts.loaded.get(MODULE_NAME)
     want = artifacts.patchset(facts.kernel_release)
-    if want is not None:
-        for s in sets:
-            expect.equal(f"patch set ({artifacts.manifest_path(facts.kernel_release)})", want, s)
-    expect.details(kernel_release=facts.kernel_release, patchsets=sorted(sets))
-    expect.done(f"IPVS modules on kernel {facts.kernel_release} are not the patched build")
+    if fix is None:
+        expect.differ(MODULE_NAME, f"loaded (the build in {where})", "not loaded")
+    elif not fix["patched"]:
+        # Its MODULE_VERSION is the set id: the loaded module's version names its build.
+        expect.differ(f"{MODULE_NAME} loaded (/sys/module/{MODULE_NAME}/version)",
+                      f"the build installed in {where}" + (f", {want}" if want else ""),
+                      f"another build: {fix['version'] or 'no version'}")  # fmt: skip
+    elif want is not None:
+        expect.equal(f"{MODULE_NAME} set ({artifacts.manifest_path(facts.kernel_release)})",
+                     want, fix["patchset"])  # fmt: skip
+    foreign = {n: m for n, m in facts.loaded.items() if n != MODULE_NAME and "O" in m["taint"]}
+    for name, m in sorted(foreign.items()):
+        expect.problem(f"not the stock in-tree build: {name} (taint {m['taint']}, "
+                       f"version {m['version'] or 'none'})")  # fmt: skip
+    expect.details(kernel_release=facts.kernel_release,
+                   fix_module=fix and (fix["patchset"] or fix["version"]),
+                   out_of_tree=sorted(foreign))  # fmt: skip
+    expect.done(f"IPVS modules on kernel {facts.kernel_release} are not the fleet's "
+                f"({MODULE_NAME} beside the stock ones)")
 
 
 def test_knob_present(facts: HostFacts, expect: Expect) -> None:
-    """net.ipv4.vs.conn_reuse_old_conntrack exists (only a patched ip_vs has it)."""
+    """net.ipv4.vs.conn_reuse_old_conntrack exists (the fix module ip_vs_reuse registers it)."""
     if KNOB not in facts.sysctls:
-        state = "loaded" if "ip_vs" in facts.loaded else "not loaded"
-        expect.differ(VS + KNOB, "present", f"absent (ip_vs {state})")
+        state = "loaded" if MODULE_NAME in facts.loaded else "not loaded"
+        expect.differ(VS + KNOB, "present", f"absent ({MODULE_NAME} {state})")
     expect.done("the conn_reuse_old_conntrack sysctl is missing")
 
 
@@ -90,8 +90,9 @@ def test_persisted(target: Target, facts: HostFacts, expect: Expect) -> None:
 
 
 def test_sysctl_table(facts: HostFacts, expect: Expect) -> None:
-    """In a fresh netns every IPVS sysctl reads its documented default, and flipping one
-    changes no other (a dislocated sysctl table, the seed patch's bug, fails here)."""
+    """In a fresh netns every IPVS sysctl reads its documented default (the knob's is 0:
+    stock behaviour until the class sets it), and flipping one changes no other (a
+    dislocated sysctl table, the seed patch's bug, fails here)."""
     t = facts.netns
     if not t.ipvs:
         expect.problem("ip_vs not loaded: no IPVS sysctls in a fresh network namespace")
@@ -138,15 +139,17 @@ def test_kube_proxy_drift(target: Target, facts: HostFacts, expect: Expect) -> N
 
 
 def test_reuse_safety(target: Target, facts: HostFacts, expect: Expect) -> None:
-    """knob=1 only where it is safe: the loaded build's reuse design is not unsafe with the
-    host's live ruleset (kernel/reuse_designs.yml: e.g. the 1.x re-track design under any
-    nat rule, such as kube-proxy's masquerade); never on FTP/connmark hosts without a
-    stated reason."""
+    """knob=1 only where it is safe: the reuse design of the loaded fix module is not unsafe
+    with the host's live ruleset (kernel/reuse_designs.yml: a module that declares no design,
+    or is not the build installed by the fleet, counts as `unknown`, unsafe under an
+    INVALID-drop rule or any nat rule such as kube-proxy's masquerade); never on FTP/connmark
+    hosts without a stated reason."""
     if facts.sysctls.get(KNOB) != 1:
         expect.done("")
         return
     u = facts.usage
-    reuse = (facts.loaded.get("ip_vs") or {}).get("reuse")
+    # The design is read from the installed file's modinfo: known only for the fleet's build.
+    reuse = (facts.loaded.get(MODULE_NAME) or {}).get("reuse")
     unsafe = reuse_unsafe(reuse, u)
     if unsafe:
         expect.problem(f"knob=1 is unsafe here: {unsafe}")
@@ -156,35 +159,6 @@ def test_reuse_safety(target: Target, facts: HostFacts, expect: Expect) -> None:
                 expect.problem(f"knob=1 but the host relies on conntrack: {u[what + '_reason']}")
     expect.details(usage=u, reuse=reuse)
     expect.done(f"{VS}{KNOB}=1 is unsafe on this host")
-
-
-def test_service_table(facts: HostFacts, swap_within: int | None, expect: Expect) -> None:
-    """No module swap left the IPVS table unrestored (or is running now), and right after a
-    swap (--swap-within, the rollout gate) the live services, real servers, weights,
-    schedulers, flags, timeouts and sync daemons equal what the swap saved and restored."""
-    unfinished = swap_problem(facts.swap)
-    if unfinished:
-        expect.problem(unfinished)
-    rec = facts.swap_record
-    if rec.get("present"):
-        expect.details(
-            swap_record={k: rec.get(k) for k in ("age", "services", "real_servers")},
-            swap_table_changed_since=len(rec["missing"]) + len(rec["extra"]),
-        )
-    fresh = fresh_swap_record(rec, swap_within)
-    if fresh and not rec.get("compared"):
-        expect.problem(swap_record_problems(rec, swap_within)[0])
-    elif fresh:
-        for line in rec["missing"]:
-            expect.differ(f"IPVS state line (restored by the swap {rec['age']} s ago)", line,
-                          "absent")  # fmt: skip
-        for line in rec["extra"]:
-            expect.differ("IPVS state line not in the swap's record", "absent", line)
-    expect.done(
-        "the IPVS service table is not what the last module swap restored"
-        if fresh
-        else "a module swap did not finish on this host"
-    )
 
 
 def test_latency_budget(fleet: CheckSession, target: Target, expect: Expect) -> None:

@@ -1,7 +1,8 @@
 """Real module builds in the (cached) builder roots: mmdebstrap roots of the pinned kernels'
-headers and linux-source from the Debian archive, so root, network and minutes on a cold
-cache. Marked `build` (and `lab`, so the hermetic unit tier `-m 'not lab'` leaves them out);
-`make test` runs them after the module artifacts are built, `pytest -m build` alone."""
+headers (and linux-source, for the test-only `upstream` variant) from the Debian archive, so
+root, network and minutes on a cold cache. Marked `build` (and `lab`, so the hermetic unit
+tier `-m 'not lab'` leaves them out); `make test` runs them after the module artifacts are
+built, `pytest -m build` alone."""
 
 from __future__ import annotations
 
@@ -34,40 +35,43 @@ def test_cached_artifacts_load_and_verify(
             pin.release,
         )
         assert m["vermagic"].startswith(pin.kernel_release + " ")
-        assert {"ip_vs.ko", "ip_vs_rr.ko", "ip_vs_ftp.ko", "xt_ipvs.ko"} <= set(art.modules)
-        assert art.set_id == kernel.set_id(kernel.series(pin.line))
-        assert art.reuse_design == "handback"
+        # one module, loaded beside the distro's own ip_vs: no IPVS module of ours
+        assert set(art.modules) == {"ip_vs_reuse.ko"}
+        assert art.set_id == kernel.set_id(kernel.module_sources())
+        assert art.reuse_design == "prekill"
+        assert m["modinfo"] == {kernel.MODINFO_SET: art.set_id, kernel.MODINFO_REUSE: "prekill"}
         # Same inputs: the cache answers without rebuilding (same manifest, same tarball).
         assert build_for(pin, art.path.parent).manifest == m
 
 
-def test_patch_that_does_not_apply_names_file_and_hunk(
+def test_source_that_does_not_compile_names_the_error_and_leaves_no_artifact(
     lab_pins: dict[str, KernelPin], tmp_path: Path
 ) -> None:
     pin = lab_pins["bookworm"]
+    src = tmp_path / "src"
+    src.mkdir()
     broken = []
-    for p in kernel.series(pin.line):
-        shutil.copy(p, tmp_path / p.name)
-        broken.append(tmp_path / p.name)
-    # Make the reschedule hunk's context name something the source does not have.
-    text = broken[1].read_text().replace(" \t\tif (resched) {", " \t\tif (resched_x) {", 1)
-    broken[1].write_text(text)
+    for p in kernel.module_sources():
+        shutil.copy(p, src / p.name)
+        broken.append(src / p.name)
+    c = src / f"{kernel.MODULE_NAME}.c"
+    text = c.read_text()
+    assert "\trn->enabled = 0;" in text
+    c.write_text(text.replace("\trn->enabled = 0;", "\trn->enabled = ipvs_fleet_no_such_knob;", 1))
     out = tmp_path / "out"
     with pytest.raises(FleetError) as e:
-        build_for(pin, out, patches=broken)
+        build_for(pin, out, inputs=broken)
     msg = str(e.value)
-    assert broken[1].name in msg and "ip_vs_core.c hunk #3" in msg, msg
+    assert "make failed" in msg and "error: 'ipvs_fleet_no_such_knob' undeclared" in msg, msg
     leftovers = [p.name for p in out.iterdir() if p.name != "logs"] if out.exists() else []
     assert leftovers == []
 
 
-@pytest.mark.slow  # ~75 s; make test-dkms builds and installs on a VM, make test-full here
-def test_dkms_build_succeeds(
-    lab_pins: dict[str, KernelPin], artifacts: dict[str, Artifact], tmp_path: Path
-) -> None:
-    """`dkms add` + `dkms build` of the DKMS tree, for the bookworm kernel, in its builder
-    root (the same builder root the artifacts were built in)."""
+@pytest.mark.slow  # make test-dkms builds and installs on a VM, make test-full here
+@pytest.mark.usefixtures("artifacts")  # the builder root the artifacts were built in
+def test_dkms_build_succeeds(lab_pins: dict[str, KernelPin], tmp_path: Path) -> None:
+    """`dkms add` + `dkms build` of the DKMS tree (the fix module, from the headers), for the
+    bookworm kernel, in its builder root."""
     pin = lab_pins["bookworm"]
-    modules = sorted(name.removesuffix(".ko") for name in artifacts[pin.kernel_release].modules)
-    tree = make_dkms_tree(pin.line, tmp_path, modules)
+    tree = make_dkms_tree(tmp_path)
     dkms_build(pin, tree)  # raises FleetError with dkms's make.log on failure

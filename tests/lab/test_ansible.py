@@ -32,8 +32,9 @@ STATE_DIR = "/var/lib/ipvs-fleet"
 # three one-host waves of the 3-VM lab; its order is unit-tested, tests/unit/test_rollout.py).
 CANARY_THEN_ALL = '{"ipvs_fleet_serial": [1, "100%"]}'
 ANSIBLE_USER = "fleet"  # passwordless sudo on every lab VM (become: sudo)
-# Everything the deploy owns on a host, as one comparable text: the loaded build, the live
-# IPVS sysctls, the installed modules, the managed files (content, mode, owner), the backups.
+# Everything the deploy owns on a host, as one comparable text: the loaded builds, the live
+# IPVS sysctls, the installed fix module, the managed files (content, mode, owner), the
+# backups.
 SNAPSHOT = (
     "for d in /sys/module/ip_vs /sys/module/ip_vs_* /sys/module/xt_ipvs; do [ -d $d ] && "
     "echo loaded ${d##*/} $(cat $d/version 2>/dev/null) $(cat $d/taint); done; "
@@ -43,17 +44,19 @@ SNAPSHOT = (
     "for f in /etc/sysctl.d/90-ipvs-fleet.conf /etc/modules-load.d/ipvs-fleet.conf "
     "/etc/modprobe.d/ipvs-fleet.conf; do echo file $f $(stat -c '%a %U:%G' $f) "
     "$(sha256sum < $f); done; "
-    # the swap's own records (logs, saved tables, the lock, its worker copy of ipvs-swap.sh,
-    # left by any swap of either engine) differ by run history, not by engine
-    f"(cd {STATE_DIR} && find . \\( -path ./incoming -o -name 'swap.*' -o -name 'lock*' "
-    "-o -name 'ipvs-swap-worker.sh' "
-    "-o -name 'table.*' \\) -prune "
-    "-o -print | sort; stat -c '%n %a' ipvs-swap.sh; sha256sum ipvs-swap.sh)"
+    # the lock and its holder record differ by run history, not by engine
+    f"(cd {STATE_DIR} && find . \\( -path ./incoming -o -name 'lock*' \\) -prune "
+    "-o -print | sort)"
 )
 
 
 def snapshot(lab, name: str) -> str:
     return lab.run(name, SNAPSHOT, check=False).stdout
+
+
+def is_loaded(snap: str, module: str) -> bool:
+    """Whether a SNAPSHOT lists `module` loaded (a stock one has no version and no taint)."""
+    return re.search(rf"^loaded {module}( |$)", snap, re.M) is not None
 
 
 class Playbook:
@@ -132,7 +135,9 @@ def test_ansible_converges_stock_hosts_to_the_pyinfra_state(lab, ansible_converg
     pyinfra_state, ansible_state, (_, out, seconds) = ansible_converged
     print(f"ansible-playbook from stock: {seconds:.1f} s")
     for name in lab.hosts:
-        assert "loaded ip_vs " in pyinfra_state[name]  # SNAPSHOT sees the loaded build
+        # SNAPSHOT sees the loaded builds: the distro's ip_vs and the fix module
+        assert is_loaded(pyinfra_state[name], "ip_vs"), pyinfra_state[name]
+        assert is_loaded(pyinfra_state[name], "ip_vs_reuse"), pyinfra_state[name]
         assert ansible_state[name] == pyinfra_state[name], f"{name} differs"
     assert all(r["changed"] > 0 for r in recap(out).values()), out[-3000:]
     assert set(recap(out)) == set(lab.hosts)
@@ -180,7 +185,7 @@ def test_check_diff_reports_a_drifted_sysctl_and_changes_nothing(
         rc, out, _ = playbook.run("ipvs_fleet.fleet.site", "--tags", "verify", "--limit", name)
         assert rc != 0, out[-4000:]
         assert f"{name} not verified" in out and key in out, out[-4000:]
-        assert "Install the module set" not in out and "Set live the IPVS" not in out
+        assert "Install the fix module" not in out and "Set live the IPVS" not in out
         assert snapshot(lab, name) == drifted
     finally:
         rc, out, _ = playbook.run("ipvs_fleet.fleet.site", "--limit", name)
@@ -196,23 +201,26 @@ def test_tags_verify_verifies_a_converged_host_and_changes_nothing(
     assert rc == 0, out[-4000:]
     assert {h: r["changed"] for h, r in recap(out).items()} == dict.fromkeys(lab.hosts, 0)
     tasks = re.findall(r"^TASK \[(?:ipvs_fleet\.fleet\.ipvs_fleet : )?(.*?)\]", out, re.M)
-    assert "Verify the loaded build and the class values are live" in tasks, tasks
+    assert "Verify the loaded modules and the live values" in tasks, tasks
     # only the read-only phases ran: the plan, the state read, the verification
-    assert not [t for t in tasks if t.startswith(("Install", "Write", "Swap", "Load", "Set"))]
+    assert not [t for t in tasks if t.startswith(("Install", "Write", "Load", "Reboot", "Run",
+                                                   "Set"))]  # fmt: skip
 
 
-# slow (make test-full): ~280 s, a module swap each way on one host, over CI's 90 minutes
-# in make test. The only run of the rollback playbook on a VM; the role's rollback tasks
-# are syntax-checked and their plan unit-tested (tests/unit/test_ansible_role.py); pyinfra's
-# rollback runs in make test.
+# slow (make test-full): a rollback and a rollout of one host (~280 s with the 2.x module
+# swap; not measured since), over CI's 90 minutes in make test. The only run of the rollback
+# playbook on a VM; the role's rollback tasks are syntax-checked and their plan and
+# activation unit-tested (tests/unit/test_ansible_role.py); pyinfra's rollback runs in make
+# test.
 @pytest.mark.slow
 def test_rollback_playbook_brings_a_host_to_the_pyinfra_rollback_state(
     lab, ansible_stock, ansible_converged, playbook
 ):
     """`ipvs_fleet.fleet.rollback` on one converged host: `--check` names the removal and
     changes nothing; the real run leaves the host exactly as pyinfra's deploy/rollback.py left
-    it (snapshot: stock modules loaded, set removed, files restored); the site playbook then
-    converges it again to the pyinfra state (later tests find the lab converged)."""
+    it (snapshot: ip_vs_reuse unloaded, the stock IPVS modules still loaded, its files
+    removed, files restored); the site playbook then converges it again to the pyinfra state
+    (later tests find the lab converged)."""
     pyinfra_state, stock = ansible_stock
     # a host other than the canary where there is one (a one-host lab has only the canary)
     others = [n for n, h in lab.hosts.items() if "canary" not in h.groups]
@@ -220,7 +228,8 @@ def test_rollback_playbook_brings_a_host_to_the_pyinfra_rollback_state(
     before = snapshot(lab, name)
     rc, out, _ = playbook.run("ipvs_fleet.fleet.rollback", "--check", "--limit", name)
     assert rc == 0, out[-4000:]
-    assert "remove the patched modules from /lib/modules/" in out, out[-4000:]
+    assert "remove the fix module's files from /lib/modules/" in out, out[-4000:]
+    assert "unload ip_vs_reuse " in out, out[-4000:]
     assert snapshot(lab, name) == before
     try:
         rc, out, seconds = playbook.run("ipvs_fleet.fleet.rollback", "--limit", name)
@@ -228,6 +237,7 @@ def test_rollback_playbook_brings_a_host_to_the_pyinfra_rollback_state(
         assert rc == 0, out[-4000:]
         assert recap(out)[name]["changed"] > 0, out[-4000:]
         assert snapshot(lab, name) == stock[name]
+        assert is_loaded(stock[name], "ip_vs") and not is_loaded(stock[name], "ip_vs_reuse")
     finally:
         rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "--limit", name)
         print(f"ansible-playbook ipvs_fleet.fleet.site, one stock host: {seconds:.1f} s")

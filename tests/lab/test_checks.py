@@ -1,7 +1,9 @@
-"""`ipvs-fleet check` against the converged lab: compliant, drift, stock modules, waivers.
+"""`ipvs-fleet check` against the converged lab: compliant, drift, no fix module, waivers.
 
 Each run is the real CLI in a subprocess (as CI runs it) against the lab's pyinfra inventory.
-Destructive tests put back what they changed before they finish.
+Destructive tests put back what they changed before they finish. A test-only build of the fix
+module is loaded with `insmod` beside the stock ip_vs (after `rmmod ip_vs_reuse`), never by
+unloading IPVS; `modprobe ip_vs_reuse` puts the fleet's build back.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import pytest
 from lxml import etree
 
 from ipvs_fleet.policy import KNOB
-from tests.fixtures.artifacts import artifacts_with
 from tests.fixtures.checks import Checker, CheckRun
 from tests.fixtures.inventory import inventory_with
-from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO, UNLOAD_ALL
+from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO
 
 pytestmark = pytest.mark.lab
 
@@ -30,11 +31,24 @@ REPO = Path(__file__).resolve().parents[2]
 XSD = REPO / "tests" / "data" / "junit.xsd"
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
-PROBE_DIR = REPO / "src" / "ipvs_fleet" / "probe"
-REMOTE = "/run/ipvs-fleet-check"
-SCENARIO = f"{REMOTE}/scenario.py"  # the probe's module swapper
-# Checks a host with stock modules (but the fleet's files) fails.
+FIX = "ip_vs_reuse"
+# The fleet's build back, as boot loads it (modprobe.d applies the class's values after it).
+FLEET_FIX = f"modprobe {FIX} && sysctl -qp {SYSCTL_FILE}"
+# Checks a host with only the stock modules (but the fleet's files) fails.
 STOCK_FAILS = {"patched_module", "knob_present", "sysctls", "latency_budget"}
+
+
+def _insmod_variant(lab: Any, host: str, artifact: Any, d: str) -> None:
+    """`artifact`'s ip_vs_reuse.ko loaded on `host` in place of the fleet's build, beside the
+    stock ip_vs (IPVS and its tables stay), with the class's values applied as modprobe does."""
+    data = base64.b64encode(artifact.tarball.read_bytes()).decode()
+    lab.run(host, f"rm -rf {d} && mkdir -p {d} && base64 -d | tar -xzf - -C {d}", input=data)
+    lab.run(host, f"{{ [ ! -d /sys/module/{FIX} ] || rmmod {FIX}; }} && "
+            f"insmod {d}/{FIX}.ko && sysctl -qp {SYSCTL_FILE}")
+
+
+def _fleet_fix_back(lab: Any, host: str, d: str) -> None:
+    lab.run(host, f"rm -rf {d}; {{ [ ! -d /sys/module/{FIX} ] || rmmod {FIX}; }} && {FLEET_FIX}")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +68,7 @@ def test_converged_lab_is_compliant(checker: Checker, lab: Any) -> None:
     assert run.rc == 0, run.out
     root = _valid_junit(run.junit)
     cases = root.findall(".//testcase")
-    assert len(cases) == 10 * len(lab.hosts)  # a testcase per host and check
+    assert len(cases) == 9 * len(lab.hosts)  # a testcase per host and check
     # pytest's JUnit: a passing testcase holds only its properties (host, class, check)
     assert all([k.tag for k in c] == ["properties"] for c in cases), "every testcase passes"
     # pytest's JUnit: the counts are on its one testsuite
@@ -94,23 +108,13 @@ def test_hand_changed_sysctl_is_drift_with_converge_command(
 
 @pytest.fixture
 def stock_modules(lab: Any, k8s_host: str) -> Iterator[str]:
-    """k8s_host running the kernel's stock IPVS modules, as after a kernel upgrade without an
-    artifact: boot loads the stock set, then applies the fleet's sysctl file."""
-    loaded = lab.run(k8s_host, "awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules").stdout
-    # ip_vs first: the others depend on it; modprobe picks the patched set from updates/.
-    before = sorted(loaded.split(), key=lambda m: m != "ip_vs")
-    for name in ("probe.py", "scenario.py"):
-        lab.run(k8s_host, f"mkdir -p {REMOTE} && cat > {REMOTE}/{name}",
-                input=(PROBE_DIR / name).read_text())
-    lab.run(k8s_host, f"python3 {SCENARIO} modules stock && (sysctl -qp {SYSCTL_FILE} || true)",
-            timeout=300)
+    """k8s_host running only the kernel's stock IPVS modules, as after a kernel upgrade
+    without an artifact: boot loads the stock ones, ip_vs_reuse has no build to load."""
+    lab.run(k8s_host, f"rmmod {FIX}")  # IPVS and its tables stay
     try:
         yield k8s_host
     finally:
-        # Exactly the modules that were loaded before (scenario.py's own set adds ip_vs_ftp,
-        # which the deploy's FTP interlock would then find on this k8s host).
-        lab.run(k8s_host, f"python3 {SCENARIO} restore {' '.join(before)} && "
-                f"sysctl -qp {SYSCTL_FILE}", timeout=300)
+        lab.run(k8s_host, FLEET_FIX)
 
 
 @pytest.mark.destructive
@@ -143,25 +147,25 @@ def test_stock_modules_waived_then_expired(
 
     expired = checker.run("--limit", host, "--waivers", str(waivers(today - dt.timedelta(1))))
     assert expired.rc == 1
-    assert "stock module loaded: ip_vs" in expired.out
+    assert f"{FIX}: expected loaded (the build in /lib/modules/" in expired.out
+    assert "absent (ip_vs_reuse not loaded)" in expired.out
     assert "waiver expired on" in expired.out
     assert {c for c, s in expired.status(host).items() if s == "failed"} == STOCK_FAILS
 
 
 @pytest.mark.destructive
-def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
-    checker: Checker, lab: Any, k8s_host: str, artifacts: Any, retrack_artifact: Any,
-    deployer: Any, tmp_path: Path,
+def test_reuse_safety_fails_for_a_module_without_a_design_behind_kube_proxy_nat(
+    checker: Checker, lab: Any, k8s_host: str, nodesign_artifact: Any
 ) -> None:
-    """A host that runs a 1.x (re-track) set with knob=1, then gets kube-proxy's masquerade
-    rules: the reuse_safety check fails naming the design and the rule (the deploy would now
-    refuse it: tests/lab/test_deploy.py). The host gets the shipped set back afterwards."""
-    if lab.hosts[k8s_host].kernel_release != retrack_artifact.kernel_release:
-        pytest.fail(f"the retrack variant is built for {retrack_artifact.kernel_release}; "
+    """A host whose ip_vs_reuse declares no reuse design (the test-only nodesign build, loaded
+    beside the stock ip_vs) with knob=1, then kube-proxy's masquerade rules: the reuse_safety
+    check fails naming the design and the rule (the deploy's interlock refuses such a build:
+    tests/lab/test_deploy.py). The host gets the fleet's build back afterwards."""
+    if lab.hosts[k8s_host].kernel_release != nodesign_artifact.kernel_release:
+        pytest.fail(f"the nodesign variant is built for {nodesign_artifact.kernel_release}; "
                     f"{k8s_host} runs {lab.hosts[k8s_host].kernel_release}")
-    arts = artifacts_with(artifacts, retrack_artifact, tmp_path / "artifacts")
-    retrack = type(deployer)(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
-    retrack.run("deploy.py", "--limit", k8s_host)  # no nat rule yet: the interlock lets it in
+    d = "/root/ipvs-fleet-nodesign"
+    _insmod_variant(lab, k8s_host, nodesign_artifact, d)
     lab.run(k8s_host, KUBE_PROXY_NAT)
     try:
         run = checker.run("--limit", k8s_host)
@@ -171,16 +175,17 @@ def test_reuse_safety_fails_for_a_retrack_build_behind_kube_proxy_nat(
         [res] = [r for r in run.doc["results"]
                  if r["host"] == k8s_host and r["check"] == "reuse_safety"]
         message = " ".join(res["message"].split())
-        assert "reuse design is 'consistent'" in message, message
+        assert "reuse design is 'none'" in message, message
         assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in message, message
-        # besides: the loaded set is not the fleet's build (the check names the retrack set);
-        # the knob, the values and the persisted files are the class's
+        # besides: the loaded ip_vs_reuse is not the fleet's build (the check names the
+        # nodesign build's version); the knob, the values and the persisted files are the
+        # class's
         assert {c for c, s in status.items() if s == "failed"} == {
             "reuse_safety", "patched_module"}, status
-        assert ".retrack" in run.out, run.out
+        assert ".nodesign" in run.out, run.out
     finally:
         lab.run(k8s_host, KUBE_PROXY_NAT_UNDO, check=False)
-        deployer.run("deploy.py", "--limit", k8s_host)
+        _fleet_fix_back(lab, k8s_host, d)
 
 
 # --- Every check seen failing on a real host, through `ipvs-fleet check` -------------------
@@ -275,41 +280,33 @@ def test_the_strict_latency_budget_fails_on_a_patched_node_over_100_connects(
 
 
 @pytest.mark.destructive
-def test_a_dislocated_table_fails_the_sysctl_table_check(
-    checker: Checker, lab: Any, dislocated_artifact: Any
+def test_a_wrong_knob_default_fails_the_sysctl_table_check(
+    checker: Checker, lab: Any, baddefault_artifact: Any
 ) -> None:
-    """canary (its kernel is the dislocated variant's): ip_vs replaced by the seed's
-    dislocated-table build (the fleet's files stay). The taint check fails by a reboot-time
-    fault: tests/lab/test_deploy.py::test_a_taint_fails_its_check_until_the_host_boots_again."""
+    """canary (its kernel is the baddefault variant's): ip_vs_reuse replaced by the build
+    whose knob reads 1 in a new netns (the fleet's files stay). The taint check fails by a
+    reboot-time fault:
+    tests/lab/test_deploy.py::test_a_taint_fails_its_check_until_the_host_boots_again."""
     canary, _, _ = _hosts_by_class(lab)
-    if lab.hosts[canary].kernel_release != dislocated_artifact.kernel_release:
-        pytest.fail(f"the dislocated variant is built for {dislocated_artifact.kernel_release}; "
+    if lab.hosts[canary].kernel_release != baddefault_artifact.kernel_release:
+        pytest.fail(f"the baddefault variant is built for {baddefault_artifact.kernel_release}; "
                     f"{canary} runs {lab.hosts[canary].kernel_release}")
-    loaded = lab.run(canary, "awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}' /proc/modules").stdout
-    before = sorted(loaded.split(), key=lambda m: m != "ip_vs")
-    table = lab.run(canary, "ipvsadm-save -n").stdout
-    data = base64.b64encode(dislocated_artifact.tarball.read_bytes()).decode()
-    d = "/root/ipvs-fleet-dislocated"
-    lab.run(canary, f"rm -rf {d} && mkdir -p {d} && base64 -d | tar -xzf - -C {d}", input=data)
-    lab.run(canary, f"{UNLOAD_ALL} && insmod {d}/ip_vs.ko", timeout=300)
+    d = "/root/ipvs-fleet-baddefault"
+    _insmod_variant(lab, canary, baddefault_artifact, d)
     try:
         run = checker.run("--limit", canary)
         assert run.rc == 1, run.out
         res = _result(run, canary, "sysctl_table")
         assert res["status"] == "failed", res
-        want = {("net.ipv4.vs.schedule_icmp default in a new netns", "0", "1"),
-                ("net.ipv4.vs.run_estimation default in a new netns", "1", "0")}
-        assert want <= {(x["key"], x["expected"], x["actual"]) for x in res["drift"]}, res
-        assert "go back to the stock modules" in res["fix"]
+        want = (f"net.ipv4.vs.{KNOB} default in a new netns", "0", "1")
+        assert want in {(x["key"], x["expected"], x["actual"]) for x in res["drift"]}, res
+        assert "sysctl table is broken" in res["fix"]
         assert f"deploy/rollback.py --limit {canary}" in res["fix"]
-        # The seed's build has no knob and is not the fleet's build: those fail with it; the
-        # host's files, its kernel and its ruleset are still fine, and the seed's reuse keeps
-        # the probe's reconnects fast (measured: latency_budget passes).
-        assert _failed(run, canary) == {"sysctl_table", "patched_module", "knob_present",
-                                        "sysctls"}, run.status(canary)
+        # The build is not the fleet's installed one: patched_module fails with it. The live
+        # knob is the class's 1, the host's files, kernel and ruleset (no INVALID-drop or nat
+        # rule: reuse_safety passes for a build of unknown design) are fine, and the build
+        # still kills the stale entries, so the probe's reconnects stay fast.
+        assert _failed(run, canary) == {"sysctl_table", "patched_module"}, run.status(canary)
     finally:
-        restore = [UNLOAD_ALL, *(f"modprobe {m}" for m in before), f"sysctl -qp {SYSCTL_FILE}",
-                   f"rm -rf {d}"]
-        lab.run(canary, " && ".join(restore), timeout=300)
-        lab.run(canary, "ipvsadm-restore", input=table)
+        _fleet_fix_back(lab, canary, d)
     assert checker.run("--limit", canary).rc == 0, "the host is back"

@@ -1,7 +1,9 @@
-"""The built module sets on the lab's real kernels: install, load, identify, knob, table, taint.
+"""The built fix module on the lab's real kernels: load beside the stock ip_vs, identify,
+knob, table, taint, unload; and the test-only variants the checks must catch.
 
 Each test leaves the host's IPVS state as it found it: the loaded modules (as modprobe
-resolves them), the sysctl.d values and the IPVS table are restored afterwards.
+resolves them), the sysctl.d values and the IPVS table are restored afterwards. No test
+unloads ip_vs: the fix module comes and goes beside it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from typing import Any
 import pytest
 
 from ipvs_fleet.build.artifact import Artifact
-from ipvs_fleet.kernel import MODINFO_REUSE, MODINFO_SET
+from ipvs_fleet.kernel import MODINFO_REUSE, MODINFO_SET, MODULE_NAME
 from ipvs_fleet.kernel.sysctls import READ_ALL_IN_FRESH_NETNS, integrity_problems, parse_dump
 from ipvs_fleet.lab.fleet import load_fleet
-from tests.fixtures.lab import OE_TAINT, UNLOAD_ALL
+from tests.fixtures.lab import OE_TAINT
 
 pytestmark = [pytest.mark.lab, pytest.mark.destructive]
 
-TEST_SUBDIR = "updates/ipvs-fleet-test"
+TEST_DIR = "/root/ipvs-fleet-test"
+KNOB = "/proc/sys/net/ipv4/vs/conn_reuse_old_conntrack"
 
 
 def host_for(lab: Any, release: str) -> str:
@@ -38,33 +41,32 @@ def sh(lab: Any, host: str, cmd: str, check: bool = True) -> str:
 
 
 @contextmanager
-def ipvs_state_kept(lab: Any, host: str) -> Iterator[None]:
-    """Save the loaded IPVS modules and table; restore them (and sysctl.d) afterwards."""
-    loaded = sh(lab, host, "lsmod | awk '$1 ~ /^(ip_vs|xt_ipvs)/ {print $1}'").split()
+def fix_module_out(lab: Any, host: str) -> Iterator[None]:
+    """ip_vs_reuse unloaded for the block (IPVS and its table stay), then loaded again if it
+    was, with the host's class values (sysctl.d)."""
+    was = sh(lab, host, f"test -d /sys/module/{MODULE_NAME} && echo yes; true").strip() == "yes"
     table = sh(lab, host, "ipvsadm-save -n 2>/dev/null || true")
+    sh(lab, host, f"rmmod {MODULE_NAME} 2>/dev/null; modprobe ip_vs; true")
     try:
         yield
     finally:
-        restore = [UNLOAD_ALL, f"rm -rf /lib/modules/$(uname -r)/{TEST_SUBDIR}", "depmod -a"]
-        restore += [f"modprobe {m}" for m in sorted(loaded, key=lambda m: m != "ip_vs")]
-        if loaded:
-            restore.append("sysctl --system >/dev/null")
-        sh(lab, host, " && ".join(restore))
-        if table.strip():
-            lab.run(host, "ipvsadm-restore", input=table)
+        sh(lab, host, f"rmmod {MODULE_NAME} 2>/dev/null; rm -rf {TEST_DIR}; true")
+        if was:
+            sh(lab, host, f"modprobe {MODULE_NAME} && sysctl --system >/dev/null")
+        assert sh(lab, host, "ipvsadm-save -n 2>/dev/null || true") == table, "table changed"
 
 
-def install(lab: Any, host: str, art: Artifact, subdir: str) -> str:
-    """Copy the artifact's tarball to `host` and unpack it into `subdir` (full path back)."""
-    d = f"/lib/modules/{art.kernel_release}/{subdir}" if subdir.startswith("updates") else subdir
+def unpack(lab: Any, host: str, art: Artifact) -> str:
+    """Copy the artifact's tarball to `host` and unpack it into TEST_DIR (its path back)."""
     data = base64.b64encode(art.tarball.read_bytes()).decode()
-    lab.run(host, f"rm -rf {d} && mkdir -p {d} && base64 -d | tar -xzf - -C {d}", input=data)
-    return d
+    lab.run(host, f"rm -rf {TEST_DIR} && mkdir -p {TEST_DIR} && base64 -d | tar -xzf - -C "
+                  f"{TEST_DIR}", input=data)  # fmt: skip
+    return TEST_DIR
 
 
 # The releases of the lab fleet in use (lab/fleet.yml, or lab/fleet-7.2.yml for make test-7.2).
 @pytest.mark.parametrize("release", load_fleet().releases())
-def test_patched_set_loads_and_identifies_itself(
+def test_fix_module_loads_beside_the_stock_ip_vs_and_identifies_itself(
     lab: Any, artifacts: dict[str, Artifact], release: str
 ) -> None:
     host = host_for(lab, release)
@@ -72,53 +74,61 @@ def test_patched_set_loads_and_identifies_itself(
     assert kr in artifacts, f"no artifact for {host}'s kernel {kr}"
     art = artifacts[kr]
     line = lab.hosts[host].line
-    with ipvs_state_kept(lab, host):
-        sh(lab, host, UNLOAD_ALL)
-        d = install(lab, host, art, TEST_SUBDIR)
-        sh(lab, host, "depmod -a && modprobe ip_vs && modprobe ip_vs_rr && modprobe xt_ipvs")
-        # The loaded module is the artifact's file, found by kmod in updates/.
-        assert sh(lab, host, "modinfo -n ip_vs").strip().startswith(f"/lib/modules/{kr}/updates/")
-        loaded_sv = sh(lab, host, "cat /sys/module/ip_vs/srcversion").strip()
-        assert loaded_sv == sh(lab, host, f"modinfo -F srcversion {d}/ip_vs.ko").strip()
-        for m in ("ip_vs", "ip_vs_rr", "xt_ipvs"):
-            assert sh(lab, host, f"modinfo -F {MODINFO_SET} {m}").strip() == art.set_id
-        assert sh(lab, host, f"modinfo -F {MODINFO_REUSE} ip_vs").strip() == art.reuse_design
-        assert art.reuse_design == "handback"
+    assert sorted(art.modules) == [f"{MODULE_NAME}.ko"]
+    assert art.reuse_design == "prekill"
+    with fix_module_out(lab, host):
+        stock_ip_vs = sh(lab, host, "cat /sys/module/ip_vs/taint").strip()
+        assert stock_ip_vs == "", f"ip_vs is not the distro's own build (taint {stock_ip_vs})"
+        d = unpack(lab, host, art)
+        sh(lab, host, f"insmod {d}/{MODULE_NAME}.ko")
+        loaded = sh(lab, host, f"cat /sys/module/{MODULE_NAME}/version").strip()
+        assert loaded == art.set_id
+        ko = f"{d}/{MODULE_NAME}.ko"
+        assert sh(lab, host, f"modinfo -F {MODINFO_SET} {ko}").strip() == art.set_id
+        assert sh(lab, host, f"modinfo -F {MODINFO_REUSE} {ko}").strip() == "prekill"
+        # It holds ip_vs (a module reference), and ip_vs itself is still the stock one.
+        assert MODULE_NAME in sh(lab, host, "ls /sys/module/ip_vs/holders").split()
+        assert sh(lab, host, "cat /sys/module/ip_vs/taint").strip() == ""
 
-        # The knob, in a fresh netns (per-netns value; the host's own is untouched).
-        knob = "/proc/sys/net/ipv4/vs/conn_reuse_old_conntrack"
+        # The knob, in a fresh netns (per-netns value; the host's own is untouched), and the
+        # module's counters there.
         out = sh(
             lab,
             host,
             "unshare --net sh -c "
             + shlex.quote(
-                f"cat {knob}; echo 0 > {knob} && cat {knob}; echo 1 > {knob} && cat {knob}; "
-                f"if echo 2 > {knob}; then echo accepted-2; else echo refused-2; fi; cat {knob}"
+                f"cat {KNOB}; echo 0 > {KNOB} && cat {KNOB}; echo 1 > {KNOB} && cat {KNOB}; "
+                f"if echo 2 > {KNOB}; then echo accepted-2; else echo refused-2; fi; cat {KNOB}; "
+                "cat /proc/net/ip_vs_reuse"
             ),
         )
         # default 0 (the stock drop until the policy sets it), 0..1 only
-        assert out.split() == ["0", "0", "1", "refused-2", "1"], out
+        assert out.split()[:5] == ["0", "0", "1", "refused-2", "1"], out
+        assert out.split()[5:] == ["enabled", "1", "killed_tcp", "0", "killed_udp", "0"], out
 
         # Table integrity: every IPVS sysctl of a fresh netns reads its documented default.
         dump = parse_dump(sh(lab, host, READ_ALL_IN_FRESH_NETNS))
         assert integrity_problems(line, dump) == []
 
-        # Unsigned out-of-tree modules: O and E, nothing else (no warning, no forced load).
+        # Unsigned out-of-tree module: O and E, nothing else (no warning, no forced load).
         assert int(sh(lab, host, "cat /proc/sys/kernel/tainted")) == OE_TAINT
-        assert "OE" in sh(lab, host, "cat /sys/module/ip_vs/taint")
+        assert "OE" in sh(lab, host, f"cat /sys/module/{MODULE_NAME}/taint")
+
+        # Unloaded, the knob goes and ip_vs stays, the stock one.
+        sh(lab, host, f"rmmod {MODULE_NAME}")
+        assert sh(lab, host, f"test -e {KNOB} && echo knob; lsmod | grep -c '^ip_vs '; true"
+                  ).split() == ["1"]  # fmt: skip
+        assert not [w for w in sh(lab, host, "dmesg").splitlines()
+                    if "WARNING" in w or "BUG" in w], "a kernel warning"  # fmt: skip
 
 
-def test_integrity_check_catches_a_dislocated_table(lab: Any, dislocated_artifact: Artifact):
-    """The seed's bug (idx++ without a vs_vars[] entry), built on purpose: the check fails."""
-    host = host_for(lab, dislocated_artifact.release)
+def test_integrity_check_catches_a_wrong_knob_default(lab: Any, baddefault_artifact: Artifact):
+    """The test-only variant whose knob reads 1 in a new netns: the check names it."""
+    host = host_for(lab, baddefault_artifact.release)
     line = lab.hosts[host].line
-    with ipvs_state_kept(lab, host):
-        sh(lab, host, UNLOAD_ALL)
-        d = install(lab, host, dislocated_artifact, "/root/ipvs-fleet-dislocated")
-        sh(lab, host, f"insmod {d}/ip_vs.ko")
+    with fix_module_out(lab, host):
+        d = unpack(lab, host, baddefault_artifact)
+        sh(lab, host, f"insmod {d}/{MODULE_NAME}.ko")
         dump = parse_dump(sh(lab, host, READ_ALL_IN_FRESH_NETNS))
         problems = integrity_problems(line, dump)
-        assert "schedule_icmp: reads 1, default is 0" in problems, problems
-        assert "run_estimation: reads 0, default is 1" in problems, problems
-        assert "conn_reuse_old_conntrack: missing" in problems, problems
-        sh(lab, host, f"rm -rf {d}")
+        assert problems == ["conn_reuse_old_conntrack: reads 1, default is 0"], problems

@@ -1,26 +1,37 @@
 """The ipvs_fleet.fleet collection's role: its filters on recorded probe output, its
-playbooks' syntax, and the preflight refusing on the controller itself (connection local,
-nothing changed)."""
+activation tasks against pyinfra's modules_active, its playbooks' syntax, and the preflight
+refusing on the controller itself (connection local, nothing changed)."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
+import shlex
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import jinja2
 import pytest
+import yaml
+from pyinfra.api import StringCommand
+from pyinfra.context import ctx_host
 
+from ipvs_fleet.deploy import operations as ops
+from ipvs_fleet.deploy.facts import IpvsLoadedModules
+from ipvs_fleet.policy import ACTIVATIONS, load_policy
 from tests.fixtures.loaded import loaded_output
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 KR = "6.1.0-56-cloud-amd64"
+SET = "3.0+test"
+TASKS = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/tasks"
 
 
 def load_filters() -> ModuleType:
@@ -35,12 +46,12 @@ def load_filters() -> ModuleType:
 F = load_filters()
 
 
-def make_artifact(root: Path, kr: str = KR, reuse: str = "handback") -> dict[str, str]:
+def make_artifact(root: Path, kr: str = KR, reuse: str = "prekill") -> dict[str, str]:
     """A module artifact as `ipvs-fleet build` lays it out (fake .ko contents)."""
     d = root / kr
     d.mkdir(parents=True)
     mods = {}
-    for name in ("ip_vs.ko", "ip_vs_rr.ko"):
+    for name in ("ip_vs_reuse.ko",):
         (d / name).write_bytes(name.encode())
         mods[name] = hashlib.sha256(name.encode()).hexdigest()
     tar = d / f"ipvs-fleet-modules-{kr}.tar.gz"
@@ -50,7 +61,7 @@ def make_artifact(root: Path, kr: str = KR, reuse: str = "handback") -> dict[str
     manifest = {
         "format": 1, "kernel_release": kr, "release": "bookworm", "tarball": tar.name,
         "tarball_sha256": hashlib.sha256(tar.read_bytes()).hexdigest(), "modules": mods,
-        "modinfo": {"ipvs_fleet": "1.0+test"}, "reuse_design": reuse, "vermagic": kr,
+        "modinfo": {"ipvs_fleet": SET}, "reuse_design": reuse, "vermagic": kr,
     }  # fmt: skip
     (d / "manifest.json").write_text(json.dumps(manifest))
     return mods
@@ -69,10 +80,10 @@ def preflight_output(kr: str = KR, rules: str = "", lockdown: str = "none") -> s
 def test_plan_is_the_pyinfra_preflight(tmp_path):
     mods = make_artifact(tmp_path)
     plan = F.plan(preflight_output(), "n1", {"ipvs_host_class": "k8s_node"}, str(tmp_path))
-    assert plan["kernel_release"] == KR and plan["patchset"] == "1.0+test"
-    assert plan["module_sums"] == mods
+    assert plan["kernel_release"] == KR and plan["patchset"] == SET
+    assert plan["module_sums"] == mods and plan["fix_module"] == "ip_vs_reuse"
     assert plan["sysctls"]["conn_reuse_old_conntrack"] == 1
-    assert plan["modules"] == ["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh"]
+    assert plan["modules"] == ["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
     assert plan["updates_dir"] == f"/lib/modules/{KR}/updates/ipvs-fleet"
     over = F.plan(
         preflight_output(), "n1",
@@ -104,62 +115,110 @@ def test_plan_refuses_naming_host_and_reason(tmp_path, data, probe, message):
     assert message in str(e.value)
 
 
-def test_plan_refuses_knob_under_kube_proxy_nat_rules_on_a_retrack_build(tmp_path):
-    make_artifact(tmp_path, reuse="consistent")
+def test_plan_refuses_knob_under_kube_proxy_nat_rules_on_a_module_without_a_design(tmp_path):
+    make_artifact(tmp_path, reuse="none")  # the test-only `nodesign` build
     rules = "*nat\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\nCOMMIT"
     with pytest.raises(F.AnsibleFilterError, match="nat-table rule: -A KUBE-MARK-MASQ"):
         F.plan(preflight_output(rules=rules), "n1", {"ipvs_host_class": "k8s_node"}, str(tmp_path))
 
 
-def state_output(installed: dict[str, str], loaded: list[str], sysctls: dict[str, int]) -> str:
+def state_output(
+    installed: dict[str, str],
+    loaded: list[str],
+    sysctls: dict[str, int],
+    dkms: tuple[str, ...] = (),
+) -> str:
     return "\n".join(
         [F.MARK + "installed", *(f"{sha}  {n}" for n, sha in installed.items())]
         + [F.MARK + "loaded", *loaded_output(loaded)]
         + [F.MARK + "sysctls", *(f"/proc/sys/net/ipv4/vs/{k}:{v}" for k, v in sysctls.items())]
         + [F.MARK + "backups", "/etc/sysctl.d/90-ipvs-fleet.conf=absent",
            "/etc/modules-load.d/ipvs-fleet.conf=file", "/etc/modprobe.d/ipvs-fleet.conf=none"]
-        + [F.MARK + "failed", "no"]
+        + [F.MARK + "on_disk", "yes" if installed else "no", F.MARK + "dkms", *dkms]
     )  # fmt: skip
 
 
-def a_plan(tmp_path: Path) -> dict[str, Any]:
+def a_plan(tmp_path: Path, **data: Any) -> dict[str, Any]:
     make_artifact(tmp_path)
-    return dict(F.plan(preflight_output(), "n1", {"ipvs_host_class": "k8s_node"}, str(tmp_path)))
+    return dict(F.plan(preflight_output(), "n1", {"ipvs_host_class": "k8s_node", **data},
+                       str(tmp_path)))  # fmt: skip
+
+
+def rollback_plan(**data: Any) -> dict[str, Any]:
+    return dict(F.rollback_plan(preflight_output(), "n1", {"ipvs_host_class": "k8s_node", **data}))
+
+
+STOCK = "|-|-|-|-|-|-|-"  # a loaded module of the distro's own build (no taint, no file of ours)
+CLASS_STOCK = [f"{m}{STOCK}" for m in ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh")]
+FIX = f"ip_vs_reuse|{SET}|-|OE|{SET}|-|{SET}|prekill"  # the installed build, loaded
+OLD_FIX = f"ip_vs_reuse|2.9+old|-|OE|{SET}|-|{SET}|prekill"  # loaded from an older build
+PATCHED_IP_VS = "ip_vs|2.0+old|-|OE|-|-|-|-"  # a 2.x patched ip_vs, its file gone
 
 
 def test_state_of_a_stock_host_asks_for_everything(tmp_path):
     plan = a_plan(tmp_path)
-    st = F.state(state_output({}, ["ip_vs|-|-|-|-|-|-|-"], {"conn_reuse_mode": 1}), plan)
-    assert st["install"] and st["stale"] == ["ip_vs"] and st["missing"] == plan["modules"]
+    st = F.state(state_output({}, [f"ip_vs{STOCK}"], {"conn_reuse_mode": 1}), plan)
+    assert st["install"] and not st["stale"] and st["foreign"] == [] and st["change"]
+    assert st["missing"] == st["loads"] == ["ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
+    assert st["refusal"] == "" and st["want"] == f"ip_vs_reuse {SET}"
     assert st["sysctl_absent"] == ["conn_reuse_old_conntrack", "conntrack", "expire_nodest_conn",
                                    "expire_quiescent_template"]  # fmt: skip
     assert st["backups"]["/etc/modprobe.d/ipvs-fleet.conf"] == "none"
-    assert "ip_vs: the loaded build is not patch set 1.0+test" in st["problems"]
+    assert "ip_vs_reuse is not loaded" in st["problems"]
 
 
 def test_state_of_a_converged_host_asks_for_nothing(tmp_path):
     plan = a_plan(tmp_path)
-    loaded = [f"{m}|1.0+test|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
+    loaded = [*CLASS_STOCK, FIX]
     st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), plan)
-    assert not st["install"] and not st["stale"] and not st["missing"]
+    assert not st["install"] and not st["stale"] and not st["missing"] and not st["change"]
     assert st["sysctl_changes"] == {} and st["sysctl_absent"] == [] and st["problems"] == []
     drifted = dict(plan["sysctls"], conn_reuse_old_conntrack=0)
     st = F.state(state_output(plan["module_sums"], loaded, drifted), plan)
     assert st["sysctl_changes"] == {"conn_reuse_old_conntrack": 1}
-    old = [f"{m}|0.9|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
-    assert F.state(state_output(plan["module_sums"], old, plan["sysctls"]), plan)["stale"]
-    assert st["swap"] == "idle"
-    # A swap that died with its table saved: the role finishes it first, and until then the
-    # host fails verification, naming what is pending.
-    died = state_output(plan["module_sums"], loaded, plan["sysctls"]) + "\n".join(
-        ["", F.MARK + "swap", "state=pending", "stage=unloaded", "services=3", "real_servers=8"]
-    )
-    st = F.state(died, plan)
-    assert st["swap"] == "pending" and not st["stale"]
+
+
+def test_state_reloads_only_a_fix_module_of_another_build(tmp_path):
+    plan = a_plan(tmp_path)
+    st = F.state(state_output(plan["module_sums"], [*CLASS_STOCK, OLD_FIX], plan["sysctls"]), plan)
+    assert st["stale"] and st["change"] and st["fix_version"] == "2.9+old"
+    assert st["missing"] == [] and st["loads"] == ["ip_vs_reuse"] and st["foreign"] == []
     assert st["problems"] == [
-        "a module swap died after unloaded with its saved table (3 services, 8 real servers) "
-        "not restored: /var/lib/ipvs-fleet/swap.pending"
+        f"ip_vs_reuse: the loaded build is not patch set {SET} (version 2.9+old)"
     ]
+
+
+@pytest.mark.parametrize("strategy", ACTIVATIONS)
+def test_state_of_a_foreign_ipvs_module_refuses_reload_only(tmp_path, strategy):
+    """A patched ip_vs of ipvs-fleet 2.x cannot be replaced live: `reload` refuses with
+    modules_active's text, `reboot` reboots, `next-boot` waits; verification names it."""
+    plan = a_plan(tmp_path, ipvs_activation=strategy)
+    loaded = [PATCHED_IP_VS, *CLASS_STOCK[1:], FIX]
+    st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), plan)
+    assert st["foreign"] == ["ip_vs"] and st["change"] and not st["stale"]
+    assert bool(st["refusal"]) == (strategy == "reload")
+    assert st["problems"] == [
+        "ip_vs: the loaded build is not the distro's own (taint OE); a reboot loads the stock one"
+    ]
+
+
+def test_rollback_state_sets_the_knob_to_0_and_unloads_only_the_fix_module():
+    plan = rollback_plan()
+    converged = load_policy().for_host("n1", {"ipvs_host_class": "k8s_node"}).sysctls
+    installed = {"ip_vs_reuse.ko": "a" * 64}
+    st = F.state(state_output(installed, [*CLASS_STOCK, FIX], dict(converged), (SET,)),
+                 plan)  # fmt: skip
+    assert not st["install"] and st["on_disk"] and st["dkms"] == [SET]
+    assert st["sysctl_changes"] == {"conn_reuse_old_conntrack": 0} and st["sysctl_absent"] == []
+    # the fix module goes; no other module is unloaded, none is loaded again
+    assert st["stale"] and st["change"] and st["missing"] == [] and st["loads"] == []
+    assert st["want"] == "no ip_vs_reuse"
+    assert st["problems"] == ["ip_vs_reuse is still loaded",
+                              "net.ipv4.vs.conn_reuse_old_conntrack still exists"]  # fmt: skip
+    # a host without the knob: nothing to set; a stock class module not loaded is loaded
+    st = F.state(state_output({}, CLASS_STOCK[:2], {"conn_reuse_mode": 1}), plan)
+    assert st["sysctl_changes"] == {} and not st["change"]
+    assert st["loads"] == ["ip_vs_wrr", "ip_vs_sh"] and st["problems"] == []
 
 
 def test_probe_scripts_run_in_sh():
@@ -237,7 +296,7 @@ def test_lock_preamble_is_the_pyinfra_one():
     """One host-lock text for both engines: the filter returns what `locked()` builds."""
     from ipvs_fleet.deploy.operations import lock_preamble, locked
 
-    tasks = (("install", 30), ("configure", 5), ("remove", 5), ("restore", 5))
+    tasks = (("install", 30), ("configure", 5), ("activate", 5), ("remove", 5), ("restore", 5))
     for what, wait in ((f"{w} (ansible)", n) for w, n in tasks):
         text = F.locked(what, wait)
         assert text == lock_preamble(what, wait).get_raw_value()
@@ -249,11 +308,13 @@ def test_lock_preamble_is_the_pyinfra_one():
 
 
 def test_every_task_that_changes_the_ipvs_state_takes_the_lock_through_the_filter():
-    """Install, configure (files and live sysctls) and rollback take the host lock, as the
-    pyinfra operations do; the preamble is written nowhere in the role but the filter."""
-    tasks = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/tasks"
+    """Install, configure (files and live sysctls), activation and rollback take the host
+    lock, as the pyinfra operations do; the preamble is written nowhere in the role but the
+    filter."""
+    tasks = TASKS
     users = {p.name for p in tasks.glob("*.yml") if "ipvs_fleet_locked(" in p.read_text()}
-    assert users == {"install.yml", "configure.yml", "sysctls.yml", "rollback.yml"}
+    assert users == {"install.yml", "configure.yml", "activate.yml", "sysctls.yml",
+                     "rollback.yml"}  # fmt: skip
     assert not [p.name for p in tasks.glob("*.yml") if "flock" in p.read_text()]
     configure = (tasks / "configure.yml").read_text()
     # the managed files are uploaded beside the state, never written in place
@@ -264,27 +325,194 @@ def test_every_task_that_changes_the_ipvs_state_takes_the_lock_through_the_filte
 
 def test_pending_names_each_change_of_a_drifted_host(tmp_path):
     plan = a_plan(tmp_path)
-    loaded = [f"{m}|1.0+test|-|OE|1.0+test|-|1.0+test|handback" for m in plan["modules"]]
+    loaded = [*CLASS_STOCK, FIX]
     st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), plan)
     assert F.pending(st, plan) == []
     drifted = dict(plan["sysctls"], conn_reuse_old_conntrack=0)
     st = F.state(state_output(plan["module_sums"], loaded, drifted), plan)
     assert F.pending(st, plan) == ["set net.ipv4.vs.conn_reuse_old_conntrack=1 (live: 0)"]
-    stock = F.state(state_output({}, ["ip_vs|-|-|-|-|-|-|-"], {"conn_reuse_mode": 1}), plan)
+    stock = F.state(state_output({}, [f"ip_vs{STOCK}"], {"conn_reuse_mode": 1}), plan)
     lines = F.pending(stock, plan)
-    assert lines[0] == f"install patch set 1.0+test for {KR} in {plan['updates_dir']}"
-    assert "activate (reload) the installed build of ip_vs" in lines
+    assert lines[:2] == [
+        f"install the fix module ip_vs_reuse {SET} for {KR} in {plan['updates_dir']}",
+        "load ip_vs_rr, ip_vs_wrr, ip_vs_sh, ip_vs_reuse",
+    ]
     assert "set net.ipv4.vs.conntrack=1 (absent until activated)" in lines
-    # the rollback of a converged host: the set goes, the files come back
-    back = dict(plan, patchset="", sysctls={})
-    st = F.state(state_output(plan["module_sums"], loaded, plan["sysctls"]), back)
-    assert F.pending(st, back) == [
-        f"remove the patched modules from {plan['updates_dir']}",
+    hooked = a_plan(tmp_path / "h", ipvs_pre_activate="drain", ipvs_post_activate="uncordon")
+    old = F.state(state_output(plan["module_sums"], [*CLASS_STOCK, OLD_FIX], plan["sysctls"]),
+                  hooked)  # fmt: skip
+    assert F.pending(old, hooked) == [
+        "run 1 pre-activation hook(s)",
+        "unload ip_vs_reuse 2.9+old (IPVS stays loaded, its tables untouched)",
+        "load ip_vs_reuse",
+        "run 1 post-activation hook(s)",
+    ]
+
+
+def test_pending_of_a_rollback_follows_its_order():
+    plan = rollback_plan()
+    converged = load_policy().for_host("n1", {"ipvs_host_class": "k8s_node"}).sysctls
+    st = F.state(state_output({"ip_vs_reuse.ko": "a" * 64}, [*CLASS_STOCK, FIX], dict(converged),
+                              (SET,)), plan)  # fmt: skip
+    assert F.pending(st, plan) == [
+        "set net.ipv4.vs.conn_reuse_old_conntrack=0 (live: 1)",
+        f"remove the fix module's files from {plan['updates_dir']}; DKMS ipvs-fleet {SET}, "
+        "depmod",
         "remove /etc/sysctl.d/90-ipvs-fleet.conf",
         "restore /etc/modules-load.d/ipvs-fleet.conf",
-        "activate (reload) the installed build of " + ", ".join(sorted(plan["modules"])),
-        "load " + ", ".join(plan["modules"]),
+        f"unload ip_vs_reuse {SET} (IPVS stays loaded, its tables untouched)",
     ]
+
+
+# ---- The activation: activate.yml as Ansible would run it, against modules_active
+
+
+class PyinfraHost:
+    """What modules_active reads of pyinfra's host: its loaded modules, in a preview."""
+
+    name, print_prefix = "n1", "[n1] "
+
+    def __init__(self, loaded: dict[str, Any]) -> None:
+        self.loaded, self.noops = loaded, list[str]()
+        self.state = SimpleNamespace(is_executing=False)
+
+    def get_fact(self, fact: type, **kwargs: Any) -> Any:
+        assert fact is IpvsLoadedModules
+        return self.loaded
+
+    def noop(self, text: str) -> None:
+        self.noops.append(text)
+
+
+def pyinfra_activation(monkeypatch, loaded: dict[str, Any], plan: dict[str, Any]):
+    """modules_active's commands for a host, as (kind, detail) steps, and its preview line."""
+    data = {
+        "ipvs_host_class": "k8s_node",
+        "ipvs_activation": plan["activation"],
+        "ipvs_pre_activate": plan["pre_activate"],
+        "ipvs_post_activate": plan["post_activate"],
+    }
+    settings = load_policy().for_host("n1", data)
+    will: list[str] = []
+    monkeypatch.setattr(ops, "will", will.append)
+    steps = []
+    with ctx_host.use(PyinfraHost(loaded)):
+        for cmd in ops.modules_active._inner(settings=settings, patchset=plan["patchset"]):
+            if not isinstance(cmd, StringCommand):
+                continue  # the reboot's own callbacks
+            raw = cmd.get_raw_value()
+            if raw.startswith("timeout "):
+                steps.append(("hook", shlex.split(raw)[4]))
+            elif raw.startswith("printf "):
+                steps.append(("fail", raw))
+            elif "reboot" in raw:
+                steps.append(("reboot", ""))
+            else:
+                preamble = ops.lock_preamble("activate", plan["lock_wait"]).get_raw_value()
+                assert raw.startswith(preamble + " && ")
+                steps.append(("live", raw.removeprefix(preamble + " && ")))
+    return steps, will
+
+
+def ansible_env() -> jinja2.Environment:
+    """Jinja as Ansible templates task arguments (trim_blocks), with the role's filters; the
+    host lock stubbed, so that the scripts can run here."""
+    env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["quote"] = shlex.quote
+    env.filters["ipvs_fleet.fleet.ipvs_fleet_locked"] = lambda what, wait: (
+        ": lock " + shlex.quote(what)
+    )
+    return env
+
+
+def ansible_activation(st: dict[str, Any], plan: dict[str, Any]):
+    """The tasks of activate.yml that run (their `when`, their loops) as (kind, detail)."""
+    env = ansible_env()
+    ctx = {"__ipvs_fleet_state": st, "ipvs_fleet_plan": plan, "ansible_check_mode": False}
+    steps = []
+    for task in yaml.safe_load((TASKS / "activate.yml").read_text()):
+        when = task.get("when", [])
+        if not all(env.compile_expression(c)(**ctx) for c in ([when] if isinstance(when, str)
+                                                               else when)):  # fmt: skip
+            continue
+        if "ansible.builtin.fail" in task:
+            steps.append(("fail", ops.fail(env.from_string(task["ansible.builtin.fail"]["msg"])
+                                           .render(ctx)).get_raw_value()))  # fmt: skip
+            break  # the host failed
+        elif "ansible.builtin.command" in task:
+            loop = task["loop"].strip().removeprefix("{{").removesuffix("}}")
+            steps += [("hook", item) for item in env.compile_expression(loop)(**ctx) or []]
+        elif "ansible.builtin.reboot" in task:
+            steps.append(("reboot", ""))
+        elif "ansible.builtin.shell" in task:
+            steps.append(("live", env.from_string(task["ansible.builtin.shell"]).render(ctx)))
+    return steps
+
+
+def run_with_stubs(tmp_path: Path, script: str) -> list[str]:
+    """Run an activation script with rmmod and modprobe stubbed: the calls, in order."""
+    stubs, log = tmp_path / "bin", tmp_path / "calls"
+    stubs.mkdir(exist_ok=True)
+    log.write_text("")
+    for tool in ("rmmod", "modprobe"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        (stubs / tool).chmod(0o755)
+    r = subprocess.run(["sh", "-c", script], env={"PATH": f"{stubs}:/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return log.read_text().splitlines()
+
+
+LOADED_CASES = {
+    "nothing loaded": [],
+    "stock ip_vs only": [f"ip_vs{STOCK}"],
+    "converged": [*CLASS_STOCK, FIX],
+    "converged, ip_vs_wrr not loaded": [*CLASS_STOCK[:2], CLASS_STOCK[3], FIX],
+    "fix of another build": [*CLASS_STOCK, OLD_FIX],
+    "2.x patched ip_vs": [PATCHED_IP_VS, *CLASS_STOCK[1:], FIX],
+    "2.x patched ip_vs, no fix module": [PATCHED_IP_VS, *CLASS_STOCK[1:3]],
+}
+
+
+@pytest.mark.parametrize("case", LOADED_CASES)
+def test_activation_tasks_do_what_modules_active_does(tmp_path, monkeypatch, case):
+    """For every loaded state, strategy, hooks and both directions (rollout, rollback):
+    activate.yml runs the steps modules_active yields (a failure with its text, the hooks,
+    the reboot, the live modprobe/rmmod under the host lock, with the same calls), and the
+    check-mode report is modules_active's preview line. Only ip_vs_reuse is ever unloaded."""
+    base = rollback_plan()
+    for patchset, strategy, hooks in itertools.product((SET, ""), ACTIVATIONS, ((), ("drain",))):
+        plan = dict(base, patchset=patchset, activation=strategy, pre_activate=list(hooks),
+                    post_activate=[h.replace("drain", "uncordon") for h in hooks])  # fmt: skip
+        where = f"{case}, patchset {patchset!r}, {strategy}, hooks {hooks}"
+        out = state_output({"ip_vs_reuse.ko": "a" * 64}, LOADED_CASES[case], {})
+        st = F.state(out, plan)
+        loaded = IpvsLoadedModules().process(F.split_probe(out)["loaded"])
+        want, will = pyinfra_activation(monkeypatch, loaded, plan)
+        got = ansible_activation(st, plan)
+        assert [k for k, _ in got] == [k for k, _ in want], where
+        for (kind, a), (_, p) in zip(got, want, strict=True):
+            if kind == "live":
+                calls = run_with_stubs(tmp_path, a)
+                assert calls == run_with_stubs(tmp_path, p), where
+                assert [c for c in calls if c.startswith("rmmod")] in ([], ["rmmod ip_vs_reuse"])
+            else:
+                assert a == p, where
+        steps = F.activation_steps(st, plan)
+        assert will == (["; ".join(steps)] if steps else []), where
+
+
+def test_no_task_unloads_ipvs():
+    """Only the fix module is ever unloaded (activate.yml's rmmod of it); no task runs
+    `modprobe -r`, and nothing of the module swap is left in the collection."""
+    collection = REPO / "ansible_collections/ipvs_fleet/fleet"
+    # what runs: the role's tasks, handlers and host scripts, the playbooks, the filters
+    texts = {p: p.read_text() for p in collection.rglob("*") if p.is_file()
+             and p.suffix in (".yml", ".sh", ".py") and "templates" not in p.parts}  # fmt: skip
+    assert [p.name for p, t in texts.items() if "rmmod" in t] == ["activate.yml"]
+    assert "rmmod {{ ipvs_fleet_plan.fix_module | quote }}" in texts[TASKS / "activate.yml"]
+    assert not [p for p, t in texts.items() if "modprobe -r" in t or "ipvs-swap" in t
+                or "swap.pending" in t or "failed-set" in t or "failed_set" in t]  # fmt: skip
 
 
 def test_filters_without_the_package_name_the_missing_dependency(tmp_path):

@@ -1,39 +1,47 @@
-"""The patch series as data: order, hashes, identification, variants, sysctl defaults."""
+"""The fix module's sources as data: what a build is made from, its identification, the
+test-only variants, the sysctl defaults the table check compares with."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from ipvs_fleet import kernel
+from ipvs_fleet.build.build import ID_HEADER
 from ipvs_fleet.debian import RELEASES
 from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.kernel.sysctls import defaults, integrity_problems, parse_dump
 
+SOURCE = kernel.MODULE_DIR / f"{kernel.MODULE_NAME}.c"
 
-def test_every_debian_line_has_a_handback_series() -> None:
-    assert kernel.lines() == sorted(RELEASES.values())
-    for line in kernel.lines():
-        files = kernel.series(line)
-        assert [p.name[:4] for p in files] == ["0001", "0002"]
-        assert kernel.reuse_design(files) == "handback"
-        text = "".join(p.read_text() for p in files)
-        # Both drop sites honour the knob and hand the SYN back; no re-tracking inside
-        # IPVS's hook (the 1.x design that skipped every nat rule), no forced NAT bits.
-        assert text.count("ip_vs_reuse_old_conntrack(ipvs, cp, skb,") == 2
-        assert text.count("return ip_vs_hand_back(ipvs, hooknum, skb, af);") == 2
-        assert "nf_ct_kill(ct);" in text and "netif_rx(skb);" in text
-        assert "ip_local_out(ipvs->net, skb->sk, skb);" in text
-        assert "nf_conntrack_in(" not in text and "IPS_DST_NAT_DONE" not in text
-        # The module is safe before the policy is applied: the stock drop by default.
-        assert "ipvs->sysctl_conn_reuse_old_conntrack = 0;" in text
-        assert '.procname\t= "conn_reuse_old_conntrack"' in text  # the vs_vars[] entry
+
+def test_every_debian_line_builds_the_one_prekill_module() -> None:
+    """One out-of-tree source for every line (the differences are #ifs in it), declaring
+    the prekill design, built from the Kbuild that makes ip_vs_reuse.ko."""
+    files = kernel.module_sources()
+    assert [p.name for p in files] == ["Kbuild", f"{kernel.MODULE_NAME}.c"]
+    assert "obj-m += ip_vs_reuse.o" in (kernel.MODULE_DIR / "Kbuild").read_text()
+    for line in sorted(set(RELEASES.values())):
+        assert kernel.build_inputs(line) == files
+    assert kernel.reuse_design(files) == "prekill"
+
+
+def test_the_module_is_safe_before_the_policy_is_applied() -> None:
+    """Loaded on a host, it changes nothing until the class sets the knob: the knob reads 0
+    in every new netns, registered beside IPVS's own sysctls, with its counters in /proc."""
+    text = SOURCE.read_text()
+    assert re.search(r"#else\n\trn->enabled = 0;\n#endif", text)
+    assert '"net/ipv4/vs"' in text and '"conn_reuse_old_conntrack"' in text
+    assert 'proc_create_net_single("ip_vs_reuse"' in text
+    # It names its build: the header the build writes is included, after MODULE_LICENSE.
+    assert text.rstrip().endswith(f'#include "{ID_HEADER}"')
 
 
 def test_patchset_hash_follows_content(tmp_path: Path) -> None:
-    files = kernel.series("6.1")
+    files = kernel.module_sources()
     copies = []
     for p in files:
         shutil.copy(p, tmp_path / p.name)
@@ -43,39 +51,53 @@ def test_patchset_hash_follows_content(tmp_path: Path) -> None:
     assert kernel.patchset_hash(copies) != kernel.patchset_hash(files)
     sid = kernel.set_id(files)
     assert sid == f"{kernel.PATCHSET_VERSION}+{kernel.patchset_hash(files)[:12]}"
+    assert kernel.PATCHSET_VERSION.startswith("3.")
 
 
-def test_dislocated_variant_swaps_only_the_sysctl_patch() -> None:
-    plain, bad = kernel.series("6.1"), kernel.series("6.1", "dislocated")
-    assert plain[1] == bad[1] and plain[0] != bad[0]
-    assert "dislocated" in str(bad[0])
-    assert kernel.set_id(bad, "dislocated").endswith(".dislocated")
-    with pytest.raises(ConfigError, match="no patches for kernel line 6.12"):
-        kernel.series("6.12", "dislocated")
-    with pytest.raises(ConfigError, match="unknown build variant"):
-        kernel.series("6.1", "seed")
+@pytest.mark.parametrize("variant", sorted(kernel.MODULE_VARIANTS))
+def test_module_variants_build_the_same_source_with_their_define(variant: str) -> None:
+    """A test-only variant is the shipped source compiled with one -D, which the source
+    tests; its set id says which variant it is."""
+    define = kernel.MODULE_VARIANTS[variant]
+    assert re.search(rf"^#ifn?def {define}\b", SOURCE.read_text(), re.M), define
+    files = kernel.build_inputs("6.1", variant)
+    assert files == kernel.module_sources()
+    assert kernel.set_id(files, variant) == f"{kernel.set_id(files)}.{variant}"
+
+
+def test_nodesign_variant_drops_only_the_design_declaration() -> None:
+    text = SOURCE.read_text()
+    guarded = re.search(
+        r"#ifndef IP_VS_REUSE_TEST_NO_DESIGN\b[^\n]*\n(.*?)#endif", text, re.S
+    )
+    assert guarded and guarded.group(1).strip() == 'MODULE_INFO(ipvs_fleet_reuse, "prekill");'
+
+
+def test_unknown_and_removed_variants_are_clear_errors() -> None:
+    assert kernel.VARIANTS == ("baddefault", "nodesign", "upstream")
+    for gone in ("dislocated", "retrack", "seed"):
+        with pytest.raises(ConfigError, match=f"unknown build variant '{gone}'"):
+            kernel.build_inputs("6.1", gone)
+    kernel.check_variant(None)
+    kernel.check_variant("upstream")  # no line given: any
 
 
 def test_upstream_variant_is_the_series_module_patch_on_its_line_only() -> None:
     """The `upstream` variant builds the upstream series' IPVS patch alone (bit 3 of
     conn_reuse_mode), not the product's knob, and only on the line the series is against."""
-    files = kernel.series(kernel.UPSTREAM_LINE, "upstream")
+    files = kernel.build_inputs(kernel.UPSTREAM_LINE, "upstream")
     assert [p.parent for p in files] == [kernel.UPSTREAM]
     assert "conn_reuse_old_conntrack" not in files[0].read_text()
     assert "sysctl_conn_reuse_mode(ipvs) & 4" in files[0].read_text()
     assert kernel.reuse_design(files) == "none"
     with pytest.raises(ConfigError, match="upstream series is against 7.2, not 6.12"):
-        kernel.series("6.12", "upstream")
+        kernel.build_inputs("6.12", "upstream")
 
 
-def test_unknown_line_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="no patch series for kernel line 4.19"):
-        kernel.series("4.19")
-
-
-def test_reference_seed_is_kept_but_not_a_line() -> None:
+def test_reference_seed_is_kept_but_never_built() -> None:
     assert (kernel.PATCHES / "reference").is_dir()
-    assert "reference" not in kernel.lines()
+    inputs = [kernel.build_inputs(kernel.UPSTREAM_LINE, v) for v in (None, *kernel.VARIANTS)]
+    assert not [p for files in inputs for p in files if kernel.PATCHES in p.parents]
 
 
 def _dump(line: str) -> dict[str, str]:
@@ -117,3 +139,11 @@ def test_integrity_knows_stock_tables_and_parses_dumps() -> None:
     assert integrity_problems("6.1", {**_dump("6.1"), "sync_threshold": "3"}) == [
         "sync_threshold: reads 3, default is 3 50"
     ]
+
+
+def test_integrity_catches_a_knob_on_by_default() -> None:
+    """The `baddefault` variant: the knob reads 1 in a fresh netns, which the sysctl_table
+    check must report (the fix module must change nothing until the policy sets it)."""
+    assert defaults("6.1")["conn_reuse_old_conntrack"] == 0
+    read = {**_dump("6.1"), "conn_reuse_old_conntrack": "1"}
+    assert integrity_problems("6.1", read) == ["conn_reuse_old_conntrack: reads 1, default is 0"]

@@ -46,8 +46,10 @@ def test_tarball_carries_role_plugin_playbooks_and_policy(collection_tarball: Pa
             "playbooks/site.yml", "playbooks/rollback.yml",
             f"{ROLE}/tasks/main.yml", f"{ROLE}/defaults/main.yml",
             f"{ROLE}/policy/host_classes.yml", f"{ROLE}/policy/rollout.yml",
-            f"{ROLE}/files/ipvs-swap.sh",
+            f"{ROLE}/files/ipvs-dkms-install.sh",
             f"{ROLE}/templates/90-ipvs-fleet.conf.j2"} <= names  # fmt: skip
+    # no module swap any more: the fix module loads beside the distro's own ip_vs
+    assert f"{ROLE}/files/ipvs-swap.sh" not in names
     # every file of the source collection, no build leftovers, no lint config
     source = {
         str(p.relative_to(COLLECTION))

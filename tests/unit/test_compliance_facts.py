@@ -45,21 +45,11 @@ alias conntrack expire_nodest_conn
 #done
 @@@ kube_proxy
 running
-@@@ swap
-state=idle
-@@@ swap_record
-present=yes
-age=12
-services=3
-real_servers=8
-restored -A -t 10.0.0.1:80 -s rr
-restored -a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1
-live -A -t 10.0.0.1:80 -s rr
-compared=yes
 """.replace(
     "{loaded}",
-    "\n".join(loaded_output(["ip_vs|1.0+abc|-|OE|1.0+abc|-|1.0+abc|handback",
-                              "ip_vs_rr|1.0+abc|-|OE|1.0+abc|-|1.0+abc|-"])),
+    "\n".join(loaded_output(["ip_vs|-|-|-|-|-|-|-",  # the distro's own: no file of ours
+                              "ip_vs_rr|-|-|-|-|-|-|-",
+                              "ip_vs_reuse|3.0+abc|-|OE|3.0+abc|-|3.0+abc|prekill"])),
 )  # fmt: skip
 
 
@@ -67,7 +57,9 @@ def test_parse_all_sections() -> None:
     f = facts.parse(OUTPUT)
     assert f.kernel_release == "6.1.0-56-cloud-amd64"
     assert f.tainted == 12288 and f.taint_flags() == "OE"
-    assert f.loaded["ip_vs"]["patched"] and f.loaded["ip_vs"]["reuse"] == "handback"
+    assert not f.loaded["ip_vs"]["patched"] and f.loaded["ip_vs"]["taint"] == ""
+    fix = f.loaded["ip_vs_reuse"]
+    assert fix["patched"] and fix["patchset"] == "3.0+abc" and fix["reuse"] == "prekill"
     assert f.sysctls["conn_reuse_old_conntrack"] == 1
     assert f.usage["invalid_drop"] is True
     assert f.fleet_file_present and f.fleet_file == {"conn_reuse_mode": "1", "conntrack": "1"}
@@ -78,9 +70,6 @@ def test_parse_all_sections() -> None:
     assert f.netns.complete and f.netns.defaults["conntrack"] == "0"
     assert f.netns.problems == ["writing conntrack also changed expire_nodest_conn"]
     assert f.kube_proxy is True
-    assert f.swap == {"state": "idle"}
-    assert f.swap_record["missing"] == ["-a -t 10.0.0.1:80 -r 10.1.0.2:80 -m -w 1"]
-    assert f.swap_record["age"] == 12 and f.swap_record["compared"] is True
 
 
 def test_etc_shadows_usr_lib_with_the_same_name() -> None:
@@ -107,9 +96,9 @@ def test_garbage_is_an_error() -> None:
 
 def test_gather_command_is_one_shell_line_with_every_section() -> None:
     cmd = facts.gather_command(["conntrack", "conn_reuse_old_conntrack"])
-    for name in ("kernel", "loaded", "sysctls", "usage", "persisted", "netns", "kube_proxy",
-                 "swap", "swap_record"):
+    for name in ("kernel", "loaded", "sysctls", "usage", "persisted", "netns", "kube_proxy"):
         assert f"echo '@@@ {name}'" in cmd
+    assert "swap" not in cmd  # activation never swaps the IPVS stack: nothing to read
     assert "unshare -n bash -c" in cmd
 
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import pytest
 
+from ipvs_fleet import kernel
+from ipvs_fleet.build import dkms
 from ipvs_fleet.deploy.facts import (
     DkmsReady,
     IpvsInstalledModules,
     IpvsInstalledSet,
     IpvsLoadedModules,
-    IpvsSwapRecord,
     IpvsSysctls,
     IpvsUsage,
     Lockdown,
     dkms_problems,
     refuses_unsigned,
-    swap_record_problems,
 )
 from ipvs_fleet.deploy.plan import decide, interlock, read_facts
 from ipvs_fleet.errors import ConfigError, FleetError
@@ -44,43 +44,56 @@ def modinfo(name: str, version: str, srcversion: str, patchset: str, reuse: str 
 def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one():
     out = IpvsLoadedModules().process(
         [
-            "loaded|ip_vs|1.0+abc|-|OE",
-            "loaded|ip_vs_rr|-|DEF|-",  # stock rr, our rr installed
-            "loaded|ip_vs_sh|1.0+old|-|OE",  # an older patched build loaded
-            "loaded|xt_ipvs|-|-|-",  # not installed by us
-            *modinfo("ip_vs", "1.0+abc", "AAA", "1.0+abc", "handback"),
-            *modinfo("ip_vs_rr", "1.0+abc", "XYZ", "1.0+abc"),
-            *modinfo("ip_vs_sh", "1.0+abc", "SSS", "1.0+abc"),
+            "loaded|ip_vs|-|-|-",  # the distro's own, beside the fix module
+            "loaded|ip_vs_rr|-|-|-",
+            "loaded|ip_vs_reuse|3.0+abc|-|OE",
+            *modinfo("ip_vs_reuse", "3.0+abc", "AAA", "3.0+abc", "prekill"),
         ]
     )
-    assert out["ip_vs"] == {
-        "version": "1.0+abc",
+    assert out["ip_vs_reuse"] == {
+        "version": "3.0+abc",
         "srcversion": None,
         "taint": "OE",
         "patched": True,
-        "patchset": "1.0+abc",
-        "reuse": "handback",
+        "patchset": "3.0+abc",
+        "reuse": "prekill",
     }
-    assert out["ip_vs_rr"]["patched"] is False and out["ip_vs_rr"]["patchset"] is None
-    assert out["ip_vs_sh"]["patched"] is False
-    assert out["xt_ipvs"] == {"version": None, "srcversion": None, "taint": "",
-                              "patched": False, "patchset": None, "reuse": None}  # fmt: skip
+    assert out["ip_vs"] == out["ip_vs_rr"] == {
+        "version": None, "srcversion": None, "taint": "", "patched": False, "patchset": None,
+        "reuse": None,
+    }  # fmt: skip
+
+
+def test_an_older_build_or_a_foreign_ip_vs_is_not_the_installed_one():
+    out = IpvsLoadedModules().process(
+        [
+            "loaded|ip_vs|2.0+old|-|OE",  # a patched ip_vs of ipvs-fleet 2.x, no file of ours
+            "loaded|ip_vs_reuse|3.0+old|-|OE",  # an older fix module than the installed one
+            *modinfo("ip_vs_reuse", "3.0+abc", "AAA", "3.0+abc", "prekill"),
+        ]
+    )
+    assert out["ip_vs_reuse"]["patched"] is False and out["ip_vs_reuse"]["patchset"] is None
+    assert out["ip_vs_reuse"]["version"] == "3.0+old"
+    assert out["ip_vs"]["patched"] is False and out["ip_vs"]["taint"] == "OE"
 
 
 def test_loaded_modules_match_by_srcversion_and_ignore_files_of_unloaded_modules():
     out = IpvsLoadedModules().process(
-        ["loaded|ip_vs|-|AAA|OE", *modinfo("ip_vs", "", "AAA", "1.0+abc"),
-         *modinfo("ip_vs_wrr", "1.0+abc", "W", "1.0+abc")]
+        ["loaded|ip_vs_reuse|-|AAA|OE", *modinfo("ip_vs_reuse", "", "AAA", "3.0+abc"),
+         *modinfo("ip_vs_wrr", "3.0+abc", "W", "3.0+abc")]
     )  # fmt: skip
-    assert list(out) == ["ip_vs"]
-    assert out["ip_vs"]["patched"] is True and out["ip_vs"]["reuse"] is None
+    assert list(out) == ["ip_vs_reuse"]
+    assert out["ip_vs_reuse"]["patched"] is True and out["ip_vs_reuse"]["reuse"] is None
 
 
 def test_installed_modules():
-    lines = [f"{SHA}  ip_vs.ko", f"{'b' * 64} *ip_vs_rr.ko", "garbage"]
-    assert IpvsInstalledModules().process(lines) == {"ip_vs.ko": SHA, "ip_vs_rr.ko": "b" * 64}
+    lines = [f"{SHA}  ip_vs_reuse.ko", f"{'b' * 64} *other.ko", "garbage"]
+    assert IpvsInstalledModules().process(lines) == {"ip_vs_reuse.ko": SHA, "other.ko": "b" * 64}
     # files in place but depmod never ran (install cut off): not installed, so redo it
     assert IpvsInstalledModules().process(["depmod-missing", *lines]) == {}
+    # depmod's index is asked for the fix module's file
+    cmd = str(IpvsInstalledModules().command("6.1.0-57-cloud-amd64"))
+    assert "^updates/ipvs-fleet/ip_vs_reuse.ko" in cmd
 
 
 def test_sysctls_parse_ints_and_pairs():
@@ -141,23 +154,25 @@ def test_interlock():
     mark = "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"
     kube_proxy = usage(["## iptables", "*nat", "-A PREROUTING -j KUBE-SERVICES", mark,
                         "COMMIT", "*filter", drop, "COMMIT"])
-    assert interlock(k8s, clean, "handback") is None
-    assert "ftp" in (interlock(k8s, with_ftp, "handback") or "")
-    assert interlock(ftp, with_ftp, "handback") is None  # knob 0: nothing to refuse
-    assert interlock(k8s, with_drop, "handback") is None
-    assert interlock(k8s, kube_proxy, "handback") is None
-    # the 1.x re-track design: fine with an INVALID drop alone, refused under nat rules,
-    # naming the rule with a side effect
-    assert interlock(k8s, with_drop, "consistent") is None
-    why = interlock(k8s, kube_proxy, "consistent") or ""
-    assert "reuse design is 'consistent'" in why and mark in why, why
-    # no declared design (the seed's semantics): refused under the INVALID drop
+    assert interlock(k8s, clean, "prekill") is None
+    assert "ftp" in (interlock(k8s, with_ftp, "prekill") or "")
+    assert interlock(ftp, with_ftp, "prekill") is None  # knob 0: nothing to refuse
+    # prekill kills the stale entry before conntrack: safe under every ruleset shape
+    assert interlock(k8s, with_drop, "prekill") is None
+    assert interlock(k8s, kube_proxy, "prekill") is None
+    # no declared design (the test-only `nodesign` build, the seed's semantics): refused
+    # under the INVALID drop and under nat rules, naming the rule
     why = interlock(k8s, with_drop, None) or ""
     assert "'none'" in why and drop in why, why
+    why = interlock(k8s, usage(["## iptables", "*nat", mark, "COMMIT"]), "none") or ""
+    assert "'none'" in why and mark in why, why
+    # a design this release does not know (2.x's handback, 1.x's re-track) counts as unknown
+    for old in ("handback", "consistent"):
+        assert drop in (interlock(k8s, with_drop, old) or ""), old
     allowed = policy.for_host(
         "n", {"ipvs_host_class": "k8s_node", "ipvs_allow_reuse_with": "FTP is active mode only"}
     )
-    assert interlock(allowed, with_ftp, "handback") is None
+    assert interlock(allowed, with_ftp, "prekill") is None
 
 
 def test_nat_rule_found_in_iptables_save_and_nft():
@@ -177,47 +192,46 @@ def test_nat_rule_found_in_iptables_save_and_nft():
     assert nft["invalid_drop_rule"] == "ct state invalid drop"
 
 
-READY = [
-    "dkms=yes", "running=6.1.192-2", "headers=6.1.192-2", "source=6.1.192-2",
-    "source_tar=yes", "build=yes",
-]  # fmt: skip
+READY = ["dkms=yes", "running=6.1.192-2", "headers=6.1.192-2", "build=yes"]
 KR = "6.1.0-56-cloud-amd64"
 NO_USE = {"ftp": False, "connmark": False, "invalid_drop": False}
 NO_LOCK = {"lockdown": "none", "secure_boot": False, "sig_enforce": False}
 
 
 def test_dkms_ready_names_what_is_missing_with_the_version_to_install():
-    assert dkms_problems(DkmsReady().process(READY), KR, "6.1") == []
-    bare = DkmsReady().process(["dkms=no", "missing=gcc", "running=6.1.192-2", "headers=",
-                                "source="])  # fmt: skip
-    assert dkms_problems(bare, KR, "6.1") == [
+    # headers only: no linux-source is asked for
+    assert dkms_problems(DkmsReady().process(READY), KR) == []
+    assert "linux-source" not in str(DkmsReady().command(KR))
+    bare = DkmsReady().process(["dkms=no", "missing=gcc", "running=6.1.192-2", "headers="])
+    assert dkms_problems(bare, KR) == [
         "dkms is not installed",
         "missing build tools: gcc",
         f"linux-headers-{KR}=6.1.192-2 is not installed",
-        "linux-source-6.1=6.1.192-2 is not installed",
     ]
-    drift = DkmsReady().process([*READY, "source=6.1.190-1"])
-    assert dkms_problems(drift, KR, "6.1") == [
-        "linux-source-6.1 is 6.1.190-1, the running kernel is 6.1.192-2"
+    drift = DkmsReady().process([*READY, "headers=6.1.190-1"])
+    assert dkms_problems(drift, KR) == [
+        f"linux-headers-{KR} is 6.1.190-1, the running kernel is 6.1.192-2"
     ]
+    no_build_dir = DkmsReady().process([r for r in READY if r != "build=yes"])
+    assert dkms_problems(no_build_dir, KR) == [f"linux-headers-{KR}=6.1.192-2 is not installed"]
 
 
 def test_installed_set_reads_each_module_set_id():
-    out = [*modinfo("ip_vs", "1.0+abc", "A", "1.0+abc", "handback"),
-           *modinfo("ip_vs_rr", "1.0+abc", "B", "1.0+abc"),
-           *modinfo("xt_ipvs", "", "C", "")]  # fmt: skip
-    assert IpvsInstalledSet().process(out) == {
-        "ip_vs.ko": "1.0+abc", "ip_vs_rr.ko": "1.0+abc", "xt_ipvs.ko": ""
-    }  # fmt: skip
+    out = [*modinfo("ip_vs_reuse", "3.0+abc", "A", "3.0+abc", "prekill"),
+           *modinfo("other", "", "C", "")]  # fmt: skip
+    assert IpvsInstalledSet().process(out) == {"ip_vs_reuse.ko": "3.0+abc", "other.ko": ""}
     assert IpvsInstalledSet().process(["depmod-missing", *out]) == {}
 
 
-def test_build_mode_plan_uploads_the_dkms_tree_of_the_kernel_line():
+def test_build_mode_plan_uploads_the_dkms_tree_of_the_fix_module(tmp_path, monkeypatch):
+    monkeypatch.setattr(dkms, "CACHE", tmp_path)
     data = {"ipvs_host_class": "k8s_node", "ipvs_install": "dkms"}
     plan = decide("n", data, KR, NO_LOCK, NO_USE, dkms_ready=DkmsReady().process(READY))
-    assert plan.build_on_host and plan.reuse == "handback"
-    assert "ip_vs.ko" in plan.modules and len(plan.modules) == 17
-    assert plan.tarball.endswith(".tar.gz") and len(plan.tarball_sha256) == 64
+    assert plan.build_on_host and plan.reuse == "prekill"
+    assert plan.modules == {"ip_vs_reuse.ko": ""}
+    assert plan.patchset == kernel.set_id(kernel.module_sources())
+    assert plan.tarball.startswith(str(tmp_path)) and plan.tarball.endswith(".tar.gz")
+    assert len(plan.tarball_sha256) == 64
 
 
 def test_build_mode_refusals_name_host_and_reason():
@@ -270,49 +284,6 @@ def test_a_host_lost_while_its_facts_are_read_fails_alone():
 
     with pytest.raises(KeyError):  # anything else still aborts the run
         read_facts(_Host(), bug)  # type: ignore[arg-type]
-
-
-RECORD = ["present=yes", "age=40", "services=3", "real_servers=8"]
-
-
-def test_swap_record_lists_what_changed_since_the_swap_restored_the_table():
-    rec = IpvsSwapRecord().process([
-        *RECORD,
-        "restored -A -t 10.96.0.10:53 -s rr",
-        "restored -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1",
-        "restored #timeouts 900 120 301",
-        "live -A -t 10.96.0.10:53 -s rr",
-        "live -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
-        "live #timeouts 900 120 300",
-        "compared=yes",
-    ])  # fmt: skip
-    assert rec["present"] and rec["compared"] and (rec["age"], rec["services"]) == (40, 3)
-    assert rec["missing"] == ["-a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 1",
-                              "#timeouts 900 120 301"]  # fmt: skip
-    assert rec["extra"][1] == "#timeouts 900 120 300"
-    # Within the step's time the differences fail the host; an older record only informs.
-    assert swap_record_problems(rec, 60) == [
-        "not live, though the swap 40 s ago restored it: -a -t 10.96.0.10:53 -r 10.244.1.7:53 "
-        "-m -w 1",
-        "not live, though the swap 40 s ago restored it: #timeouts 900 120 301",
-        "live, though not in the swap's record: -a -t 10.96.0.10:53 -r 10.244.1.7:53 -m -w 5",
-        "live, though not in the swap's record: #timeouts 900 120 300",
-    ]
-    assert swap_record_problems(rec, 39) == []
-    assert swap_record_problems(rec, None) == []
-
-
-def test_swap_record_absent_or_not_comparable():
-    assert IpvsSwapRecord().process(["present=no"])["present"] is False
-    assert swap_record_problems(IpvsSwapRecord().process(["present=no"]), 60) == []
-    old = IpvsSwapRecord().process([*RECORD, "compared=unsupported"])
-    assert swap_record_problems(old, 60) == [
-        "the live IPVS table could not be compared with /var/lib/ipvs-fleet/swap.last/restored "
-        "(unsupported)"
-    ]
-    same = IpvsSwapRecord().process([*RECORD, "restored -A -t 10.0.0.1:80 -s rr",
-                                     "live -A -t 10.0.0.1:80 -s rr", "compared=yes"])  # fmt: skip
-    assert swap_record_problems(same, 60) == []
 
 
 def test_managed_file_reads_record_and_file_in_one_command():

@@ -25,17 +25,21 @@ import pytest
 from pyinfra.api.util import get_template
 
 from ipvs_fleet.deploy.operations import MANAGED_FILES, TEMPLATES
-from ipvs_fleet.policy import load_policy
+from ipvs_fleet.policy import KNOB, load_policy
 from ipvs_fleet.rollout.runner import plan_outcomes
 from tests.fixtures.loaded import loaded_output
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 KR = "6.1.0-57-cloud-amd64"
-SET_ID = "2.0+fake"
-MODULES = {f"{m}.ko": hashlib.sha256(m.encode()).hexdigest()
-           for m in ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_ftp")}  # fmt: skip
+SET_ID = "3.0+fake"
+OLD_ID = "3.0+older"  # an earlier build of the fix module
+FOREIGN_ID = "2.0+old"  # a patched ip_vs set of ipvs-fleet 2.x
+FIX = "ip_vs_reuse"
+MODULES = {f"{FIX}.ko": hashlib.sha256(FIX.encode()).hexdigest()}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# What would take IPVS (and its tables) down: no command of the deploy may contain it.
+UNLOADS_IPVS = re.compile(r"modprobe\s+(-\w*r|--remove)|rmmod\s+(-\S+\s+)*ip_vs(?!_reuse\b)")
 
 # The inventory: hosts and their scripted answers from $FAKE_FLEET (JSON), as @fake hosts.
 INVENTORY = '''
@@ -62,34 +66,42 @@ class FakeHost:
     """A host's state as its facts tell it."""
 
     host_class: str = "k8s_node"
-    installed: bool = False  # our set in updates/, depmod'ed
-    loaded: str = "none"  # none | stock | patched
+    installed: bool = False  # the fix module in updates/, depmod'ed
+    # none | stock (the class's distro modules, no fix module) | current (and the fix module
+    # of SET_ID) | older (and the fix module of OLD_ID) | foreign (the class's IPVS modules
+    # from a 2.x patched set, out of tree, no fix module)
+    loaded: str = "none"
     sysctls: dict[str, int] = field(default_factory=dict)
     files: bool = False  # the managed files written and their backups kept
     usage: list[str] = field(default_factory=list)  # IpvsUsage output lines
-    swap: list[str] = field(default_factory=list)  # IpvsSwapState output lines
+    unloaded: tuple[str, ...] = ()  # class modules not loaded, whatever `loaded` says
+
+    def loaded_rows(self) -> list[str]:
+        """IpvsLoadedModules rows (tests.fixtures.loaded) of the loaded modules."""
+        if self.loaded == "none":
+            return []
+        distro = [m for m in load_policy().for_host("x", {"ipvs_host_class": self.host_class})
+                  .modules if m != FIX and m not in self.unloaded]  # fmt: skip
+        if self.loaded == "foreign":
+            return [f"{m}|{FOREIGN_ID}|-|OE|-|-|-|-" for m in distro]
+        rows = [f"{m}|-|-|-|-|-|-|-" for m in distro]
+        inst = f"{SET_ID}|-|{SET_ID}|prekill" if self.installed else "-|-|-|-"
+        if self.loaded in ("current", "older"):
+            rows.append(f"{FIX}|{SET_ID if self.loaded == 'current' else OLD_ID}|-|OE|{inst}")
+        return rows
 
     def responses(self) -> list[tuple[str, Any]]:
-        s = load_policy().for_host("x", {"ipvs_host_class": self.host_class})
-        loaded = []
-        for m in s.modules:
-            if self.loaded == "patched":
-                loaded.append(f"{m}|{SET_ID}|-|OE|{SET_ID}|-|{SET_ID}|handback")
-            elif self.loaded == "stock":
-                inst = f"{SET_ID}|-|{SET_ID}|handback" if self.installed else "-|-|-|-"
-                loaded.append(f"{m}|-|STOCK{m}|-|{inst}")
+        loaded = self.loaded_rows()
         out: list[tuple[str, Any]] = [
             # the deploy's failing step (operations.fail): fails here too (-vv shows its text)
             (r">&2; exit 1$", {"success": False}),
             (r"^uname -r$", KR),
             (r"echo lockdown=", ["lockdown=none", "sig_enforce=N", "secure_boot=0"]),
-            (r"echo '## lsmod'", ["## lsmod", *(m for m in s.modules if self.loaded != "none"),
-                                  *self.usage]),  # fmt: skip
+            (r"echo '## lsmod'", ["## lsmod", *(r.split("|")[0] for r in loaded), *self.usage]),
             (r"sha256sum -- \*\.ko",
              [f"{sha}  {n}" for n, sha in MODULES.items()] if self.installed
              else ["depmod-missing"]),  # fmt: skip
             (r"for d in /sys/module/ip_vs ", loaded_output(loaded)),
-            (r"swap.pending \] && s=pending", self.swap or ["state=idle"]),
             (r"/proc/sys/net/ipv4/vs/\*", [f"/proc/sys/net/ipv4/vs/{k}:{v}"
                                            for k, v in self.sysctls.items()]),  # fmt: skip
         ]
@@ -105,7 +117,7 @@ class FakeHost:
 
 def converged(host_class: str = "k8s_node") -> FakeHost:
     s = load_policy().for_host("x", {"ipvs_host_class": host_class})
-    return FakeHost(host_class, True, "patched", dict(s.sysctls), True)
+    return FakeHost(host_class, True, "current", dict(s.sysctls), True)
 
 
 def stock_sysctls() -> dict[str, int]:
@@ -128,14 +140,19 @@ class Run:
                 out[op["name"].split(" | ")[-1]] = op["hosts_with_change"]
         return out
 
+    def _lines(self, host: str, mark: str) -> list[str]:
+        """What follows `mark` on the lines of one host (pyinfra pads short host names)."""
+        line = re.compile(rf"\s*\[@fake/{re.escape(host)}\]\s+{re.escape(mark)}(.*)")
+        return [m.group(1).strip() for ln in ANSI.sub("", self.stderr).splitlines()
+                if (m := line.match(ln))]  # fmt: skip
+
     def will(self, host: str) -> list[str]:
         """The preview lines of one host."""
-        pre = f"[@fake/{host}]"
-        return [
-            ln.split("] ", 1)[1].strip().removeprefix("will ")
-            for ln in ANSI.sub("", self.stderr).splitlines()
-            if ln.strip().startswith(pre) and "] will " in ln
-        ]
+        return self._lines(host, "will ")
+
+    def commands(self, host: str) -> list[str]:
+        """The shell commands an execution with -vv ran on one host, in order."""
+        return self._lines(host, ">>> ")
 
 
 @pytest.fixture
@@ -150,8 +167,8 @@ def fleet(tmp_path):
         "format": 1, "kernel_release": KR, "release": "bookworm", "line": "6.1",
         "tarball": tarball.name,
         "tarball_sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
-        "modules": MODULES, "modinfo": {"ipvs_fleet": SET_ID, "ipvs_fleet_reuse": "handback"},
-        "reuse_design": "handback", "vermagic": KR,
+        "modules": MODULES, "modinfo": {"ipvs_fleet": SET_ID, "ipvs_fleet_reuse": "prekill"},
+        "reuse_design": "prekill", "vermagic": KR,
     }  # fmt: skip
     (art / "manifest.json").write_text(json.dumps(manifest))
     inv = tmp_path / "inventory.py"
@@ -211,6 +228,9 @@ def test_preview_without_yes_shows_the_change_and_asks(fleet):
     assert "Beginning operation run" not in out
 
 
+LOAD = "Load the fix module (reload)"
+
+
 def test_dry_run_of_a_fresh_host_lists_every_step(fleet):
     fresh = FakeHost(loaded="stock", sysctls=stock_sysctls())
     r = fleet({"fresh": fresh}, "--dry", "--json")
@@ -219,24 +239,26 @@ def test_dry_run_of_a_fresh_host_lists_every_step(fleet):
     differ = [k for k, v in sysctls.items() if stock_sysctls().get(k) != v]
     assert "conn_reuse_mode" not in differ  # 1 on the stock module already: no change
     assert set(r.changes()) == {
-        "Install the patched IPVS module set",
+        "Install the fix module",
         *(f"Write {p}" for p in MANAGED_FILES),
-        "Activate the patched modules (reload)",
+        LOAD,
         *(f"Set net.ipv4.vs.{k} live" for k in differ),
     }
     will = r.will("fresh")
-    assert will[0].startswith(f"install patch set {SET_ID} for {KR}: {len(MODULES)} modules")
-    assert any(w.startswith("reload the IPVS stack with ipvs-swap.sh") for w in will)
-    # the knob appears with the patched module: planned, not an error
+    assert will[0].startswith(f"install patch set {SET_ID} for {KR}: 1 modules into "
+                              f"/lib/modules/{KR}/updates/ipvs-fleet")  # fmt: skip
+    # the distro's IPVS modules stay loaded: only the fix module is loaded beside them
+    assert f"load {FIX}" in will
+    # the knob appears with the fix module: planned, not an error
     assert "set net.ipv4.vs.conn_reuse_old_conntrack = 1 (the key appears once the modules " \
         "above are active)" in will
 
 
-def test_nothing_loaded_plans_a_load_not_a_reload(fleet):
+def test_nothing_loaded_plans_a_load_of_the_class_modules_and_the_fix(fleet):
     r = fleet({"bare": FakeHost()}, "--dry", "--json")
     assert r.rc == 0, r.stderr[-3000:]
-    assert "Activate the patched modules (reload)" in r.changes()
-    assert "load ip_vs, ip_vs_rr, ip_vs_wrr, ip_vs_sh" in r.will("bare")
+    assert LOAD in r.changes()
+    assert f"load ip_vs, ip_vs_rr, ip_vs_wrr, ip_vs_sh, {FIX}" in r.will("bare")
 
 
 def test_converged_host_dry_run_and_execution_change_nothing(fleet):
@@ -261,57 +283,150 @@ def test_verification_fails_the_host_at_execution_with_its_problems(fleet):
     assert "Operation error" not in r.stderr
 
 
-def test_drain_hooks_wrap_the_swap_and_are_previewed(fleet):
-    stale = converged()
-    stale.loaded = "stock"
-    hooks = ["--data", 'ipvs_pre_activate=["drain one", "drain two"]',
-             "--data", "ipvs_post_activate=uncordon"]  # fmt: skip
-    r = fleet({"n": stale}, "--dry", "--json", *hooks)
+def test_an_older_fix_module_is_reloaded_alone_ipvs_stays(fleet):
+    older = converged()
+    older.loaded = "older"
+    r = fleet({"n": older, "ok": converged()}, "--dry", "--json")
     assert r.rc == 0, r.stderr[-3000:]
-    [act] = [w for w in r.will("n") if "ipvs-swap.sh" in w]
-    assert act.startswith("run 2 pre-activation hook(s); reload the IPVS stack")
-    assert act.endswith("; run 1 post-activation hook(s)")
-    # Executed: the hooks run in order around the swap (-vv lists each command run).
-    r = fleet({"n": stale}, "-y", "--json", "-vv", *hooks)
-    out = ANSI.sub("", r.stderr)
-    at = [out.find(s) for s in ("sh -c 'drain one'", "sh -c 'drain two'", "ipvs-swap.sh ;",
-                                "sh -c uncordon")]  # fmt: skip
+    assert r.changes() == {LOAD: ["@fake/n"]}
+    assert r.will("n") == [
+        f"unload {FIX} {OLD_ID} (IPVS stays loaded, its tables untouched); load {FIX}"
+    ]
+    # Executed: one command under the host lock unloads the fix module alone and loads it
+    # again; the facts never change here, so the verification then fails the host.
+    r = fleet({"n": older}, "-y", "--json", "-vv")
+    assert r.rc == 1
+    [act] = [c for c in r.commands("n") if "ipvs-fleet activate" in c]
+    assert act.startswith("mkdir -p /var/lib/ipvs-fleet && exec 9>> /var/lib/ipvs-fleet/lock")
+    assert act.endswith(f"&& true && rmmod {FIX} && for m in {FIX} ; "
+                        'do modprobe "$m" || exit 1; done')  # fmt: skip
+    assert f"ip_vs_reuse: the loaded build is not patch set {SET_ID} (version {OLD_ID})" \
+        in ANSI.sub("", r.stderr)
+
+
+def test_a_foreign_ipvs_build_refuses_reload_and_is_rebooted_with_reboot(fleet):
+    """A 2.x patched ip_vs set is loaded: replacing it live would unload IPVS, so `reload`
+    fails the host saying how to fix it, and `reboot` reboots into the stock modules."""
+    foreign = converged()
+    foreign.loaded = "foreign"
+    names = "ip_vs, ip_vs_rr, ip_vs_sh, ip_vs_wrr"
+    refusal = (f"{names}: loaded from an out-of-tree build that is not the fix module; "
+               "replacing it would unload IPVS and drop its tables and connections: reboot the "
+               "host (host data ipvs_activation: reboot)")  # fmt: skip
+    r = fleet({"n": foreign}, "--dry", "--json")
+    assert r.rc == 0, r.stderr[-3000:]
+    assert r.changes() == {LOAD: ["@fake/n"]}
+    assert r.will("n") == [f"fail the host: {refusal}"]
+    r = fleet({"n": foreign, "ok": converged()}, "-y", "--json", "-vv")
+    assert r.rc == 1 and r.doc["results"]["failed_hosts"] == ["@fake/n"]
+    assert refusal in ANSI.sub("", r.stderr)
+    assert not [c for c in r.commands("n") if "ipvs-fleet activate" in c or "rmmod" in c]
+    boot = ["--data", "ipvs_activation=reboot"]
+    r = fleet({"n": foreign}, "--dry", "--json", *boot)
+    assert r.rc == 0, r.stderr[-3000:]
+    assert r.changes() == {"Load the fix module (reboot)": ["@fake/n"]}
+    assert r.will("n") == [f"reboot for {FIX} {SET_ID} (and stock {names})"]
+    # next-boot leaves the running kernel alone: no activation, no verification
+    r = fleet({"n": foreign}, "--dry", "--json", "--data", "ipvs_activation=next-boot")
+    assert r.rc == 0, r.stderr[-3000:]
+    assert r.changes() == {}
+
+
+def test_reboot_strategy_reboots_a_host_without_the_fix_module(fleet):
+    stock = converged()
+    stock.loaded = "stock"
+    r = fleet({"n": stock}, "--dry", "--json", "--data", "ipvs_activation=reboot")
+    assert r.rc == 0, r.stderr[-3000:]
+    assert r.will("n") == [f"reboot for {FIX} {SET_ID}"]
+
+
+HOOKS = ["--data", 'ipvs_pre_activate=["drain one", "drain two"]',
+         "--data", "ipvs_post_activate=uncordon"]  # fmt: skip
+
+
+def test_drain_hooks_wrap_the_activation_and_are_previewed(fleet):
+    stale = converged()
+    stale.loaded = "stock"  # the fix module not loaded yet
+    r = fleet({"n": stale}, "--dry", "--json", *HOOKS)
+    assert r.rc == 0, r.stderr[-3000:]
+    assert r.will("n") == [
+        f"run 2 pre-activation hook(s); load {FIX}; run 1 post-activation hook(s)"
+    ]
+    # Executed: the hooks run in order around the activation (-vv lists each command run).
+    r = fleet({"n": stale}, "-y", "--json", "-vv", *HOOKS)
+    cmds = r.commands("n")
+    at = [next((i for i, c in enumerate(cmds) if s in c), -1)
+          for s in ("sh -c 'drain one'", "sh -c 'drain two'", "ipvs-fleet activate",
+                    "sh -c uncordon")]  # fmt: skip
     assert -1 not in at and at == sorted(at), at
 
 
-PENDING = ["state=pending", "stage=cleared", "services=3", "real_servers=8"]
-PENDING_TEXT = (
-    "a module swap died after cleared with its saved table (3 services, 8 real servers) "
-    "not restored: /var/lib/ipvs-fleet/swap.pending"
-)
-
-
-def test_a_swap_that_died_is_finished_first_and_fails_verification_until_then(fleet):
-    died = converged()
-    died.swap = PENDING
-    r = fleet({"died": died, "ok": converged()}, "--dry", "--json")
+def test_drain_hooks_do_not_run_when_the_fix_module_is_already_active(fleet):
+    """Loading a class's scheduler that is missing changes nothing for the traffic the
+    hooks drain: it is loaded, and no hook runs."""
+    host = converged()
+    host.unloaded = ("ip_vs_sh",)
+    r = fleet({"n": host}, "--dry", "--json", *HOOKS)
     assert r.rc == 0, r.stderr[-3000:]
-    assert r.changes() == {"Activate the patched modules (reload)": ["@fake/died"]}
-    assert r.will("died") == [f"finish the earlier module swap ({PENDING_TEXT})"]
-    # Executed against facts that never change, the table stays pending: the host fails.
-    r = fleet({"died": died, "ok": converged()}, "-y", "--json", "-vv")
-    assert r.rc == 1
-    assert r.doc["results"]["failed_hosts"] == ["@fake/died"]
-    assert f"verification failed on @fake/died: {PENDING_TEXT}" in ANSI.sub("", r.stderr)
+    assert r.will("n") == ["load ip_vs_sh"]
+    r = fleet({"n": host}, "-y", "--json", "-vv", *HOOKS)
+    cmds = r.commands("n")
+    [act] = [c for c in cmds if "ipvs-fleet activate" in c]
+    assert act.endswith('&& true && for m in ip_vs_sh ; do modprobe "$m" || exit 1; done')
+    assert not [c for c in cmds if "drain" in c or "uncordon" in c]
 
 
-def test_rollback_dry_run_lists_removal_restores_and_activation(fleet):
-    r = fleet({"a": converged()}, "--dry", "--json", deploy="deploy/rollback.py")
+ROLLBACK = "deploy/rollback.py"
+
+
+def test_rollback_turns_the_knob_off_removes_the_files_then_unloads_only_the_fix(fleet):
+    r = fleet({"a": converged()}, "--dry", "--json", deploy=ROLLBACK)
     assert r.rc == 0, r.stderr[-3000:]
     assert set(r.changes()) == {
-        "Remove the patched IPVS module set",
+        "Set net.ipv4.vs.conn_reuse_old_conntrack to 0",
+        "Remove the fix module's files",
         *(f"Restore the previous {p}" for p in MANAGED_FILES),
-        "Activate the stock modules (reload)",
+        "Unload the fix module (reload)",
     }
-    assert any(w.startswith("restore /etc/sysctl.d/90-ipvs-fleet.conf") for w in r.will("a"))
-    # a host already on the stock set: nothing to roll back
+    will = r.will("a")
+    assert will[0] == "set net.ipv4.vs.conn_reuse_old_conntrack = 0 (live 1)"
+    assert will[1] == (f"remove the ipvs-fleet module set for {KR} ({FIX}.ko in "
+                       f"/lib/modules/{KR}/updates/ipvs-fleet), depmod")  # fmt: skip
+    assert any(w.startswith("restore /etc/sysctl.d/90-ipvs-fleet.conf") for w in will)
+    assert will[-1] == f"unload {FIX} {SET_ID} (IPVS stays loaded, its tables untouched)"
+    # Executed, in that order; the facts never change here, so the verification fails.
+    r = fleet({"a": converged()}, "-y", "--json", "-vv", deploy=ROLLBACK)
+    cmds = r.commands("a")
+    at = [next((i for i, c in enumerate(cmds) if s in c), -1)
+          for s in ("sysctl -w net.ipv4.vs.conn_reuse_old_conntrack=0",
+                    f"rm -rf /lib/modules/{KR}/updates/ipvs-fleet && depmod",
+                    f"rmmod {FIX}")]  # fmt: skip
+    assert -1 not in at and at == sorted(at), at
+    assert f"verification failed on @fake/a: {FIX} is still loaded" in ANSI.sub("", r.stderr)
+    # a host already without the fix module: nothing to roll back
     stock = FakeHost(loaded="stock", sysctls=stock_sysctls())
-    assert fleet({"s": stock}, "--dry", "--json", deploy="deploy/rollback.py").changes() == {}
+    assert fleet({"s": stock}, "--dry", "--json", deploy=ROLLBACK).changes() == {}
+
+
+@pytest.mark.parametrize(
+    "host, deploy",
+    [(FakeHost(), "deploy.py"), (FakeHost(loaded="stock", sysctls=stock_sysctls()), "deploy.py"),
+     (FakeHost(installed=True, loaded="older", files=True), "deploy.py"),
+     (FakeHost(installed=True, loaded="current", sysctls={KNOB: 1}, files=True), ROLLBACK)],
+    ids=["fresh", "stock", "older", "rollback"],
+)  # fmt: skip
+def test_no_command_ever_unloads_ipvs(fleet, host, deploy):
+    r = fleet({"n": host}, "-y", "--json", "-vv", *HOOKS, deploy=deploy)
+    cmds = r.commands("n")
+    assert any("ipvs-fleet activate" in c for c in cmds), cmds  # it did activate
+    assert not [c for c in cmds if UNLOADS_IPVS.search(c)]
+
+
+def test_the_ipvs_unload_pattern_catches_every_way_of_unloading():
+    for cmd in ("rmmod ip_vs", "rmmod ip_vs_rr ip_vs", "rmmod -f ip_vs_sh", "modprobe -r ip_vs",
+                "modprobe -rv ip_vs_reuse", "modprobe --remove ip_vs_reuse"):  # fmt: skip
+        assert UNLOADS_IPVS.search(cmd), cmd
+    assert not UNLOADS_IPVS.search(f"true && rmmod {FIX} && modprobe {FIX}")
 
 
 FTP_SERVICE = ["## ipvsadm", "TCP  10.0.0.1:21 rr"]

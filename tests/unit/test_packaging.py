@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ipvs_fleet import resources
+from ipvs_fleet import kernel, resources
 from ipvs_fleet.policy import load_policy
 from tests.fixtures.wheel import (
     REPO,
@@ -59,8 +59,13 @@ def test_unpacked_wheel_finds_its_own_files(wheel: Path, tmp_path: Path) -> None
     assert got["policy"] == str(pkg / ROLE / "policy/host_classes.yml")
     assert got["classes"] == sorted(load_policy().classes)
     assert got["templates"] == sorted(os.listdir(resources.templates_dir()))
-    assert got["swap"] == str(pkg / ROLE / "files/ipvs-swap.sh")
+    assert got["dkms"] == str(pkg / ROLE / "files/ipvs-dkms-install.sh")
     assert got["checks"] == sorted(p.name for p in (REPO / "checks").glob("*.py"))
     assert got["deploy"] == str(pkg / "data/deploy.py")
-    assert Path(got["swap"]).read_bytes() == resources.host_script("ipvs-swap.sh").read_bytes()
+    dkms = resources.host_script("ipvs-dkms-install.sh")
+    assert Path(got["dkms"]).read_bytes() == dkms.read_bytes()
+    # The fix module's source ships: a build (or a DKMS tree) from the installed package
+    # makes the same module, with the same set id, as one from the checkout.
+    assert got["module"] == [str(pkg / "kernel/module" / p.name) for p in kernel.module_sources()]
+    assert got["set_id"] == kernel.set_id(kernel.module_sources())
     assert wheel.name.startswith(f"ipvs_fleet-{got['version']}-")

@@ -37,7 +37,7 @@ def test_role_files_resolve_inside_the_package() -> None:
     assert (resources.collection_dir() / "galaxy.yml").is_file()
     assert (resources.collections_dir() / "ansible_collections").is_dir()
     assert (resources.templates_dir() / "90-ipvs-fleet.conf.j2").is_file()
-    assert resources.host_script("ipvs-swap.sh").is_file()
+    assert resources.host_script("ipvs-dkms-install.sh").is_file()
     assert (resources.checks_dir() / "conftest.py").is_file()
 
 

@@ -215,13 +215,13 @@ def test_runner_command_lines(tmp_path, monkeypatch):
 def test_plan_lists_each_hosts_pending_changes_per_wave(cli, capsys):
     StubRunner.plans = {
         "c1": PlannedHost(["set net.ipv4.vs.conn_reuse_old_conntrack = 1 (live 0)"]),
-        "n1": PlannedHost(["install patch set 2.0+x for 6.1.0-57-cloud-amd64"]),
-        "n2": PlannedHost(["install patch set 2.0+x for 6.1.0-57-cloud-amd64"]),
+        "n1": PlannedHost(["install patch set 3.0+x for 6.1.0-57-cloud-amd64"]),
+        "n2": PlannedHost(["install patch set 3.0+x for 6.1.0-57-cloud-amd64"]),
     }
     assert cli("--dry") == 0
     out = capsys.readouterr().out
     assert "c1:" in out and "conn_reuse_old_conntrack = 1 (live 0)" in out
-    assert "n1, n2:" in out and "install patch set 2.0+x" in out
+    assert "n1, n2:" in out and "install patch set 3.0+x" in out
     assert "f1:" in out and "nothing (converged)" in out
     assert StubRunner.made[-1].calls == [("plan", ("c1", "n1", "n2", "f1"))]
 
@@ -240,7 +240,7 @@ def test_plan_exits_1_naming_a_refused_or_unplanned_host(cli, tmp_path, capsys):
 
 
 PLAN_DOC = {"plan": [
-    {"name": "Roll out | Install the patched IPVS module set",
+    {"name": "Roll out | Install the fix module",
      "hosts_with_change": ["a", "b"], "hosts_with_conditional_change": []},
     {"name": "Roll out | Set net.ipv4.vs.conntrack live",
      "hosts_with_change": ["a"], "hosts_with_conditional_change": []},
@@ -249,15 +249,15 @@ PLAN_DOC = {"plan": [
 
 def test_plan_outcomes_from_pyinfras_dry_run():
     err = "\n".join([
-        "    [a] will install patch set 2.0+x for 6.1.0-57-cloud-amd64: 17 modules",
+        "    [a] will install patch set 3.0+x for 6.1.0-57-cloud-amd64: 1 modules",
         "    \x1b[1m[a]\x1b[0m will set net.ipv4.vs.conntrack = 1 (live 0)",
         "    [c] Could not connect (Timeout connecting to host)",
         "    [d] refused: host d (kernel 5.10): kernel lockdown is integrity",
     ])  # fmt: skip
     got = plan_outcomes(PLAN_DOC, err, ["a", "b", "c", "d", "e"])
-    assert got["a"].changes == ["install patch set 2.0+x for 6.1.0-57-cloud-amd64: 17 modules",
+    assert got["a"].changes == ["install patch set 3.0+x for 6.1.0-57-cloud-amd64: 1 modules",
                                 "set net.ipv4.vs.conntrack = 1 (live 0)"]  # fmt: skip
-    assert got["b"].changes == ["Install the patched IPVS module set"]  # no preview line
+    assert got["b"].changes == ["Install the fix module"]  # no preview line
     assert got["c"].error.startswith("Could not connect") and not got["c"].changes
     assert got["d"].refused == "host d (kernel 5.10): kernel lockdown is integrity"
     assert got["e"].ok and got["e"].changes == []

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return art
 
-    arts = build_lines(pins, args.jobs, build_one)
+    build_lines(pins, args.jobs, build_one)
     if args.dkms:
         tree = make_dkms_tree(Path(args.dkms))
         print(f"DKMS source tree {tree}")

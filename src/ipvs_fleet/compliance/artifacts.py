@@ -1,4 +1,4 @@
-"""The built module set each kernel release should run, from the build's artifact manifests."""
+"""The fix module build each kernel release should run, from the build's artifact manifests."""
 
 from __future__ import annotations
 

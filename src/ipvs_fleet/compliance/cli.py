@@ -48,11 +48,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_json(p, "write results as JSON", dest="json_path")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
-    p.add_argument(
-        "--swap-within", type=int, metavar="SECONDS",
-        help="also compare each host's live IPVS table with its last module swap's record, "
-        "if that swap finished less than SECONDS ago (as the rollout gate does)",
-    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -62,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
     Bad options, inventory, policy or waivers are pytest usage errors (exit 2 here), raised
     before any host is contacted.
     """
-    extra = [] if args.swap_within is None else ["--swap-within", str(args.swap_within)]
-    if args.waivers:
-        extra += ["--waivers", str(args.waivers)]
+    extra = ["--waivers", str(args.waivers)] if args.waivers else []
     if args.junitxml:
         extra += ["--junitxml", str(args.junitxml)]
     run_ = run_checks(args.inventory, args.limit, args.policy, extra_args=extra)

@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from ipvs_fleet.deploy.facts import (
-    IpvsLoadedModules,
-    IpvsSwapRecord,
-    IpvsSwapState,
-    IpvsSysctls,
-    IpvsUsage,
-)
+from ipvs_fleet.deploy.facts import IpvsLoadedModules, IpvsSysctls, IpvsUsage
 
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
 MODULES_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
@@ -77,8 +71,6 @@ def gather_command(toggle: Iterable[str]) -> str:
         "persisted": _persisted_cmd(),
         "netns": _netns_cmd(toggle),
         "kube_proxy": "pgrep -x kube-proxy >/dev/null && echo running || echo absent",
-        "swap": IpvsSwapState().command(),
-        "swap_record": IpvsSwapRecord().command(),
     }
     return "; ".join(f"echo '{MARK}{n}'; ( {c} ) 2>/dev/null" for n, c in sections.items())
 
@@ -107,8 +99,6 @@ class HostFacts:
     modules_load: list[str] | None  # None: MODULES_FILE absent
     netns: NetnsTable
     kube_proxy: bool
-    swap: dict[str, Any] = field(default_factory=dict)  # IpvsSwapState
-    swap_record: dict[str, Any] = field(default_factory=dict)  # IpvsSwapRecord
 
     def taint_flags(self, mask: int | None = None) -> str:
         v = self.tainted if mask is None else mask
@@ -214,6 +204,4 @@ def parse(output: str) -> HostFacts:
         modules_load=modules_load,
         netns=parse_netns(s.get("netns", [])),
         kube_proxy=[x.strip() for x in s.get("kube_proxy", [])] == ["running"],
-        swap=IpvsSwapState().process(s.get("swap", [])),
-        swap_record=IpvsSwapRecord().process(s.get("swap_record", [])),
     )

@@ -22,7 +22,8 @@ def _norm(v: Any) -> str | None:
 
 
 def patched_keys() -> set[str]:
-    """Keys only the patched module set has (their absence is the knob check's finding)."""
+    """Keys only the fix module ip_vs_reuse registers (their absence is the knob check's
+    finding)."""
     return sysctls.patched_keys()
 
 

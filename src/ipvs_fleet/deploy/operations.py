@@ -455,6 +455,65 @@ def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCo
         )  # fmt: skip
 
 
+def foreign_refusal(foreign: Iterable[str]) -> str:
+    """Why `reload` fails a host with loaded IPVS modules of another out-of-tree build."""
+    return (f"{_names(foreign)}: loaded from an out-of-tree build that is not the fix "
+            "module; replacing it would unload IPVS and drop its tables and connections: "
+            "reboot the host (host data ipvs_activation: reboot)")  # fmt: skip
+
+
+def activation(
+    loaded: Mapping[str, Mapping[str, Any]], modules: Iterable[str], patchset: str,
+    strategy: str,
+) -> dict[str, Any]:
+    """What modules_active decides for a host, as data (the Ansible role's filter reads the
+    same): want (text), fix_version (the loaded fix module's), stale (the fix module to
+    unload: loaded from another build, or at all for patchset ""), foreign, missing (class
+    modules to modprobe), change (hooks and reboot run for it), loads (what the live
+    activation modprobes), refusal (why `reload` fails the host, "" when it does not)."""
+    fix = loaded.get(MODULE_NAME)
+    foreign = foreign_modules(loaded)
+    # the fix module goes if loaded from another build, or at all for the rollback ("")
+    stale = fix is not None and not (patchset and is_current(fix, patchset))
+    missing = [m for m in modules if m not in loaded and (patchset or m != MODULE_NAME)]
+    return {
+        "want": f"{MODULE_NAME} {patchset}" if patchset else f"no {MODULE_NAME}",
+        "fix_version": fix["version"] if fix else None,
+        "stale": stale,
+        "foreign": foreign,
+        "missing": missing,
+        "change": bool(stale or foreign or MODULE_NAME in missing),
+        "loads": [*missing, *([MODULE_NAME] if stale and patchset else [])],
+        "refusal": foreign_refusal(foreign) if foreign and strategy == "reload" else "",
+    }
+
+
+def activation_steps(act: Mapping[str, Any], strategy: str, pre: int, post: int) -> list[str]:
+    """What the activation does (`activation`'s result; `pre`, `post`: the number of drain
+    hooks), one text each: modules_active's preview line, the role's check-mode report."""
+    if not act["change"] and not act["missing"]:
+        return []
+    if act["change"] and strategy == "next-boot":
+        return []  # the running kernel keeps its modules until the next boot
+    if act["refusal"]:
+        return [f"fail the host: {act['refusal']}"]
+    what = []
+    if act["change"] and pre:
+        what.append(f"run {pre} pre-activation hook(s)")
+    if act["change"] and strategy == "reboot":
+        foreign = f" (and stock {_names(act['foreign'])})" if act["foreign"] else ""
+        what.append(f"reboot for {act['want']}{foreign}")
+    else:
+        if act["stale"]:
+            what.append(f"unload {MODULE_NAME} {act['fix_version'] or ''} (IPVS stays "
+                        "loaded, its tables untouched)")  # fmt: skip
+        if act["loads"]:
+            what.append(f"load {_names(act['loads'])}")
+    if act["change"] and post:
+        what.append(f"run {post} post-activation hook(s)")
+    return what
+
+
 @operation()
 def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None, None]:
     """
@@ -472,57 +531,31 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     + settings: the host's policy settings (activation, modules to load, hooks)
     + patchset: the set id the loaded fix module must report; "" for no fix module
     """
-    loaded = host.get_fact(IpvsLoadedModules)
-    fix = loaded.get(MODULE_NAME)
-    foreign = foreign_modules(loaded)
-    if patchset:
-        stale = fix is not None and not is_current(fix, patchset)
-        want = f"{MODULE_NAME} {patchset}"
-    else:
-        stale = fix is not None
-        want = f"no {MODULE_NAME}"
-    missing = [m for m in settings.modules if m not in loaded and (patchset or m != MODULE_NAME)]
-    change = stale or foreign or MODULE_NAME in missing
-    if not change and not missing:
-        host.noop(f"{want} is active, IPVS modules stock")
+    loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
+    act = activation(loaded, settings.modules, patchset, settings.activation)
+    what = activation_steps(act, settings.activation, len(settings.pre_activate),
+                            len(settings.post_activate))  # fmt: skip
+    if not what:
+        host.noop(f"{act['want']} at next boot" if act["change"]
+                  else f"{act['want']} is active, IPVS modules stock")  # fmt: skip
         return
-    if change and settings.activation == "next-boot":
-        host.noop(f"{want} at next boot")
+    will("; ".join(what))  # a refusal says so, not "Load the fix module"
+    if act["refusal"]:
+        yield fail(act["refusal"])
         return
-    if foreign and settings.activation == "reload":
-        yield fail(f"{_names(foreign)}: loaded from an out-of-tree build that is not the fix "
-                   "module; replacing it would unload IPVS and drop its tables and "
-                   "connections: reboot the host (host data ipvs_activation: reboot)")  # fmt: skip
-        return
-    what = []
-    if change and settings.pre_activate:
-        what.append(f"run {len(settings.pre_activate)} pre-activation hook(s)")
-    if change and settings.activation == "reboot":
-        what.append(f"reboot for {want}" + (f" (and stock {_names(foreign)})" if foreign else ""))
-    else:
-        if stale:
-            what.append(f"unload {MODULE_NAME} {fix['version'] if fix else ''} (IPVS stays "
-                        "loaded, its tables untouched)")  # fmt: skip
-        if missing or (stale and patchset):
-            loads = [*missing, *([MODULE_NAME] if stale and patchset else [])]
-            what.append(f"load {_names(loads)}")
-    if change and settings.post_activate:
-        what.append(f"run {len(settings.post_activate)} post-activation hook(s)")
-    will("; ".join(what))
-    if change:
+    if act["change"]:
         yield from hooks("pre-activation", settings.pre_activate, settings.hook_timeout)
-    if change and settings.activation == "reboot":
+    if act["change"] and settings.activation == "reboot":
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
     else:
         steps: list[Any] = ["true"]
-        if stale:
+        if act["stale"]:
             steps += ["&& rmmod", MODULE_NAME]
-        loads = [*missing, *([MODULE_NAME] if stale and patchset else [])]
-        if loads:
-            steps += ["&& for m in", *[QuoteString(m) for m in loads],
+        if act["loads"]:
+            steps += ["&& for m in", *[QuoteString(m) for m in act["loads"]],
                       '; do modprobe "$m" || exit 1; done']  # fmt: skip
         yield locked("activate", settings.lock_wait, *steps)
-    if change:
+    if act["change"]:
         yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
 
 

@@ -3,10 +3,11 @@ checks, for Ansible.
 
 The role reads hosts with the same shell commands as the pyinfra facts
 (`ipvs_fleet.deploy.facts`), parses their output with the same `process()` methods, and
-decides with the same policy loader, artifact loader and reuse interlock
-(`ipvs_fleet.policy`, `ipvs_fleet.build.artifact`, `ipvs_fleet.deploy.plan`). Nothing the
-two engines decide is defined twice, so the controller needs the `ipvs-fleet` Python package
-next to ansible-core: a declared dependency (the collection's requirements.txt and README).
+decides with the same policy loader, artifact loader, reuse interlock and verification
+(`ipvs_fleet.policy`, `ipvs_fleet.build.artifact`, `ipvs_fleet.deploy.plan`,
+`ipvs_fleet.deploy.operations`, the activation's too). Nothing the two engines decide is
+defined twice, so the controller needs the `ipvs-fleet` Python package next to
+ansible-core: a declared dependency (the collection's requirements.txt and README).
 
     {{ 'preflight' | ipvs_fleet.fleet.ipvs_fleet_probe_command }}     -> shell script
     {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_plan(inventory_hostname,
@@ -30,29 +31,30 @@ REQUIREMENT = "ipvs-fleet"  # the PyPI name; the collection's requirements.txt p
 
 try:
     from ipvs_fleet.deploy.facts import (
+        DkmsVersions,
         IpvsInstalledModules,
         IpvsLoadedModules,
-        IpvsSwapState,
         IpvsSysctls,
         IpvsUsage,
         Lockdown,
-        failed_set_dir,
         updates_dir,
     )
     from ipvs_fleet.deploy.operations import (
         MANAGED_FILES,
         STALE_STAGING,
         STATE_DIR,
+        activation,
         backup_path,
-        is_current,
         lock_preamble,
         staging_path,
         swap_in,
         verification_problems,
     )
+    from ipvs_fleet.deploy.operations import activation_steps as steps_of
     from ipvs_fleet.deploy.plan import decide
     from ipvs_fleet.errors import FleetError
-    from ipvs_fleet.policy import load_policy
+    from ipvs_fleet.kernel import MODULE_NAME
+    from ipvs_fleet.policy import KNOB, load_policy
 except ImportError as e:  # a clear error at the first filter use, not a plugin-load traceback
     _MISSING: str | None = (
         f"the ipvs_fleet.fleet collection needs the {REQUIREMENT} Python package on the "
@@ -76,7 +78,7 @@ def _sections(script: dict[str, str]) -> str:
 
 def probe_command(kind: str, kernel_release: str = "") -> str:
     """The shell script that reads a host: `preflight` (kernel, lockdown, conntrack users)
-    or `state` (installed, loaded, live sysctls, backups) for `kernel_release`."""
+    or `state` (installed, loaded, live sysctls, backups, DKMS) for `kernel_release`."""
     if kind == "preflight":
         return _sections(
             {
@@ -101,7 +103,9 @@ def probe_command(kind: str, kernel_release: str = "") -> str:
             f"$(sha256sum < {_quote(p)} 2>/dev/null | cut -d' ' -f1)"
             for p in MANAGED_FILES
         )
-        failed = _quote(failed_set_dir(kernel_release))
+        # the folder itself too: a copy depmod never indexed is not `installed`, and the
+        # rollback removes it all the same (modules_removed)
+        dest = _quote(updates_dir(kernel_release))
         return _sections(
             {
                 "installed": installed,
@@ -109,8 +113,8 @@ def probe_command(kind: str, kernel_release: str = "") -> str:
                 "sysctls": IpvsSysctls().command(),
                 "backups": backups,
                 "files": files,
-                "failed": f"[ -e {failed} ] && echo yes || echo no",
-                "swap": IpvsSwapState().command(),
+                "on_disk": f"[ -d {dest} ] && echo yes || echo no",
+                "dkms": DkmsVersions().command(),
             }
         )
     raise AnsibleFilterError(f"ipvs_fleet_probe_command: unknown probe {kind!r}")
@@ -184,6 +188,7 @@ def plan(
             f"{sha}  {name}" for name, sha in sorted(hp.modules.items())
         ),
         "patchset": hp.patchset,
+        "fix_module": MODULE_NAME,
         "reuse": hp.reuse,
         "usage": hp.usage,
         "updates_dir": updates_dir(kernel),
@@ -195,14 +200,16 @@ def plan(
 def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> dict[str, Any]:
     """A host's IPVS state and what the role still has to do about it.
 
-    + plan: the host's plan (ipvs_fleet_plan)
-    + patchset: the build that must be loaded; default the plan's, "" for the stock build
+    + plan: the host's plan (ipvs_fleet_plan or ipvs_fleet_rollback_plan)
+    + patchset: the build the fix module must be loaded from; default the plan's, "" for
+      no fix module (the rollback)
 
     Keys: installed, loaded, sysctls (live), backups {path: file|absent|none},
-    files {path: "<mode>:<sha256>" (":" when absent)}, failed_set,
-    install (bool), stale, swap (idle|running|pending), missing (modules to modprobe),
-    sysctl_changes {key: value}, sysctl_absent, managed [{path, template, backup}],
-    problems (verification, [] = ok).
+    files {path: "<mode>:<sha256>" (":" when absent)}, on_disk (the updates folder exists),
+    dkms (registered ipvs-fleet DKMS versions), install (bool), the activation's keys
+    (`activation`: want, fix_version, stale, foreign, missing, change, loads, refusal),
+    sysctl_changes {key: value} (the rollback's: the knob to 0 where it exists),
+    sysctl_absent, managed [{path, template, backup}], problems (verification, [] = ok).
     """
     facts = split_probe(stdout)
     want = plan["patchset"] if patchset is None else patchset
@@ -211,31 +218,26 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     live = IpvsSysctls().process(facts.get("sysctls", []))
     backups = dict(line.rsplit("=", 1) for line in facts.get("backups", []) if "=" in line)
     files = dict(line.rsplit("=", 1) for line in facts.get("files", []) if "=" in line)
-    swap = IpvsSwapState().process(facts.get("swap", []))
-    stale = sorted(m for m, info in loaded.items() if not is_current(info, want))
-    missing = [m for m in plan["modules"] if m not in loaded or m in stale]
     wanted: dict[str, int] = dict(plan["sysctls"]) if want else {}
-    changes = {k: v for k, v in sorted(wanted.items()) if k in live and live[k] != v}
-    absent = sorted(k for k in wanted if k not in live)
-    problems = verification_problems(loaded, live, want, wanted, swap)
+    # the rollback sets the knob to 0 first where it exists (sysctl_live if_present)
+    to_set = wanted if want else {KNOB: 0}
+    changes = {k: v for k, v in sorted(to_set.items()) if k in live and live[k] != v}
     return {
         "installed": installed,
         "loaded": loaded,
         "sysctls": live,
         "backups": backups,
         "files": files,
-        "failed_set": (facts.get("failed") or ["no"])[0].strip() == "yes",
-        "install": installed != dict(plan["module_sums"]),
-        "stale": stale,
-        # an earlier swap still running or died with its table not restored: idle|running|pending
-        "swap": swap["state"],
-        "missing": missing,
+        "on_disk": (facts.get("on_disk") or ["no"])[0].strip() == "yes",
+        "dkms": DkmsVersions().process(facts.get("dkms", [])),
+        "install": bool(want) and installed != dict(plan["module_sums"]),
+        **activation(loaded, plan["modules"], want, plan["activation"]),
         "sysctl_changes": changes,
-        "sysctl_absent": absent,
+        "sysctl_absent": sorted(k for k in wanted if k not in live),
         "managed": [
             {"path": p, "template": t, "backup": backup_path(p)} for p, t in MANAGED_FILES.items()
         ],
-        "problems": problems,
+        "problems": verification_problems(loaded, live, want, wanted),
     }
 
 
@@ -243,7 +245,7 @@ def rollback_plan(
     stdout: str, host: str, hostvars: Mapping[str, Any], policy_file: str | None = None
 ) -> dict[str, Any]:
     """What rollback needs for a host (the pyinfra rollback's `settings_for`): its policy
-    settings and kernel release; no artifact, no interlock. `patchset` "" = the stock build."""
+    settings and kernel release; no artifact, no interlock. `patchset` "" = no fix module."""
     try:
         s = load_policy(policy_file or None).for_host(host, host_data(hostvars))
     except FleetError as e:
@@ -262,9 +264,9 @@ def rollback_plan(
         "lock_wait": s.lock_wait,
         "kernel_release": kernel,
         "patchset": "",
+        "fix_module": MODULE_NAME,
         "module_sums": {},
         "updates_dir": updates_dir(kernel),
-        "failed_set_dir": failed_set_dir(kernel),
         "state_dir": STATE_DIR,
     }
 
@@ -276,7 +278,8 @@ def locked(what: str, wait: int) -> str:
 
 
 def exchange(staging: str, dest: str) -> str:
-    """The install's swap of the staged set into place (operations.swap_in), as text."""
+    """The install's atomic exchange of the staged folder into place (operations.swap_in),
+    as text."""
     return swap_in(staging, dest)
 
 
@@ -285,33 +288,36 @@ def staged(path: str, token: str) -> str:
     return staging_path(path, token)
 
 
+def activation_steps(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
+    """What the activation does, in modules_active's words ([] = nothing)."""
+    return steps_of(st, plan["activation"], len(plan["pre_activate"]), len(plan["post_activate"]))
+
+
 def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
-    """What a run would change on the host, one line each ([] = nothing): the check-mode
-    report, since the role's command tasks are skipped in check mode."""
-    out = []
-    if st.get("install"):
-        out.append(
-            f"install patch set {plan['patchset']} for {plan['kernel_release']} "
-            f"in {plan['updates_dir']}"
-        )
-    if plan.get("patchset") == "":  # the rollback's plan
-        if st.get("installed") or st.get("failed_set"):
-            out.append(f"remove the patched modules from {plan['updates_dir']}")
-        for path, backup in st.get("backups", {}).items():
+    """What a run would change on the host, one line each ([] = nothing), in the order the
+    run changes it: the check-mode report, since the role's command tasks are skipped in
+    check mode."""
+    values = [f"set net.ipv4.vs.{key}={value} (live: {st['sysctls'].get(key)})"
+              for key, value in st["sysctl_changes"].items()]  # fmt: skip
+    if not plan["patchset"]:  # the rollback's plan: knob 0, files, then the activation
+        out = list(values)
+        if st["installed"] or st["on_disk"] or st["dkms"]:
+            dkms = f"; DKMS ipvs-fleet {', '.join(st['dkms'])}" if st["dkms"] else ""
+            out.append(f"remove the fix module's files from {plan['updates_dir']}{dkms}, depmod")
+        for path, backup in st["backups"].items():
             if backup != "none":
                 out.append(f"restore {path}" if backup == "file" else f"remove {path}")
-    if st.get("swap") != "idle":
-        out.append(f"finish the earlier module swap ({st.get('swap')})")
-    if st.get("stale"):
+        return out + activation_steps(st, plan)
+    out = []
+    if st["install"]:
         out.append(
-            f"activate ({plan['activation']}) the installed build of {', '.join(st['stale'])}"
+            f"install the fix module {MODULE_NAME} {plan['patchset']} for "
+            f"{plan['kernel_release']} in {plan['updates_dir']}"
         )
-    if st.get("missing"):
-        out.append(f"load {', '.join(st['missing'])}")
-    for key, value in st.get("sysctl_changes", {}).items():
-        out.append(f"set net.ipv4.vs.{key}={value} (live: {st['sysctls'].get(key)})")
-    for key in st.get("sysctl_absent", []):
-        out.append(f"set net.ipv4.vs.{key}={plan['sysctls'][key]} (absent until activated)")
+    out += activation_steps(st, plan) + values
+    if plan["activation"] != "next-boot":  # with next-boot they appear at the next boot
+        out += [f"set net.ipv4.vs.{key}={plan['sysctls'][key]} (absent until activated)"
+                for key in st["sysctl_absent"]]  # fmt: skip
     return out
 
 

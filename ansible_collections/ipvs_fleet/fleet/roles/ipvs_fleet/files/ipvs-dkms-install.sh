@@ -1,8 +1,8 @@
 #!/bin/sh
-# Managed by ipvs-fleet. Build mode (ipvs_install: dkms): build the patched IPVS set on this
-# host with DKMS, from its own linux-headers and linux-source, then install that build under
+# Managed by ipvs-fleet. Build mode (ipvs_install: dkms): build the fix module ip_vs_reuse on
+# this host with DKMS, from its own linux-headers, then install that build under
 # /lib/modules/<release>/updates/ipvs-fleet exactly as an uploaded artifact is installed
-# (checked, swapped in whole, depmod). The live modules are not touched here: activation
+# (checked, exchanged in whole, depmod). The live modules are not touched here: activation
 # is the deploy's next step.
 #
 #   ipvs-dkms-install.sh TREE.tar.gz SHA256 SET_ID KERNEL_RELEASE MODULE_COUNT
@@ -29,8 +29,11 @@ for d in /var/lib/dkms/$pkg/*/; do
 done
 tar -xzf "$tarball" -C /usr/src
 dkms add -m $pkg -v "$sid" >/dev/null
-if ! dkms build -m $pkg -v "$sid" -k "$kr" >/tmp/ipvs-dkms-build.log 2>&1; then
-    cat /tmp/ipvs-dkms-build.log >&2
+# the log under root's own state folder, never a fixed path in /tmp
+log=/var/lib/ipvs-fleet/dkms-build.log
+mkdir -p /var/lib/ipvs-fleet
+if ! dkms build -m $pkg -v "$sid" -k "$kr" >"$log" 2>&1; then
+    cat "$log" >&2
     for log in /var/lib/dkms/$pkg/$sid/build/make.log \
         /var/lib/dkms/$pkg/$sid/$kr/*/log/make.log; do
         [ -f "$log" ] && tail -n 40 "$log" >&2
