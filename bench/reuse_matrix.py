@@ -7,13 +7,18 @@
 A cell is (ruleset, iptables backend, client, family) of `src/ipvs_fleet/probe/scenario.py`:
 the minimal INVALID-drop cell, kube-proxy's IPVS-mode ruleset (NodePort from an outside
 client, ClusterIP from a pod, a host-network client on the node), masquerade-all, Calico's
-chains, iptables-nft and -legacy, IPv4 and IPv6; every cell with the INVALID-drop rule. Per
-line and cell: stock modules and patched knob=0 (the drop must show: the cell is live), patched
-knob=1 (200 reconnects per cell: 40 of each of A, B, B2, C1, C2), the UDP scenario, conntrack
-after a reuse, and, on the NodePort cell, 10,000 ordinary short connections per side with
-stock and knob=1 in alternating rounds (p99 ratio). The lines run in parallel, one VM each
-(the slow/failed verdicts are robust to that; the p99 ratio compares sides of one run).
-Writes every run's JSON, a CDF per line and cell, and the Markdown table (`--doc`).
+chains, iptables-nft and -legacy, IPv4 and IPv6; every cell with the INVALID-drop rule.
+"The module" is the artifact's fix module ip_vs_reuse, loaded on top of the kernel's own
+ip_vs; switching between stock and the module is rmmod / insmod of it alone (IPVS stays
+loaded). Per line and cell: stock modules and the module with knob=0 (the drop must show: the
+cell is live), the module with knob=1 (200 reconnects per cell: 40 of each of A, B, B2, C1, C2,
+and the module's kills of stale conntrack entries), the UDP scenario, conntrack after a reuse,
+and, on the NodePort cell, 10,000 ordinary short connections per side with stock and knob=1
+in alternating rounds in this one run (p99 ratio). B2 and U hold IPVS's flush of a deleted
+real server's connections (`Plan.hold_flush`), so their measured packet meets the old
+connection every time. The lines run in parallel, one VM each (the slow/failed verdicts are
+robust to that; the p99 ratio compares sides of one run). Writes every run's JSON, a CDF per
+line and cell, and the Markdown table (`--doc`).
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ def key(cell: Cell) -> str:
 def plan(cell: Cell, knob: int | None, scenarios: dict[str, int], **kw: Any) -> Plan:
     ruleset, backend, client, family = cell
     return Plan(rule="drop", knob=knob, ruleset=ruleset, iptables=backend, client=client,
-                family=family, scenarios=scenarios, conntrack_check=knob == 1, **kw)
+                family=family, scenarios=scenarios, conntrack_check=knob == 1,
+                hold_flush=True, **kw)
 
 
 def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int,
@@ -118,6 +124,7 @@ def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int,
                  "rounds": res["ordinary_runs"]}) + "\n")
             res["ordinary_samples"] = samples
             log(f"{line} ordinary: {res['ordinary']}")
+            log(f"{line} ordinary p99 ratio: {ordinary_ratios(res['ordinary'])}")
     finally:
         g.restore(before)
     # The table holds every configuration measured into `out` (an earlier run's too).
@@ -142,13 +149,23 @@ def run_line(g: Guest, art: Any, out: Path, ordinary: int, rounds: int,
     return res
 
 
+def ordinary_ratios(summary: dict[str, dict[str, Any]]) -> str:
+    """`knob1/stock 1.03, stock2/stock 0.99` (p99) from the ordinary summary."""
+    base = summary.get("stock", {}).get("p99")
+    return ", ".join(f"{k}/stock {v['p99'] / base:.2f}" for k, v in summary.items()
+                     if k != "stock" and base and v.get("p99") is not None) or "-"
+
+
 def p99_ratio_ci(base: list[float], other: list[float], n: int = 1000,
                  seed: int = 1) -> tuple[float, float]:
     """95% bootstrap interval of p99(other) / p99(base): both sides resampled with
     replacement, n times (a fixed seed, so a regenerated table does not move)."""
     rng = random.Random(seed)
-    ratios = sorted(percentile(rng.choices(other, k=len(other)), 99)
-                    / percentile(rng.choices(base, k=len(base)), 99) for _ in range(n))
+
+    def p99(xs: list[float]) -> float:
+        return percentile(rng.choices(xs, k=len(xs)), 99) or 0.0  # never None: xs not empty
+
+    ratios = sorted(p99(other) / p99(base) for _ in range(n))
     return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
@@ -157,15 +174,22 @@ def cell_text(row: dict[str, Any]) -> str:
 
 
 def verdict(r: dict[str, Any]) -> str:
-    """The knob=1 extras of a run: NEW counted, masquerade as demanded, conntrack, live."""
-    rows = {k: v for k, v in summarize(r).items() if k != "U"}
-    new_ok = all(v.get("new_conns") in (None, 2 * v["count"]) for v in rows.values())
+    """The knob=1 extras of a run: the module's kills, NEW counted (mangle and nat),
+    masquerade as demanded, conntrack, live."""
+    every = summarize(r)
+    rows = {k: v for k, v in every.items() if k != "U"}
+    kills = "/".join(f"{k} {v.get('killed_tcp' if k != 'U' else 'killed_udp')} of "
+                     f"{v.get('old_conn_met')}" for k, v in every.items()
+                     if k in ("A", "B", "B2", "U"))
+    new_ok = all(v.get(c) in (None, 2 * v["count"]) for v in rows.values()
+                 for c in ("new_conns", "nat_new"))
     masq_ok = all(not v.get("masq_mismatch") for v in rows.values())
     live = all(v["live"] == v["count"] - v["errors"] for v in rows.values())
     ct = r.get("conntrack", {})
     ct_ok = bool(ct) and all(v.get("consistent") for v in ct.values())
     peers = sorted({k for v in r.get("scenarios", {}).values() for k in v.get("peer_kinds", {})})
-    return (f"NEW x2: {'yes' if new_ok else 'NO'}; real server saw: {'/'.join(peers) or '-'}"
+    return (f"kills of met: {kills or '-'}; NEW x2: {'yes' if new_ok else 'NO'}; "
+            f"real server saw: {'/'.join(peers) or '-'}"
             f"{'' if masq_ok else ' (MISMATCH)'}; conntrack: "
             f"{'1 entry, new server' if ct_ok else 'INCONSISTENT'}; "
             f"live: {'yes' if live else 'NO'}")
@@ -181,10 +205,12 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
          "backend / client / family) and "
          "scenarios: `src/ipvs_fleet/probe/scenario.py`; every cell has the INVALID-drop "
          "rule. Each entry: slow (connect >= 900 ms) / failed of attempts of the same-port "
-         "reconnect. U: UDP to a removed real server, slow = needed the 1 s retry.",
+         "reconnect. U: UDP to a removed real server, slow = needed the 1 s retry. The module: "
+         "the fix module ip_vs_reuse on top of the kernel's own ip_vs; kills: its "
+         "killed_tcp (U: killed_udp) of the attempts that met an old connection.",
          "",
-         "| line | cell | modules | A | B | B2 | C1 | C2 | U | knob=1: NEW counted, masquerade, "
-         "conntrack, live servers |",
+         "| line | cell | modules | A | B | B2 | C1 | C2 | U | knob=1: kills, NEW counted, "
+         "masquerade, conntrack, live servers |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     for ln in lines:
         for cell in CELLS:
@@ -193,22 +219,22 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
                 if r is None:
                     continue
                 rows = summarize(r)
-                mods = {"stock": "stock", "knob0": "patched, knob=0",
-                        "knob1": "patched, knob=1"}[label]
+                mods = {"stock": "stock", "knob0": "ip_vs_reuse, knob=0",
+                        "knob1": "ip_vs_reuse, knob=1"}[label]
                 t.append(f"| {ln['line']} | {cell_label(r)} | {mods} | "
                          + " | ".join(cell_text(rows[s]) if s in rows else "-"
                                       for s in (*SCENARIOS, "U"))
                          + f" | {verdict(r) if label == 'knob1' else ''} |")
     t += ["",
           "Ordinary short connections (ephemeral ports, kube-proxy NodePort cell), stock vs "
-          "patched knob=1, alternating rounds in one run (stock, knob=1, stock again: the "
+          "ip_vs_reuse knob=1, alternating rounds in one run (stock, knob=1, stock again: the "
           "second stock side's ratio is the A/A noise of the run). The interval is a 95% "
           "bootstrap of the p99 ratio over the connections; it does not cover drift between "
           "rounds (the controller's load), which the A/A row shows:",
           "",
           "| line | modules | n | p50 ms | p90 ms | p99 ms | p99 / stock | 95% interval |",
           "|---|---|---|---|---|---|---|---|"]
-    names = {"stock": "stock", "knob1": "patched, knob=1", "stock2": "stock again (A/A)"}
+    names = {"stock": "stock", "knob1": "ip_vs_reuse, knob=1", "stock2": "stock again (A/A)"}
     for ln in lines:
         o = ln.get("ordinary", {})
         for label in (x for x in names if x in o):
@@ -231,10 +257,9 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
           f"`{rel}/<line>-<cell>.png`; raw JSON of every run next to them.", "",
           "Notes:",
           "- TCG latencies on a 2-core controller shared by three VMs: compare within a run.",
-          "- B2 and U race IPVS's own flush of a removed real server's connections on 5.9+ "
-          "(04231e52d355): with stock modules a few B2 reconnects pass without the drop.",
-          "- The 1.x design (`retrack` test variant) failed every reconnect in the masquerade "
-          "cells (tests/lab/test_reuse.py); it is not measured here.",
+          "- B2 and U hold IPVS's own flush of a removed real server's connections on 5.9+ "
+          "(04231e52d355) around the deletion, so the measured packet meets the old "
+          "connection every time (racing the flush, some would pass without the drop).",
           "- `tests/lab/test_reuse.py` runs a reduced matrix of this on every line in "
           "`make test`.", ""]
     return "\n".join(t)

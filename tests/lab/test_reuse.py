@@ -7,25 +7,32 @@ each, the lines of the lab fleet in parallel: 5.10, 6.1, 6.12; 7.2 with lab/flee
 backend, client, family): the minimal INVALID-drop cell, kube-proxy's IPVS-mode ruleset with
 its mark-based masquerade (NodePort from an outside client, a host-network client on the node:
 IPVS's LOCAL_OUT path, IPv6), masquerade-all from a pod on iptables-legacy, and Calico's chains
-(`src/ipvs_fleet/probe/scenario.py`). Per line:
+(`src/ipvs_fleet/probe/scenario.py`). "The module" is the artifact's fix module ip_vs_reuse
+(design `prekill`: it kills a reused port's stale conntrack entry before conntrack), loaded on
+top of the kernel's own ip_vs; switching between stock and the module never unloads IPVS. Per
+line:
 - stock modules: A, B and B2 reconnects wait for the SYN retransmission (about 1 s) in the
   minimal and the masquerade cells, so every cell is live; C1, C2 do not
-- B2 (real server deleted) is sequenced so that its reconnect meets the old connection every
-  time (`hold_flush`, see HOLD_FLUSH), on every line; each attempt checks it did
-- patched, knob=1, every cell: 0 slow, 0 failed, every answer from a live real server, no SYN
-  retransmission, the reconnect counted as a NEW connection by the director's mangle rule (2
-  per attempt), the real server saw the masqueraded node address exactly where the ruleset
-  demands it; conntrack after a reuse: one entry, reply side on the new real server
-- patched, knob=0: the drop is back; passive FTP through ip_vs_ftp works
-- UDP to a removed real server (U): never answered by it, the retry always answered, the same
-  with knob=1 as with stock (the knob touches TCP new connections only)
-- no kernel warning in dmesg over the whole run
-On 6.1, the 1.x re-track design (test-only `retrack` variant) fails every reconnect behind
-kube-proxy's masquerade: the cells see the bug the redesign removes. Also on 6.1: 1,000
-ordinary short connections each with stock and knob=1 through the NodePort, all answered
-(their p99 ratio is a benchmark figure: bench/reuse_matrix.py).
+- B2 (real server deleted) and U are sequenced so that the measured packet meets the old
+  connection every time (`hold_flush`, see HOLD_FLUSH), on every line; each attempt checks it
+  did (`old_conn_met`)
+- the module, knob=1, every cell: every A/B/B2 reconnect 0 slow, 0 failed, answered by a live
+  real server, no SYN retransmission; the module's killed_tcp (/proc/net/ip_vs_reuse of the
+  director) equals the reconnects that met an old connection; each connection (first and
+  reconnect) counted NEW once in mangle and in nat (where kube-proxy marks for masquerade);
+  the real server saw the masqueraded node address exactly where the ruleset demands it;
+  conntrack after a reuse: one entry, reply side on the new real server
+- the module, knob=0: the drop is back and nothing is killed; passive FTP through ip_vs_ftp
+- UDP (U: the real server that answered a port is deleted, `expire_nodest_conn=1`, the port
+  asks again): stock and knob=0 answer no second query at the first try (the retry after 1 s
+  is answered); knob=1 answers every one at the first try (killed_udp = queries), never from
+  the deleted server
+- no kernel warning in dmesg over the whole run; the hosts get their own modules back
+Also on 6.1: 1,000 ordinary short connections each with stock and knob=1 through the
+NodePort, all answered (their p99 ratio is a benchmark figure: bench/reuse_matrix.py,
+bench/bench_ordinary.py).
 
-Results (JSON, CDF plots) go to reports/reuse/. The lab hosts get their own modules back.
+Results (JSON, CDF plots) go to reports/reuse/.
 """
 
 from __future__ import annotations
@@ -61,36 +68,34 @@ CALICO_POD: Cell = ("calico", "nft", "pod", 4)
 # reduced matrix: IPv6, masquerade-all on iptables-legacy, Calico, more attempts per cell,
 # the ordinary connections. (The whole matrix, 14 cells per line: bench/reuse_matrix.py.)
 FULL = os.environ.get("IPVS_FLEET_TEST_FULL") == "1"
-N = 10 if FULL else 5  # attempts per TCP scenario in a kube-proxy cell with knob=1
-TCP_N = dict.fromkeys(("A", "B", "B2", "C1", "C2"), N)
+N = 10 if FULL else 5  # attempts per scenario in a kube-proxy cell with knob=1
+# knob=1 costs no retry, so U runs in every cell; stock and knob=0 wait ~1 s per U attempt.
+TCP_U_N = dict.fromkeys(("A", "B", "B2", "C1", "C2", "U"), N)
 # attempts per scenario, per cell and modules
 STOCK: dict[Cell, dict[str, int]] = {
-    MINIMAL: dict.fromkeys(("A", "B", "B2", "C1", "C2"), 5 if FULL else 3),
+    MINIMAL: {**dict.fromkeys(("A", "B", "B2", "C1", "C2"), 5 if FULL else 3), "U": 3},
     NODEPORT: {"A": 3, "B": 3, "C1": 3, "C2": 3, "U": 3},
     HOST: {"A": 3, "B": 3},
     **({NODEPORT6: {"A": 3, "B": 3}} if FULL else {}),
 }
 KNOB1: dict[Cell, dict[str, int]] = {
-    MINIMAL: {"A": 100, "B": 100, "B2": 100, "C1": 30, "C2": 30} if FULL
-    else {"A": 30, "B": 30, "B2": 30, "C1": 10, "C2": 10},
-    NODEPORT: {**TCP_N, "U": 3},
-    HOST: TCP_N,
-    **({NODEPORT6: TCP_N, MASQ_ALL_LEGACY: TCP_N, CALICO_POD: TCP_N} if FULL else {}),
+    MINIMAL: {"A": 100, "B": 100, "B2": 100, "C1": 30, "C2": 30, "U": 30} if FULL
+    else {"A": 30, "B": 30, "B2": 30, "C1": 10, "C2": 10, "U": 10},
+    NODEPORT: TCP_U_N,
+    HOST: TCP_U_N,
+    **({NODEPORT6: TCP_U_N, MASQ_ALL_LEGACY: TCP_U_N, CALICO_POD: TCP_U_N} if FULL else {}),
 }
 CONNTRACK_CELLS = (MINIMAL, NODEPORT, HOST)
 KNOB0: dict[Cell, dict[str, int]] = {
-    MINIMAL: {"A": 10, "B": 10, "B2": 5} if FULL else {"A": 3, "B": 3},
+    MINIMAL: {"A": 10, "B": 10, "B2": 5, "U": 3} if FULL else {"A": 3, "B": 3, "U": 3},
     NODEPORT: {"A": 3, "B": 3},
 }
-RETRACK_LINE = "6.1"
-RETRACK: dict[Cell, dict[str, int]] = {NODEPORT: {"A": 3}, HOST: {"A": 3}} if FULL else {
-    NODEPORT: {"A": 3}
-}
+DESIGN = "prekill"  # the fix module's ipvs_fleet_reuse modinfo
 # B2 deletes the real server with expire_nodest_conn 0 around the deletion, then 1 again
 # (Plan.hold_flush). Why: deleting a destination with expire_nodest_conn=1 queues work, 1 jiffy
 # (4 ms) later, that deletes its connections and their conntrack entries (5.9+, 04231e52d355);
-# a SYN arriving after that is NEW and never meets the reuse path, stock or patched. Racing
-# it, the outcome is timing, not the behaviour under test: the VM has one vCPU and under TCG
+# a SYN arriving after that is NEW and never meets the reuse path, stock or with the module.
+# Racing it, the outcome is timing, not the behaviour under test: the VM has one vCPU and under TCG
 # its clock is the host's, so when the host deschedules the vCPU between the deletion and the
 # SYN, the tick is due on resume and the flush runs first. Seen on 7.2 (2026-11-30): on the
 # loaded machine (the line's plans 698 s, the stock cell's setup 41.7 s) the racing reconnect
@@ -100,7 +105,8 @@ RETRACK: dict[Cell, dict[str, int]] = {NODEPORT: {"A": 3}, HOST: {"A": 3}} if FU
 # it win. With the flush held, the reconnect's SYN meets the old connection as any SYN in
 # that window does on a real node (the kernel reads expire_nodest_conn per packet, so its
 # path is the same), so stock B2 must drop it on every line, and knob=1 B2 exercises the
-# hand-back every time instead of only when it wins the race.
+# module's kill every time instead of only when it wins the race. U deletes its UDP real
+# server the same way, for the same reason.
 HOLD_FLUSH = True
 ORDINARY_LINE = "6.1"
 ORDINARY_ROUNDS = 1  # the p99 comparison (alternating rounds) is the benchmark's
@@ -125,12 +131,15 @@ def _key(cell: Cell) -> str:
     return "-".join(map(str, cell))
 
 
-def run_line(lab: Any, art: Any, retrack: Any | None, host: str) -> dict[str, Any]:
-    """Every cell of one line: stock, knob=1, knob=0 (and the retrack variant on 6.1)."""
+LABELS = ("stock", "knob1", "knob0")
+
+
+def run_line(lab: Any, art: Any, host: str) -> dict[str, Any]:
+    """Every cell of one line: stock, then the module with knob=1 and knob=0."""
     g = Guest(lab, host)
     before = g.status()
-    out: dict[str, Any] = {"host": host, "before": before, "stock": {}, "knob1": {},
-                           "knob0": {}, "retrack": {}}
+    out: dict[str, Any] = {"host": host, "before": before, "set_id": art.set_id,
+                           **{label: {} for label in LABELS}}
     t0 = time.monotonic()
     try:
         g.load_modules(None)
@@ -141,11 +150,6 @@ def run_line(lab: Any, art: Any, retrack: Any | None, host: str) -> dict[str, An
             out["knob1"][_key(cell)] = g.run_plan(_plan(cell, 1, sc))
         for cell, sc in KNOB0.items():
             out["knob0"][_key(cell)] = g.run_plan(_plan(cell, 0, sc, ftp=cell == MINIMAL))
-        if retrack is not None:
-            g.load_modules(retrack)
-            for cell, sc in RETRACK.items():
-                # a failing reconnect costs the whole timeout: keep it short
-                out["retrack"][_key(cell)] = g.run_plan(_plan(cell, 1, sc, timeout=2.0))
     finally:
         out["restored"] = g.restore(before)
     out["seconds"] = round(time.monotonic() - t0, 1)
@@ -158,7 +162,7 @@ def _save(name: str, data: dict[str, Any]) -> None:
     try:
         from ipvs_fleet.probe.plot import plot_files
 
-        for label in ("stock", "knob1", "knob0"):
+        for label in LABELS:
             for key, r in data.get(label, {}).items():
                 p = REPORTS / f"{name}-{label}-{key}.json"
                 p.write_text(json.dumps(r))
@@ -169,15 +173,14 @@ def _save(name: str, data: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def lines(lab: Any, artifacts: Any, retrack_artifact: Any) -> dict[str, dict[str, Any]]:
+def lines(lab: Any, artifacts: Any) -> dict[str, dict[str, Any]]:
     """All lines measured at once (one VM each); {line: run_line result}."""
     jobs = {}
     with ThreadPoolExecutor(len(LINES)) as pool:
         for line in LINES:
             host = _host_of(lab, line)
             kr = lab.hosts[host].kernel_release
-            retrack = retrack_artifact if line == RETRACK_LINE else None
-            jobs[line] = pool.submit(run_line, lab, artifacts[kr], retrack, host)
+            jobs[line] = pool.submit(run_line, lab, artifacts[kr], host)
         done = {line: job.result() for line, job in jobs.items()}
     for line, data in done.items():
         _save(line, data)
@@ -191,26 +194,34 @@ def _rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _assert_b2_met_the_old_connection(r: dict[str, Any], where: str) -> None:
-    """The held flush worked: every B2 reconnect found its old connection in the table."""
-    assert r["old_conn_met"] == r["count"], f"flush not held: {where}"
+def _assert_met_the_old_connection(r: dict[str, Any], where: str) -> None:
+    """The held flush worked (B2, U), or nothing expired it (A, B): every measured packet
+    found its old connection in the IPVS table."""
+    assert r["old_conn_met"] == r["count"], f"old connection not there to meet: {where}"
+
+
+def _tcp(counts: dict[str, int]) -> dict[str, int]:
+    return {sc: n for sc, n in counts.items() if sc != "U"}
 
 
 @pytest.mark.parametrize("line", LINES)
 def test_stock_modules_drop_the_reconnect_in_every_cell(lines: dict[str, Any], line: str) -> None:
-    for key, result in lines[line]["stock"].items():
+    for cell, counts in STOCK.items():
+        result = lines[line]["stock"][_key(cell)]
+        assert not result["modules"]["knob_present"] and result["modules"]["fix_module"] is None
+        assert result["reuse_counters"] is None
         rows = _rows(result)
-        for sc, r in rows.items():
-            if sc == "U":
-                continue
-            assert r["errors"] == 0 and r["setup_errors"] == 0, f"{line} {key} {sc}: {r}"
-            if sc == "B2":
-                _assert_b2_met_the_old_connection(r, f"{line} {key} {sc}: {r}")
+        for sc in _tcp(counts):
+            r = rows[sc]
+            where = f"{line} stock {cell_label(result)} {sc}: {r}"
+            assert r["errors"] == 0 and r["setup_errors"] == 0, where
+            assert r["killed_tcp"] is None, f"/proc/net/ip_vs_reuse without the module: {where}"
             if sc in DROP_SCENARIOS:
+                _assert_met_the_old_connection(r, where)
                 # the scenario reproduces: most reconnects wait for the SYN retransmission
-                assert r["slow"] * 2 > r["count"], f"{line} {key} {sc}: {r}"
+                assert r["slow"] * 2 > r["count"], where
             else:
-                assert r["slow"] == 0, f"{line} {key} {sc}: {r}"
+                assert r["slow"] == 0, where
 
 
 @pytest.mark.parametrize("line", LINES)
@@ -218,22 +229,43 @@ def test_knob1_no_slow_or_failed_reconnect_in_any_cell(lines: dict[str, Any], li
     for cell, counts in KNOB1.items():
         result = lines[line]["knob1"][_key(cell)]
         assert result["sysctls"]["conn_reuse_old_conntrack"] == 1
+        assert result["reuse_counters"]["enabled"] == 1, result["reuse_counters"]
         rows = _rows(result)
-        for sc, n in counts.items():
-            if sc == "U":
-                continue
+        for sc, n in _tcp(counts).items():
             r = rows[sc]
             where = f"{line} knob=1 {cell_label(result)} {sc}: {r}"
             assert (r["count"], r["slow"], r["errors"], r["setup_errors"]) == (n, 0, 0, 0), where
             assert r["live"] == n, f"answered by a dead real server: {where}"
             assert r["syn_retrans"] == 0, f"SYN retransmissions: {where}"
-            if sc == "B2":  # the hand-back ran: the old connection was there to meet
-                _assert_b2_met_the_old_connection(r, where)
+            if sc in DROP_SCENARIOS:
+                _assert_met_the_old_connection(r, where)
+                # every reconnect's stale entry killed before conntrack, once
+                assert r["killed_tcp"] == r["old_conn_met"], f"kills: {where}"
+            else:  # C1/C2: conntrack replaces their entry itself; a kill first is harmless
+                assert r["killed_tcp"] <= r["old_conn_met"], f"kills: {where}"
+            assert r["killed_udp"] == 0, where
             if cell != MINIMAL:
-                # the reconnect crossed the hooks as NEW, like the retransmission would
-                assert r["new_conns"] == 2 * n, f"NEW connections counted: {where}"
+                # each connection (first and reconnect) crossed the hooks as NEW once, nat's
+                # (where kube-proxy marks for masquerade) included
+                assert (r["new_conns"], r["nat_new"]) == (2 * n, 2 * n), f"NEW counted: {where}"
                 # masqueraded exactly where kube-proxy's rules demand it
                 assert r["masq_mismatch"] == 0, f"masquerade: {where}"
+                if result["cell"]["masquerade_demanded"]:
+                    assert r["rule_counters"]["masquerade"] == 2 * n, f"masquerade: {where}"
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_knob1_runs_the_fix_module_beside_stock_ipvs(lines: dict[str, Any], line: str) -> None:
+    """The module loaded is the artifact's build (design prekill, out of tree) on top of the
+    kernel's own ip_vs (no O taint)."""
+    for key, result in lines[line]["knob1"].items():
+        m = result["modules"]
+        fix = m["fix_module"]
+        where = f"{line} {key}: {m}"
+        assert m["knob_present"] and fix is not None, where
+        assert (fix["reuse_design"], fix["set_id"], fix["version"]) == (
+            DESIGN, lines[line]["set_id"], lines[line]["set_id"]), where
+        assert "O" in fix["taint"] and "O" not in m["ip_vs_taint"], where
 
 
 @pytest.mark.parametrize("line", LINES)
@@ -273,13 +305,15 @@ def test_knob0_brings_the_drop_back(lines: dict[str, Any], line: str) -> None:
     for cell, counts in KNOB0.items():
         result = lines[line]["knob0"][_key(cell)]
         assert result["sysctls"]["conn_reuse_old_conntrack"] == 0
+        assert result["reuse_counters"]["enabled"] == 0, result["reuse_counters"]
         rows = _rows(result)
-        for sc in counts:
+        for sc in _tcp(counts):
             r = rows[sc]
-            assert r["errors"] == 0, f"{line} knob=0 {cell_label(result)} {sc}: {r}"
-            if sc == "B2":
-                _assert_b2_met_the_old_connection(r, f"{line} knob=0 {sc}: {r}")
-            assert r["slow"] * 2 > r["count"], f"{line} knob=0 {cell_label(result)} {sc}: {r}"
+            where = f"{line} knob=0 {cell_label(result)} {sc}: {r}"
+            assert r["errors"] == 0, where
+            _assert_met_the_old_connection(r, where)
+            assert r["killed_tcp"] == 0, f"the module acted with knob 0: {where}"
+            assert r["slow"] * 2 > r["count"], where
 
 
 @pytest.mark.parametrize("line", LINES)
@@ -289,42 +323,59 @@ def test_passive_ftp_through_ip_vs_ftp_with_knob0(lines: dict[str, Any], line: s
     assert "(10,10,9,1," in ftp["pasv_reply"], f"{line}: 227 not rewritten to the VIP: {ftp}"
 
 
+def _udp_runs(lines: dict[str, Any], line: str,
+              label: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """(cell, attempts, result) of scenario U in the runs of `label`."""
+    plans = {"stock": STOCK, "knob1": KNOB1, "knob0": KNOB0}[label]
+    return [(_key(cell), counts["U"], lines[line][label][_key(cell)]["scenarios"]["U"])
+            for cell, counts in plans.items() if "U" in counts]
+
+
 @pytest.mark.parametrize("line", LINES)
-def test_udp_to_a_removed_real_server_behaves_as_stock(lines: dict[str, Any], line: str) -> None:
-    """Scenario U (a CoreDNS pod going away, kubernetes#81775): the knob changes TCP new
-    connections only. With stock modules and with knob=1 alike, no datagram is answered by
-    the removed server and the 1 s retry is always answered. (Whether the second datagram is
-    dropped races IPVS's own flush of the removed server's connections on 5.9+.)"""
-    for label in ("stock", "knob1"):
-        u = lines[line][label][_key(NODEPORT)]["scenarios"]["U"]
-        print(label, json.dumps(u["udp"]))
-        assert u["setup_errors"] == 0 and u["count"] == 3, f"{line} {label}: {u}"
-        assert u["answered_by_deleted"] == 0, f"{line} {label}: {u['udp']}"
-        assert u["ok"] == u["count"], f"{line} {label}: unanswered after the retry: {u['udp']}"
+def test_udp_same_port_query_answered_at_the_first_try_with_knob1(
+    lines: dict[str, Any], line: str
+) -> None:
+    """Scenario U (a CoreDNS pod going away, kubernetes#81775) with the module, knob=1: the
+    old connection's conntrack entry is killed before conntrack, so the query after the
+    deletion is rescheduled to a live real server at once."""
+    for key, n, u in _udp_runs(lines, line, "knob1"):
+        print("knob1", key, json.dumps(u["udp"]))
+        where = f"{line} knob=1 {key}: {u['udp']}"
+        assert (u["count"], u["setup_errors"], u["errors"]) == (n, 0, 0), where
+        _assert_met_the_old_connection(u, where)
+        assert u["second_answered"] == n, f"needed the retry: {where}"
+        assert u["answered_by_deleted"] == 0, where
+        assert (u["killed_udp"], u["killed_tcp"]) == (n, 0), f"kills: {where}"
 
 
-@pytest.mark.skipif(RETRACK_LINE not in LINES, reason=f"the lab fleet has no {RETRACK_LINE} host: "
-                    "the 1.x build it loads exists for that line only (the default lab/fleet.yml "
-                    "has it)")
-def test_retrack_design_fails_every_reconnect_behind_kube_proxy(lines: dict[str, Any]) -> None:
-    """The 1.x design (re-track inside IPVS's hook) with knob=1: the reconnect never crosses
-    nat, is not masqueraded, and the real server cannot answer. This is what the cells must
-    catch, and what the hand-back design fixes (the knob=1 tests above)."""
-    for cell in RETRACK:
-        result = lines[RETRACK_LINE]["retrack"][_key(cell)]
-        assert result["modules"]["loaded_by_probe"]["reuse_design"] == "consistent"
-        r = _rows(result)["A"]
-        assert r["count"] == 3 and r["errors"] == 3, f"{cell_label(result)}: {r}"
+@pytest.mark.parametrize("line", LINES)
+def test_udp_stock_and_knob0_need_the_retry(lines: dict[str, Any], line: str) -> None:
+    """Stock IPVS drops the query that meets the old connection (its conntrack entry is the
+    old one): no second query is answered at the first try; the retry 1 s later is, never
+    by the deleted server. With knob=0 the module kills nothing."""
+    for label in ("stock", "knob0"):
+        for key, n, u in _udp_runs(lines, line, label):
+            print(label, key, json.dumps(u["udp"]))
+            where = f"{line} {label} {key}: {u['udp']}"
+            assert u["setup_errors"] == 0 and u["count"] == n, where
+            _assert_met_the_old_connection(u, where)
+            assert u["second_answered"] == 0, f"answered at the first try: {where}"
+            assert u["ok"] == u["count"], f"unanswered after the retry: {where}"
+            assert u["answered_by_deleted"] == 0, where
+            assert u["killed_udp"] == (None if label == "stock" else 0), where
 
 
 @pytest.mark.parametrize("line", LINES)
 def test_no_kernel_warnings(lines: dict[str, Any], line: str) -> None:
     out = lines[line]
-    for label in ("stock", "knob1", "knob0", "retrack"):
+    for label in LABELS:
         for key, r in out[label].items():
             assert r["kernel_warnings"] == [], f"{line} {label} {key}: {r['kmsg_new']}"
-    # the host got its own modules back
-    assert sorted(out["restored"]["loaded"]) == sorted(out["before"]["loaded"])
+    # the host got its own modules back, its own fix module build included
+    before, restored = out["before"], out["restored"]
+    assert sorted(restored["loaded"]) == sorted(before["loaded"])
+    assert (restored["fix_module"] or {}).get("srcversion") == (
+        before["fix_module"] or {}).get("srcversion"), (before, restored)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ import pytest
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.probe import probe, scenario
 from ipvs_fleet.probe.cli import parse_counts
-from ipvs_fleet.probe.harness import Plan, cell_label, modules_label, summarize
+from ipvs_fleet.probe.harness import (
+    Plan,
+    cell_label,
+    check_fix_loaded,
+    modules_label,
+    summarize,
+)
 
 PROBE_DIR = Path(probe.__file__).parent
 K8S_BUDGET = {"slow_ms": 900, "max_slow": 0, "max_errors": 0, "p99_ms": 100}
@@ -184,6 +191,110 @@ def test_ipvs_conns_from_port_counts_tcp_rows_of_that_client_port() -> None:
     assert scenario.ipvs_conns_from_port(IPVS_CONN.splitlines()[0], 10000) == 0
 
 
+def test_ipvs_conns_from_port_of_udp() -> None:
+    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10000, "udp") == 1
+    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10001, "udp") == 0
+
+
+# --- the fix module: its counters, loading and restoring -------------------------------------
+
+# /proc/net/ip_vs_reuse as ip_vs_reuse.c's ip_vs_reuse_show prints it
+REUSE_PROC = "enabled 1\nkilled_tcp 7\nkilled_udp 2\n"
+
+
+def test_parse_reuse_counters() -> None:
+    assert scenario.parse_reuse_counters(REUSE_PROC) == {
+        "enabled": 1, "killed_tcp": 7, "killed_udp": 2}
+    # the file is absent (stock): read_text gives ""
+    assert scenario.parse_reuse_counters("") is None
+    assert scenario.parse_reuse_counters("garbage\n") is None
+
+
+def test_killed_delta() -> None:
+    before = scenario.parse_reuse_counters(REUSE_PROC)
+    after = scenario.parse_reuse_counters("enabled 1\nkilled_tcp 37\nkilled_udp 2\n")
+    assert scenario.killed_delta(before, after) == {"killed_tcp": 30, "killed_udp": 0}
+    # stock: no file, no number (not 0: nothing could have been killed)
+    assert scenario.killed_delta(None, None) == {"killed_tcp": None, "killed_udp": None}
+    assert scenario.killed_delta(before, None) == {"killed_tcp": None, "killed_udp": None}
+    assert scenario.killed_delta({"enabled": 0}, {"enabled": 0}) == {
+        "killed_tcp": None, "killed_udp": None}
+
+
+STOCK_TAINTS = {"ip_vs": "", "ip_vs_rr": "", "ip_vs_ftp": ""}
+HOST_MODULES = ["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
+KERNEL_TREES: dict[str, str | None] = {
+    **dict.fromkeys(["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_ftp"], "kernel"),
+    "ip_vs_reuse": "other"}
+
+
+def test_foreign_ipvs_names_patched_builds_not_the_fix() -> None:
+    assert scenario.foreign_ipvs({**STOCK_TAINTS, "ip_vs_reuse": "OE"}) == []
+    assert scenario.foreign_ipvs({"ip_vs": "OE", "ip_vs_rr": "OE", "ip_vs_reuse": "OE"}) == [
+        "ip_vs", "ip_vs_rr"]
+
+
+def test_restore_after_the_fix_from_a_folder_keeps_ipvs_loaded() -> None:
+    # the probe's state: stock ip_vs, rr, ftp and ip_vs_reuse from a folder (not the
+    # installed build): ftp goes, ip_vs_reuse is swapped for the installed one
+    taints = {**STOCK_TAINTS, "ip_vs_reuse": "OE"}
+    steps = scenario.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=False)
+    assert steps == scenario.RestoreSteps(False, ["ip_vs_ftp", "ip_vs_reuse"],
+                                          ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"])
+
+
+def test_restore_keeps_the_installed_fix_module() -> None:
+    taints = {**STOCK_TAINTS, "ip_vs_wrr": "", "ip_vs_sh": "", "ip_vs_reuse": "OE"}
+    steps = scenario.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=True)
+    assert steps == scenario.RestoreSteps(False, ["ip_vs_ftp"], [])
+
+
+def test_restore_after_stock_loads_the_fix_module_back() -> None:
+    steps = scenario.restore_steps(STOCK_TAINTS, KERNEL_TREES, HOST_MODULES, False)
+    assert steps == scenario.RestoreSteps(False, ["ip_vs_ftp"],
+                                          ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"])
+
+
+def test_restore_unloads_the_stack_only_for_a_build_not_the_hosts() -> None:
+    # a patched set the probe loaded (the upstream variant) on a host with stock IPVS
+    patched = {"ip_vs": "OE", "ip_vs_rr": "OE", "ip_vs_ftp": "OE"}
+    steps = scenario.restore_steps(patched, KERNEL_TREES, HOST_MODULES, False)
+    assert steps == scenario.RestoreSteps(True, [], HOST_MODULES)
+    # stock modules the probe loaded on a host whose own set is patched (2.x, in updates/)
+    trees = {**KERNEL_TREES, "ip_vs": "other", "ip_vs_rr": "other"}
+    steps = scenario.restore_steps(STOCK_TAINTS, trees, ["ip_vs", "ip_vs_rr"], False)
+    assert steps == scenario.RestoreSteps(True, [], ["ip_vs", "ip_vs_rr"])
+    # a host without IPVS before
+    assert scenario.restore_steps(STOCK_TAINTS, KERNEL_TREES, [], False).unload_all
+    # ip_vs first, whatever order the status listed
+    assert scenario.restore_steps({}, KERNEL_TREES, ["ip_vs_rr", "ip_vs"], False).load == [
+        "ip_vs", "ip_vs_rr"]
+
+
+def test_record_holds_only_while_it_describes_what_is_loaded() -> None:
+    fix = {"module": "ip_vs_reuse", "srcversion": "ABC"}
+    loaded = ["ip_vs", "ip_vs_rr", "ip_vs_reuse"]
+    assert scenario.record_holds(fix, loaded, "ABC")
+    assert not scenario.record_holds(fix, loaded, "DEF")  # reloaded (the installed build)
+    assert not scenario.record_holds(fix, ["ip_vs"], None)
+    stock = {"module": None}
+    assert scenario.record_holds(stock, ["ip_vs", "ip_vs_rr"], None)
+    assert not scenario.record_holds(stock, loaded, "ABC")  # the fix came back since
+    assert scenario.record_holds({"module": "ip_vs"}, ["ip_vs"], None)  # a patched set
+    assert not scenario.record_holds({"module": "ip_vs"}, [], None)
+    assert not scenario.record_holds(None, loaded, "ABC")
+
+
+def test_check_fix_loaded() -> None:
+    st = {"loaded": ["ip_vs", "ip_vs_reuse"], "knob_present": True,
+          "loaded_by_probe": {"module": "ip_vs_reuse", "set_id": "3.0+abc"}}
+    check_fix_loaded("h", st, "3.0+abc")
+    with pytest.raises(FleetError, match="of set 3.0\\+abc, the artifact's is 3.0\\+def"):
+        check_fix_loaded("h", st, "3.0+def")
+    with pytest.raises(FleetError, match="ip_vs_reuse is not loaded .*loaded: ip_vs\\)"):
+        check_fix_loaded("h", {"loaded": ["ip_vs"], "knob_present": False}, "3.0+abc")
+
+
 def test_conntrack_view_consistent_after_reuse() -> None:
     v = scenario.conntrack_view(scenario.parse_conntrack(CT_LINES), "10.10.1.2", 10001,
                                 "10.10.3.2")
@@ -332,25 +443,31 @@ def test_summarize_and_label() -> None:
     row = summarize(r)["A"]
     assert (row["count"], row["slow"], row["p99"], row["live"]) == (3, 1, 1010.0, 3)
     assert "peer_sources" not in row  # a result from before the cells: no new keys
-    assert modules_label(r) == "patched knob=0"
+    assert modules_label(r) == "ip_vs_reuse knob=0"
+    assert "killed_tcp" not in row and "old_conn_met" not in row  # an older result
     assert cell_label(r) == "INVALID-drop"
 
 
 def test_summarize_cell_results() -> None:
     r = _run_result()
     sc = r["scenarios"]["A"]  # type: ignore[index]
-    sc.update(new_conns=6, rule_counters={"new": 6, "masquerade": 6},  # type: ignore[union-attr]
-              peer_sources={"10.244.1.1": 3}, masq_mismatch=0)
+    sc.update(new_conns=6, rule_counters={"new": 6, "nat_new": 6,  # type: ignore[union-attr]
+                                          "masquerade": 6},
+              peer_sources={"10.244.1.1": 3}, masq_mismatch=0, killed_tcp=3, killed_udp=0,
+              old_conn_met=3)
     u = _result(count=2, ok=2, slow=2, latency_ms={"p50": 1010.0, "p99": 1012.0, "max": 1012.0},
                 peer_sources={"10.244.1.1": 2}, masq_mismatch=0, new_conns=0,
                 rule_counters={"new": 0}, second_answered=0, third_answered=2,
-                answered_by_deleted=0)
+                answered_by_deleted=0, killed_tcp=None, killed_udp=None, old_conn_met=2)
     r["scenarios"]["U"] = u  # type: ignore[index]
     r["cell"] = {"ruleset": "kube-proxy", "backend": "legacy", "client": "outside",
                  "family": 6, "masquerade_demanded": True}
     rows = summarize(r)
     assert rows["A"]["new_conns"] == 6 and rows["A"]["masq"] is True
     assert rows["A"]["peer_sources"] == {"10.244.1.1": 3} and rows["A"]["masq_mismatch"] == 0
+    assert (rows["A"]["killed_tcp"], rows["A"]["old_conn_met"], rows["A"]["nat_new"]) == (3, 3, 6)
+    assert (rows["U"]["killed_udp"], rows["U"]["old_conn_met"], rows["U"]["nat_new"]) == (
+        None, 2, None)
     assert (rows["U"]["second_answered"], rows["U"]["third_answered"]) == (0, 2)
     assert cell_label(r) == "kube-proxy/legacy outside v6 INVALID-drop"
 
@@ -365,3 +482,73 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FleetError):
         plot_files([src], out, scenario="B")
+
+
+# --- scenario sequencing against the identity server on loopback (a stub topology) ---------
+
+
+class StubTopology:
+    """What run_scenario / run_udp use of a Topology, recording the IPVS edits and reads."""
+
+    def __init__(self, tcp_port: int, udp_port: int) -> None:
+        lay = scenario.cell_layout("minimal", "outside", 4)
+        self.lay = dataclasses.replace(
+            lay, client_ip="127.0.0.1", real_servers={"rs-test": "127.0.0.1"},
+            target=scenario.Service("tcp", "127.0.0.1", tcp_port),
+            udp_target=scenario.Service("udp", "127.0.0.1", udp_port))
+        self.calls: list[tuple[str, ...]] = []
+
+    def set_weight(self, server: str, weight: int, proto: str = "tcp") -> None:
+        self.calls.append(("weight", server, str(weight)))
+
+    def remove_server(self, server: str, proto: str = "tcp") -> None:
+        self.calls.append(("remove", server, proto))
+
+    def remove_server_flush_held(self, server: str, proto: str = "tcp") -> None:
+        self.calls.append(("remove_held", server, proto))
+
+    def add_server(self, server: str, proto: str = "tcp") -> None:
+        self.calls.append(("add", server, proto))
+
+    def ipvs_conns_from_port(self, port: int, proto: str = "tcp") -> int:
+        self.calls.append(("read", str(port), proto))
+        return 1
+
+
+@pytest.fixture
+def stub_topology() -> Iterator[StubTopology]:
+    srv = probe.IdentityServer(("127.0.0.1", 0), "rs-test", hold=1.0, udp_port=0)
+    assert srv.usock is not None
+    topo = StubTopology(srv.lsock.getsockname()[1], srv.usock.getsockname()[1])
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    yield topo
+    srv.stop()
+    t.join(5)
+    srv.close()
+
+
+def test_scenario_counts_the_old_connection_before_each_reconnect(
+    stub_topology: StubTopology,
+) -> None:
+    topo = stub_topology
+    r = scenario.run_scenario(topo, "A", 2, timeout=5, deadline=30)  # type: ignore[arg-type]
+    assert (r["count"], r["errors"], r["old_conn_met"], r["flush_held"]) == (2, 0, 2, False)
+    base = scenario.PORT_BASE
+    assert topo.calls == [("read", str(base), "tcp"), ("read", str(base + 1), "tcp")]
+
+
+def test_udp_scenario_with_the_flush_held(stub_topology: StubTopology) -> None:
+    topo = stub_topology
+    r = scenario.run_udp(topo, 1, timeout=5, deadline=30,  # type: ignore[arg-type]
+                         hold_flush=True)
+    assert (r["count"], r["setup_errors"], r["second_answered"]) == (1, 0, 1)
+    assert (r["old_conn_met"], r["flush_held"]) == (1, True)
+    port = str(scenario.PORT_BASE + scenario.SCENARIOS.index("U") * scenario.PORT_SPAN)
+    # deleted without queueing the flush, the old connection read, the server added back
+    assert topo.calls == [("remove_held", "rs-test", "udp"), ("read", port, "udp"),
+                          ("add", "rs-test", "udp")]
+    topo.calls.clear()
+    racing = scenario.run_udp(topo, 1, timeout=5, deadline=30)  # type: ignore[arg-type]
+    assert racing["old_conn_met"] is None  # no read: it would change the race
+    assert topo.calls == [("remove", "rs-test", "udp"), ("add", "rs-test", "udp")]

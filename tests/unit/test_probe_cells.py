@@ -193,9 +193,14 @@ KUBE_PROXY_FILTER = [
 ]
 
 
+NAT_COUNT = ("-A PREROUTING -d 10.10.1.1/32 -p tcp -m tcp --dport 30080 "
+             "-m comment --comment ipvsp-count-nat")
+
+
 def test_kube_proxy_rules_as_proxier_writes_them() -> None:
     text = _rules("kube-proxy", "outside", 4)
-    assert _lines(text, "nat") == KUBE_PROXY_NAT
+    # the probe's nat counting rule first (no target: it only counts), then kube-proxy's
+    assert _lines(text, "nat") == [NAT_COUNT, *KUBE_PROXY_NAT]
     assert _lines(text, "filter") == KUBE_PROXY_FILTER
     assert _chains(text, "nat")[4:] == ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT",
                                         "KUBE-LOAD-BALANCER", "KUBE-MARK-MASQ"]
@@ -231,10 +236,14 @@ def test_kube_proxy_ipv6_names() -> None:
 
 def test_host_client_rules() -> None:
     text = _rules("kube-proxy", "host", 4)
-    # counted in mangle OUTPUT; the vanishing client's FIN/RST dropped before conntrack
+    # counted in mangle and nat OUTPUT; the vanishing client's FIN/RST dropped before
+    # conntrack
     assert _lines(text, "mangle") == [
         "-A OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m conntrack --ctstate NEW "
         "-m comment --comment ipvsp-count-new"]
+    assert _lines(text, "nat")[0] == (
+        "-A OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "
+        "ipvsp-count-nat")
     assert _lines(text, "raw") == [
         "-A OUTPUT -p tcp -m tcp --tcp-flags RST RST -m mark --mark 0x1d -j DROP",
         "-A OUTPUT -p tcp -m tcp --tcp-flags FIN FIN -m mark --mark 0x1d -j DROP"]
@@ -267,6 +276,8 @@ def test_calico_rules_shape() -> None:
     assert _lines(text, "raw")[2] == "-A cali-PREROUTING -j MARK --set-xmark 0x0/0xf0000"
     mangle = _lines(text, "mangle")
     assert mangle[0].endswith("ipvsp-count-new")  # the counter sees what Calico accepts
+    nat = _lines(text, "nat")
+    assert nat[:2] == [NAT_COUNT, "-A PREROUTING -j cali-PREROUTING"]
     assert mangle[1] == "-A PREROUTING -j cali-PREROUTING"
     assert "-A cali-PREROUTING -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" in mangle
     assert "cali60this-host" in _rules("calico", "outside", 6)
@@ -341,6 +352,8 @@ SAVE = """\
 [90:5000] -A PREROUTING -j cali-PREROUTING
 COMMIT
 *nat
+[11:660] -A PREROUTING -d 10.10.1.1/32 -p tcp -m tcp --dport 30080 \
+-m comment --comment ipvsp-count-nat
 [3:180] -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" \
 -j MASQUERADE --random-fully
 [5:300] -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
@@ -361,7 +374,7 @@ COMMIT
 def test_parse_counters() -> None:
     specs = scenario.counter_specs(scenario.cell_layout("calico", "outside", 4))
     assert scenario.parse_counters(SAVE, specs) == {
-        "new": 7, "invalid_drop": 2, "masquerade": 3, "calico_policy": 8,
+        "new": 7, "nat_new": 11, "invalid_drop": 2, "masquerade": 3, "calico_policy": 8,
         "calico_invalid_drop": 1, "calico_policy_drop": 10}
     host = scenario.counter_specs(scenario.cell_layout("minimal", "host", 4))
     assert host["new"] == [("mangle", "OUTPUT", ("ipvsp-count-new",))]
@@ -427,3 +440,22 @@ def test_netlink_dest_messages() -> None:
     assert struct.unpack("=I", dest[4])[0] == 0  # weight 0
     assert set(dest) == {1, 2, 3, 4, 5, 6, 11}
     assert set(nl._parse_attrs(nl._parse_attrs(dpayload)[2])) == {1, 2}  # delete: addr, port
+
+
+@pytest.mark.parametrize(("ruleset", "client", "family"), CELLS)
+def test_nat_counts_the_client_connections_in_kubernetes_cells_only(
+    ruleset: str, client: str, family: int
+) -> None:
+    """nat sees a connection's first packet only: its counter is what says the reconnect
+    crossed kube-proxy's nat rules as NEW. The minimal cell keeps no nat table."""
+    lay = scenario.cell_layout(ruleset, client, family, "1234567")
+    nat = _lines(scenario.director_rules(lay), "nat")
+    counting = [ln for ln in nat if "ipvsp-count-nat" in ln]
+    specs = scenario.counter_specs(lay)
+    if ruleset == "minimal":
+        assert nat == [] and "nat_new" not in specs
+        return
+    chain = "OUTPUT" if client == "host" else "PREROUTING"
+    assert counting == [nat[0]] and nat[0].startswith(f"-A {chain} -d {lay.target.vip}/")
+    assert " -j " not in nat[0]
+    assert specs["nat_new"] == [("nat", chain, ("ipvsp-count-nat",))]

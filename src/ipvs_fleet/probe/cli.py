@@ -31,10 +31,13 @@ def add_parser(subparsers: Any) -> None:
     s = sub.add_parser("scenario", help="run the reuse scenarios in a lab VM (JSON out)")
     s.add_argument("--lab-dir", type=Path, help="lab dir (default: $IPVS_FLEET_LAB_DIR)")
     s.add_argument("--host", required=True, help="lab host, e.g. k8s-canary")
-    s.add_argument("--modules", choices=("stock", "patched", "loaded"), default="loaded",
-                   help="load the stock or the built modules first (default: keep loaded)")
+    s.add_argument("--modules", choices=("stock", "module", "patched", "loaded"),
+                   default="loaded",
+                   help="first load the stock IPVS modules, or the built fix module "
+                   "ip_vs_reuse on top of them (module; patched: its old name); IPVS stays "
+                   "loaded (default: keep what is loaded)")
     s.add_argument("--artifacts", type=Path, default=Path("artifacts"),
-                   help="artifacts dir of 'ipvs-fleet build' (for --modules patched)")
+                   help="artifacts dir of 'ipvs-fleet build' (for --modules module)")
     s.add_argument("--rule", choices=("drop", "accept"), default="drop",
                    help="INVALID rule in the director's FORWARD chain")
     s.add_argument("--knob", type=int, choices=(0, 1), help="conn_reuse_old_conntrack")
@@ -48,7 +51,7 @@ def add_parser(subparsers: Any) -> None:
                    "the node: IPVS's LOCAL_OUT path)")
     s.add_argument("--family", type=int, choices=FAMILIES, default=4)
     s.add_argument("--scenarios", default="A=50,B=50,B2=50,C1=50,C2=50",
-                   help="NAME=COUNT,... (A, B, B2, C1, C2)")
+                   help="NAME=COUNT,... (A, B, B2, C1, C2; U: UDP)")
     s.add_argument("--ordinary", type=int, default=0, help="ordinary short connections")
     s.add_argument("--ftp", action="store_true", help="passive FTP through ip_vs_ftp")
     s.add_argument("--conntrack", action="store_true", help="conntrack view after a reuse")
@@ -86,7 +89,7 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
     guest = Guest(Lab(args.lab_dir), args.host)
     if args.modules == "stock":
         guest.load_modules(None)
-    elif args.modules == "patched":
+    elif args.modules in ("module", "patched"):
         from ipvs_fleet.build.artifact import load_artifact
 
         guest.load_modules(load_artifact(args.artifacts, guest.kernel_release))

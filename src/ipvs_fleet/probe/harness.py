@@ -7,7 +7,10 @@ The guest side is two standard-library files (probe.py, scenario.py) copied to
 >>> g.load_modules(load_artifact(Path("artifacts"), g.kernel_release))   # or None for stock
 >>> r = g.run_plan(Plan(rule="drop", knob=1, scenarios={"A": 200, "B": 200}))
 >>> summarize(r)["A"]
-{'count': 200, 'slow': 0, 'errors': 0, 'p50': 4.1, 'p99': 9.8, ...}
+{'count': 200, 'slow': 0, 'errors': 0, 'p50': 4.1, 'p99': 9.8, 'killed_tcp': 200, ...}
+
+Loading the artifact puts its fix module (ip_vs_reuse.ko) on top of the kernel's own IPVS
+modules; loading stock removes it again. Neither unloads IPVS (scenario.load_modules).
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ class Plan:
       flushes its connections (and their conntrack entries) within milliseconds: B2 and U
       see the stock drop only while racing it (settle 0); kube-proxy deletes endpoints long
       before a client's next packet, which `settle` of a few tenths of a second models
-    + hold_flush: B2 deletes the server with `expire_nodest_conn` 0 around the deletion, so
-      no flush is queued and the reconnect meets the old connection every time (racing it,
-      the outcome depends on the host's load under TCG and the kernel's flush, see
-      tests/lab/test_reuse.py); the result counts `old_conn_met` per attempt
+    + hold_flush: B2 and U delete the server with `expire_nodest_conn` 0 around the
+      deletion, so no flush is queued and the measured packet meets the old connection every
+      time (racing it, the outcome depends on the host's load under TCG and the kernel's
+      flush, see tests/lab/test_reuse.py); the result counts `old_conn_met` per attempt
     """
 
     rule: str = "drop"
@@ -140,6 +143,7 @@ class Guest:
     def __init__(self, lab: Lab, host: str) -> None:
         self.lab, self.host = lab, host
         self._pushed = False
+        self._unpacked: set[str] = set()  # artifact folders already in GUEST_DIR
         self.kernel_release = self.sh("uname -r").strip()
 
     def sh(self, cmd: str, timeout: float = 120, input: str | None = None) -> str:
@@ -171,13 +175,16 @@ class Guest:
         return self._json("scenario.py status", 60)
 
     def load_modules(self, artifact: Any | None, knob: bool = True) -> dict[str, Any]:
-        """Load the stock IPVS modules (artifact None) or the artifact's set, from files.
+        """The stock IPVS modules (artifact None), or the artifact's fix module on top of them.
 
-        Nothing is installed under /lib/modules: the modules are insmod-ed from a copy in
-        GUEST_DIR, so the host's boot-time state is left alone.
-        + artifact: an `ipvs_fleet.build.artifact.Artifact` for this kernel release
-        + knob: the set must have conn_reuse_old_conntrack (False for the `upstream`
-          variant, whose switch is bit 3 of conn_reuse_mode)
+        Switching is rmmod / insmod of ip_vs_reuse: IPVS stays loaded. Nothing is installed
+        under /lib/modules: the module is insmod-ed from a copy in GUEST_DIR, so the host's
+        boot-time state is left alone.
+        + artifact: an `ipvs_fleet.build.artifact.Artifact` for this kernel release (the
+          test-only `upstream` variant, a patched ip_vs set, replaces the whole stack)
+        + knob: the artifact is the fix module: it must be loaded afterwards, with the
+          artifact's set id (False for the `upstream` variant, whose switch is bit 3 of
+          conn_reuse_mode)
         """
         if artifact is None:
             return self._json("scenario.py modules stock", 120)
@@ -185,15 +192,19 @@ class Guest:
             raise FleetError(f"{self.host} runs {self.kernel_release}, the artifact is for "
                              f"{artifact.kernel_release}")
         d = f"{GUEST_DIR}/ko-{artifact.tarball_sha256[:16]}"
-        data = base64.b64encode(Path(artifact.tarball).read_bytes()).decode()
-        self._untar(d, data)
+        if d not in self._unpacked:  # alternating rounds load the same artifact again
+            data = base64.b64encode(Path(artifact.tarball).read_bytes()).decode()
+            self._untar(d, data)
+            self._unpacked.add(d)
         st = self._json(f"scenario.py modules {shlex.quote(d)}", 120)
-        if knob and not st.get("knob_present"):
-            raise FleetError(f"{self.host}: patched modules loaded but the knob is missing")
+        if knob:
+            check_fix_loaded(self.host, st, artifact.set_id)
         return st
 
     def restore(self, status: dict[str, Any]) -> dict[str, Any]:
-        """Reload what `status()` showed before (by modprobe), sysctl.d re-applied."""
+        """Back to what `status()` showed before: those modules, each the build modprobe
+        picks (IPVS stays loaded unless a loaded build is not the host's), sysctl.d
+        re-applied."""
         mods = [m for m in status.get("loaded", []) if m != "ip_vs"]
         if status.get("loaded"):
             mods.insert(0, "ip_vs")
@@ -216,14 +227,29 @@ class Guest:
         return out
 
 
+def check_fix_loaded(host: str, status: dict[str, Any], set_id: str) -> None:
+    """FleetError unless `status` (scenario.module_status) shows the fix module the probe
+    loaded, of set `set_id`."""
+    rec = status.get("loaded_by_probe") or {}
+    if not status.get("knob_present") or rec.get("module") != "ip_vs_reuse":
+        raise FleetError(f"{host}: the fix module ip_vs_reuse is not loaded after loading it "
+                         f"(loaded: {', '.join(status.get('loaded', [])) or 'nothing'})")
+    if rec.get("set_id") != set_id:
+        raise FleetError(f"{host}: ip_vs_reuse loaded is of set {rec.get('set_id')}, the "
+                         f"artifact's is {set_id}")
+
+
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per scenario (and `ordinary`): count, slow, errors, p50/p99 of the measured connect.
 
-    Also, where the run has them: new_conns (NEW connections to the service counted in the
-    director's mangle table: 2 per attempt when the reconnect crossed the hooks as NEW),
-    rule_counters, peer_sources {address the real server saw: count}, masq (whether the
-    cell's ruleset masquerades this client), masq_mismatch (answers whose source address
-    does not fit that), and for U the datagrams answered.
+    Also, where the run has them: killed_tcp / killed_udp (stale conntrack entries the fix
+    module killed; None without it), old_conn_met (attempts whose old IPVS connection was
+    there to meet), new_conns (NEW connections to the service counted in the director's
+    mangle table: 2 per attempt when the reconnect crossed the hooks as NEW), nat_new (the
+    same counted in nat, Kubernetes rulesets), rule_counters, peer_sources {address the real
+    server saw: count}, masq (whether the cell's ruleset masquerades this client),
+    masq_mismatch (answers whose source address does not fit that), and for U the datagrams
+    answered.
     """
     rows: dict[str, dict[str, Any]] = {}
     items = dict(result.get("scenarios", {}))
@@ -243,10 +269,14 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "moved": r.get("moved"),
             "syn_retrans": r.get("syn_retrans_delta"),
         }
-        if r.get("flush_held"):
-            rows[name]["old_conn_met"] = r.get("old_conn_met")
+        if "killed_tcp" in r:
+            rows[name].update(killed_tcp=r["killed_tcp"], killed_udp=r.get("killed_udp"))
+        if r.get("old_conn_met") is not None:
+            rows[name]["old_conn_met"] = r["old_conn_met"]
         if "peer_sources" in r:
-            rows[name].update(new_conns=r.get("new_conns"), rule_counters=r.get("rule_counters"),
+            rows[name].update(new_conns=r.get("new_conns"),
+                              nat_new=(r.get("rule_counters") or {}).get("nat_new"),
+                              rule_counters=r.get("rule_counters"),
                               peer_sources=r["peer_sources"], masq=masq,
                               masq_mismatch=r.get("masq_mismatch"))
         if name == "U":
@@ -266,12 +296,12 @@ def cell_label(result: dict[str, Any]) -> str:
 
 
 def modules_label(result: dict[str, Any]) -> str:
-    """`stock`, `patched knob=1`, ... from a run result."""
+    """`stock`, `ip_vs_reuse knob=1`, ... from a run result."""
     m = result.get("modules", {})
     if not m.get("knob_present"):
         return "stock"
     knob = result.get("sysctls", {}).get("conn_reuse_old_conntrack")
-    return f"patched knob={knob}"
+    return f"ip_vs_reuse knob={knob}"
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -39,7 +39,8 @@ pod CIDR fd00:10:244::/56, pods fd00:10:244:N::2).
 
 IPVS sysctls are per netns; the director gets `vs.conntrack=1`, `conn_reuse_mode=1`,
 `expire_nodest_conn=1` (Kubernetes rulesets also `expire_quiescent_template=1`, as
-kube-proxy sets), ip_forward (IPv6: forwarding), and the knob when the plan sets it.
+kube-proxy sets), ip_forward (IPv6: forwarding), and the knob when the plan sets it (it
+exists while the fix module ip_vs_reuse is loaded on top of the stock ip_vs).
 
 Scenarios (each attempt uses its own source port P; the second connect from P is measured):
   A   server answers and aborts with RST; client reconnects from P at once
@@ -49,13 +50,21 @@ Scenarios (each attempt uses its own source port P; the second connect from P is
   C2  client aborts with RST, reconnect (control)
   U   UDP: a datagram from P answered by X; X deleted from the UDP services (a CoreDNS pod
       going away, kubernetes#81775); a second datagram from P (answered? by whom?), after 1 s
-      without answer a third. The modules' change only concerns TCP, so U shows stock behaviour.
+      without answer a third. Stock IPVS drops the second when its conntrack entry is the old
+      one; the fix module with the knob at 1 kills that entry first, so it is answered.
+With `hold_flush`, B2 and U delete the real server without queueing IPVS's flush of its
+connections (`Topology.remove_server_flush_held`), so the measured packet meets the old
+connection every time. `old_conn_met` counts the attempts whose old IPVS connection was in the
+table right before the measured packet (not read for a racing B2 or U: the read would change
+the race).
 
 Per scenario the result also has the delta of rule counters (`rule_counters`: `new` = NEW TCP
-connections to the service seen in mangle PREROUTING/OUTPUT, `masquerade`, `invalid_drop`
-(KUBE-FORWARD's), `calico_policy` (NEW TCP connections the pods' ingress policy evaluated),
-`calico_invalid_drop`, `calico_policy_drop`) and which source address the real servers saw
-(`peer_sources`, `peer_kinds`, `masq_mismatch`).
+connections to the service seen in mangle PREROUTING/OUTPUT, `nat_new` = the same seen by nat
+(Kubernetes rulesets), `masquerade`, `invalid_drop` (KUBE-FORWARD's), `calico_policy` (NEW TCP
+connections the pods' ingress policy evaluated), `calico_invalid_drop`, `calico_policy_drop`),
+which source address the real servers saw (`peer_sources`, `peer_kinds`, `masq_mismatch`),
+and the fix module's kills in the director netns (`killed_tcp`, `killed_udp`: deltas of
+/proc/net/ip_vs_reuse; None without the module).
 
 Plan (JSON on stdin), every key optional:
   {"rule": "drop", "knob": 1, "scenarios": {"A": 200, "B": 200}, "ordinary": 10000,
@@ -63,8 +72,9 @@ Plan (JSON on stdin), every key optional:
    "ruleset": "kube-proxy", "iptables": "nft", "client": "outside", "family": 4}
 Result: JSON on stdout (see `run_plan`).
 
-`python3 scenario.py modules stock|DIR` swaps the loaded IPVS modules (stock from the
-kernel's own tree, or the `*.ko` files in DIR) and prints which set is loaded.
+`python3 scenario.py modules stock|DIR` loads the stock IPVS modules from the kernel's own tree,
+and with DIR the fix module DIR/ip_vs_reuse.ko on top (IPVS stays loaded; `load_modules`), and
+prints what is loaded; `restore MODULE...` goes back to the host's own modules.
 """
 
 from __future__ import annotations
@@ -330,6 +340,7 @@ BUILTIN = {"raw": ("PREROUTING", "OUTPUT"),
            "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
            "filter": ("INPUT", "FORWARD", "OUTPUT")}
 COUNT_COMMENT = "ipvsp-count-new"  # the probe's own counting rule (no target)
+COUNT_NAT_COMMENT = "ipvsp-count-nat"  # the same in nat (Kubernetes rulesets)
 
 # kube-proxy's ipsets (pkg/proxy/ipvs/proxier.go ipsetInfo), in its order.
 KUBE_IPSETS = (
@@ -445,18 +456,30 @@ def client_rules(lay: Layout) -> str:
 
 def count_rule(lay: Layout) -> str:
     """A rule without target counting NEW TCP connections to the client's service."""
+    return f"{_to_target(lay)} -m conntrack --ctstate NEW -m comment --comment {COUNT_COMMENT}"
+
+
+def nat_count_rule(lay: Layout) -> str:
+    """The same in nat, whose rules see only a connection's first packet (an entry without
+    a NAT binding yet): where kube-proxy marks for masquerade. A reconnect that reuses the
+    old entry (the 1.x re-track design) is never counted here."""
+    return f"{_to_target(lay)} -m comment --comment {COUNT_NAT_COMMENT}"
+
+
+def _to_target(lay: Layout) -> str:
     chain = "OUTPUT" if lay.client == "host" else "PREROUTING"
     hl = ADDRS[lay.family]["host_len"]
-    return (f"-A {chain} -d {lay.target.vip}/{hl} -p tcp -m tcp --dport {lay.target.port} "
-            f"-m conntrack --ctstate NEW -m comment --comment {COUNT_COMMENT}")
+    return f"-A {chain} -d {lay.target.vip}/{hl} -p tcp -m tcp --dport {lay.target.port}"
 
 
 def director_rules(lay: Layout, rule: str = "drop") -> str:
     """iptables-restore input for the director (node) netns of a cell.
 
-    The probe's own rules come first (counting NEW connections in mangle; for the host
-    client, the vanishing client's FIN/RST drop in raw OUTPUT, before conntrack and IPVS see
-    them); then Calico's jumps (felix keeps its rules at the top), then kube-proxy's.
+    The probe's own rules come first (counting NEW connections in mangle, and in nat under
+    the Kubernetes rulesets; for the host client, the vanishing client's FIN/RST drop in raw
+    OUTPUT, before conntrack and IPVS see them); then Calico's jumps (felix keeps its rules
+    at the top), then kube-proxy's. The minimal ruleset gets no nat table: its layout stays
+    the one earlier results were measured with.
     """
     t = Tables()
     if lay.client == "host":
@@ -466,6 +489,7 @@ def director_rules(lay: Layout, rule: str = "drop") -> str:
         t.add("filter", "-A FORWARD -m conntrack --ctstate INVALID -j "
               + ("DROP" if rule == "drop" else "ACCEPT"))
         return t.render()
+    t.add("nat", nat_count_rule(lay))
     if lay.ruleset == "calico":
         _calico_jumps(t)
     _kube_proxy(t, lay, rule)
@@ -724,6 +748,7 @@ def counter_specs(lay: Layout) -> CounterSpecs:
         specs["invalid_drop"] = [("filter", "FORWARD", ("INVALID", "-j DROP"))]
         return specs
     specs["invalid_drop"] = [("filter", "KUBE-FORWARD", ("INVALID", "-j DROP"))]
+    specs["nat_new"] = [("nat", chain, (COUNT_NAT_COMMENT,))]
     specs["masquerade"] = [("nat", "KUBE-POSTROUTING", ("random-fully",))]
     if lay.ruleset == "calico":
         specs["calico_policy"] = [("filter", "cali-pi-default.allow-svc", ("-p tcp",))]
@@ -988,10 +1013,12 @@ class IpvsControl:
             self.nl.close()
 
 
-def ipvs_conns_from_port(text: str, port: int) -> int:
-    """TCP rows of /proc/net/ip_vs_conn whose client port (FPrt, 4 hex digits) is `port`."""
+def ipvs_conns_from_port(text: str, port: int, proto: str = "tcp") -> int:
+    """Rows of /proc/net/ip_vs_conn of `proto` whose client port (FPrt, 4 hex digits) is
+    `port`."""
     rows = [line.split() for line in text.splitlines()[1:]]
-    return sum(1 for r in rows if len(r) > 2 and r[0] == "TCP" and int(r[2], 16) == port)
+    return sum(1 for r in rows
+               if len(r) > 2 and r[0] == proto.upper() and int(r[2], 16) == port)
 
 
 # --- conntrack ------------------------------------------------------------------------------
@@ -1066,10 +1093,94 @@ def kernel_warnings(lines: list[str]) -> list[str]:
 
 # --- modules --------------------------------------------------------------------------------
 
+FIX_MODULE = "ip_vs_reuse"  # the fix, loaded on top of the kernel's own ip_vs
+REUSE_PROC = "ip_vs_reuse"  # /proc/net/ip_vs_reuse, per netns (the fix module's counters)
+KILLED = ("killed_tcp", "killed_udp")
+
 
 def loaded_ipvs_modules() -> list[str]:
     with open("/proc/modules") as f:
         return [ln.split()[0] for ln in f if re.fullmatch(r"ip_vs(_\w+)?|xt_ipvs", ln.split()[0])]
+
+
+def loaded_taints() -> dict[str, str]:
+    """Loaded IPVS modules -> their taint flags ("" for the kernel's own build)."""
+    return {m: read_text(f"/sys/module/{m}/taint") for m in loaded_ipvs_modules()}
+
+
+def foreign_ipvs(taints: dict[str, str]) -> list[str]:
+    """Loaded IPVS modules other than the fix module that are out of tree (O taint): a
+    patched set (the test-only `upstream` variant, a 2.x host), which only unloading the
+    whole stack replaces."""
+    return sorted(m for m, t in taints.items() if m != FIX_MODULE and "O" in t)
+
+
+@dataclass(frozen=True)
+class RestoreSteps:
+    """How to get from the loaded IPVS modules back to the host's own (`restore_steps`)."""
+
+    unload_all: bool  # unload the whole stack first (a loaded build is not the host's)
+    remove: list[str]  # rmmod these (dependents first), IPVS staying loaded
+    load: list[str]  # then modprobe these, in order
+
+
+def restore_steps(taints: dict[str, str], trees: dict[str, str | None], wanted: list[str],
+                  fix_installed: bool) -> RestoreSteps:
+    """The steps back to `wanted` loaded, each module the build modprobe picks.
+
+    + taints: loaded IPVS module -> taint flags (`loaded_taints`)
+    + trees: module -> where modprobe finds it: "kernel" (the kernel's own tree), "other"
+      (updates/, extra/: out of tree), None (nowhere)
+    + fix_installed: the loaded ip_vs_reuse is the installed file (same srcversion)
+    A loaded IPVS module whose taint does not fit where modprobe finds it (a patched set the
+    probe loaded, or stock modules on a host whose own set is patched) is replaced only by
+    unloading the whole stack; the fix module alone is swapped live.
+    """
+    order = sorted(wanted, key=lambda m: m != "ip_vs")  # ip_vs first: the others need it
+
+    def own(m: str) -> bool:
+        return ("O" in taints[m]) == (trees.get(m) == "other")
+
+    if any(m in taints and m != FIX_MODULE and not own(m) for m in wanted):
+        return RestoreSteps(True, [], order)
+    remove = [m for m in taints if m not in wanted]
+    if FIX_MODULE in taints and FIX_MODULE in wanted and not fix_installed:
+        remove.append(FIX_MODULE)
+    if "ip_vs" in remove:  # nothing of IPVS was loaded before
+        return RestoreSteps(True, [], order)
+    return RestoreSteps(False, sorted(remove),
+                        [m for m in order if m not in taints or m in remove])
+
+
+def record_holds(record: dict[str, Any] | None, loaded: list[str],
+                 fix_srcversion: str | None) -> bool:
+    """Whether LOADED_RECORD still describes what is loaded (nothing reloaded since)."""
+    if not record or "ip_vs" not in loaded:
+        return False
+    if record.get("module") == FIX_MODULE:
+        return FIX_MODULE in loaded and record.get("srcversion") == fix_srcversion
+    if record.get("module") is None:  # stock
+        return FIX_MODULE not in loaded
+    return True  # a patched set: its ip_vs is loaded
+
+
+def parse_reuse_counters(text: str) -> dict[str, int] | None:
+    """/proc/net/ip_vs_reuse (`enabled 1`, `killed_tcp 3`, `killed_udp 0`) as a dict; None
+    for no text (the file is absent: the fix module is not loaded)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, val = line.strip().partition(" ")
+        if key and val.strip().isdigit():
+            out[key] = int(val)
+    return out or None
+
+
+def killed_delta(before: dict[str, int] | None,
+                 after: dict[str, int] | None) -> dict[str, int | None]:
+    """killed_tcp / killed_udp between two readings of /proc/net/ip_vs_reuse; None where a
+    reading is missing (stock modules)."""
+    return {k: after[k] - before[k] if before and after and k in before and k in after
+            else None for k in KILLED}
 
 
 NETNS_PREFIX = "ipvsp"
@@ -1094,20 +1205,30 @@ def cleanup_stale() -> list[str]:
     return gone
 
 
-def unload_ipvs() -> None:
-    """Unload every IPVS module (dependents first); fails if an IPVS service holds them."""
-    cleanup_stale()
+def rmmod_all(mods: list[str]) -> None:
+    """rmmod `mods` (ip_vs last: the others depend on it), retried while a deleted netns
+    still holds them (netns teardown, and its IPVS flush, is asynchronous)."""
     for _ in range(10):
-        mods = loaded_ipvs_modules()
-        if not mods:
+        left = [m for m in loaded_ipvs_modules() if m in mods]
+        if not left:
             return
-        # ip_vs last: every other IPVS module depends on it
-        for m in sorted(mods, key=lambda m: m == "ip_vs"):
+        for m in sorted(left, key=lambda m: m == "ip_vs"):
             sh(f"rmmod {m}", check=False)
-        time.sleep(0.3)  # netns teardown (and its IPVS flush) is asynchronous
-    left = loaded_ipvs_modules()
+        time.sleep(0.3)
+    left = [m for m in loaded_ipvs_modules() if m in mods]
     if left:
         raise Failed(f"cannot unload {', '.join(left)} (IPVS services still use them?)")
+
+
+def unload_ipvs() -> None:
+    """Unload every IPVS module; fails if an IPVS service holds them."""
+    cleanup_stale()
+    rmmod_all(loaded_ipvs_modules())
+
+
+def unload_fix() -> None:
+    """rmmod ip_vs_reuse if loaded: IPVS, its tables and its connections stay."""
+    rmmod_all([FIX_MODULE])
 
 
 def stock_module_path(name: str) -> str:
@@ -1118,62 +1239,150 @@ def stock_module_path(name: str) -> str:
     return hits[0]
 
 
+def installed_tree(name: str) -> str | None:
+    """Where modprobe finds `name`: "kernel" (the kernel's own tree), "other", or None."""
+    path = sh(f"modinfo -n {name}", check=False).strip()
+    if not path:
+        return None
+    own = f"/lib/modules/{os.uname().release}/kernel/"
+    return "kernel" if path.startswith(own) or path == "(builtin)" else "other"
+
+
+def modinfo(target: str, field: str) -> str | None:
+    """One modinfo field of a module file or name; None if absent."""
+    return sh(f"modinfo -F {field} {target}", check=False).strip() or None
+
+
+def insmod(path: str) -> None:
+    """insmod `path`, its dependencies outside IPVS (conntrack, nf_nat, ...) modprobed first."""
+    if not os.path.exists(path):
+        raise Failed(f"{path} missing")
+    for dep in filter(None, sh(f"modinfo -F depends {path}").strip().split(",")):
+        if not dep.startswith("ip_vs"):
+            sh(f"modprobe {dep}")
+    sh(f"insmod {path}")
+
+
 LOADED_RECORD = "/run/ipvs-probe-modules.json"
 
 
 def load_modules(source: str) -> dict[str, Any]:
-    """Load ip_vs, ip_vs_rr, ip_vs_ftp from the kernel's tree (`stock`) or from a dir of .ko.
+    """Load the stock IPVS modules (`stock`), or on top of them the fix module of a folder.
 
-    Loads by path (insmod), so what is installed under /lib/modules is not touched; which
-    set was loaded is recorded in LOADED_RECORD for `module_status`.
+    + stock: ip_vs, ip_vs_rr, ip_vs_ftp from the kernel's own tree; ip_vs_reuse not loaded
+    + DIR holding ip_vs_reuse.ko: the same stock modules, then DIR/ip_vs_reuse.ko (a build
+      loaded before is removed first)
+    + DIR holding an ip_vs.ko set instead (the test-only `upstream` variant, patched IPVS):
+      the whole stack unloaded and the set loaded in its place
+    Switching between stock and the fix is rmmod / insmod of ip_vs_reuse alone: IPVS, its
+    tables and its connections stay. Only a loaded IPVS module that is not the kernel's own
+    build makes the whole stack go first. Loads by path (insmod), so what is installed under
+    /lib/modules is not touched; what was loaded is recorded in LOADED_RECORD.
     """
-    unload_ipvs()
+    fix = None if source == "stock" else os.path.join(source, FIX_MODULE + ".ko")
+    if fix is not None and not os.path.exists(fix):
+        return load_patched_set(source)
+    if foreign_ipvs(loaded_taints()):
+        unload_ipvs()
+    else:
+        unload_fix()
     files = []
     for name in IPVS_MODULES:
-        path = stock_module_path(name) if source == "stock" else os.path.join(source,
-                                                                              name + ".ko")
-        if not os.path.exists(path):
-            raise Failed(f"{path} missing")
-        deps = sh(f"modinfo -F depends {path}").strip()
-        for dep in filter(None, deps.split(",")):
-            if not dep.startswith("ip_vs"):
-                sh(f"modprobe {dep}")
-        sh(f"insmod {path}")
+        path = stock_module_path(name)
+        if name not in loaded_ipvs_modules():
+            insmod(path)
         files.append(path)
-    record = {"source": source, "files": files,
-              "set_id": sh(f"modinfo -F ipvs_fleet {files[0]}").strip() or None,
-              "reuse_design": sh(f"modinfo -F ipvs_fleet_reuse {files[0]}").strip() or None}
+    record: dict[str, Any] = {"source": source, "module": None, "files": files,
+                              "set_id": None, "reuse_design": None, "srcversion": None}
+    if fix is not None:
+        insmod(fix)
+        record.update(module=FIX_MODULE, files=[*files, fix], set_id=modinfo(fix, "ipvs_fleet"),
+                      reuse_design=modinfo(fix, "ipvs_fleet_reuse"),
+                      srcversion=modinfo(fix, "srcversion"))
+    return _recorded(record)
+
+
+def load_patched_set(source: str) -> dict[str, Any]:
+    """A patched ip_vs set from a folder in place of the whole IPVS stack (the `upstream`
+    variant's kselftest)."""
+    if not os.path.exists(os.path.join(source, "ip_vs.ko")):
+        raise Failed(f"{source} holds neither {FIX_MODULE}.ko (the fix module) nor an "
+                     "ip_vs.ko set")
+    unload_ipvs()
+    files = [os.path.join(source, name + ".ko") for name in IPVS_MODULES]
+    for path in files:
+        insmod(path)
+    return _recorded({"source": source, "module": "ip_vs", "files": files,
+                      "set_id": modinfo(files[0], "ipvs_fleet"),
+                      "reuse_design": modinfo(files[0], "ipvs_fleet_reuse"),
+                      "srcversion": modinfo(files[0], "srcversion")})
+
+
+def _recorded(record: dict[str, Any]) -> dict[str, Any]:
     with open(LOADED_RECORD, "w") as f:
         json.dump(record, f)
     return module_status()
 
 
 def restore_modules(modules: list[str]) -> dict[str, Any]:
-    """Back to the host's own state: the given modules by modprobe, sysctl.d re-applied."""
-    unload_ipvs()
+    """Back to the host's own state: exactly `modules` loaded, each the build modprobe picks
+    (`restore_steps`: IPVS stays loaded unless a loaded build is not the host's own), then
+    sysctl.d re-applied."""
+    taints = loaded_taints()
+    trees = {m: installed_tree(m) for m in {*taints, *modules}}
+    loaded_src = read_text(f"/sys/module/{FIX_MODULE}/srcversion")
+    fix_installed = bool(loaded_src) and loaded_src == modinfo(FIX_MODULE, "srcversion")
+    steps = restore_steps(taints, trees, modules, fix_installed)
+    if steps.unload_all:
+        unload_ipvs()
+    else:
+        rmmod_all(steps.remove)
     with contextlib.suppress(OSError):
         os.unlink(LOADED_RECORD)
-    for m in modules:
+    for m in steps.load:
         sh(f"modprobe {m}")
     sh("sysctl -q --system", check=False)
     return module_status()
 
 
-def module_status() -> dict[str, Any]:
-    def read(p: str) -> str | None:
-        try:
-            with open(p) as f:
-                return f.read().strip()
-        except OSError:
-            return None
+def fix_module_status(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The loaded ip_vs_reuse: version (the set id), srcversion, taint, and the modinfo of
+    the file it was loaded from (the probe's, else the installed one if it is that build)."""
+    sysfs = f"/sys/module/{FIX_MODULE}"
+    if not os.path.isdir(sysfs):
+        return None
+    srcversion = read_text(f"{sysfs}/srcversion") or None
+    if record and record.get("module") == FIX_MODULE:
+        source = record["files"][-1]
+    elif srcversion and modinfo(FIX_MODULE, "srcversion") == srcversion:
+        source = FIX_MODULE  # modinfo resolves the name to the installed file
+    else:
+        source = None
+    return {"version": read_text(f"{sysfs}/version") or None, "srcversion": srcversion,
+            "taint": read_text(f"{sysfs}/taint"), "file": source and modinfo(source, "filename"),
+            "set_id": source and modinfo(source, "ipvs_fleet"),
+            "reuse_design": source and modinfo(source, "ipvs_fleet_reuse")}
 
+
+def module_status() -> dict[str, Any]:
+    """What is loaded: the IPVS modules, ip_vs's taint ("" when stock), the fix module
+    (`fix_module_status`), knob_present (ip_vs_reuse loaded: the knob exists in every
+    netns), and the probe's LOADED_RECORD while it still holds."""
     loaded = loaded_ipvs_modules()
-    record = json.loads(read(LOADED_RECORD) or "null") if "ip_vs" in loaded else None
+    try:
+        with open(LOADED_RECORD) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not record_holds(record, loaded, read_text(f"/sys/module/{FIX_MODULE}/srcversion")
+                        or None):
+        record = None
     return {
         "kernel_release": os.uname().release,
         "loaded": loaded,
-        "ip_vs_taint": read("/sys/module/ip_vs/taint"),
-        "knob_present": os.path.exists(f"/proc/sys/net/ipv4/vs/{KNOB}"),
+        "ip_vs_taint": read_text("/sys/module/ip_vs/taint") if "ip_vs" in loaded else None,
+        "fix_module": fix_module_status(record),
+        "knob_present": FIX_MODULE in loaded,
         "loaded_by_probe": record,
     }
 
@@ -1346,7 +1555,8 @@ class Topology:
         sysctls = dict(K8S_SYSCTLS if lay.k8s else SYSCTLS)
         if self.knob is not None:
             if not os.path.exists(f"/proc/sys/net/ipv4/vs/{KNOB}"):
-                raise Failed(f"knob={self.knob} asked, but the loaded ip_vs has no {KNOB}")
+                raise Failed(f"knob={self.knob} asked, but {KNOB} is missing "
+                             f"({FIX_MODULE}, the fix module, not loaded?)")
             sysctls[KNOB] = self.knob
         sets = {"/proc/sys/net/ipv4/ip_forward": 1}
         if lay.family == 6:
@@ -1415,8 +1625,8 @@ class Topology:
         for svc in self._each(proto):
             self.ipvs.add(svc, self.lay.real_servers[server], self._rport(proto), 1)
 
-    def remove_server_flush_held(self, server: str) -> None:
-        """Delete a TCP real server without queueing IPVS's flush of its connections.
+    def remove_server_flush_held(self, server: str, proto: str = "tcp") -> None:
+        """Delete a real server without queueing IPVS's flush of its connections.
 
         The kernel (5.9+, 04231e52d355) queues that flush only when `expire_nodest_conn` is 1
         at the deletion; a packet's own check reads it on arrival. So: 0 around the deletion,
@@ -1426,7 +1636,7 @@ class Topology:
         value = self.sysctls["expire_nodest_conn"]
         self.set_vs_sysctl("expire_nodest_conn", 0)
         try:
-            self.remove_server(server)
+            self.remove_server(server, proto)
         finally:
             self.set_vs_sysctl("expire_nodest_conn", value)
 
@@ -1435,11 +1645,17 @@ class Topology:
         with in_netns(netns_path(self.ns["d"])), open(f"/proc/sys/net/ipv4/vs/{key}", "w") as f:
             f.write(f"{value}\n")
 
-    def ipvs_conns_from_port(self, port: int) -> int:
-        """How many TCP connections in the director's IPVS table come from source port
+    def ipvs_conns_from_port(self, port: int, proto: str = "tcp") -> int:
+        """How many connections of `proto` in the director's IPVS table come from source port
         `port` (thread-self: /proc/net is the thread group leader's netns)."""
         with in_netns(netns_path(self.ns["d"])), open("/proc/thread-self/net/ip_vs_conn") as f:
-            return ipvs_conns_from_port(f.read(), port)
+            return ipvs_conns_from_port(f.read(), port, proto)
+
+    def reuse_counters(self) -> dict[str, int] | None:
+        """The fix module's counters in the director netns (where IPVS runs); None without
+        the module."""
+        with in_netns(netns_path(self.ns["d"])):
+            return parse_reuse_counters(read_text(f"/proc/thread-self/net/{REUSE_PROC}"))
 
     def counters(self) -> dict[str, int]:
         """Packet counts of the watched rules (counter_specs) in the director netns."""
@@ -1481,8 +1697,10 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
       flushed by work queued at the deletion, so B2's drop needs the reconnect to race it)
     + hold_flush: B2 deletes the server without queueing that flush
       (`Topology.remove_server_flush_held`), so the reconnect meets the old connection
-      every time instead of racing the flush; `old_conn_met` counts the attempts whose old
-      connection was still in the IPVS table right before the reconnect
+      every time instead of racing the flush
+    `old_conn_met` counts the attempts whose old connection was still in the IPVS table
+    right before the reconnect: the reconnects the fix module can act on (None for a racing
+    B2, where reading the table first would change the race).
     """
     lay = topo.lay
     dst, dport = lay.target.vip, lay.target.port
@@ -1495,6 +1713,7 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
     end = time.monotonic() + deadline
     setup_errors = moved = stale = old_met = 0
     held = hold_flush and name == "B2"
+    track_old = held or name != "B2"
     for i in range(count):
         if time.monotonic() > end:
             report.extra["stopped"] = f"deadline of {deadline} s reached"
@@ -1509,11 +1728,12 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
             topo.set_weight(first.server, 0)
         elif held:
             topo.remove_server_flush_held(first.server)
-            old_met += topo.ipvs_conns_from_port(src[1]) > 0
         elif name == "B2":
             topo.remove_server(first.server)
         if settle and name in ("B", "B2"):
             time.sleep(settle)
+        if track_old:
+            old_met += topo.ipvs_conns_from_port(src[1]) > 0
         a = probe.connect_once(dst, dport, src=src, timeout=timeout, index=i, peer=True)
         if name == "B":
             topo.set_weight(first.server, 1)
@@ -1529,7 +1749,7 @@ def run_scenario(topo: Topology, name: str, count: int, timeout: float,
     res["syn_retrans_delta"] = _delta(report.retrans_before, netstat_synretrans())
     res.update(scenario=name, setup_errors=setup_errors, moved=moved,
                answered_by_live=res["ok"] - stale, stale_answers=stale, settle_s=settle,
-               flush_held=held, old_conn_met=old_met if held else None)
+               flush_held=held, old_conn_met=old_met if track_old else None)
     res.update(peer_summary(lay, report.attempts))
     return res
 
@@ -1564,11 +1784,15 @@ def _udp_ask(s: socket.socket, dst: tuple[str, int], req: str,
 
 
 def run_udp(topo: Topology, count: int, timeout: float, deadline: float,
-            settle: float = 0.0) -> dict[str, Any]:
+            settle: float = 0.0, hold_flush: bool = False) -> dict[str, Any]:
     """Scenario U: the answering real server X is deleted between two datagrams from one port.
 
     Measured: the time from the second datagram to the first answer (second, or the third
     sent after UDP_RETRY_S without one); `slow` counts attempts that needed the third.
+    + hold_flush: X deleted without queueing IPVS's flush of its connections, as B2 does:
+      the second datagram meets the old connection every time (`old_conn_met`), where stock
+      IPVS drops it (its conntrack entry is the old one) and the fix module (knob 1) kills
+      that entry first
     """
     lay = topo.lay
     svc = lay.udp_target
@@ -1578,7 +1802,7 @@ def run_udp(topo: Topology, count: int, timeout: float, deadline: float,
         raise Failed(f"at most {PORT_SPAN} attempts per scenario")
     report = probe.Report(f"udp {hostport(svc.vip, svc.port)}")
     end = time.monotonic() + deadline
-    setup_errors = 0
+    setup_errors = old_met = 0
     details: list[dict[str, Any]] = []
     for i in range(count):
         if time.monotonic() > end:
@@ -1591,9 +1815,14 @@ def run_udp(topo: Topology, count: int, timeout: float, deadline: float,
             if first not in lay.real_servers:
                 setup_errors += 1
                 continue
-            topo.remove_server(first, "udp")
+            if hold_flush:
+                topo.remove_server_flush_held(first, "udp")
+            else:
+                topo.remove_server(first, "udp")
             try:
                 time.sleep(settle)
+                if hold_flush:  # racing the flush, a read first would change the race
+                    old_met += topo.ipvs_conns_from_port(base + i, "udp") > 0
                 t0 = time.monotonic()
                 second, kv2 = _udp_ask(s, dst, "q2", UDP_RETRY_S)
                 third, kv3 = (None, {}) if second else _udp_ask(s, dst, "q3", UDP_RETRY_S)
@@ -1614,6 +1843,7 @@ def run_udp(topo: Topology, count: int, timeout: float, deadline: float,
     res = report.result()
     res["slow"] = sum(1 for d in details if d["second"] is None)
     res.update(scenario="U", setup_errors=setup_errors, udp=details, settle_s=settle,
+               flush_held=hold_flush, old_conn_met=old_met if hold_flush else None,
                second_answered=sum(1 for d in details if d["second"]),
                third_answered=sum(1 for d in details if d["third"]),
                answered_by_deleted=sum(1 for d in details
@@ -1730,8 +1960,9 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
     Keys: plan, modules, run_id, stale_removed, sysctls, cell (ruleset, backend, client,
     family, rule, layout, masquerade_demanded, target, client_ip, the rules applied),
     setup_s, scenarios {name: probe.Report result + scenario keys, rule_counters, new_conns,
-    peer_sources, peer_kinds, masq_mismatch}, conntrack, ordinary, ftp, kmsg_new,
-    kernel_warnings, elapsed_s.
+    peer_sources, peer_kinds, masq_mismatch, killed_tcp, killed_udp}, conntrack, ordinary
+    (with killed_tcp, killed_udp), ftp, reuse_counters (/proc/net/ip_vs_reuse of the director
+    at the end, None without the fix module), kmsg_new, kernel_warnings, elapsed_s.
     Plan key `ipvs_edits` (diagnostics): how real servers are edited (IpvsControl: sockopt,
     netlink, ipvsadm).
     """
@@ -1764,11 +1995,13 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
             for name, count in plan.get("scenarios", {}).items():
                 left = max(1.0, end - time.monotonic())
                 before = topo.counters()
+                killed_before = topo.reuse_counters()
                 if name == "U":
-                    res = run_udp(topo, int(count), timeout, left, settle)
+                    res = run_udp(topo, int(count), timeout, left, settle, hold_flush)
                 else:
                     res = run_scenario(topo, name, int(count), timeout, left, settle,
                                        hold_flush)
+                res.update(killed_delta(killed_before, topo.reuse_counters()))
                 res["rule_counters"] = _counter_delta(before, topo.counters())
                 res["new_conns"] = res["rule_counters"].get("new")
                 out["scenarios"][name] = res
@@ -1777,16 +2010,19 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
             if plan.get("ordinary"):
                 left = max(1.0, end - time.monotonic())
                 before_rt = netstat_synretrans()
+                killed_before = topo.reuse_counters()
                 samples: list[float] = []
                 res = probe.run_probe(lay.target.vip, lay.target.port, int(plan["ordinary"]),
                                       reuse=False, timeout=timeout, deadline=left,
                                       with_attempts=False,
                                       on_attempt=lambda a: samples.append(a.total_ms))
                 res["syn_retrans_delta"] = _delta(before_rt, netstat_synretrans())
+                res.update(killed_delta(killed_before, topo.reuse_counters()))
                 res["samples_ms"] = [round(x, 2) for x in samples]  # compact, for plots
                 out["ordinary"] = res
             if plan.get("ftp"):
                 out["ftp"] = ftp_transfer(topo)
+        out["reuse_counters"] = topo.reuse_counters()
     finally:
         topo.down()
     new = kmsg_lines()[len(kmsg_before):]
