@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     "ipvs_fleet.rollout.cli",
     "ipvs_fleet.demo",
     "ipvs_fleet.userrepo",
+    "ipvs_fleet.kernel.upstream_series",
 ]
 POLICY_HELP = (
     "host-class policy: a host_classes.yml or a directory holding it (and rollout.yml); "

@@ -5,11 +5,12 @@ The selftest is taken from the series itself: its patch is applied to the selfte
 the pinned linux-source (from the builder root), and the folder (the test, netfilter/lib.sh,
 net/lib.sh and what that sources) is copied to the VM and run as root there, once against a
 module set built from the series' own IPVS patch (the `upstream` build variant: bit 3 of
-conn_reuse_mode) and once against the kernel's stock modules. ksft exit codes: 0 pass, 1 fail,
-4 skip. Patched: exit 0, every case PASS. Stock: exit 1, the drop shown by the first case and
-every weight-0 case FAIL (bit 3 means nothing to a stock kernel); the removed-server and the
-duplicated-SYN cases may pass on stock (IPVS's flush of a removed server's connections can
-beat the reconnect; the SYN's copy acts as its retransmission), so they are only recorded.
+conn_reuse_mode kills the stale conntrack entry before conntrack) and once against the
+kernel's stock modules. ksft exit codes: 0 pass, 1 fail, 4 skip. Patched: exit 0, every case
+PASS, the drop shown before bit 3 is set and after it is cleared. Stock: exit 1, the drop
+shown the same way, and every case with bit 3 FAIL (the bit means nothing to a stock kernel,
+which also takes values with undefined bits), but the duplicated-SYN case, which may pass on
+stock (the SYN's copy acts as its retransmission), so it is only recorded.
 A skip fails both tests: the lab image must carry what the selftest needs (socat, nftables:
 lab/fleet-7.2.yml).
 Skipped where the lab fleet has no host on the series' line (lab/fleet.yml).
@@ -57,17 +58,26 @@ MEMBERS = [
 ]
 SCRIPT = "ipvs_conn_reuse.sh"
 GUEST_DIR = "/root/kselftest"
-# Cases run with bit 3 (the selftest's own names): each must PASS patched; the DROP ones, where
-# a stock kernel always drops the reconnect's SYN, must FAIL stock.
-DROP = [
+# Cases run with bit 3 (the selftest's own names): each must PASS patched; the NEW ones, where
+# a stock kernel always drops the reconnect's first packet (or takes an undefined bit), must
+# FAIL stock.
+NEW = [
+    "undefined bits of conn_reuse_mode",
     "IPv4, weight 0, invalid drop",
+    "IPv4, removed server, invalid drop",
+    "IPv4 UDP, removed server, invalid drop",
     "IPv6, weight 0, invalid drop",
     "IPv4, weight 0, mark masquerade",
     "IPv4, director's client (LOCAL_OUT), masquerade",
     "IPv6, weight 0, mark masquerade",
     "IPv6, director's client (LOCAL_OUT), masquerade",
 ]
-CASES = [*DROP, "IPv4, removed server, invalid drop", "IPv4, duplicated SYN, masquerade"]
+CASES = [*NEW, "IPv4, duplicated SYN, masquerade"]
+# The drop itself, on either kernel: before bit 3 is set, and after it is cleared again.
+CONTROLS = [
+    "PASS: without bit 3 the reconnect waits",
+    "PASS: with bit 3 cleared the reconnect waits",
+]
 KSFT_PASS, KSFT_FAIL = 0, 1
 
 
@@ -96,7 +106,7 @@ def upstream_artifact(pin: KernelPin) -> Artifact:
 @pytest.fixture(scope="module")
 def selftest_tar(pin: KernelPin, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A tar of `net/` holding the patched selftest and its libraries, from the pinned source."""
-    root = builder_root(pin)
+    root = builder_root(pin, source=True)
     tarball = root / "usr/src" / f"linux-source-{pin.line}.tar.xz"
     top = tmp_path_factory.mktemp("selftest-src")
     prefix = f"linux-source-{pin.line}/"
@@ -158,7 +168,7 @@ def test_selftest_passes_on_the_upstream_patch(
     finally:
         g.restore(before)
     assert rc == KSFT_PASS, f"ksft exit {rc}:\n{out}"
-    assert "PASS: without bit 3 the reconnect waits" in out, out
+    assert all(c in out for c in CONTROLS), out
     res = outcomes(out)
     assert {c: res.get(c) for c in CASES} == dict.fromkeys(CASES, "PASS"), out
     assert out.rstrip().endswith(f"{SCRIPT}: PASS"), out
@@ -173,9 +183,9 @@ def test_selftest_fails_on_the_stock_modules(lab: Any, selftest_tar: bytes) -> N
     finally:
         g.restore(before)
     assert rc == KSFT_FAIL, f"ksft exit {rc}:\n{out}"
-    # the drop the series removes is there, and every weight-0 case with bit 3 meets it
-    assert "PASS: without bit 3 the reconnect waits" in out, out
+    # the drop the series removes is there, and every case with bit 3 meets it
+    assert all(c in out for c in CONTROLS), out
     res = outcomes(out)
-    assert {c: res.get(c) for c in DROP} == dict.fromkeys(DROP, "FAIL"), out
+    assert {c: res.get(c) for c in NEW} == dict.fromkeys(NEW, "FAIL"), out
     assert all(res.get(c) in ("PASS", "FAIL") for c in CASES), out
     assert out.rstrip().endswith(f"{SCRIPT}: FAIL"), out

@@ -88,7 +88,7 @@ def test_upstream_variant_is_the_series_module_patch_on_its_line_only() -> None:
     files = kernel.build_inputs(kernel.UPSTREAM_LINE, "upstream")
     assert [p.parent for p in files] == [kernel.UPSTREAM]
     assert "conn_reuse_old_conntrack" not in files[0].read_text()
-    assert "sysctl_conn_reuse_mode(ipvs) & 4" in files[0].read_text()
+    assert "sysctl_conn_reuse_mode(ipvs) & IP_VS_CONN_REUSE_KILL_CT" in files[0].read_text()
     assert kernel.reuse_design(files) == "none"
     with pytest.raises(ConfigError, match="upstream series is against 7.2, not 6.12"):
         kernel.build_inputs("6.12", "upstream")
