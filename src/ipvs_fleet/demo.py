@@ -4,7 +4,10 @@ Boots the lab while it builds the module set for every kernel the lab runs (QEMU
 side, downloads and compiles on the other: together they take about as long as the longer
 of the two), rolls the deploy out in canary waves with gates, runs the compliance checks,
 measures the reuse scenario on the canary, and prints where each report is. Each step is the
-same command a user would run.
+same command a user would run. All through the rollout, HELD connections stay open through a
+private IPVS NAT service on the canary (`ipvs_fleet.probe.inflight.held`): the fix module is
+activated without unloading IPVS, so none may break; the summary says how many did (any
+broken one fails the demo). If they cannot be set up, the demo says so and goes on.
 
 The demo's fleet is lab/fleet-demo.yml (DEMO_FLEET): the canary and the FTP director of
 lab/fleet.yml, both on bookworm, so a first run makes one image and one builder root,
@@ -21,8 +24,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ipvs_fleet.lab import Lab
+from ipvs_fleet.probe import inflight
 from ipvs_fleet.resources import data_path, workdir
 
 STEPS = ("lab", "build", "rollout", "check", "probe")
@@ -33,6 +42,8 @@ TOGETHER = ("lab", "build")
 Step = tuple[str, str, list[str]]  # key, title, command
 
 DEMO_FLEET = "lab/fleet-demo.yml"
+CANARY = "k8s-canary"  # the canary of lab/fleet.yml and lab/fleet-demo.yml
+HELD = 100  # connections held on the canary through the rollout
 
 
 def demo_fleet(arg: str | None) -> Path:
@@ -97,6 +108,67 @@ def stages(plan: list[Step], skip: list[str]) -> list[list[Step]]:
     return out
 
 
+@dataclass
+class Held:
+    """The connections held on a host through a step: `result` is inflight's, or `error`
+    says why there is none."""
+
+    host: str
+    count: int
+    result: dict[str, Any] | None = None
+    error: str = ""
+
+    @property
+    def broken(self) -> int:
+        return int((self.result or {}).get("broken") or 0)
+
+
+@contextmanager
+def holding(lab: Any, host: str, count: int) -> Iterator[Held]:
+    """`count` connections held open through a private IPVS service on `host` for the block
+    (inflight.held); if they cannot be set up or read, the record says why and the block runs
+    all the same."""
+    rec = Held(host, count)
+    with ExitStack() as stack:
+        h = None
+        try:
+            h = stack.enter_context(inflight.held(lab, host, count))
+            print(f"    holding {count} connections through a private IPVS service on {host}",
+                  flush=True)  # fmt: skip
+        except Exception as e:  # the lab or the guest, whatever failed: the demo goes on
+            rec.error = f"could not be set up: {_one_line(e)}"
+            print(f"    held connections on {host} {rec.error}; going on without them",
+                  flush=True)  # fmt: skip
+        try:
+            yield rec
+        finally:
+            if h is not None:
+                try:
+                    stack.close()  # stops the client, removes the topology
+                    rec.result = h.result
+                except Exception as e:
+                    rec.error = f"gave no result: {_one_line(e)}"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def held_line(h: Held, step: str = "rollout") -> str:
+    """The summary line of the held connections: how many, how long, how many broke."""
+    r = h.result or {}
+    if h.error or "broken" not in r:
+        why = h.error or f"gave no result ({r.get('error', 'none')})"
+        return f"    {'held':<8} connections on {h.host} {why}"
+    line = (f"    {'held':<8} {r.get('connections', h.count)} connections through a private "
+            f"IPVS service on {h.host}, {r.get('seconds', 0):.0f} s through the {step}: "
+            f"{h.broken} broke")  # fmt: skip
+    if h.broken:
+        first = (r.get("failures") or [{}])[0]
+        line += f" (first at {first.get('at', '?')} s: {first.get('error', '?')})"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
     cli = str(Path(sys.executable).with_name("ipvs-fleet"))
     labdir = Path(os.environ.get("IPVS_FLEET_LAB_DIR", workdir() / ".lab"))
@@ -128,18 +200,22 @@ def run(args: argparse.Namespace) -> int:
         # kube-proxy's own IPVS-mode ruleset (its mark-based masquerade), a NodePort from an
         # outside client: where the 1.x design failed every reused connection
         ("probe", "Reuse scenario on the canary (kube-proxy's ruleset, NodePort, knob=1)",
-         [cli, "probe", "scenario", "--host", "k8s-canary", "--ruleset", "kube-proxy",
+         [cli, "probe", "scenario", "--host", CANARY, "--ruleset", "kube-proxy",
           "--knob", "1", "--scenarios", "A=50,B=20", "--conntrack",
           "--json", str(reports / "probe.json")]),
     ]  # fmt: skip
     results: dict[str, tuple[int, float]] = {}
+    held: Held | None = None
     started = time.monotonic()
     for stage in stages(plan, args.skip):
-        if len(stage) > 1:
-            results |= run_together(stage, env)
-        else:
-            key, title, cmd = stage[0]
-            results[key] = _run(title, cmd, env)
+        with ExitStack() as around:
+            if stage[0][0] == "rollout":
+                held = around.enter_context(holding(Lab(labdir), CANARY, HELD))
+            if len(stage) > 1:
+                results |= run_together(stage, env)
+            else:
+                key, title, cmd = stage[0]
+                results[key] = _run(title, cmd, env)
         if any(results[k][0] != 0 for k, _, _ in stage if k in TOGETHER):
             break  # nothing after this can run
     if results.get("probe", (1, 0))[0] == 0:
@@ -149,10 +225,15 @@ def run(args: argparse.Namespace) -> int:
     for key, (rc, took) in results.items():
         print(f"    {key:<8} {'ok' if rc == 0 else f'FAILED (exit {rc})':<18} {took:6.0f} s")
     print(f"    {'total':<8} {'':<18} {time.monotonic() - started:6.0f} s (wall)")
+    if held is not None:
+        print(held_line(held))
+        (reports / "held.json").write_text(json.dumps(vars(held), indent=2) + "\n")
     _print_probe(reports / "probe.json")
-    print(f"    reports: {reports}/ (rollout.json, checks.xml, checks.md, probe.json, probe.png)")
+    print(f"    reports: {reports}/ (rollout.json, checks.xml, checks.md, probe.json, probe.png"
+          f"{', held.json' if held is not None else ''})")  # fmt: skip
     print("    stop the lab: ipvs-fleet lab down")
-    return 0 if all(rc == 0 for rc, _ in results.values()) else 1
+    ok = all(rc == 0 for rc, _ in results.values()) and not (held and held.broken)
+    return 0 if ok else 1
 
 
 def _print_probe(path: Path) -> None:

@@ -26,6 +26,7 @@ from ipvs_fleet.rollout.config import (
     plan_waves,
 )
 from ipvs_fleet.rollout.engine import COMPLETED, Rollout
+from ipvs_fleet.rollout.held import HeldConnections, ssh_connector
 from ipvs_fleet.rollout.journal import Journal, JournalView, archive, read_journal
 from ipvs_fleet.rollout.report import RichUI, print_plan, print_summary, write_json
 from ipvs_fleet.rollout.runner import PyinfraRunner, checks_available
@@ -236,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
     pyinfra_args: list[str] = ["--sudo"] if args.sudo else []
     if args.parallel is not None:
         pyinfra_args += ["--parallel", str(args.parallel)]
+    # the gate's held connections reach the hosts as the checks do (inventory data, --sudo)
+    held = (HeldConnections(cfg.gate.held_connections, ssh_connector(hosts, sudo=args.sudo))
+            if cfg.gate.held_connections else None)  # fmt: skip
     runner = PyinfraRunner(
         inventory=inv.absolute(),
         deploy_file=cfg.deploy,
@@ -250,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         latency_hosts=cfg.gate.latency_hosts,
         log_dir=log_dir,
         env=env,
+        held=held,
     )
     if args.dry:
         states = {h: r.state for h, r in view.hosts.items()} if args.resume else None

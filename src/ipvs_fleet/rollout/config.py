@@ -33,7 +33,8 @@ TOP_KEYS = {
     "waves", "max_fail_percent", "soak_seconds", "rollback_failed_wave", "deploy", "rollback",
     "rollback_data", "gate", "host_command_timeout_seconds",
 }  # fmt: skip
-GATE_KEYS = {"checks", "check_args", "timeout_seconds", "latency_hosts"}
+GATE_KEYS = {"checks", "check_args", "timeout_seconds", "latency_hosts", "held_connections"}
+MAX_HELD = 1000  # one client process holds them all, each talking every 0.5 s
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class GateConfig:
     timeout_seconds: float = 900
     # Hosts per wave whose latency probe runs (the first N of the wave); None: every host.
     latency_hosts: int | None = None
+    # Connections held through a private IPVS service on each host of a wave during its
+    # deploy (ipvs_fleet.rollout.held); any broken one fails the host. 0: off.
+    held_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,19 +182,26 @@ def load_config(path: Path | str | None = None) -> RolloutConfig:
         raise ConfigError(f"{p}: rollback_data: must be a mapping of host data key to value")
     gate_doc = doc.get("gate") or {}
     if not isinstance(gate_doc, dict) or set(gate_doc) - GATE_KEYS:
-        raise ConfigError(f"{p}: gate: a mapping with keys {', '.join(sorted(GATE_KEYS))}")
+        unknown = sorted(map(str, set(gate_doc) - GATE_KEYS)) if isinstance(gate_doc, dict) else []
+        raise ConfigError(f"{p}: gate: a mapping with keys {', '.join(sorted(GATE_KEYS))}"
+                          + (f" (unknown: {', '.join(unknown)})" if unknown else ""))  # fmt: skip
     check_args = gate_doc.get("check_args") or []
     if not isinstance(check_args, list) or not all(isinstance(a, str) for a in check_args):
         raise ConfigError(f"{p}: gate.check_args: must be a list of strings")
     lat = gate_doc.get("latency_hosts", "all")
     if lat != "all" and (isinstance(lat, bool) or not isinstance(lat, int) or lat < 0):
         raise ConfigError(f"{p}: gate.latency_hosts: must be 'all' or a host count >= 0")
+    held = gate_doc.get("held_connections", 0)
+    if isinstance(held, bool) or not isinstance(held, int) or not 0 <= held <= MAX_HELD:
+        raise ConfigError(f"{p}: gate.held_connections: must be a number of connections "
+                          f"0..{MAX_HELD} (0: off), got {held!r}")  # fmt: skip
     gate = GateConfig(
         checks=bool(gate_doc.get("checks", True)),
         check_args=tuple(check_args),
         timeout_seconds=_seconds(gate_doc.get("timeout_seconds"), f"{p}: gate.timeout_seconds")
         or 900.0,
         latency_hosts=None if lat == "all" else int(lat),
+        held_connections=held,
     )
     for key in ("deploy", "rollback"):
         if key in doc and not isinstance(doc[key], str):

@@ -155,17 +155,21 @@ class Rollout:
             rec.history.append(state)
 
     def _record(self, wave: Wave, outcomes: dict[str, Outcome], ok_state: str) -> list[str]:
-        """Journal each outcome (ok_state or failed); return the failed hosts."""
-        ok = [h for h, o in outcomes.items() if o.ok]
-        self._set(ok, ok_state, wave)
+        """Journal each outcome (ok_state or failed, a good outcome's `note` detail as its
+        detail); return the failed hosts."""
+        notes = {h: str(o.details.get("note") or "") for h, o in outcomes.items() if o.ok}
+        self._set([h for h, n in notes.items() if not n], ok_state, wave)
         failed = []
         for h, o in outcomes.items():
             if not o.ok:
                 self._set([h], J.FAILED, wave, o.reason or "failed")
                 failed.append(h)
                 self.ui.host_done(wave, h, J.FAILED, o.reason)
-            elif ok_state == J.VERIFIED:
-                self.ui.host_done(wave, h, J.VERIFIED)
+                continue
+            if notes[h]:
+                self._set([h], ok_state, wave, notes[h])
+            if ok_state == J.VERIFIED:
+                self.ui.host_done(wave, h, J.VERIFIED, notes[h])
         return failed
 
     def _progress(self, wave: Wave) -> Progress:

@@ -25,7 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ipvs_fleet.rollout.held import HeldConnections
 
 PYINFRA = Path(sys.executable).with_name("pyinfra")
 VERIFY_DEPLOY = Path(__file__).with_name("verify_deploy.py")
@@ -229,8 +232,9 @@ class PyinfraRunner:
     latency_hosts: int | None = None  # probe only the first N hosts of each gate; None: all
     log_dir: Path | None = None
     env: dict[str, str] | None = None
+    # Connections held on each host through its deploy, judged by the gate (gate.held_connections)
+    held: HeldConnections | None = None
     _seq: int = 0
-    _deploy_began: float | None = None  # monotonic start of the last deploy step
 
     def _log(self, what: str) -> Path | None:
         if self.log_dir is None:
@@ -303,16 +307,10 @@ class PyinfraRunner:
         return StepResult(outcomes, secs, err), doc
 
     def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult:
-        self._deploy_began = time.monotonic()
-        return self.pyinfra(self.deploy_file, hosts, progress, what="deploy")[0]
-
-    def _swap_within(self) -> int | None:
-        """Seconds since the deploy step began: a swap record younger than that is this
-        step's, so the gate compares the live table with it (the host's clock measures the
-        record's age, so the clocks need not agree)."""
-        if self._deploy_began is None:
-            return None
-        return int(time.monotonic() - self._deploy_began) + 2
+        if self.held is None:
+            return self.pyinfra(self.deploy_file, hosts, progress, what="deploy")[0]
+        with self.held.during(hosts, progress):
+            return self.pyinfra(self.deploy_file, hosts, progress, what="deploy")[0]
 
     def rollback(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         return self.pyinfra(
@@ -326,11 +324,13 @@ class PyinfraRunner:
         return plan_outcomes(doc, res.log, hosts)
 
     def gate(self, hosts: Sequence[str], progress: Progress) -> StepResult:
+        res = self._gate(hosts, progress)
+        return self.held.judge(res) if self.held is not None else res
+
+    def _gate(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         if self.use_checks and checks_available():
             return self._checks_gate(hosts, progress)
-        within = self._swap_within()
-        data = {} if within is None else {"ipvs_swap_within": str(within)}
-        res = self.pyinfra(VERIFY_DEPLOY, hosts, progress, data=data, what="verify")[0]
+        res = self.pyinfra(VERIFY_DEPLOY, hosts, progress, what="verify")[0]
         for o in res.hosts.values():
             o.details["gate"] = "pyinfra verification"
         return res
@@ -342,9 +342,6 @@ class PyinfraRunner:
         cmd = [sys.executable, "-m", "ipvs_fleet.rollout.gate_checks",
                "--inventory", str(self.inventory), "--limit", ",".join(hosts), "--out", out,
                "--", *self.check_args, *latency_deselect(hosts, self.latency_hosts)]  # fmt: skip
-        within = self._swap_within()
-        if within is not None:
-            cmd += ["--swap-within", str(within)]
         t0 = time.monotonic()
         try:
             rc, _, err = run_child(
