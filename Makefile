@@ -79,7 +79,7 @@ TEST_ARTIFACTS := .test-artifacts
 SIDE_LAB := .lab/test-side
 SIDE_FLEET := lab/fleet-side.yml
 LAB_FIRST := tests/lab/test_lab.py tests/lab/test_modules.py tests/lab/test_reuse.py \
-	tests/lab/test_upstream_selftest.py
+	tests/lab/test_kernel_selftest.py tests/lab/test_upstream_selftest.py
 # `make test` (CI) leaves out the `slow` lab tests; `make test-full` runs them too.
 TEST_MARKS ?= not dkms and not slow
 # The two streams split by folder: tests/lab needs the VMs, nothing else does (the CI
@@ -146,8 +146,8 @@ TESTS_72 := tests/lab/test_deploy.py::test_fresh_deploy_converges_every_host \
 	tests/lab/test_deploy.py::test_second_run_changes_nothing \
 	tests/lab/test_checks.py::test_converged_lab_is_compliant \
 	tests/lab/test_checks.py::test_hand_changed_sysctl_is_drift_with_converge_command \
-	tests/lab/test_modules.py::test_patched_set_loads_and_identifies_itself \
-	tests/lab/test_reuse.py tests/lab/test_upstream_selftest.py
+	tests/lab/test_modules.py::test_fix_module_loads_beside_the_stock_ip_vs_and_identifies_itself \
+	tests/lab/test_reuse.py tests/lab/test_upstream_selftest.py tests/lab/test_kernel_selftest.py
 test-7.2: export IPVS_FLEET_FLEET := $(FLEET_72)
 test-7.2: deps venv lint
 	@mkdir -p reports

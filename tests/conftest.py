@@ -22,6 +22,7 @@ LAB_ORDER = [
     "test_lab.py",
     "test_modules.py",
     "test_reuse.py",
+    "test_kernel_selftest.py",
     "test_upstream_selftest.py",
     "test_deploy.py",
     "test_activation_faults.py",

@@ -275,6 +275,29 @@ def archive_kernels(release: str) -> list[KernelPin]:
     return out
 
 
+def fetch_deb(release: str, package: str, version: str) -> Path:
+    """The .deb of `package`=`version` from the release's suites, sha256-checked against the
+    signed index and cached in CACHE/debs (FleetError naming it if no suite has it)."""
+    want = re.compile(re.escape(package))
+    for mirror, suite in suites(release):
+        for st in _stanzas(_packages(mirror, suite, "amd64"), want):
+            if st.get("Version") != version:
+                continue
+            deb = CACHE / "debs" / Path(st["Filename"]).name
+            if deb.is_file() and hashlib.sha256(deb.read_bytes()).hexdigest() == st["SHA256"]:
+                return deb
+            data = _fetch(f"{mirror}/{st['Filename']}")
+            if hashlib.sha256(data).hexdigest() != st["SHA256"]:
+                raise FleetError(f"{package} {version}: the download does not match its index")
+            deb.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=deb.parent, suffix=".part", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, deb)
+            return deb
+    raise FleetError(f"{package}={version} is not in {release} "
+                     f"({', '.join(s for _, s in suites(release))})")  # fmt: skip
+
+
 def headers_in_archive(pin: KernelPin) -> bool:
     """Whether the release's indexes list the pin's headers package at exactly its version."""
     pat = re.compile(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -11,7 +12,7 @@ import pytest
 from ipvs_fleet.kernel import MODULE_NAME
 from ipvs_fleet.policy import KNOB, load_policy
 from ipvs_fleet.probe.inflight import held
-from tests.fixtures.artifacts import artifacts_with
+from tests.fixtures.artifacts import FOREIGN, artifacts_with
 from tests.fixtures.lab import KUBE_PROXY_NAT, KUBE_PROXY_NAT_UNDO, OE_TAINT
 
 pytestmark = pytest.mark.lab
@@ -152,6 +153,36 @@ def test_interlock_refuses_a_module_without_a_design_under_kube_proxy_nat_rules(
         assert {n: live_state(lab, n) for n in lab.hosts} == before
     finally:
         lab.run("k8s-canary", KUBE_PROXY_NAT_UNDO, check=False)
+
+
+def test_a_foreign_ipvs_module_is_refused_live_and_nothing_changes(
+    lab, artifacts, deployer, deployed, foreign_module
+):
+    """An out-of-tree IPVS module that is not the fix module (as a 2.x patched ip_vs would
+    be) loaded on the canary: replacing it would unload IPVS, so the deploy (activation
+    reload) fails that host naming the module and the way out (a reboot), changes nothing
+    there, and IPVS and its table stay; once it is gone, the deploy converges."""
+    host = "k8s-canary"
+    data = base64.b64encode(foreign_module.read_bytes()).decode()
+    lab.run(host, "base64 -d > /root/foreign.ko", input=data)
+    lab.run(host, "ipvsadm -A -t 10.99.0.3:80 -s rr && ipvsadm -a -t 10.99.0.3:80 -r "
+                  f"10.99.1.3:80 -m && rmmod {MODULE_NAME} && insmod /root/foreign.ko")  # fmt: skip
+    table = lab.run(host, "ipvsadm-save -n").stdout
+    try:
+        before = live_state(lab, host)
+        r = deployer.run("deploy.py", "--limit", host, check=False)
+        out = r.stdout + r.stderr
+        assert r.rc != 0
+        assert f"{FOREIGN}: loaded from an out-of-tree build that is not" in out, out[-3000:]
+        assert "reboot the host (host data ipvs_activation: reboot)" in out, out[-3000:]
+        assert live_state(lab, host) == before
+        assert lab.run(host, "ipvsadm-save -n").stdout == table
+        assert lab.run(host, f"test -d /sys/module/{FOREIGN}", check=False).rc == 0
+    finally:
+        lab.run(host, f"rmmod {FOREIGN}; rm -f /root/foreign.ko; ipvsadm -D -t 10.99.0.3:80",
+                check=False)  # fmt: skip
+    deployer.run("deploy.py", "--limit", host)
+    assert_converged(lab, artifacts, host)
 
 
 @pytest.mark.slow  # ~40 s; the in-flight test above goes both ways with connections held

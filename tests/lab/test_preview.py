@@ -106,14 +106,14 @@ def class_sysctls(lab, host: str) -> dict[str, int]:
 
 def assert_converged(lab, artifacts, host: str) -> None:
     set_id = artifacts[lab.hosts[host].kernel_release].set_id
-    assert lab.run(host, "cat /sys/module/ip_vs/version").stdout.strip() == set_id, host
+    assert lab.run(host, "cat /sys/module/ip_vs_reuse/version").stdout.strip() == set_id, host
     for key, value in class_sysctls(lab, host).items():
         assert live(lab, host, key) == str(value), f"{host}: {key}"
 
 
 @pytest.fixture(scope="module")
 def stock(lab, run):
-    """Every host back on the stock modules, without the deploy's files (a fresh host)."""
+    """Every host without the fix module and the deploy's files (a fresh host)."""
     r = pyinfra(run, lab, "-y", deploy="deploy/rollback.py")
     assert r.rc == 0, r.out[-4000:]
     for h in lab.hosts:
@@ -131,11 +131,11 @@ def test_dry_run_and_preview_of_fresh_hosts_list_every_step_and_change_nothing(l
         for f in ("/etc/sysctl.d/90-ipvs-fleet.conf", "/etc/modules-load.d/ipvs-fleet.conf",
                   "/etc/modprobe.d/ipvs-fleet.conf"):  # fmt: skip
             assert any(w.startswith(f"create {f}") for w in will), (f, will)
-        assert any(w.startswith(("load ip_vs", "reload the IPVS stack")) for w in will), will
+        assert any(w.startswith("load ") and "ip_vs_reuse" in w for w in will), will
+        assert not [w for w in will if "unload" in w or "reboot" in w], will
         assert f"set net.ipv4.vs.{KNOB} = {class_sysctls(lab, h)[KNOB]} (the key appears once " \
             "the modules above are active)" in will
-        for op in ("Install the patched IPVS module set", "Activate the patched modules (reload)",
-                   SET_KNOB):  # fmt: skip
+        for op in ("Install the fix module", "Load the fix module (reload)", SET_KNOB):
             assert h in dry.changes()[op], (op, dry.changes())
     preview = pyinfra(run, lab, stdin="no\n")  # anything but Enter: pyinfra stops
     assert preview.rc == 0, preview.out[-4000:]
@@ -297,11 +297,12 @@ def test_rollback_preview_lists_the_rollback_and_changes_nothing(lab, run):
     assert dry.rc == 0, dry.out[-4000:]
     hosts = sorted(lab.hosts)
     assert dry.changes() == {
-        "Remove the patched IPVS module set": hosts,
+        f"Set net.ipv4.vs.{KNOB} to 0": sorted(h for h in hosts if live(lab, h, KNOB) == "1"),
+        "Remove the fix module's files": hosts,
         "Restore the previous /etc/sysctl.d/90-ipvs-fleet.conf": hosts,
         "Restore the previous /etc/modules-load.d/ipvs-fleet.conf": hosts,
         "Restore the previous /etc/modprobe.d/ipvs-fleet.conf": hosts,
-        "Activate the stock modules (reload)": hosts,
+        "Unload the fix module (reload)": hosts,
     }
     assert fingerprints(lab) == before
 

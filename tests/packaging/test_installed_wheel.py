@@ -96,7 +96,7 @@ def test_packaged_files_come_from_site_packages(installed: Installed) -> None:
     got = json.loads(r.stdout)
     pkg = Path(got["package"]).parent
     assert pkg.parent.name == "site-packages" and installed.venv in pkg.parents
-    for key in ("policy", "swap", "deploy"):
+    for key in ("policy", "dkms", "deploy"):
         assert Path(got[key]).is_relative_to(pkg / "data"), got[key]
         assert not Path(got[key]).resolve().is_relative_to(REPO), got[key]
     assert got["classes"] == sorted(load_policy().classes)

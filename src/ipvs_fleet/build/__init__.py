@@ -1,1 +1,1 @@
-"""Build the patched IPVS module set per kernel release: builder roots, artifacts, DKMS."""
+"""Build the fix module ip_vs_reuse per kernel release: builder roots, artifacts, DKMS."""

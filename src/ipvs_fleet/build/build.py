@@ -328,7 +328,8 @@ def build_for(
     log = logs / f"{pin.kernel_release}{'.' + variant if variant else ''}.log"
     log.write_text("")
     step(f"builder root of {pin.release} (made once, then reused)")
-    root = builder_root(pin, log=logs / f"builder-{pin.release}.log")
+    root = builder_root(pin, log=logs / f"builder-{pin.release}.log",
+                        source=variant == "upstream")
     work = Path(tempfile.mkdtemp(prefix="ipvs-build-", dir=root / "tmp"))
     staging = Path(out_dir) / f".{pin.kernel_release}.partial-{os.getpid()}"
     try:

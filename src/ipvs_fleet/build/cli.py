@@ -1,4 +1,4 @@
-"""ipvs-fleet build: build the patched IPVS module set for the pinned Debian kernels.
+"""ipvs-fleet build: build the fix module ip_vs_reuse for the pinned Debian kernels.
 
 Examples:
 

@@ -50,6 +50,10 @@ LAB_PACKAGES: list[str] = [
     "vsftpd",  # passive FTP through ip_vs_ftp on the ftp class
     "tcpdump",
     "sudo",  # the non-root SSH users (SUDO_USERS)
+    # the kernel's own IPVS selftest, ipvs.sh (tests/lab/test_kernel_selftest.py): nc up
+    # to 6.1, socat from 6.12 on
+    "netcat-openbsd",
+    "socat",
 ]
 
 # Non-root users for the deploy's sudo path, keyed with the lab's client key like root:

@@ -7,10 +7,15 @@ an IPVS NAT service on it, a real server netns and a client netns joined by veth
 client opens N TCP connections through the VIP and keeps every one talking (a line each
 `--every` seconds, the echo awaited) in a detached process until `down`, which stops it, tears
 the topology down and prints the JSON result: how many connections broke (reset, timed out,
-wrong echo) and when. `status` prints the running counts.
+wrong echo) and when. `status` prints the running counts. `rate SECONDS` instead measures how
+many new connections per second the client completes through the service (connect, close;
+each SYN crosses every hook on the path, the fix module's included), for bench/.
 
 Every address is inside the host (a /30 per veth, the VIP on a dummy device); names and
-addresses are this tool's own (`ifl*`), so a run never touches the host's other services.
+addresses are this tool's own (`ifl*`, 10.253.0.0/16), so a run never touches the host's
+other services. `INFLIGHT_SLOT=N` (0-9, default 0) gives a run names, addresses and state of
+its own, so runs in different slots share a host: the demo's and the lab tests' (slot 0)
+and the rollout's held-connections gate's (slot 1, `ipvs_fleet.rollout.held`).
 
     python3 inflight.py up 100 && <change the host> && python3 inflight.py down
 
@@ -31,12 +36,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-STATE = "/run/ipvs-fleet-inflight"
-VIP, PORT = "10.253.0.1", 7311
-CLIENT_NS, SERVER_NS = "iflc", "ifls"
+# The run's slot, inherited by its detached children (the environment goes with them).
+SLOT = int(os.environ.get("INFLIGHT_SLOT") or 0)
+if not 0 <= SLOT <= 9:
+    raise SystemExit(f"inflight: INFLIGHT_SLOT={SLOT}: must be 0..9")
+_SUFFIX, _NET = (f"-{SLOT}" if SLOT else ""), f"10.253.{10 * SLOT}"
+STATE = f"/run/ipvs-fleet-inflight{_SUFFIX}"
+VIP, PORT = f"{_NET}.1", 7311
+CLIENT_NS, SERVER_NS = (f"iflc{SLOT}", f"ifls{SLOT}") if SLOT else ("iflc", "ifls")
+DUMMY, CLIENT_DEV, SERVER_DEV = f"ifl{SLOT}", f"iflc{SLOT}", f"ifls{SLOT}"
 # (host side, netns side) of each veth /30
-CLIENT_NET = ("10.253.1.1", "10.253.1.2")
-SERVER_NET = ("10.253.2.1", "10.253.2.2")
+CLIENT_NET = (f"10.253.{10 * SLOT + 1}.1", f"10.253.{10 * SLOT + 1}.2")
+SERVER_NET = (f"10.253.{10 * SLOT + 2}.1", f"10.253.{10 * SLOT + 2}.2")
 
 
 def sh(cmd: str, check: bool = True) -> str:
@@ -48,14 +59,14 @@ def sh(cmd: str, check: bool = True) -> str:
 
 def topology_up() -> None:
     topology_down()
-    for ns, (host_ip, ns_ip), dev in ((CLIENT_NS, CLIENT_NET, "iflc0"),
-                                      (SERVER_NS, SERVER_NET, "ifls0")):  # fmt: skip
+    for ns, (host_ip, ns_ip), dev in ((CLIENT_NS, CLIENT_NET, CLIENT_DEV),
+                                      (SERVER_NS, SERVER_NET, SERVER_DEV)):  # fmt: skip
         sh(f"ip netns add {ns} && ip link add {dev} type veth peer name eth0 netns {ns}")
         sh(f"ip addr add {host_ip}/30 dev {dev} && ip link set {dev} up")
         sh(f"ip -n {ns} addr add {ns_ip}/30 dev eth0 && ip -n {ns} link set eth0 up && "
            f"ip -n {ns} link set lo up && ip -n {ns} route add default via {host_ip}")  # fmt: skip
-    sh("ip link add ifl0 type dummy && ip link set ifl0 up && "
-       f"ip addr add {VIP}/32 dev ifl0 && sysctl -qw net.ipv4.ip_forward=1")  # fmt: skip
+    sh(f"ip link add {DUMMY} type dummy && ip link set {DUMMY} up && "
+       f"ip addr add {VIP}/32 dev {DUMMY} && sysctl -qw net.ipv4.ip_forward=1")  # fmt: skip
     sh(f"ipvsadm -A -t {VIP}:{PORT} -s rr && "
        f"ipvsadm -a -t {VIP}:{PORT} -r {SERVER_NET[1]}:{PORT} -m")  # fmt: skip
 
@@ -67,8 +78,8 @@ def topology_down() -> None:
         if pids:
             sh(f"kill -9 {' '.join(pids)}", check=False)
         sh(f"ip netns del {ns}", check=False)
-    sh("ip link del ifl0 2>/dev/null; ip link del iflc0 2>/dev/null; "
-       "ip link del ifls0 2>/dev/null", check=False)  # fmt: skip
+    sh(f"ip link del {DUMMY} 2>/dev/null; ip link del {CLIENT_DEV} 2>/dev/null; "
+       f"ip link del {SERVER_DEV} 2>/dev/null", check=False)  # fmt: skip
 
 
 def serve() -> None:
@@ -166,6 +177,40 @@ def spawn(ns: str, target: str, *args: str) -> None:
                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 
+def connect_rate(seconds: float) -> None:
+    """New connections through the VIP as fast as one client goes, for `seconds`; prints
+    {"connections", "seconds", "per_second", "errors"} (run in the client netns). A FIN close
+    keeps each port in TIME_WAIT, so no SYN reuses a port: the stock reuse drop stays out of
+    the measurement."""
+    sh("sysctl -qw net.ipv4.ip_local_port_range='1024 65000'")
+    n = errors = 0
+    t0 = time.monotonic()
+    end = t0 + seconds
+    while time.monotonic() < end:
+        try:
+            socket.create_connection((VIP, PORT), timeout=2).close()
+            n += 1
+        except OSError:
+            errors += 1
+    took = time.monotonic() - t0
+    print(json.dumps({"connections": n, "seconds": round(took, 3),
+                      "per_second": round(n / took, 1), "errors": errors}))  # fmt: skip
+
+
+def rate(seconds: float) -> dict[str, Any]:
+    sh(f"rm -rf {STATE} && mkdir -p {STATE}")
+    topology_up()
+    try:
+        spawn(SERVER_NS, "_serve")
+        time.sleep(0.5)
+        out = sh(f"ip netns exec {CLIENT_NS} {sys.executable} {os.path.abspath(__file__)} "
+                 f"_rate {seconds}")  # fmt: skip
+        doc: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return doc
+    finally:
+        topology_down()
+
+
 def up(count: int, every: float, timeout: float) -> dict[str, Any]:
     sh(f"rm -rf {STATE} && mkdir -p {STATE}")
     topology_up()
@@ -225,12 +270,17 @@ class Held:
         return self.guest("status")
 
 
+def install(lab: Any, host: str) -> None:
+    """Copy this file to GUEST_PATH on `host`."""
+    with open(os.path.abspath(__file__)) as f:
+        lab.run(host, f"cat > {GUEST_PATH}", input=f.read())
+
+
 @contextmanager
 def held(lab: Any, host: str, count: int = 100) -> Iterator[Held]:
     """`count` connections held open through an IPVS NAT service on `host` for the block;
     `Held.result` then says how many broke (the topology is removed either way)."""
-    with open(os.path.abspath(__file__)) as f:
-        lab.run(host, f"cat > {GUEST_PATH}", input=f.read())
+    install(lab, host)
     h = Held(lab, host)
     h.guest("up", str(count))
     try:
@@ -250,12 +300,16 @@ def main(argv: list[str]) -> int:
         print(json.dumps(status()))
     elif cmd == "down":
         print(json.dumps(down()))
+    elif cmd == "rate":
+        print(json.dumps(rate(float(argv[1]) if len(argv) > 1 else 5.0)))
+    elif cmd == "_rate":
+        connect_rate(float(argv[1]))
     elif cmd == "_serve":
         serve()
     elif cmd == "_hold":
         hold(int(argv[1]), float(argv[2]), float(argv[3]))
     else:
-        print("usage: inflight.py up [N] | status | down", file=sys.stderr)
+        print("usage: inflight.py up [N] | status | down | rate [SECONDS]", file=sys.stderr)
         return 2
     return 0
 

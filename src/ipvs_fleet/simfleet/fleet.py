@@ -140,6 +140,7 @@ class SimFleet:
         names = " ".join(host_name(i) for i in range(1, n + 1))
         self.vm_run(
             f"for h in {names}; do /srv/simfleet/host-down.sh $h; done; "
+            "rmmod ip_vs_reuse 2>/dev/null; "
             "modprobe -r ip_vs_sh ip_vs_wrr ip_vs_rr ip_vs_ftp ip_vs 2>/dev/null; "
             "for h in /srv/simfleet/hosts/*; do "
             "rm -rf $h/etc.upper/sysctl.d $h/etc.upper/modprobe.d $h/etc.upper/modules-load.d "
@@ -149,8 +150,10 @@ class SimFleet:
         self._setup(n)
 
     def kernel_modules(self, artifacts_dir: Path) -> None:
-        """Make the shared kernel's own module loads (autoload, e.g. by `ipvsadm`) use the
-        patched set, without putting it in any simulated host's /lib/modules.
+        """Make the shared kernel's own module loads (autoload, e.g. by `ipvsadm`) find the
+        fix module beside the stock IPVS modules, without putting it in any simulated host's
+        /lib/modules, and load it (the simulated hosts share one kernel: a host's deploy
+        finds it loaded from the build it installs).
 
         The kernel runs its usermode modprobe in the VM's root namespaces, not in the host that
         caused the load, so it would load the stock ip_vs from the VM's tree. It is pointed at
@@ -182,7 +185,7 @@ class SimFleet:
             "printf '#!/bin/sh\\nexec /usr/sbin/modprobe -d /srv/simfleet/kroot \"$@\"\\n' "
             "> /srv/simfleet/kmodprobe; chmod 755 /srv/simfleet/kmodprobe; "
             "echo /srv/simfleet/kmodprobe > /proc/sys/kernel/modprobe; "
-            "/srv/simfleet/kmodprobe ip_vs"
+            "/srv/simfleet/kmodprobe ip_vs && /srv/simfleet/kmodprobe ip_vs_reuse"
         )
 
     # -- access -----------------------------------------------------------------------------
