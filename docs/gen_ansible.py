@@ -30,16 +30,18 @@ HOST_DATA = {
     "ipvs_host_class": "the host's class, a key of host_classes (required)",
     "ipvs_sysctls": "`{key: value}` merged over the class's `net.ipv4.vs.*` values",
     "ipvs_latency_budget": "merged over the class's latency budget (the checks read it)",
-    "ipvs_activation": "`reload`, `reboot` or `next-boot`, over the class's activation",
+    "ipvs_activation": "`reload` (load the fix module live, IPVS never unloaded), `reboot` or "
+    "`next-boot`, over the class's activation",
     "ipvs_allow_reuse_with": "a stated reason to allow knob=1 on a host that uses FTP or connmark",
     "ipvs_install": "`artifact` only in the role; `dkms` (build on the host) is the pyinfra "
     "deploy's, and the role refuses it by name",
-    "ipvs_pre_activate": "drain hook(s): a shell command or a list, run in order right before the "
-    "swap or reboot (over the class's `pre_activate`); a failing one stops the host unswapped",
-    "ipvs_post_activate": "shell command(s) run right after the swap or reboot (over the "
-    "class's `post_activate`)",
-    "ipvs_lock_wait_seconds": "how long install, configure, removal and swap wait for the host "
-    "lock another controller holds, then fail naming the holder (over the class's "
+    "ipvs_pre_activate": "drain hook(s): a shell command or a list, run in order right before an "
+    "activation that changes something (the fix module loaded or unloaded, or a reboot; over "
+    "the class's `pre_activate`); a failing one fails the host, its modules as they were",
+    "ipvs_post_activate": "shell command(s) run right after that activation (over the class's "
+    "`post_activate`)",
+    "ipvs_lock_wait_seconds": "how long install, configure, activation and removal wait for the "
+    "host lock another controller holds, then fail naming the holder (over the class's "
     "`lock_wait_seconds`, 300)",
 }
 

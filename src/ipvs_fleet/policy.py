@@ -10,8 +10,8 @@ override a class per host:
 - `ipvs_latency_budget`: {key: value} merged over the class's budget
 - `ipvs_activation`: reload | reboot | next-boot, over the class's activation
 - `ipvs_allow_reuse_with`: a stated reason to allow knob=1 on a host that uses FTP or connmark
-- `ipvs_install`: artifact (install the controller-built set) | dkms (build it on the host
-  from its own headers and linux-source, with the DKMS tree), over the class's install
+- `ipvs_install`: artifact (install the controller-built fix module) | dkms (build it on the
+  host from its own linux-headers, with the DKMS tree), over the class's install
 """
 
 from __future__ import annotations
@@ -63,13 +63,14 @@ class HostSettings:
     modules: tuple[str, ...] = ("ip_vs",)
     allow_reuse_with: str | None = None
     install: str = "artifact"
-    # Drain hooks: shell commands run on the host, in order, right before and after the
-    # IPVS stack is swapped or the host rebooted (e.g. `kubectl drain`, a keepalived priority).
+    # Drain hooks: shell commands run on the host, in order, right before and after an
+    # activation that changes something (the fix module loaded, reloaded or unloaded, or the
+    # host rebooted; e.g. `kubectl drain`, a keepalived priority).
     pre_activate: tuple[str, ...] = ()
     post_activate: tuple[str, ...] = ()
     hook_timeout: int = HOOK_TIMEOUT_S
-    # How long install, removal and swap wait for the host lock (another controller's
-    # step holds it) before they fail naming the holder.
+    # How long install, configure, removal and activation wait for the host lock (another
+    # controller's step holds it) before they fail naming the holder.
     lock_wait: int = LOCK_WAIT_S
 
     @property

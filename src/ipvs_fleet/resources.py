@@ -69,7 +69,7 @@ def report_template(name: str) -> Path:
 
 
 def host_script(name: str) -> Path:
-    """A script the deploy uploads to hosts, e.g. `ipvs-swap.sh`."""
+    """A script the deploy uploads to hosts, e.g. `ipvs-dkms-install.sh`."""
     return role_dir() / "files" / name
 
 

@@ -245,7 +245,7 @@ def test_dry_run_of_a_fresh_host_lists_every_step(fleet):
         *(f"Set net.ipv4.vs.{k} live" for k in differ),
     }
     will = r.will("fresh")
-    assert will[0].startswith(f"install patch set {SET_ID} for {KR}: 1 modules into "
+    assert will[0].startswith(f"install patch set {SET_ID} for {KR}: {FIX}.ko into "
                               f"/lib/modules/{KR}/updates/ipvs-fleet")  # fmt: skip
     # the distro's IPVS modules stay loaded: only the fix module is loaded beside them
     assert f"load {FIX}" in will

@@ -37,7 +37,8 @@ def artifact_dir(artifacts_dir: Path, kernel_release: str, variant: str | None =
 
 @dataclass(frozen=True)
 class Artifact:
-    """One built module set for one kernel release.
+    """One build for one kernel release: the fix module `ip_vs_reuse.ko` (a test-only
+    `upstream` variant: a patched `ip_vs*.ko` set).
 
     The tarball holds the stripped `*.ko` files at its top level; install them into
     `/lib/modules/<kernel_release>/updates/ipvs-fleet/` and run `depmod`.
@@ -64,17 +65,18 @@ class Artifact:
 
     @property
     def modules(self) -> dict[str, str]:
-        """Module file name -> sha256."""
+        """Module file name -> sha256 (`{"ip_vs_reuse.ko": ...}` for the shipped build)."""
         return {k: str(v) for k, v in self.manifest["modules"].items()}
 
     @property
     def set_id(self) -> str:
-        """What `modinfo -F ipvs_fleet <module>` prints for every module of this set."""
+        """What `modinfo -F ipvs_fleet <module>` prints for every module of this build (the
+        fix module's MODULE_VERSION too: `/sys/module/ip_vs_reuse/version` once loaded)."""
         return str(self.manifest["modinfo"]["ipvs_fleet"])
 
     @property
     def reuse_design(self) -> str:
-        """What knob=1 does in this set (`handback`; see kernel/reuse_designs.yml)."""
+        """What knob=1 does in this build (`prekill`; see kernel/reuse_designs.yml)."""
         return str(self.manifest["reuse_design"])
 
     @property
@@ -124,7 +126,7 @@ def load_artifact(artifacts_dir: Path, kernel_release: str, variant: str | None 
 
     + artifacts_dir: the `--out` folder of `ipvs-fleet build`
     + kernel_release: `uname -r` of the target host
-    + variant: a test-only build variant (e.g. `dislocated`), None for the shipped set
+    + variant: a test-only build variant (e.g. `baddefault`), None for the shipped build
     """
     path = artifact_dir(Path(artifacts_dir), kernel_release, variant)
     if not (path / MANIFEST).is_file():

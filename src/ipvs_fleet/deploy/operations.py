@@ -155,13 +155,14 @@ def modules_installed(
     lock_wait: int = LOCK_WAIT_S,
 ) -> Generator[Any, None, None]:
     """
-    Install a verified module set under /lib/modules/<release>/updates/ipvs-fleet.
+    Install the verified fix module (the artifact's `ip_vs_reuse.ko`) under
+    /lib/modules/<release>/updates/ipvs-fleet; loading it is modules_active's.
 
     + kernel_release: the host's `uname -r`
     + tarball: local path of the artifact archive (*.ko at its top level)
     + tarball_sha256: its expected sha256, checked again on the host before extracting
-    + modules: {file name: sha256} of every module the set must hold, no more, no less
-    + set_id: the patch-set version of the set (for the preview line)
+    + modules: {file name: sha256} of every module the folder must hold, no more, no less
+    + set_id: the build's set id (for the preview line)
     + lock_wait: seconds to wait for the host lock (another controller's step)
 
     **Example:**
@@ -169,27 +170,27 @@ def modules_installed(
     .. code:: python
 
         modules_installed(
-            name="Install the patched IPVS modules",
+            name="Install the fix module",
             kernel_release="6.1.0-56-cloud-amd64",
-            tarball="artifacts/6.1.0-56-cloud-amd64/ipvs-fleet-modules.tar.gz",
+            tarball="artifacts/6.1.0-56-cloud-amd64/ipvs-fleet-modules-6.1.0-56-….tar.gz",
             tarball_sha256="…",
-            modules={"ip_vs.ko": "…"},
+            modules={"ip_vs_reuse.ko": "…"},
         )
     """
     installed = host.get_fact(IpvsInstalledModules, kernel_release=kernel_release)
     if installed == dict(modules):
-        host.noop(f"the patched IPVS modules are already installed for {kernel_release}")
+        host.noop(f"the fix module ({_names(modules)}) is installed for {kernel_release}")
         return
-    what = f"patch set {set_id}" if set_id else "the patched IPVS modules"
+    what = f"patch set {set_id}" if set_id else "the fix module"
     if installed:
         differ = sorted(set(installed.items()) ^ set(modules.items()))
         will(
-            f"replace the installed module set for {kernel_release} with {what} "
+            f"replace the installed build for {kernel_release} with {what} "
             f"({len({n for n, _ in differ})} module file(s) differ)"
         )
     else:
         will(
-            f"install {what} for {kernel_release}: {len(modules)} modules into "
+            f"install {what} for {kernel_release}: {_names(modules)} into "
             f"{updates_dir(kernel_release)} (sha256-verified), depmod"
         )
     dest = updates_dir(kernel_release)
@@ -205,10 +206,11 @@ def modules_installed(
         ">&2; exit 1; }",
     )  # fmt: skip
     old = f"{dest}.old"
-    # Under the host lock (another controller's install or swap waits), the staged set is
-    # verified, then on disk before it is exchanged with the live one (a crash leaves the old
-    # set or the new one, whole, where modules.dep points), and the index with it.
-    # A controller that waited for the lock may find this set installed by the other one.
+    # Under the host lock (another controller's install or activation waits), the staged
+    # folder is verified, then on disk before it is exchanged with the live one (a crash
+    # leaves the old build or the new one, whole, where modules.dep points), and the index
+    # with it. A controller that waited for the lock may find this build installed by the
+    # other one.
     same = StringCommand(
         "[ -d", QuoteString(dest), "] && [ $(ls", QuoteString(dest), "| wc -l) -eq",
         str(len(modules)), "] && (cd", QuoteString(dest), "&& printf '%s\\n'", QuoteString(sums),
@@ -239,14 +241,14 @@ def modules_built_on_host(
     modules: list[str],
 ) -> Generator[Any, None, None]:
     """
-    Build mode: build the set on the host with DKMS (its own headers and linux-source) and
+    Build mode: build the fix module on the host with DKMS (from its own linux-headers) and
     install the build under /lib/modules/<release>/updates/ipvs-fleet.
 
     + kernel_release: the host's `uname -r`
     + tarball: local path of the DKMS tree archive (`ipvs_fleet.build.dkms.dkms_bundle`)
     + tarball_sha256: its sha256, checked on the host before anything is unpacked
-    + set_id: the patch-set version every built module must carry
-    + modules: module file names the set must hold, no more, no less
+    + set_id: the set id every built module must carry
+    + modules: module file names the build must hold, no more, no less
     """
     installed = host.get_fact(IpvsInstalledSet, kernel_release=kernel_release)
     if installed == dict.fromkeys(modules, set_id):
@@ -254,7 +256,7 @@ def modules_built_on_host(
         return
     will(
         f"build patch set {set_id} on the host with DKMS for {kernel_release} "
-        f"({len(modules)} modules) and install it into {updates_dir(kernel_release)}"
+        f"({_names(modules)}) and install it into {updates_dir(kernel_release)}"
     )
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     script = f"{STATE_DIR}/ipvs-dkms-install.sh"
