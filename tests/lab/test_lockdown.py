@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ipvs_fleet.kernel import MODULE_NAME
 from ipvs_fleet.lab import Lab
 from tests.fixtures.lab import one_host_lab
 
@@ -43,14 +44,16 @@ def test_locked_down_host_is_refused_before_anything_changes(locked_lab, artifac
     kr = lab.hosts[HOST].kernel_release
     art = artifacts[kr]
     assert "[integrity]" in lab.run(HOST, "cat /sys/kernel/security/lockdown").stdout
-    # The reason for the refusal is real: this kernel rejects the unsigned patched ip_vs.
+    # The reason for the refusal is real: this kernel loads the distro's signed ip_vs and
+    # rejects the unsigned fix module that goes on top of it.
     tarball = base64.b64encode(art.tarball.read_bytes()).decode()
     lab.run(HOST, "mkdir -p /tmp/t && base64 -d | tar -xzf - -C /tmp/t", input=tarball)
-    ins = lab.run(HOST, "insmod /tmp/t/ip_vs.ko", check=False)
+    lab.run(HOST, "modprobe ip_vs")
+    ins = lab.run(HOST, f"insmod /tmp/t/{MODULE_NAME}.ko", check=False)
     assert not ins.ok and "Operation not permitted" in ins.stderr, ins
     dmesg = lab.run(HOST, "dmesg").stdout
     assert "insmod: unsigned module loading is restricted" in dmesg, dmesg[-2000:]
-    lab.run(HOST, "rm -rf /tmp/t")
+    lab.run(HOST, "rm -rf /tmp/t && modprobe -r ip_vs")
     before = lab.run(HOST, FINGERPRINT).stdout
     env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir),
                IPVS_FLEET_ARTIFACTS=str(art.path.parent))  # fmt: skip
