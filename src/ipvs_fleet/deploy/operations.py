@@ -141,6 +141,19 @@ def swap_in(staging: str, dest: str) -> str:
     )
 
 
+def vermagic_check(kernel_release: str) -> str:
+    """Shell text, run in a staged module folder: fail naming both kernels unless every
+    `.ko` there was built for `kernel_release` (its vermagic), so a module for another kernel
+    is never installed, even under a set id that is already loaded. The Ansible role's
+    `ipvs_fleet_vermagic_check` filter returns the same text."""
+    kr = shlex.quote(kernel_release)
+    return (
+        'for f in *.ko; do v=$(modinfo -F vermagic "./$f") || exit 1; case "$v" in '
+        f'{kr}" "*) ;; *) echo "ipvs-fleet: $f is built for kernel ${{v%% *}}, not "{kr}": '
+        'nothing installed" >&2; exit 1;; esac; done'
+    )
+
+
 def _names(items: Iterable[str]) -> str:
     return ", ".join(items)
 
@@ -224,6 +237,7 @@ def modules_installed(
         "&& tar -xzf", QuoteString(remote_tar), "-C", QuoteString(staging),
         "&& cd", QuoteString(staging),
         "&& printf '%s\\n'", QuoteString(sums), "| sha256sum -c --quiet --strict",
+        "&& {", vermagic_check(kernel_release), "; }",
         "&& [ $(ls", QuoteString(staging), "| wc -l) -eq", str(len(modules)), "]",
         "&& sync -f", QuoteString(staging),
         "&& {", swap_in(staging, dest), "; }",
@@ -472,7 +486,8 @@ def activation(
     same): want (text), fix_version (the loaded fix module's), stale (the fix module to
     unload: loaded from another build, or at all for patchset ""), foreign, missing (class
     modules to modprobe), change (hooks and reboot run for it), loads (what the live
-    activation modprobes), refusal (why `reload` fails the host, "" when it does not)."""
+    activation modprobes), boot_loads (what it modprobes after a reboot), refusal (why
+    `reload` fails the host, "" when it does not)."""
     fix = loaded.get(MODULE_NAME)
     foreign = foreign_modules(loaded)
     # the fix module goes if loaded from another build, or at all for the rollback ("")
@@ -486,6 +501,9 @@ def activation(
         "missing": missing,
         "change": bool(stale or foreign or MODULE_NAME in missing),
         "loads": [*missing, *([MODULE_NAME] if stale and patchset else [])],
+        # after a reboot: the class's modules (not the fix module in a rollback), whatever
+        # was loaded before it
+        "boot_loads": [m for m in modules if patchset or m != MODULE_NAME],
         "refusal": foreign_refusal(foreign) if foreign and strategy == "reload" else "",
     }
 
@@ -549,6 +567,12 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         yield from hooks("pre-activation", settings.pre_activate, settings.hook_timeout)
     if act["change"] and settings.activation == "reboot":
         yield from server.reboot._inner(delay=5, reboot_timeout=600)
+        # what modules-load.d does not load at boot (the rollback's restored file may list
+        # none): the class's modules, as a live activation would load them
+        if act["boot_loads"]:
+            yield locked("activate", settings.lock_wait, "for m in",
+                         *[QuoteString(m) for m in act["boot_loads"]],
+                         '; do modprobe "$m" || exit 1; done')  # fmt: skip
     else:
         steps: list[Any] = ["true"]
         if act["stale"]:

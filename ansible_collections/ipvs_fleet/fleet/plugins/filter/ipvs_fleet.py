@@ -49,6 +49,7 @@ try:
         staging_path,
         swap_in,
         verification_problems,
+        vermagic_check,
     )
     from ipvs_fleet.deploy.operations import activation_steps as steps_of
     from ipvs_fleet.deploy.plan import decide
@@ -283,6 +284,12 @@ def exchange(staging: str, dest: str) -> str:
     return swap_in(staging, dest)
 
 
+def vermagic(kernel_release: str) -> str:
+    """The install's check that every staged module is built for the host's kernel
+    (operations.vermagic_check), as text."""
+    return vermagic_check(kernel_release)
+
+
 def staged(path: str, token: str) -> str:
     """Where this run uploads a managed file before the locked rename (operations.staging_path)."""
     return staging_path(path, token)
@@ -345,6 +352,7 @@ class FilterModule:
                 "ipvs_fleet_locked": locked,
                 "ipvs_fleet_pending": pending,
                 "ipvs_fleet_swap_in": exchange,
+                "ipvs_fleet_vermagic_check": vermagic,
                 "ipvs_fleet_staging_path": staged,
             }.items()
         }
