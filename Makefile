@@ -135,14 +135,16 @@ test: deps venv
 	  if [ $$u -ne 0 ] || [ $$py -ne 0 ]; then exit 1; fi
 
 # The 7.2 line (Debian unstable's cloud kernel) on a lab of its own (lab/fleet-7.2.yml, one
-# VM): apart from `make test` because CI's time budget is spent. Builds the 7.2 set while the VM
-# boots, then runs the lab tests that apply to one host of that line: the deploy and its
-# no-op rerun, the compliance checks (all pass, then a hand-changed sysctl fails), the module
-# set, the line's reduced reuse matrix, and the upstream series' kselftest (passes on its
-# patch, fails on stock).
+# VM): apart from `make test` because CI's time budget is spent. Builds the 7.2 fix module
+# while the VM boots, then runs the lab tests that apply to one host of that line: the deploy,
+# 100 connections held across its rollback and deploy, its no-op rerun, the compliance checks
+# (all pass, then a hand-changed sysctl fails), the fix module, the line's reduced reuse
+# matrix, the kernel's own ipvs.sh with the module, and the upstream series' kselftest
+# (passes on its patch, fails on stock).
 LAB_72 := .lab/test-7.2
 FLEET_72 := lab/fleet-7.2.yml
 TESTS_72 := tests/lab/test_deploy.py::test_fresh_deploy_converges_every_host \
+	tests/lab/test_deploy.py::test_connections_in_flight_survive_rollback_and_activation_on_every_line \
 	tests/lab/test_deploy.py::test_second_run_changes_nothing \
 	tests/lab/test_checks.py::test_converged_lab_is_compliant \
 	tests/lab/test_checks.py::test_hand_changed_sysctl_is_drift_with_converge_command \
