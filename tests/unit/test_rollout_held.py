@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,11 @@ def test_the_guest_runs_only_if_its_sha256_is_the_controllers(tmp_path, monkeypa
     script = tmp_path / "inflight.py"
     script.write_text("import os, sys\nprint(os.environ['INFLIGHT_SLOT'], *sys.argv[1:])\n")
     monkeypatch.setattr(H, "REMOTE", str(script))
+    # the hosts' `python3`: this interpreter (a root with python3.13 alone has no such name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cmd = H.guest_command(hashlib.sha256(script.read_bytes()).hexdigest(), "up", "100")
     r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stdout) == (0, "1 up 100\n"), r.stderr
