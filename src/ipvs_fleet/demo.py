@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         ("lab", "Boot the lab fleet", [cli, "lab", "up"]),
         # At nice 10: the VMs boot under TCG while the lines compile, and a guest starved of
         # CPU boots several times slower (cold demo: VMs 167 s to SSH, a compile 184 s).
-        ("build", "Build the patched modules for the lab's kernels",
+        ("build", "Build the fix module for the lab's kernels",
          ["nice", "-n", "10", cli, "build", "--all-lab", "--out", str(artifacts)]),
         ("rollout", "Roll out in canary waves (deploy, gate, next wave)",
          [cli, "rollout", inventory, "--json", str(reports / "rollout.json"),
