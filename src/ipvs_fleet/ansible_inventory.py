@@ -12,7 +12,7 @@ $IPVS_FLEET_ANSIBLE_INVENTORY, so `pyinfra inventory/from_ansible.py deploy.py` 
 Command line (run with the project's venv python):
 
     python -m ipvs_fleet.ansible_inventory lab [--lab-dir DIR] [--out FILE]
-    python -m ipvs_fleet.ansible_inventory pyinfra INVENTORY     # JSON, for a look
+    python -m ipvs_fleet.ansible_inventory pyinfra INVENTORY     # JSON, for a look (passwords ***)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import yaml
 
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab.inventory import lab_class_data
+from ipvs_fleet.redact import masked_data
 from ipvs_fleet.resources import workdir
 
 if TYPE_CHECKING:
@@ -233,7 +234,8 @@ def _cli(argv: list[str] | None = None) -> int:
     lab = sub.add_parser("lab", help="write the running lab's Ansible inventory")
     lab.add_argument("--lab-dir", type=Path, help="lab dir (default: $IPVS_FLEET_LAB_DIR or .lab)")
     lab.add_argument("--out", type=Path, default=LAB_INVENTORY, help="inventory file to write")
-    show = sub.add_parser("pyinfra", help="print an Ansible inventory as pyinfra groups (JSON)")
+    show = sub.add_parser("pyinfra", help="print an Ansible inventory as pyinfra groups "
+                                             "(JSON, passwords ***)")
     show.add_argument("inventory", type=Path)
     args = p.parse_args(argv)
     try:
@@ -242,7 +244,7 @@ def _cli(argv: list[str] | None = None) -> int:
 
             print(write_lab_inventory(Lab(args.lab_dir), args.out))
         else:
-            print(json.dumps(pyinfra_groups(args.inventory), indent=2))
+            print(json.dumps(masked_data(pyinfra_groups(args.inventory)), indent=2))
     except FleetError as e:
         print(f"ipvs-fleet: error: {e}", file=sys.stderr)
         return 2

@@ -82,24 +82,54 @@ def test_a_sudo_that_asks_for_a_password_is_refused_before_any_change(lab, deplo
     assert f"{HOST}: sudo as fleetpw asks for a password" in c.stdout + c.stderr, c.stdout[-3000:]
 
 
+# An inventory that reaches the hosts as `fleet` and says nothing of sudo, as many real
+# fleets' do: `ipvs-fleet rollout --sudo` gives the sudo, to the deploy and the gate alike.
+FLEET_WITHOUT_SUDO = """
+from ipvs_fleet.lab.inventory import pyinfra_groups
+
+globals().update({g: [(n, {k: v for k, v in d.items() if k != "_sudo"}) for n, d in hs]
+                  for g, hs in pyinfra_groups(user="fleet").items()})
+"""
+SECRET = "rollout-Pw-31x"  # fleet's sudo asks for none: pyinfra passes it and sudo ignores it
+
+
+def mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
 @pytest.mark.destructive
-def test_a_rollout_as_fleet_with_sudo(lab, artifacts, deployer, deployed, tmp_path):
-    """`ipvs-fleet rollout` on the sudo inventory: its deploy and its checks gate (the
-    latency probe included, staged through the user's home) run as fleet through sudo."""
+def test_a_rollout_with_sudo_runs_its_gate_as_the_deploy_and_logs_no_secret(
+    lab, artifacts, deployer, deployed, tmp_path
+):
+    """`ipvs-fleet rollout --sudo` on an inventory that reaches the hosts as fleet without
+    sudo: its deploy and its checks gate (the latency probe included, staged through the
+    user's home) run as fleet through sudo; the `_sudo_password` given with --data is in no
+    log, journal, report or output, and the logs are the owner's alone."""
     fleet = sudo_deployer(deployer, "fleet")
     assert fleet.run("deploy/rollback.py", "--limit", HOST).rc == 0  # something to roll out
+    inv = tmp_path / "fleet_no_sudo.py"
+    inv.write_text(FLEET_WITHOUT_SUDO)
     since = cursor(lab)
-    report = tmp_path / "rollout.json"
+    journal, report = tmp_path / "j.jsonl", tmp_path / "rollout.json"
     r = subprocess.run(
-        [str(BIN / "ipvs-fleet"), "rollout", str(SUDO_INVENTORY), "--waves", "100%",
-         "--limit", HOST, "--journal", str(tmp_path / "j.jsonl"), "--json", str(report)],
+        [str(BIN / "ipvs-fleet"), "rollout", str(inv), "--sudo", "--waves", "100%",
+         "--data", f"_sudo_password={SECRET}", "--limit", HOST,
+         "--journal", str(journal), "--json", str(report)],
         cwd=REPO, env=fleet.env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
+    logs = journal.with_suffix(".logs")
+    files = [journal, report, *sorted(logs.iterdir())]
+    leaks = [p.name for p in files if p.is_file() and SECRET in p.read_text(errors="replace")]
+    leaks += [name for name, out in (("stdout", r.stdout), ("stderr", r.stderr)) if SECRET in out]
+    print(f"secrets found in logs: {len(leaks)} {leaks}; log modes "
+          f"{sorted({oct(mode(p)) for p in files[2:]})}, dir {oct(mode(logs))}")  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     doc = json.loads(report.read_text())
     assert doc["outcome"] == "completed", doc
     assert doc["hosts"][HOST]["state"] == "new-verified", doc["hosts"]
     assert_converged(lab, artifacts, HOST)
     n = sudo_count(lab, since, "fleet")
-    print(f"rollout as fleet: {n} sudo commands")
+    print(f"rollout as fleet with --sudo: {n} sudo commands")
     assert n > 20
+    assert leaks == []
+    assert {mode(p) for p in files[2:]} == {0o600} and mode(logs) == 0o700

@@ -100,3 +100,25 @@ def test_missing_or_broken_inventory_is_a_config_error(tmp_path):
 def test_ssh_options_keeps_what_pyinfra_understands():
     got = ssh_options("-o UserKnownHostsFile='/a b/kh' -oStrictHostKeyChecking=no -o Port=3 -C")
     assert got == {"ssh_known_hosts_file": "/a b/kh", "ssh_strict_host_key_checking": "no"}
+
+
+def test_printed_groups_mask_the_mapped_passwords(tmp_path, capsys):
+    """`python -m ipvs_fleet.ansible_inventory pyinfra INV` is for a look: no password in it,
+    while the pyinfra path still gets the real values."""
+    from ipvs_fleet.ansible_inventory import _cli
+
+    inv = tmp_path / "prod.yml"
+    inv.write_text(
+        "all:\n"
+        "  vars: {ansible_user: fleet, ansible_password: ssh-Pw-1, ansible_become: true,\n"
+        "         ansible_become_password: sudo-Pw-2}\n"
+        "  hosts: {w1: {ansible_host: 10.0.0.1}}\n"
+    )
+    assert _cli(["pyinfra", str(inv)]) == 0
+    out = capsys.readouterr().out
+    assert "ssh-Pw-1" not in out and "sudo-Pw-2" not in out, out
+    data = dict(json.loads(out)["all"])["w1"]
+    assert data["ssh_password"] == "***" and data["_sudo_password"] == "***"
+    assert data["ssh_user"] == "fleet"
+    real = dict(pyinfra_groups(inv)["all"])["w1"]
+    assert (real["ssh_password"], real["_sudo_password"]) == ("ssh-Pw-1", "sudo-Pw-2")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import fnmatch
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,18 @@ from ipvs_fleet.rollout.config import (
 from ipvs_fleet.rollout.engine import COMPLETED, Rollout
 from ipvs_fleet.rollout.held import HeldConnections, ssh_connector
 from ipvs_fleet.rollout.journal import Journal, JournalView, archive, read_journal
+from ipvs_fleet.rollout.lock import journal_lock
 from ipvs_fleet.rollout.report import RichUI, print_plan, print_summary, write_json
-from ipvs_fleet.rollout.runner import PyinfraRunner, checks_available
+from ipvs_fleet.rollout.runner import PyinfraRunner, checks_available, require_pyinfra
 
 EPILOG = """\
 waves: a group name (its hosts), a host count, or N% of the hosts outside the group waves;
 the last entry repeats until every host is in a wave (as Ansible's serial). Host order is the
 inventory's. A journal whose rollout completed is archived (<journal stem>.<UTC time>.jsonl)
 and a new rollout starts; an unfinished one is continued with --resume or archived with --new.
+One rollout at a time per journal: a second one refuses (exit 2) naming the running one.
+Password data (--data _sudo_password=..., ssh_password=...) reaches pyinfra by environment,
+not its command line, and is masked in every log and output.
 Exit codes: 0 completed (--dry: every host can be deployed), 1 halted (a wave failed its
 gate; --dry: a host would be refused or could not be planned), 2 bad input.
 """
@@ -82,6 +87,17 @@ def add_parser(sub: Any) -> None:
                    help="pyinfra --data: override host data of every host (repeatable); the "
                         "policy's rollback_data win for the rollback")
     p.set_defaults(func=run)  # fmt: skip
+
+
+# --data that says how the hosts are reached: the gate's checks and held connections use it
+# too, so that they run as the deploy does.
+IDENTITY = re.compile(r"^(ssh_|_sudo)")
+
+
+def identity_data(data: dict[str, str], sudo: bool) -> dict[str, str]:
+    """The deploy's identity as `--data` values: --sudo and the connection's --data."""
+    out = {k: v for k, v in data.items() if IDENTITY.match(k)}
+    return {**out, "_sudo": "True"} if sudo else out
 
 
 def default_journal(inventory: Path) -> Path:
@@ -200,7 +216,23 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--parallel: must be at least 1")
     cfg = effective_config(args)
     data, data_values = parse_data(args.data)
+    require_pyinfra()
     jpath = args.journal or default_journal(inv)
+    if args.dry:  # reads the journal, writes nothing
+        return _run(args, console, cfg, data, data_values, jpath)
+    with journal_lock(jpath):
+        return _run(args, console, cfg, data, data_values, jpath)
+
+
+def _run(
+    args: argparse.Namespace,
+    console: Console,
+    cfg: RolloutConfig,
+    data: dict[str, str],
+    data_values: dict[str, Any],
+    jpath: Path,
+) -> int:
+    inv: Path = args.inventory
     view = read_journal(jpath)
     if args.resume:
         if view.runs == 0:
@@ -233,12 +265,18 @@ def run(args: argparse.Namespace) -> int:
         console.print("[yellow]note: the checks gate reads the inventory's host data; --data "
                       f"{', '.join(sorted(data))} applies to the pyinfra runs only[/]")  # fmt: skip
     log_dir = args.log_dir or jpath.with_suffix(".logs")
+    if log_dir == jpath.with_suffix(".logs") and log_dir.is_dir():
+        log_dir.chmod(0o700)  # made 0755 by older versions; the logs are the owner's
     env = dict(os.environ)
     pyinfra_args: list[str] = ["--sudo"] if args.sudo else []
     if args.parallel is not None:
         pyinfra_args += ["--parallel", str(args.parallel)]
-    # the gate's held connections reach the hosts as the checks do (inventory data, --sudo)
-    held = (HeldConnections(cfg.gate.held_connections, ssh_connector(hosts, sudo=args.sudo))
+    identity = identity_data(data, args.sudo)
+    # the gate's held connections reach the hosts as the deploy and the checks do
+    same = {k: v for k, v in data_values.items() if k in identity}
+    held = (HeldConnections(cfg.gate.held_connections,
+                            ssh_connector([(n, g, {**d, **same}) for n, g, d in hosts],
+                                          sudo=args.sudo))
             if cfg.gate.held_connections else None)  # fmt: skip
     runner = PyinfraRunner(
         inventory=inv.absolute(),
@@ -247,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         rollback_data=cfg.rollback_data,
         data=data,
         pyinfra_args=tuple(pyinfra_args),
+        gate_data=identity,
         use_checks=cfg.gate.checks,
         check_args=cfg.gate.check_args,
         gate_timeout=cfg.gate.timeout_seconds,

@@ -8,6 +8,10 @@ process too, so that a hung check cannot wedge the controller and every run star
 
 Children die with the controller (PR_SET_PDEATHSIG): a controller killed with SIGKILL leaves
 no orphaned run touching hosts behind it, as a crashed controller machine would.
+
+Secrets (`--data` of a password key, ipvs_fleet.redact) reach the pyinfra children by
+environment, never argv (rollout.overlay), and every child's output is masked before it is
+logged (0600 files in a 0700 dir), shown as progress or kept as a reason.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.redact import mask, masked_argv, secret_values, split_secrets
+from ipvs_fleet.rollout.overlay import overlaid
 
 if TYPE_CHECKING:
     from ipvs_fleet.rollout.held import HeldConnections
@@ -77,6 +85,24 @@ class Runner(Protocol):
     def gate(self, hosts: Sequence[str], progress: Progress) -> StepResult: ...
 
 
+def require_pyinfra() -> None:
+    """ConfigError unless the pyinfra CLI is beside this Python (every deploy runs it)."""
+    if not PYINFRA.is_file():
+        raise ConfigError(
+            f"{PYINFRA}: pyinfra not found beside this Python ({sys.executable}); install "
+            "ipvs-fleet with its dependencies into this environment (pip install ipvs-fleet)"
+        )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (a new directory is 0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -90,9 +116,13 @@ def run_child(
     timeout: float | None = None,
     on_line: Callable[[str], None] | None = None,
     log_path: Path | None = None,
+    secrets: Sequence[str] = (),
 ) -> tuple[int, str, str]:
-    """Run a child that dies with us; stream its stderr to `on_line`; (rc, stdout, stderr)."""
-    proc = subprocess.Popen(
+    """Run a child that dies with us; stream its stderr to `on_line`; (rc, stdout, stderr).
+
+    Every `secrets` value is *** in what it streams, logs and returns.
+    """
+    with subprocess.Popen(
         list(cmd),
         cwd=cwd,
         env=env,
@@ -101,37 +131,37 @@ def run_child(
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_die_with_parent,
-    )
-    err_lines: list[str] = []
-    out_chunks: list[str] = []
-    assert proc.stderr is not None and proc.stdout is not None
-    stdout = proc.stdout
+    ) as proc:
+        err_lines: list[str] = []
+        out_chunks: list[str] = []
+        assert proc.stderr is not None and proc.stdout is not None
+        stdout = proc.stdout
 
-    def read_out() -> None:
-        out_chunks.append(stdout.read())
+        def read_out() -> None:
+            out_chunks.append(stdout.read())
 
-    t = threading.Thread(target=read_out, daemon=True)
-    t.start()
-    timer = threading.Timer(timeout, proc.kill) if timeout else None
-    if timer:
-        timer.start()
-    for line in proc.stderr:
-        err_lines.append(line)
-        if on_line:
-            on_line(line.rstrip("\n"))
-    rc = proc.wait()
-    killed = bool(timer and not timer.is_alive() and rc < 0)
-    if timer:
-        timer.cancel()
-    t.join()
-    stderr = "".join(err_lines)
+        t = threading.Thread(target=read_out, daemon=True)
+        t.start()
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        for line in proc.stderr:
+            err_lines.append(line)
+            if on_line:
+                on_line(mask(line.rstrip("\n"), secrets))
+        rc = proc.wait()
+        killed = bool(timer and not timer.is_alive() and rc < 0)
+        if timer:
+            timer.cancel()
+        t.join()
+    stderr = mask("".join(err_lines), secrets)
+    out = mask("".join(out_chunks), secrets)
     if killed:
         stderr += f"\n(killed after the {timeout:.0f} s timeout)\n"
     if log_path:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(f"$ {' '.join(cmd)}\n# exit {rc}\n{stderr}\n--- stdout ---\n"
-                            + "".join(out_chunks))
-    return rc, "".join(out_chunks), stderr
+        line = mask(" ".join(masked_argv(cmd)), secrets)
+        write_private(log_path, f"$ {line}\n# exit {rc}\n{stderr}\n--- stdout ---\n{out}")
+    return rc, out, stderr
 
 
 def host_lines(stderr: str, hosts: Sequence[str]) -> list[tuple[str, str]]:
@@ -221,10 +251,13 @@ class PyinfraRunner:
     rollback_file: str = "deploy/rollback.py"
     rollback_data: dict[str, str] = field(default_factory=dict)
     # For every pyinfra child (deploy, rollback, verification, plan): `--data k=v` (the
-    # rollback's own rollback_data win over these) and other pyinfra options, e.g.
-    # ("--parallel", "10", "--sudo").
+    # rollback's own rollback_data win over these; secrets go by environment) and other
+    # pyinfra options, e.g. ("--parallel", "10", "--sudo").
     data: dict[str, str] = field(default_factory=dict)
     pyinfra_args: tuple[str, ...] = ()
+    # Host data the checks gate gets on top of the inventory's, as `--data` values: the
+    # deploy's identity (`_sudo` of --sudo, the connection's ssh_*/_sudo* --data).
+    gate_data: dict[str, str] = field(default_factory=dict)
     use_checks: bool = True
     check_args: tuple[str, ...] = ()
     gate_timeout: float = 900.0
@@ -235,6 +268,11 @@ class PyinfraRunner:
     # Connections held on each host through its deploy, judged by the gate (gate.held_connections)
     held: HeldConnections | None = None
     _seq: int = 0
+
+    @property
+    def secrets(self) -> list[str]:
+        """The secret values any child may be given, masked in all it prints."""
+        return secret_values(self.data, self.rollback_data, self.gate_data)
 
     def _log(self, what: str) -> Path | None:
         if self.log_dir is None:
@@ -261,12 +299,12 @@ class PyinfraRunner:
         cmd += list(self.pyinfra_args)
         for h in hosts:
             cmd += ["--limit", h]
-        for k, v in {**self.data, **(data or {})}.items():
+        plain, secret = split_secrets({**self.data, **(data or {})})
+        for k, v in plain.items():
             cmd += ["--data", f"{k}={v}"]
         if self.host_command_timeout and not dry:
             # pyinfra reads a global argument's default from host data: every command
             cmd += ["--data", f"_timeout={int(self.host_command_timeout)}"]
-        cmd += [str(self.inventory), str(deploy_file)]
         env = self.env
         if dry:
             env = {**(self.env if self.env is not None else os.environ), PREFLIGHT_ENV: "report"}
@@ -281,7 +319,10 @@ class PyinfraRunner:
             if hm and hm.group(1) in hosts:
                 progress(hm.group(1), hm.group(2).strip()[:80])
 
-        rc, out, err = run_child(cmd, env=env, on_line=on_line, log_path=self._log(what))
+        with overlaid(self.inventory, secret, env) as (inventory, env):
+            cmd += [str(inventory), str(deploy_file)]
+            rc, out, err = run_child(cmd, env=env, on_line=on_line, log_path=self._log(what),
+                                     secrets=self.secrets)  # fmt: skip
         secs = time.monotonic() - t0
         doc: dict[str, Any] = {}
         try:
@@ -339,14 +380,16 @@ class PyinfraRunner:
         progress("", f"checks on {len(hosts)} host(s)")
         fd, out = tempfile.mkstemp(prefix="ipvs-fleet-gate-", suffix=".json")
         os.close(fd)
-        cmd = [sys.executable, "-m", "ipvs_fleet.rollout.gate_checks",
-               "--inventory", str(self.inventory), "--limit", ",".join(hosts), "--out", out,
-               "--", *self.check_args, *latency_deselect(hosts, self.latency_hosts)]  # fmt: skip
         t0 = time.monotonic()
         try:
-            rc, _, err = run_child(
-                cmd, env=self.env, timeout=self.gate_timeout, log_path=self._log("gate")
-            )
+            with overlaid(self.inventory, self.gate_data, self.env) as (inventory, env):
+                cmd = [sys.executable, "-m", "ipvs_fleet.rollout.gate_checks",
+                       "--inventory", str(inventory), "--limit", ",".join(hosts), "--out", out,
+                       "--", *self.check_args,
+                       *latency_deselect(hosts, self.latency_hosts)]  # fmt: skip
+                rc, _, err = run_child(cmd, env=env, timeout=self.gate_timeout,
+                                       log_path=self._log("gate"),
+                                       secrets=self.secrets)  # fmt: skip
             try:
                 results = json.loads(Path(out).read_text() or "null")
             except (OSError, ValueError):
