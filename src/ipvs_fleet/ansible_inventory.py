@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ import yaml
 
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab.inventory import lab_class_data
-from ipvs_fleet.redact import masked_data
+from ipvs_fleet.redact import mask_assignments, masked_data
 from ipvs_fleet.resources import workdir
 
 if TYPE_CHECKING:
@@ -148,9 +149,13 @@ def ansible_list(inventory: Path | str) -> dict[str, Any]:
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
+        # a file no plugin can parse is an error, not a warning and an empty inventory
+        env={**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true"},
     )
     if r.returncode != 0:
-        raise ConfigError(f"{inv}: ansible-inventory failed: {r.stderr.strip()[-1000:]}")
+        # the first plugin's complaint names the line; the later ones repeat it
+        why = mask_assignments(r.stderr.strip())[:1200]
+        raise ConfigError(f"{inv}: ansible-inventory failed: {why}")
     try:
         doc: dict[str, Any] = json.loads(r.stdout)
     except ValueError as e:

@@ -62,3 +62,15 @@ def masked_argv(argv: Iterable[str]) -> list[str]:
         key, sep, value = str(word).partition("=")
         out.append(f"{key}={MASK}" if sep and value and is_secret(key.lstrip("-")) else word)
     return out
+
+
+# `key: value`, `key=value`, `"key": "value"` where the key names a secret (YAML, INI, JSON)
+_ASSIGNED = re.compile(
+    r"""(["']?[\w.-]*(?:password|passwd|passphrase|_pass)["']?\s*[:=]\s*)([^\s,}\]]+)""", re.I
+)
+
+
+def mask_assignments(text: str) -> str:
+    """`text` (a tool's message quoting a file we could not parse, so its secrets are
+    unknown) with the value of every secret-looking assignment ***."""
+    return _ASSIGNED.sub(lambda m: m.group(1) + MASK, text)

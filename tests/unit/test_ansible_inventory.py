@@ -122,3 +122,17 @@ def test_printed_groups_mask_the_mapped_passwords(tmp_path, capsys):
     assert data["ssh_user"] == "fleet"
     real = dict(pyinfra_groups(inv)["all"])["w1"]
     assert (real["ssh_password"], real["_sudo_password"]) == ("ssh-Pw-1", "sudo-Pw-2")
+
+
+def test_a_broken_inventory_error_does_not_echo_its_passwords(tmp_path):
+    """A file no plugin parses is an error naming it (not an empty inventory), and the
+    source line ansible-inventory quotes (seen: the password's own line) is masked."""
+    broken = tmp_path / "hosts.yml"
+    broken.write_text(
+        "all:\n  hosts:\n    web1:\n      ansible_host: 10.0.0.1\n"
+        "      ansible_become_password: Hunter2-secret: x\n"
+    )
+    with pytest.raises(ConfigError, match="ansible-inventory failed") as e:
+        pyinfra_groups(broken)
+    assert "Hunter2-secret" not in str(e.value)
+    assert "ansible_become_password: ***" in str(e.value)
