@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import threading
@@ -195,8 +196,9 @@ def verdict(r: dict[str, Any]) -> str:
             f"live: {'yes' if live else 'NO'}")
 
 
-def render(lines: list[dict[str, Any]], out: Path, elapsed: float) -> str:
-    rel = Path("..") / out.resolve().relative_to(REPO)
+def render(lines: list[dict[str, Any]], out: Path, elapsed: float, doc: Path) -> str:
+    # relative to the page (an --out outside the repository crashed relative_to)
+    rel = os.path.relpath(out.resolve(), doc.resolve().parent)
     t = ["# Reuse results: the 1-second drop under the rulesets Kubernetes nodes run",
          "",
          f"Measured by `bench/reuse_matrix.py` in lab VMs (QEMU TCG, real Debian cloud "
@@ -297,7 +299,7 @@ def main() -> int:
     (args.out / "summary.json").write_text(json.dumps(
         [{k: v for k, v in ln.items() if k not in ("runs", "ordinary_samples")}
          for ln in lines], indent=1) + "\n")
-    args.doc.write_text(render(lines, args.out, time.monotonic() - t0))
+    args.doc.write_text(render(lines, args.out, time.monotonic() - t0, args.doc))
     log(f"wrote {args.doc}")
     return 0
 
