@@ -1,9 +1,11 @@
 """The CI examples run: the shell commands of ci-examples/github-actions.yml and
 gitlab-ci.yml, read from the YAML (tests/fixtures/ci_examples.py), run against the lab as the
-examples document their inputs: ipvs-fleet's wheel installed by the example's own `pip
-install` line (the wheel of this tree instead of a release, same extras) into a fresh
-virtualenv, a repository of `ipvs-fleet init` with the lab's hosts in inventory/prod.py (no
-key paths: the example's SSH step provides them), the lab's client key and host keys as the
+examples document their inputs: the example's own install lines into a fresh virtualenv,
+in order (the dependencies from ci-examples/requirements.lock, copied into the repository as
+a user does, by their hashes from PyPI, which stands in for GitLab's registry; then
+ipvs-fleet --no-deps: the wheel of this tree instead of a release), a repository of
+`ipvs-fleet init` with the lab's hosts in inventory/prod.py (no key paths: the example's
+SSH step provides them), the lab's client key and host keys as the
 secret / File variables, a scratch HOME. The hosts are converged first (a deploy), so the
 check must pass: the JUnit file the job publishes must hold every host's checks and no
 failure or error. The two jobs' installs (pip on the controller) run together while that
@@ -29,6 +31,7 @@ from ipvs_fleet.lab.inventory import lab_class_data
 from tests.fixtures.ci_examples import (
     GITHUB,
     GITLAB,
+    LOCK,
     Command,
     Job,
     from_wheel,
@@ -101,12 +104,20 @@ class Runner:
     def repo(self) -> Path:
         return self.tmp / "repo"
 
+    @property
+    def installs(self) -> list[Command]:
+        """The job's commands up to its install of ipvs-fleet (the locked dependencies
+        first)."""
+        n = next(i for i, c in enumerate(self.job.commands) if is_install(c))
+        return self.job.commands[: n + 1]
+
     def install(self, wheel: Path) -> None:
-        """The virtualenv, then the job's install line (of the wheel)."""
+        """The virtualenv, then the job's install lines, in order (ipvs-fleet's: the wheel)."""
         subprocess.run([sys.executable, "-m", "venv", str(self.tmp / "venv")], check=True,
                        timeout=300)  # fmt: skip
-        (install,) = [c for c in self.job.commands if is_install(c)]
-        sh(from_wheel(install, wheel), self.repo, self.env)
+        (self.repo / "requirements.lock").write_text(LOCK.read_text())
+        for cmd in self.installs:
+            sh(from_wheel(cmd, wheel) if is_install(cmd) else cmd, self.repo, self.env)
 
     def run(self, lab: Lab) -> None:
         """After the install: the repository, the job's other commands."""
@@ -114,9 +125,8 @@ class Runner:
         self.installed.result()
         sh(Command("ipvs-fleet init ."), self.repo, self.env)
         (self.repo / "inventory" / "prod.py").write_text(user_inventory(lab))
-        for cmd in self.job.commands:
-            if not is_install(cmd):
-                print(sh(cmd, self.repo, self.env)[-3000:])
+        for cmd in self.job.commands[len(self.installs) :]:
+            print(sh(cmd, self.repo, self.env)[-3000:])
 
 
 def github_runner(lab: Lab, tmp: Path) -> Runner:
@@ -125,6 +135,7 @@ def github_runner(lab: Lab, tmp: Path) -> Runner:
         "secrets.FLEET_SSH_KEY": lab.client_key.read_text().rstrip("\n"),
         "vars.FLEET_KNOWN_HOSTS": lab.known_hosts.read_text().rstrip("\n"),
         "vars.IPVS_FLEET_REPO": "example/ipvs-fleet",  # replaced by the wheel
+        "vars.IPVS_FLEET_COMMIT": "0" * 40,
         "github.workspace": str(repo),
     }
     job = github_job(yaml.safe_load(GITHUB.read_text()), context)
@@ -134,8 +145,8 @@ def github_runner(lab: Lab, tmp: Path) -> Runner:
 
 def gitlab_runner(lab: Lab, tmp: Path) -> Runner:
     variables = {"CI_PROJECT_DIR": str(tmp / "repo"),
-                 "CI_API_V4_URL": "https://gitlab.example/api/v4",
-                 "IPVS_FLEET_PROJECT": "1",  # the registry: replaced by the wheel
+                 # the masked registry URL: PyPI (the dependencies), the wheel (ipvs-fleet)
+                 "PIP_INDEX_URL": "https://pypi.org/simple",
                  # File variables: GitLab writes the value to a file, the variable is its path
                  "FLEET_SSH_KEY": str(lab.client_key),
                  "FLEET_KNOWN_HOSTS": str(lab.known_hosts)}  # fmt: skip

@@ -1,6 +1,7 @@
 """The CI examples read as their CI reads them: commands, environment, JUnit paths; their
-SSH setup run in a scratch HOME puts the key and host keys where the checks look. The run
-against the lab from the installed wheel is tests/lab/test_ci_examples.py."""
+SSH setup run in a scratch HOME puts the key and host keys where the checks look; they keep
+the supply-chain and no-overlap rules, and their lock is the project's, less the dev tools.
+The run against the lab from the installed wheel is tests/lab/test_ci_examples.py."""
 
 from __future__ import annotations
 
@@ -16,13 +17,19 @@ import yaml
 from tests.fixtures.ci_examples import (
     GITHUB,
     GITLAB,
+    LOCK,
+    PROJECT_LOCK,
+    REPO,
     Command,
     Job,
     expand_variables,
     from_wheel,
     github_job,
+    github_problems,
     gitlab_job,
+    gitlab_problems,
     is_install,
+    runtime_lock,
 )
 
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n-----END OPENSSH PRIVATE KEY-----"
@@ -30,6 +37,7 @@ KNOWN = "[127.0.0.1]:2222 ssh-ed25519 AAAAfake"
 GITHUB_CONTEXT = {
     "secrets.FLEET_SSH_KEY": KEY, "vars.FLEET_KNOWN_HOSTS": KNOWN,
     "vars.IPVS_FLEET_REPO": "example/ipvs-fleet", "github.workspace": "/w",
+    "vars.IPVS_FLEET_COMMIT": "0123456789abcdef0123456789abcdef01234567",
 }  # fmt: skip
 GITLAB_VARIABLES = {"CI_PROJECT_DIR": "/w", "CI_API_V4_URL": "https://gitlab.example/api/v4",
                     "IPVS_FLEET_PROJECT": "42"}  # fmt: skip
@@ -63,13 +71,17 @@ def test_one_install_of_ipvs_fleet_rewritten_to_a_wheel(job) -> None:
     installs = [c for c in job().commands if is_install(c)]
     assert len(installs) == 1
     wheel = Path("/tmp/d/ipvs_fleet-0.1.0-py3-none-any.whl")
-    assert from_wheel(installs[0], wheel).shell == f"pip install '{wheel}[plots]'"
+    assert from_wheel(installs[0], wheel).shell == f"pip install --no-deps {wheel}"
+    extras = Command("pip install -i https://x/simple --no-deps 'ipvs-fleet[plots]==1'")
+    assert from_wheel(extras, wheel).shell == f"pip install --no-deps '{wheel}[plots]'"
 
 
 def test_github_expressions_come_from_the_context() -> None:
     j = github()
     (install,) = [c for c in j.commands if is_install(c)]
-    assert "git+https://github.com/example/ipvs-fleet@v0.1.0" in install.shell
+    assert "git+https://github.com/${IPVS_FLEET_REPO}@${IPVS_FLEET_COMMIT}" in install.shell
+    assert install.env == {"IPVS_FLEET_REPO": "example/ipvs-fleet",
+                           "IPVS_FLEET_COMMIT": GITHUB_CONTEXT["vars.IPVS_FLEET_COMMIT"]}
     (ssh,) = [c for c in j.commands if "FLEET_SSH_KEY" in c.shell]
     assert ssh.env == {"FLEET_SSH_KEY": KEY, "FLEET_KNOWN_HOSTS": KNOWN}
     doc = yaml.safe_load(GITHUB.read_text())
@@ -81,7 +93,7 @@ def test_gitlab_variables_expand_as_gitlab_does() -> None:
     assert expand_variables("$A/x ${B}y $C", {"A": "1", "B": "2"}) == "1/x 2y "
     j = gitlab()
     assert [c.shell.split()[0] for c in j.commands] == [
-        "pip", "install", "install", "cp", "ipvs-fleet"]  # fmt: skip
+        "pip", "pip", "install", "install", "cp", "ipvs-fleet"]  # fmt: skip
 
 
 def test_a_command_that_is_not_the_install_is_refused() -> None:
@@ -90,8 +102,8 @@ def test_a_command_that_is_not_the_install_is_refused() -> None:
 
 
 def _run_ssh_setup(commands: list[Command], home: Path, env: dict[str, str]) -> None:
-    for c in commands:
-        if is_install(c) or c.shell.lstrip().startswith("ipvs-fleet"):
+    for c in commands:  # the SSH steps alone: no install (pip), no check
+        if "pip install" in c.shell or c.shell.lstrip().startswith("ipvs-fleet"):
             continue
         r = subprocess.run(["bash", "-eo", "pipefail", "-c", c.shell],
                            env={"PATH": os.environ["PATH"], "HOME": str(home), **c.env, **env},
@@ -116,3 +128,52 @@ def test_ssh_setup_puts_key_and_host_keys_where_the_checks_look(ci: str, tmp_pat
     assert key.read_text() == KEY + "\n"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert (home / ".ssh" / "known_hosts").read_text() == KNOWN + "\n"
+
+
+def test_the_examples_keep_the_supply_chain_and_no_overlap_rules() -> None:
+    assert github_problems(GITHUB.read_text()) == []
+    assert gitlab_problems(GITLAB.read_text()) == []
+
+
+def test_the_rules_catch_what_they_are_for() -> None:
+    """Each rule on a copy of the example broken in one place: the lint names it."""
+    gh = GITHUB.read_text()
+    broken = {
+        "permissions": gh.replace("permissions:\n  contents: read\n", "permissions: write-all\n"),
+        "checks: write": gh.replace("      checks: write", "      pull-requests: write"),
+        "not pinned": gh.replace("actions/checkout@11d5960a326750d5838078e36cf38b85af677262",
+                                 "actions/checkout@v4"),
+        "in run:": gh.replace("${IPVS_FLEET_REPO}", "${{ vars.IPVS_FLEET_REPO }}"),
+        "concurrency": gh.replace("cancel-in-progress: false", "cancel-in-progress: true"),
+        "timeout-minutes": gh.replace("    timeout-minutes: 30", "    # no timeout"),
+        "requirements.lock": gh.replace(" --require-hashes -r requirements.lock", " pyyaml"),
+        "--no-deps": gh.replace("pip install --no-deps", "pip install"),
+    }  # fmt: skip
+    for rule, text in broken.items():
+        assert text != gh, rule
+        assert any(rule in p for p in github_problems(text)), rule
+    gl = GITLAB.read_text()
+    broken = {
+        "timeout": gl.replace("  timeout: 30m", "  # no timeout"),
+        "resource_group": gl.replace("  resource_group: ipvs-fleet", "  # none"),
+        "PIP_INDEX_URL set": gl.replace("  variables:\n", "  variables:\n    PIP_INDEX_URL: x\n"),
+        "not from $PIP_INDEX_URL": gl.replace(
+            '--index-url "${PIP_INDEX_URL:?the masked CI/CD variable PIP_INDEX_URL is not set}"\n'
+            "      --no-deps", "--index-url https://pypi.org/simple --no-deps"),
+        "requirements.lock": gl.replace("--require-hashes -r requirements.lock", "pyyaml"),
+    }  # fmt: skip
+    for rule, text in broken.items():
+        assert text != gl, rule
+        assert any(rule in p for p in gitlab_problems(text)), rule
+
+
+def test_the_examples_lock_is_the_projects_less_the_dev_tools() -> None:
+    """ci-examples/requirements.lock, what the examples install by hashes: the project's own
+    pins and hashes of everything ipvs-fleet[plots] needs, nothing of its dev tools.
+    Regenerate: python -m tests.fixtures.ci_examples."""
+    want = runtime_lock(PROJECT_LOCK.read_text(), (REPO / "pyproject.toml").read_text())
+    assert LOCK.read_text() == want, "stale: python -m tests.fixtures.ci_examples"
+    for dev in ("ruff==", "mypy==", "ansible-lint==", "ansible-core=="):
+        assert f"\n{dev}" not in want
+    for runtime in ("pyinfra==", "paramiko==", "matplotlib==", "numpy==", "cryptography=="):
+        assert f"\n{runtime}" in want

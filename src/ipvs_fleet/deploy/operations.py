@@ -208,12 +208,14 @@ def modules_installed(
         )
     dest = updates_dir(kernel_release)
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
-    yield from files.put._inner(src=tarball, dest=remote_tar, mode="0600")
+    yield from root_upload(tarball, remote_tar)
     staging = f"{dest}.new"
     sums = "\n".join(f"{sha}  {name}" for name, sha in sorted(modules.items()))
-    # Verify the archive, then every module, before anything replaces the live set.
+    # Verify the archive, as root where it now lies, then every module, before anything
+    # replaces the live set.
     yield StringCommand(
-        "echo", QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet ||",
+        "chmod 600", QuoteString(remote_tar), "&& echo",
+        QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet ||",
         "{ echo", QuoteString(f"ipvs-fleet: {remote_tar} on the host does not match the sha256 "
                               f"the controller checked ({tarball_sha256}): nothing installed"),
         ">&2; exit 1; }",
@@ -274,11 +276,16 @@ def modules_built_on_host(
     )
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     script = f"{STATE_DIR}/ipvs-dkms-install.sh"
-    yield from files.put._inner(src=tarball, dest=remote_tar, mode="0600")
-    yield from files.put._inner(src=str(DKMS_SCRIPT), dest=script, mode="0755")
+    yield from root_upload(tarball, remote_tar)
+    yield from root_upload(DKMS_SCRIPT, script)
     args = [QuoteString(a) for a in (remote_tar, tarball_sha256, set_id, kernel_release)]
     q = QuoteString(script)
-    yield StringCommand(q, *args, str(len(modules)), "; rc=$?; rm -f", q, "; exit $rc")
+    # The script checks the archive; the script itself is checked here, as root, in the
+    # command that runs it.
+    yield StringCommand(
+        unchanged_or_refused(script, sha256_of(DKMS_SCRIPT), script, "not run"),
+        "&& sh", q, *args, str(len(modules)), "; rc=$?; rm -f", q, "; exit $rc",
+    )  # fmt: skip
 
 
 @operation()
@@ -334,13 +341,43 @@ def rendered(path: str, settings: HostSettings) -> str:
     return str(get_template(src, env).render(kw))
 
 
-def _one_off_upload(src: str | Path | IO[str], dest: str) -> Iterator[Any]:
-    """Upload a file to a path no fact is read about: a host script its run removes, or a
-    managed file's copy in this run's new staging folder (files.put reads three facts, about
-    0.15 s each under TCG, and would always find the path absent)."""
-    yield StringCommand("mkdir -p", QuoteString(posixpath.dirname(dest)))
+def sha256_of(src: str | Path | IO[str]) -> str:
+    """The sha256 of what `root_upload` sends for `src` (a local path, or text)."""
+    if isinstance(src, (str, Path)):
+        return hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    data = src.read()
+    src.seek(0)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def root_upload(src: str | Path | IO[str], dest: str) -> Iterator[Any]:
+    """Upload a file to `dest` under STATE_DIR (a host script its run removes, an archive,
+    a managed file's copy in this run's new staging folder), reading no fact about it
+    (files.put reads three, about 0.15 s each under TCG, and would always find it absent).
+
+    STATE_DIR is made (or made again) root's alone, 0700. Through sudo pyinfra uploads as
+    the SSH user to a file of its own (a random name under its temp dir, never one derived
+    from `dest`) and copies it to `dest` with sudo: whoever runs as that user can rewrite it
+    in between, so whatever uses `dest` as root checks it first
+    (`unchanged_or_refused`, in the same root command)."""
+    yield StringCommand(
+        "install -d -m 0700", QuoteString(STATE_DIR), "&& mkdir -p",
+        QuoteString(posixpath.dirname(dest)),
+    )  # fmt: skip
     local = src if not isinstance(src, (str, Path)) else str(src)
-    yield FileUploadCommand(local, dest, remote_temp_filename=host.get_temp_filename(dest))
+    yield FileUploadCommand(local, dest, remote_temp_filename=host.get_temp_filename())
+
+
+def unchanged_or_refused(path: str, sha256: str, what: str, refusal: str) -> StringCommand:
+    """Shell words that fail, removing `path`, unless `path` holds the bytes of sha256: run
+    as root right before `path` is used (`what` names it in the message; `refusal` says
+    what was not done)."""
+    return StringCommand(
+        "{ echo", QuoteString(f"{sha256}  {path}"), "| sha256sum -c --status || { echo",
+        QuoteString(f"ipvs-fleet: {what}: the staged copy does not match the sha256 the "
+                    f"controller sent ({sha256}): {refusal}"),
+        ">&2; rm -f", QuoteString(path), "; exit 1; }; }",
+    )  # fmt: skip
 
 
 @operation()
@@ -385,10 +422,14 @@ def config_file(
         # Uploaded beside the state, then renamed into place under the host lock: a modprobe
         # of another controller never reads a half-written modprobe.d or sysctl.d file, and a
         # waiting controller finds the file as the other one left it.
-        yield from _one_off_upload(StringIO(content), staged)
-        # this run's folder goes with the file: the next file's upload makes it again
-        steps += ["&& chmod 644", QuoteString(staged), "&& mv -f", QuoteString(staged), q,
-                  "&& rm -rf", QuoteString(f"{STAGING_DIR}/{RUN_TOKEN}"), "&&", STALE_STAGING]
+        yield from root_upload(StringIO(content), staged)
+        sha = hashlib.sha256(content.encode()).hexdigest()
+        # Checked as root before anything else (`root_upload`); this run's folder goes with
+        # the file: the next file's upload makes it again.
+        steps = [unchanged_or_refused(staged, sha, path, "not installed"), "&&", *steps,
+                 "&& chmod 644", QuoteString(staged), "&& mv -f", QuoteString(staged), q,
+                 "&& rm -rf", QuoteString(f"{STAGING_DIR}/{RUN_TOKEN}"), "&&",
+                 STALE_STAGING]  # fmt: skip
     yield locked("configure", lock_wait, *steps)
 
 
