@@ -150,6 +150,9 @@ def run_line(lab: Any, art: Any, host: str) -> dict[str, Any]:
             out["knob1"][_key(cell)] = g.run_plan(_plan(cell, 1, sc))
         for cell, sc in KNOB0.items():
             out["knob0"][_key(cell)] = g.run_plan(_plan(cell, 0, sc, ftp=cell == MINIMAL))
+        # the FTP run wrote as root: what it left under /tmp (nothing, or a root write
+        # at a predictable path)
+        out["tmp_left"] = g.sh("find /tmp -maxdepth 1 -name 'ipvsp-ftp-*'").split()
     finally:
         out["restored"] = g.restore(before)
     out["seconds"] = round(time.monotonic() - t0, 1)
@@ -321,6 +324,7 @@ def test_passive_ftp_through_ip_vs_ftp_with_knob0(lines: dict[str, Any], line: s
     ftp = lines[line]["knob0"][_key(MINIMAL)]["ftp"]
     assert ftp["ok"], f"{line}: {ftp}"
     assert "(10,10,9,1," in ftp["pasv_reply"], f"{line}: 227 not rewritten to the VIP: {ftp}"
+    assert lines[line]["tmp_left"] == [], f"{line}: the FTP probe left root files in /tmp"
 
 
 def _udp_runs(lines: dict[str, Any], line: str,

@@ -94,6 +94,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -1899,15 +1900,27 @@ def conntrack_after_reuse(topo: Topology, name: str, timeout: float) -> dict[str
 
 def ftp_transfer(topo: Topology, size: int = 256 * 1024, timeout: float = 20) -> dict[str, Any]:
     """Passive FTP download through an IPVS FTP service (ip_vs_ftp) to vsftpd on rs1."""
+
+    # Root writes here: a fresh directory of its own (mkdtemp: unpredictable, 0700, never an
+    # existing path or a symlink planted in /tmp), removed after the transfer.
+    work = tempfile.mkdtemp(prefix="ipvsp-ftp-")
+    try:
+        return _ftp_transfer(topo, work, size, timeout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _ftp_transfer(topo: Topology, work: str, size: int, timeout: float) -> dict[str, Any]:
     import ftplib  # here only: it imports ssl, ~0.3 s at every probe start under TCG
 
-    root = f"/tmp/ipvsp-ftp-{topo.rid}"
-    os.makedirs(root, mode=0o755)
+    root = os.path.join(work, "pub")
+    os.mkdir(root, mode=0o755)
+    os.chmod(work, 0o711)  # vsftpd's anonymous session (user ftp) reads pub/
     os.makedirs("/var/run/vsftpd/empty", exist_ok=True)
     data = os.urandom(size)
     with open(os.path.join(root, "probe.bin"), "wb") as f:
         f.write(data)
-    conf = os.path.join(root + ".conf")
+    conf = os.path.join(work, "vsftpd.conf")
     with open(conf, "w") as f:
         f.write("\n".join([
             "listen=YES", "listen_ipv6=NO", "background=NO", "anonymous_enable=YES",
