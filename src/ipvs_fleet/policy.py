@@ -20,10 +20,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, ValidationInfo, model_validator
 
 from ipvs_fleet.errors import ConfigError, load_yaml_file
 from ipvs_fleet.resources import policy_file
+from ipvs_fleet.validation import StrictModel, shown, validated
 
 KNOB = "conn_reuse_old_conntrack"
 BUDGET_KEYS = {"slow_ms", "max_slow", "max_errors", "p99_ms"}
@@ -82,6 +85,173 @@ class HostSettings:
         return [f"net.ipv4.vs.{k} = {v}" for k, v in sorted(self.sysctls.items())]
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_timeout(value: Any) -> int:
+    """Seconds >= 1 (ValueError otherwise: a model's field validator)."""
+    if not _whole(value) or value < 1:
+        raise ValueError(f"must be a whole number of seconds >= 1, got {shown(value)}")
+    return int(value)
+
+
+def check_hooks(value: Any) -> tuple[str, ...]:
+    """A hook list: one shell command or a list of them (none: null or [])."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(c, str) and c.strip()
+                                                      for c in value):  # fmt: skip
+        raise ValueError(f"must be a shell command or a list of them, got {shown(value)}")
+    return tuple(value)
+
+
+def check_modules(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or "ip_vs" not in value:
+        raise ValueError(f"must be a list of IPVS modules that includes ip_vs, got {shown(value)}")
+    for m in value:
+        if not isinstance(m, str) or not re.fullmatch(MODULE_RE, m):
+            raise ValueError(f"{shown(m)} is not an IPVS module name")
+    return tuple(value)
+
+
+def check_sysctls(values: Any, info: ValidationInfo) -> dict[str, int]:
+    """{key: int} within the ranges of the policy's sysctl_schema (the validation context's
+    `schema`: the one source of ranges)."""
+    schema: dict[str, dict[str, int]] = (info.context or {}).get("schema", {})
+    if not isinstance(values, Mapping):
+        raise ValueError(f"must be a mapping of net.ipv4.vs keys to integers, got {shown(values)}")
+    out: dict[str, int] = {}
+    for key, value in values.items():
+        rng = schema.get(key) if isinstance(key, str) else None
+        if rng is None:
+            known = ", ".join(sorted(schema))
+            raise ValueError(f"unknown IPVS sysctl {shown(key)} (known: {known})")
+        if not _whole(value):
+            raise ValueError(f"{key} must be an integer, got {shown(value)}")
+        if not rng["min"] <= value <= rng["max"]:
+            raise ValueError(f"{key}={value} is out of range {rng['min']}..{rng['max']}")
+        out[key] = value
+    return out
+
+
+def _reason(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty reason, got {shown(value)}")
+    return value
+
+
+def _class_name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a host class name, got {shown(value)}")
+    return value
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"must be a non-negative integer or null, got {value}")
+    return value
+
+
+Activation = Literal["reload", "reboot", "next-boot"]
+Install = Literal["artifact", "dkms"]
+Seconds = Annotated[int, BeforeValidator(check_timeout)]
+Hooks = Annotated[tuple[str, ...], BeforeValidator(check_hooks)]
+Modules = Annotated[tuple[str, ...], BeforeValidator(check_modules)]
+Sysctls = Annotated[dict[str, int], BeforeValidator(check_sysctls)]
+ClassName = Annotated[str, BeforeValidator(_class_name)]
+NonNegative = Annotated[int, AfterValidator(_non_negative)]
+
+
+class Budget(StrictModel):
+    """A latency budget (ipvs_fleet.compliance.latency); null: no limit."""
+
+    slow_ms: NonNegative | None = None
+    max_slow: NonNegative | None = None
+    max_errors: NonNegative | None = None
+    p99_ms: NonNegative | None = None
+
+
+class SchemaRange(StrictModel):
+    min: int
+    max: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SchemaRange:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class HostClass(StrictModel):
+    """One class of host_classes.yml."""
+
+    description: str = ""
+    sysctls: Sysctls
+    latency_budget: Budget | None = None
+    activation: Activation = "reload"
+    modules: Modules = ("ip_vs",)
+    install: Install = "artifact"
+    pre_activate: Hooks = ()
+    post_activate: Hooks = ()
+    hook_timeout_seconds: Seconds = HOOK_TIMEOUT_S
+    lock_wait_seconds: Seconds = LOCK_WAIT_S
+
+
+def _non_empty(value: dict[str, Any]) -> dict[str, Any]:
+    if not value:
+        raise ValueError("must be a non-empty mapping")
+    return value
+
+
+class SchemaFile(StrictModel):
+    """The sysctl_schema of host_classes.yml alone (read first: the classes' ranges)."""
+
+    model_config = ConfigDict(extra="ignore")
+    sysctl_schema: Annotated[dict[str, SchemaRange], AfterValidator(_non_empty)]
+
+
+class PolicyFile(SchemaFile):
+    """host_classes.yml."""
+
+    model_config = ConfigDict(extra="forbid")
+    host_classes: Annotated[dict[str, HostClass], AfterValidator(_non_empty)]
+
+
+class HostData(StrictModel):
+    """The ipvs_* host data of one host (other keys are the inventory's own)."""
+
+    model_config = ConfigDict(extra="allow")
+    ipvs_host_class: ClassName
+    ipvs_sysctls: Sysctls | None = None
+    ipvs_latency_budget: Budget | None = None
+    ipvs_activation: Activation | None = None
+    ipvs_allow_reuse_with: Annotated[str, BeforeValidator(_reason)] | None = None
+    ipvs_install: Install | None = None
+    ipvs_pre_activate: Hooks = ()
+    ipvs_post_activate: Hooks = ()
+    ipvs_lock_wait_seconds: Seconds | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        unknown = {str(k) for k in data if str(k).startswith("ipvs_")} - HOST_KEYS - INFO_KEYS
+        if unknown:
+            raise ValueError(f"unknown host data {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(HOST_KEYS))})")  # fmt: skip
+        if data.get("ipvs_host_class") is None:
+            raise ValueError("no ipvs_host_class in its host or group data")
+        return data
+
+
+def _budget(b: Budget | None) -> dict[str, int | None]:
+    return {} if b is None else b.model_dump(exclude_unset=True)
+
+
 @dataclass
 class Policy:
     """The parsed policy file."""
@@ -91,122 +261,30 @@ class Policy:
     schema: dict[str, dict[str, int]]
     _cache: dict[str, HostSettings] = field(default_factory=dict, repr=False)
 
-    def check_sysctls(self, values: Mapping[str, Any], where: str) -> dict[str, int]:
-        """Validated {key: int} or ConfigError naming `where`, the key and the range."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{where}: must be a mapping of net.ipv4.vs keys to integers")
-        out: dict[str, int] = {}
-        for key, value in values.items():
-            rng = self.schema.get(str(key))
-            if rng is None:
-                known = ", ".join(sorted(self.schema))
-                raise ConfigError(f"{where}: unknown IPVS sysctl {key!r} (known: {known})")
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-            if not rng["min"] <= value <= rng["max"]:
-                raise ConfigError(
-                    f"{where}: {key}={value} is out of range {rng['min']}..{rng['max']}"
-                )
-            out[str(key)] = value
-        return out
-
-    def check_budget(self, values: Mapping[str, Any], where: str) -> dict[str, int | None]:
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{where}: must be a mapping")
-        out: dict[str, int | None] = {}
-        for key, value in values.items():
-            if key not in BUDGET_KEYS:
-                raise ConfigError(
-                    f"{where}: unknown budget key {key!r} (known: {', '.join(sorted(BUDGET_KEYS))})"
-                )
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise ConfigError(f"{where}: {key} must be a non-negative integer or null")
-            out[str(key)] = value
-        return out
-
     def for_host(self, name: str, data: Mapping[str, Any]) -> HostSettings:
         """The settings for one host, or ConfigError naming the host, key and file."""
         where = f"host {name}"
-        unknown = {
-            k for k in data if str(k).startswith("ipvs_") and k not in HOST_KEYS | INFO_KEYS
-        }
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown host data {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(sorted(HOST_KEYS))})"
-            )
-        cls = data.get("ipvs_host_class")
-        if cls is None:
-            raise ConfigError(f"{where}: no ipvs_host_class in its host or group data")
+        d = validated(HostData, dict(data), where, {"schema": self.schema})
+        cls = d.ipvs_host_class
         if cls not in self.classes:
             raise ConfigError(
                 f"{where}: unknown host class {cls!r} (classes in {self.path}: "
                 f"{', '.join(sorted(self.classes))})"
             )
         base = self.classes[cls]
-        sysctls = dict(base["sysctls"])
-        sysctls.update(self.check_sysctls(data.get("ipvs_sysctls") or {}, f"{where}: ipvs_sysctls"))
-        budget = dict(base["latency_budget"])
-        overrides = data.get("ipvs_latency_budget") or {}
-        budget.update(self.check_budget(overrides, f"{where}: ipvs_latency_budget"))
-        reason = data.get("ipvs_allow_reuse_with")
-        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
-            raise ConfigError(f"{where}: ipvs_allow_reuse_with must be a non-empty reason")
-        activation = data.get("ipvs_activation", base["activation"])
-        check_activation(activation, f"{where}: ipvs_activation")
-        install = data.get("ipvs_install", base["install"])
-        check_install(install, f"{where}: ipvs_install")
+        given = d.model_fields_set
         hooks = {
-            k: check_hooks(data[f"ipvs_{k}"], f"{where}: ipvs_{k}")
-            if f"ipvs_{k}" in data else base[k]
+            k: getattr(d, f"ipvs_{k}") if f"ipvs_{k}" in given else base[k]
             for k in ("pre_activate", "post_activate")
-        }  # fmt: skip
-        lock_wait = data.get("ipvs_lock_wait_seconds", base["lock_wait"])
-        check_timeout(lock_wait, f"{where}: ipvs_lock_wait_seconds")
+        }
         return HostSettings(
-            name, cls, sysctls, budget, activation, base["modules"], reason, install,
-            hooks["pre_activate"], hooks["post_activate"], base["hook_timeout"], lock_wait,
+            name, cls, {**base["sysctls"], **(d.ipvs_sysctls or {})},
+            {**base["latency_budget"], **_budget(d.ipvs_latency_budget)},
+            d.ipvs_activation or base["activation"], base["modules"], d.ipvs_allow_reuse_with,
+            d.ipvs_install or base["install"], hooks["pre_activate"], hooks["post_activate"],
+            base["hook_timeout"],
+            d.ipvs_lock_wait_seconds if d.ipvs_lock_wait_seconds is not None else base["lock_wait"],
         )  # fmt: skip
-
-
-def check_activation(value: Any, where: str) -> str:
-    if value not in ACTIVATIONS:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(ACTIVATIONS)}")
-    return str(value)
-
-
-def check_install(value: Any, where: str) -> str:
-    if value not in INSTALLS:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(INSTALLS)}")
-    return str(value)
-
-
-def check_timeout(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: must be a whole number of seconds >= 1, got {value!r}")
-    return value
-
-
-def check_hooks(value: Any, where: str) -> tuple[str, ...]:
-    """A hook list: one shell command or a list of them (none: null or [])."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
-        raise ConfigError(f"{where}: must be a shell command or a list of them")
-    return tuple(value)
-
-
-def check_modules(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or "ip_vs" not in value:
-        raise ConfigError(f"{where}: must be a list of IPVS modules that includes ip_vs")
-    for m in value:
-        if not isinstance(m, str) or not re.fullmatch(MODULE_RE, m):
-            raise ConfigError(f"{where}: {m!r} is not an IPVS module name")
-    return tuple(value)
 
 
 def load_policy(path: Path | str | None = None) -> Policy:
@@ -214,45 +292,22 @@ def load_policy(path: Path | str | None = None) -> Policy:
     the one ipvs_fleet.resources.policy_file resolves); every error names the file and field."""
     p = policy_file(override=path)
     doc = load_yaml_file(p, "policy")
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: must be a mapping with host_classes and sysctl_schema")
-    for top in ("host_classes", "sysctl_schema"):
-        if not isinstance(doc.get(top), dict) or not doc[top]:
-            raise ConfigError(f"{p}: {top} must be a non-empty mapping")
-    schema: dict[str, dict[str, int]] = {}
-    for key, rng in doc["sysctl_schema"].items():
-        if not isinstance(rng, dict) or not {"min", "max"} <= set(rng):
-            raise ConfigError(f"{p}: sysctl_schema.{key} needs min and max")
-        schema[str(key)] = {"min": int(rng["min"]), "max": int(rng["max"])}
-    policy = Policy(p, {}, schema)
-    for name, body in doc["host_classes"].items():
-        where = f"{p}: host_classes.{name}"
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: must be a mapping")
-        known = {"description", "sysctls", "latency_budget", "activation", "modules", "install",
-                 "pre_activate", "post_activate", "hook_timeout_seconds",
-                 "lock_wait_seconds"}  # fmt: skip
-        extra = set(body) - known
-        if extra:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
-        if "sysctls" not in body:
-            raise ConfigError(f"{where}: missing sysctls")
-        policy.classes[str(name)] = {
-            "description": body.get("description", ""),
-            "sysctls": policy.check_sysctls(body["sysctls"], f"{where}.sysctls"),
-            "latency_budget": policy.check_budget(
-                body.get("latency_budget") or {}, f"{where}.latency_budget"
-            ),
-            "activation": check_activation(body.get("activation", "reload"), f"{where}.activation"),
-            "modules": check_modules(body.get("modules", ["ip_vs"]), f"{where}.modules"),
-            "install": check_install(body.get("install", "artifact"), f"{where}.install"),
-            "pre_activate": check_hooks(body.get("pre_activate"), f"{where}.pre_activate"),
-            "post_activate": check_hooks(body.get("post_activate"), f"{where}.post_activate"),
-            "hook_timeout": check_timeout(
-                body.get("hook_timeout_seconds", HOOK_TIMEOUT_S), f"{where}.hook_timeout_seconds"
-            ),
-            "lock_wait": check_timeout(
-                body.get("lock_wait_seconds", LOCK_WAIT_S), f"{where}.lock_wait_seconds"
-            ),
+    ranges = validated(SchemaFile, doc, str(p)).sysctl_schema
+    schema = {k: {"min": r.min, "max": r.max} for k, r in ranges.items()}
+    pf = validated(PolicyFile, doc, str(p), {"schema": schema})
+    classes = {
+        name: {
+            "description": c.description,
+            "sysctls": c.sysctls,
+            "latency_budget": _budget(c.latency_budget),
+            "activation": c.activation,
+            "modules": c.modules,
+            "install": c.install,
+            "pre_activate": c.pre_activate,
+            "post_activate": c.post_activate,
+            "hook_timeout": c.hook_timeout_seconds,
+            "lock_wait": c.lock_wait_seconds,
         }
-    return policy
+        for name, c in pf.host_classes.items()
+    }
+    return Policy(p, classes, schema)

@@ -56,15 +56,18 @@ def test_other_check_is_not_waived() -> None:
 @pytest.mark.parametrize(
     ("entry", "needle"),
     [
-        (waiver(justification=""), "waivers[0] (host lab-2): a waiver needs a justification"),
-        ({k: v for k, v in waiver().items() if k != "justification"}, "needs a justification"),
-        (waiver(justification="   "), "needs a justification"),
+        (waiver(justification=""), "waivers[0].justification: must be a non-empty justification"),
+        ({k: v for k, v in waiver().items() if k != "justification"},
+         "waivers[0] (host lab-2): a waiver needs a justification"),
+        (waiver(justification="   "), "must be a non-empty justification"),
         ({k: v for k, v in waiver().items() if k != "expires"}, "expires is required"),
-        (waiver(expires="next week"), "expires must be a date"),
+        (waiver(expires="next week"),
+         "waivers[0].expires: must be a date YYYY-MM-DD, got 'next week'"),
         (waiver(group="g"), "exactly one of host or group"),
         ({**waiver(), "host": None}, "exactly one of host or group"),
-        (waiver(check=""), "check is required"),
-        (waiver(reason="x"), "unknown field(s) reason"),
+        (waiver(check=""), "check: must be a check name"),
+        (waiver(reason="x"), "waivers[0] (host lab-2): a mapping with keys check, expires, "
+                             "group, host, justification (unknown: reason)"),
     ],
 )
 def test_bad_waivers_are_rejected_naming_file_and_entry(entry: dict, needle: str) -> None:

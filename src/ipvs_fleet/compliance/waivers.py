@@ -16,13 +16,19 @@ without a justification, expiry or target is rejected (ConfigError naming file a
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, model_validator
+from pydantic_core import ErrorDetails
 
 from ipvs_fleet.errors import ConfigError, load_yaml_file
+from ipvs_fleet.validation import StrictModel, dotted, shown, validated
 
-FIELDS = {"host", "group", "check", "justification", "expires"}
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True)
@@ -59,57 +65,98 @@ class Waiver:
         }
 
 
-def _date(value: Any, where: str) -> dt.date:
+def _date(value: Any) -> dt.date:
     if isinstance(value, dt.datetime):
         return value.date()
     if isinstance(value, dt.date):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and DATE_RE.fullmatch(value.strip()):
         try:
             return dt.date.fromisoformat(value.strip())
         except ValueError:
-            pass
-    raise ConfigError(f"{where}: expires must be a date YYYY-MM-DD, got {value!r}")
+            raise ValueError(f"not a valid date: {value.strip()}") from None
+    raise ValueError(f"must be a date YYYY-MM-DD, got {shown(value)}")
+
+
+def _text(what: str) -> Any:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{what}, got {shown(value)}")
+        return value.strip()
+
+    return BeforeValidator(check)
+
+
+Name = Annotated[str, _text("must be a name")]
+# What a waiver without the field is told.
+REQUIRED = {
+    "check": "check is required (a check name from the report)",
+    "justification": "a waiver needs a justification",
+    "expires": "expires is required (YYYY-MM-DD)",
+}
+
+
+class WaiverEntry(StrictModel):
+    """One entry of `waivers:`."""
+
+    host: Name | None = None
+    group: Name | None = None
+    check: Annotated[str, _text("must be a check name from the report")]
+    justification: Annotated[str, _text("must be a non-empty justification")]
+    expires: Annotated[dt.date, BeforeValidator(_date)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_and_required(cls, data: Any) -> Any:
+        """The entry's own errors, said as a waiver's author thinks of them."""
+        if isinstance(data, dict):
+            if (data.get("host") is None) == (data.get("group") is None):
+                raise ValueError("give exactly one of host or group")
+            for name, why in REQUIRED.items():
+                if name not in data:
+                    raise ValueError(why)
+        return data
+
+
+class WaiversFile(StrictModel):
+    waivers: list[WaiverEntry] | None = None
+
+
+def _labels(entries: list[dict[str, Any]]) -> Callable[[ErrorDetails], str]:
+    """How an error names its key: an entry's own error by index and target
+    (`waivers[0] (host lab-2)`), a field's by its dotted key (`waivers[0].expires`)."""
+
+    def key(err: ErrorDetails) -> str:
+        loc = err["loc"]
+        if len(loc) == 2 and loc[0] == "waivers" and isinstance(loc[1], int):
+            e = entries[loc[1]]
+            for t in ("host", "group"):
+                if e.get(t) is not None:
+                    return f"waivers[{loc[1]}] ({t} {e[t]})"
+        return dotted(loc)
+
+    return key
 
 
 def parse_waivers(doc: Any, source: str) -> list[Waiver]:
-    """Validated waivers from a parsed YAML document; `source` names the file in errors."""
-    entries = doc.get("waivers") if isinstance(doc, dict) else doc
-    if doc is None or entries is None:
+    """Validated waivers from a parsed YAML document (a mapping with `waivers:`, or the list
+    alone); `source` names the file in errors."""
+    if doc is None:
         return []
-    if not isinstance(entries, list):
-        raise ConfigError(f"{source}: expected a list under `waivers:`")
-    out: list[Waiver] = []
-    for i, e in enumerate(entries):
-        where = f"{source}: waivers[{i}]"
-        if not isinstance(e, dict):
-            raise ConfigError(f"{where}: must be a mapping with {', '.join(sorted(FIELDS))}")
-        extra = set(e) - FIELDS
-        if extra:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, extra)))}")
-        host, group = e.get("host"), e.get("group")
-        if (host is None) == (group is None):
-            raise ConfigError(f"{where}: give exactly one of host or group")
-        where = f"{where} ({'host ' + str(host) if host else 'group ' + str(group)})"
-        check = e.get("check")
-        if not isinstance(check, str) or not check.strip():
-            raise ConfigError(f"{where}: check is required (a check name from the report)")
-        just = e.get("justification")
-        if not isinstance(just, str) or not just.strip():
-            raise ConfigError(f"{where}: a waiver needs a justification")
-        if "expires" not in e:
-            raise ConfigError(f"{where}: expires is required (YYYY-MM-DD)")
-        out.append(
-            Waiver(
-                check=check.strip(),
-                justification=just.strip(),
-                expires=_date(e["expires"], where),
-                host=str(host) if host is not None else None,
-                group=str(group) if group is not None else None,
-                where=where,
-            )
-        )
-    return out
+    if isinstance(doc, list):
+        doc = {"waivers": doc}
+    entries = doc.get("waivers") if isinstance(doc, dict) else None
+    entries = entries if isinstance(entries, list) else []
+    by_index = [e if isinstance(e, dict) else {} for e in entries]
+    wf = validated(WaiversFile, doc, source, key=_labels(by_index))
+    return [
+        Waiver(
+            check=w.check, justification=w.justification, expires=w.expires, host=w.host,
+            group=w.group,
+            where=f"{source}: waivers[{i}] ({'host ' + w.host if w.host else f'group {w.group}'})",
+        )  # fmt: skip
+        for i, w in enumerate(wf.waivers or [])
+    ]
 
 
 def load_waivers(path: str | Path) -> list[Waiver]:

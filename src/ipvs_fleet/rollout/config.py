@@ -16,24 +16,23 @@ order, never at random, so the same inventory always gives the same waves.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 from ipvs_fleet.errors import ConfigError, load_yaml_file
 from ipvs_fleet.resources import ROLLOUT, policy_file
+from ipvs_fleet.validation import StrictModel, shown, validated
 
 DEPLOY_FILE = "deploy.py"
 ROLLBACK_FILE = "deploy/rollback.py"
 PERCENT_RE = re.compile(r"^(\d{1,3})%$")
 GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-TOP_KEYS = {
-    "waves", "max_fail_percent", "soak_seconds", "rollback_failed_wave", "deploy", "rollback",
-    "rollback_data", "gate", "host_command_timeout_seconds",
-}  # fmt: skip
-GATE_KEYS = {"checks", "check_args", "timeout_seconds", "latency_hosts", "held_connections"}
 MAX_HELD = 1000  # one client process holds them all, each talking every 0.5 s
 
 
@@ -97,26 +96,26 @@ class RolloutConfig:
     source: str = "<defaults>"
 
 
-def parse_wave(entry: Any, where: str) -> WaveSpec:
-    """One wave entry (scalar or mapping) or ConfigError naming where and why."""
+def wave_spec(entry: Any) -> WaveSpec:
+    """One wave entry (scalar or mapping), or ValueError saying why (a model's validator)."""
     mfp = soak = None
     if isinstance(entry, dict):
         extra = set(entry) - {"hosts", "max_fail_percent", "soak_seconds"}
         if extra or "hosts" not in entry:
-            raise ConfigError(
-                f"{where}: a wave mapping needs `hosts` and may have max_fail_percent, "
+            raise ValueError(
+                "a wave mapping needs `hosts` and may have max_fail_percent, "
                 f"soak_seconds (got {', '.join(sorted(map(str, entry)))})"
             )
-        mfp = _percent(entry.get("max_fail_percent"), f"{where}.max_fail_percent")
-        soak = _seconds(entry.get("soak_seconds"), f"{where}.soak_seconds")
+        mfp = _percent(entry.get("max_fail_percent"), "max_fail_percent: ")
+        soak = _seconds(entry.get("soak_seconds"), "soak_seconds: ")
         entry = entry["hosts"]
     if isinstance(entry, str) and entry.strip().isdigit():
         entry = int(entry.strip())
     if isinstance(entry, bool):
-        raise ConfigError(f"{where}: {entry!r} is not a wave (group, count or 'N%')")
+        raise ValueError(f"{entry!r} is not a wave (group, count or 'N%')")
     if isinstance(entry, int):
         if entry < 1:
-            raise ConfigError(f"{where}: a host count must be at least 1, got {entry}")
+            raise ValueError(f"a host count must be at least 1, got {entry}")
         return WaveSpec("count", entry, mfp, soak)
     if isinstance(entry, str):
         s = entry.strip()
@@ -124,14 +123,20 @@ def parse_wave(entry: Any, where: str) -> WaveSpec:
         if m:
             pct = int(m.group(1))
             if not 1 <= pct <= 100:
-                raise ConfigError(f"{where}: {s!r}: a percentage must be 1%..100%")
+                raise ValueError(f"{s!r}: a percentage must be 1%..100%")
             return WaveSpec("percent", pct, mfp, soak)
         if "%" in s or not GROUP_RE.match(s):
-            raise ConfigError(
-                f"{where}: {s!r} is not a wave: use a group name, a host count or 'N%'"
-            )
+            raise ValueError(f"{shown(s)} is not a wave: use a group name, a host count or 'N%'")
         return WaveSpec("group", s, mfp, soak)
-    raise ConfigError(f"{where}: {entry!r} is not a wave (group, count or 'N%')")
+    raise ValueError(f"{shown(entry)} is not a wave (group, count or 'N%')")
+
+
+def parse_wave(entry: Any, where: str) -> WaveSpec:
+    """One wave entry (scalar or mapping) or ConfigError naming where and why."""
+    try:
+        return wave_spec(entry)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_waves(text: str | Sequence[Any], where: str = "--waves") -> tuple[WaveSpec, ...]:
@@ -144,82 +149,118 @@ def parse_waves(text: str | Sequence[Any], where: str = "--waves") -> tuple[Wave
     return tuple(parse_wave(e, f"{where}[{i}]") for i, e in enumerate(items))
 
 
-def _percent(value: Any, where: str) -> float | None:
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _percent(value: Any, key: str = "") -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
-        raise ConfigError(f"{where}: must be a number 0..100, got {value!r}")
+    if not _number(value) or not 0 <= value <= 100:
+        raise ValueError(f"{key}must be a number 0..100, got {shown(value)}")
     return float(value)
 
 
-def _seconds(value: Any, where: str) -> float | None:
+def _seconds(value: Any, key: str = "") -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{where}: must be a number of seconds >= 0, got {value!r}")
+    if not _number(value) or value < 0:
+        raise ValueError(f"{key}must be a number of seconds >= 0, got {shown(value)}")
     return float(value)
+
+
+def _timeout(value: Any) -> float | None:
+    if value is not None and (not _number(value) or value <= 0):
+        raise ValueError(f"must be a number of seconds > 0, got {shown(value)}")
+    return None if value is None else float(value)
+
+
+def _latency_hosts(value: Any) -> int | None:
+    if value == "all":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"must be 'all' or a host count >= 0, got {shown(value)}")
+    return value
+
+
+def _held(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_HELD:
+        raise ValueError(f"must be a number of connections 0..{MAX_HELD} (0: off), "
+                         f"got {shown(value)}")  # fmt: skip
+    return value
+
+
+def _waves(value: Any) -> tuple[WaveSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"must be a non-empty list, e.g. [canary, 1, '10%', '100%'], "
+                         f"got {shown(value)}")  # fmt: skip
+    return tuple(value)
+
+
+Percent = Annotated[float | None, BeforeValidator(_percent)]
+Soak = Annotated[float | None, BeforeValidator(_seconds)]
+Timeout = Annotated[float | None, BeforeValidator(_timeout)]
+Wave_ = Annotated[WaveSpec, BeforeValidator(wave_spec)]
+
+
+def _scalar_text(value: Any) -> str:
+    """A host data value for pyinfra's --data: text, a number or a boolean, as text."""
+    if not isinstance(value, str | int | float | bool):
+        raise ValueError(f"must be a text, a number or true/false, got {shown(value)}")
+    return str(value)
+
+
+Scalar = Annotated[str, BeforeValidator(_scalar_text)]
+
+
+class GateFile(StrictModel):
+    """`gate:` of rollout.yml."""
+
+    checks: bool = True
+    check_args: list[str] | None = None
+    timeout_seconds: Timeout = None
+    latency_hosts: Annotated[int | None, BeforeValidator(_latency_hosts)] = None
+    held_connections: Annotated[int, BeforeValidator(_held)] = 0
+
+
+class RolloutFile(StrictModel):
+    """rollout.yml."""
+
+    waves: Annotated[tuple[Wave_, ...], BeforeValidator(_waves)]
+    max_fail_percent: Percent = None
+    soak_seconds: Soak = None
+    rollback_failed_wave: bool = True
+    deploy: str = DEPLOY_FILE
+    rollback: str = ROLLBACK_FILE
+    rollback_data: dict[str, Scalar] | None = None
+    gate: GateFile | None = None
+    host_command_timeout_seconds: Timeout = None
 
 
 def load_config(path: Path | str | None = None) -> RolloutConfig:
     """Read and validate the rollout policy; every error names the file and the field."""
     p = Path(path) if path else policy_file(ROLLOUT)
     doc = load_yaml_file(p, "rollout policy")
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: must be a mapping with `waves`")
-    extra = set(doc) - TOP_KEYS
-    if extra:
-        raise ConfigError(
-            f"{p}: unknown field(s) {', '.join(sorted(map(str, extra)))} "
-            f"(known: {', '.join(sorted(TOP_KEYS))})"
-        )
-    if not isinstance(doc.get("waves"), list):
-        raise ConfigError(f"{p}: waves: must be a list, e.g. [canary, 1, '10%', '100%']")
-    rb = doc.get("rollback_failed_wave", True)
-    if not isinstance(rb, bool):
-        raise ConfigError(f"{p}: rollback_failed_wave: must be true or false")
-    rbdata = doc.get("rollback_data") or {}
-    if not isinstance(rbdata, dict):
-        raise ConfigError(f"{p}: rollback_data: must be a mapping of host data key to value")
-    gate_doc = doc.get("gate") or {}
-    if not isinstance(gate_doc, dict) or set(gate_doc) - GATE_KEYS:
-        unknown = sorted(map(str, set(gate_doc) - GATE_KEYS)) if isinstance(gate_doc, dict) else []
-        raise ConfigError(f"{p}: gate: a mapping with keys {', '.join(sorted(GATE_KEYS))}"
-                          + (f" (unknown: {', '.join(unknown)})" if unknown else ""))  # fmt: skip
-    check_args = gate_doc.get("check_args") or []
-    if not isinstance(check_args, list) or not all(isinstance(a, str) for a in check_args):
-        raise ConfigError(f"{p}: gate.check_args: must be a list of strings")
-    lat = gate_doc.get("latency_hosts", "all")
-    if lat != "all" and (isinstance(lat, bool) or not isinstance(lat, int) or lat < 0):
-        raise ConfigError(f"{p}: gate.latency_hosts: must be 'all' or a host count >= 0")
-    held = gate_doc.get("held_connections", 0)
-    if isinstance(held, bool) or not isinstance(held, int) or not 0 <= held <= MAX_HELD:
-        raise ConfigError(f"{p}: gate.held_connections: must be a number of connections "
-                          f"0..{MAX_HELD} (0: off), got {held!r}")  # fmt: skip
+    f = validated(RolloutFile, doc, str(p))
+    g = f.gate or GateFile()
     gate = GateConfig(
-        checks=bool(gate_doc.get("checks", True)),
-        check_args=tuple(check_args),
-        timeout_seconds=_seconds(gate_doc.get("timeout_seconds"), f"{p}: gate.timeout_seconds")
-        or 900.0,
-        latency_hosts=None if lat == "all" else int(lat),
-        held_connections=held,
+        checks=g.checks,
+        check_args=tuple(g.check_args or ()),
+        timeout_seconds=g.timeout_seconds or GateConfig.timeout_seconds,
+        latency_hosts=g.latency_hosts,
+        held_connections=g.held_connections,
     )
-    for key in ("deploy", "rollback"):
-        if key in doc and not isinstance(doc[key], str):
-            raise ConfigError(f"{p}: {key}: must be a deploy file path")
     return RolloutConfig(
-        waves=parse_waves(doc["waves"], f"{p}: waves"),
-        max_fail_percent=_percent(doc.get("max_fail_percent", 0), f"{p}: max_fail_percent")
-        or 0.0,
-        soak_seconds=_seconds(doc.get("soak_seconds", 0), f"{p}: soak_seconds") or 0.0,
-        rollback_failed_wave=rb,
-        deploy=doc.get("deploy", DEPLOY_FILE),
-        rollback=doc.get("rollback", ROLLBACK_FILE),
-        rollback_data={str(k): str(v) for k, v in rbdata.items()},
+        waves=f.waves,
+        max_fail_percent=f.max_fail_percent or 0.0,
+        soak_seconds=f.soak_seconds or 0.0,
+        rollback_failed_wave=f.rollback_failed_wave,
+        deploy=f.deploy,
+        rollback=f.rollback,
+        rollback_data=dict(f.rollback_data or {}),
         gate=gate,
-        host_command_timeout_seconds=_seconds(
-            doc.get("host_command_timeout_seconds"), f"{p}: host_command_timeout_seconds"
-        )
-        or 900.0,
+        host_command_timeout_seconds=f.host_command_timeout_seconds
+        or RolloutConfig.host_command_timeout_seconds,
         source=str(p),
     )
 

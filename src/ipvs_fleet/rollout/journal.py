@@ -11,7 +11,8 @@ Events (`event` key):
 Host states, in order: deploying -> deployed -> gating -> verified | failed; then for failed
 hosts rolling-back -> rolled-back | rollback-failed. A host whose last state is not verified,
 rolled-back or failed was interrupted mid-step: its state is unknown until it is deployed again.
-A torn last line (the controller killed mid-write) is ignored.
+A torn last line (the controller killed mid-write) is ignored; a record that is not what the
+rollout writes (no `host`, a wave that is not a number) is an error naming file, line and key.
 
 A journal holds one rollout (and the runs that resumed it). Once it completed, the next
 rollout archives it next to itself, timestamped (`archive`), and starts a new one.
@@ -24,9 +25,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ipvs_fleet.errors import FleetError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ipvs_fleet.errors import ConfigError
+from ipvs_fleet.validation import invalid, shown
 
 DEPLOYING, DEPLOYED, GATING = "deploying", "deployed", "gating"
 VERIFIED, FAILED = "verified", "failed"
@@ -134,44 +138,86 @@ class Journal:
         os.fsync(self._fd)
 
 
+class _Record(BaseModel):
+    """A journal record: what replay reads is checked; other fields (each event has more,
+    and later versions may add some) are left alone."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    event: str
+    ts: float | None = None
+
+
+class StartRecord(_Record):
+    waves: list[tuple[str, list[str]]] = []
+    inventory: str | None = None
+    limit: list[str] | None = None
+
+
+class HostEvent(_Record):
+    host: str
+    state: Literal[HOST_STATES]  # type: ignore[valid-type]
+    wave: int
+    detail: str = ""
+    set_id: str | None = Field(None, alias="set")
+
+
+class EndRecord(_Record):
+    outcome: str | None = None
+
+
+RECORDS: dict[str, type[_Record]] = {"start": StartRecord, "host": HostEvent, "end": EndRecord}
+
+
+def parse_record(line: str, where: str) -> _Record | None:
+    """One journal line as its record; None for a torn write (a killed controller) or an event
+    replay does not read; ConfigError naming `where` (file:line) and the key otherwise."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None  # torn write of a killed controller
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{where}: not a journal record (a JSON object), got {shown(rec)}")
+    model = RECORDS.get(rec["event"]) if isinstance(rec.get("event"), str) else _Record
+    if model is None:
+        return None
+    try:
+        return model.model_validate_json(line)
+    except ValidationError as e:
+        raise invalid(e, where) from None
+
+
 def read_journal(path: Path | str) -> JournalView:
-    """Replay a journal file (missing file: empty view)."""
+    """Replay a journal file (missing file: empty view); ConfigError naming the file, line
+    and key for a record that is not what the rollout wrote."""
     p = Path(path)
     view = JournalView()
     try:
         text = p.read_text()
     except FileNotFoundError:
         return view
-    except OSError as e:
-        raise FleetError(f"{p}: cannot read journal: {e.strerror}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{p}: cannot read journal: {why}") from e
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # torn write of a killed controller
-        if not isinstance(rec, dict):
-            raise FleetError(f"{p}:{n}: not a journal record")
-        ev = rec.get("event")
-        if ev == "start":
+        rec = parse_record(line, f"{p}:{n}") if line.strip() else None
+        if isinstance(rec, StartRecord):
             view.runs += 1
             if not view.waves:
-                view.waves = [(str(s), list(h)) for s, h in rec.get("waves", [])]
-                view.inventory = rec.get("inventory")
-                view.limit = [str(x) for x in rec.get("limit") or []]
+                view.waves = [(s, list(h)) for s, h in rec.waves]
+                view.inventory = rec.inventory
+                view.limit = list(rec.limit or [])
             view.outcome = None
-        elif ev == "host":
-            h = view.hosts.get(rec["host"])
+        elif isinstance(rec, HostEvent):
+            h = view.hosts.get(rec.host)
             if h is None:
-                h = view.hosts[rec["host"]] = HostRecord(rec["state"], int(rec["wave"]))
-            h.state, h.wave, h.detail = rec["state"], int(rec["wave"]), rec.get("detail", "")
-            h.set_id = str(rec.get("set") or "")
-            h.history.append(rec["state"])
-        elif ev == "end":
-            view.outcome = rec.get("outcome")
-        if isinstance(rec.get("ts"), int | float):
-            view.last_ts = float(rec["ts"])
+                h = view.hosts[rec.host] = HostRecord(rec.state, rec.wave)
+            h.state, h.wave, h.detail = rec.state, rec.wave, rec.detail
+            h.set_id = rec.set_id or ""
+            h.history.append(rec.state)
+        elif isinstance(rec, EndRecord):
+            view.outcome = rec.outcome
+        if rec is not None and rec.ts is not None:
+            view.last_ts = rec.ts
     return view
 
 
