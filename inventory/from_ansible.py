@@ -11,5 +11,7 @@ variables are mapped to pyinfra's ssh_* data (ipvs_fleet.ansible_inventory).
 import os
 
 from ipvs_fleet.ansible_inventory import ENV_VAR, LAB_INVENTORY, pyinfra_groups
+from ipvs_fleet.hostkeys import strict_host_keys
 
 globals().update(pyinfra_groups(os.environ.get(ENV_VAR) or LAB_INVENTORY))
+globals().update(strict_host_keys(globals()))  # host keys strict from any directory

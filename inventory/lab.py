@@ -8,6 +8,8 @@ lab/fleet.yml (canary). Host data: ipvs_host_class, ipvs_release, ipvs_kernel_re
 pyinfra's ssh_* connection data (127.0.0.1, the VM's port, the lab key, known_hosts checked).
 """
 
+from ipvs_fleet.hostkeys import strict_host_keys
 from ipvs_fleet.lab.inventory import pyinfra_groups
 
 globals().update(pyinfra_groups())
+globals().update(strict_host_keys(globals()))  # host keys strict from any directory

@@ -11,6 +11,8 @@ checks do too).
 
 import os
 
+from ipvs_fleet.hostkeys import strict_host_keys
 from ipvs_fleet.lab.inventory import pyinfra_groups
 
 globals().update(pyinfra_groups(user=os.environ.get("IPVS_FLEET_LAB_SUDO_USER", "fleet")))
+globals().update(strict_host_keys(globals()))  # host keys strict from any directory

@@ -70,3 +70,24 @@ def test_unreachable_host_is_could_not_check(
     assert "could not check: gone" in cap.err
     doc = json.loads(out_json.read_text())
     assert doc["exit_code"] == 2 and doc["classes"]["k8s_node"]["not_checked"] == ["gone"]
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "soon", "nan", "inf"])
+def test_command_timeout_must_be_seconds_above_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    inv = tmp_path / "inv.py"
+    inv.write_text('hosts = [("h1", {"ipvs_host_class": "k8s_node"})]\n')
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(inv), "--command-timeout", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--command-timeout: a number of seconds above 0, not {bad!r}" in err, err
+    assert "Traceback" not in err
+
+
+def test_the_checks_command_timeout_reaches_pytest() -> None:
+    from ipvs_fleet.compliance.runner import pytest_args
+
+    args = pytest_args("inv.py", command_timeout=7.5)
+    assert args[args.index("--command-timeout") + 1] == "7.5"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from paramiko.common import (
 )
 
 from ipvs_fleet.compliance.inventory import FleetHost
-from ipvs_fleet.compliance.remote import HostUnreachable, connect, resolve
+from ipvs_fleet.compliance.remote import CommandTimeout, HostUnreachable, connect, resolve
 
 
 class _Iface(paramiko.ServerInterface):
@@ -41,7 +42,13 @@ class _Iface(paramiko.ServerInterface):
         return AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind == "session" and self.server.hang:
+            return OPEN_SUCCEEDED
         return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        self.server.log.append(("exec", command.decode()))
+        return self.server.hang
 
     def check_channel_direct_tcpip_request(
         self, chanid: int, origin: tuple[str, int], destination: tuple[str, int]
@@ -72,6 +79,8 @@ class SshServer:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.transports: list[paramiko.Transport] = []
+        self.hang = False  # accept commands, never answer them (a hung host)
+        self.held: list[paramiko.Channel] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def known_hosts_line(self) -> str:
@@ -100,7 +109,10 @@ class SshServer:
                 continue
             dest = iface.forward.pop(chan.get_id(), None)
             if dest is None:
-                chan.close()
+                if self.hang:
+                    self.held.append(chan)
+                else:
+                    chan.close()
                 continue
             out = socket.create_connection(dest)
             threading.Thread(target=_pump, args=(chan, out), daemon=True).start()
@@ -220,3 +232,31 @@ def test_inventory_data_wins_over_ssh_config(tmp_path: Path) -> None:
 def test_a_named_ssh_config_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(HostUnreachable, match="ssh_config_file .*nope not found"):
         connect(FleetHost("h", (), {"ssh_config_file": str(tmp_path / "nope")}))
+
+
+def test_a_command_that_never_answers_is_bounded_and_the_host_not_retried(
+    tmp_path: Path, key: tuple[paramiko.PKey, Path], servers: tuple[SshServer, SshServer]
+) -> None:
+    target, _ = servers
+    target.hang = True
+    known = tmp_path / "known_hosts"
+    known.write_text(target.known_hosts_line())
+    data = {"ssh_hostname": "127.0.0.1", "ssh_port": target.port, "ssh_key": str(key[1]),
+            "ssh_known_hosts_file": str(known)}  # fmt: skip
+    host = connect(FleetHost("hung", (), data), command_timeout=1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout, match="hung: no answer within 1 s .* to `cat /proc"):
+            host.run("cat /proc/sys/net/ipv4/vs/conn_reuse_old_conntrack")
+        assert time.monotonic() - t0 < 5
+        # The host is hung: its next command fails at once, without a new connection.
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout, match="hung: no answer within 1 s .* to `cat /proc"):
+            host.run("true")
+        assert time.monotonic() - t0 < 0.5
+        assert len(target.transports) == 1
+        assert [e for e in target.log if e[0] == "exec"] == [
+            ("exec", "cat /proc/sys/net/ipv4/vs/conn_reuse_old_conntrack")
+        ]
+    finally:
+        _close(host)

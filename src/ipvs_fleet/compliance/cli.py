@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ipvs_fleet.cliopts import add_json
 from ipvs_fleet.compliance.model import ERROR
+from ipvs_fleet.compliance.remote import COMMAND_TIMEOUT, positive_seconds
 from ipvs_fleet.compliance.render import summary, write_outputs
 from ipvs_fleet.compliance.runner import run_checks
 
@@ -18,7 +19,8 @@ exit codes:
   0  compliant: every check passed (or failed under a valid waiver: pytest's xfailed)
   1  not compliant: at least one check failed; the summary names host, check, expected
      and actual, and the command that converges the host
-  2  could not check: unreachable host, bad or missing inventory, policy or waivers file
+  2  could not check: unreachable or hung host (no answer within --command-timeout), bad
+     or missing inventory, policy or waivers file
      (2 wins over 1: a run with an unchecked host is not a complete answer)
 
 waivers file (YAML):
@@ -48,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_json(p, "write results as JSON", dest="json_path")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
+    p.add_argument("--command-timeout", type=positive_seconds, default=COMMAND_TIMEOUT,
+                   metavar="SECONDS",
+                   help="bound of each remote command, the latency probe included (keep it "
+                   "above the probe's 40 s deadline); a host whose command gets no answer in "
+                   "time is 'could not check', the others are checked (default "
+                   f"{COMMAND_TIMEOUT:g})")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -60,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     extra = ["--waivers", str(args.waivers)] if args.waivers else []
     if args.junitxml:
         extra += ["--junitxml", str(args.junitxml)]
-    run_ = run_checks(args.inventory, args.limit, args.policy, extra_args=extra)
+    run_ = run_checks(
+        args.inventory, args.limit, args.policy, extra_args=extra,
+        command_timeout=args.command_timeout,
+    )  # fmt: skip
     results, unused, wall = run_.results, run_.unused, run_.wall
     write_outputs(
         results, args.inventory, json_path=args.json_path, report=args.report, unused=unused,

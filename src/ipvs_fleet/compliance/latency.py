@@ -19,6 +19,7 @@ from typing import Any
 
 import ipvs_fleet.probe
 from ipvs_fleet.compliance.facts import HostFacts
+from ipvs_fleet.compliance.remote import HostUnreachable, VerifiedBackend
 from ipvs_fleet.compliance.session import CheckSession, Target
 from ipvs_fleet.policy import KNOB
 from ipvs_fleet.probe.probe import evaluate_budget
@@ -58,19 +59,21 @@ def plan_for(target: Target, facts: HostFacts) -> dict[str, Any]:
 def run_remote(session: CheckSession, target: Target, facts: HostFacts) -> dict[str, Any]:
     """Copy the probe to the host, run the plan, return its JSON result."""
     host = session.connection(target.host.name)
-    client = host.backend.__dict__["client"]
+    backend = host.backend
+    assert isinstance(backend, VerifiedBackend)  # the session's connections are
     plan = plan_for(target, facts)
     try:
         host.run_expect([0], "mkdir -p -m 700 %s", REMOTE_DIR)
-        with client.open_sftp() as sftp:
-            if host.backend.sudo:
+        # SFTP waits have no timeout of their own: bounded as a command is.
+        with backend.bounded("the probe's copy (SFTP)"), backend.client.open_sftp() as sftp:
+            if backend.sudo:
                 # SFTP runs as the SSH user: stage in its home, copy in through sudo
                 stage = f"{sftp.normalize('.')}/.ipvs-fleet-check"
-                host.backend.sudo = False
+                backend.sudo = False
                 try:
                     host.run_expect([0], "mkdir -p -m 700 %s", stage)
                 finally:
-                    host.backend.sudo = True
+                    backend.sudo = True
             else:
                 stage = REMOTE_DIR
             for name in PROBE_FILES:
@@ -78,6 +81,8 @@ def run_remote(session: CheckSession, target: Target, facts: HostFacts) -> dict[
         if stage != REMOTE_DIR:
             names = " ".join(f"{stage}/{n}" for n in PROBE_FILES)
             host.run_expect([0], f"cp {names} {REMOTE_DIR}/")
+    except HostUnreachable:
+        raise  # a hung or lost host: "could not check" with its own reason
     except Exception as e:  # sftp/paramiko errors have no common base worth naming
         raise ProbeError(f"cannot copy the probe to {target.host.name}: {e}") from e
     cmd = (

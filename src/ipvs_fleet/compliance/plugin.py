@@ -42,6 +42,7 @@ from ipvs_fleet.compliance.model import (
     Drift,
     exit_code,
 )
+from ipvs_fleet.compliance.remote import COMMAND_TIMEOUT, positive_seconds
 from ipvs_fleet.compliance.waivers import Waiver, check_names, load_waivers, waiver_for
 from ipvs_fleet.errors import ConfigError
 
@@ -53,10 +54,17 @@ _PYTEST_OWN = (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR,
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.getgroup("ipvs-fleet").addoption(
+    group = parser.getgroup("ipvs-fleet")
+    group.addoption(
         "--waivers", metavar="FILE",
         help="waivers YAML file: a failing check it covers is reported as xfailed (waived) with "
         "its justification and expiry; after the expiry it fails again",
+    )  # fmt: skip
+    group.addoption(
+        "--command-timeout", metavar="SECONDS", type=positive_seconds, default=COMMAND_TIMEOUT,
+        help="bound of each remote command (the latency probe included); a host whose command "
+        f"gets no answer in time is 'could not check' (default {COMMAND_TIMEOUT:g}; "
+        "checks/conftest.py hands it to the check session)",
     )  # fmt: skip
 
 

@@ -54,8 +54,10 @@ def pytest_args(
     limit: list[str] | None = None,
     policy: str | Path | None = None,
     extra_args: list[str] | None = None,
+    command_timeout: float | None = None,
 ) -> list[str]:
-    """The pytest command line (without `pytest`) of a check run."""
+    """The pytest command line (without `pytest`) of a check run (`command_timeout`: the
+    plugin's default when None)."""
     d = checks_dir()
     if not (d / "conftest.py").is_file():
         raise FleetError(f"checks not found in {d} (set IPVS_FLEET_CHECKS)")
@@ -65,6 +67,8 @@ def pytest_args(
         args += ["--limit", lim]
     if policy:
         args += ["--policy", str(policy)]
+    if command_timeout is not None:
+        args += ["--command-timeout", f"{command_timeout:g}"]
     return args + (extra_args or [])
 
 
@@ -73,13 +77,15 @@ def run_checks(
     limit: list[str] | None = None,
     policy: str | Path | None = None,
     extra_args: list[str] | None = None,
+    command_timeout: float | None = None,
 ) -> CheckRun:
-    """Run every check against the inventory's hosts.
+    """Run every check against the inventory's hosts, each remote command bounded by
+    `command_timeout` seconds (None: the default, remote.COMMAND_TIMEOUT).
 
     Raises FleetError when pytest could not even start (bad options, collection errors);
     pytest has printed its usage error on stderr by then.
     """
-    args = pytest_args(inventory, limit, policy, extra_args)
+    args = pytest_args(inventory, limit, policy, extra_args, command_timeout)
     grab = _Grab()
     rc = pytest.main(args, plugins=[grab])
     if grab.collect_errors:

@@ -2,7 +2,8 @@
 
 Each host gets one SSH connection, opened once and reused by all its checks. Facts for all
 hosts are gathered concurrently as soon as the session starts, so the wall time of a run is
-about that of the slowest host rather than the sum of all hosts.
+about that of the slowest host rather than the sum of all hosts. Every remote command is
+bounded by the session's `command_timeout`: a hung host ends as "could not check".
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import testinfra.host
 
 from ipvs_fleet.compliance import facts as facts_mod
 from ipvs_fleet.compliance.inventory import FleetHost, load_inventory, select_hosts
-from ipvs_fleet.compliance.remote import HostUnreachable, connect
+from ipvs_fleet.compliance.remote import COMMAND_TIMEOUT, HostUnreachable, close_client, connect
 from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.policy import HostSettings, Policy, load_policy
 
@@ -38,6 +39,7 @@ class CheckSession:
     inventory: Path
     targets: list[Target]
     policy: Policy
+    command_timeout: float = COMMAND_TIMEOUT
     _pool: ThreadPoolExecutor | None = None
     _conns: dict[str, Future[testinfra.host.Host]] = field(default_factory=dict)
     _facts: dict[str, Future[facts_mod.HostFacts]] = field(default_factory=dict)
@@ -59,7 +61,7 @@ class CheckSession:
         toggle = sorted(k for k, r in self.policy.schema.items() if (r["min"], r["max"]) == (0, 1))
         cmd = facts_mod.gather_command(toggle)
         for t in self.targets:
-            conn = self._pool.submit(connect, t.host)
+            conn = self._pool.submit(connect, t.host, self.command_timeout)
             self._conns[t.host.name] = conn
             self._facts[t.host.name] = self._pool.submit(_gather, conn, cmd)
 
@@ -95,18 +97,17 @@ class CheckSession:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for f in self._conns.values():
             if f.done() and f.exception() is None:
-                backend = f.result().backend
-                client = backend.__dict__.get("client")
+                client = f.result().backend.__dict__.get("client")
                 if client is not None:
-                    client.close()
-                    for hop in client.__dict__.get("ipvs_fleet_hops", []):
-                        hop.close()
+                    close_client(client)
 
 
 def _gather(conn: Future[testinfra.host.Host], cmd: str) -> facts_mod.HostFacts:
     host = conn.result()
     try:
         out = host.run(cmd)
+    except HostUnreachable:
+        raise
     except Exception as e:  # paramiko raises a variety of errors on a dropped link
         raise HostUnreachable(f"lost connection while reading facts: {e}") from e
     try:
@@ -116,9 +117,13 @@ def _gather(conn: Future[testinfra.host.Host], cmd: str) -> facts_mod.HostFacts:
 
 
 def open_session(
-    inventory: str | Path, limit: str | list[str] | None = None, policy: str | Path | None = None
+    inventory: str | Path,
+    limit: str | list[str] | None = None,
+    policy: str | Path | None = None,
+    command_timeout: float = COMMAND_TIMEOUT,
 ) -> CheckSession:
-    """Load inventory and policy, select hosts, resolve each host's settings.
+    """Load inventory and policy, select hosts, resolve each host's settings; each remote
+    command of the session is bounded by `command_timeout` seconds.
 
     ConfigError for a missing/bad inventory, a limit matching nothing, or bad host data.
     """
@@ -129,4 +134,4 @@ def open_session(
         if h.host_class is None:
             raise ConfigError(f"{inventory}: host {h.name}: no ipvs_host_class in its data")
         targets.append(Target(h, pol.for_host(h.name, h.data)))
-    return CheckSession(Path(inventory), targets, pol)
+    return CheckSession(Path(inventory), targets, pol, command_timeout)

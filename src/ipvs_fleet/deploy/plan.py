@@ -3,7 +3,9 @@
 pyinfra loads the deploy file for every host before it executes any operation, and an
 exception raised while loading aborts the run for all hosts. So everything that can make a
 host's deploy invalid (policy, missing artifact, lockdown, the reuse interlock) is checked
-here, at load time.
+here, at load time. First of all whether the host was connected to with its key checked: a
+host whose inventory set no host key checking was reached trusting a new key on first use
+(pyinfra connects before the deploy file runs), and gets nothing (ipvs_fleet.hostkeys).
 
 A plan (`ipvs-fleet rollout --dry`: a dry run with $IPVS_FLEET_PREFLIGHT=report) wants
 every host's verdict, not the first refusal: there a refused host is logged
@@ -22,6 +24,7 @@ from paramiko import SSHException
 from pyinfra import logger
 from pyinfra.api.exceptions import ConnectError, PyinfraError
 from pyinfra.api.host import Host
+from pyinfra.connectors.ssh import SSHConnector
 from pyinfra.context import ContextObject
 from pyinfra.facts.server import Command, KernelVersion
 
@@ -34,6 +37,7 @@ from ipvs_fleet.deploy.facts import (
     refuses_unsigned,
 )
 from ipvs_fleet.errors import FleetError
+from ipvs_fleet.hostkeys import KEY, unchecked
 from ipvs_fleet.kernel import reuse_unsafe
 from ipvs_fleet.policy import KNOB, HostSettings, load_policy
 from ipvs_fleet.resources import workdir
@@ -72,6 +76,16 @@ class HostPlan:
 def host_data(host: Host) -> dict[str, Any]:
     """The ipvs_* keys of a host's merged host/group data."""
     return {k: v for k, v in host.data.dict().items() if str(k).startswith("ipvs_")}
+
+
+def check_host_keys(host: Host) -> None:
+    """DeployRefused for an SSH host whose data set no host key checking: pyinfra has
+    connected to it trusting whatever key it presented (other connectors have no host key)."""
+    if not issubclass(host.connector_cls, SSHConnector):
+        return
+    why = unchecked(host.name, host.data.get(KEY), host.data.get("ssh_known_hosts_file"))
+    if why:
+        raise DeployRefused(why)
 
 
 def settings_for(host: Host) -> HostSettings:
@@ -266,6 +280,7 @@ def check_sudo(host: Host) -> bool:
 
 
 def _plan_host(host: Host) -> HostPlan | None:
+    check_host_keys(host)  # before anything is read from or decided for the host
     settings = settings_for(host)  # policy errors first: they need no fact
     if not check_sudo(host):
         return None
