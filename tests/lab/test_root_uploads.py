@@ -123,3 +123,33 @@ def test_a_tampered_host_script_is_refused_before_it_runs(lab, deployer, tmp_pat
     finally:
         lab.run(HOST, f"rm -f {WRAPPER} {MARKER} {STAMP} /tmp/pyinfra-* {shlex.quote(incoming)} "
                 "/var/lib/ipvs-fleet/ipvs-dkms-install.sh")  # fmt: skip
+
+
+PROBE_TAMPER = f"""#!/bin/sh
+# test only: the SSH user's own process, between the checks' SFTP staging and their sudo copy
+if [ "$(id -un)" = fleet ]; then
+    f="$HOME/.ipvs-fleet-check/scenario.py"
+    if [ -f "$f" ] && [ -O "$f" ] && ! grep -q tampered "$f"; then
+        sed -i '/^from __future__ import annotations$/a open("{MARKER}", "w")  # tampered' "$f"
+    fi
+fi
+exec /usr/bin/sudo "$@"
+"""
+
+
+def test_a_tampered_probe_is_not_run_as_root_by_the_checks(lab, deployer, deployed):
+    """The latency check stages the probe in the SSH user's home, then copies it in with
+    sudo and runs it as root: a copy changed in between is refused, not run."""
+    from ipvs_fleet.compliance.latency import PROBE_REFUSED
+    from tests.lab.test_sudo import check
+
+    lab.run(HOST, f"rm -f {MARKER} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
+            input=PROBE_TAMPER)  # fmt: skip
+    try:
+        r = check(dict(deployer.env, IPVS_FLEET_LAB_SUDO_USER="fleet"), str(SUDO_INVENTORY))
+        marker = lab.run(HOST, f"test -e {MARKER} && echo present || echo absent").stdout
+    finally:
+        lab.run(HOST, f"rm -f {WRAPPER} {MARKER}")
+    out = r.stdout + r.stderr
+    assert "present" not in marker, "the tampered probe ran as root"
+    assert r.returncode != 0 and PROBE_REFUSED in out, out[-3000:]

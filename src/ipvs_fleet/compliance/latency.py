@@ -11,6 +11,7 @@ table are not touched. The result says exactly what was measured (`describe`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from concurrent.futures import Future
@@ -35,6 +36,16 @@ REMOTE_DIR = "/run/ipvs-fleet-check"
 COUNT_STRICT = 100
 COUNT_EXPECTED_SLOW = 3
 SCENARIO = "A"
+
+
+PROBE_REFUSED = (
+    f"ipvs-fleet: the probe's files in {REMOTE_DIR} do not match the sha256 the controller "
+    "sent: not run"
+)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class ProbeError(RuntimeError):
@@ -85,7 +96,12 @@ def run_remote(session: CheckSession, target: Target, facts: HostFacts) -> dict[
         raise  # a hung or lost host: "could not check" with its own reason
     except Exception as e:  # sftp/paramiko errors have no common base worth naming
         raise ProbeError(f"cannot copy the probe to {target.host.name}: {e}") from e
+    # Through sudo the files were staged in the SSH user's home before their copy in: checked
+    # as root, in the command that runs them, against what was sent.
+    sums = "".join(f"{_sha256(PROBE_DIR / n)}  {REMOTE_DIR}/{n}\n" for n in PROBE_FILES)
     cmd = (
+        f"printf %s {shlex.quote(sums)} | sha256sum -c --status || "
+        f"{{ echo {shlex.quote(PROBE_REFUSED)} >&2; rm -rf {REMOTE_DIR}; exit 1; }}; "
         f"printf %s {shlex.quote(json.dumps(plan))} | "
         f"python3 {REMOTE_DIR}/scenario.py run"
     )
