@@ -61,8 +61,10 @@ modules_built_on_host(
 
 
 @pytest.fixture
-def tampering(lab, deployed):
-    """The sudo wrapper in place and a fresh stamp; afterwards both gone, with the marker."""
+def tampering(lab, deployer, deployed):
+    """The host converged (an earlier side-lab test may have rolled it back), then the sudo
+    wrapper in place and a fresh stamp; afterwards both gone, with the marker."""
+    deployer.run("deploy.py", "--limit", HOST)
     lab.run(HOST, f"rm -f {MARKER} && touch {STAMP} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
             input=TAMPER)  # fmt: skip
     try:
@@ -143,6 +145,7 @@ def test_a_tampered_probe_is_not_run_as_root_by_the_checks(lab, deployer, deploy
     from ipvs_fleet.compliance.latency import PROBE_REFUSED
     from tests.lab.test_sudo import check
 
+    deployer.run("deploy.py", "--limit", HOST)  # knob 1: the probe with 100 connects runs
     lab.run(HOST, f"rm -f {MARKER} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
             input=PROBE_TAMPER)  # fmt: skip
     try:
