@@ -42,13 +42,17 @@ lock: venv
 	  --generate-hashes -o requirements.lock
 
 # ansible-lint runs in the collection's folder (its .ansible-lint: production profile), the
-# collection found from the checkout's root as when run by FQCN.
+# collection found from the checkout's root as when run by FQCN (its role is roles/ipvs_fleet,
+# linked in). antsibull-changelog checks the changelog fragments; ansible-test sanity runs on
+# the collection as built (python -m ipvs_fleet.collection: the role copied in).
 COLLECTION := ansible_collections/ipvs_fleet/fleet
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	cd $(COLLECTION) && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_COLLECTIONS_PATH=$(CURDIR) NO_COLOR=1 \
 	  $(CURDIR)/$(BIN)/ansible-lint --nocolor -q
+	cd $(COLLECTION) && $(CURDIR)/$(BIN)/antsibull-changelog lint
+	$(BIN)/python -m ipvs_fleet.collection --sanity
 
 # The hermetic tier: no network, no VM, no module build (kernel pins from the lock); ~30 s.
 unit: venv
@@ -67,7 +71,7 @@ unit-py313:
 # measured on test_checks.py: 438 busy and 205 idle CPU-seconds in 322 s on 2 cores).
 # nice 5, not 19: at 19 (tried on e0c7ed5) the wheel test's `python -m venv`, starved by the
 # busy guests, passed its 120 s subprocess timeout and failed make test.
-# `make`, not $(MAKE), runs lint: with $(MAKE) in it, `make -n test` would run the recipe.
+# .ci/test main runs it all (the streams, their logs in reports/, the summary lines).
 # The lab tests run in two steps. First the kernel tier (LAB_FIRST: the lab, the module sets,
 # the reuse scenarios) keeps the three guests busy. Then the rest of the main lab's tests
 # and, beside them, the `side_lab` tests on a two-VM lab of their own (SIDE_FLEET: the
@@ -88,51 +92,8 @@ test-full: TEST_MARKS := not dkms
 test-full: export IPVS_FLEET_TEST_FULL := 1
 test-full: test
 test: deps venv
-	@mkdir -p reports
-	@echo "==> lint (log: reports/test-lint.log) and the module artifacts (log:"
-	@echo "    reports/test-build.log) while the lab boots"
-	@make -s lint > reports/test-lint.log 2>&1 & lint=$$!; \
-	  $(BIN)/ipvs-fleet build --all-lab --out $(TEST_ARTIFACTS) > reports/test-build.log 2>&1 & \
-	  build=$$!; \
-	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) up; up=$$?; \
-	  wait $$build; built=$$?; tail -4 reports/test-build.log; \
-	  wait $$lint; linted=$$?; echo "==> lint: exit $$linted"; \
-	  if [ $$linted -ne 0 ]; then tail -30 reports/test-lint.log; fi; \
-	  if [ $$up -ne 0 ] || [ $$built -ne 0 ] || [ $$linted -ne 0 ]; then \
-	    $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; exit 1; fi; \
-	  echo "==> beside the lab tests, at nice 5: the unit tier, builds and wheel (log:"; \
-	  echo "    reports/test-unit.log) and the unit tier on Python 3.13 (reports/test-py313.log)"; \
-	  export IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS); \
-	  nice -n 5 $(BIN)/pytest -m '$(TEST_MARKS)' --ignore=tests/lab \
-	    --junitxml=reports/test-unit-junit.xml > reports/test-unit.log 2>&1 & unit=$$!; \
-	  nice -n 5 .ci/unit-python trixie python3.13 > reports/test-py313.log 2>&1 & py313=$$!; \
-	  echo "==> the kernel tier on the main lab: $(LAB_FIRST)"; \
-	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) $(BIN)/pytest -m '$(TEST_MARKS) and not side_lab' \
-	    --junitxml=reports/test-junit-kernel.xml $(LAB_FIRST); first=$$?; \
-	  echo "==> the other lab tests; beside them the side lab's (lab/fleet-side.yml, log:"; \
-	  echo "    reports/test-side.log)"; \
-	  IPVS_FLEET_FLEET=$(SIDE_FLEET) IPVS_FLEET_TEST_LAB_DIR=$(SIDE_LAB) $(BIN)/pytest \
-	    -m '$(TEST_MARKS) and side_lab' --junitxml=reports/test-side-junit.xml tests/lab \
-	    > reports/test-side.log 2>&1 & side=$$!; \
-	  IPVS_FLEET_TEST_LAB_DIR=$(TEST_LAB) $(BIN)/pytest -m '$(TEST_MARKS) and not side_lab' \
-	    --junitxml=reports/test-junit.xml tests/lab $(addprefix --ignore=,$(LAB_FIRST)); rc=$$?; \
-	  $(BIN)/ipvs-fleet lab --lab-dir $(TEST_LAB) down; \
-	  wait $$side; c=$$?; \
-	  IPVS_FLEET_FLEET=$(SIDE_FLEET) $(BIN)/ipvs-fleet lab --lab-dir $(SIDE_LAB) down >/dev/null; \
-	  echo "==> the side lab's tests: exit $$c"; \
-	  if [ $$c -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-side.log; \
-	  else sed -n '/slowest/,$$p' reports/test-side.log | tail -n +2 | head -8; \
-	    tail -1 reports/test-side.log; fi; \
-	  wait $$unit; u=$$?; wait $$py313; py=$$?; \
-	  echo "==> unit tier, builds and wheel: exit $$u"; \
-	  if [ $$u -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-unit.log; \
-	  else tail -1 reports/test-unit.log; fi; \
-	  echo "==> unit tier on Python 3.13: exit $$py"; \
-	  if [ $$py -ne 0 ]; then sed -n '/short test summary/,$$p' reports/test-py313.log; \
-	  else tail -1 reports/test-py313.log; fi; \
-	  echo "==> kernel tier: exit $$first; other lab tests: exit $$rc; side lab: exit $$c"; \
-	  if [ $$first -ne 0 ] || [ $$rc -ne 0 ] || [ $$c -ne 0 ]; then exit 1; fi; \
-	  if [ $$u -ne 0 ] || [ $$py -ne 0 ]; then exit 1; fi
+	@BIN=$(BIN) TEST_MARKS='$(TEST_MARKS)' TEST_LAB=$(TEST_LAB) TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
+	  SIDE_LAB=$(SIDE_LAB) SIDE_FLEET=$(SIDE_FLEET) LAB_FIRST='$(LAB_FIRST)' .ci/test main
 
 # The 7.2 line (Debian unstable's cloud kernel) on a lab of its own (lab/fleet-7.2.yml, one
 # VM): apart from `make test` because CI's time budget is spent. Builds the 7.2 fix module
@@ -152,17 +113,8 @@ TESTS_72 := tests/lab/test_deploy.py::test_fresh_deploy_converges_every_host \
 	tests/lab/test_reuse.py tests/lab/test_upstream_selftest.py tests/lab/test_kernel_selftest.py
 test-7.2: export IPVS_FLEET_FLEET := $(FLEET_72)
 test-7.2: deps venv lint
-	@mkdir -p reports
-	@echo "==> building the 7.2 module artifacts (log: reports/test-7.2-build.log) while the lab boots"
-	@$(BIN)/ipvs-fleet build --all-lab --out $(TEST_ARTIFACTS) > reports/test-7.2-build.log 2>&1 & \
-	  build=$$!; \
-	  $(BIN)/ipvs-fleet lab --lab-dir $(LAB_72) up; up=$$?; \
-	  wait $$build; built=$$?; tail -4 reports/test-7.2-build.log; \
-	  if [ $$up -ne 0 ] || [ $$built -ne 0 ]; then \
-	    $(BIN)/ipvs-fleet lab --lab-dir $(LAB_72) down; exit 1; fi; \
-	  IPVS_FLEET_TEST_LAB_DIR=$(LAB_72) IPVS_FLEET_TEST_ARTIFACTS=$(TEST_ARTIFACTS) \
-	    $(BIN)/pytest -m 'lab and not slow' --junitxml=reports/test-7.2-junit.xml $(TESTS_72); rc=$$?; \
-	  $(BIN)/ipvs-fleet lab --lab-dir $(LAB_72) down; exit $$rc
+	@BIN=$(BIN) TEST_ARTIFACTS=$(TEST_ARTIFACTS) LAB_72=$(LAB_72) TESTS_72='$(TESTS_72)' \
+	  .ci/test 7.2
 
 # Build mode on a VM of its own (image with dkms, gcc, headers, linux-source; the DKMS build
 # runs under TCG): minutes, so apart from `make test`.

@@ -4,7 +4,7 @@
     .venv/bin/python bench/reuse_matrix.py --lab-dir .lab/test --artifacts .test-artifacts \
         [--hosts k8s-canary,k8s-node-1,ftp-director] [--out bench/results/reuse-matrix]
 
-A cell is (ruleset, iptables backend, client, family) of `src/ipvs_fleet/probe/scenario.py`:
+A cell is (ruleset, iptables backend, client, family) of `src/ipvs_fleet/probe/cells.py`:
 the minimal INVALID-drop cell, kube-proxy's IPVS-mode ruleset (NodePort from an outside
 client, ClusterIP from a pod, a host-network client on the node), masquerade-all, Calico's
 chains, iptables-nft and -legacy, IPv4 and IPv6; every cell with the INVALID-drop rule.
@@ -204,8 +204,8 @@ def render(lines: list[dict[str, Any]], out: Path, elapsed: float, doc: Path) ->
          f"Measured by `bench/reuse_matrix.py` in lab VMs (QEMU TCG, real Debian cloud "
          f"kernels); rendered {time.strftime('%Y-%m-%d')} from the JSON of the runs in "
          f"`{rel}` (the last run: {elapsed / 60:.0f} min). Cells (ruleset / iptables "
-         "backend / client / family) and "
-         "scenarios: `src/ipvs_fleet/probe/scenario.py`; every cell has the INVALID-drop "
+         "backend / client / family) and scenarios: `src/ipvs_fleet/probe/` (cells.py, "
+         "scenarios.py); every cell has the INVALID-drop "
          "rule. Each entry: slow (connect >= 900 ms) / failed of attempts of the same-port "
          "reconnect. U: UDP to a removed real server, slow = needed the 1 s retry. The module: "
          "the fix module ip_vs_reuse on top of the kernel's own ip_vs; kills: its "

@@ -7,10 +7,10 @@ each, the lines of the lab fleet in parallel: 5.10, 6.1, 6.12; 7.2 with lab/flee
 backend, client, family): the minimal INVALID-drop cell, kube-proxy's IPVS-mode ruleset with
 its mark-based masquerade (NodePort from an outside client, a host-network client on the node:
 IPVS's LOCAL_OUT path, IPv6), masquerade-all from a pod on iptables-legacy, and Calico's chains
-(`src/ipvs_fleet/probe/scenario.py`). "The module" is the artifact's fix module ip_vs_reuse
-(design `prekill`: it kills a reused port's stale conntrack entry before conntrack), loaded on
-top of the kernel's own ip_vs; switching between stock and the module never unloads IPVS. Per
-line:
+(`src/ipvs_fleet/probe/rules.py`, the scenarios in `scenarios.py`). "The module" is the
+artifact's fix module ip_vs_reuse (design `prekill`: it kills a reused port's stale conntrack
+entry before conntrack), loaded on top of the kernel's own ip_vs; switching between stock and
+the module never unloads IPVS. Per line:
 - stock modules: A, B and B2 reconnects wait for the SYN retransmission (about 1 s) in the
   minimal and the masquerade cells, so every cell is live; C1, C2 do not
 - B2 (real server deleted) and U are sequenced so that the measured packet meets the old

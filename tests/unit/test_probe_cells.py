@@ -10,16 +10,16 @@ import struct
 
 import pytest
 
-from ipvs_fleet.probe import probe, scenario
+from ipvs_fleet.probe import cells, kernel, probe, rules, scenario
 from ipvs_fleet.probe.harness import Plan
 
-CELLS = list(itertools.product(scenario.RULESETS, scenario.CLIENTS, scenario.FAMILIES))
+CELLS = list(itertools.product(cells.RULESETS, cells.CLIENTS, cells.FAMILIES))
 K8S = [c for c in CELLS if c[0] != "minimal"]
 TARGETS = {"ACCEPT", "DROP", "REJECT", "RETURN", "MARK", "MASQUERADE"}
 
 
 def _rules(ruleset: str, client: str, family: int, rule: str = "drop") -> str:
-    return scenario.director_rules(scenario.cell_layout(ruleset, client, family, "1234567"),
+    return rules.director_rules(cells.cell_layout(ruleset, client, family, "1234567"),
                                    rule)
 
 
@@ -39,18 +39,18 @@ def _chains(text: str, table: str) -> list[str]:
 
 
 def test_minimal_layout_is_the_one_earlier_results_used() -> None:
-    lay = scenario.cell_layout("minimal", "outside", 4)
-    assert (lay.target.vip, lay.target.port) == (scenario.VIP, scenario.PORT) == ("10.10.9.1", 8080)
-    assert lay.client_ip == scenario.CLIENT_IP
-    assert lay.real_servers == scenario.REAL_SERVERS
+    lay = cells.cell_layout("minimal", "outside", 4)
+    assert (lay.target.vip, lay.target.port) == (cells.VIP, cells.PORT) == ("10.10.9.1", 8080)
+    assert lay.client_ip == cells.CLIENT_IP
+    assert lay.real_servers == cells.REAL_SERVERS
     assert lay.rs_routes == "default" and lay.vip_dev == "lo"
     assert not lay.masquerade_demanded
 
 
-@pytest.mark.parametrize("family", scenario.FAMILIES)
+@pytest.mark.parametrize("family", cells.FAMILIES)
 def test_k8s_addresses_fit_the_pod_cidr(family: int) -> None:
-    for client in scenario.CLIENTS:
-        lay = scenario.cell_layout("kube-proxy", client, family)
+    for client in cells.CLIENTS:
+        lay = cells.cell_layout("kube-proxy", client, family)
         cidr = ipaddress.ip_network(lay.pod_cidr or "")
         for ip in lay.real_servers.values():
             assert ipaddress.ip_address(ip) in cidr
@@ -69,15 +69,15 @@ def test_k8s_addresses_fit_the_pod_cidr(family: int) -> None:
 @pytest.mark.parametrize(("ruleset", "client", "family"), CELLS)
 def test_layout_targets_and_masquerade_agree_with_the_plan(ruleset: str, client: str,
                                                            family: int) -> None:
-    lay = scenario.cell_layout(ruleset, client, family)
+    lay = cells.cell_layout(ruleset, client, family)
     assert lay.masquerade_demanded == Plan(ruleset=ruleset, client=client,
                                            family=family).masquerade_demanded
     assert lay.expected_peer == ("node" if lay.masquerade_demanded else "client")
     if ruleset == "minimal":
         return
     if client == "outside":
-        assert (lay.target.port, lay.udp_target.port) == (scenario.NODE_PORT,
-                                                          scenario.NODE_PORT_UDP)
+        assert (lay.target.port, lay.udp_target.port) == (cells.NODE_PORT,
+                                                          cells.NODE_PORT_UDP)
         assert lay.target.vip == lay.links["c"].node_ip
     else:
         assert (lay.target.port, lay.udp_target.port) == (80, 53)
@@ -89,13 +89,13 @@ def test_layout_targets_and_masquerade_agree_with_the_plan(ruleset: str, client:
 
 
 def test_device_names_fit_ifnamsiz() -> None:
-    lay = scenario.cell_layout("calico", "pod", 6, "9999999")
+    lay = cells.cell_layout("calico", "pod", 6, "9999999")
     for ln in lay.links.values():
         assert len(ln.dev) <= 15 and len(ln.peer_dev) <= 15
 
 
 def test_peer_kind() -> None:
-    lay = scenario.cell_layout("kube-proxy", "outside", 6)
+    lay = cells.cell_layout("kube-proxy", "outside", 6)
     assert lay.peer_kind("fd10:1::2") == "client"
     assert lay.peer_kind("fd00:10:244:1::1") == "node"
     assert lay.peer_kind("fd00:10:244:0001:0000:0000:0000:0001") == "node"  # any spelling
@@ -104,32 +104,32 @@ def test_peer_kind() -> None:
 
 
 def test_peer_summary_counts_mismatches() -> None:
-    lay = scenario.cell_layout("kube-proxy", "outside", 4)
+    lay = cells.cell_layout("kube-proxy", "outside", 4)
     att = [probe.Attempt(0, 1, 1.0, 1.0, "rs1", peer="10.244.1.1"),
            probe.Attempt(1, 2, 1.0, 1.0, "rs2", peer="10.10.1.2"),  # skipped the masquerade
            probe.Attempt(2, 3, 5000.0, 5000.0, None, "connect: timeout")]
-    out = scenario.peer_summary(lay, att)
+    out = rules.peer_summary(lay, att)
     assert out == {"peer_sources": {"10.244.1.1": 1, "10.10.1.2": 1},
                    "peer_kinds": {"node": 1, "client": 1}, "masq_mismatch": 1}
 
 
 def test_ipvsadm_restore() -> None:
-    text = scenario.ipvsadm_restore(scenario.cell_layout("kube-proxy", "pod", 6))
+    text = cells.ipvsadm_restore(cells.cell_layout("kube-proxy", "pod", 6))
     assert "-A -t [fd00:10:96::a]:80 -s rr" in text
     assert "-a -t [fd10:1::1]:30080 -r [fd00:10:244:2::2]:8080 -m -w 1" in text
     assert "-a -u [fd00:10:96::a]:53 -r [fd00:10:244:1::2]:53 -m -w 1" in text
-    assert scenario.ipvsadm_restore(scenario.cell_layout("minimal", "outside", 4)) == (
+    assert cells.ipvsadm_restore(cells.cell_layout("minimal", "outside", 4)) == (
         "-A -t 10.10.9.1:8080 -s rr\n-a -t 10.10.9.1:8080 -r 10.10.2.2:8080 -m -w 1\n"
         "-a -t 10.10.9.1:8080 -r 10.10.3.2:8080 -m -w 1\n-A -u 10.10.9.1:53 -s rr\n"
         "-a -u 10.10.9.1:53 -r 10.10.2.2:53 -m -w 1\n-a -u 10.10.9.1:53 -r 10.10.3.2:53 -m -w 1\n")
 
 
 def test_check_cell_names_the_field() -> None:
-    with pytest.raises(scenario.Failed, match="ruleset must be one of"):
-        scenario.cell_layout("cilium", "outside", 4)
-    with pytest.raises(scenario.Failed, match="iptables must be one of nft, legacy"):
-        scenario.Cell.from_plan({"iptables": "ebtables"})
-    assert scenario.Cell.from_plan({}) == scenario.Cell()
+    with pytest.raises(cells.Failed, match="ruleset must be one of"):
+        cells.cell_layout("cilium", "outside", 4)
+    with pytest.raises(cells.Failed, match="iptables must be one of nft, legacy"):
+        cells.Cell.from_plan({"iptables": "ebtables"})
+    assert cells.Cell.from_plan({}) == cells.Cell()
 
 
 # --- rules ----------------------------------------------------------------------------------
@@ -229,9 +229,9 @@ def test_kube_proxy_ipv6_names() -> None:
     sets = re.findall(r"--match-set (\S+)", text)
     assert sets and all(s.startswith("KUBE-6-") for s in sets)
     assert "-d fd10:1::1/128 -p tcp -m tcp --dport 30080" in text
-    assert scenario.kube_set("KUBE-NODE-PORT-LOCAL-SCTP-HASH", 6) == (
+    assert rules.kube_set("KUBE-NODE-PORT-LOCAL-SCTP-HASH", 6) == (
         "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS")  # kube-proxy cuts at 31 characters
-    assert scenario.kube_set("KUBE-CLUSTER-IP", 4) == "KUBE-CLUSTER-IP"
+    assert rules.kube_set("KUBE-CLUSTER-IP", 4) == "KUBE-CLUSTER-IP"
 
 
 def test_host_client_rules() -> None:
@@ -288,13 +288,13 @@ def test_calico_rules_shape() -> None:
 def test_rules_are_consistent(ruleset: str, client: str, family: int, rule: str) -> None:
     """Every chain used is declared, every jump target exists, names fit iptables' limit,
     every set matched is created by the cell's ipset text, the family's addresses only."""
-    lay = scenario.cell_layout(ruleset, client, family, "1234567")
-    text = scenario.director_rules(lay, rule)
-    sets = scenario.ipset_restore(lay)
+    lay = cells.cell_layout(ruleset, client, family, "1234567")
+    text = rules.director_rules(lay, rule)
+    sets = rules.ipset_restore(lay)
     created = set(re.findall(r"^create (\S+)", sets, re.M))
-    for table in scenario.BUILTIN:
+    for table in rules.BUILTIN:
         declared = set(_chains(text, table))
-        assert set(scenario.BUILTIN[table]) <= declared or not _lines(text, table)
+        assert set(rules.BUILTIN[table]) <= declared or not _lines(text, table)
         for name in declared:
             assert len(name) < 29, name  # "must be under 29 chars"
         for ln in _lines(text, table):
@@ -311,8 +311,8 @@ def test_rules_are_consistent(ruleset: str, client: str, family: int, rule: str)
 
 @pytest.mark.parametrize(("ruleset", "client", "family"), K8S)
 def test_ipsets_hold_the_services(ruleset: str, client: str, family: int) -> None:
-    lay = scenario.cell_layout(ruleset, client, family)
-    text = scenario.ipset_restore(lay)
+    lay = cells.cell_layout(ruleset, client, family)
+    text = rules.ipset_restore(lay)
     p = "KUBE-6-" if family == 6 else "KUBE-"
     inet = "inet6" if family == 6 else "inet"
     cip = lay.vips[0]
@@ -323,13 +323,13 @@ def test_ipsets_hold_the_services(ruleset: str, client: str, family: int) -> Non
         assert f"add {entry}\n" in text
     rs1 = lay.real_servers["rs1"]
     assert f"add {p}LOOP-BACK {rs1},tcp:8080,{rs1}\n" in text
-    assert len(re.findall(r"^create KUBE-", text, re.M)) == len(scenario.KUBE_IPSETS)
+    assert len(re.findall(r"^create KUBE-", text, re.M)) == len(rules.KUBE_IPSETS)
     assert ("cali" in text) == (ruleset == "calico")
-    assert scenario.ipset_restore(scenario.cell_layout("minimal", client, family)) == ""
+    assert rules.ipset_restore(cells.cell_layout("minimal", client, family)) == ""
 
 
 def test_client_rules_drop_the_vanishing_clients_fin_and_rst() -> None:
-    text = scenario.client_rules(scenario.cell_layout("kube-proxy", "pod", 6))
+    text = rules.client_rules(cells.cell_layout("kube-proxy", "pod", 6))
     assert _lines(text, "filter") == [
         "-A OUTPUT -p tcp -m tcp --tcp-flags RST RST -m mark --mark 0x1d -j DROP",
         "-A OUTPUT -p tcp -m tcp --tcp-flags FIN FIN -m mark --mark 0x1d -j DROP"]
@@ -372,13 +372,13 @@ COMMIT
 
 
 def test_parse_counters() -> None:
-    specs = scenario.counter_specs(scenario.cell_layout("calico", "outside", 4))
-    assert scenario.parse_counters(SAVE, specs) == {
+    specs = rules.counter_specs(cells.cell_layout("calico", "outside", 4))
+    assert rules.parse_counters(SAVE, specs) == {
         "new": 7, "nat_new": 11, "invalid_drop": 2, "masquerade": 3, "calico_policy": 8,
         "calico_invalid_drop": 1, "calico_policy_drop": 10}
-    host = scenario.counter_specs(scenario.cell_layout("minimal", "host", 4))
+    host = rules.counter_specs(cells.cell_layout("minimal", "host", 4))
     assert host["new"] == [("mangle", "OUTPUT", ("ipvsp-count-new",))]
-    assert scenario.parse_counters(SAVE, host) == {"new": 0, "invalid_drop": 0}
+    assert rules.parse_counters(SAVE, host) == {"new": 0, "invalid_drop": 0}
 
 
 # --- conntrack with masquerade and IPv6 -----------------------------------------------------
@@ -396,12 +396,12 @@ sport=8080 dport=40000 [ASSURED] mark=0 zone=0 use=2
 
 
 def test_conntrack_view_matches_the_original_tuple_after_masquerade() -> None:
-    entries = scenario.parse_conntrack(CT_MASQ)
-    v = scenario.conntrack_view(entries, "10.10.1.2", 12001, "10.244.2.2")
+    entries = kernel.parse_conntrack(CT_MASQ)
+    v = kernel.conntrack_view(entries, "10.10.1.2", 12001, "10.244.2.2")
     assert v["consistent"] and len(v["entries"]) == 1
-    assert not scenario.conntrack_view(entries, "10.10.1.2", 12002, "10.244.2.2")["consistent"]
+    assert not kernel.conntrack_view(entries, "10.10.1.2", 12002, "10.244.2.2")["consistent"]
     # /proc/net/nf_conntrack spells IPv6 in full; the view compares canonical addresses
-    v6 = scenario.conntrack_view(entries, "fd10:1::2", 12003, "fd00:10:244:2::2")
+    v6 = kernel.conntrack_view(entries, "fd10:1::2", 12003, "fd00:10:244:2::2")
     assert v6["consistent"] and v6["entries"][0]["reply"]["dst"] == "fd00:10:244:2::1"
 
 
@@ -409,7 +409,7 @@ def test_conntrack_view_matches_the_original_tuple_after_masquerade() -> None:
 
 
 def test_netlink_attributes_round_trip() -> None:
-    nl = scenario.IpvsNetlink.__new__(scenario.IpvsNetlink)
+    nl = kernel.IpvsNetlink.__new__(kernel.IpvsNetlink)
     a = nl._attr(2, b"IPVS\0") + nl._attr(1, struct.pack("=H", 0x1D))
     assert len(a) % 4 == 0
     assert nl._parse_attrs(a) == {2: b"IPVS\0", 1: struct.pack("=H", 0x1D)}
@@ -419,14 +419,14 @@ def test_netlink_attributes_round_trip() -> None:
 
 def test_netlink_dest_messages() -> None:
     sent: list[tuple[int, int, bytes]] = []
-    nl = scenario.IpvsNetlink.__new__(scenario.IpvsNetlink)
+    nl = kernel.IpvsNetlink.__new__(kernel.IpvsNetlink)
     nl.family_id = 0x22
     def request(typ: int, cmd: int, payload: bytes, version: int = 1) -> bytes:
         sent.append((typ, cmd, payload))
         return b""
 
     nl._request = request  # type: ignore[method-assign]
-    svc = scenario.Service("udp", "fd00:10:96::a", 53)
+    svc = cells.Service("udp", "fd00:10:96::a", 53)
     nl.dest("edit", svc, "fd00:10:244:1::2", 53, 0)
     nl.dest("delete", svc, "fd00:10:244:1::2", 53)
     (typ, cmd, payload), (_, dcmd, dpayload) = sent
@@ -448,10 +448,10 @@ def test_nat_counts_the_client_connections_in_kubernetes_cells_only(
 ) -> None:
     """nat sees a connection's first packet only: its counter is what says the reconnect
     crossed kube-proxy's nat rules as NEW. The minimal cell keeps no nat table."""
-    lay = scenario.cell_layout(ruleset, client, family, "1234567")
-    nat = _lines(scenario.director_rules(lay), "nat")
+    lay = cells.cell_layout(ruleset, client, family, "1234567")
+    nat = _lines(rules.director_rules(lay), "nat")
     counting = [ln for ln in nat if "ipvsp-count-nat" in ln]
-    specs = scenario.counter_specs(lay)
+    specs = rules.counter_specs(lay)
     if ruleset == "minimal":
         assert nat == [] and "nat_new" not in specs
         return

@@ -17,11 +17,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ipvs_fleet.deploy.facts import IpvsLoadedModules, IpvsSysctls, IpvsUsage
+from ipvs_fleet.paths import MODULES_LOAD_FILE, SYSCTL_DIR, SYSCTL_FILE
 
-SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
-MODULES_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
+MODULES_FILE = MODULES_LOAD_FILE
 # systemd-sysctl's search path, highest precedence first (same basename: first dir wins).
-SYSCTL_DIRS = ("/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d")
+SYSCTL_DIRS = (SYSCTL_DIR, "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d")
 MARK = "@@@ "
 TAINT_OOT = 1 << 12  # O: out-of-tree module loaded
 TAINT_UNSIGNED = 1 << 13  # E: unsigned module loaded

@@ -2,11 +2,12 @@
 
 A host in a fleet rarely offers an IPVS service the checks may hammer with same-port
 reconnects, so the check measures the host's kernel instead: `scenario.py` (the probe's
-self-contained scenario, standard library only) builds client, director and two real
-servers in fresh network namespaces on the host, with the kube-proxy style INVALID-drop rule
-and the host's live knob value, and runs scenario A of DOMAIN.md (the real server aborts with
-RST, the client reconnects from the same source port). The host's own namespaces and IPVS
-table are not touched. The result says exactly what was measured (`describe`).
+self-contained scenario, standard library only, with its sibling GUEST_FILES) builds client,
+director and two real servers in fresh network namespaces on the host, with the kube-proxy
+style INVALID-drop rule and the host's live knob value, and runs scenario A of DOMAIN.md (the
+real server aborts with RST, the client reconnects from the same source port). The host's
+own namespaces and IPVS table are not touched. The result says exactly what was measured
+(`describe`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import ipvs_fleet.probe
 from ipvs_fleet.compliance.facts import HostFacts
 from ipvs_fleet.compliance.remote import HostUnreachable, VerifiedBackend
 from ipvs_fleet.compliance.session import CheckSession, Target
+from ipvs_fleet.paths import CHECK_DIR
 from ipvs_fleet.policy import KNOB
 from ipvs_fleet.probe.probe import evaluate_budget
 
 PROBE_DIR = Path(ipvs_fleet.probe.__file__).parent
-PROBE_FILES = ("probe.py", "scenario.py")
-REMOTE_DIR = "/run/ipvs-fleet-check"
+PROBE_FILES = ipvs_fleet.probe.GUEST_FILES
+REMOTE_DIR = CHECK_DIR
 # Where no slow connect is allowed, enough attempts to see a rare one, and at least 100 so
 # the nearest-rank p99 the budget names is the 99th value, not the maximum (with 20 it was
 # the maximum: in a CI run one connect of 116 ms under TCG failed the 100 ms budget of a run

@@ -16,7 +16,7 @@ from typing import Any
 from ipvs_fleet.cliopts import add_alias, add_json
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.probe import probe
-from ipvs_fleet.probe.harness import BACKENDS, CLIENTS, FAMILIES, RULESETS
+from ipvs_fleet.probe.cells import BACKENDS, CLIENTS, FAMILIES, RULESETS
 
 
 def add_parser(subparsers: Any) -> None:

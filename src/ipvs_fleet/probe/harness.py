@@ -1,7 +1,8 @@
 """Run the reuse scenarios in a lab VM from the controller, and read their results.
 
-The guest side is two standard-library files (probe.py, scenario.py) copied to
-`/root/ipvs-probe/`; everything crosses SSH as text: JSON plans in, JSON results out.
+The guest side is the standard-library files `ipvs_fleet.probe.GUEST_FILES` copied to
+`/root/ipvs-probe/` (entry point scenario.py); everything crosses SSH as text: JSON plans
+in, JSON results out.
 
 >>> g = Guest(Lab(), "k8s-canary")
 >>> g.load_modules(load_artifact(Path("artifacts"), g.kernel_release))   # or None for stock
@@ -10,7 +11,7 @@ The guest side is two standard-library files (probe.py, scenario.py) copied to
 {'count': 200, 'slow': 0, 'errors': 0, 'p50': 4.1, 'p99': 9.8, 'killed_tcp': 200, ...}
 
 Loading the artifact puts its fix module (ip_vs_reuse.ko) on top of the kernel's own IPVS
-modules; loading stock removes it again. Neither unloads IPVS (scenario.load_modules).
+modules; loading stock removes it again. Neither unloads IPVS (modules.load_modules).
 """
 
 from __future__ import annotations
@@ -23,21 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipvs_fleet.errors import FleetError
+from ipvs_fleet.probe import GUEST_FILES, cells
+from ipvs_fleet.probe.cells import BACKENDS, CLIENTS, FAMILIES, RULESETS
 
 if TYPE_CHECKING:
     from ipvs_fleet.lab.lab import Lab
 
 GUEST_DIR = "/root/ipvs-probe"
 HERE = Path(__file__).resolve().parent
-GUEST_FILES = ("probe.py", "scenario.py")
-SCENARIOS = ("A", "B", "B2", "C1", "C2")  # the TCP reuse scenarios (bench/ iterates these)
-ALL_SCENARIOS = (*SCENARIOS, "U")  # U: the UDP scenario, only when a plan names it
+ALL_SCENARIOS = cells.SCENARIOS  # U: the UDP scenario, only when a plan names it
+SCENARIOS = tuple(s for s in ALL_SCENARIOS if s != "U")  # TCP ones (bench/ iterates these)
 # Scenarios where the stock kernel drops the reconnect's first SYN (DOMAIN.md).
 DROP_SCENARIOS = ("A", "B", "B2")
-RULESETS = ("minimal", "kube-proxy", "kube-proxy-masq-all", "calico")
-BACKENDS = ("nft", "legacy")
-CLIENTS = ("outside", "pod", "host")
-FAMILIES = (4, 6)
 
 
 @dataclass

@@ -41,7 +41,8 @@ SLOT = int(os.environ.get("INFLIGHT_SLOT") or 0)
 if not 0 <= SLOT <= 9:
     raise SystemExit(f"inflight: INFLIGHT_SLOT={SLOT}: must be 0..9")
 _SUFFIX, _NET = (f"-{SLOT}" if SLOT else ""), f"10.253.{10 * SLOT}"
-STATE = f"/run/ipvs-fleet-inflight{_SUFFIX}"
+STATE_PREFIX = "/run/ipvs-fleet-inflight"  # + "-<slot>" for slots 1..9
+STATE = f"{STATE_PREFIX}{_SUFFIX}"
 VIP, PORT = f"{_NET}.1", 7311
 CLIENT_NS, SERVER_NS = (f"iflc{SLOT}", f"ifls{SLOT}") if SLOT else ("iflc", "ifls")
 DUMMY, CLIENT_DEV, SERVER_DEV = f"ifl{SLOT}", f"iflc{SLOT}", f"ifls{SLOT}"

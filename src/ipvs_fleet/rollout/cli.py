@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from ipvs_fleet.build.artifact import artifacts_id
 from ipvs_fleet.cliopts import add_dry, add_json
+from ipvs_fleet.console import console as make_console
 from ipvs_fleet.errors import ConfigError
 from ipvs_fleet.policy import load_policy
 from ipvs_fleet.resources import ROLLOUT, deploy_file, workdir
@@ -206,7 +207,7 @@ def _when(ts: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True)
     inv: Path = args.inventory
     if not inv.is_file():
         raise ConfigError(f"{inv}: inventory file not found")
@@ -300,7 +301,7 @@ def _run(
         console.print(f"[bold]Plan[/] for {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
                       "pyinfra's dry run of the deploy (nothing is changed)...")  # fmt: skip
         plans = runner.plan([h for w in waves for h in w.hosts], lambda h, s: None)
-        print_plan(waves, Console(highlight=False), plans, states)
+        print_plan(waves, make_console(), plans, states)
         bad = {h: p for h, p in plans.items() if not p.ok}
         for h, p in sorted(bad.items()):
             why = f"the deploy would refuse it: {p.refused}" if p.refused else (
@@ -322,7 +323,7 @@ def _run(
     console.print(f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
                   f"journal {jpath}")  # fmt: skip
     result = rollout.run()
-    print_summary(result, Console(highlight=False))
+    print_summary(result, make_console())
     if args.json_out:
         write_json(result, args.json_out, inventory=str(inv), journal=str(jpath))
     return 0 if result.outcome == COMPLETED else 1

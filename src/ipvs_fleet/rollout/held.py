@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any, Protocol
 
+from ipvs_fleet.paths import HELD_DIR
 from ipvs_fleet.rollout.runner import Outcome, Progress, StepResult
 
 SLOT = 1  # inflight's INFLIGHT_SLOT for the gate's runs
-REMOTE_DIR = "/run/ipvs-fleet-held"  # tmpfs, root only: gone with a reboot, as the run is
+REMOTE_DIR = HELD_DIR  # tmpfs, root only: gone with a reboot, as the run is
 REMOTE = f"{REMOTE_DIR}/inflight.py"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 INSTALL_TIMEOUT, DOWN_TIMEOUT = 60.0, 120.0

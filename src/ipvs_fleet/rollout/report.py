@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ipvs_fleet.console import console as make_console
 from ipvs_fleet.rollout import journal as J
 from ipvs_fleet.rollout.config import Wave
 from ipvs_fleet.rollout.engine import UI, RolloutResult
@@ -28,7 +29,7 @@ class RichUI(UI):
     """One line per wave step and per host verdict, on stderr."""
 
     def __init__(self, console: Console | None = None, verbose: bool = False) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or make_console(stderr=True)
         self.verbose = verbose
         self.total = 0
         self._last_step = ""

@@ -31,6 +31,7 @@ from pathlib import Path
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.lab import vm
 from ipvs_fleet.lab.image import Image, build_image, seed_tar
+from ipvs_fleet.paths import UPDATES_SUBDIR
 from ipvs_fleet.resources import workdir
 from ipvs_fleet.simfleet import scripts
 
@@ -180,7 +181,7 @@ class SimFleet:
             "mkdir -p $K/lib/modules/$(uname -r) $K.upper $K.work; "
             "mountpoint -q $K/lib/modules/$(uname -r) || mount -t overlay overlay "
             "-o lowerdir=$M,upperdir=$K.upper,workdir=$K.work $K/lib/modules/$(uname -r); "
-            "U=$K/lib/modules/$(uname -r)/updates/ipvs-fleet; rm -rf $U; mkdir -p $U; "
+            f"U=$K/lib/modules/$(uname -r)/{UPDATES_SUBDIR}; rm -rf $U; mkdir -p $U; "
             "tar -xzf /srv/simfleet/kmods.tar.gz -C $U; /usr/sbin/depmod -b $K $(uname -r); "
             "printf '#!/bin/sh\\nexec /usr/sbin/modprobe -d /srv/simfleet/kroot \"$@\"\\n' "
             "> /srv/simfleet/kmodprobe; chmod 755 /srv/simfleet/kmodprobe; "

@@ -1,13 +1,21 @@
 """Shell run inside the simulated-fleet VM (as root): make the hosts, start/stop their sshd."""
 
+from ipvs_fleet.paths import STATE_DIR, UPDATES_SUBDIR
+
+
+def _fill(script: str) -> str:
+    """The script with ipvs-fleet's host paths (@STATE_DIR@, @UPDATES_SUBDIR@) filled in."""
+    return script.replace("@STATE_DIR@", STATE_DIR).replace("@UPDATES_SUBDIR@", UPDATES_SUBDIR)
+
+
 # setup.sh N: N simulated hosts sim-01..sim-NN, each a network namespace on bridge br-sim
 # (10.77.1.<i>/16) with its own sshd, reached from the VM's eth0 port 22000+i (DNAT), and its
 # own mount namespace (see HOST_SH). Idempotent per host: an existing namespace is kept.
-SETUP_SH = r"""#!/bin/sh
+SETUP_SH = _fill(r"""#!/bin/sh
 set -eu
 N=$1
 S=/srv/simfleet
-mkdir -p $S/hosts /var/lib/ipvs-fleet /var/lib/simhost /run/netns
+mkdir -p $S/hosts @STATE_DIR@ /var/lib/simhost /run/netns
 sysctl -qw net.ipv4.ip_forward=1
 ip link show br-sim >/dev/null 2>&1 || {
   ip link add br-sim type bridge
@@ -18,7 +26,7 @@ ip link show br-sim >/dev/null 2>&1 || {
 cat > /usr/local/sbin/depmod <<'EOF'
 #!/bin/sh
 kr=${1:-$(uname -r)}
-if [ -d "/lib/modules/$kr/updates/ipvs-fleet" ]; then what=install; else what=remove; fi
+if [ -d "/lib/modules/$kr/@UPDATES_SUBDIR@" ]; then what=install; else what=remove; fi
 echo "$(date +%s.%N) depmod $what $*" >> /var/lib/simhost/events.log
 exec /usr/sbin/depmod "$@"
 EOF
@@ -88,7 +96,7 @@ if [ -n "$bad" ]; then
   echo "simfleet: hosts not made:$bad" >&2
   exit 1
 fi
-"""
+""")
 
 # host-up.sh NAME: start the host's sshd (unless running) inside its netns and a private
 # mount + UTS namespace.
@@ -114,7 +122,7 @@ exit 1
 # host.sh NAME: inside the host's namespaces. Private /etc (overlay), /lib/modules/<kr>
 # (overlay over the IPVS-only tree: depmod and the installed modules stay per host),
 # /var/lib/ipvs-fleet, /tmp and /run/netns; then sshd in the foreground.
-HOST_SH = r"""#!/bin/sh
+HOST_SH = _fill(r"""#!/bin/sh
 set -eu
 name=$1
 d=/srv/simfleet/hosts/$name
@@ -125,11 +133,11 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs tmpfs /run/netns
 mount -t overlay overlay -o lowerdir=/etc,upperdir=$d/etc.upper,workdir=$d/etc.work /etc
 mount -t overlay overlay -o lowerdir=$T,upperdir=$d/mod.upper,workdir=$d/mod.work $M
-mount --bind $d/varlib /var/lib/ipvs-fleet
+mount --bind $d/varlib @STATE_DIR@
 mount --bind $d/state /var/lib/simhost
 exec /usr/sbin/sshd -D -e -o PidFile=none -o ListenAddress=0.0.0.0 \
   -o HostKey=/etc/ssh/ssh_host_ed25519_key -o MaxStartups=100:30:200
-"""
+""")
 
 # host-down.sh NAME: the host crashes: every process in its netns is killed (its TCP
 # connections are reset), so it is unreachable until host-up.sh.
