@@ -17,10 +17,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/defaults/main.yml"
+DEFAULTS = REPO / "roles/ipvs_fleet/defaults/main.yml"
 PAGE = REPO / "docs" / "ansible.md"
 BEGIN = (
-    "<!-- GENERATED from ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/defaults/main.yml "
+    "<!-- GENERATED from roles/ipvs_fleet/defaults/main.yml "
     "by docs/gen_ansible.py -->"
 )
 END = "<!-- END GENERATED -->"

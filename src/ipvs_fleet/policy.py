@@ -1,6 +1,6 @@
 """Host-class policy: what each class of host wants from IPVS, validated before any host is touched.
 
-The policy file (the collection role's `policy/host_classes.yml`, packaged:
+The policy file (the repository's `policy/host_classes.yml`, packaged:
 `resources.policy_file()`; `--policy` or $IPVS_FLEET_POLICY names the user's) is the one
 source that the pyinfra deploy, the Ansible role and the checks read. Host data may
 override a class per host:

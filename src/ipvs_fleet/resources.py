@@ -1,14 +1,15 @@
 """Where ipvs-fleet finds its own files and the user's: the one resolver every module uses.
 
 Package data (`ipvs_fleet/data/`, read through importlib.resources) mirrors the repository's
-top level: the Ansible collection `ansible_collections/ipvs_fleet/fleet` (its role holds the
-policy defaults, templates and host scripts; its playbooks site and rollback), `checks/`, the
-pyinfra deploy files (`deploy.py`, `deploy/rollback.py`, `group_data/`), `inventory/` and
-`lab/fleet.yml`. In a checkout these are symlinks to the top-level
-paths that Ansible and pyinfra use, so each file exists once; a wheel carries the files.
+top level: the Ansible collection `ansible_collections/ipvs_fleet/fleet` (its playbooks, its
+filter, and the role `roles/ipvs_fleet`, linked into it: templates and host scripts), the fleet
+policy `policy/`, `checks/`, the pyinfra deploy files (`deploy.py`, `deploy/rollback.py`,
+`group_data/`), `inventory/` and `lab/fleet.yml`. In a checkout these are symlinks to the
+top-level paths that Ansible and pyinfra use, so each file exists once; a wheel carries the
+files.
 
 The policy is `--policy` / $IPVS_FLEET_POLICY (a host_classes.yml, or a directory holding
-host_classes.yml and optionally rollout.yml), else the packaged role's `policy/`. What the
+host_classes.yml and optionally rollout.yml), else the packaged `policy/`. What the
 tool writes (artifacts/, reports/, .lab/, .simfleet/) goes to the current directory.
 
 >>> role_dir() / "templates"
@@ -80,8 +81,9 @@ def checks_dir() -> Path:
 
 
 def default_policy_dir() -> Path:
-    """The policy's one copy: data of the role (its defaults point there), not role vars."""
-    return role_dir() / "policy"
+    """The policy's one copy, `policy/`: both engines read it through this package (the
+    role's filter too), neither from inside the role."""
+    return data_path("policy")
 
 
 def policy_file(name: str = HOST_CLASSES, override: str | Path | None = None) -> Path:

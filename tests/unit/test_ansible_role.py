@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import yaml
 from pyinfra.api import StringCommand
 from pyinfra.context import ctx_host
 
+from ipvs_fleet.deploy import commands
 from ipvs_fleet.deploy import operations as ops
 from ipvs_fleet.deploy.facts import IpvsLoadedModules
 from ipvs_fleet.policy import ACTIVATIONS, load_policy
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 KR = "6.1.0-56-cloud-amd64"
 SET = "3.0+test"
-TASKS = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet/tasks"
+TASKS = REPO / "roles/ipvs_fleet/tasks"
 
 
 def load_filters() -> ModuleType:
@@ -292,35 +294,36 @@ def test_docs_variables_are_generated_from_the_defaults():
     assert set(mod.HOST_DATA) == HOST_KEYS  # the host data table names every policy key
 
 
-def test_lock_preamble_is_the_pyinfra_one():
-    """One host-lock text for both engines: the filter returns what `locked()` builds."""
-    from ipvs_fleet.deploy.operations import lock_preamble, locked
-
-    tasks = (("install", 30), ("configure", 5), ("activate", 5), ("remove", 5), ("restore", 5))
-    for what, wait in ((f"{w} (ansible)", n) for w, n in tasks):
-        text = F.locked(what, wait)
-        assert text == lock_preamble(what, wait).get_raw_value()
-        assert locked(what, wait, "true").get_raw_value() == f"{text} && true"
-        assert f"flock -w {wait} 9" in text and f"ipvs-fleet {what}, pid $$" in text
-    r = subprocess.run(["sh", "-n", "-c", F.locked("install (ansible)", "30") + "\ntrue"],
+def test_the_lock_preamble_parses_in_sh():
+    r = subprocess.run(["sh", "-n", "-c", commands.locked("install", 30, "true")],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
 
 
-def test_every_task_that_changes_the_ipvs_state_takes_the_lock_through_the_filter():
-    """Install, configure (files and live sysctls), activation and rollback take the host
-    lock, as the pyinfra operations do; the preamble is written nowhere in the role but the
-    filter."""
-    tasks = TASKS
-    users = {p.name for p in tasks.glob("*.yml") if "ipvs_fleet_locked(" in p.read_text()}
-    assert users == {"install.yml", "configure.yml", "activate.yml", "sysctls.yml",
-                     "rollback.yml"}  # fmt: skip
-    assert not [p.name for p in tasks.glob("*.yml") if "flock" in p.read_text()]
-    configure = (tasks / "configure.yml").read_text()
-    # the managed files are uploaded beside the state, never written in place
-    assert "dest: \"{{ __ipvs_fleet_staged_path }}\"" in configure
-    assert "item.path | ipvs_fleet.fleet.ipvs_fleet_staging_path(__ipvs_fleet_token)" in configure
-    assert "dest: \"{{ item.path }}\"" not in configure
+def test_every_task_that_changes_a_host_runs_a_command_of_the_one_module():
+    """The role writes no host-changing shell of its own: each command task runs, in sh, the
+    text of one ipvs_fleet.deploy.commands function (the pyinfra operations yield the same)
+    or a read-only probe, through the filters, and nothing else."""
+    texts = {p.name: p.read_text() for p in TASKS.glob("*.yml")}
+    shell = ("ansible.builtin.shell", "ansible.builtin.script", "ansible.builtin.raw")
+    assert not [n for n, t in texts.items() if any(m in t for m in shell)]
+    used = set()
+    for name, text in texts.items():
+        for task in yaml.safe_load(text):
+            for t in [task, *task.get("block", [])]:
+                if "ansible.builtin.command" not in t:
+                    continue
+                argv = t["ansible.builtin.command"]["argv"]
+                assert argv[:2] == ["sh", "-c"] and len(argv) == 3, (name, t["name"])
+                # nothing but one filter expression
+                assert re.fullmatch(r"\{\{.*\}\}", argv[2].strip(), re.S), (name, t["name"])
+                m = re.match(r"\{\{\s*'(\w+)' \| ipvs_fleet\.fleet\.ipvs_fleet_(\w+)", argv[2])
+                assert m and m.group(2) in ("command", "probe_command"), (name, t["name"])
+                if m.group(2) == "command":
+                    assert m.group(1) in commands.COMMANDS
+                    used.add(m.group(1))
+    assert used == {"install", "upload_dir", "write_file", "restore_file", "remove_modules",
+                    "load_modules", "hook", "set_sysctl"}  # fmt: skip
 
 
 def test_pending_names_each_change_of_a_drifted_host(tmp_path):
@@ -408,7 +411,7 @@ def pyinfra_activation(monkeypatch, loaded: dict[str, Any], plan: dict[str, Any]
             elif "reboot" in raw:
                 steps.append(("reboot", ""))
             else:
-                preamble = ops.lock_preamble("activate", plan["lock_wait"]).get_raw_value()
+                preamble = commands.lock_preamble("activate", plan["lock_wait"])
                 assert raw.startswith(preamble + " && ")
                 steps.append(("live", raw.removeprefix(preamble + " && ")))
     return steps, will
@@ -419,9 +422,7 @@ def ansible_env() -> jinja2.Environment:
     host lock stubbed, so that the scripts can run here."""
     env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["quote"] = shlex.quote
-    env.filters["ipvs_fleet.fleet.ipvs_fleet_locked"] = lambda what, wait: (
-        ": lock " + shlex.quote(what)
-    )
+    env.filters["ipvs_fleet.fleet.ipvs_fleet_command"] = F.command
     return env
 
 
@@ -431,6 +432,8 @@ def ansible_activation(st: dict[str, Any], plan: dict[str, Any]):
     ctx = {"__ipvs_fleet_state": st, "ipvs_fleet_plan": plan, "ansible_check_mode": False}
     steps = []
     for task in yaml.safe_load((TASKS / "activate.yml").read_text()):
+        if "ansible.builtin.include_tasks" in task:
+            continue  # the state read again
         when = task.get("when", [])
         if not all(env.compile_expression(c)(**ctx) for c in ([when] if isinstance(when, str)
                                                                else when)):  # fmt: skip
@@ -439,13 +442,19 @@ def ansible_activation(st: dict[str, Any], plan: dict[str, Any]):
             steps.append(("fail", ops.fail(env.from_string(task["ansible.builtin.fail"]["msg"])
                                            .render(ctx)).get_raw_value()))  # fmt: skip
             break  # the host failed
-        elif "ansible.builtin.command" in task:
+        elif "ansible.builtin.command" in task and "loop" in task:
             loop = task["loop"].strip().removeprefix("{{").removesuffix("}}")
-            steps += [("hook", item) for item in env.compile_expression(loop)(**ctx) or []]
+            script = env.from_string(task["ansible.builtin.command"]["argv"][2])
+            for n, item in enumerate(env.compile_expression(loop)(**ctx) or []):
+                raw = script.render(ctx, item=item, __n=n)
+                steps.append(("hook", shlex.split(raw)[4]))
         elif "ansible.builtin.reboot" in task:
             steps.append(("reboot", ""))
-        elif "ansible.builtin.shell" in task:
-            steps.append(("live", env.from_string(task["ansible.builtin.shell"]).render(ctx)))
+        elif "ansible.builtin.command" in task:
+            raw = env.from_string(task["ansible.builtin.command"]["argv"][2]).render(ctx)
+            preamble = commands.lock_preamble("activate", plan["lock_wait"])
+            assert raw.startswith(preamble + " && ")
+            steps.append(("live", raw.removeprefix(preamble + " && ")))
     return steps
 
 
@@ -506,11 +515,14 @@ def test_no_task_unloads_ipvs():
     """Only the fix module is ever unloaded (activate.yml's rmmod of it); no task runs
     `modprobe -r`, and nothing of the module swap is left in the collection."""
     collection = REPO / "ansible_collections/ipvs_fleet/fleet"
-    # what runs: the role's tasks, handlers and host scripts, the playbooks, the filters
-    texts = {p: p.read_text() for p in collection.rglob("*") if p.is_file()
-             and p.suffix in (".yml", ".sh", ".py") and "templates" not in p.parts}  # fmt: skip
-    assert [p.name for p, t in texts.items() if "rmmod" in t] == ["activate.yml"]
-    assert "rmmod {{ ipvs_fleet_plan.fix_module | quote }}" in texts[TASKS / "activate.yml"]
+    # what runs: the role's tasks, handlers and host scripts, the playbooks, the filters, the
+    # commands they run
+    texts = {p: p.read_text() for top in (collection, REPO / "roles") for p in top.rglob("*")
+             if p.is_file() and p.suffix in (".yml", ".sh", ".py")
+             and "templates" not in p.parts and "changelogs" not in p.parts}  # fmt: skip
+    texts[Path(commands.__file__)] = Path(commands.__file__).read_text()
+    assert [p.name for p, t in texts.items() if "rmmod" in t] == ["commands.py"]
+    assert "ipvs_fleet_plan.fix_module if __ipvs_fleet_state.stale" in texts[TASKS / "activate.yml"]
     assert not [p for p, t in texts.items() if "modprobe -r" in t or "ipvs-swap" in t
                 or "swap.pending" in t or "failed-set" in t or "failed_set" in t]  # fmt: skip
 
@@ -535,3 +547,41 @@ def test_filters_without_the_package_name_the_missing_dependency(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "needs the ipvs-fleet Python package" in r.stdout
     assert "pip install ipvs-fleet" in r.stdout
+
+
+def test_argument_specs_are_the_policy_schemas():
+    """meta/argument_specs.yml is generated from the policy schema and the role's defaults:
+    it names every host data key and role setting, and each sysctl with its range."""
+    from ipvs_fleet import ansible_argspec
+
+    path = TASKS.parent / "meta" / "argument_specs.yml"
+    assert path.read_text() == ansible_argspec.render(), (
+        "stale: python -m ipvs_fleet.ansible_argspec > roles/ipvs_fleet/meta/argument_specs.yml")
+    specs = yaml.safe_load(path.read_text())["argument_specs"]
+    from ipvs_fleet.policy import HOST_KEYS
+
+    defaults = yaml.safe_load((TASKS.parent / "defaults" / "main.yml").read_text())
+    assert set(specs["main"]["options"]) == HOST_KEYS | set(defaults)
+    sysctls = specs["main"]["options"]["ipvs_sysctls"]["options"]
+    assert {k: v["choices"] for k, v in sysctls.items()} == {
+        k: list(range(r["min"], r["max"] + 1)) for k, r in load_policy().schema.items()}
+
+
+def test_the_state_is_read_again_by_a_task_after_each_change_not_by_a_handler():
+    """Nothing on a host restarts (the reboot runs between the drain hooks, a task): the
+    state is read again by a task right after the changes of a phase, when one changed,
+    not by a handler flushed as a refresh."""
+    role = TASKS.parent
+    assert not (role / "handlers").exists()
+    texts = {p.name: p.read_text() for p in TASKS.glob("*.yml")}
+    assert not [n for n, t in texts.items() if "notify:" in t or "flush_handlers" in t]
+    rereads = {}
+    for name, text in texts.items():
+        for task in yaml.safe_load(text):
+            inc = task.get("ansible.builtin.include_tasks")
+            if inc:
+                assert inc["file"] == "read_state.yml" and inc["apply"]["tags"] == ["always"]
+                rereads[name] = task["when"]
+    assert set(rereads) == {"install.yml", "activate.yml", "sysctls.yml", "rollback.yml"}
+    # a phase skipped by its tag registered nothing: not changed
+    assert all(" | default({}) is changed" in w for w in rereads.values()), rereads

@@ -39,32 +39,45 @@ def test_galaxy_yml_names_the_collection_and_its_version() -> None:
     assert runtime["requires_ansible"].startswith(">=")
 
 
-def test_tarball_carries_role_plugin_playbooks_and_policy(collection_tarball: Path) -> None:
+def test_tarball_carries_the_top_level_role_plugin_and_playbooks(collection_tarball: Path) -> None:
     names = tar_names(collection_tarball)
     assert {"MANIFEST.json", "FILES.json", "README.md", "requirements.txt",
             "meta/runtime.yml", "plugins/filter/ipvs_fleet.py",
             "playbooks/site.yml", "playbooks/rollback.yml",
             f"{ROLE}/tasks/main.yml", f"{ROLE}/defaults/main.yml",
-            f"{ROLE}/policy/host_classes.yml", f"{ROLE}/policy/rollout.yml",
             f"{ROLE}/files/ipvs-dkms-install.sh",
             f"{ROLE}/templates/90-ipvs-fleet.conf.j2"} <= names  # fmt: skip
     # no module swap any more: the fix module loads beside the distro's own ip_vs
     assert f"{ROLE}/files/ipvs-swap.sh" not in names
-    # every file of the source collection, no build leftovers, no lint config
-    source = {
-        str(p.relative_to(COLLECTION))
-        for p in COLLECTION.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and ".ansible" not in p.parts
-    }
-    assert source - {".ansible-lint", "galaxy.yml"} == names - {"MANIFEST.json", "FILES.json"}
-    # the policy is role data, not role vars (vars/ holds only the derived state)
-    assert not [n for n in names if n.startswith(f"{ROLE}/vars/") and n != f"{ROLE}/vars/main.yml"]
+    # every file of the collection's skeleton and of the top-level role, byte for byte; no
+    # build leftovers, no lint config, no policy in the role (the package's, read by the filter)
+    role = REPO / "roles" / "ipvs_fleet"
+    source = {str(p.relative_to(COLLECTION)): p for p in _files(COLLECTION) if ROLE not in str(p)}
+    source |= {f"{ROLE}/{p.relative_to(role)}": p for p in _files(role)}
+    assert set(source) - {".ansible-lint", "galaxy.yml"} == names - {"MANIFEST.json", "FILES.json"}
+    assert not [n for n in names if "/policy/" in n]
     with tarfile.open(collection_tarball) as t:
         manifest = json.load(t.extractfile("MANIFEST.json"))  # type: ignore[arg-type]
-        policy = t.extractfile(f"{ROLE}/policy/host_classes.yml").read()  # type: ignore[union-attr]
+        for name in names - {"MANIFEST.json", "FILES.json"}:
+            assert t.extractfile(name).read() == source[name].read_bytes(), name  # type: ignore[union-attr]
     assert manifest["collection_info"]["version"] == galaxy()["version"]
-    # one policy: the tarball's is the file the Python engine reads
-    assert policy == resources.policy_file().read_bytes()
+
+
+def _files(top: Path) -> list[Path]:
+    return [p for p in top.rglob("*") if p.is_file() and not p.is_symlink()
+            and "__pycache__" not in p.parts and ".ansible" not in p.parts]  # fmt: skip
+
+
+def test_the_role_source_is_the_top_level_role() -> None:
+    """roles/ipvs_fleet is the role; the checkout's collection reaches it by a link (so
+    `ansible-playbook ipvs_fleet.fleet.site` runs it from the checkout), the policy is not in it."""
+    role = REPO / "roles" / "ipvs_fleet"
+    assert (role / "tasks" / "main.yml").is_file() and not role.is_symlink()
+    link = COLLECTION / ROLE
+    assert link.is_symlink() and link.resolve() == role
+    assert not (role / "policy").exists()
+    assert resources.policy_file() == resources.data_path("policy/host_classes.yml")
+    assert resources.policy_file().resolve() == REPO / "policy" / "host_classes.yml"
 
 
 def test_installed_collection_playbooks_parse_by_fqcn(installed_collection, tmp_path) -> None:
@@ -115,3 +128,27 @@ def test_each_phase_has_its_tag(installed_collection, tmp_path, tag: str) -> Non
     assert own or tag == "preflight", r.stdout
     # the plan and the state read run whatever the tag: every phase decides from them
     assert any("Read the host's IPVS state" in t for t in tasks), r.stdout
+
+
+def test_installed_collection_checks_its_arguments_at_the_role_entry(
+    installed_collection, tmp_path
+) -> None:
+    """meta/argument_specs.yml: a sysctl out of the policy schema's range (or not in it) is
+    refused by Ansible's own validation when the role starts, before any filter or host."""
+    inv = tmp_path / "inv.yml"
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+             "ansible_become": False, "ipvs_host_class": "k8s_node"}  # fmt: skip
+    hosts = {"range": dict(local, ipvs_sysctls={"conn_reuse_mode": 7}),
+             "key": dict(local, ipvs_sysctls={"no_such_key": 1})}  # fmt: skip
+    for host, data in hosts.items():
+        inv.write_text(json.dumps({"all": {"hosts": {host: data}}}))
+        r = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", str(inv), "ipvs_fleet.fleet.site", "--check"],
+            cwd=tmp_path, env=collection_env(installed_collection),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, out
+        assert "Validating arguments against arg spec" in out, out
+        assert ("conn_reuse_mode" if host == "range" else "no_such_key") in out, out
+        assert "Read the kernel release" not in out, out

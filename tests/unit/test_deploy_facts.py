@@ -292,10 +292,12 @@ def test_managed_file_reads_record_and_file_in_one_command():
     f = ManagedFile()
     cmd = f.command("/etc/sysctl.d/90-ipvs-fleet.conf", "/var/lib/ipvs-fleet/backup/x")
     assert cmd.startswith("f=/etc/sysctl.d/90-ipvs-fleet.conf; b=/var/lib/ipvs-fleet/backup/x;")
-    assert f.process(["backup=yes", "exists=yes", "mode=644 sha1=ab12"]) == {
-        "backup": True, "absent": False, "exists": True, "mode": "644", "sha1": "ab12"}  # fmt: skip
+    assert f.process(["backup=yes", "exists=yes", "mode=644 sha256=ab12"]) == {
+        "backup": True, "absent": False, "exists": True, "mode": "644",
+        "sha256": "ab12"}  # fmt: skip
     # a symlink or folder in its place: it exists, and no mode or sum is compared equal
     assert f.process(["absent=yes", "exists=yes"]) == {
-        "backup": False, "absent": True, "exists": True, "mode": None, "sha1": None}  # fmt: skip
+        "backup": False, "absent": True, "exists": True, "mode": None, "sha256": None}  # fmt: skip
     assert f.default() == {
-        "backup": False, "absent": False, "exists": False, "mode": None, "sha1": None}  # fmt: skip
+        "backup": False, "absent": False, "exists": False, "mode": None,
+        "sha256": None}  # fmt: skip

@@ -53,12 +53,12 @@ for _group, _names in _spec["groups"].items():
 '''
 
 
-def sha1_of_template(path: str, host_class: str) -> str:
+def sha256_of_template(path: str, host_class: str) -> str:
     s = load_policy().for_host("x", {"ipvs_host_class": host_class})
     out = get_template(str(TEMPLATES / MANAGED_FILES[path]), {"trim_blocks": True}).render(
         ipvs_host_class=s.host_class, ipvs_sysctls=s.sysctls, ipvs_modules=list(s.modules)
     )
-    return hashlib.sha1(out.encode()).hexdigest()
+    return hashlib.sha256(out.encode()).hexdigest()
 
 
 @dataclass
@@ -109,9 +109,9 @@ class FakeHost:
             for path in MANAGED_FILES:
                 # the deploy's fact of a managed file (ManagedFile): the backup kept, the
                 # file as the class's template renders it
-                sha = sha1_of_template(path, self.host_class)
+                sha = sha256_of_template(path, self.host_class)
                 out.append((rf"^f={re.escape(path)}; b=",
-                            ["backup=yes", "exists=yes", f"mode=644 sha1={sha}"]))  # fmt: skip
+                            ["backup=yes", "exists=yes", f"mode=644 sha256={sha}"]))  # fmt: skip
         return out
 
 

@@ -9,7 +9,8 @@ import subprocess
 from io import StringIO
 from pathlib import Path
 
-from ipvs_fleet.deploy.operations import DKMS_SCRIPT, sha256_of, unchanged_or_refused
+from ipvs_fleet.deploy.commands import unchanged_or_refused
+from ipvs_fleet.deploy.operations import DKMS_SCRIPT, sha256_of
 
 
 def run(text: str) -> subprocess.CompletedProcess[str]:
@@ -21,8 +22,7 @@ def test_the_sent_bytes_pass_and_stay(tmp_path: Path) -> None:
     f = tmp_path / "staged"
     f.write_text("softdep ip_vs post: ip_vs_reuse\n")
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
-    r = run(unchanged_or_refused(str(f), sha, "/etc/modprobe.d/x.conf", "not installed")
-            .get_raw_value())  # fmt: skip
+    r = run(unchanged_or_refused(str(f), sha, "/etc/modprobe.d/x.conf", "not installed"))
     assert (r.returncode, r.stdout, r.stderr) == (0, "used\n", "")
     assert f.is_file()
 
@@ -33,12 +33,12 @@ def test_other_bytes_or_none_are_refused_and_removed(tmp_path: Path) -> None:
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     f.write_text("softdep ip_vs post: ip_vs_reuse\ninstall x /bin/touch /root/x\n")
     check = unchanged_or_refused(str(f), sha, "/etc/modprobe.d/x.conf", "not installed")
-    r = run(check.get_raw_value())
+    r = run(check)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (f"ipvs-fleet: /etc/modprobe.d/x.conf: the staged copy does not match "
                         f"the sha256 the controller sent ({sha}): not installed\n")  # fmt: skip
     assert not f.exists()
-    r = run(check.get_raw_value())  # gone (or never there): refused too
+    r = run(check)  # gone (or never there): refused too
     assert r.returncode == 1 and r.stdout == "" and "does not match the sha256" in r.stderr
 
 

@@ -4,15 +4,14 @@ modules.dep points into it. Both engines and the DKMS script use the same text."
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
 
-from ipvs_fleet.deploy.operations import EXCHANGE, swap_in
+from ipvs_fleet.deploy.commands import EXCHANGE, install, swap_in
 
 REPO = Path(__file__).resolve().parents[2]
-ROLE = REPO / "ansible_collections/ipvs_fleet/fleet/roles/ipvs_fleet"
+ROLE = REPO / "roles/ipvs_fleet"
 
 
 def sets(tmp_path: Path, live: bool = True) -> tuple[Path, Path]:
@@ -66,15 +65,10 @@ def test_without_an_exchange_two_renames_and_it_says_so(tmp_path):
     assert not staging.exists() and not (tmp_path / "ipvs-fleet.old").exists()
 
 
-def test_both_engines_and_the_dkms_script_use_the_same_exchange():
-    path = REPO / "ansible_collections/ipvs_fleet/fleet/plugins/filter/ipvs_fleet.py"
-    spec = importlib.util.spec_from_file_location("ipvs_fleet_filters_x", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.FilterModule().filters()["ipvs_fleet_swap_in"]("/a.new", "/a") == swap_in(
-        "/a.new", "/a")  # fmt: skip
-    install = (ROLE / "tasks" / "install.yml").read_text()
-    assert "| ipvs_fleet.fleet.ipvs_fleet_swap_in(__dest) }}" in install and "mv {{" not in install
+def test_the_install_command_and_the_dkms_script_use_the_exchange():
+    """The install command (both engines run it) exchanges the staged folder in; the DKMS
+    host script, which installs on the host, uses the same exchange."""
+    dest = "/lib/modules/k/updates/ipvs-fleet"
+    assert swap_in(dest + ".new", dest) in install(dest, "k", "/t.tgz", "0" * 64, {"a.ko": "1"}, 5)
     dkms = ROLE / "files" / "ipvs-dkms-install.sh"
     assert EXCHANGE in dkms.read_text()

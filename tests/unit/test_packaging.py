@@ -34,11 +34,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_carries_every_packaged_file(wheel: Path) -> None:
     names = wheel_names(wheel)
     expected = expected_data_files()
-    assert f"ipvs_fleet/{ROLE}/policy/host_classes.yml" in expected
+    assert "ipvs_fleet/data/policy/host_classes.yml" in expected
+    assert f"ipvs_fleet/{ROLE}/tasks/main.yml" in expected
+    assert f"ipvs_fleet/{ROLE}/templates/90-ipvs-fleet.conf.j2" in expected
     assert "ipvs_fleet/data/ansible_collections/ipvs_fleet/fleet/galaxy.yml" in expected
     assert "ipvs_fleet/data/ansible_collections/ipvs_fleet/fleet/playbooks/site.yml" in expected
     assert sorted(expected - names) == []
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    # the package data is these files, the package's modules and the kernel sources, no more
+    data = {n for n in names if n.startswith("ipvs_fleet/data/")}
+    assert sorted(data - expected) == []
 
 
 def test_unpacked_wheel_finds_its_own_files(wheel: Path, tmp_path: Path) -> None:
@@ -56,7 +61,7 @@ def test_unpacked_wheel_finds_its_own_files(wheel: Path, tmp_path: Path) -> None
     got = json.loads(r.stdout)
     pkg = site / "ipvs_fleet"
     assert got["package"] == str(pkg / "__init__.py")
-    assert got["policy"] == str(pkg / ROLE / "policy/host_classes.yml")
+    assert got["policy"] == str(pkg / "data/policy/host_classes.yml")
     assert got["classes"] == sorted(load_policy().classes)
     assert got["templates"] == sorted(os.listdir(resources.templates_dir()))
     assert got["dkms"] == str(pkg / ROLE / "files/ipvs-dkms-install.sh")

@@ -22,7 +22,7 @@ def no_policy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "packaged",
     ["ansible_collections", "checks", "deploy.py", "deploy/rollback.py", "group_data/all.py",
-     "inventory/lab.py", "lab/fleet.yml"],
+     "inventory/lab.py", "lab/fleet.yml", "policy/host_classes.yml"],
 )  # fmt: skip
 def test_package_data_is_the_top_level_file(packaged: str) -> None:
     """In a checkout each packaged path is the repository's own file, not a copy."""
@@ -41,9 +41,9 @@ def test_role_files_resolve_inside_the_package() -> None:
     assert (resources.checks_dir() / "conftest.py").is_file()
 
 
-def test_default_policy_is_the_packaged_role_policy() -> None:
-    assert resources.policy_file() == resources.role_dir() / "policy" / "host_classes.yml"
-    assert resources.policy_file("rollout.yml") == resources.role_dir() / "policy" / "rollout.yml"
+def test_default_policy_is_the_packaged_policy() -> None:
+    assert resources.policy_file() == resources.data_path("policy/host_classes.yml")
+    assert resources.policy_file("rollout.yml") == resources.data_path("policy/rollout.yml")
     assert "k8s_node" in load_policy().classes
 
 
@@ -64,7 +64,7 @@ def test_policy_directory_from_the_environment(
     assert resources.policy_file() == d / "host_classes.yml"
     assert set(load_policy().classes) == {"mine"}
     # No rollout.yml of its own: the packaged one.
-    assert resources.policy_file("rollout.yml") == resources.role_dir() / "policy" / "rollout.yml"
+    assert resources.policy_file("rollout.yml") == resources.data_path("policy/rollout.yml")
     (d / "rollout.yml").write_text("waves: [1]\n")
     assert resources.policy_file("rollout.yml") == d / "rollout.yml"
 
@@ -73,7 +73,7 @@ def test_policy_file_override_names_host_classes_only(tmp_path: Path) -> None:
     f = write_policy(tmp_path / "p", "other") / "host_classes.yml"
     assert resources.policy_file(override=f) == f
     assert set(load_policy(f).classes) == {"other"}
-    policy_dir = resources.role_dir() / "policy"
+    policy_dir = resources.data_path("policy")
     assert resources.policy_file("rollout.yml", override=f).parent == policy_dir
 
 

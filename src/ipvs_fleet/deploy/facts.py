@@ -9,8 +9,8 @@ from typing import Any
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from ipvs_fleet.kernel import MODINFO_REUSE, MODINFO_SET, MODULE_NAME
+from ipvs_fleet.paths import DKMS_TREE, UPDATES_SUBDIR
 
-UPDATES_SUBDIR = "updates/ipvs-fleet"
 # Custom modinfo fields that the fix module carries (see src/ipvs_fleet/kernel).
 PATCHSET_FIELD = MODINFO_SET
 REUSE_FIELD = MODINFO_REUSE
@@ -181,7 +181,7 @@ class DkmsVersions(FactBase[list[str]]):
 
     def command(self) -> str:
         return (
-            "for d in /var/lib/dkms/ipvs-fleet/*/; do [ -d \"$d\" ] && basename \"$d\"; done; true"
+            f"for d in {DKMS_TREE}/*/; do [ -d \"$d\" ] && basename \"$d\"; done; true"
         )
 
     def process(self, output: list[str]) -> list[str]:
@@ -195,13 +195,13 @@ class DkmsVersions(FactBase[list[str]]):
 class ManagedFile(FactBase[dict[str, Any]]):
     """
     A file the deploy manages and its rollback record, in one command (pyinfra's File,
-    Directory and Sha1File facts cost a command each, about 0.15 s under TCG): whether the
+    Directory and Sha256File facts cost a command each, about 0.15 s under TCG): whether the
     backup or its `.absent` note exists, whether the file exists, and a regular file's
-    mode and sha1.
+    mode and sha256 (the sum the role's state probe and the staged copy's check use too).
 
     .. code:: python
 
-        {"backup": True, "absent": False, "exists": True, "mode": "644", "sha1": "9f0c..."}
+        {"backup": True, "absent": False, "exists": True, "mode": "644", "sha256": "9f0c..."}
     """
 
     def command(self, path: str, backup: str) -> str:
@@ -211,13 +211,13 @@ class ManagedFile(FactBase[dict[str, Any]]):
             '{ [ -e "$b.absent" ] || [ -L "$b.absent" ]; } && echo absent=yes; '
             '{ [ -e "$f" ] || [ -L "$f" ]; } && echo exists=yes; '
             '[ -f "$f" ] && [ ! -L "$f" ] && echo "mode=$(stat -c %a "$f")" '
-            '"sha1=$(sha1sum < "$f" | cut -d" " -f1)"; true'
+            '"sha256=$(sha256sum < "$f" | cut -d" " -f1)"; true'
         )
 
     @staticmethod
     def default() -> dict[str, Any]:
         """No output: neither record nor file (pyinfra skips `process` then)."""
-        return {"backup": False, "absent": False, "exists": False, "mode": None, "sha1": None}
+        return {"backup": False, "absent": False, "exists": False, "mode": None, "sha256": None}
 
     def process(self, output: list[str]) -> dict[str, Any]:
         words = dict(w.partition("=")[::2] for line in output for w in line.split())
@@ -226,7 +226,7 @@ class ManagedFile(FactBase[dict[str, Any]]):
             "absent": words.get("absent") == "yes",
             "exists": words.get("exists") == "yes",
             "mode": words.get("mode"),
-            "sha1": words.get("sha1"),
+            "sha256": words.get("sha256"),
         }
 
 

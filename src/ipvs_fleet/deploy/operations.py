@@ -15,18 +15,29 @@ import hashlib
 import os
 import posixpath
 import secrets
-import shlex
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from io import StringIO
 from pathlib import Path
 from typing import IO, Any
 
 from pyinfra import host, logger
-from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.api import FileUploadCommand, StringCommand, operation
 from pyinfra.api.util import get_template
 from pyinfra.facts.files import Directory
 from pyinfra.operations import files, server
 
+from ipvs_fleet.deploy import commands as cmd
+from ipvs_fleet.deploy.commands import (
+    EXCHANGE,
+    STAGING_DIR,
+    STALE_STAGING,
+    STATE_DIR,
+    backup_path,
+    lock_preamble,
+    swap_in,
+    unchanged_or_refused,
+    vermagic_check,
+)
 from ipvs_fleet.deploy.facts import (
     DkmsVersions,
     IpvsInstalledModules,
@@ -37,15 +48,16 @@ from ipvs_fleet.deploy.facts import (
     updates_dir,
 )
 from ipvs_fleet.kernel import MODULE_NAME
+from ipvs_fleet.paths import MODPROBE_FILE, MODULES_LOAD_FILE, SYSCTL_FILE
 from ipvs_fleet.policy import KNOB, LOCK_WAIT_S, HostSettings
 from ipvs_fleet.resources import host_script, templates_dir
 
-STATE_DIR = "/var/lib/ipvs-fleet"
+# Re-exported: the commands' names as the deploy's callers know them.
+__all__ = ["EXCHANGE", "MODPROBE_FILE", "MODULES_LOAD_FILE", "STALE_STAGING", "SYSCTL_FILE",
+           "backup_path", "lock_preamble", "swap_in",
+           "unchanged_or_refused", "vermagic_check"]  # fmt: skip
 TEMPLATES = templates_dir()
 DKMS_SCRIPT = host_script("ipvs-dkms-install.sh")
-SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-fleet.conf"
-MODULES_LOAD_FILE = "/etc/modules-load.d/ipvs-fleet.conf"
-MODPROBE_FILE = "/etc/modprobe.d/ipvs-fleet.conf"
 # Files the deploy owns: target path -> template; each is backed up once before the first
 # write so that rollback can put the previous one back (or remove ours).
 MANAGED_FILES = {
@@ -57,11 +69,6 @@ MANAGED_FILES = {
 WILL = "will "
 
 
-def backup_path(path: str) -> str:
-    return f"{STATE_DIR}/backup{path}"
-
-
-STAGING_DIR = f"{STATE_DIR}/staging"
 # One folder per controller run under STAGING_DIR: two controllers never upload to, read the
 # facts of, or rename the same staged file.
 RUN_TOKEN = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -69,11 +76,7 @@ RUN_TOKEN = f"{os.getpid()}-{secrets.token_hex(4)}"
 
 def staging_path(path: str, token: str = RUN_TOKEN) -> str:
     """Where a managed file is uploaded before it is renamed into place under the host lock."""
-    return f"{STAGING_DIR}/{token}{path}"
-
-
-# Run under the lock after a staged file is renamed: the folders of runs that died a day ago.
-STALE_STAGING = f"find {STAGING_DIR} -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {{}} +"
+    return cmd.staging_path(path, token)
 
 
 def previewing() -> bool:
@@ -93,65 +96,7 @@ def will(what: str) -> None:
 
 def fail(message: str) -> StringCommand:
     """A command that fails the host with `message` (one line per problem) on its stderr."""
-    return StringCommand("printf '%s\\n'", QuoteString(message), ">&2; exit 1")
-
-
-LOCK = f"{STATE_DIR}/lock"
-
-
-def lock_preamble(what: str, wait: int) -> StringCommand:
-    """The shell words that take the host lock (flock on LOCK) and
-    record `what` as its holder: a second controller waits up to `wait` s, then fails naming
-    the holder. One text for both engines: `locked()` here, the Ansible role's
-    `ipvs_fleet_locked` filter (tested equal)."""
-    lock, holder = QuoteString(LOCK), QuoteString(LOCK + ".holder")
-    return StringCommand(
-        "mkdir -p", QuoteString(STATE_DIR), "&& exec 9>>", lock,
-        "&& { flock -w", str(wait), "9 || { echo 'the host lock", LOCK,
-        f"stayed held for {wait} s by:' \"$(cat", holder, "2>/dev/null)\" >&2; exit 1; }; }",
-        f"&& echo \"ipvs-fleet {what}, pid $$, since $(date -Is)\" >", holder,
-    )  # fmt: skip
-
-
-def locked(what: str, wait: int, *parts: Any) -> StringCommand:
-    """`parts` as one shell command run under the host lock (`lock_preamble`)."""
-    return StringCommand(lock_preamble(what, wait), "&&", *parts)
-
-
-# renameat2(AT_FDCWD, $0, AT_FDCWD, $1, RENAME_EXCHANGE) through perl (perl-base is Essential on
-# Debian; coreutils' `mv --exchange` is 9.5+, after bookworm). Arguments: two paths, `uname -m`.
-EXCHANGE = (
-    "perl -e 'my %nr = (x86_64 => 316, aarch64 => 276); my $n = $nr{$ARGV[2]} "
-    'or die "no renameat2 number for $ARGV[2]\\n"; '
-    'syscall($n, -100, $ARGV[0], -100, $ARGV[1], 2) == 0 or die "renameat2: $!\\n"\''
-)
-
-
-def swap_in(staging: str, dest: str) -> str:
-    """Shell text that puts the directory `staging` at `dest` with no moment where `dest` is
-    missing (modules.dep points into it): an atomic exchange when `dest` exists, then the old
-    set (now at `staging`) is removed. Where the file system cannot exchange, two renames, said
-    on stderr. The Ansible role's `ipvs_fleet_swap_in` filter returns the same text."""
-    s, d = shlex.quote(staging), shlex.quote(dest)
-    return (
-        f'if [ -d {d} ]; then {{ {EXCHANGE} {s} {d} "$(uname -m)" || '
-        f'{{ echo "ipvs-fleet: no atomic exchange here: two renames" >&2; '
-        f"rm -rf {d}.old && mv {d} {d}.old && mv {s} {d} && mv {d}.old {s}; }}; }} "
-        f"&& rm -rf {s}; else mv {s} {d}; fi"
-    )
-
-
-def vermagic_check(kernel_release: str) -> str:
-    """Shell text, run in a staged module folder: fail naming both kernels unless every
-    `.ko` there was built for `kernel_release` (its vermagic), so a module for another kernel
-    is never installed, even under a set id that is already loaded. The Ansible role's
-    `ipvs_fleet_vermagic_check` filter returns the same text."""
-    kr = shlex.quote(kernel_release)
-    return (
-        'for f in *.ko; do v=$(modinfo -F vermagic "./$f") || exit 1; case "$v" in '
-        f'{kr}" "*) ;; *) echo "ipvs-fleet: $f is built for kernel ${{v%% *}}, not "{kr}": '
-        'nothing installed" >&2; exit 1;; esac; done'
-    )
+    return StringCommand(cmd.fail(message))
 
 
 def _names(items: Iterable[str]) -> str:
@@ -209,43 +154,10 @@ def modules_installed(
     dest = updates_dir(kernel_release)
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     yield from root_upload(tarball, remote_tar)
-    staging = f"{dest}.new"
-    sums = "\n".join(f"{sha}  {name}" for name, sha in sorted(modules.items()))
-    # Verify the archive, as root where it now lies, then every module, before anything
-    # replaces the live set.
-    yield StringCommand(
-        "chmod 600", QuoteString(remote_tar), "&& echo",
-        QuoteString(f"{tarball_sha256}  {remote_tar}"), "| sha256sum -c --quiet ||",
-        "{ echo", QuoteString(f"ipvs-fleet: {remote_tar} on the host does not match the sha256 "
-                              f"the controller checked ({tarball_sha256}): nothing installed"),
-        ">&2; exit 1; }",
-    )  # fmt: skip
-    old = f"{dest}.old"
-    # Under the host lock (another controller's install or activation waits), the staged
-    # folder is verified, then on disk before it is exchanged with the live one (a crash
-    # leaves the old build or the new one, whole, where modules.dep points), and the index
-    # with it. A controller that waited for the lock may find this build installed by the
-    # other one.
-    same = StringCommand(
-        "[ -d", QuoteString(dest), "] && [ $(ls", QuoteString(dest), "| wc -l) -eq",
-        str(len(modules)), "] && (cd", QuoteString(dest), "&& printf '%s\\n'", QuoteString(sums),
-        "| sha256sum -c --quiet --strict) >/dev/null 2>&1",
-    )  # fmt: skip
-    yield locked(
-        "install", lock_wait,
-        "if", same, "; then rm -f", QuoteString(remote_tar), "&& depmod",
-        QuoteString(kernel_release), "; else",
-        "rm -rf", QuoteString(staging), "&& mkdir -p", QuoteString(staging),
-        "&& tar -xzf", QuoteString(remote_tar), "-C", QuoteString(staging),
-        "&& cd", QuoteString(staging),
-        "&& printf '%s\\n'", QuoteString(sums), "| sha256sum -c --quiet --strict",
-        "&& {", vermagic_check(kernel_release), "; }",
-        "&& [ $(ls", QuoteString(staging), "| wc -l) -eq", str(len(modules)), "]",
-        "&& sync -f", QuoteString(staging),
-        "&& {", swap_in(staging, dest), "; }",
-        "&& rm -rf", QuoteString(old), QuoteString(remote_tar),
-        "&& depmod", QuoteString(kernel_release), "&& sync -f", QuoteString(dest), "; fi",
-    )  # fmt: skip
+    # Verify the archive, as root where it now lies, then under the host lock every module,
+    # before anything replaces the live set (commands.install).
+    yield StringCommand(cmd.install(dest, kernel_release, remote_tar, tarball_sha256, modules,
+                                    lock_wait))  # fmt: skip
 
 
 @operation()
@@ -278,14 +190,11 @@ def modules_built_on_host(
     script = f"{STATE_DIR}/ipvs-dkms-install.sh"
     yield from root_upload(tarball, remote_tar)
     yield from root_upload(DKMS_SCRIPT, script)
-    args = [QuoteString(a) for a in (remote_tar, tarball_sha256, set_id, kernel_release)]
-    q = QuoteString(script)
-    # The script checks the archive; the script itself is checked here, as root, in the
-    # command that runs it.
-    yield StringCommand(
-        unchanged_or_refused(script, sha256_of(DKMS_SCRIPT), script, "not run"),
-        "&& sh", q, *args, str(len(modules)), "; rc=$?; rm -f", q, "; exit $rc",
-    )  # fmt: skip
+    # The script checks the archive; the script itself is checked, as root, in the command
+    # that runs it.
+    yield StringCommand(cmd.dkms_install(script, sha256_of(DKMS_SCRIPT),
+                                         (remote_tar, tarball_sha256, set_id, kernel_release),
+                                         len(modules)))  # fmt: skip
 
 
 @operation()
@@ -310,16 +219,7 @@ def modules_removed(
     if dkms:
         parts.append(f"DKMS ipvs-fleet {_names(dkms)}")
     will(f"remove the ipvs-fleet module set for {kernel_release} ({'; '.join(parts)}), depmod")
-    for v in dkms:
-        yield StringCommand(
-            "dkms remove -m ipvs-fleet -v", QuoteString(v), "--all >/dev/null 2>&1;",
-            "rm -rf", QuoteString(f"/var/lib/dkms/ipvs-fleet/{v}"),
-            QuoteString(f"/usr/src/ipvs-fleet-{v}"),
-        )  # fmt: skip
-    yield locked(
-        "remove", lock_wait,
-        "rm -rf", QuoteString(dest), "&& depmod", QuoteString(kernel_release),
-    )  # fmt: skip
+    yield StringCommand(cmd.remove_modules(dest, kernel_release, dkms, lock_wait))
 
 
 def _template_kwargs(path: str, settings: HostSettings) -> dict[str, Any]:
@@ -360,24 +260,9 @@ def root_upload(src: str | Path | IO[str], dest: str) -> Iterator[Any]:
     from `dest`) and copies it to `dest` with sudo: whoever runs as that user can rewrite it
     in between, so whatever uses `dest` as root checks it first
     (`unchanged_or_refused`, in the same root command)."""
-    yield StringCommand(
-        "install -d -m 0700", QuoteString(STATE_DIR), "&& mkdir -p",
-        QuoteString(posixpath.dirname(dest)),
-    )  # fmt: skip
+    yield StringCommand(cmd.upload_dir(dest))
     local = src if not isinstance(src, (str, Path)) else str(src)
     yield FileUploadCommand(local, dest, remote_temp_filename=host.get_temp_filename())
-
-
-def unchanged_or_refused(path: str, sha256: str, what: str, refusal: str) -> StringCommand:
-    """Shell words that fail, removing `path`, unless `path` holds the bytes of sha256: run
-    as root right before `path` is used (`what` names it in the message; `refusal` says
-    what was not done)."""
-    return StringCommand(
-        "{ echo", QuoteString(f"{sha256}  {path}"), "| sha256sum -c --status || { echo",
-        QuoteString(f"ipvs-fleet: {what}: the staged copy does not match the sha256 the "
-                    f"controller sent ({sha256}): {refusal}"),
-        ">&2; rm -f", QuoteString(path), "; exit 1; }; }",
-    )  # fmt: skip
 
 
 @operation()
@@ -397,7 +282,8 @@ def config_file(
     now = host.get_fact(ManagedFile, path=path, backup=backup)
     need_backup = not now["backup"] and not now["absent"]
     content = rendered(path, settings)
-    write = now["mode"] != "644" or now["sha1"] != hashlib.sha1(content.encode()).hexdigest()
+    sha = hashlib.sha256(content.encode()).hexdigest()
+    write = now["mode"] != "644" or now["sha256"] != sha
     if not need_backup and not write:
         host.noop(f"{path} is up to date")
         return
@@ -410,27 +296,15 @@ def config_file(
         what.append(f"keep the previous {path} for rollback" if now["exists"]
                     else f"note for rollback that {path} did not exist")  # fmt: skip
     will("; ".join(what))
-    q, b, staged = QuoteString(path), QuoteString(backup), staging_path(path)
-    steps: list[Any] = ["true"]
-    if need_backup:
-        steps = [
-            "mkdir -p", QuoteString(posixpath.dirname(backup)),
-            "&& { if [ -f", q, "]; then cp -p", q, b,
-            "; else touch", QuoteString(backup + ".absent"), "; fi; }",
-        ]  # fmt: skip
+    staged = ""
     if write:
         # Uploaded beside the state, then renamed into place under the host lock: a modprobe
         # of another controller never reads a half-written modprobe.d or sysctl.d file, and a
         # waiting controller finds the file as the other one left it.
+        staged = staging_path(path)
         yield from root_upload(StringIO(content), staged)
-        sha = hashlib.sha256(content.encode()).hexdigest()
-        # Checked as root before anything else (`root_upload`); this run's folder goes with
-        # the file: the next file's upload makes it again.
-        steps = [unchanged_or_refused(staged, sha, path, "not installed"), "&&", *steps,
-                 "&& chmod 644", QuoteString(staged), "&& mv -f", QuoteString(staged), q,
-                 "&& rm -rf", QuoteString(f"{STAGING_DIR}/{RUN_TOKEN}"), "&&",
-                 STALE_STAGING]  # fmt: skip
-    yield locked("configure", lock_wait, *steps)
+    yield StringCommand(cmd.write_file(path, lock_wait, need_backup, staged, sha if write else "",
+                                       f"{STAGING_DIR}/{RUN_TOKEN}"))  # fmt: skip
 
 
 @operation()
@@ -441,15 +315,13 @@ def config_file_restored(path: str, lock_wait: int = LOCK_WAIT_S) -> Generator[A
     + path: a key of MANAGED_FILES
     + lock_wait: seconds to wait for the host lock (another controller's step)
     """
-    backup = backup_path(path)
-    q, b, absent = QuoteString(path), QuoteString(backup), QuoteString(backup + ".absent")
-    now = host.get_fact(ManagedFile, path=path, backup=backup)
+    now = host.get_fact(ManagedFile, path=path, backup=backup_path(path))
     if now["backup"]:
         will(f"restore {path} from the copy kept by the first deploy")
-        yield locked("restore", lock_wait, "cp -p", b, q, "&& rm -f", b)
+        yield StringCommand(cmd.restore_file(path, "file", lock_wait))
     elif now["absent"]:
         will(f"remove {path} (the deploy created it)")
-        yield locked("restore", lock_wait, "rm -f", q, absent)
+        yield StringCommand(cmd.restore_file(path, "absent", lock_wait))
     else:
         host.noop(f"{path} has no backup to restore")
 
@@ -503,13 +375,8 @@ def verification_problems(
 def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCommand]:
     """Each drain hook as a command bounded by `timeout`; a failing one fails the host
     there, so nothing after it (the activation, for a pre-hook) runs."""
-    for n, cmd in enumerate(commands, 1):
-        yield StringCommand(
-            "timeout", str(timeout), "sh -c", QuoteString(cmd),
-            f"|| {{ rc=$?; echo '{what} hook {n} failed (exit '$rc';",
-            f"124: timed out after {timeout} s):' >&2; printf '%s\\n'", QuoteString(cmd),
-            ">&2; exit 1; }",
-        )  # fmt: skip
+    for n, command in enumerate(commands, 1):
+        yield StringCommand(cmd.hook(what, n, command, timeout))
 
 
 def foreign_refusal(foreign: Iterable[str]) -> str:
@@ -611,17 +478,10 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         # what modules-load.d does not load at boot (the rollback's restored file may list
         # none): the class's modules, as a live activation would load them
         if act["boot_loads"]:
-            yield locked("activate", settings.lock_wait, "for m in",
-                         *[QuoteString(m) for m in act["boot_loads"]],
-                         '; do modprobe "$m" || exit 1; done')  # fmt: skip
+            yield StringCommand(cmd.load_modules(act["boot_loads"], settings.lock_wait))
     else:
-        steps: list[Any] = ["true"]
-        if act["stale"]:
-            steps += ["&& rmmod", MODULE_NAME]
-        if act["loads"]:
-            steps += ["&& for m in", *[QuoteString(m) for m in act["loads"]],
-                      '; do modprobe "$m" || exit 1; done']  # fmt: skip
-        yield locked("activate", settings.lock_wait, *steps)
+        yield StringCommand(cmd.load_modules(act["loads"], settings.lock_wait,
+                                             MODULE_NAME if act["stale"] else ""))  # fmt: skip
     if act["change"]:
         yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
 
@@ -661,7 +521,7 @@ def sysctl_live(
         will(f"set {name} = {value} (the key appears once the modules above are active)")
     else:
         will(f"set {name} = {value} (live {live[key]})")
-    yield locked("configure", lock_wait, "sysctl -w", QuoteString(f"{name}={value}"))
+    yield StringCommand(cmd.set_sysctl(key, value, lock_wait))
 
 
 @operation()

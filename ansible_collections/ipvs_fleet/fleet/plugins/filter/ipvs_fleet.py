@@ -13,7 +13,10 @@ ansible-core: a declared dependency (the collection's requirements.txt and READM
     {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_plan(inventory_hostname,
          hostvars[inventory_hostname], artifacts_dir, policy_file) }}  -> plan dict
     {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_state(plan) }}      -> state dict
-    {{ 'install (ansible)' | ipvs_fleet.fleet.ipvs_fleet_locked(30) }} -> host-lock preamble
+    {{ 'set_sysctl' | ipvs_fleet.fleet.ipvs_fleet_command('timeout', 0, 30) }} -> shell text
+
+Every command that changes a host is `ipvs_fleet.deploy.commands`' (the pyinfra operations
+yield the same texts): `ipvs_fleet_command` names one and passes its arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ except ImportError:  # imported by the unit tests without Ansible's plugin loade
 REQUIREMENT = "ipvs-fleet"  # the PyPI name; the collection's requirements.txt pins it
 
 try:
+    from ipvs_fleet.deploy.commands import COMMANDS, STATE_DIR, backup_path
     from ipvs_fleet.deploy.facts import (
         DkmsVersions,
         IpvsInstalledModules,
@@ -39,18 +43,7 @@ try:
         Lockdown,
         updates_dir,
     )
-    from ipvs_fleet.deploy.operations import (
-        MANAGED_FILES,
-        STALE_STAGING,
-        STATE_DIR,
-        activation,
-        backup_path,
-        lock_preamble,
-        staging_path,
-        swap_in,
-        verification_problems,
-        vermagic_check,
-    )
+    from ipvs_fleet.deploy.operations import MANAGED_FILES, activation, verification_problems
     from ipvs_fleet.deploy.operations import activation_steps as steps_of
     from ipvs_fleet.deploy.plan import decide
     from ipvs_fleet.errors import FleetError
@@ -194,7 +187,6 @@ def plan(
         "usage": hp.usage,
         "updates_dir": updates_dir(kernel),
         "state_dir": STATE_DIR,
-        "stale_staging": STALE_STAGING,
     }
 
 
@@ -272,27 +264,12 @@ def rollback_plan(
     }
 
 
-def locked(what: str, wait: int) -> str:
-    """The host-lock preamble of the pyinfra `locked()` (operations.lock_preamble), as text:
-    a task's shell script continues it with `&&` or on the next line under `set -e`."""
-    return str(lock_preamble(what, int(wait)).get_raw_value())
-
-
-def exchange(staging: str, dest: str) -> str:
-    """The install's atomic exchange of the staged folder into place (operations.swap_in),
-    as text."""
-    return swap_in(staging, dest)
-
-
-def vermagic(kernel_release: str) -> str:
-    """The install's check that every staged module is built for the host's kernel
-    (operations.vermagic_check), as text."""
-    return vermagic_check(kernel_release)
-
-
-def staged(path: str, token: str) -> str:
-    """Where this run uploads a managed file before the locked rename (operations.staging_path)."""
-    return staging_path(path, token)
+def command(name: str, *args: Any) -> str:
+    """The shell text of `ipvs_fleet.deploy.commands.<name>(*args)`, the very command the
+    pyinfra operation runs for that change."""
+    if name not in COMMANDS:
+        raise AnsibleFilterError(f"ipvs_fleet_command: unknown command {name!r}")
+    return str(COMMANDS[name](*args))
 
 
 def activation_steps(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
@@ -349,10 +326,7 @@ class FilterModule:
                 "ipvs_fleet_plan": plan,
                 "ipvs_fleet_state": state,
                 "ipvs_fleet_rollback_plan": rollback_plan,
-                "ipvs_fleet_locked": locked,
                 "ipvs_fleet_pending": pending,
-                "ipvs_fleet_swap_in": exchange,
-                "ipvs_fleet_vermagic_check": vermagic,
-                "ipvs_fleet_staging_path": staged,
+                "ipvs_fleet_command": command,
             }.items()
         }

@@ -20,7 +20,7 @@ echo "$sha  $tarball" | sha256sum -c --quiet || {
     exit 1
 }
 # One ipvs-fleet version registered with dkms at a time, built from a fresh tree.
-for d in /var/lib/dkms/$pkg/*/; do
+for d in /var/lib/dkms/"$pkg"/*/; do
     [ -d "$d" ] || continue
     v=$(basename "$d")
     case $v in original_module | kernel-*) continue ;; esac
@@ -34,8 +34,8 @@ log=/var/lib/ipvs-fleet/dkms-build.log
 mkdir -p /var/lib/ipvs-fleet
 if ! dkms build -m $pkg -v "$sid" -k "$kr" >"$log" 2>&1; then
     cat "$log" >&2
-    for log in /var/lib/dkms/$pkg/$sid/build/make.log \
-        /var/lib/dkms/$pkg/$sid/$kr/*/log/make.log; do
+    for log in /var/lib/dkms/"$pkg"/"$sid"/build/make.log \
+        /var/lib/dkms/"$pkg"/"$sid"/"$kr"/*/log/make.log; do
         [ -f "$log" ] && tail -n 40 "$log" >&2
     done
     echo "ipvs-dkms: dkms build of $pkg/$sid for $kr failed" >&2
@@ -56,7 +56,7 @@ for f in "$built"/*; do
         *.ko.gz) gzip -dc "$f" >"$dest.new/${b%.gz}" ;;
     esac
 done
-n=$(ls "$dest.new" | wc -l)
+n=$(find "$dest.new" -mindepth 1 -maxdepth 1 | wc -l)
 if [ "$n" -ne "$count" ]; then
     echo "ipvs-dkms: the build has $n modules, the set has $count" >&2
     rm -rf "$dest.new"
