@@ -48,6 +48,7 @@ lock: venv
 COLLECTION := ansible_collections/ipvs_fleet/fleet
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd $(COLLECTION) && PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_COLLECTIONS_PATH=$(CURDIR) NO_COLOR=1 \
 	  $(CURDIR)/$(BIN)/ansible-lint --nocolor -q

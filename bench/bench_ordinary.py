@@ -48,25 +48,32 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         for i in range(args.rounds):
-            for side in sides[i % 3:] + sides[: i % 3]:
+            for side in sides[i % 3 :] + sides[: i % 3]:
                 fix = side == "knob1"
                 g.load_modules(art if fix else None)
-                r = g.run_plan(Plan(rule="drop", knob=1 if fix else None,
-                                    ordinary=per_round))  # fmt: skip
+                r = g.run_plan(Plan(rule="drop", knob=1 if fix else None, ordinary=per_round))
                 o = r["ordinary"]
                 if o["errors"] or r["kernel_warnings"]:
-                    print(f"round {i + 1} {side}: {o['errors']} errors, "
-                          f"kernel warnings {r['kernel_warnings']}", file=sys.stderr)
+                    print(
+                        f"round {i + 1} {side}: {o['errors']} errors, "
+                        f"kernel warnings {r['kernel_warnings']}",
+                        file=sys.stderr,
+                    )
                     return 1
                 samples[side] += o["samples_ms"]
-                print(f"round {i + 1:2d} {side:6s}: {o['count']} connects, {o['slow']} slow, "
-                      f"p99 {percentile(o['samples_ms'], 99)} ms", flush=True)
+                print(
+                    f"round {i + 1:2d} {side:6s}: {o['count']} connects, {o['slow']} slow, "
+                    f"p99 {percentile(o['samples_ms'], 99)} ms",
+                    flush=True,
+                )
     finally:
         g.restore(before)
     qs = ("p50", "p90", "p99")
     stats = {q: {s: percentile(v, int(q[1:])) or 0.0 for s, v in samples.items()} for q in qs}
-    ratios = {side: {q: round(v[side] / v["stock"], 3) for q, v in stats.items()}
-              for side in ("knob1", "stock2")}
+    ratios = {
+        side: {q: round(v[side] / v["stock"], 3) for q, v in stats.items()}
+        for side in ("knob1", "stock2")
+    }
     out = {
         "kernel_release": g.kernel_release,
         "set_id": art.set_id,
@@ -82,8 +89,10 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**out, "samples_ms": samples}) + "\n")
     print(json.dumps(out))
-    print(f"p99 ratio ip_vs_reuse knob=1 / stock: {ratios['knob1']['p99']:.3f} "
-          f"(A/A stock2 / stock: {ratios['stock2']['p99']:.3f})")
+    print(
+        f"p99 ratio ip_vs_reuse knob=1 / stock: {ratios['knob1']['p99']:.3f} "
+        f"(A/A stock2 / stock: {ratios['stock2']['p99']:.3f})"
+    )
     return 0
 
 

@@ -60,9 +60,22 @@ def rollout(sim: SimFleet, env: dict[str, str], config: Path, tag: str) -> dict[
     journal, report = sim.dir / f"bench-{tag}.jsonl", sim.dir / f"bench-{tag}.json"
     journal.unlink(missing_ok=True)
     report.unlink(missing_ok=True)
-    wall, rc, out = timed([str(BIN / "ipvs-fleet"), "rollout", str(sim.inventory_path),
-                           "--config", str(config), "--waves", WAVES, "--journal", str(journal),
-                           "--json", str(report)], env)  # fmt: skip
+    wall, rc, out = timed(
+        [
+            str(BIN / "ipvs-fleet"),
+            "rollout",
+            str(sim.inventory_path),
+            "--config",
+            str(config),
+            "--waves",
+            WAVES,
+            "--journal",
+            str(journal),
+            "--json",
+            str(report),
+        ],
+        env,
+    )
     doc = json.loads(report.read_text()) if report.is_file() else {}
     if rc != 0 or not doc:
         print(f"  rollout ({tag}) failed, rc {rc}:\n{out}")
@@ -71,38 +84,53 @@ def rollout(sim: SimFleet, env: dict[str, str], config: Path, tag: str) -> dict[
 
 def print_rollout(name: str, res: dict[str, Any], base: float) -> None:
     doc = res["doc"]
-    print(f"{name}: {res['wall']:.1f} s (rc {res['rc']}), {res['wall'] / base:.2f}x the baseline; "
-          f"outcome {doc.get('outcome')}, states {doc.get('counts')}")  # fmt: skip
+    print(
+        f"{name}: {res['wall']:.1f} s (rc {res['rc']}), {res['wall'] / base:.2f}x the baseline; "
+        f"outcome {doc.get('outcome')}, states {doc.get('counts')}"
+    )
     dep_sum = gate_sum = 0.0
     for w in doc.get("waves", []):
         s = w["seconds"]
         dep, gate = s.get("deploy", 0.0), s.get("gate", 0.0)
         dep_sum, gate_sum = dep_sum + dep, gate_sum + gate
-        print(f"  wave {w['index']} ({w['spec']}, {len(w['hosts'])} hosts): deploy {dep:.1f} s, "
-              f"gate {gate:.1f} s")  # fmt: skip
+        print(
+            f"  wave {w['index']} ({w['spec']}, {len(w['hosts'])} hosts): deploy {dep:.1f} s, "
+            f"gate {gate:.1f} s"
+        )
     n = max(1, len(doc.get("waves", [])))
     other = res["wall"] - dep_sum - gate_sum
-    print(f"  deploys {dep_sum:.1f} s ({dep_sum / base:.2f}x the one-run baseline), gates "
-          f"{gate_sum:.1f} s, controller overhead {other:.1f} s ({other / n:.1f} s per wave)")
+    print(
+        f"  deploys {dep_sum:.1f} s ({dep_sum / base:.2f}x the one-run baseline), gates "
+        f"{gate_sum:.1f} s, controller overhead {other:.1f} s ({other / n:.1f} s per wave)"
+    )
 
 
 def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
     """An Ansible inventory of the simulated hosts and site.yml with our serial list."""
-    common = (f"-o UserKnownHostsFile={sim.known_hosts} -o GlobalKnownHostsFile=/dev/null "
-              "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes")  # fmt: skip
-    hosts = {n: {"ansible_host": "127.0.0.1", "ansible_port": h["port"]}
-             for n, h in sorted(sim.hosts.items(), key=lambda kv: kv[1]["index"])}  # fmt: skip
+    common = (
+        f"-o UserKnownHostsFile={sim.known_hosts} -o GlobalKnownHostsFile=/dev/null "
+        "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes"
+    )
+    hosts = {
+        n: {"ansible_host": "127.0.0.1", "ansible_port": h["port"]}
+        for n, h in sorted(sim.hosts.items(), key=lambda kv: kv[1]["index"])
+    }
     first = next(iter(hosts))
-    inv = {"all": {
-        "vars": {
-            "ansible_user": "root", "ansible_ssh_private_key_file": str(sim.key),
-            "ansible_ssh_args": "-o ControlMaster=auto -o ControlPersist=300s",
-            "ansible_ssh_common_args": common, "ansible_python_interpreter": "/usr/bin/python3",
-            "ansible_pipelining": True, "ipvs_host_class": "k8s_node",
-            "ipvs_activation": "next-boot",
-        },
-        "children": {"canary": {"hosts": {first: None}}, "sim_hosts": {"hosts": hosts}},
-    }}  # fmt: skip
+    inv = {
+        "all": {
+            "vars": {
+                "ansible_user": "root",
+                "ansible_ssh_private_key_file": str(sim.key),
+                "ansible_ssh_args": "-o ControlMaster=auto -o ControlPersist=300s",
+                "ansible_ssh_common_args": common,
+                "ansible_python_interpreter": "/usr/bin/python3",
+                "ansible_pipelining": True,
+                "ipvs_host_class": "k8s_node",
+                "ipvs_activation": "next-boot",
+            },
+            "children": {"canary": {"hosts": {first: None}}, "sim_hosts": {"hosts": hosts}},
+        }
+    }
     inv_path = sim.dir / "ansible-hosts.yml"
     inv_path.write_text(yaml.safe_dump(inv, sort_keys=False))
     # the collection's site playbook; run from the checkout (its ansible.cfg finds the role)
@@ -118,27 +146,45 @@ def ansible_files(sim: SimFleet) -> tuple[Path, Path]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=50)
-    ap.add_argument("--memory", type=int, default=4096,
-                    help="MiB for the fleet VM (50 sshd plus one Python per busy host)")
+    ap.add_argument(
+        "--memory",
+        type=int,
+        default=4096,
+        help="MiB for the fleet VM (50 sshd plus one Python per busy host)",
+    )
     ap.add_argument("--no-ansible", action="store_true")
     ap.add_argument("--no-gate-run", action="store_true", help="skip run 3 (waves, no checks)")
-    ap.add_argument("--no-rollouts", action="store_true",
-                    help="skip runs 2 and 3: the baseline and ansible-playbook only")
+    ap.add_argument(
+        "--no-rollouts",
+        action="store_true",
+        help="skip runs 2 and 3: the baseline and ansible-playbook only",
+    )
     args = ap.parse_args()
     art = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", REPO / "artifacts"))
     sim = SimFleet()
     t0 = time.monotonic()
     sim.up(args.hosts, memory_mb=args.memory)
-    print(f"simulated fleet of {args.hosts} hosts ({args.memory} MiB) up in "
-          f"{time.monotonic() - t0:.0f} s", flush=True)
-    env = dict(os.environ, IPVS_FLEET_SIM_DIR=str(sim.dir), IPVS_FLEET_ARTIFACTS=str(art),
-               ANSIBLE_NOCOLOR="1")  # fmt: skip
+    print(
+        f"simulated fleet of {args.hosts} hosts ({args.memory} MiB) up in "
+        f"{time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
+    env = dict(
+        os.environ,
+        IPVS_FLEET_SIM_DIR=str(sim.dir),
+        IPVS_FLEET_ARTIFACTS=str(art),
+        ANSIBLE_NOCOLOR="1",
+    )
     try:
         fresh(sim, art)
-        base, rc, out = timed([str(BIN / "pyinfra"), "-y", str(sim.inventory_path),
-                               "deploy.py"], env)  # fmt: skip
-        print(f"baseline: pyinfra deploy.py over {args.hosts} hosts in one run: {base:.1f} s "
-              f"(rc {rc})", flush=True)  # fmt: skip
+        base, rc, out = timed(
+            [str(BIN / "pyinfra"), "-y", str(sim.inventory_path), "deploy.py"], env
+        )
+        print(
+            f"baseline: pyinfra deploy.py over {args.hosts} hosts in one run: {base:.1f} s "
+            f"(rc {rc})",
+            flush=True,
+        )
         if rc:
             print(out)
         walls: dict[str, float] = {}
@@ -165,13 +211,21 @@ def main() -> int:
             fresh(sim, art)
             # 50 sshd behind one saturated TCG VM answer a burst of connects late: the same
             # patience pyinfra gets (sim inventory: connect retries), not Ansible's 10 s.
-            aenv = dict(env, ANSIBLE_COLLECTIONS_PATH=str(REPO), ANSIBLE_TIMEOUT="60",
-                        ANSIBLE_SSH_RETRIES="3")  # fmt: skip
-            a, arc, aout = timed([str(BIN / "ansible-playbook"), "-i", str(inv), str(book),
-                                  "-f", str(args.hosts)], aenv,
-                                 sim.dir / "bench-ansible.log")  # fmt: skip
-            print(f"ansible-playbook site.yml, serial {SERIAL}, forks {args.hosts}: {a:.1f} s "
-                  f"(rc {arc}), {a / base:.2f}x the baseline")  # fmt: skip
+            aenv = dict(
+                env,
+                ANSIBLE_COLLECTIONS_PATH=str(REPO),
+                ANSIBLE_TIMEOUT="60",
+                ANSIBLE_SSH_RETRIES="3",
+            )
+            a, arc, aout = timed(
+                [str(BIN / "ansible-playbook"), "-i", str(inv), str(book), "-f", str(args.hosts)],
+                aenv,
+                sim.dir / "bench-ansible.log",
+            )
+            print(
+                f"ansible-playbook site.yml, serial {SERIAL}, forks {args.hosts}: {a:.1f} s "
+                f"(rc {arc}), {a / base:.2f}x the baseline"
+            )
             if arc:
                 print(aout)
                 print(f"  ansible-playbook failed (rc {arc}): no ratio")

@@ -58,7 +58,7 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         for i in range(args.rounds):
-            for side in sides[i % 3:] + sides[: i % 3]:
+            for side in sides[i % 3 :] + sides[: i % 3]:
                 if side == "knob1":
                     run(f"modprobe {MODULE_NAME} && sysctl -qw {KNOB}=1")
                 else:
@@ -69,8 +69,11 @@ def main() -> int:
                     print(f"round {i + 1} {side}: {r['errors']} failed connects", file=sys.stderr)
                     return 1
                 rates[side].append(r["per_second"])
-                print(f"round {i + 1:2d} {side:6s}: {r['per_second']:8.1f} connections/s "
-                      f"({r['connections']} in {r['seconds']} s)", flush=True)  # fmt: skip
+                print(
+                    f"round {i + 1:2d} {side:6s}: {r['per_second']:8.1f} connections/s "
+                    f"({r['connections']} in {r['seconds']} s)",
+                    flush=True,
+                )
     finally:
         run(f"rmmod {MODULE_NAME} 2>/dev/null; true")
         if was:
@@ -90,8 +93,10 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result) + "\n")
     print(json.dumps(result))
-    print(f"connection rate ip_vs_reuse knob=1 / stock: {result['ratio knob1/stock']:.3f} "
-          f"(A/A stock2 / stock: {result['ratio stock2/stock (A/A noise)']:.3f})")
+    print(
+        f"connection rate ip_vs_reuse knob=1 / stock: {result['ratio knob1/stock']:.3f} "
+        f"(A/A stock2 / stock: {result['ratio stock2/stock (A/A noise)']:.3f})"
+    )
     return 0
 
 

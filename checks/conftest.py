@@ -46,7 +46,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("the fleet checks need --inventory inventory/<env>.py")
     try:
         config.stash[SESSION] = open_session(
-            inv, config.getoption("--limit"), config.getoption("--policy"),
+            inv,
+            config.getoption("--limit"),
+            config.getoption("--policy"),
             config.getoption("--command-timeout"),
         )
     except ConfigError as e:

@@ -35,21 +35,32 @@ def test_patched_module(target: Target, facts: HostFacts, expect: Expect) -> Non
         expect.differ(MODULE_NAME, f"loaded (the build in {where})", "not loaded")
     elif not fix["patched"]:
         # Its MODULE_VERSION is the set id: the loaded module's version names its build.
-        expect.differ(f"{MODULE_NAME} loaded (/sys/module/{MODULE_NAME}/version)",
-                      f"the build installed in {where}" + (f", {want}" if want else ""),
-                      f"another build: {fix['version'] or 'no version'}")  # fmt: skip
+        expect.differ(
+            f"{MODULE_NAME} loaded (/sys/module/{MODULE_NAME}/version)",
+            f"the build installed in {where}" + (f", {want}" if want else ""),
+            f"another build: {fix['version'] or 'no version'}",
+        )
     elif want is not None:
-        expect.equal(f"{MODULE_NAME} set ({artifacts.manifest_path(facts.kernel_release)})",
-                     want, fix["patchset"])  # fmt: skip
+        expect.equal(
+            f"{MODULE_NAME} set ({artifacts.manifest_path(facts.kernel_release)})",
+            want,
+            fix["patchset"],
+        )
     foreign = {n: m for n, m in facts.loaded.items() if n != MODULE_NAME and "O" in m["taint"]}
     for name, m in sorted(foreign.items()):
-        expect.problem(f"not the stock in-tree build: {name} (taint {m['taint']}, "
-                       f"version {m['version'] or 'none'})")  # fmt: skip
-    expect.details(kernel_release=facts.kernel_release,
-                   fix_module=fix and (fix["patchset"] or fix["version"]),
-                   out_of_tree=sorted(foreign))  # fmt: skip
-    expect.done(f"IPVS modules on kernel {facts.kernel_release} are not the fleet's "
-                f"({MODULE_NAME} beside the stock ones)")
+        expect.problem(
+            f"not the stock in-tree build: {name} (taint {m['taint']}, "
+            f"version {m['version'] or 'none'})"
+        )
+    expect.details(
+        kernel_release=facts.kernel_release,
+        fix_module=fix and (fix["patchset"] or fix["version"]),
+        out_of_tree=sorted(foreign),
+    )
+    expect.done(
+        f"IPVS modules on kernel {facts.kernel_release} are not the fleet's "
+        f"({MODULE_NAME} beside the stock ones)"
+    )
 
 
 def test_knob_present(facts: HostFacts, expect: Expect) -> None:
@@ -106,8 +117,11 @@ def test_sysctl_table(facts: HostFacts, expect: Expect) -> None:
         if not t.ipvs or (key in sysctl_defaults.patched_keys() and key not in t.defaults):
             continue  # no table at all, or no knob: reported by patched_module / knob_present
         got = t.defaults.get(key, "absent")
-        expect.equal(f"{VS}{key} default in a new netns", "present" if want is None else want,
-                     "present" if want is None and key in t.defaults else got)
+        expect.equal(
+            f"{VS}{key} default in a new netns",
+            "present" if want is None else want,
+            "present" if want is None and key in t.defaults else got,
+        )
     for p in t.problems:
         expect.problem(p)
     expect.details(netns_defaults=t.defaults)
@@ -167,5 +181,6 @@ def test_latency_budget(fleet: CheckSession, target: Target, expect: Expect) -> 
     expect.details(probe=result)
     for v in latency.violations(result, target.settings.latency_budget):
         expect.problem(v)
-    expect.done(f"latency budget of class {target.settings.host_class} not met "
-                f"({latency.describe(result)})")
+    expect.done(
+        f"latency budget of class {target.settings.host_class} not met ({latency.describe(result)})"
+    )

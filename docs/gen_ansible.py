@@ -19,10 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = REPO / "roles/ipvs_fleet/defaults/main.yml"
 PAGE = REPO / "docs" / "ansible.md"
-BEGIN = (
-    "<!-- GENERATED from roles/ipvs_fleet/defaults/main.yml "
-    "by docs/gen_ansible.py -->"
-)
+BEGIN = "<!-- GENERATED from roles/ipvs_fleet/defaults/main.yml by docs/gen_ansible.py -->"
 END = "<!-- END GENERATED -->"
 # Host data the policy reads (src/ipvs_fleet/policy.py HOST_KEYS), set in inventory or
 # group_vars, never in the role's defaults (a default class would hide a missing one).
@@ -55,8 +52,13 @@ def tables(text: str) -> str:
         section = re.match(r"^# ---- (.+)$", line)
         var = re.match(r"^([a-z_][a-z0-9_]*):", line)
         if section:
-            out += ["", f"### {section.group(1).strip()}", "", "| variable | default | meaning |",
-                    "|---|---|---|"]  # fmt: skip
+            out += [
+                "",
+                f"### {section.group(1).strip()}",
+                "",
+                "| variable | default | meaning |",
+                "|---|---|---|",
+            ]
             comments = []
         elif line.startswith("#"):
             comments.append(line.lstrip("#").strip())

@@ -22,25 +22,40 @@ HEADER = (
 HOOKS = "a shell command or a list of them, run on the host"
 # Host data of the policy (policy.HostData): inventory or group vars, never role defaults.
 HOST_DATA: dict[str, dict[str, Any]] = {
-    "ipvs_host_class": {"type": "str", "required": True,
-                        "description": "The host's class, a key of the policy's host_classes."},
+    "ipvs_host_class": {
+        "type": "str",
+        "required": True,
+        "description": "The host's class, a key of the policy's host_classes.",
+    },
     "ipvs_sysctls": {"type": "dict", "description": "net.ipv4.vs.* values over the class's."},
-    "ipvs_latency_budget": {"type": "dict", "description": "Merged over the class's budget.",
-                            "options": {k: {"type": "int", "description": f"Budget {k}."}
-                                        for k in sorted(BUDGET_KEYS)}},
-    "ipvs_activation": {"type": "str", "choices": list(ACTIVATIONS),
-                        "description": "How the host starts using the fix module."},
-    "ipvs_allow_reuse_with": {"type": "str",
-                              "description": "Why knob 1 is allowed with FTP or connmark."},
-    "ipvs_install": {"type": "str", "choices": list(INSTALLS),
-                     "description": "artifact (the role's); dkms is the pyinfra deploy's."},
+    "ipvs_latency_budget": {
+        "type": "dict",
+        "description": "Merged over the class's budget.",
+        "options": {k: {"type": "int", "description": f"Budget {k}."} for k in sorted(BUDGET_KEYS)},
+    },
+    "ipvs_activation": {
+        "type": "str",
+        "choices": list(ACTIVATIONS),
+        "description": "How the host starts using the fix module.",
+    },
+    "ipvs_allow_reuse_with": {
+        "type": "str",
+        "description": "Why knob 1 is allowed with FTP or connmark.",
+    },
+    "ipvs_install": {
+        "type": "str",
+        "choices": list(INSTALLS),
+        "description": "artifact (the role's); dkms is the pyinfra deploy's.",
+    },
     "ipvs_pre_activate": {"type": "raw", "description": f"Drain hook(s) before: {HOOKS}."},
     "ipvs_post_activate": {"type": "raw", "description": f"Hook(s) after: {HOOKS}."},
-    "ipvs_lock_wait_seconds": {"type": "int",
-                               "description": "Seconds to wait for the host lock."},
-}  # fmt: skip
-ROLLBACK_SETTINGS = ("ipvs_fleet_policy_file", "ipvs_fleet_reboot_timeout",
-                     "ipvs_fleet_reboot_delay")  # fmt: skip
+    "ipvs_lock_wait_seconds": {"type": "int", "description": "Seconds to wait for the host lock."},
+}
+ROLLBACK_SETTINGS = (
+    "ipvs_fleet_policy_file",
+    "ipvs_fleet_reboot_timeout",
+    "ipvs_fleet_reboot_delay",
+)
 
 
 def _settings() -> dict[str, dict[str, Any]]:
@@ -58,8 +73,11 @@ def _settings() -> dict[str, dict[str, Any]]:
                 break
             comment.insert(0, prev[2:])
         value = values[name]
-        out[name] = {"type": "int" if isinstance(value, int) else "str",
-                     "default": value, "description": " ".join(comment)}  # fmt: skip
+        out[name] = {
+            "type": "int" if isinstance(value, int) else "str",
+            "default": value,
+            "description": " ".join(comment),
+        }
     return out
 
 
@@ -69,23 +87,32 @@ def argument_specs() -> dict[str, Any]:
     host = {k: dict(v) for k, v in HOST_DATA.items()}
     # every key the schema allows, each with its range: an unknown key or value is refused
     host["ipvs_sysctls"]["options"] = {
-        key: {"type": "int", "choices": list(range(r["min"], r["max"] + 1)),
-              "description": f"net.ipv4.vs.{key}."}
+        key: {
+            "type": "int",
+            "choices": list(range(r["min"], r["max"] + 1)),
+            "description": f"net.ipv4.vs.{key}.",
+        }
         for key, r in sorted(schema.items())
-    }  # fmt: skip
+    }
     settings = _settings()
     main = {**settings, **host}
     rollback = {**{k: settings[k] for k in ROLLBACK_SETTINGS}, **host}
     return {
         "argument_specs": {
-            "main": {"short_description": "Roll out the fix module ip_vs_reuse on a host",
-                     "options": main},
-            "preflight": {"short_description": "Check a host and decide its plan, no change",
-                          "options": main},
-            "rollback": {"short_description": "Roll a host back to no fix module",
-                         "options": rollback},
+            "main": {
+                "short_description": "Roll out the fix module ip_vs_reuse on a host",
+                "options": main,
+            },
+            "preflight": {
+                "short_description": "Check a host and decide its plan, no change",
+                "options": main,
+            },
+            "rollback": {
+                "short_description": "Roll a host back to no fix module",
+                "options": rollback,
+            },
         }
-    }  # fmt: skip
+    }
 
 
 class _Dumper(yaml.SafeDumper):

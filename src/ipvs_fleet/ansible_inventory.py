@@ -239,8 +239,9 @@ def _cli(argv: list[str] | None = None) -> int:
     lab = sub.add_parser("lab", help="write the running lab's Ansible inventory")
     lab.add_argument("--lab-dir", type=Path, help="lab dir (default: $IPVS_FLEET_LAB_DIR or .lab)")
     lab.add_argument("--out", type=Path, default=LAB_INVENTORY, help="inventory file to write")
-    show = sub.add_parser("pyinfra", help="print an Ansible inventory as pyinfra groups "
-                                             "(JSON, passwords ***)")
+    show = sub.add_parser(
+        "pyinfra", help="print an Ansible inventory as pyinfra groups (JSON, passwords ***)"
+    )
     show.add_argument("inventory", type=Path)
     args = p.parse_args(argv)
     try:

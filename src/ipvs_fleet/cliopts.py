@@ -18,8 +18,9 @@ JSON = "--json"
 class DeprecatedAlias(argparse.Action):
     """A hidden old spelling: does what `new` does, after a note on stderr."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str,
-                 **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any
+    ) -> None:
         kwargs.update(help=argparse.SUPPRESS, default=argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kwargs)
         self.new = new
@@ -31,8 +32,9 @@ class DeprecatedAlias(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        print(f"{parser.prog}: note: {option_string} is deprecated, use {self.new}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{parser.prog}: note: {option_string} is deprecated, use {self.new}", file=sys.stderr
+        )
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
@@ -48,8 +50,9 @@ def add_dry(p: argparse.ArgumentParser, help: str, old: Sequence[str] = ()) -> N
         add_alias(p, *old, new=DRY, dest="dry", nargs=0, const=True)
 
 
-def add_json(p: argparse.ArgumentParser, help: str, dest: str = "json",
-             old: Sequence[str] = ()) -> None:  # fmt: skip
+def add_json(
+    p: argparse.ArgumentParser, help: str, dest: str = "json", old: Sequence[str] = ()
+) -> None:
     """`--json PATH`, and its old spellings as deprecated aliases."""
     p.add_argument(JSON, type=Path, dest=dest, metavar="PATH", help=help)
     if old:

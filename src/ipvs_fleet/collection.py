@@ -32,8 +32,9 @@ def assemble(dest: Path) -> Path:
     """Copy the collection, the role in it, to `dest`/ansible_collections/ipvs_fleet/fleet (a
     tree `ansible-galaxy collection build` and `ansible-test` work in); its path."""
     target = dest / "ansible_collections" / "ipvs_fleet" / "fleet"
-    shutil.copytree(collection_dir(), target, symlinks=False,
-                    ignore=shutil.ignore_patterns(*IGNORED))  # fmt: skip
+    shutil.copytree(
+        collection_dir(), target, symlinks=False, ignore=shutil.ignore_patterns(*IGNORED)
+    )
     return target
 
 
@@ -64,9 +65,13 @@ def sanity(python: str = f"{sys.version_info.major}.{sys.version_info.minor}") -
         src = assemble(Path(tmp))
         for attempt in (1, 2):
             r = subprocess.run(
-                [test, "sanity", "--python", python, "--color", "no"], cwd=src, env=env,
-                capture_output=True, text=True, timeout=1800,
-            )  # fmt: skip
+                [test, "sanity", "--python", python, "--color", "no"],
+                cwd=src,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             out = r.stdout + r.stderr
             cache = BOOTSTRAP_CACHE.search(out)
             if r.returncode == 0 or cache is None or attempt == 2:
@@ -92,9 +97,11 @@ def build(out: Path) -> Path:
         src = assemble(Path(tmp))
         r = subprocess.run(
             [galaxy, "collection", "build", "--force", "--output-path", str(out), str(src)],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
             env=dict(os.environ, ANSIBLE_NOCOLOR="1"),
-        )  # fmt: skip
+        )
         if r.returncode != 0:
             raise ConfigError(f"ansible-galaxy collection build failed:\n{r.stdout}{r.stderr}")
         return out / tarball_name(src)

@@ -34,7 +34,9 @@ import yaml
 from ipvs_fleet.errors import ConfigError, FleetError
 
 MIRROR = os.environ.get("IPVS_FLEET_MIRROR", "http://deb.debian.org/debian")
-SECURITY_MIRROR = os.environ.get("IPVS_FLEET_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+SECURITY_MIRROR = os.environ.get(
+    "IPVS_FLEET_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
+)
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 CACHE = Path(os.environ.get("IPVS_FLEET_CACHE", Path.home() / ".cache" / "ipvs-fleet"))
 
@@ -72,7 +74,7 @@ def load_releases(path: Path = RELEASES_FILE) -> dict[str, Release]:
         line = spec.get("line")
         # a string: YAML reads an unquoted 5.10 as the float 5.1
         if not isinstance(line, str) or not re.fullmatch(r"\d+\.\d+", line):
-            raise ConfigError(f"{where}: needs `line: \"X.Y\"` (a kernel line, quoted)")
+            raise ConfigError(f'{where}: needs `line: "X.Y"` (a kernel line, quoted)')
         unknown = set(spec) - {"line", "suites", "apt_options", "lab_packages"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
@@ -294,8 +296,9 @@ def fetch_deb(release: str, package: str, version: str) -> Path:
                 f.write(data)
             os.replace(f.name, deb)
             return deb
-    raise FleetError(f"{package}={version} is not in {release} "
-                     f"({', '.join(s for _, s in suites(release))})")  # fmt: skip
+    raise FleetError(
+        f"{package}={version} is not in {release} ({', '.join(s for _, s in suites(release))})"
+    )
 
 
 def headers_in_archive(pin: KernelPin) -> bool:

@@ -65,8 +65,9 @@ def _run(title: str, cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
     return rc, took
 
 
-def _relay(key: str, proc: subprocess.Popen[str], started: float,
-           out: dict[str, tuple[int, float]]) -> None:  # fmt: skip
+def _relay(
+    key: str, proc: subprocess.Popen[str], started: float, out: dict[str, tuple[int, float]]
+) -> None:
     """Print a child's lines as they come, prefixed with its step; record its exit."""
     with proc:  # closes the pipe
         assert proc.stdout is not None
@@ -85,8 +86,9 @@ def run_together(steps: list[Step], env: dict[str, str]) -> dict[str, tuple[int,
     out: dict[str, tuple[int, float]] = {}
     threads = []
     for key, _, cmd in steps:
-        proc = subprocess.Popen(cmd, cwd=workdir(), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=workdir(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         t = threading.Thread(target=_relay, args=(key, proc, time.monotonic(), out))
         t.start()
         threads.append(t)
@@ -133,12 +135,13 @@ def holding(lab: Any, host: str, count: int) -> Iterator[Held]:
         h = None
         try:
             h = stack.enter_context(inflight.held(lab, host, count))
-            print(f"    holding {count} connections through a private IPVS service on {host}",
-                  flush=True)  # fmt: skip
+            print(
+                f"    holding {count} connections through a private IPVS service on {host}",
+                flush=True,
+            )
         except Exception as e:  # the lab or the guest, whatever failed: the demo goes on
             rec.error = f"could not be set up: {_one_line(e)}"
-            print(f"    held connections on {host} {rec.error}; going on without them",
-                  flush=True)  # fmt: skip
+            print(f"    held connections on {host} {rec.error}; going on without them", flush=True)
         try:
             yield rec
         finally:
@@ -160,9 +163,11 @@ def held_line(h: Held, step: str = "rollout") -> str:
     if h.error or "broken" not in r:
         why = h.error or f"gave no result ({r.get('error', 'none')})"
         return f"    {'held':<8} connections on {h.host} {why}"
-    line = (f"    {'held':<8} {r.get('connections', h.count)} connections through a private "
-            f"IPVS service on {h.host}, {r.get('seconds', 0):.0f} s through the {step}: "
-            f"{h.broken} broke")  # fmt: skip
+    line = (
+        f"    {'held':<8} {r.get('connections', h.count)} connections through a private "
+        f"IPVS service on {h.host}, {r.get('seconds', 0):.0f} s through the {step}: "
+        f"{h.broken} broke"
+    )
     if h.broken:
         first = (r.get("failures") or [{}])[0]
         line += f" (first at {first.get('at', '?')} s: {first.get('error', '?')})"
@@ -189,21 +194,62 @@ def run(args: argparse.Namespace) -> int:
         ("lab", "Boot the lab fleet", [cli, "lab", "up"]),
         # At nice 10: the VMs boot under TCG while the lines compile, and a guest starved of
         # CPU boots several times slower (cold demo: VMs 167 s to SSH, a compile 184 s).
-        ("build", "Build the fix module for the lab's kernels",
-         ["nice", "-n", "10", cli, "build", "--all-lab", "--out", str(artifacts)]),
-        ("rollout", "Roll out in canary waves (deploy, gate, next wave)",
-         [cli, "rollout", inventory, "--json", str(reports / "rollout.json"),
-          "--journal", str(reports / "rollout.jsonl")]),
-        ("check", "Compliance checks",
-         [cli, "check", inventory, "--junitxml", str(reports / "checks.xml"),
-          "--json", str(reports / "checks.json"), "--report", str(reports / "checks.md")]),
+        (
+            "build",
+            "Build the fix module for the lab's kernels",
+            ["nice", "-n", "10", cli, "build", "--all-lab", "--out", str(artifacts)],
+        ),
+        (
+            "rollout",
+            "Roll out in canary waves (deploy, gate, next wave)",
+            [
+                cli,
+                "rollout",
+                inventory,
+                "--json",
+                str(reports / "rollout.json"),
+                "--journal",
+                str(reports / "rollout.jsonl"),
+            ],
+        ),
+        (
+            "check",
+            "Compliance checks",
+            [
+                cli,
+                "check",
+                inventory,
+                "--junitxml",
+                str(reports / "checks.xml"),
+                "--json",
+                str(reports / "checks.json"),
+                "--report",
+                str(reports / "checks.md"),
+            ],
+        ),
         # kube-proxy's own IPVS-mode ruleset (its mark-based masquerade), a NodePort from an
         # outside client: where the 1.x design failed every reused connection
-        ("probe", "Reuse scenario on the canary (kube-proxy's ruleset, NodePort, knob=1)",
-         [cli, "probe", "scenario", "--host", CANARY, "--ruleset", "kube-proxy",
-          "--knob", "1", "--scenarios", "A=50,B=20", "--conntrack",
-          "--json", str(reports / "probe.json")]),
-    ]  # fmt: skip
+        (
+            "probe",
+            "Reuse scenario on the canary (kube-proxy's ruleset, NodePort, knob=1)",
+            [
+                cli,
+                "probe",
+                "scenario",
+                "--host",
+                CANARY,
+                "--ruleset",
+                "kube-proxy",
+                "--knob",
+                "1",
+                "--scenarios",
+                "A=50,B=20",
+                "--conntrack",
+                "--json",
+                str(reports / "probe.json"),
+            ],
+        ),
+    ]
     results: dict[str, tuple[int, float]] = {}
     held: Held | None = None
     started = time.monotonic()
@@ -219,8 +265,11 @@ def run(args: argparse.Namespace) -> int:
         if any(results[k][0] != 0 for k, _, _ in stage if k in TOGETHER):
             break  # nothing after this can run
     if results.get("probe", (1, 0))[0] == 0:
-        _run("Latency plot", [cli, "probe", "plot", str(reports / "probe.json"),
-                              "-o", str(reports / "probe.png")], env)  # fmt: skip
+        _run(
+            "Latency plot",
+            [cli, "probe", "plot", str(reports / "probe.json"), "-o", str(reports / "probe.png")],
+            env,
+        )
     print("\n==> Summary")
     for key, (rc, took) in results.items():
         print(f"    {key:<8} {'ok' if rc == 0 else f'FAILED (exit {rc})':<18} {took:6.0f} s")
@@ -229,8 +278,10 @@ def run(args: argparse.Namespace) -> int:
         print(held_line(held))
         (reports / "held.json").write_text(json.dumps(vars(held), indent=2) + "\n")
     _print_probe(reports / "probe.json")
-    print(f"    reports: {reports}/ (rollout.json, checks.xml, checks.md, probe.json, probe.png"
-          f"{', held.json' if held is not None else ''})")  # fmt: skip
+    print(
+        f"    reports: {reports}/ (rollout.json, checks.xml, checks.md, probe.json, probe.png"
+        f"{', held.json' if held is not None else ''})"
+    )
     print("    stop the lab: ipvs-fleet lab down")
     ok = all(rc == 0 for rc, _ in results.values()) and not (held and held.broken)
     return 0 if ok else 1

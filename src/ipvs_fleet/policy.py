@@ -102,8 +102,9 @@ def check_hooks(value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(c, str) and c.strip()
-                                                      for c in value):  # fmt: skip
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(c, str) and c.strip() for c in value
+    ):
         raise ValueError(f"must be a shell command or a list of them, got {shown(value)}")
     return tuple(value)
 
@@ -241,8 +242,10 @@ class HostData(StrictModel):
             return data
         unknown = {str(k) for k in data if str(k).startswith("ipvs_")} - HOST_KEYS - INFO_KEYS
         if unknown:
-            raise ValueError(f"unknown host data {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(sorted(HOST_KEYS))})")  # fmt: skip
+            raise ValueError(
+                f"unknown host data {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(HOST_KEYS))})"
+            )
         if data.get("ipvs_host_class") is None:
             raise ValueError("no ipvs_host_class in its host or group data")
         return data
@@ -278,13 +281,19 @@ class Policy:
             for k in ("pre_activate", "post_activate")
         }
         return HostSettings(
-            name, cls, {**base["sysctls"], **(d.ipvs_sysctls or {})},
+            name,
+            cls,
+            {**base["sysctls"], **(d.ipvs_sysctls or {})},
             {**base["latency_budget"], **_budget(d.ipvs_latency_budget)},
-            d.ipvs_activation or base["activation"], base["modules"], d.ipvs_allow_reuse_with,
-            d.ipvs_install or base["install"], hooks["pre_activate"], hooks["post_activate"],
+            d.ipvs_activation or base["activation"],
+            base["modules"],
+            d.ipvs_allow_reuse_with,
+            d.ipvs_install or base["install"],
+            hooks["pre_activate"],
+            hooks["post_activate"],
             base["hook_timeout"],
             d.ipvs_lock_wait_seconds if d.ipvs_lock_wait_seconds is not None else base["lock_wait"],
-        )  # fmt: skip
+        )
 
 
 def load_policy(path: Path | str | None = None) -> Policy:

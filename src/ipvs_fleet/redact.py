@@ -47,8 +47,10 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 def masked_data(data: Any) -> Any:
     """A copy of `data` (nested dicts and lists) with the value of every secret key ***."""
     if isinstance(data, Mapping):
-        return {k: MASK if is_secret(k) and v not in (None, "") else masked_data(v)
-                for k, v in data.items()}  # fmt: skip
+        return {
+            k: MASK if is_secret(k) and v not in (None, "") else masked_data(v)
+            for k, v in data.items()
+        }
     if isinstance(data, list | tuple):
         return type(data)(masked_data(x) for x in data)
     return data

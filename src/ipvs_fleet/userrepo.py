@@ -40,9 +40,7 @@ def init_repo(target: Path, force: bool = False) -> list[Path]:
     files = skeleton()
     existing = [rel for rel in files if (target / rel).exists()]
     if existing and not force:
-        raise ConfigError(
-            f"{target}: would overwrite {', '.join(sorted(existing))} (use --force)"
-        )
+        raise ConfigError(f"{target}: would overwrite {', '.join(sorted(existing))} (use --force)")
     written = []
     for rel, src in files.items():
         dest = target / rel
@@ -55,9 +53,11 @@ def init_repo(target: Path, force: bool = False) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     for path in init_repo(args.dir, args.force):
         print(path)
-    print(f"\nnext: cd {args.dir} && . ./.envrc; edit inventory/prod.py and policy/; then\n"
-          "  pyinfra inventory/prod.py deploy.py        # preview, then it asks\n"
-          "  ipvs-fleet check inventory/prod.py --waivers waivers.yml")  # fmt: skip
+    print(
+        f"\nnext: cd {args.dir} && . ./.envrc; edit inventory/prod.py and policy/; then\n"
+        "  pyinfra inventory/prod.py deploy.py        # preview, then it asks\n"
+        "  ipvs-fleet check inventory/prod.py --waivers waivers.yml"
+    )
     return 0
 
 

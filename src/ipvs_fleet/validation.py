@@ -34,8 +34,10 @@ class StrictModel(BaseModel):
             known = {f.alias or n for n, f in cls.model_fields.items()}
             unknown = sorted(str(k) for k in data if k not in known)
             if unknown:
-                raise ValueError(f"a mapping with keys {', '.join(sorted(known))} "
-                                 f"(unknown: {', '.join(unknown)})")  # fmt: skip
+                raise ValueError(
+                    f"a mapping with keys {', '.join(sorted(known))} "
+                    f"(unknown: {', '.join(unknown)})"
+                )
         return data
 
 

@@ -154,11 +154,17 @@ def lock_held(lab) -> Iterator[None]:
     holder = f"echo $$ > {pidfile}; echo 'the test, pid '$$ > {STATE}/lock.holder; exec sleep 299"
     # In a subshell of its own: `a && b &` would background the whole list, whose shell
     # keeps the SSH session's output open until the holder ends.
-    lab.run(HOST, f"mkdir -p {STATE} && (setsid nohup flock {STATE}/lock sh -c "
-            f"{shlex.quote(holder)} >/dev/null 2>&1 < /dev/null &)")  # fmt: skip
+    lab.run(
+        HOST,
+        f"mkdir -p {STATE} && (setsid nohup flock {STATE}/lock sh -c "
+        f"{shlex.quote(holder)} >/dev/null 2>&1 < /dev/null &)",
+    )
     try:
-        wait_for(lambda: lab.run(HOST, f"flock -n {STATE}/lock true", check=False).rc != 0,
-                 seconds=30, step=0.5)  # fmt: skip
+        wait_for(
+            lambda: lab.run(HOST, f"flock -n {STATE}/lock true", check=False).rc != 0,
+            seconds=30,
+            step=0.5,
+        )
         yield
     finally:
         # the holder's own pid (flock, its parent, then ends and frees the lock)
@@ -167,11 +173,16 @@ def lock_held(lab) -> Iterator[None]:
 
 def refused_for_the_lock(deployer: Deployer, timings: Timings, step: str) -> str:
     """A deploy that waits 5 s for the held lock: it fails at `step` naming the holder."""
-    r = timings.add(f"refused at {step}", deployer.run(
-        "deploy.py", "--limit", HOST, "--data", "ipvs_lock_wait_seconds=5", check=False))
+    r = timings.add(
+        f"refused at {step}",
+        deployer.run(
+            "deploy.py", "--limit", HOST, "--data", "ipvs_lock_wait_seconds=5", check=False
+        ),
+    )
     out = failed(r, step)
-    assert re.search(rf"the host lock {STATE}/lock stayed held for 5 s by: the test, pid",
-                     out), out[-3000:]  # fmt: skip
+    assert re.search(rf"the host lock {STATE}/lock stayed held for 5 s by: the test, pid", out), (
+        out[-3000:]
+    )
     return out
 
 
@@ -224,9 +235,12 @@ def test_two_deploys_at_once_both_converge_the_host(lab, artifacts, deployer, ta
     procs = [
         subprocess.Popen(
             [str(PYINFRA), "-y", "--limit", HOST, str(deployer.inventory), "deploy.py"],
-            cwd=REPO, env=deployer.env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            cwd=REPO,
+            env=deployer.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(2)
     ]
     outs = []
@@ -280,14 +294,17 @@ def test_a_module_built_for_another_kernel_fails_the_host_and_leaves_ipvs_alone(
     assert other_kernel_artifact.kernel_release != kr
     arts = other_kernels_module(artifacts[kr], other_kernel_artifact, tmp_path / "artifacts")
     bad = Deployer(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
-    r = timings.add("deploy of the other kernel's module", bad.run(
-        "deploy.py", "--limit", HOST, check=False))
+    r = timings.add(
+        "deploy of the other kernel's module", bad.run("deploy.py", "--limit", HOST, check=False)
+    )
     out = failed(r, MODULE_NAME)
     # refused by modprobe in the activation, or (better) by the install, naming the kernel
-    assert (f"could not insert '{MODULE_NAME}'" in out
-            or other_kernel_artifact.kernel_release in out), out[-3000:]  # fmt: skip
-    print("the host's failure:", *[x for x in out.splitlines() if MODULE_NAME in x][-3:],
-          sep="\n  ")
+    assert (
+        f"could not insert '{MODULE_NAME}'" in out or other_kernel_artifact.kernel_release in out
+    ), out[-3000:]
+    print(
+        "the host's failure:", *[x for x in out.splitlines() if MODULE_NAME in x][-3:], sep="\n  "
+    )
     assert fix_loaded(lab) == ""
     assert_ipvs_untouched(lab, table)
     redeploy(lab, artifacts, deployer, table, timings)
@@ -296,8 +313,12 @@ def test_a_module_built_for_another_kernel_fails_the_host_and_leaves_ipvs_alone(
 
 def vermagic(lab) -> str:
     """The installed fix module's vermagic (its first word: the kernel it was built for)."""
-    return str(lab.run(HOST, "modinfo -F vermagic "
-                       f"/lib/modules/$(uname -r)/updates/ipvs-fleet/{MODULE_NAME}.ko").stdout)
+    return str(
+        lab.run(
+            HOST,
+            f"modinfo -F vermagic /lib/modules/$(uname -r)/updates/ipvs-fleet/{MODULE_NAME}.ko",
+        ).stdout
+    )
 
 
 @pytest.mark.destructive
@@ -314,8 +335,9 @@ def test_a_module_built_for_another_kernel_fails_a_converged_host_too(
     assert loaded == artifacts[kr].set_id == other_kernel_artifact.set_id
     arts = other_kernels_module(artifacts[kr], other_kernel_artifact, tmp_path / "artifacts")
     bad = Deployer(deployer.inventory, dict(deployer.env, IPVS_FLEET_ARTIFACTS=str(arts)))
-    r = timings.add("deploy of the other kernel's module", bad.run(
-        "deploy.py", "--limit", HOST, check=False))
+    r = timings.add(
+        "deploy of the other kernel's module", bad.run("deploy.py", "--limit", HOST, check=False)
+    )
     print(f"installed now: {vermagic(lab).split()[0]}")
     failed(r, other_kernel_artifact.kernel_release)
     assert fix_loaded(lab) == loaded
@@ -338,17 +360,25 @@ def test_drain_hooks_run_in_order_around_the_activation_and_a_failing_pre_hook_s
     log = f"{STATE}/hooks.log"
     lab.run(HOST, f"mkdir -p {STATE} && rm -f {log}")
     failing = f'ipvs_pre_activate=["echo pre >> {log}", "exit 7"]'
-    r = timings.add("deploy, pre-hook 2 fails", deployer.run(
-        "deploy.py", "--limit", HOST, "--data", failing, check=False))
+    r = timings.add(
+        "deploy, pre-hook 2 fails",
+        deployer.run("deploy.py", "--limit", HOST, "--data", failing, check=False),
+    )
     failed(r, "pre-activation hook 2 failed (exit 7;")
     assert fix_loaded(lab) == "", "loaded despite a failing pre-hook"
     assert lab.run(HOST, f"cat {log}").stdout == "pre\n"
     assert_ipvs_untouched(lab, table)
     state = f"$(test -d /sys/module/{MODULE_NAME} && echo loaded || echo absent)"
-    hooks = ("--data", f'ipvs_pre_activate=["echo pre1 {state} >> {log}", "echo pre2 >> {log}"]',
-             "--data", f"ipvs_post_activate=echo post {state} >> {log}")  # fmt: skip
-    for deploy, before, after in (("deploy.py", "absent", "loaded"),
-                                  ("deploy/rollback.py", "loaded", "absent")):  # fmt: skip
+    hooks = (
+        "--data",
+        f'ipvs_pre_activate=["echo pre1 {state} >> {log}", "echo pre2 >> {log}"]',
+        "--data",
+        f"ipvs_post_activate=echo post {state} >> {log}",
+    )
+    for deploy, before, after in (
+        ("deploy.py", "absent", "loaded"),
+        ("deploy/rollback.py", "loaded", "absent"),
+    ):
         lab.run(HOST, f"rm -f {log}")
         timings.add(f"{deploy} with hooks", deployer.run(deploy, "--limit", HOST, *hooks))
         got = lab.run(HOST, f"cat {log}").stdout.split("\n")
@@ -356,8 +386,9 @@ def test_drain_hooks_run_in_order_around_the_activation_and_a_failing_pre_hook_s
         assert_ipvs_untouched(lab, table)
     # A run with nothing to activate runs no hook.
     lab.run(HOST, f"rm -f {log}")
-    timings.add("rollback again, hooks", deployer.run("deploy/rollback.py", "--limit", HOST,
-                                                      *hooks))  # fmt: skip
+    timings.add(
+        "rollback again, hooks", deployer.run("deploy/rollback.py", "--limit", HOST, *hooks)
+    )
     assert lab.run(HOST, f"test -e {log}", check=False).rc != 0, "a hook ran with no change"
     redeploy(lab, artifacts, deployer, table, timings)
 
@@ -376,8 +407,10 @@ def test_next_boot_installs_and_persists_but_loads_nothing(
     boot_id = lab.run(HOST, "cat /proc/sys/kernel/random/boot_id").stdout
     mods = "awk '$1 ~ /^(ip_vs|xt_ipvs|nf_)/ {print $1}' /proc/modules | sort"
     loaded_before = lab.run(HOST, mods).stdout
-    timings.add("next-boot deploy", deployer.run(
-        "deploy.py", "--limit", HOST, "--data", "ipvs_activation=next-boot"))
+    timings.add(
+        "next-boot deploy",
+        deployer.run("deploy.py", "--limit", HOST, "--data", "ipvs_activation=next-boot"),
+    )
     assert lab.run(HOST, "cat /proc/sys/kernel/random/boot_id").stdout == boot_id
     assert lab.run(HOST, mods).stdout == loaded_before, "next-boot loaded a module"
     st = live_state(lab, HOST)
@@ -402,11 +435,15 @@ def test_next_boot_installs_and_persists_but_loads_nothing(
 def test_reboot_and_next_boot_activation(lab, artifacts, deployer, deployed, timings):
     """`activation: reboot` reboots a host whose fix module must go; `next-boot` installs
     and persists, the next boot loads the fix module, and a deploy then has nothing to do."""
-    back = timings.add("rollback, reboot", deployer.run(
-        "deploy/rollback.py", "--limit", HOST, "--data", "ipvs_activation=reboot"))
+    back = timings.add(
+        "rollback, reboot",
+        deployer.run("deploy/rollback.py", "--limit", HOST, "--data", "ipvs_activation=reboot"),
+    )
     assert fix_loaded(lab) == "", back.stderr[-2000:]
-    timings.add("next-boot deploy", deployer.run(
-        "deploy.py", "--limit", HOST, "--data", "ipvs_activation=next-boot"))
+    timings.add(
+        "next-boot deploy",
+        deployer.run("deploy.py", "--limit", HOST, "--data", "ipvs_activation=next-boot"),
+    )
     assert fix_loaded(lab) == "", "next-boot loaded the fix module"
     lab.reboot(HOST)
     assert_converged(lab, artifacts, HOST)
@@ -429,16 +466,29 @@ def test_a_controller_killed_mid_deploy_leaves_a_host_the_next_run_converges(
     lab.run(HOST, f"rm -f {mark}")
     t0 = time.monotonic()
     p = subprocess.Popen(
-        [str(PYINFRA), "-y", "--limit", HOST, "--data",
-         f"ipvs_pre_activate=echo $$ > {mark}; exec sleep 120", str(deployer.inventory),
-         "deploy.py"],
-        cwd=REPO, env=deployer.env, text=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(PYINFRA),
+            "-y",
+            "--limit",
+            HOST,
+            "--data",
+            f"ipvs_pre_activate=echo $$ > {mark}; exec sleep 120",
+            str(deployer.inventory),
+            "deploy.py",
+        ],
+        cwd=REPO,
+        env=deployer.env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: p.poll() is not None
-                 or lab.run(HOST, f"test -e {mark}", check=False).rc == 0,
-                 seconds=600, step=0.5)  # fmt: skip
+        wait_for(
+            lambda: p.poll() is not None or lab.run(HOST, f"test -e {mark}", check=False).rc == 0,
+            seconds=600,
+            step=0.5,
+        )
         assert p.poll() is None, "the deploy ended before its activation was seen"
         os.killpg(p.pid, signal.SIGKILL)
     finally:

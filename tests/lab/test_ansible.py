@@ -70,8 +70,12 @@ class Playbook:
         t0 = time.monotonic()
         r = subprocess.run(
             [str(BIN / "ansible-playbook"), "-i", str(self.inventory), playbook, *args],
-            cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=1800,
-        )  # fmt: skip
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         return r.returncode, r.stdout + r.stderr, time.monotonic() - t0
 
 
@@ -111,9 +115,7 @@ def ansible_converged(lab, ansible_stock, playbook):
     return pyinfra_state, {n: snapshot(lab, n) for n in lab.hosts}, first
 
 
-def test_a_refusal_on_one_host_stops_the_play_before_any_host_changes(
-    lab, ansible_stock, playbook
-):
+def test_a_refusal_on_one_host_stops_the_play_before_any_host_changes(lab, ansible_stock, playbook):
     """On lab VMs on stock (each would change in a play that went on): the canary has an
     FTP virtual service while its class wants knob=1. The preflight refuses it, naming host
     and reason, and no host changes (snapshots taken on the hosts)."""
@@ -123,8 +125,11 @@ def test_a_refusal_on_one_host_stops_the_play_before_any_host_changes(
     try:
         rc, out, _ = playbook.run()
         assert rc != 0, out[-4000:]
-        assert re.search(rf"host {canary} .*conn_reuse_old_conntrack=1 refused: host uses ftp "
-                         r"\(.*10\.99\.0\.1:21", out), out[-4000:]  # fmt: skip
+        assert re.search(
+            rf"host {canary} .*conn_reuse_old_conntrack=1 refused: host uses ftp "
+            r"\(.*10\.99\.0\.1:21",
+            out,
+        ), out[-4000:]
         assert "Roll out in waves" not in out, out[-4000:]
     finally:
         lab.run(canary, "ipvsadm -D -t 10.99.0.1:21")
@@ -159,9 +164,7 @@ def a_class_sysctl(lab, name: str) -> tuple[str, int]:
     return key, wanted[key]
 
 
-def test_check_diff_reports_a_drifted_sysctl_and_changes_nothing(
-    lab, ansible_converged, playbook
-):
+def test_check_diff_reports_a_drifted_sysctl_and_changes_nothing(lab, ansible_converged, playbook):
     """A converged host whose class sysctl was changed by hand: `--check --diff` exits 0,
     counts the host as changed, names the value it would set, and the host is as before
     (snapshot). `--tags verify` (no --check) then fails that host naming the drift, and a
@@ -172,8 +175,9 @@ def test_check_diff_reports_a_drifted_sysctl_and_changes_nothing(
     lab.run(name, f"echo {1 - want} > {path}")
     try:
         drifted = snapshot(lab, name)
-        rc, out, seconds = playbook.run("ipvs_fleet.fleet.site", "--check", "--diff",
-                                        "--limit", name)  # fmt: skip
+        rc, out, seconds = playbook.run(
+            "ipvs_fleet.fleet.site", "--check", "--diff", "--limit", name
+        )
         print(f"ansible-playbook --check --diff, one drifted host: {seconds:.1f} s")
         assert rc == 0, out[-4000:]
         got = recap(out)[name]
@@ -203,8 +207,9 @@ def test_tags_verify_verifies_a_converged_host_and_changes_nothing(
     tasks = re.findall(r"^TASK \[(?:ipvs_fleet\.fleet\.ipvs_fleet : )?(.*?)\]", out, re.M)
     assert "Verify the loaded modules and the live values" in tasks, tasks
     # only the read-only phases ran: the plan, the state read, the verification
-    assert not [t for t in tasks if t.startswith(("Install", "Write", "Load", "Reboot", "Run",
-                                                   "Set"))]  # fmt: skip
+    assert not [
+        t for t in tasks if t.startswith(("Install", "Write", "Load", "Reboot", "Run", "Set"))
+    ]
 
 
 # slow (make test-full): a rollback and a rollout of one host (~280 s with the 2.x module
@@ -250,8 +255,12 @@ def test_checks_pass_after_the_ansible_path(lab, ansible_converged, deployer, tm
     env = dict(deployer.env, IPVS_FLEET_ANSIBLE_INVENTORY=str(playbook_inventory(tmp_path, lab)))
     r = subprocess.run(
         [str(BIN / "ipvs-fleet"), "check", "inventory/from_ansible.py"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
 
 

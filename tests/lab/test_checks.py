@@ -43,8 +43,11 @@ def _insmod_variant(lab: Any, host: str, artifact: Any, d: str) -> None:
     stock ip_vs (IPVS and its tables stay), with the class's values applied as modprobe does."""
     data = base64.b64encode(artifact.tarball.read_bytes()).decode()
     lab.run(host, f"rm -rf {d} && mkdir -p {d} && base64 -d | tar -xzf - -C {d}", input=data)
-    lab.run(host, f"{{ [ ! -d /sys/module/{FIX} ] || rmmod {FIX}; }} && "
-            f"insmod {d}/{FIX}.ko && sysctl -qp {SYSCTL_FILE}")
+    lab.run(
+        host,
+        f"{{ [ ! -d /sys/module/{FIX} ] || rmmod {FIX}; }} && "
+        f"insmod {d}/{FIX}.ko && sysctl -qp {SYSCTL_FILE}",
+    )
 
 
 def _fleet_fix_back(lab: Any, host: str, d: str) -> None:
@@ -98,8 +101,14 @@ def test_hand_changed_sysctl_is_drift_with_converge_command(
         assert converge[:2] == ["pyinfra", "-y"] and converge[-2:] == ["--limit", k8s_host]
         _valid_junit(run.junit)
         # The command the report gives brings the host back.
-        r = subprocess.run([str(PYINFRA), *converge[1:]], cwd=REPO, env=checker.env,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [str(PYINFRA), *converge[1:]],
+            cwd=REPO,
+            env=checker.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert checker.run("--limit", k8s_host).rc == 0
     finally:
@@ -125,12 +134,15 @@ def test_stock_modules_waived_then_expired(
 
     def waivers(expires: dt.date) -> Path:
         p = tmp_path / f"waivers-{expires}.yml"
-        p.write_text("waivers:\n" + "".join(
-            f"  - host: {host}\n    check: {c}\n"
-            f"    justification: kernel upgrade ahead of its module build (TEST-1)\n"
-            f"    expires: {expires.isoformat()}\n"
-            for c in sorted(STOCK_FAILS)
-        ))
+        p.write_text(
+            "waivers:\n"
+            + "".join(
+                f"  - host: {host}\n    check: {c}\n"
+                f"    justification: kernel upgrade ahead of its module build (TEST-1)\n"
+                f"    expires: {expires.isoformat()}\n"
+                for c in sorted(STOCK_FAILS)
+            )
+        )
         return p
 
     today = dt.date.today()
@@ -142,8 +154,9 @@ def test_stock_modules_waived_then_expired(
     skipped = root.findall(".//testcase/skipped")
     assert len(skipped) == len(STOCK_FAILS)
     # waived = pytest's xfail, its reason the waiver's expiry and justification
-    assert all(x.get("type") == "pytest.xfail" and "TEST-1" in x.get("message", "")
-               for x in skipped)  # fmt: skip
+    assert all(
+        x.get("type") == "pytest.xfail" and "TEST-1" in x.get("message", "") for x in skipped
+    )
 
     expired = checker.run("--limit", host, "--waivers", str(waivers(today - dt.timedelta(1))))
     assert expired.rc == 1
@@ -162,8 +175,10 @@ def test_reuse_safety_fails_for_a_module_without_a_design_behind_kube_proxy_nat(
     check fails naming the design and the rule (the deploy's interlock refuses such a build:
     tests/lab/test_deploy.py). The host gets the fleet's build back afterwards."""
     if lab.hosts[k8s_host].kernel_release != nodesign_artifact.kernel_release:
-        pytest.fail(f"the nodesign variant is built for {nodesign_artifact.kernel_release}; "
-                    f"{k8s_host} runs {lab.hosts[k8s_host].kernel_release}")
+        pytest.fail(
+            f"the nodesign variant is built for {nodesign_artifact.kernel_release}; "
+            f"{k8s_host} runs {lab.hosts[k8s_host].kernel_release}"
+        )
     d = "/root/ipvs-fleet-nodesign"
     _insmod_variant(lab, k8s_host, nodesign_artifact, d)
     lab.run(k8s_host, KUBE_PROXY_NAT)
@@ -172,8 +187,9 @@ def test_reuse_safety_fails_for_a_module_without_a_design_behind_kube_proxy_nat(
         assert run.rc == 1
         status = run.status(k8s_host)
         assert status["reuse_safety"] == "failed", status
-        [res] = [r for r in run.doc["results"]
-                 if r["host"] == k8s_host and r["check"] == "reuse_safety"]
+        [res] = [
+            r for r in run.doc["results"] if r["host"] == k8s_host and r["check"] == "reuse_safety"
+        ]
         message = " ".join(res["message"].split())
         assert "reuse design is 'none'" in message, message
         assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in message, message
@@ -181,7 +197,9 @@ def test_reuse_safety_fails_for_a_module_without_a_design_behind_kube_proxy_nat(
         # nodesign build's version); the knob, the values and the persisted files are the
         # class's
         assert {c for c, s in status.items() if s == "failed"} == {
-            "reuse_safety", "patched_module"}, status
+            "reuse_safety",
+            "patched_module",
+        }, status
         assert ".nodesign" in run.out, run.out
     finally:
         lab.run(k8s_host, KUBE_PROXY_NAT_UNDO, check=False)
@@ -230,8 +248,11 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
     budget (p99 <= 0 ms, in its host data) that no host can meet."""
     canary, node, ftp = _hosts_by_class(lab)
     strict = _checker_with_p99_zero(checker, lab, tmp_path, "ftp")
-    lab.run(canary, f"cp -p {SYSCTL_FILE} /root/persisted.bak && sed -i "
-            f"'s/^net.ipv4.vs.{KNOB} = 1$/net.ipv4.vs.{KNOB} = 0/' {SYSCTL_FILE}")
+    lab.run(
+        canary,
+        f"cp -p {SYSCTL_FILE} /root/persisted.bak && sed -i "
+        f"'s/^net.ipv4.vs.{KNOB} = 1$/net.ipv4.vs.{KNOB} = 0/' {SYSCTL_FILE}",
+    )
     lab.run(node, "sysctl -qw net.ipv4.vs.conn_reuse_mode=0")
     try:
         run = strict.run()
@@ -239,8 +260,9 @@ def test_persisted_drift_and_latency_budget_each_fail_alone(
         _valid_junit(run.junit)
         assert _failed(run, canary) == {"persisted"}, run.status(canary)
         res = _result(run, canary, "persisted")
-        assert {"key": f"{SYSCTL_FILE}: net.ipv4.vs.{KNOB}", "expected": "1",
-                "actual": "0"} in res["drift"]  # fmt: skip
+        assert {"key": f"{SYSCTL_FILE}: net.ipv4.vs.{KNOB}", "expected": "1", "actual": "0"} in res[
+            "drift"
+        ]
         assert res["fix"].startswith("rewrite the fleet's files: pyinfra -y ")
         assert res["converge"].endswith(f"deploy.py --limit {canary}")
 
@@ -289,8 +311,10 @@ def test_a_wrong_knob_default_fails_the_sysctl_table_check(
     tests/lab/test_deploy.py::test_a_taint_fails_its_check_until_the_host_boots_again."""
     canary, _, _ = _hosts_by_class(lab)
     if lab.hosts[canary].kernel_release != baddefault_artifact.kernel_release:
-        pytest.fail(f"the baddefault variant is built for {baddefault_artifact.kernel_release}; "
-                    f"{canary} runs {lab.hosts[canary].kernel_release}")
+        pytest.fail(
+            f"the baddefault variant is built for {baddefault_artifact.kernel_release}; "
+            f"{canary} runs {lab.hosts[canary].kernel_release}"
+        )
     d = "/root/ipvs-fleet-baddefault"
     _insmod_variant(lab, canary, baddefault_artifact, d)
     try:

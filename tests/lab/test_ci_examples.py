@@ -52,10 +52,19 @@ def user_inventory(lab: Lab) -> str:
     lines = ['"""The lab\'s hosts, as a fleet repository lists its own."""', ""]
     class_data = lab_class_data()
     for group, names in lab.groups.items():
-        hosts = [(n, {"ssh_hostname": "127.0.0.1", "ssh_port": lab.hosts[n].port,
-                      "ssh_user": "root", "ipvs_host_class": lab.hosts[n].host_class,
-                      **class_data.get(lab.hosts[n].host_class, {})})
-                 for n in names]  # fmt: skip
+        hosts = [
+            (
+                n,
+                {
+                    "ssh_hostname": "127.0.0.1",
+                    "ssh_port": lab.hosts[n].port,
+                    "ssh_user": "root",
+                    "ipvs_host_class": lab.hosts[n].host_class,
+                    **class_data.get(lab.hosts[n].host_class, {}),
+                },
+            )
+            for n in names
+        ]
         lines.append(f"{group} = {hosts!r}")
     return "\n".join(lines) + "\n"
 
@@ -69,19 +78,30 @@ def clean_env(venv: Path, home: Path) -> dict[str, str]:
     """A runner's environment: nothing of the checkout, its venv, its lab or an SSH agent
     leaks in."""
     leaks = ("PYTHONPATH", "VIRTUAL_ENV", "SSH_AUTH_SOCK")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("IPVS_FLEET_") and k not in leaks}  # fmt: skip
-    return env | {"HOME": str(home), "CI": "true", "COLUMNS": "300",
-                  "PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"}  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("IPVS_FLEET_") and k not in leaks
+    }
+    return env | {
+        "HOME": str(home),
+        "CI": "true",
+        "COLUMNS": "300",
+        "PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
+    }
 
 
 def sh(cmd: Command, cwd: Path, env: dict[str, str], timeout: float = 1200) -> str:
     """Run one command as the CI runs a step (bash, -e, pipefail); its output."""
-    r = subprocess.run(["bash", "-eo", "pipefail", "-c", cmd.shell], cwd=cwd,
-                       env=env | cmd.env, capture_output=True, text=True,
-                       timeout=timeout)  # fmt: skip
-    assert r.returncode == 0, f"$ {cmd.shell}\nexit {r.returncode}\n{r.stdout[-4000:]}\n" \
-        f"{r.stderr[-4000:]}"  # fmt: skip
+    r = subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", cmd.shell],
+        cwd=cwd,
+        env=env | cmd.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, (
+        f"$ {cmd.shell}\nexit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    )
     return r.stdout + r.stderr
 
 
@@ -113,8 +133,9 @@ class Runner:
 
     def install(self, wheel: Path) -> None:
         """The virtualenv, then the job's install lines, in order (ipvs-fleet's: the wheel)."""
-        subprocess.run([sys.executable, "-m", "venv", str(self.tmp / "venv")], check=True,
-                       timeout=300)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "venv", str(self.tmp / "venv")], check=True, timeout=300
+        )
         (self.repo / "requirements.lock").write_text(LOCK.read_text())
         for cmd in self.installs:
             sh(from_wheel(cmd, wheel) if is_install(cmd) else cmd, self.repo, self.env)
@@ -144,12 +165,14 @@ def github_runner(lab: Lab, tmp: Path) -> Runner:
 
 
 def gitlab_runner(lab: Lab, tmp: Path) -> Runner:
-    variables = {"CI_PROJECT_DIR": str(tmp / "repo"),
-                 # the masked registry URL: PyPI (the dependencies), the wheel (ipvs-fleet)
-                 "PIP_INDEX_URL": "https://pypi.org/simple",
-                 # File variables: GitLab writes the value to a file, the variable is its path
-                 "FLEET_SSH_KEY": str(lab.client_key),
-                 "FLEET_KNOWN_HOSTS": str(lab.known_hosts)}  # fmt: skip
+    variables = {
+        "CI_PROJECT_DIR": str(tmp / "repo"),
+        # the masked registry URL: PyPI (the dependencies), the wheel (ipvs-fleet)
+        "PIP_INDEX_URL": "https://pypi.org/simple",
+        # File variables: GitLab writes the value to a file, the variable is its path
+        "FLEET_SSH_KEY": str(lab.client_key),
+        "FLEET_KNOWN_HOSTS": str(lab.known_hosts),
+    }
     job = gitlab_job(yaml.safe_load(GITLAB.read_text()), variables)
     return Runner(job, tmp, clean_env(tmp / "venv", tmp / "home") | variables)
 
@@ -160,8 +183,10 @@ def runners(
 ) -> Iterator[dict[str, Runner]]:
     """Both examples' runners, their installs (pip, on the controller) started together
     while the deploy (`converged`, on the guests) runs."""
-    made = {"github": github_runner(lab, tmp_path_factory.mktemp("github")),
-            "gitlab": gitlab_runner(lab, tmp_path_factory.mktemp("gitlab"))}  # fmt: skip
+    made = {
+        "github": github_runner(lab, tmp_path_factory.mktemp("github")),
+        "gitlab": gitlab_runner(lab, tmp_path_factory.mktemp("gitlab")),
+    }
     with ThreadPoolExecutor(len(made)) as pool:
         for r in made.values():
             r.home.mkdir()
@@ -178,11 +203,16 @@ def assert_junit_passes(path: Path, lab: Lab) -> None:
     print(f"{path}: {len(suites)} suites, {tests} tests")
     assert tests == len(cases) > 0
     assert [int(s.get(k, 0)) for s in suites for k in ("failures", "errors")] == [0] * (
-        2 * len(suites))  # fmt: skip
+        2 * len(suites)
+    )
     assert not [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
     # pytest's JUnit: each testcase names its host in a property
-    checked = {p.get("value") for c in cases for p in c.iterfind("properties/property")
-               if p.get("name") == "host"}  # fmt: skip
+    checked = {
+        p.get("value")
+        for c in cases
+        for p in c.iterfind("properties/property")
+        if p.get("name") == "host"
+    }
     assert checked == set(lab.hosts), checked
 
 

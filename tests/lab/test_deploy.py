@@ -85,8 +85,10 @@ def test_connections_in_flight_survive_rollback_and_activation_on_every_line(
             assert st["broken"] == 0, (h, st)
     for h, x in holds.items():
         r = x.result
-        print(f"{h}: {r['connections']} held {r['seconds']} s, {r['exchanges']} exchanges, "
-              f"{r['broken']} broken")  # fmt: skip
+        print(
+            f"{h}: {r['connections']} held {r['seconds']} s, {r['exchanges']} exchanges, "
+            f"{r['broken']} broken"
+        )
         assert r["connections"] == 100 and r["broken"] == 0, (h, r)
         assert r["exchanges"] >= 100 * 10, (h, r)  # every connection kept talking throughout
         warn = lab.run(h, "dmesg | grep -E 'WARNING|BUG:' | grep -v 'BUG: -' ; true").stdout
@@ -165,8 +167,11 @@ def test_a_foreign_ipvs_module_is_refused_live_and_nothing_changes(
     host = "k8s-canary"
     data = base64.b64encode(foreign_module.read_bytes()).decode()
     lab.run(host, "base64 -d > /root/foreign.ko", input=data)
-    lab.run(host, "ipvsadm -A -t 10.99.0.3:80 -s rr && ipvsadm -a -t 10.99.0.3:80 -r "
-                  f"10.99.1.3:80 -m && rmmod {MODULE_NAME} && insmod /root/foreign.ko")  # fmt: skip
+    lab.run(
+        host,
+        "ipvsadm -A -t 10.99.0.3:80 -s rr && ipvsadm -a -t 10.99.0.3:80 -r "
+        f"10.99.1.3:80 -m && rmmod {MODULE_NAME} && insmod /root/foreign.ko",
+    )
     table = lab.run(host, "ipvsadm-save -n").stdout
     try:
         before = live_state(lab, host)
@@ -179,16 +184,17 @@ def test_a_foreign_ipvs_module_is_refused_live_and_nothing_changes(
         assert lab.run(host, "ipvsadm-save -n").stdout == table
         assert lab.run(host, f"test -d /sys/module/{FOREIGN}", check=False).rc == 0
     finally:
-        lab.run(host, f"rmmod {FOREIGN}; rm -f /root/foreign.ko; ipvsadm -D -t 10.99.0.3:80",
-                check=False)  # fmt: skip
+        lab.run(
+            host,
+            f"rmmod {FOREIGN}; rm -f /root/foreign.ko; ipvsadm -D -t 10.99.0.3:80",
+            check=False,
+        )
     deployer.run("deploy.py", "--limit", host)
     assert_converged(lab, artifacts, host)
 
 
 @pytest.mark.slow  # ~40 s; the in-flight test above goes both ways with connections held
-def test_activation_and_rollback_keep_the_service_table(
-    lab, artifacts, deployer, deployed
-):
+def test_activation_and_rollback_keep_the_service_table(lab, artifacts, deployer, deployed):
     host = "k8s-canary"
     lab.run(
         host,
@@ -215,8 +221,11 @@ def test_a_taint_fails_its_check_until_the_host_boots_again(lab, artifacts, chec
     """A taint bit the modules do not cause (U: root wrote /proc/sys/kernel/tainted) fails
     the taint check, and only it, naming the bit; a taint clears only at boot. The host
     reboots: the fix module and the class's values come back, and every check passes."""
-    node = next(n for n, h in sorted(lab.hosts.items()) if h.host_class == "k8s_node"
-                and "canary" not in h.groups)  # fmt: skip
+    node = next(
+        n
+        for n, h in sorted(lab.hosts.items())
+        if h.host_class == "k8s_node" and "canary" not in h.groups
+    )
     lab.run(node, f"echo {TAINT_USER} > /proc/sys/kernel/tainted")
     run = checker.run("--limit", node)
     assert run.rc == 1, run.out

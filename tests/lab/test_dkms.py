@@ -56,8 +56,11 @@ def dkms_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def deployer(dkms_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Deployer:
     # No artifacts at all: build mode must not need one.
-    env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(dkms_lab.dir),
-               IPVS_FLEET_ARTIFACTS=str(tmp_path_factory.mktemp("no-artifacts")))  # fmt: skip
+    env = dict(
+        os.environ,
+        IPVS_FLEET_LAB_DIR=str(dkms_lab.dir),
+        IPVS_FLEET_ARTIFACTS=str(tmp_path_factory.mktemp("no-artifacts")),
+    )
     return Deployer(dkms_lab.inventory_path, env)
 
 
@@ -78,8 +81,11 @@ def test_missing_headers_are_refused_by_name_and_version(dkms_lab, deployer):  #
 
 def test_build_mode_builds_on_the_host_and_converges(dkms_lab, deployer):  # type: ignore[no-untyped-def]
     sid = kernel.set_id(kernel.module_sources())
-    dkms_lab.run(HOST, "modprobe ip_vs && ipvsadm -A -t 10.99.0.5:80 -s rr && "
-                       "ipvsadm -a -t 10.99.0.5:80 -r 10.99.1.5:80 -m")  # fmt: skip
+    dkms_lab.run(
+        HOST,
+        "modprobe ip_vs && ipvsadm -A -t 10.99.0.5:80 -s rr && "
+        "ipvsadm -a -t 10.99.0.5:80 -r 10.99.1.5:80 -m",
+    )
     assert state(dkms_lab)["loaded"] == ""  # the stock build is loaded (no version field)
     r = deployer.run("deploy.py", "--data", "ipvs_install=dkms")
     print(f"build-mode deploy (DKMS build on a TCG VM included): {r.seconds:.1f} s")
@@ -93,8 +99,14 @@ def test_build_mode_builds_on_the_host_and_converges(dkms_lab, deployer):  # typ
     assert again.totals["success"] == 0, f"changed on a no-op run: {again.changed()}"
     report = dkms_lab.dir / "check.json"
     env = dict(deployer.env)
-    c = subprocess.run([str(CLI), "check", str(dkms_lab.inventory_path), "--json", str(report)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    c = subprocess.run(
+        [str(CLI), "check", str(dkms_lab.inventory_path), "--json", str(report)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-2000:]
     doc = json.loads(report.read_text())
     assert doc["exit_code"] == 0 and doc["classes"]["k8s_node"]["compliant"] == [HOST], doc

@@ -33,8 +33,14 @@ HOST = "k8s-canary"
 PREPARING = "Preparing operation"
 # The template's example hosts, as a user replaces them: from its first group to `canary`.
 EXAMPLE_HOSTS = re.compile(r"^k8s_nodes = .*?^canary = [^\n]*$", re.S | re.M)
-CONNECTION = ("ssh_hostname", "ssh_port", "ssh_user", "ssh_key", "ssh_allow_agent",
-              "ssh_look_for_keys")  # fmt: skip
+CONNECTION = (
+    "ssh_hostname",
+    "ssh_port",
+    "ssh_user",
+    "ssh_key",
+    "ssh_allow_agent",
+    "ssh_look_for_keys",
+)
 
 
 def connection(lab, known: Path) -> dict[str, object]:
@@ -46,8 +52,9 @@ def connection(lab, known: Path) -> dict[str, object]:
 def user_repo(lab, root: Path, known: Path) -> Path:
     """`ipvs-fleet init` a repository whose inventory/prod.py names the lab host."""
     repo = root / "fleet-repo"
-    subprocess.run([str(BIN / "ipvs-fleet"), "init", str(repo)], check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [str(BIN / "ipvs-fleet"), "init", str(repo)], check=True, capture_output=True, timeout=120
+    )
     inv = repo / "inventory" / "prod.py"
     hosts = (
         f"k8s_nodes = ([({HOST!r}, {connection(lab, known)!r})], "
@@ -66,15 +73,22 @@ def pyinfra(inventory: Path, deploy: Path, cwd: Path) -> subprocess.CompletedPro
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPVS_FLEET_LAB")}
     return subprocess.run(
         [str(BIN / "pyinfra"), "-y", "--dry", str(inventory), str(deploy)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def other_key(lab) -> str:
     """Another lab host's key: `HOST` presenting it would be an impostor."""
     other = next(n for n in sorted(lab.hosts) if n != HOST)
-    line = next(ln for ln in lab.known_hosts.read_text().splitlines()
-                if ln.startswith(f"[127.0.0.1]:{lab.hosts[other].port} "))  # fmt: skip
+    line = next(
+        ln
+        for ln in lab.known_hosts.read_text().splitlines()
+        if ln.startswith(f"[127.0.0.1]:{lab.hosts[other].port} ")
+    )
     return line.split(None, 1)[1]
 
 
@@ -101,8 +115,11 @@ def test_the_deploy_refuses_a_host_whose_inventory_sets_no_host_key_checking(lab
     # A hand-written inventory that sets nothing: run from `/`, pyinfra connects with its
     # default (trust on first use); the key is known here, so the connect itself succeeds.
     known = tmp_path / "known_hosts"
-    line = next(ln for ln in lab.known_hosts.read_text().splitlines()
-                if ln.startswith(f"[127.0.0.1]:{lab.hosts[HOST].port} "))  # fmt: skip
+    line = next(
+        ln
+        for ln in lab.known_hosts.read_text().splitlines()
+        if ln.startswith(f"[127.0.0.1]:{lab.hosts[HOST].port} ")
+    )
     known.write_text(line + "\n")
     inv = tmp_path / "bare.py"
     inv.write_text(

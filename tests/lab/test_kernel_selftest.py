@@ -63,13 +63,16 @@ def selftest_tar(pin: KernelPin, tmp: Path) -> bytes:
     """A tar of the selftest folder(s) from the pin's linux-source, ipvs.sh with the knob."""
     deb = fetch_deb(pin.release, pin.source_package, pin.version)
     with (tmp / "src.tar").open("wb") as f:
-        subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, timeout=600,
-                       stdout=f)  # fmt: skip
+        subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, timeout=600, stdout=f)
     inner = f"./usr/src/linux-source-{pin.line}.tar.xz"
-    subprocess.run(["tar", "-xf", str(tmp / "src.tar"), "-C", str(tmp), inner], check=True,
-                   timeout=600)  # fmt: skip
-    subprocess.run(["tar", "-xJf", str(tmp / inner), "-C", str(tmp), "--wildcards",
-                    *members(pin.line)], check=True, timeout=900)  # fmt: skip
+    subprocess.run(
+        ["tar", "-xf", str(tmp / "src.tar"), "-C", str(tmp), inner], check=True, timeout=600
+    )
+    subprocess.run(
+        ["tar", "-xJf", str(tmp / inner), "-C", str(tmp), "--wildcards", *members(pin.line)],
+        check=True,
+        timeout=900,
+    )
     top = tmp / f"linux-source-{pin.line}/tools/testing/selftests"
     script = next(top.glob("**/ipvs.sh"))
     script.write_text(with_knob(script.read_text()))
@@ -81,7 +84,10 @@ def selftest_tar(pin: KernelPin, tmp: Path) -> bytes:
 
 @pytest.mark.parametrize("release", load_fleet().releases())
 def test_kernel_ipvs_selftest_passes_with_the_fix_module_and_knob_1(
-    lab: Any, artifacts: dict[str, Artifact], lab_pins: dict[str, KernelPin], release: str,
+    lab: Any,
+    artifacts: dict[str, Artifact],
+    lab_pins: dict[str, KernelPin],
+    release: str,
     tmp_path: Path,
 ) -> None:
     host = sorted(n for n, h in lab.hosts.items() if h.release == release)[0]
@@ -92,16 +98,24 @@ def test_kernel_ipvs_selftest_passes_with_the_fix_module_and_knob_1(
     try:
         st = g.load_modules(artifacts[pin.kernel_release], knob=False)
         assert st["fix_module"]["version"] == artifacts[pin.kernel_release].set_id, st
-        g.sh(f"rm -rf {GUEST_DIR} && mkdir -p {GUEST_DIR} && base64 -d | tar -xf - -C "
-             f"{GUEST_DIR}", input=base64.b64encode(tar).decode())  # fmt: skip
-        r = lab.run(host, f"cd $(dirname $(find {GUEST_DIR} -name ipvs.sh)) && "
-                          "bash ./ipvs.sh 2>&1", check=False, timeout=600)  # fmt: skip
+        g.sh(
+            f"rm -rf {GUEST_DIR} && mkdir -p {GUEST_DIR} && base64 -d | tar -xf - -C {GUEST_DIR}",
+            input=base64.b64encode(tar).decode(),
+        )
+        r = lab.run(
+            host,
+            f"cd $(dirname $(find {GUEST_DIR} -name ipvs.sh)) && bash ./ipvs.sh 2>&1",
+            check=False,
+            timeout=600,
+        )
         loaded = lab.run(host, f"test -d /sys/module/{MODULE_NAME} && echo yes", check=False)
     finally:
         g.restore(before)
     out = str(r.stdout)
-    print(f"--- ipvs.sh on {host} ({pin.kernel_release}), {MODULE_NAME} loaded, knob=1: "
-          f"exit {r.rc}\n{out}")  # fmt: skip
+    print(
+        f"--- ipvs.sh on {host} ({pin.kernel_release}), {MODULE_NAME} loaded, knob=1: "
+        f"exit {r.rc}\n{out}"
+    )
     assert loaded.stdout.strip() == "yes", "the fix module was not loaded during the run"
     assert r.rc == 0, f"ksft exit {r.rc}:\n{out}"
     # each mode ran (a case that fails returns an error count; the run then says FAIL)

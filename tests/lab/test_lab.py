@@ -31,8 +31,11 @@ def cli(labdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "IPVS_FLEET_LAB_DIR": str(labdir)}
     return subprocess.run(
         [sys.executable, "-m", "ipvs_fleet.cli", "lab", *args],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
 
 
 def test_default_fleet_is_up(lab: Lab) -> None:
@@ -97,16 +100,19 @@ def test_run_reports_exit_code_and_streams(lab: Lab) -> None:
 def test_ssh_config_works_with_host_key_checking_on(lab: Lab, tmp_path: Path) -> None:
     # A connection of its own: a shared master would skip the host key check.
     ssh = ["ssh", "-F", str(lab.ssh_config), "-o", "ControlPath=none"]
-    r = subprocess.run([*ssh, "ftp-director", "hostname"], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [*ssh, "ftp-director", "hostname"], capture_output=True, text=True, timeout=120
+    )
     assert (r.returncode, r.stdout.strip()) == (0, "ftp-director")
     # An unknown host key is refused: the check really is on.
     empty = tmp_path / "known_hosts"
     empty.touch()
     r = subprocess.run(
         [*ssh, "-o", f"UserKnownHostsFile={empty}", "ftp-director", "true"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 255
     assert "Host key verification failed" in r.stderr
 
@@ -125,8 +131,12 @@ def test_pyinfra_inventory_reaches_every_host(lab: Lab) -> None:
     env = {**os.environ, "IPVS_FLEET_LAB_DIR": str(lab.dir)}
     r = subprocess.run(
         [str(PYINFRA), "-y", str(lab.inventory_path), "exec", "--", "uname", "-r"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for name, h in lab.hosts.items():
         line = rf"^\[{re.escape(name)}\]\s+{re.escape(h.kernel_release)}$"

@@ -55,12 +55,17 @@ def test_locked_down_host_is_refused_before_anything_changes(locked_lab, artifac
     assert "insmod: unsigned module loading is restricted" in dmesg, dmesg[-2000:]
     lab.run(HOST, "rm -rf /tmp/t && modprobe -r ip_vs")
     before = lab.run(HOST, FINGERPRINT).stdout
-    env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir),
-               IPVS_FLEET_ARTIFACTS=str(art.path.parent))  # fmt: skip
+    env = dict(
+        os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir), IPVS_FLEET_ARTIFACTS=str(art.path.parent)
+    )
     r = subprocess.run(
         [str(PYINFRA), "-y", str(lab.inventory_path), "deploy.py"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
     assert f"host {HOST} (kernel {kr}): kernel lockdown is integrity" in out, out[-3000:]

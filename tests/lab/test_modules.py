@@ -59,8 +59,11 @@ def fix_module_out(lab: Any, host: str) -> Iterator[None]:
 def unpack(lab: Any, host: str, art: Artifact) -> str:
     """Copy the artifact's tarball to `host` and unpack it into TEST_DIR (its path back)."""
     data = base64.b64encode(art.tarball.read_bytes()).decode()
-    lab.run(host, f"rm -rf {TEST_DIR} && mkdir -p {TEST_DIR} && base64 -d | tar -xzf - -C "
-                  f"{TEST_DIR}", input=data)  # fmt: skip
+    lab.run(
+        host,
+        f"rm -rf {TEST_DIR} && mkdir -p {TEST_DIR} && base64 -d | tar -xzf - -C {TEST_DIR}",
+        input=data,
+    )
     return TEST_DIR
 
 
@@ -116,10 +119,12 @@ def test_fix_module_loads_beside_the_stock_ip_vs_and_identifies_itself(
 
         # Unloaded, the knob goes and ip_vs stays, the stock one.
         sh(lab, host, f"rmmod {MODULE_NAME}")
-        assert sh(lab, host, f"test -e {KNOB} && echo knob; lsmod | grep -c '^ip_vs '; true"
-                  ).split() == ["1"]  # fmt: skip
-        assert not [w for w in sh(lab, host, "dmesg").splitlines()
-                    if "WARNING" in w or "BUG" in w], "a kernel warning"  # fmt: skip
+        assert sh(
+            lab, host, f"test -e {KNOB} && echo knob; lsmod | grep -c '^ip_vs '; true"
+        ).split() == ["1"]
+        assert not [
+            w for w in sh(lab, host, "dmesg").splitlines() if "WARNING" in w or "BUG" in w
+        ], "a kernel warning"
 
 
 def test_integrity_check_catches_a_wrong_knob_default(lab: Any, baddefault_artifact: Artifact):

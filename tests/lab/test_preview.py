@@ -73,16 +73,26 @@ class Run:
 
 @pytest.fixture(scope="module")
 def env(lab, artifacts) -> dict[str, str]:
-    return {**os.environ, "IPVS_FLEET_LAB_DIR": str(lab.dir),
-            "IPVS_FLEET_ARTIFACTS": str(next(iter(artifacts.values())).path.parent)}  # fmt: skip
+    return {
+        **os.environ,
+        "IPVS_FLEET_LAB_DIR": str(lab.dir),
+        "IPVS_FLEET_ARTIFACTS": str(next(iter(artifacts.values())).path.parent),
+    }
 
 
 @pytest.fixture(scope="module")
 def run(env):
     def run(*cmd: str | Path, stdin: str | None = None, timeout: float = 1200) -> Run:
         t0 = time.monotonic()
-        r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True,
-                           text=True, input=stdin, timeout=timeout)  # fmt: skip
+        r = subprocess.run(
+            [str(c) for c in cmd],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=timeout,
+        )
         return Run(r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
 
     return run
@@ -128,13 +138,18 @@ def test_dry_run_and_preview_of_fresh_hosts_list_every_step_and_change_nothing(l
     for h in lab.hosts:
         will = dry.will()[h]
         assert will[0].startswith("install patch set "), will
-        for f in ("/etc/sysctl.d/90-ipvs-fleet.conf", "/etc/modules-load.d/ipvs-fleet.conf",
-                  "/etc/modprobe.d/ipvs-fleet.conf"):  # fmt: skip
+        for f in (
+            "/etc/sysctl.d/90-ipvs-fleet.conf",
+            "/etc/modules-load.d/ipvs-fleet.conf",
+            "/etc/modprobe.d/ipvs-fleet.conf",
+        ):
             assert any(w.startswith(f"create {f}") for w in will), (f, will)
         assert any(w.startswith("load ") and "ip_vs_reuse" in w for w in will), will
         assert not [w for w in will if "unload" in w or "reboot" in w], will
-        assert f"set net.ipv4.vs.{KNOB} = {class_sysctls(lab, h)[KNOB]} (the key appears once " \
+        assert (
+            f"set net.ipv4.vs.{KNOB} = {class_sysctls(lab, h)[KNOB]} (the key appears once "
             "the modules above are active)" in will
+        )
         for op in ("Install the fix module", "Load the fix module (reload)", SET_KNOB):
             assert h in dry.changes()[op], (op, dry.changes())
     preview = pyinfra(run, lab, stdin="no\n")  # anything but Enter: pyinfra stops
@@ -156,19 +171,28 @@ def test_a_refusal_on_one_host_changes_no_host_while_the_others_are_on_stock(
     be changed by a run that went on: none is."""
     canary = next(n for n, h in lab.hosts.items() if "canary" in h.groups)
     setup, undo, named = {
-        "ftp service": ("ipvsadm -A -t 10.99.0.1:21 -s rr", "ipvsadm -D -t 10.99.0.1:21",
-                        "10.99.0.1:21"),
-        "connmark rule": (f"iptables -w {CONNMARK_RULE}",
-                          f"iptables -w {CONNMARK_RULE.replace(' -A ', ' -D ')}", "CONNMARK"),
-    }[fault]  # fmt: skip
+        "ftp service": (
+            "ipvsadm -A -t 10.99.0.1:21 -s rr",
+            "ipvsadm -D -t 10.99.0.1:21",
+            "10.99.0.1:21",
+        ),
+        "connmark rule": (
+            f"iptables -w {CONNMARK_RULE}",
+            f"iptables -w {CONNMARK_RULE.replace(' -A ', ' -D ')}",
+            "CONNMARK",
+        ),
+    }[fault]
     lab.run(canary, setup)
     try:
         before = fingerprints(lab)
         r = pyinfra(run, lab, "-y")
         assert r.rc != 0, r.out[-4000:]
         assert canary in r.out, r.out[-4000:]
-        assert re.search(rf"{KNOB}=1 refused: host uses {fault.split()[0]} \(.*"
-                         rf"{re.escape(named)}", r.out), r.out[-4000:]
+        assert re.search(
+            rf"{KNOB}=1 refused: host uses {fault.split()[0]} \(.*"
+            rf"{re.escape(named)}",
+            r.out,
+        ), r.out[-4000:]
         assert "Beginning operation run" not in r.out
         assert fingerprints(lab) == before
     finally:
@@ -189,9 +213,13 @@ def test_an_archive_changed_after_the_controller_checked_it_is_refused_on_the_ho
     before = lab.run(canary, FINGERPRINT).stdout
     proc = subprocess.Popen(
         [str(PYINFRA), str(lab.inventory_path), "deploy.py", "--limit", canary],
-        cwd=REPO, env=dict(env, IPVS_FLEET_ARTIFACTS=str(arts)), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cwd=REPO,
+        env=dict(env, IPVS_FLEET_ARTIFACTS=str(arts)),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     seen: list[str] = []
     stdout = proc.stdout
     assert stdout is not None
@@ -259,8 +287,16 @@ def test_drift_is_listed_exactly_and_changes_nothing_until_confirmed(lab, run, t
     assert dry_json.changes() == {SET_KNOB: [canary]}
     assert fingerprints(lab) == before
     # the rollout's plan lists it too, per wave, from pyinfra's own dry run
-    plan = run(CLI, "rollout", lab.inventory_path, "--dry", "--waves", "canary,100%",
-               "--journal", tmp_path / "j.jsonl")  # fmt: skip
+    plan = run(
+        CLI,
+        "rollout",
+        lab.inventory_path,
+        "--dry",
+        "--waves",
+        "canary,100%",
+        "--journal",
+        tmp_path / "j.jsonl",
+    )
     assert plan.rc == 0, plan.out[-4000:]
     assert f"set net.ipv4.vs.{KNOB} = {want} (live {1 - want})" in plan.stdout
     assert "nothing (converged)" in plan.stdout  # the other wave
@@ -280,11 +316,22 @@ def test_plan_names_a_host_the_deploy_would_refuse(lab, run, tmp_path):
     lab.run(canary, "ipvsadm -A -t 10.99.0.1:21 -s rr")
     try:
         before = fingerprints(lab)
-        plan = run(CLI, "rollout", lab.inventory_path, "--dry", "--waves", "canary,100%",
-                   "--journal", tmp_path / "j.jsonl")  # fmt: skip
+        plan = run(
+            CLI,
+            "rollout",
+            lab.inventory_path,
+            "--dry",
+            "--waves",
+            "canary,100%",
+            "--journal",
+            tmp_path / "j.jsonl",
+        )
         assert plan.rc == 1, plan.out[-4000:]
-        assert re.search(rf"{canary}: the deploy would refuse it: .*{KNOB}=1 refused.*"
-                         r"10\.99\.0\.1:21", plan.stderr), plan.stderr[-3000:]  # fmt: skip
+        assert re.search(
+            rf"{canary}: the deploy would refuse it: .*{KNOB}=1 refused.*"
+            r"10\.99\.0\.1:21",
+            plan.stderr,
+        ), plan.stderr[-3000:]
         assert "nothing (converged)" in plan.stdout  # the others were planned
         assert fingerprints(lab) == before
     finally:
@@ -363,8 +410,11 @@ def test_host_keys_are_strict_unless_asked(lab, run, tmp_path):
     other = next((n for n in lab.hosts if n != host), None)
     if other:
         theirs = (lab.dir / "ssh" / "known_hosts").read_text().splitlines()
-        key = next(ln.split(None, 1)[1] for ln in theirs
-                   if ln.startswith(f"[127.0.0.1]:{lab.hosts[other].port} "))  # fmt: skip
+        key = next(
+            ln.split(None, 1)[1]
+            for ln in theirs
+            if ln.startswith(f"[127.0.0.1]:{lab.hosts[other].port} ")
+        )
         known.write_text(known.read_text().split()[0] + " " + key + "\n")
         changed = uname("--data", "ssh_strict_host_key_checking=accept-new")
         assert changed.rc != 0, changed.out[-3000:]

@@ -79,7 +79,8 @@ STOCK: dict[Cell, dict[str, int]] = {
     **({NODEPORT6: {"A": 3, "B": 3}} if FULL else {}),
 }
 KNOB1: dict[Cell, dict[str, int]] = {
-    MINIMAL: {"A": 100, "B": 100, "B2": 100, "C1": 30, "C2": 30, "U": 30} if FULL
+    MINIMAL: {"A": 100, "B": 100, "B2": 100, "C1": 30, "C2": 30, "U": 30}
+    if FULL
     else {"A": 30, "B": 30, "B2": 30, "C1": 10, "C2": 10, "U": 10},
     NODEPORT: TCP_U_N,
     HOST: TCP_U_N,
@@ -122,9 +123,18 @@ def _host_of(lab: Any, line: str) -> str:
 
 def _plan(cell: Cell, knob: int | None, scenarios: dict[str, int], **kw: Any) -> Plan:
     ruleset, backend, client, family = cell
-    return Plan(rule="drop", knob=knob, ruleset=ruleset, iptables=backend, client=client,
-                family=family, scenarios=scenarios, hold_flush=HOLD_FLUSH,
-                conntrack_check=knob == 1 and cell in CONNTRACK_CELLS, **kw)
+    return Plan(
+        rule="drop",
+        knob=knob,
+        ruleset=ruleset,
+        iptables=backend,
+        client=client,
+        family=family,
+        scenarios=scenarios,
+        hold_flush=HOLD_FLUSH,
+        conntrack_check=knob == 1 and cell in CONNTRACK_CELLS,
+        **kw,
+    )
 
 
 def _key(cell: Cell) -> str:
@@ -138,8 +148,12 @@ def run_line(lab: Any, art: Any, host: str) -> dict[str, Any]:
     """Every cell of one line: stock, then the module with knob=1 and knob=0."""
     g = Guest(lab, host)
     before = g.status()
-    out: dict[str, Any] = {"host": host, "before": before, "set_id": art.set_id,
-                           **{label: {} for label in LABELS}}
+    out: dict[str, Any] = {
+        "host": host,
+        "before": before,
+        "set_id": art.set_id,
+        **{label: {} for label in LABELS},
+    }
     t0 = time.monotonic()
     try:
         g.load_modules(None)
@@ -169,8 +183,11 @@ def _save(name: str, data: dict[str, Any]) -> None:
             for key, r in data.get(label, {}).items():
                 p = REPORTS / f"{name}-{label}-{key}.json"
                 p.write_text(json.dumps(r))
-                plot_files([p], REPORTS / f"{name}-{label}-{key}.png",
-                           title=f"{name} {label} {cell_label(r)}: latency CDF per scenario")
+                plot_files(
+                    [p],
+                    REPORTS / f"{name}-{label}-{key}.png",
+                    title=f"{name} {label} {cell_label(r)}: latency CDF per scenario",
+                )
     except Exception as e:  # plots are a by-product; the assertions are on the numbers
         print(f"plot failed: {e}")
 
@@ -267,7 +284,10 @@ def test_knob1_runs_the_fix_module_beside_stock_ipvs(lines: dict[str, Any], line
         where = f"{line} {key}: {m}"
         assert m["knob_present"] and fix is not None, where
         assert (fix["reuse_design"], fix["set_id"], fix["version"]) == (
-            DESIGN, lines[line]["set_id"], lines[line]["set_id"]), where
+            DESIGN,
+            lines[line]["set_id"],
+            lines[line]["set_id"],
+        ), where
         assert "O" in fix["taint"] and "O" not in m["ip_vs_taint"], where
 
 
@@ -289,9 +309,7 @@ def test_knob1_masquerade_seen_by_the_real_server(lines: dict[str, Any], line: s
 
 
 @pytest.mark.parametrize("line", LINES)
-def test_knob1_conntrack_one_entry_on_the_new_real_server(
-    lines: dict[str, Any], line: str
-) -> None:
+def test_knob1_conntrack_one_entry_on_the_new_real_server(lines: dict[str, Any], line: str) -> None:
     for cell in CONNTRACK_CELLS:
         result = lines[line]["knob1"][_key(cell)]
         for sc, v in result["conntrack"].items():
@@ -327,12 +345,16 @@ def test_passive_ftp_through_ip_vs_ftp_with_knob0(lines: dict[str, Any], line: s
     assert lines[line]["tmp_left"] == [], f"{line}: the FTP probe left root files in /tmp"
 
 
-def _udp_runs(lines: dict[str, Any], line: str,
-              label: str) -> list[tuple[str, int, dict[str, Any]]]:
+def _udp_runs(
+    lines: dict[str, Any], line: str, label: str
+) -> list[tuple[str, int, dict[str, Any]]]:
     """(cell, attempts, result) of scenario U in the runs of `label`."""
     plans = {"stock": STOCK, "knob1": KNOB1, "knob0": KNOB0}[label]
-    return [(_key(cell), counts["U"], lines[line][label][_key(cell)]["scenarios"]["U"])
-            for cell, counts in plans.items() if "U" in counts]
+    return [
+        (_key(cell), counts["U"], lines[line][label][_key(cell)]["scenarios"]["U"])
+        for cell, counts in plans.items()
+        if "U" in counts
+    ]
 
 
 @pytest.mark.parametrize("line", LINES)
@@ -378,8 +400,9 @@ def test_no_kernel_warnings(lines: dict[str, Any], line: str) -> None:
     # the host got its own modules back, its own fix module build included
     before, restored = out["before"], out["restored"]
     assert sorted(restored["loaded"]) == sorted(before["loaded"])
-    assert (restored["fix_module"] or {}).get("srcversion") == (
-        before["fix_module"] or {}).get("srcversion"), (before, restored)
+    assert (restored["fix_module"] or {}).get("srcversion") == (before["fix_module"] or {}).get(
+        "srcversion"
+    ), (before, restored)
 
 
 @pytest.mark.slow
@@ -392,18 +415,25 @@ def test_ordinary_connections_all_answered_with_knob1(lab: Any, artifacts: Any) 
         for _ in range(ORDINARY_ROUNDS):
             for label in ("stock", "knob1"):
                 g.load_modules(None if label == "stock" else art)
-                r = g.run_plan(_plan(NODEPORT, None if label == "stock" else 1, {},
-                                     ordinary=ORDINARY_PER_ROUND))
+                r = g.run_plan(
+                    _plan(
+                        NODEPORT, None if label == "stock" else 1, {}, ordinary=ORDINARY_PER_ROUND
+                    )
+                )
                 o = r["ordinary"]
                 assert (o["count"], o["errors"], o["slow"]) == (ORDINARY_PER_ROUND, 0, 0), (
-                    f"{label}: {summarize(r)['ordinary']}")
+                    f"{label}: {summarize(r)['ordinary']}"
+                )
                 assert r["kernel_warnings"] == []
                 samples[label] += o["samples_ms"]
     finally:
         g.restore(before)
     p99 = {k: percentile(v, 99) for k, v in samples.items()}
-    print(json.dumps({"line": ORDINARY_LINE, "n": {k: len(v) for k, v in samples.items()},
-                      "p99": p99}))
+    print(
+        json.dumps(
+            {"line": ORDINARY_LINE, "n": {k: len(v) for k, v in samples.items()}, "p99": p99}
+        )
+    )
     # Speed is measured, not asserted (TCG noise between runs exceeds 10%): the p99 ratio
     # over 10,000 connections per side is bench/reuse_matrix.py's.
     assert p99["stock"] is not None and p99["knob1"] is not None

@@ -48,17 +48,34 @@ def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts
     others = [n for n in lab.hosts if n != canary]
     before = {h: fingerprint(lab, h) for h in others}
     # The canary's host data gets a budget no host can meet (p99 of 0 ms).
-    inv = inventory_with(lab.inventory_path, tmp_path / "inv.py",
-                         {canary: {"ipvs_latency_budget": {"p99_ms": 0}}})
-    env = dict(os.environ, IPVS_FLEET_LAB_DIR=str(lab.dir),
-               IPVS_FLEET_ARTIFACTS=str(next(iter(artifacts.values())).path.parent))  # fmt: skip
+    inv = inventory_with(
+        lab.inventory_path, tmp_path / "inv.py", {canary: {"ipvs_latency_budget": {"p99_ms": 0}}}
+    )
+    env = dict(
+        os.environ,
+        IPVS_FLEET_LAB_DIR=str(lab.dir),
+        IPVS_FLEET_ARTIFACTS=str(next(iter(artifacts.values())).path.parent),
+    )
     report = tmp_path / "report.json"
     t0 = time.monotonic()
     r = subprocess.run(
-        [str(CLI), "rollout", str(inv), "--waves", "canary,100%", "--journal",
-         str(tmp_path / "j.jsonl"), "--json", str(report)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            str(CLI),
+            "rollout",
+            str(inv),
+            "--waves",
+            "canary,100%",
+            "--journal",
+            str(tmp_path / "j.jsonl"),
+            "--json",
+            str(report),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     r_secs = time.monotonic() - t0
     assert r.returncode == 1, r.stderr[-4000:]
     doc = json.loads(report.read_text())
@@ -74,9 +91,13 @@ def test_impossible_canary_budget_halts_and_others_stay_untouched(lab, artifacts
         assert fingerprint(lab, h) == before[h], f"{h} was touched"
     # The canary itself is back without the fix module; the lab image has no fleet sysctl
     # file, so the rollback removed the one the deploy wrote.
-    assert lab.run(canary, f"test ! -d /sys/module/{MODULE_NAME} && "
-                           "test ! -e /lib/modules/$(uname -r)/updates/ipvs-fleet && "
-                           "test ! -e /etc/sysctl.d/90-ipvs-fleet.conf", check=False).ok
+    assert lab.run(
+        canary,
+        f"test ! -d /sys/module/{MODULE_NAME} && "
+        "test ! -e /lib/modules/$(uname -r)/updates/ipvs-fleet && "
+        "test ! -e /etc/sysctl.d/90-ipvs-fleet.conf",
+        check=False,
+    ).ok
     print(f"halted at the canary's gate: {r_secs:.0f} s")
 
 
@@ -95,8 +116,11 @@ def test_a_host_frozen_mid_activation_fails_within_its_timeout_and_a_resume_comp
     for h in lab.hosts:
         on_stock(lab, deployer, h)
     mark = "/run/ipvs-fleet-test-frozen"
-    lab.run(canary, f"rm -f {mark}; ipvsadm -A -t 10.97.0.1:80 -s rr && "
-            "ipvsadm -a -t 10.97.0.1:80 -r 10.97.1.1:80 -m")  # fmt: skip
+    lab.run(
+        canary,
+        f"rm -f {mark}; ipvsadm -A -t 10.97.0.1:80 -s rr && "
+        "ipvsadm -a -t 10.97.0.1:80 -r 10.97.1.1:80 -m",
+    )
     try:
         table = lab.run(canary, "ipvsadm-save -n").stdout
         before = {h: fingerprint(lab, h) for h in others}
@@ -104,17 +128,32 @@ def test_a_host_frozen_mid_activation_fails_within_its_timeout_and_a_resume_comp
         cfg["host_command_timeout_seconds"] = 60
         (tmp_path / "rollout.yml").write_text(yaml.safe_dump(cfg))
         # the window to freeze in: a drain hook right before the fix module loads
-        inv = inventory_with(lab.inventory_path, tmp_path / "inv.py",
-                             {canary: {"ipvs_pre_activate": f"touch {mark}; sleep 10"}})
+        inv = inventory_with(
+            lab.inventory_path,
+            tmp_path / "inv.py",
+            {canary: {"ipvs_pre_activate": f"touch {mark}; sleep 10"}},
+        )
         env = dict(deployer.env)
         report, journal = tmp_path / "report.json", tmp_path / "j.jsonl"
-        cmd = [str(CLI), "rollout", str(inv), "--waves", "canary,100%", "--config",
-               str(tmp_path / "rollout.yml"), "--journal", str(journal), "--json", str(report)]
+        cmd = [
+            str(CLI),
+            "rollout",
+            str(inv),
+            "--waves",
+            "canary,100%",
+            "--config",
+            str(tmp_path / "rollout.yml"),
+            "--journal",
+            str(journal),
+            "--json",
+            str(report),
+        ]
         pid = vm.pid_of(lab.vm_files(canary))
         assert pid is not None
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         frozen = False
         try:
             deadline = time.monotonic() + 600
@@ -125,7 +164,8 @@ def test_a_host_frozen_mid_activation_fails_within_its_timeout_and_a_resume_comp
                     break
                 time.sleep(0.5)
             assert frozen, "the activation was never seen running: " + (
-                proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "")
+                proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else ""
+            )
             t_frozen = time.monotonic()
             out = proc.communicate(timeout=900)[0]
             halted_after = time.monotonic() - t_frozen
@@ -150,14 +190,16 @@ def test_a_host_frozen_mid_activation_fails_within_its_timeout_and_a_resume_comp
         assert lab.run(canary, "ipvsadm-save -n").stdout == table
         assert lab.run(canary, "flock -w 60 /var/lib/ipvs-fleet/lock true", check=False).ok
         t1 = time.monotonic()
-        r = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=1800)  # fmt: skip
+        r = subprocess.run(
+            [*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+        )
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         print(f"resume: {time.monotonic() - t1:.0f} s")
         doc = json.loads(report.read_text())
         assert doc["outcome"] == "completed", doc
         assert {h: v["state"] for h, v in doc["hosts"].items()} == dict.fromkeys(
-            lab.hosts, "new-verified"), doc["hosts"]  # fmt: skip
+            lab.hosts, "new-verified"
+        ), doc["hosts"]
         assert lab.run(canary, "ipvsadm-save -n").stdout == table
     finally:
         lab.run(canary, f"ipvsadm -D -t 10.97.0.1:80; rm -f {mark}", check=False)
@@ -196,34 +238,57 @@ def test_connections_held_on_every_host_live_through_a_rollout_and_its_rollback(
         holds = {h: stack.enter_context(held(lab, h, 100)) for h in sorted(lab.hosts)}
         t0 = time.monotonic()
         r = subprocess.run(
-            [str(CLI), "rollout", str(lab.inventory_path), "--waves", "canary,100%",
-             "--config", str(config),
-             "--journal", str(tmp_path / "j.jsonl"), "--json", str(report)],
-            cwd=REPO, env=deployer.env, capture_output=True, text=True, timeout=1800,
-        )  # fmt: skip
+            [
+                str(CLI),
+                "rollout",
+                str(lab.inventory_path),
+                "--waves",
+                "canary,100%",
+                "--config",
+                str(config),
+                "--journal",
+                str(tmp_path / "j.jsonl"),
+                "--json",
+                str(report),
+            ],
+            cwd=REPO,
+            env=deployer.env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         rollout_s = time.monotonic() - t0
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         doc = json.loads(report.read_text())
         assert doc["outcome"] == "completed", doc
         assert doc["plan"][0]["hosts"] == [canary] and len(doc["waves"]) == 2, doc["plan"]
         assert {h: v["state"] for h, v in doc["hosts"].items()} == dict.fromkeys(
-            lab.hosts, "new-verified"), doc["hosts"]  # fmt: skip
+            lab.hosts, "new-verified"
+        ), doc["hosts"]
         for h, v in doc["hosts"].items():
-            assert re.fullmatch(r"100 connections held through a private IPVS service for "
-                                r"[\d.]+ s of the deploy: none broke", v["detail"]), (h, v)
+            assert re.fullmatch(
+                r"100 connections held through a private IPVS service for "
+                r"[\d.]+ s of the deploy: none broke",
+                v["detail"],
+            ), (h, v)
         for h in lab.hosts:
             assert lab.run(h, f"cat /sys/module/{MODULE_NAME}/version").stdout.strip() == (
-                artifacts[lab.hosts[h].kernel_release].set_id)  # fmt: skip
+                artifacts[lab.hosts[h].kernel_release].set_id
+            )
         mid = {h: x.status() for h, x in holds.items()}
         back = deployer.run("deploy/rollback.py")
         for h in lab.hosts:
             assert lab.run(h, f"test -d /sys/module/{MODULE_NAME}", check=False).rc != 0, h
-    print(f"rollout (2 waves, gated) {rollout_s:.0f} s, rollback {back.seconds:.0f} s, "
-          "connections held throughout")  # fmt: skip
+    print(
+        f"rollout (2 waves, gated) {rollout_s:.0f} s, rollback {back.seconds:.0f} s, "
+        "connections held throughout"
+    )
     for h, x in holds.items():
         res = x.result
-        print(f"{h}: {res['connections']} held {res['seconds']} s, {res['exchanges']} "
-              f"exchanges, {res['broken']} broken (after the rollout: {mid[h]['broken']})")
+        print(
+            f"{h}: {res['connections']} held {res['seconds']} s, {res['exchanges']} "
+            f"exchanges, {res['broken']} broken (after the rollout: {mid[h]['broken']})"
+        )
         assert mid[h]["broken"] == 0, (h, mid[h])
         assert res["connections"] == 100 and res["broken"] == 0, (h, res)
         # every connection kept talking throughout: a round each second or two at least
@@ -241,26 +306,52 @@ def test_the_held_connections_gate_fails_a_canary_whose_deploy_breaks_them(  # t
     others = [h for h in lab.hosts if h != canary]
     on_stock(lab, deployer, canary)  # so the activation (and its hook) runs
     before = {h: fingerprint(lab, h) for h in others}
-    inv = inventory_with(lab.inventory_path, tmp_path / "inv.py",
-                         # the rollback runs the hook too, after the gate's teardown
-                         {canary: {"ipvs_pre_activate": "p=$(ip netns pids ifls1 2>/dev/null); "
-                                                        '[ -z "$p" ] || kill $p'}})
+    inv = inventory_with(
+        lab.inventory_path,
+        tmp_path / "inv.py",
+        # the rollback runs the hook too, after the gate's teardown
+        {
+            canary: {
+                "ipvs_pre_activate": 'p=$(ip netns pids ifls1 2>/dev/null); [ -z "$p" ] || kill $p'
+            }
+        },
+    )
     report = tmp_path / "report.json"
     r = subprocess.run(
-        [str(CLI), "rollout", str(inv), "--waves", "canary,100%",
-         "--config", str(held_gate_config(tmp_path)),
-         "--journal", str(tmp_path / "j.jsonl"), "--json", str(report)],
-        cwd=REPO, env=deployer.env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            str(CLI),
+            "rollout",
+            str(inv),
+            "--waves",
+            "canary,100%",
+            "--config",
+            str(held_gate_config(tmp_path)),
+            "--journal",
+            str(tmp_path / "j.jsonl"),
+            "--json",
+            str(report),
+        ],
+        cwd=REPO,
+        env=deployer.env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 1, (r.stdout + r.stderr)[-4000:]
     doc = json.loads(report.read_text())
     assert doc["outcome"] == "halted" and doc["halted_at_wave"] == 1, doc
     c = doc["hosts"][canary]
     assert c["state"] == "rolled-back", c
-    assert re.search(r"100 of 100 connections held through a private IPVS service broke "
-                     r"during the deploy \(first at [\d.]+ s: ", c["detail"]), c
+    assert re.search(
+        r"100 of 100 connections held through a private IPVS service broke "
+        r"during the deploy \(first at [\d.]+ s: ",
+        c["detail"],
+    ), c
     assert {h: fingerprint(lab, h) for h in others} == before
     for h in lab.hosts:  # torn down: no slot-1 netns, device or IPVS service left
-        left = lab.run(h, "ip netns list | grep -E '^ifl[cs]1'; ip -br link | "
-                          "grep -E '^ifl[cs]?1'; ipvsadm -Ln | grep 10.253.10.1; true").stdout
+        left = lab.run(
+            h,
+            "ip netns list | grep -E '^ifl[cs]1'; ip -br link | "
+            "grep -E '^ifl[cs]?1'; ipvsadm -Ln | grep 10.253.10.1; true",
+        ).stdout
         assert not left.strip(), (h, left)

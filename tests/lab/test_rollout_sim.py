@@ -53,13 +53,26 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimFleet]:
 
 
 def rollout(sim: SimFleet, journal: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, IPVS_FLEET_SIM_DIR=str(sim.dir),
-               IPVS_FLEET_ARTIFACTS=str(sim.art_dir))  # type: ignore[attr-defined]
+    env = dict(os.environ, IPVS_FLEET_SIM_DIR=str(sim.dir), IPVS_FLEET_ARTIFACTS=str(sim.art_dir))  # type: ignore[attr-defined]
     return subprocess.Popen(
-        [str(CLI), "rollout", str(sim.inventory_path), "--config", str(ROLLOUT_CONFIG),
-         "--waves", "1,10%,50%,100%", "--journal", str(journal), *args],
-        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            str(CLI),
+            "rollout",
+            str(sim.inventory_path),
+            "--config",
+            str(ROLLOUT_CONFIG),
+            "--waves",
+            "1,10%,50%,100%",
+            "--journal",
+            str(journal),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def journal_states(path: Path) -> dict[str, str]:
@@ -128,11 +141,14 @@ def test_kill_9_mid_wave_then_resume_deploys_each_host_once(sim: SimFleet) -> No
     assert set(counts.values()) == {1}, {h: n for h, n in counts.items() if n != 1}
     # The class's values are live in each host's own network namespace (spot check).
     for h in (waves[0][0], waves[2][-1], waves[3][-1]):
-        live = sim.host_run(h, "cat /proc/sys/net/ipv4/vs/conntrack "
-                               "/proc/sys/net/ipv4/vs/conn_reuse_old_conntrack").stdout.split()
+        live = sim.host_run(
+            h, "cat /proc/sys/net/ipv4/vs/conntrack /proc/sys/net/ipv4/vs/conn_reuse_old_conntrack"
+        ).stdout.split()
         assert live == ["1", "1"], (h, live)
-    print(f"resume took {time.monotonic() - t_kill:.0f} s; per wave: "
-          + ", ".join(f"{w['index']}: {w['seconds']}" for w in doc["waves"]))
+    print(
+        f"resume took {time.monotonic() - t_kill:.0f} s; per wave: "
+        + ", ".join(f"{w['index']}: {w['seconds']}" for w in doc["waves"])
+    )
 
 
 def test_failed_gate_and_unreachable_host_halt_the_wave_and_later_waves_stay_untouched(

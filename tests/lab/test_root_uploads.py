@@ -65,8 +65,11 @@ def tampering(lab, deployer, deployed):
     """The host converged (an earlier side-lab test may have rolled it back), then the sudo
     wrapper in place and a fresh stamp; afterwards both gone, with the marker."""
     deployer.run("deploy.py", "--limit", HOST)
-    lab.run(HOST, f"rm -f {MARKER} && touch {STAMP} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
-            input=TAMPER)  # fmt: skip
+    lab.run(
+        HOST,
+        f"rm -f {MARKER} && touch {STAMP} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
+        input=TAMPER,
+    )
     try:
         yield
     finally:
@@ -108,23 +111,29 @@ def test_a_tampered_host_script_is_refused_before_it_runs(lab, deployer, tmp_pat
         # untouched, the script runs (and stops at its own check of the archive: the sha256
         # given here is wrong, so nothing is built or installed)
         r = fleet(deployer, TEST_KERNEL_RELEASE=kr, TEST_TARBALL_SHA256="0" * 64).run(
-            str(deploy), "--limit", HOST, check=False)  # fmt: skip
-        assert "ipvs-dkms: " in r.stdout + r.stderr and "does not match sha256" in r.stdout + \
-            r.stderr, (r.stdout + r.stderr)[-3000:]  # fmt: skip
-        lab.run(HOST, f"rm -f {MARKER} && touch {STAMP} && cat >{WRAPPER} && chmod 755 "
-                f"{WRAPPER}", input=TAMPER)  # fmt: skip
-        r = fleet(deployer, TEST_KERNEL_RELEASE=kr).run(str(deploy), "--limit", HOST,
-                                                        check=False)  # fmt: skip
+            str(deploy), "--limit", HOST, check=False
+        )
+        assert (
+            "ipvs-dkms: " in r.stdout + r.stderr and "does not match sha256" in r.stdout + r.stderr
+        ), (r.stdout + r.stderr)[-3000:]
+        lab.run(
+            HOST,
+            f"rm -f {MARKER} && touch {STAMP} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
+            input=TAMPER,
+        )
+        r = fleet(deployer, TEST_KERNEL_RELEASE=kr).run(str(deploy), "--limit", HOST, check=False)
         out = r.stdout + r.stderr
         ran = lab.run(HOST, f"test -e {MARKER}", check=False).rc == 0
         assert not ran, "the tampered host script ran as root"
         assert r.rc != 0
-        assert "ipvs-dkms-install.sh: the staged copy does not match the sha256" in out, \
-            out[-3000:]  # fmt: skip
+        assert "ipvs-dkms-install.sh: the staged copy does not match the sha256" in out, out[-3000:]
         assert lab.run(HOST, ROOT_IN_TMP).stdout == ""
     finally:
-        lab.run(HOST, f"rm -f {WRAPPER} {MARKER} {STAMP} /tmp/pyinfra-* {shlex.quote(incoming)} "
-                "/var/lib/ipvs-fleet/ipvs-dkms-install.sh")  # fmt: skip
+        lab.run(
+            HOST,
+            f"rm -f {WRAPPER} {MARKER} {STAMP} /tmp/pyinfra-* {shlex.quote(incoming)} "
+            "/var/lib/ipvs-fleet/ipvs-dkms-install.sh",
+        )
 
 
 PROBE_TAMPER = f"""#!/bin/sh
@@ -146,8 +155,7 @@ def test_a_tampered_probe_is_not_run_as_root_by_the_checks(lab, deployer, deploy
     from tests.lab.test_sudo import check
 
     deployer.run("deploy.py", "--limit", HOST)  # knob 1: the probe with 100 connects runs
-    lab.run(HOST, f"rm -f {MARKER} && cat >{WRAPPER} && chmod 755 {WRAPPER}",
-            input=PROBE_TAMPER)  # fmt: skip
+    lab.run(HOST, f"rm -f {MARKER} && cat >{WRAPPER} && chmod 755 {WRAPPER}", input=PROBE_TAMPER)
     try:
         r = check(dict(deployer.env, IPVS_FLEET_LAB_SUDO_USER="fleet"), str(SUDO_INVENTORY))
         marker = lab.run(HOST, f"test -e {MARKER} && echo present || echo absent").stdout

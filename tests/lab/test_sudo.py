@@ -43,8 +43,12 @@ def sudo_count(lab, since: str, user: str) -> int:
 def check(env: dict[str, str], inventory: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "ipvs-fleet"), "check", inventory, "--limit", HOST, *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.destructive
@@ -112,17 +116,36 @@ def test_a_rollout_with_sudo_runs_its_gate_as_the_deploy_and_logs_no_secret(
     since = cursor(lab)
     journal, report = tmp_path / "j.jsonl", tmp_path / "rollout.json"
     r = subprocess.run(
-        [str(BIN / "ipvs-fleet"), "rollout", str(inv), "--sudo", "--waves", "100%",
-         "--data", f"_sudo_password={SECRET}", "--limit", HOST,
-         "--journal", str(journal), "--json", str(report)],
-        cwd=REPO, env=fleet.env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        [
+            str(BIN / "ipvs-fleet"),
+            "rollout",
+            str(inv),
+            "--sudo",
+            "--waves",
+            "100%",
+            "--data",
+            f"_sudo_password={SECRET}",
+            "--limit",
+            HOST,
+            "--journal",
+            str(journal),
+            "--json",
+            str(report),
+        ],
+        cwd=REPO,
+        env=fleet.env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     logs = journal.with_suffix(".logs")
     files = [journal, report, *sorted(logs.iterdir())]
     leaks = [p.name for p in files if p.is_file() and SECRET in p.read_text(errors="replace")]
     leaks += [name for name, out in (("stdout", r.stdout), ("stderr", r.stderr)) if SECRET in out]
-    print(f"secrets found in logs: {len(leaks)} {leaks}; log modes "
-          f"{sorted({oct(mode(p)) for p in files[2:]})}, dir {oct(mode(logs))}")  # fmt: skip
+    print(
+        f"secrets found in logs: {len(leaks)} {leaks}; log modes "
+        f"{sorted({oct(mode(p)) for p in files[2:]})}, dir {oct(mode(logs))}"
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     doc = json.loads(report.read_text())
     assert doc["outcome"] == "completed", doc

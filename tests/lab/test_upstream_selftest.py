@@ -42,8 +42,11 @@ RELEASE = next((r for r in load_fleet().releases() if RELEASES[r] == LINE), None
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.destructive,
-    pytest.mark.skipif(RELEASE is None, reason=f"the lab fleet has no {LINE} host: the series' "
-                       "selftest needs that kernel; run it with make test-7.2"),
+    pytest.mark.skipif(
+        RELEASE is None,
+        reason=f"the lab fleet has no {LINE} host: the series' "
+        "selftest needs that kernel; run it with make test-7.2",
+    ),
 ]
 
 SELFTESTS = "tools/testing/selftests"

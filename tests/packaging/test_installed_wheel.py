@@ -43,9 +43,13 @@ class Installed:
     ) -> subprocess.CompletedProcess[str]:
         exe = self.venv / "bin" / cmd[0]
         return subprocess.run(
-            [str(exe), *cmd[1:]], cwd=cwd or self.repo, env={**self.env, **env},
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [str(exe), *cmd[1:]],
+            cwd=cwd or self.repo,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +60,38 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # Nothing of the checkout or its venv may leak in: no PYTHONPATH, no IPVS_FLEET_*.
     leaks = ("PYTHONPATH", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("IPVS_FLEET_") and k not in leaks}  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("IPVS_FLEET_") and k not in leaks
+    }
     # COLUMNS: rich wraps the rollout's report at 80 columns when not on a terminal.
     env |= {"PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", "COLUMNS": "300"}
     r = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     user = tmp / "user"
     user.mkdir()
-    r = subprocess.run([str(venv / "bin" / "ipvs-fleet"), "init", "fleet"], cwd=user, env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [str(venv / "bin" / "ipvs-fleet"), "init", "fleet"],
+        cwd=user,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     repo = user / "fleet"
     (repo / "inventory" / "closed.py").write_text(CLOSED_PORT_INVENTORY)
     (repo / "inventory" / "local.py").write_text(LOCAL_INVENTORY)
     (tmp / "no-artifacts").mkdir()
-    env |= {"IPVS_FLEET_POLICY": str(repo / "policy"),
-            "IPVS_FLEET_ARTIFACTS": str(tmp / "no-artifacts")}  # fmt: skip
+    env |= {
+        "IPVS_FLEET_POLICY": str(repo / "policy"),
+        "IPVS_FLEET_ARTIFACTS": str(tmp / "no-artifacts"),
+    }
     return Installed(venv, repo, env)
 
 
@@ -90,8 +106,9 @@ def test_version_and_help(installed: Installed) -> None:
 
 def test_packaged_files_come_from_site_packages(installed: Installed) -> None:
     # From a directory without a deploy.py or policy of its own: the packaged ones.
-    r = installed.run("python", "-c", RESOLVER_PROBE, cwd=installed.repo.parent,
-                      IPVS_FLEET_POLICY="")  # fmt: skip
+    r = installed.run(
+        "python", "-c", RESOLVER_PROBE, cwd=installed.repo.parent, IPVS_FLEET_POLICY=""
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     pkg = Path(got["package"]).parent
@@ -125,8 +142,9 @@ def test_deploy_is_planned_from_the_repository(installed: Installed) -> None:
     """The repository's deploy.py runs the packaged deploy: pyinfra reads @local's kernel
     and the preflight refuses it for want of an artifact (nothing is changed)."""
     kernel = platform.release()
-    r = installed.run("pyinfra", "--dry", "inventory/local.py", "deploy.py",
-                      IPVS_FLEET_PREFLIGHT="report")  # fmt: skip
+    r = installed.run(
+        "pyinfra", "--dry", "inventory/local.py", "deploy.py", IPVS_FLEET_PREFLIGHT="report"
+    )
     assert f"[@local] refused: host @local (kernel {kernel}): no module artifact" in r.stderr
     r = installed.run("ipvs-fleet", "rollout", "inventory/local.py", "--dry", "--waves", "1")
     assert r.returncode == 1, r.stdout + r.stderr

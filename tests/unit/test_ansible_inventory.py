@@ -14,14 +14,24 @@ from ipvs_fleet.lab.lab import Lab
 
 def fake_lab(tmp_path: Path) -> Lab:
     """A Lab whose state.json names two hosts (nothing is booted)."""
-    host = {"release": "bookworm", "kernel_release": "6.1.0-56-cloud-amd64",
-            "kernel_version": "6.1.192-2", "memory_mb": 1024}  # fmt: skip
+    host = {
+        "release": "bookworm",
+        "kernel_release": "6.1.0-56-cloud-amd64",
+        "kernel_version": "6.1.192-2",
+        "memory_mb": 1024,
+    }
     state = {
         "hosts": {
-            "k8s-canary": dict(host, name="k8s-canary", host_class="k8s_node",
-                               groups=["k8s_nodes", "canary"], port=40001),  # fmt: skip
-            "ftp-director": dict(host, name="ftp-director", host_class="ftp",
-                                 groups=["ftp_hosts"], port=40002),  # fmt: skip
+            "k8s-canary": dict(
+                host,
+                name="k8s-canary",
+                host_class="k8s_node",
+                groups=["k8s_nodes", "canary"],
+                port=40001,
+            ),
+            "ftp-director": dict(
+                host, name="ftp-director", host_class="ftp", groups=["ftp_hosts"], port=40002
+            ),
         }
     }
     (tmp_path / "state.json").write_text(json.dumps(state))

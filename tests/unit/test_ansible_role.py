@@ -61,10 +61,16 @@ def make_artifact(root: Path, kr: str = KR, reuse: str = "prekill") -> dict[str,
         for name in mods:
             t.add(d / name, arcname=name)
     manifest = {
-        "format": 1, "kernel_release": kr, "release": "bookworm", "tarball": tar.name,
-        "tarball_sha256": hashlib.sha256(tar.read_bytes()).hexdigest(), "modules": mods,
-        "modinfo": {"ipvs_fleet": SET}, "reuse_design": reuse, "vermagic": kr,
-    }  # fmt: skip
+        "format": 1,
+        "kernel_release": kr,
+        "release": "bookworm",
+        "tarball": tar.name,
+        "tarball_sha256": hashlib.sha256(tar.read_bytes()).hexdigest(),
+        "modules": mods,
+        "modinfo": {"ipvs_fleet": SET},
+        "reuse_design": reuse,
+        "vermagic": kr,
+    }
     (d / "manifest.json").write_text(json.dumps(manifest))
     return mods
 
@@ -72,11 +78,21 @@ def make_artifact(root: Path, kr: str = KR, reuse: str = "prekill") -> dict[str,
 def preflight_output(kr: str = KR, rules: str = "", lockdown: str = "none") -> str:
     return "\n".join(
         [
-            F.MARK + "kernel", kr,
-            F.MARK + "lockdown", f"lockdown={lockdown}", "sig_enforce=N", "secure_boot=0",
-            F.MARK + "usage", "## lsmod", "ip_vs", "## ipvsadm", "## iptables", rules, "## nft",
+            F.MARK + "kernel",
+            kr,
+            F.MARK + "lockdown",
+            f"lockdown={lockdown}",
+            "sig_enforce=N",
+            "secure_boot=0",
+            F.MARK + "usage",
+            "## lsmod",
+            "ip_vs",
+            "## ipvsadm",
+            "## iptables",
+            rules,
+            "## nft",
         ]
-    )  # fmt: skip
+    )
 
 
 def test_plan_is_the_pyinfra_preflight(tmp_path):
@@ -88,11 +104,15 @@ def test_plan_is_the_pyinfra_preflight(tmp_path):
     assert plan["modules"] == ["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
     assert plan["updates_dir"] == f"/lib/modules/{KR}/updates/ipvs-fleet"
     over = F.plan(
-        preflight_output(), "n1",
-        {"ipvs_host_class": "k8s_node", "ipvs_sysctls": {"conn_reuse_mode": 0},
-         "ipvs_fleet_artifacts_dir": "ignored: the role's own setting"},
+        preflight_output(),
+        "n1",
+        {
+            "ipvs_host_class": "k8s_node",
+            "ipvs_sysctls": {"conn_reuse_mode": 0},
+            "ipvs_fleet_artifacts_dir": "ignored: the role's own setting",
+        },
         str(tmp_path),
-    )  # fmt: skip
+    )
     assert over["sysctls"]["conn_reuse_mode"] == 0
 
 
@@ -101,15 +121,24 @@ def test_plan_is_the_pyinfra_preflight(tmp_path):
     [
         ({"ipvs_host_class": "web"}, {}, "host n1: unknown host class 'web'"),
         ({"ipvs_host_class": "k8s_node", "ipvs_sysctl": {}}, {}, "unknown host data ipvs_sysctl"),
-        ({"ipvs_host_class": "k8s_node", "ipvs_sysctls": {"conntrack": 7}}, {},
-         "conntrack=7 is out of range 0..1"),
+        (
+            {"ipvs_host_class": "k8s_node", "ipvs_sysctls": {"conntrack": 7}},
+            {},
+            "conntrack=7 is out of range 0..1",
+        ),
         ({"ipvs_host_class": "k8s_node"}, {"kr": "9.9.9"}, "no module artifact for kernel 9.9.9"),
-        ({"ipvs_host_class": "k8s_node"}, {"lockdown": "integrity"},
-         "kernel lockdown is integrity"),
-        ({"ipvs_host_class": "k8s_node"}, {"rules": "-A INPUT -m connmark --mark 1 -j ACCEPT"},
-         "conn_reuse_old_conntrack=1 refused: host uses connmark"),
+        (
+            {"ipvs_host_class": "k8s_node"},
+            {"lockdown": "integrity"},
+            "kernel lockdown is integrity",
+        ),
+        (
+            {"ipvs_host_class": "k8s_node"},
+            {"rules": "-A INPUT -m connmark --mark 1 -j ACCEPT"},
+            "conn_reuse_old_conntrack=1 refused: host uses connmark",
+        ),
     ],
-)  # fmt: skip
+)
 def test_plan_refuses_naming_host_and_reason(tmp_path, data, probe, message):
     make_artifact(tmp_path)
     with pytest.raises(F.AnsibleFilterError, match="preflight refused") as e:
@@ -134,16 +163,21 @@ def state_output(
         [F.MARK + "installed", *(f"{sha}  {n}" for n, sha in installed.items())]
         + [F.MARK + "loaded", *loaded_output(loaded)]
         + [F.MARK + "sysctls", *(f"/proc/sys/net/ipv4/vs/{k}:{v}" for k, v in sysctls.items())]
-        + [F.MARK + "backups", "/etc/sysctl.d/90-ipvs-fleet.conf=absent",
-           "/etc/modules-load.d/ipvs-fleet.conf=file", "/etc/modprobe.d/ipvs-fleet.conf=none"]
+        + [
+            F.MARK + "backups",
+            "/etc/sysctl.d/90-ipvs-fleet.conf=absent",
+            "/etc/modules-load.d/ipvs-fleet.conf=file",
+            "/etc/modprobe.d/ipvs-fleet.conf=none",
+        ]
         + [F.MARK + "on_disk", "yes" if installed else "no", F.MARK + "dkms", *dkms]
-    )  # fmt: skip
+    )
 
 
 def a_plan(tmp_path: Path, **data: Any) -> dict[str, Any]:
     make_artifact(tmp_path)
-    return dict(F.plan(preflight_output(), "n1", {"ipvs_host_class": "k8s_node", **data},
-                       str(tmp_path)))  # fmt: skip
+    return dict(
+        F.plan(preflight_output(), "n1", {"ipvs_host_class": "k8s_node", **data}, str(tmp_path))
+    )
 
 
 def rollback_plan(**data: Any) -> dict[str, Any]:
@@ -163,8 +197,12 @@ def test_state_of_a_stock_host_asks_for_everything(tmp_path):
     assert st["install"] and not st["stale"] and st["foreign"] == [] and st["change"]
     assert st["missing"] == st["loads"] == ["ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
     assert st["refusal"] == "" and st["want"] == f"ip_vs_reuse {SET}"
-    assert st["sysctl_absent"] == ["conn_reuse_old_conntrack", "conntrack", "expire_nodest_conn",
-                                   "expire_quiescent_template"]  # fmt: skip
+    assert st["sysctl_absent"] == [
+        "conn_reuse_old_conntrack",
+        "conntrack",
+        "expire_nodest_conn",
+        "expire_quiescent_template",
+    ]
     assert st["backups"]["/etc/modprobe.d/ipvs-fleet.conf"] == "none"
     assert "ip_vs_reuse is not loaded" in st["problems"]
 
@@ -208,15 +246,16 @@ def test_rollback_state_sets_the_knob_to_0_and_unloads_only_the_fix_module():
     plan = rollback_plan()
     converged = load_policy().for_host("n1", {"ipvs_host_class": "k8s_node"}).sysctls
     installed = {"ip_vs_reuse.ko": "a" * 64}
-    st = F.state(state_output(installed, [*CLASS_STOCK, FIX], dict(converged), (SET,)),
-                 plan)  # fmt: skip
+    st = F.state(state_output(installed, [*CLASS_STOCK, FIX], dict(converged), (SET,)), plan)
     assert not st["install"] and st["on_disk"] and st["dkms"] == [SET]
     assert st["sysctl_changes"] == {"conn_reuse_old_conntrack": 0} and st["sysctl_absent"] == []
     # the fix module goes; no other module is unloaded, none is loaded again
     assert st["stale"] and st["change"] and st["missing"] == [] and st["loads"] == []
     assert st["want"] == "no ip_vs_reuse"
-    assert st["problems"] == ["ip_vs_reuse is still loaded",
-                              "net.ipv4.vs.conn_reuse_old_conntrack still exists"]  # fmt: skip
+    assert st["problems"] == [
+        "ip_vs_reuse is still loaded",
+        "net.ipv4.vs.conn_reuse_old_conntrack still exists",
+    ]
     # a host without the knob: nothing to set; a stock class module not loaded is loaded
     st = F.state(state_output({}, CLASS_STOCK[:2], {"conn_reuse_mode": 1}), plan)
     assert st["sysctl_changes"] == {} and not st["change"]
@@ -235,10 +274,19 @@ def test_probe_scripts_run_in_sh():
 
 def test_playbooks_parse():
     r = subprocess.run(
-        [str(PLAYBOOK), "-i", "localhost,", "--syntax-check", "ipvs_fleet.fleet.site",
-         "ipvs_fleet.fleet.rollback"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(PLAYBOOK),
+            "-i",
+            "localhost,",
+            "--syntax-check",
+            "ipvs_fleet.fleet.site",
+            "ipvs_fleet.fleet.rollback",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -253,10 +301,19 @@ def run_site(tmp_path: Path, hosts: dict[str, dict[str, Any]], artifacts: Path) 
     }
     inv.write_text(json.dumps({"all": {"hosts": {h: dict(local, **v) for h, v in hosts.items()}}}))
     r = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inv), "ipvs_fleet.fleet.site",
-         "-e", f"ipvs_fleet_artifacts_dir={artifacts}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(PLAYBOOK),
+            "-i",
+            str(inv),
+            "ipvs_fleet.fleet.site",
+            "-e",
+            f"ipvs_fleet_artifacts_dir={artifacts}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return r.returncode, r.stdout + r.stderr
 
 
@@ -282,8 +339,10 @@ def test_preflight_names_a_missing_artifact(tmp_path):
 def test_docs_variables_are_generated_from_the_defaults():
     gen = subprocess.run(
         [sys.executable, str(REPO / "docs" / "gen_ansible.py"), "--check"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0, gen.stdout
     spec = importlib.util.spec_from_file_location("gen_ansible", REPO / "docs" / "gen_ansible.py")
     assert spec and spec.loader
@@ -295,8 +354,12 @@ def test_docs_variables_are_generated_from_the_defaults():
 
 
 def test_the_lock_preamble_parses_in_sh():
-    r = subprocess.run(["sh", "-n", "-c", commands.locked("install", 30, "true")],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["sh", "-n", "-c", commands.locked("install", 30, "true")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -322,8 +385,16 @@ def test_every_task_that_changes_a_host_runs_a_command_of_the_one_module():
                 if m.group(2) == "command":
                     assert m.group(1) in commands.COMMANDS
                     used.add(m.group(1))
-    assert used == {"install", "upload_dir", "write_file", "restore_file", "remove_modules",
-                    "load_modules", "hook", "set_sysctl"}  # fmt: skip
+    assert used == {
+        "install",
+        "upload_dir",
+        "write_file",
+        "restore_file",
+        "remove_modules",
+        "load_modules",
+        "hook",
+        "set_sysctl",
+    }
 
 
 def test_pending_names_each_change_of_a_drifted_host(tmp_path):
@@ -342,8 +413,9 @@ def test_pending_names_each_change_of_a_drifted_host(tmp_path):
     ]
     assert "set net.ipv4.vs.conntrack=1 (absent until activated)" in lines
     hooked = a_plan(tmp_path / "h", ipvs_pre_activate="drain", ipvs_post_activate="uncordon")
-    old = F.state(state_output(plan["module_sums"], [*CLASS_STOCK, OLD_FIX], plan["sysctls"]),
-                  hooked)  # fmt: skip
+    old = F.state(
+        state_output(plan["module_sums"], [*CLASS_STOCK, OLD_FIX], plan["sysctls"]), hooked
+    )
     assert F.pending(old, hooked) == [
         "run 1 pre-activation hook(s)",
         "unload ip_vs_reuse 2.9+old (IPVS stays loaded, its tables untouched)",
@@ -355,12 +427,13 @@ def test_pending_names_each_change_of_a_drifted_host(tmp_path):
 def test_pending_of_a_rollback_follows_its_order():
     plan = rollback_plan()
     converged = load_policy().for_host("n1", {"ipvs_host_class": "k8s_node"}).sysctls
-    st = F.state(state_output({"ip_vs_reuse.ko": "a" * 64}, [*CLASS_STOCK, FIX], dict(converged),
-                              (SET,)), plan)  # fmt: skip
+    st = F.state(
+        state_output({"ip_vs_reuse.ko": "a" * 64}, [*CLASS_STOCK, FIX], dict(converged), (SET,)),
+        plan,
+    )
     assert F.pending(st, plan) == [
         "set net.ipv4.vs.conn_reuse_old_conntrack=0 (live: 1)",
-        f"remove the fix module's files from {plan['updates_dir']}; DKMS ipvs-fleet {SET}, "
-        "depmod",
+        f"remove the fix module's files from {plan['updates_dir']}; DKMS ipvs-fleet {SET}, depmod",
         "remove /etc/sysctl.d/90-ipvs-fleet.conf",
         "restore /etc/modules-load.d/ipvs-fleet.conf",
         f"unload ip_vs_reuse {SET} (IPVS stays loaded, its tables untouched)",
@@ -435,12 +508,19 @@ def ansible_activation(st: dict[str, Any], plan: dict[str, Any]):
         if "ansible.builtin.include_tasks" in task:
             continue  # the state read again
         when = task.get("when", [])
-        if not all(env.compile_expression(c)(**ctx) for c in ([when] if isinstance(when, str)
-                                                               else when)):  # fmt: skip
+        if not all(
+            env.compile_expression(c)(**ctx) for c in ([when] if isinstance(when, str) else when)
+        ):
             continue
         if "ansible.builtin.fail" in task:
-            steps.append(("fail", ops.fail(env.from_string(task["ansible.builtin.fail"]["msg"])
-                                           .render(ctx)).get_raw_value()))  # fmt: skip
+            steps.append(
+                (
+                    "fail",
+                    ops.fail(
+                        env.from_string(task["ansible.builtin.fail"]["msg"]).render(ctx)
+                    ).get_raw_value(),
+                )
+            )
             break  # the host failed
         elif "ansible.builtin.command" in task and "loop" in task:
             loop = task["loop"].strip().removeprefix("{{").removesuffix("}}")
@@ -466,8 +546,13 @@ def run_with_stubs(tmp_path: Path, script: str) -> list[str]:
     for tool in ("rmmod", "modprobe"):
         (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
         (stubs / tool).chmod(0o755)
-    r = subprocess.run(["sh", "-c", script], env={"PATH": f"{stubs}:/usr/bin:/bin"},
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": f"{stubs}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return log.read_text().splitlines()
 
@@ -491,8 +576,13 @@ def test_activation_tasks_do_what_modules_active_does(tmp_path, monkeypatch, cas
     check-mode report is modules_active's preview line. Only ip_vs_reuse is ever unloaded."""
     base = rollback_plan()
     for patchset, strategy, hooks in itertools.product((SET, ""), ACTIVATIONS, ((), ("drain",))):
-        plan = dict(base, patchset=patchset, activation=strategy, pre_activate=list(hooks),
-                    post_activate=[h.replace("drain", "uncordon") for h in hooks])  # fmt: skip
+        plan = dict(
+            base,
+            patchset=patchset,
+            activation=strategy,
+            pre_activate=list(hooks),
+            post_activate=[h.replace("drain", "uncordon") for h in hooks],
+        )
         where = f"{case}, patchset {patchset!r}, {strategy}, hooks {hooks}"
         out = state_output({"ip_vs_reuse.ko": "a" * 64}, LOADED_CASES[case], {})
         st = F.state(out, plan)
@@ -517,14 +607,27 @@ def test_no_task_unloads_ipvs():
     collection = REPO / "ansible_collections/ipvs_fleet/fleet"
     # what runs: the role's tasks, handlers and host scripts, the playbooks, the filters, the
     # commands they run
-    texts = {p: p.read_text() for top in (collection, REPO / "roles") for p in top.rglob("*")
-             if p.is_file() and p.suffix in (".yml", ".sh", ".py")
-             and "templates" not in p.parts and "changelogs" not in p.parts}  # fmt: skip
+    texts = {
+        p: p.read_text()
+        for top in (collection, REPO / "roles")
+        for p in top.rglob("*")
+        if p.is_file()
+        and p.suffix in (".yml", ".sh", ".py")
+        and "templates" not in p.parts
+        and "changelogs" not in p.parts
+    }
     texts[Path(commands.__file__)] = Path(commands.__file__).read_text()
     assert [p.name for p, t in texts.items() if "rmmod" in t] == ["commands.py"]
     assert "ipvs_fleet_plan.fix_module if __ipvs_fleet_state.stale" in texts[TASKS / "activate.yml"]
-    assert not [p for p, t in texts.items() if "modprobe -r" in t or "ipvs-swap" in t
-                or "swap.pending" in t or "failed-set" in t or "failed_set" in t]  # fmt: skip
+    assert not [
+        p
+        for p, t in texts.items()
+        if "modprobe -r" in t
+        or "ipvs-swap" in t
+        or "swap.pending" in t
+        or "failed-set" in t
+        or "failed_set" in t
+    ]
 
 
 def test_filters_without_the_package_name_the_missing_dependency(tmp_path):
@@ -541,9 +644,13 @@ def test_filters_without_the_package_name_the_missing_dependency(tmp_path):
         "f = m.FilterModule().filters()['ipvs_fleet_plan']\n"
         "try:\n    f('', 'h', {}, '/x')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
-                       timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "needs the ipvs-fleet Python package" in r.stdout
     assert "pip install ipvs-fleet" in r.stdout
@@ -556,7 +663,8 @@ def test_argument_specs_are_the_policy_schemas():
 
     path = TASKS.parent / "meta" / "argument_specs.yml"
     assert path.read_text() == ansible_argspec.render(), (
-        "stale: python -m ipvs_fleet.ansible_argspec > roles/ipvs_fleet/meta/argument_specs.yml")
+        "stale: python -m ipvs_fleet.ansible_argspec > roles/ipvs_fleet/meta/argument_specs.yml"
+    )
     specs = yaml.safe_load(path.read_text())["argument_specs"]
     from ipvs_fleet.policy import HOST_KEYS
 
@@ -564,7 +672,8 @@ def test_argument_specs_are_the_policy_schemas():
     assert set(specs["main"]["options"]) == HOST_KEYS | set(defaults)
     sysctls = specs["main"]["options"]["ipvs_sysctls"]["options"]
     assert {k: v["choices"] for k, v in sysctls.items()} == {
-        k: list(range(r["min"], r["max"] + 1)) for k, r in load_policy().schema.items()}
+        k: list(range(r["min"], r["max"] + 1)) for k, r in load_policy().schema.items()
+    }
 
 
 def test_the_state_is_read_again_by_a_task_after_each_change_not_by_a_handler():

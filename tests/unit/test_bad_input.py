@@ -102,9 +102,13 @@ def test_gate_checks_must_be_a_boolean(tmp_path: Path, value: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["gate: {timeout_seconds: 0}", "host_command_timeout_seconds: 0",
-     "host_command_timeout_seconds: -5", "gate: {timeout_seconds: '900'}"],
-)  # fmt: skip
+    [
+        "gate: {timeout_seconds: 0}",
+        "host_command_timeout_seconds: 0",
+        "host_command_timeout_seconds: -5",
+        "gate: {timeout_seconds: '900'}",
+    ],
+)
 def test_a_timeout_must_be_positive_seconds(tmp_path: Path, text: str) -> None:
     p = tmp_path / "rollout.yml"
     p.write_text(f"waves: [1]\n{text}\n")
@@ -116,8 +120,10 @@ def test_a_timeout_must_be_positive_seconds(tmp_path: Path, text: str) -> None:
 
 def test_a_journal_record_without_host_names_the_file_and_line(tmp_path: Path) -> None:
     j = tmp_path / "j.jsonl"
-    recs = [{"event": "start", "waves": [["1", ["h1"]]]}, {"event": "host", "state": "deploying",
-            "wave": 1}]  # fmt: skip
+    recs = [
+        {"event": "start", "waves": [["1", ["h1"]]]},
+        {"event": "host", "state": "deploying", "wave": 1},
+    ]
     j.write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(ConfigError) as e:
         read_journal(j)
@@ -126,11 +132,13 @@ def test_a_journal_record_without_host_names_the_file_and_line(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("rec", "words"),
-    [({"event": "host", "host": "h1", "state": "deploying", "wave": "one"}, ["wave", "'one'"]),
-     ({"event": "host", "host": "h1", "state": "sleeping", "wave": 1}, ["state", "'sleeping'"]),
-     ({"event": "start", "waves": [["1"]]}, ["waves"]),
-     ({"state": "deploying"}, ["event"])],
-)  # fmt: skip
+    [
+        ({"event": "host", "host": "h1", "state": "deploying", "wave": "one"}, ["wave", "'one'"]),
+        ({"event": "host", "host": "h1", "state": "sleeping", "wave": 1}, ["state", "'sleeping'"]),
+        ({"event": "start", "waves": [["1"]]}, ["waves"]),
+        ({"state": "deploying"}, ["event"]),
+    ],
+)
 def test_a_malformed_journal_record_names_the_file_line_and_key(
     tmp_path: Path, rec: dict[str, object], words: list[str]
 ) -> None:

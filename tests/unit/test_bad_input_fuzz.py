@@ -32,9 +32,12 @@ from ipvs_fleet.rollout import cli as rollout_cli
 
 EXAMPLES = 100  # per loader: 1-4 s each
 FUZZ = settings(
-    max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+    max_examples=EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
     suppress_health_check=list(HealthCheck),
-)  # fmt: skip
+)
 
 JUNK = st.one_of(
     st.none(),
@@ -42,15 +45,50 @@ JUNK = st.one_of(
     st.sampled_from([0, -1, 1, 101, 1001, 2**63, 1.5, float("nan"), float("inf")]),
     st.integers(),
     st.floats(),
-    st.sampled_from(["", " ", "false", "no", "yes", "2026-02-30", "2026-13-01", "10%", "150%",
-                     "all", "k8s_node", "reload", "0", "-1", "a b", "%", "h1"]),  # fmt: skip
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "false",
+            "no",
+            "yes",
+            "2026-02-30",
+            "2026-13-01",
+            "10%",
+            "150%",
+            "all",
+            "k8s_node",
+            "reload",
+            "0",
+            "-1",
+            "a b",
+            "%",
+            "h1",
+        ]
+    ),
     st.text(max_size=6),
     st.lists(st.sampled_from(["k8s_node", 1, None, "ip_vs"]), max_size=3),
     st.dictionaries(st.sampled_from(["min", "max", "hosts", "a"]), st.integers(), max_size=2),
 )
-BROKEN_YAML = ["[", "{", ": :", "\t", "'", '"', "&a [*a]", "*nope", "!!int x", "- ", "a: b: c",
-               "!!python/object:os.system 1", "? [a]\n: 1", "%YAML 9", "\x00", "2026-02-30",
-               "\udcff"]  # fmt: skip
+BROKEN_YAML = [
+    "[",
+    "{",
+    ": :",
+    "\t",
+    "'",
+    '"',
+    "&a [*a]",
+    "*nope",
+    "!!int x",
+    "- ",
+    "a: b: c",
+    "!!python/object:os.system 1",
+    "? [a]\n: 1",
+    "%YAML 9",
+    "\x00",
+    "2026-02-30",
+    "\udcff",
+]
 
 
 @dataclass
@@ -61,8 +99,10 @@ class Tally:
     messages: list[str] = field(default_factory=list)
 
     def report(self, what: str) -> str:
-        return (f"{what}: {self.tried} mutated inputs, {self.rejected} rejected with a clean "
-                f"error (exit 2), {self.accepted} accepted")  # fmt: skip
+        return (
+            f"{what}: {self.tried} mutated inputs, {self.rejected} rejected with a clean "
+            f"error (exit 2), {self.accepted} accepted"
+        )
 
 
 def paths(doc: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -133,27 +173,50 @@ class StopRunner:
         raise Reached
 
 
-HOST = {"ipvs_host_class": "k8s_node", "ipvs_sysctls": {"conn_reuse_old_conntrack": 0},
-        "ipvs_latency_budget": {"p99_ms": 5}, "ipvs_activation": "reload",
-        "ipvs_pre_activate": ["true"], "ipvs_lock_wait_seconds": 30}  # fmt: skip
+HOST = {
+    "ipvs_host_class": "k8s_node",
+    "ipvs_sysctls": {"conn_reuse_old_conntrack": 0},
+    "ipvs_latency_budget": {"p99_ms": 5},
+    "ipvs_activation": "reload",
+    "ipvs_pre_activate": ["true"],
+    "ipvs_lock_wait_seconds": 30,
+}
 JOURNAL = [
-    {"ts": 1.0, "event": "start", "run": 1, "inventory": "inv.py", "waves": [["1", ["h1"]]],
-     "resume": False, "limit": []},
+    {
+        "ts": 1.0,
+        "event": "start",
+        "run": 1,
+        "inventory": "inv.py",
+        "waves": [["1", ["h1"]]],
+        "resume": False,
+        "limit": [],
+    },
     {"ts": 2.0, "event": "host", "host": "h1", "state": "deploying", "wave": 1, "detail": ""},
-    {"ts": 3.0, "event": "host", "host": "h1", "state": "verified", "wave": 1, "detail": "",
-     "set": "set-a"},
+    {
+        "ts": 3.0,
+        "event": "host",
+        "host": "h1",
+        "state": "verified",
+        "wave": 1,
+        "detail": "",
+        "set": "set-a",
+    },
     {"ts": 4.0, "event": "wave", "wave": 1, "passed": True, "failed": []},
     {"ts": 5.0, "event": "end", "outcome": "halted"},
-]  # fmt: skip
-WAIVERS = {"waivers": [
-    {"host": "h1", "check": "sysctls", "justification": "T-1", "expires": "2030-01-31"},
-    {"group": "g", "check": "patched_module", "justification": "T-2", "expires": "2030-02-28"},
-]}  # fmt: skip
+]
+WAIVERS = {
+    "waivers": [
+        {"host": "h1", "check": "sysctls", "justification": "T-1", "expires": "2030-01-31"},
+        {"group": "g", "check": "patched_module", "justification": "T-2", "expires": "2030-02-28"},
+    ]
+}
 
 
 def inventory_text(host: Any) -> str:
-    return (f"import json\ncanary = [('h1', {{**json.loads({json.dumps(json.dumps(host))}), "
-            "'ssh_hostname': '127.0.0.1', 'ssh_port': 9})]\n")  # fmt: skip
+    return (
+        f"import json\ncanary = [('h1', {{**json.loads({json.dumps(json.dumps(host))}), "
+        "'ssh_hostname': '127.0.0.1', 'ssh_port': 9})]\n"
+    )
 
 
 @pytest.fixture
@@ -178,9 +241,17 @@ def rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tu
         if "inventory" in given_:  # pyinfra caches an inventory's code by its file name
             inv = tmp_path / f"inv{next(count)}.py"
             write(inv, given_["inventory"])
-        argv = ["rollout", str(inv), "--new", "--journal",
-                str(files["journal"][0]), "--config", str(files["config"][0]),
-                "--policy", str(files["policy"][0])]  # fmt: skip
+        argv = [
+            "rollout",
+            str(inv),
+            "--new",
+            "--journal",
+            str(files["journal"][0]),
+            "--config",
+            str(files["config"][0]),
+            "--policy",
+            str(files["policy"][0]),
+        ]
         try:
             rc = main(argv)
         except Reached:
@@ -285,8 +356,12 @@ def test_mutated_waivers(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2, err
         accepted = "unknown host class 'accepted-waivers'" in err
-        check_clean(tally, "accepted" if accepted else "rejected",
-                    err.replace("ERROR: ", "ipvs-fleet: error: ", 1), (str(w),))  # fmt: skip
+        check_clean(
+            tally,
+            "accepted" if accepted else "rejected",
+            err.replace("ERROR: ", "ipvs-fleet: error: ", 1),
+            (str(w),),
+        )
 
     one()
     print(tally.report("waivers"))

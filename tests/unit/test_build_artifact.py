@@ -42,14 +42,22 @@ def fake_artifact(out: Path, pin: KernelPin = PIN) -> Artifact:
             tf.addfile(info, io.BytesIO(data))
     sid = kernel.set_id(files)
     manifest = {
-        "format": FORMAT, "kernel_release": pin.kernel_release, "release": pin.release,
-        "line": pin.line, "source_version": pin.version, "recipe": build.RECIPE,
-        "patchset_hash": kernel.patchset_hash(files), "sources": [p.name for p in files],
-        "variant": None, "reuse_design": kernel.reuse_design(files),
-        "modinfo": {kernel.MODINFO_SET: sid}, "vermagic": f"{pin.kernel_release} SMP mod_unload",
+        "format": FORMAT,
+        "kernel_release": pin.kernel_release,
+        "release": pin.release,
+        "line": pin.line,
+        "source_version": pin.version,
+        "recipe": build.RECIPE,
+        "patchset_hash": kernel.patchset_hash(files),
+        "sources": [p.name for p in files],
+        "variant": None,
+        "reuse_design": kernel.reuse_design(files),
+        "modinfo": {kernel.MODINFO_SET: sid},
+        "vermagic": f"{pin.kernel_release} SMP mod_unload",
         "modules": {ko: hashlib.sha256(data).hexdigest() for ko, data in mods.items()},
-        "tarball": name, "tarball_sha256": hashlib.sha256((d / name).read_bytes()).hexdigest(),
-    }  # fmt: skip
+        "tarball": name,
+        "tarball_sha256": hashlib.sha256((d / name).read_bytes()).hexdigest(),
+    }
     (d / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return load_artifact(out, pin.kernel_release)
 
@@ -213,7 +221,9 @@ def test_dkms_bundle_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert a == b and a.tarball.is_file()
     assert hashlib.sha256(a.tarball.read_bytes()).hexdigest() == a.tarball_sha256
     assert (a.set_id, a.reuse_design, a.modules) == (
-        kernel.set_id(kernel.module_sources()), "prekill", ["ip_vs_reuse"]
+        kernel.set_id(kernel.module_sources()),
+        "prekill",
+        ["ip_vs_reuse"],
     )
     with tarfile.open(a.tarball) as tf:
         names = tf.getnames()
@@ -261,8 +271,12 @@ def test_build_writes_one_dkms_tree_for_every_kernel(
     pin = fake_archive.publish(shipped_pins["bookworm"])
     fake_artifact(tmp_path / "out", pin)
     dest = tmp_path / "dkms"
-    assert main(["build", "--release", "bookworm", "--out", str(tmp_path / "out"),
-                 "--dkms", str(dest)]) == 0  # fmt: skip
+    assert (
+        main(
+            ["build", "--release", "bookworm", "--out", str(tmp_path / "out"), "--dkms", str(dest)]
+        )
+        == 0
+    )
     [tree] = dest.iterdir()
     assert tree.name == f"ipvs-fleet-{kernel.set_id(kernel.module_sources())}"
     assert f"DKMS source tree {tree}" in capsys.readouterr().out

@@ -67,9 +67,7 @@ def test_module_variants_build_the_same_source_with_their_define(variant: str) -
 
 def test_nodesign_variant_drops_only_the_design_declaration() -> None:
     text = SOURCE.read_text()
-    guarded = re.search(
-        r"#ifndef IP_VS_REUSE_TEST_NO_DESIGN\b[^\n]*\n(.*?)#endif", text, re.S
-    )
+    guarded = re.search(r"#ifndef IP_VS_REUSE_TEST_NO_DESIGN\b[^\n]*\n(.*?)#endif", text, re.S)
     assert guarded and guarded.group(1).strip() == 'MODULE_INFO(ipvs_fleet_reuse, "prekill");'
 
 

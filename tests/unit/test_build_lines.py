@@ -14,8 +14,10 @@ from ipvs_fleet import cli
 from ipvs_fleet.build.cli import build_lines
 from ipvs_fleet.errors import FleetError
 
-PINS: list[Any] = [SimpleNamespace(line=line, kernel_release=f"{line}.0-1-cloud-amd64")
-                   for line in ("5.10", "6.1", "6.12")]  # fmt: skip
+PINS: list[Any] = [
+    SimpleNamespace(line=line, kernel_release=f"{line}.0-1-cloud-amd64")
+    for line in ("5.10", "6.1", "6.12")
+]
 
 
 def test_lines_build_at_once_and_results_keep_their_order() -> None:
@@ -47,12 +49,17 @@ def test_a_failed_line_is_named_after_every_other_line_was_built(
         built.append(pin.line)
         return pin.line
 
-    with pytest.raises(FleetError, match=r"1 of 3 builds failed; first, 6\.1 6\.1\.0-1-cloud-"
-                       r"amd64: patch 0001 does not apply"):  # fmt: skip
+    with pytest.raises(
+        FleetError,
+        match=r"1 of 3 builds failed; first, 6\.1 6\.1\.0-1-cloud-"
+        r"amd64: patch 0001 does not apply",
+    ):
         build_lines(PINS, 3, build_one)
     assert sorted(built) == ["5.10", "6.12"]
-    assert "6.1 6.1.0-1-cloud-amd64: build failed: patch 0001 does not apply" in \
-        capsys.readouterr().out  # fmt: skip
+    assert (
+        "6.1 6.1.0-1-cloud-amd64: build failed: patch 0001 does not apply"
+        in capsys.readouterr().out
+    )
 
 
 def test_one_job_builds_in_order_and_stops_at_the_first_failure() -> None:

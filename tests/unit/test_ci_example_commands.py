@@ -35,12 +35,17 @@ from tests.fixtures.ci_examples import (
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n-----END OPENSSH PRIVATE KEY-----"
 KNOWN = "[127.0.0.1]:2222 ssh-ed25519 AAAAfake"
 GITHUB_CONTEXT = {
-    "secrets.FLEET_SSH_KEY": KEY, "vars.FLEET_KNOWN_HOSTS": KNOWN,
-    "vars.IPVS_FLEET_REPO": "example/ipvs-fleet", "github.workspace": "/w",
+    "secrets.FLEET_SSH_KEY": KEY,
+    "vars.FLEET_KNOWN_HOSTS": KNOWN,
+    "vars.IPVS_FLEET_REPO": "example/ipvs-fleet",
+    "github.workspace": "/w",
     "vars.IPVS_FLEET_COMMIT": "0123456789abcdef0123456789abcdef01234567",
-}  # fmt: skip
-GITLAB_VARIABLES = {"CI_PROJECT_DIR": "/w", "CI_API_V4_URL": "https://gitlab.example/api/v4",
-                    "IPVS_FLEET_PROJECT": "42"}  # fmt: skip
+}
+GITLAB_VARIABLES = {
+    "CI_PROJECT_DIR": "/w",
+    "CI_API_V4_URL": "https://gitlab.example/api/v4",
+    "IPVS_FLEET_PROJECT": "42",
+}
 
 
 def github() -> Job:
@@ -80,8 +85,10 @@ def test_github_expressions_come_from_the_context() -> None:
     j = github()
     (install,) = [c for c in j.commands if is_install(c)]
     assert "git+https://github.com/${IPVS_FLEET_REPO}@${IPVS_FLEET_COMMIT}" in install.shell
-    assert install.env == {"IPVS_FLEET_REPO": "example/ipvs-fleet",
-                           "IPVS_FLEET_COMMIT": GITHUB_CONTEXT["vars.IPVS_FLEET_COMMIT"]}
+    assert install.env == {
+        "IPVS_FLEET_REPO": "example/ipvs-fleet",
+        "IPVS_FLEET_COMMIT": GITHUB_CONTEXT["vars.IPVS_FLEET_COMMIT"],
+    }
     (ssh,) = [c for c in j.commands if "FLEET_SSH_KEY" in c.shell]
     assert ssh.env == {"FLEET_SSH_KEY": KEY, "FLEET_KNOWN_HOSTS": KNOWN}
     doc = yaml.safe_load(GITHUB.read_text())
@@ -93,7 +100,13 @@ def test_gitlab_variables_expand_as_gitlab_does() -> None:
     assert expand_variables("$A/x ${B}y $C", {"A": "1", "B": "2"}) == "1/x 2y "
     j = gitlab()
     assert [c.shell.split()[0] for c in j.commands] == [
-        "pip", "pip", "install", "install", "cp", "ipvs-fleet"]  # fmt: skip
+        "pip",
+        "pip",
+        "install",
+        "install",
+        "cp",
+        "ipvs-fleet",
+    ]
 
 
 def test_a_command_that_is_not_the_install_is_refused() -> None:
@@ -105,9 +118,13 @@ def _run_ssh_setup(commands: list[Command], home: Path, env: dict[str, str]) -> 
     for c in commands:  # the SSH steps alone: no install (pip), no check
         if "pip install" in c.shell or c.shell.lstrip().startswith("ipvs-fleet"):
             continue
-        r = subprocess.run(["bash", "-eo", "pipefail", "-c", c.shell],
-                           env={"PATH": os.environ["PATH"], "HOME": str(home), **c.env, **env},
-                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        r = subprocess.run(
+            ["bash", "-eo", "pipefail", "-c", c.shell],
+            env={"PATH": os.environ["PATH"], "HOME": str(home), **c.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0, (c.shell, r.stderr)
 
 
@@ -141,14 +158,15 @@ def test_the_rules_catch_what_they_are_for() -> None:
     broken = {
         "permissions": gh.replace("permissions:\n  contents: read\n", "permissions: write-all\n"),
         "checks: write": gh.replace("      checks: write", "      pull-requests: write"),
-        "not pinned": gh.replace("actions/checkout@11d5960a326750d5838078e36cf38b85af677262",
-                                 "actions/checkout@v4"),
+        "not pinned": gh.replace(
+            "actions/checkout@11d5960a326750d5838078e36cf38b85af677262", "actions/checkout@v4"
+        ),
         "in run:": gh.replace("${IPVS_FLEET_REPO}", "${{ vars.IPVS_FLEET_REPO }}"),
         "concurrency": gh.replace("cancel-in-progress: false", "cancel-in-progress: true"),
         "timeout-minutes": gh.replace("    timeout-minutes: 30", "    # no timeout"),
         "requirements.lock": gh.replace(" --require-hashes -r requirements.lock", " pyyaml"),
         "--no-deps": gh.replace("pip install --no-deps", "pip install"),
-    }  # fmt: skip
+    }
     for rule, text in broken.items():
         assert text != gh, rule
         assert any(rule in p for p in github_problems(text)), rule
@@ -159,9 +177,11 @@ def test_the_rules_catch_what_they_are_for() -> None:
         "PIP_INDEX_URL set": gl.replace("  variables:\n", "  variables:\n    PIP_INDEX_URL: x\n"),
         "not from $PIP_INDEX_URL": gl.replace(
             '--index-url "${PIP_INDEX_URL:?the masked CI/CD variable PIP_INDEX_URL is not set}"\n'
-            "      --no-deps", "--index-url https://pypi.org/simple --no-deps"),
+            "      --no-deps",
+            "--index-url https://pypi.org/simple --no-deps",
+        ),
         "requirements.lock": gl.replace("--require-hashes -r requirements.lock", "pyyaml"),
-    }  # fmt: skip
+    }
     for rule, text in broken.items():
         assert text != gl, rule
         assert any(rule in p for p in gitlab_problems(text)), rule

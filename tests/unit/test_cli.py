@@ -28,10 +28,14 @@ def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[st
 
 @pytest.mark.parametrize(
     "argv",
-    [["--policy", "pol", "lab", "status"], ["lab", "--policy", "pol", "status"],
-     ["rollout", "inv.py", "--policy", "pol"],
-     ["check", "inv.py", "--policy", "pol"], ["--policy", "pol", "check", "inv.py"]],
-)  # fmt: skip
+    [
+        ["--policy", "pol", "lab", "status"],
+        ["lab", "--policy", "pol", "status"],
+        ["rollout", "inv.py", "--policy", "pol"],
+        ["check", "inv.py", "--policy", "pol"],
+        ["--policy", "pol", "check", "inv.py"],
+    ],
+)
 def test_policy_option_is_exported_for_the_children(
     argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -52,8 +56,9 @@ def test_init_writes_the_packaged_skeleton(tmp_path: Path) -> None:
     assert main(["init", str(repo)]) == 0
     for rel, src in skeleton().items():
         assert (repo / rel).read_bytes() == src.read_bytes(), rel
-    assert (repo / "policy" / "host_classes.yml").read_bytes() == resources.policy_file(
-    ).read_bytes()  # fmt: skip
+    assert (
+        repo / "policy" / "host_classes.yml"
+    ).read_bytes() == resources.policy_file().read_bytes()
 
 
 def test_init_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:

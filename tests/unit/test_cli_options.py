@@ -24,8 +24,11 @@ JSON = {
     "probe scenario": (["probe", "scenario", "--host", "h"], "json"),
     "probe connect": (["probe", "connect", "10.0.0.1:80"], "json"),
 }
-OLD_DRY = {"pins update": ["-n", "--dry-run"], "lab prune": ["-n", "--dry-run"],
-           "rollout": ["--plan"]}  # fmt: skip
+OLD_DRY = {
+    "pins update": ["-n", "--dry-run"],
+    "lab prune": ["-n", "--dry-run"],
+    "rollout": ["--plan"],
+}
 OLD_JSON = {"probe scenario": ["-o", "--output"], "probe connect": ["-o", "--output"]}
 # Markdown that argparse prints as is: inline code, bold, a heading, a fenced block.
 MARKDOWN = re.compile(r"`|\*\*|^#+ |^```", re.MULTILINE)
@@ -42,8 +45,13 @@ def subparsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
 
 def test_every_subcommand_is_walked() -> None:
     progs = {p.prog for p in subparsers(parser())}
-    assert {"ipvs-fleet build", "ipvs-fleet pins update", "ipvs-fleet probe connect",
-            "ipvs-fleet lab prune", "ipvs-fleet init"} <= progs  # fmt: skip
+    assert {
+        "ipvs-fleet build",
+        "ipvs-fleet pins update",
+        "ipvs-fleet probe connect",
+        "ipvs-fleet lab prune",
+        "ipvs-fleet init",
+    } <= progs
 
 
 @pytest.mark.parametrize("p", list(subparsers(parser())), ids=lambda p: p.prog)

@@ -31,8 +31,11 @@ def test_galaxy_yml_names_the_collection_and_its_version() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     # the filters need the ipvs-fleet of the same version: declared, and pinned equal
     assert g["version"] == project["version"]
-    pins = [ln for ln in (COLLECTION / "requirements.txt").read_text().splitlines()
-            if ln and not ln.startswith("#")]  # fmt: skip
+    pins = [
+        ln
+        for ln in (COLLECTION / "requirements.txt").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     assert pins == [f"{project['name']}=={project['version']}"]
     assert g["dependencies"] == {}  # ansible.builtin only
     runtime = yaml.safe_load((COLLECTION / "meta/runtime.yml").read_text())
@@ -41,12 +44,20 @@ def test_galaxy_yml_names_the_collection_and_its_version() -> None:
 
 def test_tarball_carries_the_top_level_role_plugin_and_playbooks(collection_tarball: Path) -> None:
     names = tar_names(collection_tarball)
-    assert {"MANIFEST.json", "FILES.json", "README.md", "requirements.txt",
-            "meta/runtime.yml", "plugins/filter/ipvs_fleet.py",
-            "playbooks/site.yml", "playbooks/rollback.yml",
-            f"{ROLE}/tasks/main.yml", f"{ROLE}/defaults/main.yml",
-            f"{ROLE}/files/ipvs-dkms-install.sh",
-            f"{ROLE}/templates/90-ipvs-fleet.conf.j2"} <= names  # fmt: skip
+    assert {
+        "MANIFEST.json",
+        "FILES.json",
+        "README.md",
+        "requirements.txt",
+        "meta/runtime.yml",
+        "plugins/filter/ipvs_fleet.py",
+        "playbooks/site.yml",
+        "playbooks/rollback.yml",
+        f"{ROLE}/tasks/main.yml",
+        f"{ROLE}/defaults/main.yml",
+        f"{ROLE}/files/ipvs-dkms-install.sh",
+        f"{ROLE}/templates/90-ipvs-fleet.conf.j2",
+    } <= names
     # no module swap any more: the fix module loads beside the distro's own ip_vs
     assert f"{ROLE}/files/ipvs-swap.sh" not in names
     # every file of the collection's skeleton and of the top-level role, byte for byte; no
@@ -64,8 +75,14 @@ def test_tarball_carries_the_top_level_role_plugin_and_playbooks(collection_tarb
 
 
 def _files(top: Path) -> list[Path]:
-    return [p for p in top.rglob("*") if p.is_file() and not p.is_symlink()
-            and "__pycache__" not in p.parts and ".ansible" not in p.parts]  # fmt: skip
+    return [
+        p
+        for p in top.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and "__pycache__" not in p.parts
+        and ".ansible" not in p.parts
+    ]
 
 
 def test_the_role_source_is_the_top_level_role() -> None:
@@ -82,11 +99,20 @@ def test_the_role_source_is_the_top_level_role() -> None:
 
 def test_installed_collection_playbooks_parse_by_fqcn(installed_collection, tmp_path) -> None:
     r = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "--syntax-check",
-         "ipvs_fleet.fleet.site", "ipvs_fleet.fleet.rollback"],
-        cwd=tmp_path, env=collection_env(installed_collection),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "--syntax-check",
+            "ipvs_fleet.fleet.site",
+            "ipvs_fleet.fleet.rollback",
+        ],
+        cwd=tmp_path,
+        env=collection_env(installed_collection),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     # the installed copy ran, not the checkout's
     assert f"{installed_collection}/ansible_collections/ipvs_fleet/fleet/playbooks/site.yml" in (
@@ -100,14 +126,20 @@ def test_installed_collection_refuses_an_unknown_class_before_any_change(
     """The installed collection's filters and policy work outside the checkout: a host of an
     unknown class is refused in the preflight, naming host and reason."""
     inv = tmp_path / "inv.yml"
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-             "ansible_become": False}  # fmt: skip
+    local = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+    }
     inv.write_text(json.dumps({"all": {"hosts": {"bad": dict(local, ipvs_host_class="web")}}}))
     r = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(inv), "ipvs_fleet.fleet.site", "--check"],
-        cwd=tmp_path, env=collection_env(installed_collection),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=collection_env(installed_collection),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0, out
     assert "host bad: unknown host class 'web'" in out
@@ -117,11 +149,21 @@ def test_installed_collection_refuses_an_unknown_class_before_any_change(
 @pytest.mark.parametrize("tag", ["preflight", "install", "configure", "activate", "verify"])
 def test_each_phase_has_its_tag(installed_collection, tmp_path, tag: str) -> None:
     r = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", "localhost,", "--list-tasks", "--tags", tag,
-         "ipvs_fleet.fleet.site"],
-        cwd=tmp_path, env=collection_env(installed_collection),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            "localhost,",
+            "--list-tasks",
+            "--tags",
+            tag,
+            "ipvs_fleet.fleet.site",
+        ],
+        cwd=tmp_path,
+        env=collection_env(installed_collection),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     tasks = [ln.strip() for ln in r.stdout.splitlines() if "TAGS: [" in ln]
     own = [t for t in tasks if f"{tag}" in t.split("TAGS: [")[1] and "always" not in t]
@@ -136,17 +178,26 @@ def test_installed_collection_checks_its_arguments_at_the_role_entry(
     """meta/argument_specs.yml: a sysctl out of the policy schema's range (or not in it) is
     refused by Ansible's own validation when the role starts, before any filter or host."""
     inv = tmp_path / "inv.yml"
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-             "ansible_become": False, "ipvs_host_class": "k8s_node"}  # fmt: skip
-    hosts = {"range": dict(local, ipvs_sysctls={"conn_reuse_mode": 7}),
-             "key": dict(local, ipvs_sysctls={"no_such_key": 1})}  # fmt: skip
+    local = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+        "ipvs_host_class": "k8s_node",
+    }
+    hosts = {
+        "range": dict(local, ipvs_sysctls={"conn_reuse_mode": 7}),
+        "key": dict(local, ipvs_sysctls={"no_such_key": 1}),
+    }
     for host, data in hosts.items():
         inv.write_text(json.dumps({"all": {"hosts": {host: data}}}))
         r = subprocess.run(
             [str(BIN / "ansible-playbook"), "-i", str(inv), "ipvs_fleet.fleet.site", "--check"],
-            cwd=tmp_path, env=collection_env(installed_collection),
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            cwd=tmp_path,
+            env=collection_env(installed_collection),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         out = r.stdout + r.stderr
         assert r.returncode != 0, out
         assert "Validating arguments against arg spec" in out, out

@@ -25,21 +25,32 @@ _spec.loader.exec_module(host_checks)
 
 STOCK = ["ip_vs|-|-|-|-|-|-|-", "ip_vs_rr|-|-|-|-|-|-|-"]  # the distro's own, signed
 FIX = "ip_vs_reuse|3.0+abc|-|OE|3.0+abc|-|3.0+abc|prekill"
-KUBE_PROXY = {"ftp": False, "connmark": False, "invalid_drop": True,
-              "invalid_drop_rule": "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
-              "nat_rule": "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"}  # fmt: skip
+KUBE_PROXY = {
+    "ftp": False,
+    "connmark": False,
+    "invalid_drop": True,
+    "invalid_drop_rule": "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+    "nat_rule": "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+}
 
 
-def host_facts(rows: list[str], knob: int | None = 1, usage: dict[str, Any] | None = None
-               ) -> HostFacts:
+def host_facts(
+    rows: list[str], knob: int | None = 1, usage: dict[str, Any] | None = None
+) -> HostFacts:
     """Facts of a host whose loaded IPVS modules are `rows` (tests.fixtures.loaded)."""
     return HostFacts(
-        kernel_release=KR, tainted=12288,
+        kernel_release=KR,
+        tainted=12288,
         loaded=IpvsLoadedModules().process(loaded_output(rows)),
         sysctls={} if knob is None else {"conn_reuse_old_conntrack": knob},
-        usage=usage or {}, persisted={}, fleet_file={}, fleet_file_present=True,
-        modules_load=[], netns=NetnsTable(ipvs=True, complete=True), kube_proxy=False,
-    )  # fmt: skip
+        usage=usage or {},
+        persisted={},
+        fleet_file={},
+        fleet_file_present=True,
+        modules_load=[],
+        netns=NetnsTable(ipvs=True, complete=True),
+        kube_proxy=False,
+    )
 
 
 def run(check: str, facts: HostFacts, target: Any = None) -> tuple[str, list[dict[str, str]]]:
@@ -69,8 +80,13 @@ def test_the_fix_module_beside_the_stock_modules_passes() -> None:
 
 def test_the_fix_module_not_loaded_is_named() -> None:
     msg, drift = run("patched_module", host_facts(STOCK))
-    assert drift == [{"key": "ip_vs_reuse", "actual": "not loaded",
-                      "expected": f"loaded (the build in /lib/modules/{KR}/updates/ipvs-fleet)"}]
+    assert drift == [
+        {
+            "key": "ip_vs_reuse",
+            "actual": "not loaded",
+            "expected": f"loaded (the build in /lib/modules/{KR}/updates/ipvs-fleet)",
+        }
+    ]
     assert "not the fleet's (ip_vs_reuse beside the stock ones)" in msg
 
 
@@ -112,5 +128,7 @@ def test_reuse_safety_reads_the_fix_modules_design() -> None:
     assert "knob=1 is unsafe here" in msg and "reuse design is 'none'" in msg
     assert "--ctstate INVALID -j DROP" in msg
     # knob 0: nothing to judge
-    assert run("reuse_safety", host_facts([*STOCK, nodesign], knob=0, usage=KUBE_PROXY),
-               k8s) == ("", [])  # fmt: skip
+    assert run("reuse_safety", host_facts([*STOCK, nodesign], knob=0, usage=KUBE_PROXY), k8s) == (
+        "",
+        [],
+    )

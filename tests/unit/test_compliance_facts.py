@@ -47,10 +47,16 @@ alias conntrack expire_nodest_conn
 running
 """.replace(
     "{loaded}",
-    "\n".join(loaded_output(["ip_vs|-|-|-|-|-|-|-",  # the distro's own: no file of ours
-                              "ip_vs_rr|-|-|-|-|-|-|-",
-                              "ip_vs_reuse|3.0+abc|-|OE|3.0+abc|-|3.0+abc|prekill"])),
-)  # fmt: skip
+    "\n".join(
+        loaded_output(
+            [
+                "ip_vs|-|-|-|-|-|-|-",  # the distro's own: no file of ours
+                "ip_vs_rr|-|-|-|-|-|-|-",
+                "ip_vs_reuse|3.0+abc|-|OE|3.0+abc|-|3.0+abc|prekill",
+            ]
+        )
+    ),
+)
 
 
 def test_parse_all_sections() -> None:
@@ -73,10 +79,12 @@ def test_parse_all_sections() -> None:
 
 
 def test_etc_shadows_usr_lib_with_the_same_name() -> None:
-    eff, _, present = facts.parse_persisted([
-        "/usr/lib/sysctl.d/90-ipvs-fleet.conf:net.ipv4.vs.conntrack = 0",
-        "/etc/sysctl.d/90-ipvs-fleet.conf:net.ipv4.vs.conntrack = 1",
-    ])
+    eff, _, present = facts.parse_persisted(
+        [
+            "/usr/lib/sysctl.d/90-ipvs-fleet.conf:net.ipv4.vs.conntrack = 0",
+            "/etc/sysctl.d/90-ipvs-fleet.conf:net.ipv4.vs.conntrack = 1",
+        ]
+    )
     assert eff["conntrack"] == ("1", "/etc/sysctl.d/90-ipvs-fleet.conf") and present
 
 

@@ -26,7 +26,7 @@ from ipvs_fleet.resources import checks_dir
 XSD = Path(__file__).parents[1] / "data" / "junit.xsd"
 BIN = Path(sys.executable).parent
 
-FAKE_CHECKS = '''
+FAKE_CHECKS = """
 import pytest
 from ipvs_fleet.compliance.remote import HostUnreachable
 
@@ -56,7 +56,7 @@ def test_knob_present(target, expect, reach):
 
 def test_patched_module(target, expect, reach):
     outcome(target, expect, "patched_module")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,10 @@ def waivers(tmp_path: Path, *entries: str) -> Path:
 
 
 def waiver(check: str, expires: dt.date, target: str = "host: k8s-b") -> str:
-    return (f"  - {target}\n    check: {check}\n    justification: TICKET-9 kernel ahead\n"
-            f"    expires: {expires.isoformat()}\n")  # fmt: skip
+    return (
+        f"  - {target}\n    check: {check}\n    justification: TICKET-9 kernel ahead\n"
+        f"    expires: {expires.isoformat()}\n"
+    )
 
 
 @dataclass
@@ -117,8 +119,16 @@ def plain_pytest(checks: Path, tmp: Path, *args: str) -> Run:
 
 def wrapper(checks: Path, tmp: Path, inv: Path, *args: str) -> tuple[Run, dict]:
     junit, js = tmp / "wrapper.xml", tmp / "wrapper.json"
-    cmd = [str(BIN / "ipvs-fleet"), "check", str(inv), "--junitxml", str(junit),
-           "--json", str(js), *args]  # fmt: skip
+    cmd = [
+        str(BIN / "ipvs-fleet"),
+        "check",
+        str(inv),
+        "--junitxml",
+        str(junit),
+        "--json",
+        str(js),
+        *args,
+    ]
     run = _run(cmd, junit, checks, tmp)
     return run, (json.loads(js.read_text()) if js.exists() else {})
 
@@ -151,18 +161,22 @@ SCENARIOS = {
     # name: (faults, waiver entries, exit code)
     "compliant": ({}, [], 0),
     "waived": ({"k8s-b": {"sysctls": "fail"}}, [waiver("sysctls", TODAY)], 0),
-    "group waiver": ({"k8s-b": {"sysctls": "fail"}, "ftp-c": {"sysctls": "fail"}},
-                     [waiver("sysctls", TODAY, "group: k8s_nodes")], 1),
+    "group waiver": (
+        {"k8s-b": {"sysctls": "fail"}, "ftp-c": {"sysctls": "fail"}},
+        [waiver("sysctls", TODAY, "group: k8s_nodes")],
+        1,
+    ),
     "expired": ({"k8s-b": {"sysctls": "fail"}}, [waiver("sysctls", TODAY - dt.timedelta(1))], 1),
-    "unreachable": ({"k8s-b": {"sysctls": "fail"}, "ftp-c": {"knob_present": "unreachable"}},
-                    [], 2),
-}  # fmt: skip
+    "unreachable": (
+        {"k8s-b": {"sysctls": "fail"}, "ftp-c": {"knob_present": "unreachable"}},
+        [],
+        2,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_wrapper_verdict_equals_plain_pytest(
-    name: str, fake_checks: Path, tmp_path: Path
-) -> None:
+def test_wrapper_verdict_equals_plain_pytest(name: str, fake_checks: Path, tmp_path: Path) -> None:
     faults, entries, code = SCENARIOS[name]
     inv = inventory(tmp_path, faults)
     opts = ["--inventory", str(inv)]
@@ -202,8 +216,16 @@ def test_plain_pytest_from_a_repository_root_with_its_own_pytest_config(
     (repo / "inventory").mkdir()
     inv = inventory(repo / "inventory", {"k8s-b": {"sysctls": "fail"}})
     junit = tmp_path / "plain.xml"
-    cmd = [sys.executable, "-m", "pytest", "checks/", "--inventory",
-           str(inv.relative_to(repo)), "--junitxml", str(junit)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "checks/",
+        "--inventory",
+        str(inv.relative_to(repo)),
+        "--junitxml",
+        str(junit),
+    ]
     plain = _run(cmd, junit, repo / "checks", repo)
     assert "configfile: pyproject.toml" in plain.out, plain.out + plain.err
     assert plain.rc == 1, plain.out + plain.err
@@ -216,8 +238,9 @@ def test_waived_failure_is_xfailed_with_justification_and_expiry(
 ) -> None:
     inv = inventory(tmp_path, {"k8s-b": {"sysctls": "fail", "knob_present": "fail"}})
     w = waivers(tmp_path, waiver("sysctls", TODAY), waiver("knob_present", TODAY - dt.timedelta(3)))
-    plain = plain_pytest(fake_checks, tmp_path, "--inventory", str(inv), "--waivers", str(w),
-                         "-rxf")  # fmt: skip
+    plain = plain_pytest(
+        fake_checks, tmp_path, "--inventory", str(inv), "--waivers", str(w), "-rxf"
+    )
     assert plain.rc == 1, plain.out
     reason = f"waived until {TODAY}: TICKET-9 kernel ahead ({w}: waivers[0] (host k8s-b))"
     assert f"test_fake.py::test_sysctls[k8s-b] - {reason}" in plain.out, plain.out
@@ -246,7 +269,8 @@ def test_waived_failure_is_xfailed_with_justification_and_expiry(
     assert res["sysctls"]["details"] == {"seen": "sysctls"}
     assert res["knob_present"]["waiver"]["expired"] is True
     assert res["knob_present"]["drift"] == [
-        {"key": "net.ipv4.vs.expire_nodest_conn", "expected": "1", "actual": "0"}]
+        {"key": "net.ipv4.vs.expire_nodest_conn", "expected": "1", "actual": "0"}
+    ]
     assert "k8s-b / sysctls: waived until" in wrapped.out
     assert expired in wrapped.out
 
@@ -261,8 +285,10 @@ def test_a_waiver_for_an_unknown_check_is_a_usage_error_before_any_host(tmp_path
         known = tmp_path / "known_hosts"
         known.write_text("")
         inv = tmp_path / "inv.py"
-        inv.write_text(f'hosts = [("h1", {{"ipvs_host_class": "k8s_node", "ssh_hostname": '
-                       f'"127.0.0.1", "ssh_port": {port}, "ssh_known_hosts_file": "{known}"}})]\n')
+        inv.write_text(
+            f'hosts = [("h1", {{"ipvs_host_class": "k8s_node", "ssh_hostname": '
+            f'"127.0.0.1", "ssh_port": {port}, "ssh_known_hosts_file": "{known}"}})]\n'
+        )
         w = waivers(tmp_path, waiver("sysctl", TODAY, "host: h1"))
         checks = checks_dir()
         plain = plain_pytest(checks, tmp_path, "--inventory", str(inv), "--waivers", str(w))
@@ -282,8 +308,10 @@ def test_real_checks_on_an_unreachable_host_give_one_verdict(tmp_path: Path) -> 
     known = tmp_path / "known_hosts"
     known.write_text("")
     inv = tmp_path / "inv.py"
-    inv.write_text(f'hosts = [("gone", {{"ipvs_host_class": "k8s_node", "ssh_hostname": '
-                   f'"127.0.0.1", "ssh_port": {port}, "ssh_known_hosts_file": "{known}"}})]\n')
+    inv.write_text(
+        f'hosts = [("gone", {{"ipvs_host_class": "k8s_node", "ssh_hostname": '
+        f'"127.0.0.1", "ssh_port": {port}, "ssh_known_hosts_file": "{known}"}})]\n'
+    )
     checks = checks_dir()
     plain = plain_pytest(checks, tmp_path, "--inventory", str(inv))
     wrapped, doc = wrapper(checks, tmp_path, inv)

@@ -149,7 +149,9 @@ def _close(host: Any) -> None:
 
 
 def test_ssh_config_gives_hostname_user_port_and_identity(
-    tmp_path: Path, key: tuple[paramiko.PKey, Path], servers: tuple[SshServer, SshServer],
+    tmp_path: Path,
+    key: tuple[paramiko.PKey, Path],
+    servers: tuple[SshServer, SshServer],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     target, _ = servers
@@ -203,13 +205,18 @@ def test_an_ssh_config_does_not_loosen_host_keys(
 ) -> None:
     target, _ = servers
     cfg = tmp_path / "ssh_config"
-    cfg.write_text(f"Host canary\n  HostName 127.0.0.1\n  Port {target.port}\n"
-                   f"  IdentityFile {key[1]}\n  StrictHostKeyChecking no\n")  # fmt: skip
+    cfg.write_text(
+        f"Host canary\n  HostName 127.0.0.1\n  Port {target.port}\n"
+        f"  IdentityFile {key[1]}\n  StrictHostKeyChecking no\n"
+    )
     known = tmp_path / "known_hosts"
     known.write_text("")
     with pytest.raises(HostUnreachable, match="not found in known_hosts"):
-        connect(FleetHost("canary", (), {"ssh_config_file": str(cfg),
-                                         "ssh_known_hosts_file": str(known)}))  # fmt: skip
+        connect(
+            FleetHost(
+                "canary", (), {"ssh_config_file": str(cfg), "ssh_known_hosts_file": str(known)}
+            )
+        )
     assert target.log == []
 
 
@@ -222,7 +229,12 @@ def test_inventory_data_wins_over_ssh_config(tmp_path: Path) -> None:
     )
     t = resolve("canary", {}, cfg)
     assert (t.hostname, t.port, t.user, t.keys, t.jump) == (
-        "10.0.0.5", 2222, "cfg", (str(key),), ("a@j1:2200", "j2"))
+        "10.0.0.5",
+        2222,
+        "cfg",
+        (str(key),),
+        ("a@j1:2200", "j2"),
+    )
     t = resolve("canary", {"ssh_port": 22, "ssh_user": "inv", "ssh_key": "/k2"}, cfg)
     assert (t.port, t.user, t.keys, t.explicit_key) == (22, "inv", ("/k2",), True)
     t = resolve("other", {}, cfg)
@@ -241,8 +253,12 @@ def test_a_command_that_never_answers_is_bounded_and_the_host_not_retried(
     target.hang = True
     known = tmp_path / "known_hosts"
     known.write_text(target.known_hosts_line())
-    data = {"ssh_hostname": "127.0.0.1", "ssh_port": target.port, "ssh_key": str(key[1]),
-            "ssh_known_hosts_file": str(known)}  # fmt: skip
+    data = {
+        "ssh_hostname": "127.0.0.1",
+        "ssh_port": target.port,
+        "ssh_key": str(key[1]),
+        "ssh_known_hosts_file": str(known),
+    }
     host = connect(FleetHost("hung", (), data), command_timeout=1)
     try:
         t0 = time.monotonic()

@@ -72,14 +72,13 @@ def test_summary_per_class_names_host_key_expected_actual_and_converge_command()
     assert "k8s-2 / sysctls: FAILED" in text
     assert "net.ipv4.vs.conntrack: expected 1, actual 0" in text
     assert "pyinfra -y inventory/prod.py deploy.py --limit k8s-2" in text
-    assert text.rstrip().endswith(
-        "NOT compliant (exit 1): 6 checks on 3 hosts, 5 passed, 1 failed"
-    )
+    assert text.rstrip().endswith("NOT compliant (exit 1): 6 checks on 3 hosts, 5 passed, 1 failed")
 
 
 def test_summary_lists_waivers_and_says_unreachable_once() -> None:
-    results = fleet(**{"k8s-1/patched_module": WAIVED, "ftp-1/patched_module": ERROR,
-                       "ftp-1/sysctls": ERROR})
+    results = fleet(
+        **{"k8s-1/patched_module": WAIVED, "ftp-1/patched_module": ERROR, "ftp-1/sysctls": ERROR}
+    )
     text = render.summary(results, INV)
     assert "k8s-1 / patched_module: waived until 2026-12-31 (TICKET-7)" in text
     assert text.count("Connection refused") == 1
@@ -90,12 +89,12 @@ def test_json_has_classes_results_and_converge() -> None:
     doc = render.to_json(fleet(**{"k8s-2/sysctls": FAILED}), INV, wall=3.2)
     assert doc["exit_code"] == 1
     assert doc["classes"]["k8s_node"] == {
-        "compliant": ["k8s-1"], "not_compliant": ["k8s-2"], "not_checked": []
+        "compliant": ["k8s-1"],
+        "not_compliant": ["k8s-2"],
+        "not_checked": [],
     }
     failed = [r for r in doc["results"] if r["status"] == FAILED]
-    assert failed[0]["drift"] == [
-        {"key": "net.ipv4.vs.conntrack", "expected": "1", "actual": "0"}
-    ]
+    assert failed[0]["drift"] == [{"key": "net.ipv4.vs.conntrack", "expected": "1", "actual": "0"}]
     assert failed[0]["converge"].endswith("--limit k8s-2")
     json.dumps(doc)
 
@@ -117,17 +116,21 @@ def test_markdown_and_html_reports(tmp_path: Path) -> None:
 
 
 def test_html_report_from_its_template_escaped() -> None:
-    results = fleet(**{"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED,
-                       "ftp-1/sysctls": ERROR})  # fmt: skip
+    results = fleet(
+        **{"k8s-2/sysctls": FAILED, "k8s-1/patched_module": WAIVED, "ftp-1/sysctls": ERROR}
+    )
     results[3].message = "<script>x</script> & more"
-    unused = parse_waivers([{"host": "h9", "check": "taint", "justification": "j",
-                             "expires": "2030-01-01"}], "w.yml")  # fmt: skip
+    unused = parse_waivers(
+        [{"host": "h9", "check": "taint", "justification": "j", "expires": "2030-01-01"}], "w.yml"
+    )
     page = render.html_report(results, "inv/<prod>.py", unused, 3.25)
     assert page.startswith("<!doctype html><meta charset=utf-8><title>IPVS fleet compliance")
     assert "<h1>IPVS fleet compliance: could not check</h1>" in page
     assert "<p>Inventory <code>inv/&lt;prod&gt;.py</code>, exit code 2, 3.2 s</p>" in page
-    assert "<tr><td>k8s-2</td><td>k8s_node</td><td style='color:#2e7d32'>passed</td>" \
+    assert (
+        "<tr><td>k8s-2</td><td>k8s_node</td><td style='color:#2e7d32'>passed</td>"
         "<td style='color:#c62828'>failed</td></tr>" in page
+    )
     assert "<h3>k8s-2 / sysctls: failed</h3>" in page
     assert "<tr><td>net.ipv4.vs.conntrack</td><td>1</td><td>0</td></tr>" in page
     assert "&lt;script&gt;x&lt;/script&gt; &amp; more" in page and "<script>" not in page
@@ -141,9 +144,11 @@ def test_every_check_has_its_fix_and_a_taint_is_not_fixed_by_the_deploy() -> Non
     checks_src = (Path(__file__).resolve().parents[2] / "checks" / "test_ipvs_host.py").read_text()
     checks = set(re.findall(r"^def test_(\w+)\(", checks_src, re.M))
     assert checks == set(yaml.safe_load(render.FIXES_FILE.read_text()))
-    failed = [CheckResult("k8s-2", "taint", FAILED, "k8s_node", message="tainted"),
-              CheckResult("k8s-1", "sysctls", FAILED, "k8s_node", message="differ"),
-              CheckResult("k8s-3", "sysctl_table", FAILED, "k8s_node", message="broken")]
+    failed = [
+        CheckResult("k8s-2", "taint", FAILED, "k8s_node", message="tainted"),
+        CheckResult("k8s-1", "sysctls", FAILED, "k8s_node", message="differ"),
+        CheckResult("k8s-3", "sysctl_table", FAILED, "k8s_node", message="broken"),
+    ]
     doc = render.to_json(failed, INV)
     fixes = {r["host"]: r for r in doc["results"]}
     assert "boots again" in fixes["k8s-2"]["fix"] and fixes["k8s-2"]["converge"] is None

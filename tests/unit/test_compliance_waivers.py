@@ -14,12 +14,21 @@ TODAY = dt.date(2026, 11, 26)
 
 
 def waiver(**kw: object) -> dict[str, object]:
-    return {"host": "lab-2", "check": "patched_module", "justification": "TICKET-1",
-            "expires": "2026-12-31", **kw}
+    return {
+        "host": "lab-2",
+        "check": "patched_module",
+        "justification": "TICKET-1",
+        "expires": "2026-12-31",
+        **kw,
+    }
 
 
-def found(entries: list[dict[str, object]], host: str = "lab-2", check: str = "patched_module",
-          groups: tuple[str, ...] = ("k8s_nodes",)) -> tuple[str, bool] | None:
+def found(
+    entries: list[dict[str, object]],
+    host: str = "lab-2",
+    check: str = "patched_module",
+    groups: tuple[str, ...] = ("k8s_nodes",),
+) -> tuple[str, bool] | None:
     """(justification, expired) of the waiver for a failure of `check` on `host`, or None."""
     got = waiver_for(parse_waivers({"waivers": entries}, "w.yml"), host, check, groups, TODAY)
     return None if got is None else (got[0].justification, got[1])
@@ -57,17 +66,24 @@ def test_other_check_is_not_waived() -> None:
     ("entry", "needle"),
     [
         (waiver(justification=""), "waivers[0].justification: must be a non-empty justification"),
-        ({k: v for k, v in waiver().items() if k != "justification"},
-         "waivers[0] (host lab-2): a waiver needs a justification"),
+        (
+            {k: v for k, v in waiver().items() if k != "justification"},
+            "waivers[0] (host lab-2): a waiver needs a justification",
+        ),
         (waiver(justification="   "), "must be a non-empty justification"),
         ({k: v for k, v in waiver().items() if k != "expires"}, "expires is required"),
-        (waiver(expires="next week"),
-         "waivers[0].expires: must be a date YYYY-MM-DD, got 'next week'"),
+        (
+            waiver(expires="next week"),
+            "waivers[0].expires: must be a date YYYY-MM-DD, got 'next week'",
+        ),
         (waiver(group="g"), "exactly one of host or group"),
         ({**waiver(), "host": None}, "exactly one of host or group"),
         (waiver(check=""), "check: must be a check name"),
-        (waiver(reason="x"), "waivers[0] (host lab-2): a mapping with keys check, expires, "
-                             "group, host, justification (unknown: reason)"),
+        (
+            waiver(reason="x"),
+            "waivers[0] (host lab-2): a mapping with keys check, expires, "
+            "group, host, justification (unknown: reason)",
+        ),
     ],
 )
 def test_bad_waivers_are_rejected_naming_file_and_entry(entry: dict, needle: str) -> None:

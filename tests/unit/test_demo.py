@@ -90,9 +90,16 @@ def test_a_failed_boot_or_build_stops_the_demo(
 def test_stages_put_only_boot_and_build_together() -> None:
     plan = [(k, k, [k]) for k in demo.STEPS]
     assert [[k for k, _, _ in st] for st in demo.stages(plan, [])] == [
-        ["lab", "build"], ["rollout"], ["check"], ["probe"]]  # fmt: skip
+        ["lab", "build"],
+        ["rollout"],
+        ["check"],
+        ["probe"],
+    ]
     assert [[k for k, _, _ in st] for st in demo.stages(plan, ["lab", "check"])] == [
-        ["build"], ["rollout"], ["probe"]]  # fmt: skip
+        ["build"],
+        ["rollout"],
+        ["probe"],
+    ]
 
 
 def test_the_demo_boots_and_builds_the_demo_fleet_unless_told_another(
@@ -136,9 +143,13 @@ RESET = "ConnectionResetError: [Errno 104] Connection reset by peer"
 
 def held_result(broken: int = 0) -> dict[str, Any]:
     """What the guest script's `down` prints."""
-    return {"connections": 100, "broken": broken, "exchanges": 9000, "seconds": 41.3,
-            "failures": [{"conn": i, "round": 30, "at": 12.8, "error": RESET}
-                         for i in range(broken)]}  # fmt: skip
+    return {
+        "connections": 100,
+        "broken": broken,
+        "exchanges": 9000,
+        "seconds": 41.3,
+        "failures": [{"conn": i, "round": 30, "at": 12.8, "error": RESET} for i in range(broken)],
+    }
 
 
 class FakeLab:
@@ -174,8 +185,10 @@ def test_connections_are_held_on_the_canary_through_the_whole_rollout(
     assert s["held"][0] <= s["rollout"][0] and s["rollout"][1] <= s["held"][1] <= s["check"][0]
     assert set(lab.hosts_run) == {demo.CANARY}
     out = capsys.readouterr().out
-    assert ("    held     100 connections through a private IPVS service on k8s-canary, 41 s "
-            "through the rollout: 0 broke\n") in out
+    assert (
+        "    held     100 connections through a private IPVS service on k8s-canary, 41 s "
+        "through the rollout: 0 broke\n"
+    ) in out
     saved = json.loads((tmp_path / "reports" / "held.json").read_text())
     assert saved["result"]["broken"] == 0 and saved["host"] == demo.CANARY
 
@@ -210,16 +223,20 @@ def test_without_a_lab_the_demo_says_so_and_goes_on(
     fake_cli(tmp_path, monkeypatch)
     assert demo.run(demo_args(tmp_path)) == 0
     assert "held     connections on k8s-canary could not be set up: k8s-canary: not a host" in (
-        capsys.readouterr().out)  # fmt: skip
+        capsys.readouterr().out
+    )
 
 
 def test_the_held_line() -> None:
     h = demo.Held("c", 100, held_result(broken=2))
     assert demo.held_line(h) == (
         "    held     100 connections through a private IPVS service on c, 41 s through the "
-        f"rollout: 2 broke (first at 12.8 s: {RESET})")  # fmt: skip
+        f"rollout: 2 broke (first at 12.8 s: {RESET})"
+    )
     assert demo.held_line(demo.Held("c", 100, error="gave no result: gone")) == (
-        "    held     connections on c gave no result: gone")  # fmt: skip
+        "    held     connections on c gave no result: gone"
+    )
     no_result = demo.Held("c", 100, {"error": "no result: the client had died"})
     assert demo.held_line(no_result) == (
-        "    held     connections on c gave no result (no result: the client had died)")
+        "    held     connections on c gave no result (no result: the client had died)"
+    )

@@ -58,10 +58,18 @@ def test_loaded_modules_patched_only_when_the_loaded_build_is_the_installed_one(
         "patchset": "3.0+abc",
         "reuse": "prekill",
     }
-    assert out["ip_vs"] == out["ip_vs_rr"] == {
-        "version": None, "srcversion": None, "taint": "", "patched": False, "patchset": None,
-        "reuse": None,
-    }  # fmt: skip
+    assert (
+        out["ip_vs"]
+        == out["ip_vs_rr"]
+        == {
+            "version": None,
+            "srcversion": None,
+            "taint": "",
+            "patched": False,
+            "patchset": None,
+            "reuse": None,
+        }
+    )
 
 
 def test_an_older_build_or_a_foreign_ip_vs_is_not_the_installed_one():
@@ -79,9 +87,12 @@ def test_an_older_build_or_a_foreign_ip_vs_is_not_the_installed_one():
 
 def test_loaded_modules_match_by_srcversion_and_ignore_files_of_unloaded_modules():
     out = IpvsLoadedModules().process(
-        ["loaded|ip_vs_reuse|-|AAA|OE", *modinfo("ip_vs_reuse", "", "AAA", "3.0+abc"),
-         *modinfo("ip_vs_wrr", "3.0+abc", "W", "3.0+abc")]
-    )  # fmt: skip
+        [
+            "loaded|ip_vs_reuse|-|AAA|OE",
+            *modinfo("ip_vs_reuse", "", "AAA", "3.0+abc"),
+            *modinfo("ip_vs_wrr", "3.0+abc", "W", "3.0+abc"),
+        ]
+    )
     assert list(out) == ["ip_vs_reuse"]
     assert out["ip_vs_reuse"]["patched"] is True and out["ip_vs_reuse"]["reuse"] is None
 
@@ -152,8 +163,18 @@ def test_interlock():
     drop = "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
     with_drop = usage(["## iptables", drop])
     mark = "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"
-    kube_proxy = usage(["## iptables", "*nat", "-A PREROUTING -j KUBE-SERVICES", mark,
-                        "COMMIT", "*filter", drop, "COMMIT"])
+    kube_proxy = usage(
+        [
+            "## iptables",
+            "*nat",
+            "-A PREROUTING -j KUBE-SERVICES",
+            mark,
+            "COMMIT",
+            "*filter",
+            drop,
+            "COMMIT",
+        ]
+    )
     assert interlock(k8s, clean, "prekill") is None
     assert "ftp" in (interlock(k8s, with_ftp, "prekill") or "")
     assert interlock(ftp, with_ftp, "prekill") is None  # knob 0: nothing to refuse
@@ -179,15 +200,33 @@ def test_nat_rule_found_in_iptables_save_and_nft():
     assert usage([])["nat_rule"] is None
     filter_only = usage(["## iptables", "*filter", "-A FORWARD -j ACCEPT", "COMMIT"])
     assert filter_only["nat_rule"] is None
-    nat = usage(["## iptables", "*nat", "-A PREROUTING -j KUBE-SERVICES",
-                 "-A KUBE-POSTROUTING -j MASQUERADE --random-fully", "COMMIT"])
+    nat = usage(
+        [
+            "## iptables",
+            "*nat",
+            "-A PREROUTING -j KUBE-SERVICES",
+            "-A KUBE-POSTROUTING -j MASQUERADE --random-fully",
+            "COMMIT",
+        ]
+    )
     assert nat["nat_rule"] == "-A KUBE-POSTROUTING -j MASQUERADE --random-fully"
-    nft = usage(["## nft", "table ip filter {", "\tchain input {",
-                 "\t\ttype filter hook input priority filter; policy accept;",
-                 "\t\tct state invalid drop", "\t}", "}",
-                 "table ip kube {", "\tchain post {",
-                 "\t\ttype nat hook postrouting priority srcnat; policy accept;",
-                 "\t\tmeta mark & 0x4000 == 0x4000 masquerade", "\t}", "}"])
+    nft = usage(
+        [
+            "## nft",
+            "table ip filter {",
+            "\tchain input {",
+            "\t\ttype filter hook input priority filter; policy accept;",
+            "\t\tct state invalid drop",
+            "\t}",
+            "}",
+            "table ip kube {",
+            "\tchain post {",
+            "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+            "\t\tmeta mark & 0x4000 == 0x4000 masquerade",
+            "\t}",
+            "}",
+        ]
+    )
     assert nft["nat_rule"] == "meta mark & 0x4000 == 0x4000 masquerade"
     assert nft["invalid_drop_rule"] == "ct state invalid drop"
 
@@ -217,8 +256,10 @@ def test_dkms_ready_names_what_is_missing_with_the_version_to_install():
 
 
 def test_installed_set_reads_each_module_set_id():
-    out = [*modinfo("ip_vs_reuse", "3.0+abc", "A", "3.0+abc", "prekill"),
-           *modinfo("other", "", "C", "")]  # fmt: skip
+    out = [
+        *modinfo("ip_vs_reuse", "3.0+abc", "A", "3.0+abc", "prekill"),
+        *modinfo("other", "", "C", ""),
+    ]
     assert IpvsInstalledSet().process(out) == {"ip_vs_reuse.ko": "3.0+abc", "other.ko": ""}
     assert IpvsInstalledSet().process(["depmod-missing", *out]) == {}
 
@@ -293,11 +334,24 @@ def test_managed_file_reads_record_and_file_in_one_command():
     cmd = f.command("/etc/sysctl.d/90-ipvs-fleet.conf", "/var/lib/ipvs-fleet/backup/x")
     assert cmd.startswith("f=/etc/sysctl.d/90-ipvs-fleet.conf; b=/var/lib/ipvs-fleet/backup/x;")
     assert f.process(["backup=yes", "exists=yes", "mode=644 sha256=ab12"]) == {
-        "backup": True, "absent": False, "exists": True, "mode": "644",
-        "sha256": "ab12"}  # fmt: skip
+        "backup": True,
+        "absent": False,
+        "exists": True,
+        "mode": "644",
+        "sha256": "ab12",
+    }
     # a symlink or folder in its place: it exists, and no mode or sum is compared equal
     assert f.process(["absent=yes", "exists=yes"]) == {
-        "backup": False, "absent": True, "exists": True, "mode": None, "sha256": None}  # fmt: skip
+        "backup": False,
+        "absent": True,
+        "exists": True,
+        "mode": None,
+        "sha256": None,
+    }
     assert f.default() == {
-        "backup": False, "absent": False, "exists": False, "mode": None,
-        "sha256": None}  # fmt: skip
+        "backup": False,
+        "absent": False,
+        "exists": False,
+        "mode": None,
+        "sha256": None,
+    }

@@ -42,7 +42,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 UNLOADS_IPVS = re.compile(r"modprobe\s+(-\w*r|--remove)|rmmod\s+(-\S+\s+)*ip_vs(?!_reuse\b)")
 
 # The inventory: hosts and their scripted answers from $FAKE_FLEET (JSON), as @fake hosts.
-INVENTORY = '''
+INVENTORY = """
 import json, os, re
 _spec = json.load(open(os.environ["FAKE_FLEET"]))
 def _host(name, h):
@@ -50,7 +50,7 @@ def _host(name, h):
             "fake_responses": {re.compile(k): v for k, v in h["responses"]}})
 for _group, _names in _spec["groups"].items():
     globals()[_group] = [_host(n, _spec["hosts"][n]) for n in _names]
-'''
+"""
 
 
 def sha256_of_template(path: str, host_class: str) -> str:
@@ -80,8 +80,11 @@ class FakeHost:
         """IpvsLoadedModules rows (tests.fixtures.loaded) of the loaded modules."""
         if self.loaded == "none":
             return []
-        distro = [m for m in load_policy().for_host("x", {"ipvs_host_class": self.host_class})
-                  .modules if m != FIX and m not in self.unloaded]  # fmt: skip
+        distro = [
+            m
+            for m in load_policy().for_host("x", {"ipvs_host_class": self.host_class}).modules
+            if m != FIX and m not in self.unloaded
+        ]
         if self.loaded == "foreign":
             return [f"{m}|{FOREIGN_ID}|-|OE|-|-|-|-" for m in distro]
         rows = [f"{m}|-|-|-|-|-|-|-" for m in distro]
@@ -98,20 +101,29 @@ class FakeHost:
             (r"^uname -r$", KR),
             (r"echo lockdown=", ["lockdown=none", "sig_enforce=N", "secure_boot=0"]),
             (r"echo '## lsmod'", ["## lsmod", *(r.split("|")[0] for r in loaded), *self.usage]),
-            (r"sha256sum -- \*\.ko",
-             [f"{sha}  {n}" for n, sha in MODULES.items()] if self.installed
-             else ["depmod-missing"]),  # fmt: skip
+            (
+                r"sha256sum -- \*\.ko",
+                [f"{sha}  {n}" for n, sha in MODULES.items()]
+                if self.installed
+                else ["depmod-missing"],
+            ),
             (r"for d in /sys/module/ip_vs ", loaded_output(loaded)),
-            (r"/proc/sys/net/ipv4/vs/\*", [f"/proc/sys/net/ipv4/vs/{k}:{v}"
-                                           for k, v in self.sysctls.items()]),  # fmt: skip
+            (
+                r"/proc/sys/net/ipv4/vs/\*",
+                [f"/proc/sys/net/ipv4/vs/{k}:{v}" for k, v in self.sysctls.items()],
+            ),
         ]
         if self.files:
             for path in MANAGED_FILES:
                 # the deploy's fact of a managed file (ManagedFile): the backup kept, the
                 # file as the class's template renders it
                 sha = sha256_of_template(path, self.host_class)
-                out.append((rf"^f={re.escape(path)}; b=",
-                            ["backup=yes", "exists=yes", f"mode=644 sha256={sha}"]))  # fmt: skip
+                out.append(
+                    (
+                        rf"^f={re.escape(path)}; b=",
+                        ["backup=yes", "exists=yes", f"mode=644 sha256={sha}"],
+                    )
+                )
         return out
 
 
@@ -122,8 +134,12 @@ def converged(host_class: str = "k8s_node") -> FakeHost:
 
 def stock_sysctls() -> dict[str, int]:
     """A stock module's values (no knob)."""
-    return {"conn_reuse_mode": 1, "conntrack": 0, "expire_nodest_conn": 0,
-            "expire_quiescent_template": 0}  # fmt: skip
+    return {
+        "conn_reuse_mode": 1,
+        "conntrack": 0,
+        "expire_nodest_conn": 0,
+        "expire_quiescent_template": 0,
+    }
 
 
 @dataclass
@@ -143,8 +159,11 @@ class Run:
     def _lines(self, host: str, mark: str) -> list[str]:
         """What follows `mark` on the lines of one host (pyinfra pads short host names)."""
         line = re.compile(rf"\s*\[@fake/{re.escape(host)}\]\s+{re.escape(mark)}(.*)")
-        return [m.group(1).strip() for ln in ANSI.sub("", self.stderr).splitlines()
-                if (m := line.match(ln))]  # fmt: skip
+        return [
+            m.group(1).strip()
+            for ln in ANSI.sub("", self.stderr).splitlines()
+            if (m := line.match(ln))
+        ]
 
     def will(self, host: str) -> list[str]:
         """The preview lines of one host."""
@@ -164,12 +183,17 @@ def fleet(tmp_path):
     with tarfile.open(tarball, "w:gz"):
         pass
     manifest = {
-        "format": 1, "kernel_release": KR, "release": "bookworm", "line": "6.1",
+        "format": 1,
+        "kernel_release": KR,
+        "release": "bookworm",
+        "line": "6.1",
         "tarball": tarball.name,
         "tarball_sha256": hashlib.sha256(tarball.read_bytes()).hexdigest(),
-        "modules": MODULES, "modinfo": {"ipvs_fleet": SET_ID, "ipvs_fleet_reuse": "prekill"},
-        "reuse_design": "prekill", "vermagic": KR,
-    }  # fmt: skip
+        "modules": MODULES,
+        "modinfo": {"ipvs_fleet": SET_ID, "ipvs_fleet_reuse": "prekill"},
+        "reuse_design": "prekill",
+        "vermagic": KR,
+    }
     (art / "manifest.json").write_text(json.dumps(manifest))
     inv = tmp_path / "inventory.py"
     inv.write_text(INVENTORY)
@@ -190,12 +214,21 @@ def fleet(tmp_path):
             },
         }
         (tmp_path / "fleet.json").write_text(json.dumps(spec))
-        e = {**os.environ, "FAKE_FLEET": str(tmp_path / "fleet.json"),
-             "IPVS_FLEET_ARTIFACTS": str(tmp_path / "artifacts"), **(env or {})}  # fmt: skip
+        e = {
+            **os.environ,
+            "FAKE_FLEET": str(tmp_path / "fleet.json"),
+            "IPVS_FLEET_ARTIFACTS": str(tmp_path / "artifacts"),
+            **(env or {}),
+        }
         r = subprocess.run(
-            [str(PYINFRA), *args, str(inv), deploy], cwd=REPO, env=e, text=True,
-            capture_output=True, timeout=90, input=stdin,
-        )  # fmt: skip
+            [str(PYINFRA), *args, str(inv), deploy],
+            cwd=REPO,
+            env=e,
+            text=True,
+            capture_output=True,
+            timeout=90,
+            input=stdin,
+        )
         doc = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
         return Run(r.returncode, doc, r.stderr)
 
@@ -245,13 +278,16 @@ def test_dry_run_of_a_fresh_host_lists_every_step(fleet):
         *(f"Set net.ipv4.vs.{k} live" for k in differ),
     }
     will = r.will("fresh")
-    assert will[0].startswith(f"install patch set {SET_ID} for {KR}: {FIX}.ko into "
-                              f"/lib/modules/{KR}/updates/ipvs-fleet")  # fmt: skip
+    assert will[0].startswith(
+        f"install patch set {SET_ID} for {KR}: {FIX}.ko into /lib/modules/{KR}/updates/ipvs-fleet"
+    )
     # the distro's IPVS modules stay loaded: only the fix module is loaded beside them
     assert f"load {FIX}" in will
     # the knob appears with the fix module: planned, not an error
-    assert "set net.ipv4.vs.conn_reuse_old_conntrack = 1 (the key appears once the modules " \
+    assert (
+        "set net.ipv4.vs.conn_reuse_old_conntrack = 1 (the key appears once the modules "
         "above are active)" in will
+    )
 
 
 def test_nothing_loaded_plans_a_load_of_the_class_modules_and_the_fix(fleet):
@@ -278,8 +314,10 @@ def test_verification_fails_the_host_at_execution_with_its_problems(fleet):
     r = fleet({"drifted": drifted, "ok": converged()}, "-y", "--json", "-vv")
     assert r.rc == 1
     assert r.doc["results"]["failed_hosts"] == ["@fake/drifted"]
-    assert "verification failed on @fake/drifted: net.ipv4.vs.conn_reuse_old_conntrack: " \
+    assert (
+        "verification failed on @fake/drifted: net.ipv4.vs.conn_reuse_old_conntrack: "
         "expected 1, live 0" in ANSI.sub("", r.stderr)
+    )
     assert "Operation error" not in r.stderr
 
 
@@ -298,10 +336,13 @@ def test_an_older_fix_module_is_reloaded_alone_ipvs_stays(fleet):
     assert r.rc == 1
     [act] = [c for c in r.commands("n") if "ipvs-fleet activate" in c]
     assert act.startswith("mkdir -p /var/lib/ipvs-fleet && exec 9>> /var/lib/ipvs-fleet/lock")
-    assert act.endswith(f"&& true && rmmod {FIX} && for m in {FIX} ; "
-                        'do modprobe "$m" || exit 1; done')  # fmt: skip
-    assert f"ip_vs_reuse: the loaded build is not patch set {SET_ID} (version {OLD_ID})" \
+    assert act.endswith(
+        f'&& true && rmmod {FIX} && for m in {FIX} ; do modprobe "$m" || exit 1; done'
+    )
+    assert (
+        f"ip_vs_reuse: the loaded build is not patch set {SET_ID} (version {OLD_ID})"
         in ANSI.sub("", r.stderr)
+    )
 
 
 def test_a_foreign_ipvs_build_refuses_reload_and_is_rebooted_with_reboot(fleet):
@@ -310,9 +351,11 @@ def test_a_foreign_ipvs_build_refuses_reload_and_is_rebooted_with_reboot(fleet):
     foreign = converged()
     foreign.loaded = "foreign"
     names = "ip_vs, ip_vs_rr, ip_vs_sh, ip_vs_wrr"
-    refusal = (f"{names}: loaded from an out-of-tree build that is not the fix module; "
-               "replacing it would unload IPVS and drop its tables and connections: reboot the "
-               "host (host data ipvs_activation: reboot)")  # fmt: skip
+    refusal = (
+        f"{names}: loaded from an out-of-tree build that is not the fix module; "
+        "replacing it would unload IPVS and drop its tables and connections: reboot the "
+        "host (host data ipvs_activation: reboot)"
+    )
     r = fleet({"n": foreign}, "--dry", "--json")
     assert r.rc == 0, r.stderr[-3000:]
     assert r.changes() == {LOAD: ["@fake/n"]}
@@ -340,8 +383,12 @@ def test_reboot_strategy_reboots_a_host_without_the_fix_module(fleet):
     assert r.will("n") == [f"reboot for {FIX} {SET_ID}"]
 
 
-HOOKS = ["--data", 'ipvs_pre_activate=["drain one", "drain two"]',
-         "--data", "ipvs_post_activate=uncordon"]  # fmt: skip
+HOOKS = [
+    "--data",
+    'ipvs_pre_activate=["drain one", "drain two"]',
+    "--data",
+    "ipvs_post_activate=uncordon",
+]
 
 
 def test_drain_hooks_wrap_the_activation_and_are_previewed(fleet):
@@ -355,9 +402,10 @@ def test_drain_hooks_wrap_the_activation_and_are_previewed(fleet):
     # Executed: the hooks run in order around the activation (-vv lists each command run).
     r = fleet({"n": stale}, "-y", "--json", "-vv", *HOOKS)
     cmds = r.commands("n")
-    at = [next((i for i, c in enumerate(cmds) if s in c), -1)
-          for s in ("sh -c 'drain one'", "sh -c 'drain two'", "ipvs-fleet activate",
-                    "sh -c uncordon")]  # fmt: skip
+    at = [
+        next((i for i, c in enumerate(cmds) if s in c), -1)
+        for s in ("sh -c 'drain one'", "sh -c 'drain two'", "ipvs-fleet activate", "sh -c uncordon")
+    ]
     assert -1 not in at and at == sorted(at), at
 
 
@@ -390,17 +438,23 @@ def test_rollback_turns_the_knob_off_removes_the_files_then_unloads_only_the_fix
     }
     will = r.will("a")
     assert will[0] == "set net.ipv4.vs.conn_reuse_old_conntrack = 0 (live 1)"
-    assert will[1] == (f"remove the ipvs-fleet module set for {KR} ({FIX}.ko in "
-                       f"/lib/modules/{KR}/updates/ipvs-fleet), depmod")  # fmt: skip
+    assert will[1] == (
+        f"remove the ipvs-fleet module set for {KR} ({FIX}.ko in "
+        f"/lib/modules/{KR}/updates/ipvs-fleet), depmod"
+    )
     assert any(w.startswith("restore /etc/sysctl.d/90-ipvs-fleet.conf") for w in will)
     assert will[-1] == f"unload {FIX} {SET_ID} (IPVS stays loaded, its tables untouched)"
     # Executed, in that order; the facts never change here, so the verification fails.
     r = fleet({"a": converged()}, "-y", "--json", "-vv", deploy=ROLLBACK)
     cmds = r.commands("a")
-    at = [next((i for i, c in enumerate(cmds) if s in c), -1)
-          for s in ("sysctl -w net.ipv4.vs.conn_reuse_old_conntrack=0",
-                    f"rm -rf /lib/modules/{KR}/updates/ipvs-fleet && depmod",
-                    f"rmmod {FIX}")]  # fmt: skip
+    at = [
+        next((i for i, c in enumerate(cmds) if s in c), -1)
+        for s in (
+            "sysctl -w net.ipv4.vs.conn_reuse_old_conntrack=0",
+            f"rm -rf /lib/modules/{KR}/updates/ipvs-fleet && depmod",
+            f"rmmod {FIX}",
+        )
+    ]
     assert -1 not in at and at == sorted(at), at
     assert f"verification failed on @fake/a: {FIX} is still loaded" in ANSI.sub("", r.stderr)
     # a host already without the fix module: nothing to roll back
@@ -410,11 +464,14 @@ def test_rollback_turns_the_knob_off_removes_the_files_then_unloads_only_the_fix
 
 @pytest.mark.parametrize(
     "host, deploy",
-    [(FakeHost(), "deploy.py"), (FakeHost(loaded="stock", sysctls=stock_sysctls()), "deploy.py"),
-     (FakeHost(installed=True, loaded="older", files=True), "deploy.py"),
-     (FakeHost(installed=True, loaded="current", sysctls={KNOB: 1}, files=True), ROLLBACK)],
+    [
+        (FakeHost(), "deploy.py"),
+        (FakeHost(loaded="stock", sysctls=stock_sysctls()), "deploy.py"),
+        (FakeHost(installed=True, loaded="older", files=True), "deploy.py"),
+        (FakeHost(installed=True, loaded="current", sysctls={KNOB: 1}, files=True), ROLLBACK),
+    ],
     ids=["fresh", "stock", "older", "rollback"],
-)  # fmt: skip
+)
 def test_no_command_ever_unloads_ipvs(fleet, host, deploy):
     r = fleet({"n": host}, "-y", "--json", "-vv", *HOOKS, deploy=deploy)
     cmds = r.commands("n")
@@ -423,8 +480,14 @@ def test_no_command_ever_unloads_ipvs(fleet, host, deploy):
 
 
 def test_the_ipvs_unload_pattern_catches_every_way_of_unloading():
-    for cmd in ("rmmod ip_vs", "rmmod ip_vs_rr ip_vs", "rmmod -f ip_vs_sh", "modprobe -r ip_vs",
-                "modprobe -rv ip_vs_reuse", "modprobe --remove ip_vs_reuse"):  # fmt: skip
+    for cmd in (
+        "rmmod ip_vs",
+        "rmmod ip_vs_rr ip_vs",
+        "rmmod -f ip_vs_sh",
+        "modprobe -r ip_vs",
+        "modprobe -rv ip_vs_reuse",
+        "modprobe --remove ip_vs_reuse",
+    ):
         assert UNLOADS_IPVS.search(cmd), cmd
     assert not UNLOADS_IPVS.search(f"true && rmmod {FIX} && modprobe {FIX}")
 
@@ -446,8 +509,12 @@ def test_a_plan_reports_each_refusal_and_plans_the_other_hosts(fleet):
     drifted = converged("ftp")
     drifted.sysctls["conntrack"] = 0
     hosts = ["@fake/bad", "@fake/drifted", "@fake/ok"]
-    r = fleet({"bad": bad, "drifted": drifted, "ok": converged()}, "--dry", "--json",
-              env={"IPVS_FLEET_PREFLIGHT": "report"})  # fmt: skip
+    r = fleet(
+        {"bad": bad, "drifted": drifted, "ok": converged()},
+        "--dry",
+        "--json",
+        env={"IPVS_FLEET_PREFLIGHT": "report"},
+    )
     plans = plan_outcomes(r.doc, r.stderr, hosts)
     assert "conn_reuse_old_conntrack=1 refused" in plans["@fake/bad"].refused
     assert plans["@fake/bad"].changes == []

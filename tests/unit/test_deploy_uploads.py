@@ -14,8 +14,9 @@ from ipvs_fleet.deploy.operations import DKMS_SCRIPT, sha256_of
 
 
 def run(text: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", "-c", text + " && echo used"], capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
+    return subprocess.run(
+        ["sh", "-c", text + " && echo used"], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_the_sent_bytes_pass_and_stay(tmp_path: Path) -> None:
@@ -35,8 +36,10 @@ def test_other_bytes_or_none_are_refused_and_removed(tmp_path: Path) -> None:
     check = unchanged_or_refused(str(f), sha, "/etc/modprobe.d/x.conf", "not installed")
     r = run(check)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == (f"ipvs-fleet: /etc/modprobe.d/x.conf: the staged copy does not match "
-                        f"the sha256 the controller sent ({sha}): not installed\n")  # fmt: skip
+    assert r.stderr == (
+        f"ipvs-fleet: /etc/modprobe.d/x.conf: the staged copy does not match "
+        f"the sha256 the controller sent ({sha}): not installed\n"
+    )
     assert not f.exists()
     r = run(check)  # gone (or never there): refused too
     assert r.returncode == 1 and r.stdout == "" and "does not match the sha256" in r.stderr

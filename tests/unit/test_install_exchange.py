@@ -26,8 +26,9 @@ def sets(tmp_path: Path, live: bool = True) -> tuple[Path, Path]:
 
 
 def run(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", "-ec", script], capture_output=True, text=True, timeout=60,
-                          env=env)  # fmt: skip
+    return subprocess.run(
+        ["sh", "-ec", script], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def test_a_live_set_is_exchanged_whole(tmp_path):

@@ -77,13 +77,16 @@ def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
         (GOOD + "    cpus: 2\n", "hosts.k8s-canary.cpus", "unknown field"),
         (GOOD.replace("[canary]", "canary"), "hosts.k8s-canary.groups", "list of group names"),
         (GOOD + "    memory_mb: lots\n", "hosts.k8s-canary.memory_mb", "integer"),
-        (GOOD + "    kernel_args: [\"a; reboot\"]\n", "hosts.k8s-canary.kernel_args", "list of"),
+        (GOOD + '    kernel_args: ["a; reboot"]\n', "hosts.k8s-canary.kernel_args", "list of"),
         (GOOD + "    kernel_args: lockdown=integrity\n", "hosts.k8s-canary.kernel_args", "list"),
-        (GOOD + "    packages: [\"socat; reboot\"]\n", "hosts.k8s-canary.packages", "package"),
+        (GOOD + '    packages: ["socat; reboot"]\n', "hosts.k8s-canary.packages", "package"),
         (GOOD + "    packages: socat\n", "hosts.k8s-canary.packages", "list"),
         (GOOD.replace("k8s-canary:", "K8s_Canary:"), "hosts.K8s_Canary", "host name"),
-        (GOOD.replace("release: bookworm", "release: [bookworm]"), "hosts.k8s-canary.release",
-         "must be a string"),
+        (
+            GOOD.replace("release: bookworm", "release: [bookworm]"),
+            "hosts.k8s-canary.release",
+            "must be a string",
+        ),
         ("hosts: {}\n", "hosts", "missing, empty"),
         ("hosts:\n  a: bookworm\n", "hosts.a", "must be a mapping"),
         (GOOD + "vms: 3\n", "vms", "unknown field"),
@@ -91,7 +94,7 @@ def test_a_class_without_group_mapping_gets_class_hosts(tmp_path: Path) -> None:
         ("- k8s-canary\n", "(top level)", "must be a mapping"),
         ("hosts: [\n", "", "not valid YAML"),
     ],
-)  # fmt: skip
+)
 def test_bad_fleet_file_names_file_and_field(
     tmp_path: Path, text: str, field: str, words: str
 ) -> None:

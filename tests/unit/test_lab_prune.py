@@ -58,8 +58,9 @@ def test_keeps_current_and_in_use_removes_superseded_and_unfinished(
     keep = fake_image(cache, current(bw), bw)
     old = fake_image(cache, "bookworm-6.1.0-56-cloud-amd64-000000000000", bw)
     running = fake_image(cache, "bookworm-6.1.0-55-cloud-amd64-111111111111", bw)
-    broken = fake_image(cache, "bullseye-5.10.0-46-cloud-amd64-222222222222", PINS["bullseye"],
-                        done=False)  # fmt: skip
+    broken = fake_image(
+        cache, "bullseye-5.10.0-46-cloud-amd64-222222222222", PINS["bullseye"], done=False
+    )
     monkeypatch.setattr(image, "images_in_use", lambda: {running})
     dry = image.prune_images(dry_run=True)
     assert {(p.name, why) for p, why in dry} == {
@@ -85,8 +86,9 @@ def test_offline_keeps_the_newest_image_of_a_release(cache: Path) -> None:
 
 
 def test_an_image_being_built_stays(cache: Path) -> None:
-    d = fake_image(cache, "bookworm-6.1.0-56-cloud-amd64-333333333333", PINS["bookworm"],
-                   done=False)  # fmt: skip
+    d = fake_image(
+        cache, "bookworm-6.1.0-56-cloud-amd64-333333333333", PINS["bookworm"], done=False
+    )
     with (cache / f"{d.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another lab is building it now
         assert image.prune_images() == []
@@ -111,8 +113,12 @@ def test_a_vanished_pin_keeps_the_locked_and_the_newest_image(
 
 def fleet_image(pin: KernelPin, packages: tuple[str, ...], build_tools: bool = False) -> str:
     """The key of the image a fleet host with these extra packages boots."""
-    return image.image_key(pin, image.image_packages(
-        pin, [*image.LAB_PACKAGES, *packages] if packages else None, build_tools))
+    return image.image_key(
+        pin,
+        image.image_packages(
+            pin, [*image.LAB_PACKAGES, *packages] if packages else None, build_tools
+        ),
+    )
 
 
 def test_keeps_the_images_of_every_lab_fleet_file_and_of_the_fleet_in_use(
@@ -123,8 +129,10 @@ def test_keeps_the_images_of_every_lab_fleet_file_and_of_the_fleet_in_use(
     sid, bw = PINS["sid"], PINS["bookworm"]
     sid_fleet = fake_image(cache, fleet_image(sid, ("nftables",)), sid)
     mine = tmp_path / "fleet.yml"
-    mine.write_text("hosts:\n  x:\n    release: bookworm\n    host_class: k8s_node\n"
-                    "    packages: [socat]\n    build_tools: true\n")
+    mine.write_text(
+        "hosts:\n  x:\n    release: bookworm\n    host_class: k8s_node\n"
+        "    packages: [socat]\n    build_tools: true\n"
+    )
     monkeypatch.setenv("IPVS_FLEET_FLEET", str(mine))
     own = fake_image(cache, fleet_image(bw, ("socat",), build_tools=True), bw)
     old = fake_image(cache, "sid-7.2.12+deb14-cloud-amd64-555555555555", sid)

@@ -21,11 +21,25 @@ from ipvs_fleet.resources import policy_file
 def recorded(tmp_path: Path) -> Lab:
     lab = Lab(tmp_path / "lab", log=lambda _m: None)
     hosts = {
-        "k8s-canary": LabHost("k8s-canary", "bookworm", "6.1.0-56-cloud-amd64", "6.1.192-2",
-                              "k8s_node", ["k8s_nodes", "canary"], 40022),
-        "ftp-director": LabHost("ftp-director", "bullseye", "5.10.0-46-cloud-amd64",
-                                "5.10.262-1", "ftp", ["ftp_hosts"], 40023),
-    }  # fmt: skip
+        "k8s-canary": LabHost(
+            "k8s-canary",
+            "bookworm",
+            "6.1.0-56-cloud-amd64",
+            "6.1.192-2",
+            "k8s_node",
+            ["k8s_nodes", "canary"],
+            40022,
+        ),
+        "ftp-director": LabHost(
+            "ftp-director",
+            "bullseye",
+            "5.10.0-46-cloud-amd64",
+            "5.10.262-1",
+            "ftp",
+            ["ftp_hosts"],
+            40023,
+        ),
+    }
     st = _State(hosts, "lab/fleet.yml", ["k8s_nodes", "ftp_hosts", "connmark_hosts", "canary"])
     lab._ensure_keys(list(hosts))
     lab._save(st)
@@ -36,8 +50,11 @@ def recorded(tmp_path: Path) -> Lab:
 def test_ssh_config_checks_host_keys_and_shares_a_connection(recorded: Lab) -> None:
     out = subprocess.run(
         ["ssh", "-G", "-F", str(recorded.ssh_config), "k8s-canary"],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     opts = dict(line.split(" ", 1) for line in out.splitlines())
     assert opts["hostname"] == "127.0.0.1"
     assert opts["port"] == "40022"

@@ -54,9 +54,13 @@ def test_unpacked_wheel_finds_its_own_files(wheel: Path, tmp_path: Path) -> None
     user.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPVS_FLEET_")}
     r = subprocess.run(
-        [sys.executable, "-c", RESOLVER_PROBE], cwd=user, env={**env, "PYTHONPATH": str(site)},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", RESOLVER_PROBE],
+        cwd=user,
+        env={**env, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     pkg = site / "ipvs_fleet"

@@ -315,10 +315,17 @@ def test_releases_file_gives_each_release_its_line_suites_and_apt_options() -> N
     sid (unstable) only itself, and its roots accept an InRelease past its Valid-Until."""
     from ipvs_fleet import rootfs
 
-    assert debian.RELEASES == {"bullseye": "5.10", "bookworm": "6.1", "trixie": "6.12",
-                               "sid": "7.2"}  # fmt: skip
-    assert [s for _, s in debian.suites("trixie")] == ["trixie", "trixie-updates",
-                                                       "trixie-security"]  # fmt: skip
+    assert debian.RELEASES == {
+        "bullseye": "5.10",
+        "bookworm": "6.1",
+        "trixie": "6.12",
+        "sid": "7.2",
+    }
+    assert [s for _, s in debian.suites("trixie")] == [
+        "trixie",
+        "trixie-updates",
+        "trixie-security",
+    ]
     assert [s for _, s in debian.suites("sid")] == ["sid"]
     assert rootfs.sources("sid") == [f"deb {debian.MIRROR} sid main"]
     # apt.conf syntax: a bare `Name=value` is no option to apt (seen: sid's expired InRelease)
@@ -337,8 +344,10 @@ def test_sid_images_carry_mount_the_stable_ones_are_unchanged() -> None:
     assert "mount" in image.image_packages(sid, [*image.LAB_PACKAGES, "socat"])
     for release in ("bullseye", "bookworm", "trixie"):
         pin = debian.locked_pin(release)
-        assert image.image_packages(pin) == [*image.LAB_PACKAGES,
-                                             f"{pin.image_package}={pin.version}"]
+        assert image.image_packages(pin) == [
+            *image.LAB_PACKAGES,
+            f"{pin.image_package}={pin.version}",
+        ]
 
 
 @pytest.mark.parametrize(

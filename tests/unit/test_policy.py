@@ -38,8 +38,10 @@ def test_drain_hooks_come_from_the_class_or_the_host(tmp_path: Path):
 
 def test_lock_wait_comes_from_the_class_or_the_host(tmp_path: Path):
     f = tmp_path / "classes.yml"
-    f.write_text("host_classes: {x: {sysctls: {}, lock_wait_seconds: 45}, y: {sysctls: {}}}\n"
-                 "sysctl_schema: {a: {min: 0, max: 1}}")  # fmt: skip
+    f.write_text(
+        "host_classes: {x: {sysctls: {}, lock_wait_seconds: 45}, y: {sysctls: {}}}\n"
+        "sysctl_schema: {a: {min: 0, max: 1}}"
+    )
     pol = load_policy(f)
     assert pol.for_host("h", {"ipvs_host_class": "x"}).lock_wait == 45
     assert pol.for_host("h", {"ipvs_host_class": "y"}).lock_wait == 300

@@ -36,18 +36,31 @@ def test_percentile_nearest_rank() -> None:
 
 
 def test_parse_netstat_reads_tcpext() -> None:
-    lines = ["TcpExt: SyncookiesSent TCPSynRetrans", "TcpExt: 0 17",
-             "IpExt: InNoRoutes", "IpExt: 4"]
+    lines = [
+        "TcpExt: SyncookiesSent TCPSynRetrans",
+        "TcpExt: 0 17",
+        "IpExt: InNoRoutes",
+        "IpExt: 4",
+    ]
     assert probe.parse_netstat(lines) == {
-        "TcpExt": {"SyncookiesSent": 0, "TCPSynRetrans": 17}, "IpExt": {"InNoRoutes": 4}}
+        "TcpExt": {"SyncookiesSent": 0, "TCPSynRetrans": 17},
+        "IpExt": {"InNoRoutes": 4},
+    }
     assert isinstance(probe.syn_retrans(), int)  # the controller's own netns
     assert probe.syn_retrans("/nonexistent") is None
 
 
 def _result(**kw: object) -> dict[str, object]:
-    base: dict[str, object] = {"count": 100, "ok": 100, "errors": 0, "error_kinds": {},
-                               "slow": 0, "slow_ms": 900.0,
-                               "latency_ms": {"p99": 8.0}, "attempts": []}
+    base: dict[str, object] = {
+        "count": 100,
+        "ok": 100,
+        "errors": 0,
+        "error_kinds": {},
+        "slow": 0,
+        "slow_ms": 900.0,
+        "latency_ms": {"p99": 8.0},
+        "attempts": [],
+    }
     base.update(kw)
     return base
 
@@ -76,7 +89,8 @@ def test_budget_recounts_with_its_own_threshold() -> None:
     attempts = [{"connect_ms": ms} for ms in (5.0, 600.0, 950.0)]
     r = _result(count=3, slow=1, attempts=attempts)
     assert probe.evaluate_budget(r, {**K8S_BUDGET, "slow_ms": 500}) == [
-        "2 connects at or above 500 ms (allowed 0)"]
+        "2 connects at or above 500 ms (allowed 0)"
+    ]
 
 
 def test_split_target() -> None:
@@ -179,7 +193,10 @@ REUSE_PROC = "enabled 1\nkilled_tcp 7\nkilled_udp 2\n"
 
 def test_parse_reuse_counters() -> None:
     assert modules.parse_reuse_counters(REUSE_PROC) == {
-        "enabled": 1, "killed_tcp": 7, "killed_udp": 2}
+        "enabled": 1,
+        "killed_tcp": 7,
+        "killed_udp": 2,
+    }
     # the file is absent (stock): read_text gives ""
     assert modules.parse_reuse_counters("") is None
     assert modules.parse_reuse_counters("garbage\n") is None
@@ -193,20 +210,25 @@ def test_killed_delta() -> None:
     assert modules.killed_delta(None, None) == {"killed_tcp": None, "killed_udp": None}
     assert modules.killed_delta(before, None) == {"killed_tcp": None, "killed_udp": None}
     assert modules.killed_delta({"enabled": 0}, {"enabled": 0}) == {
-        "killed_tcp": None, "killed_udp": None}
+        "killed_tcp": None,
+        "killed_udp": None,
+    }
 
 
 STOCK_TAINTS = {"ip_vs": "", "ip_vs_rr": "", "ip_vs_ftp": ""}
 HOST_MODULES = ["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
 KERNEL_TREES: dict[str, str | None] = {
     **dict.fromkeys(["ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_ftp"], "kernel"),
-    "ip_vs_reuse": "other"}
+    "ip_vs_reuse": "other",
+}
 
 
 def test_foreign_ipvs_names_patched_builds_not_the_fix() -> None:
     assert modules.foreign_ipvs({**STOCK_TAINTS, "ip_vs_reuse": "OE"}) == []
     assert modules.foreign_ipvs({"ip_vs": "OE", "ip_vs_rr": "OE", "ip_vs_reuse": "OE"}) == [
-        "ip_vs", "ip_vs_rr"]
+        "ip_vs",
+        "ip_vs_rr",
+    ]
 
 
 def test_restore_after_the_fix_from_a_folder_keeps_ipvs_loaded() -> None:
@@ -214,8 +236,9 @@ def test_restore_after_the_fix_from_a_folder_keeps_ipvs_loaded() -> None:
     # installed build): ftp goes, ip_vs_reuse is swapped for the installed one
     taints = {**STOCK_TAINTS, "ip_vs_reuse": "OE"}
     steps = modules.restore_steps(taints, KERNEL_TREES, HOST_MODULES, fix_installed=False)
-    assert steps == modules.RestoreSteps(False, ["ip_vs_ftp", "ip_vs_reuse"],
-                                          ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"])
+    assert steps == modules.RestoreSteps(
+        False, ["ip_vs_ftp", "ip_vs_reuse"], ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
+    )
 
 
 def test_restore_keeps_the_installed_fix_module() -> None:
@@ -226,8 +249,9 @@ def test_restore_keeps_the_installed_fix_module() -> None:
 
 def test_restore_after_stock_loads_the_fix_module_back() -> None:
     steps = modules.restore_steps(STOCK_TAINTS, KERNEL_TREES, HOST_MODULES, False)
-    assert steps == modules.RestoreSteps(False, ["ip_vs_ftp"],
-                                          ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"])
+    assert steps == modules.RestoreSteps(
+        False, ["ip_vs_ftp"], ["ip_vs_wrr", "ip_vs_sh", "ip_vs_reuse"]
+    )
 
 
 def test_restore_unloads_the_stack_only_for_a_build_not_the_hosts() -> None:
@@ -243,7 +267,9 @@ def test_restore_unloads_the_stack_only_for_a_build_not_the_hosts() -> None:
     assert modules.restore_steps(STOCK_TAINTS, KERNEL_TREES, [], False).unload_all
     # ip_vs first, whatever order the status listed
     assert modules.restore_steps({}, KERNEL_TREES, ["ip_vs_rr", "ip_vs"], False).load == [
-        "ip_vs", "ip_vs_rr"]
+        "ip_vs",
+        "ip_vs_rr",
+    ]
 
 
 def test_record_holds_only_while_it_describes_what_is_loaded() -> None:
@@ -261,8 +287,11 @@ def test_record_holds_only_while_it_describes_what_is_loaded() -> None:
 
 
 def test_check_fix_loaded() -> None:
-    st = {"loaded": ["ip_vs", "ip_vs_reuse"], "knob_present": True,
-          "loaded_by_probe": {"module": "ip_vs_reuse", "set_id": "3.0+abc"}}
+    st = {
+        "loaded": ["ip_vs", "ip_vs_reuse"],
+        "knob_present": True,
+        "loaded_by_probe": {"module": "ip_vs_reuse", "set_id": "3.0+abc"},
+    }
     check_fix_loaded("h", st, "3.0+abc")
     with pytest.raises(FleetError, match="of set 3.0\\+abc, the artifact's is 3.0\\+def"):
         check_fix_loaded("h", st, "3.0+def")
@@ -271,15 +300,13 @@ def test_check_fix_loaded() -> None:
 
 
 def test_conntrack_view_consistent_after_reuse() -> None:
-    v = kernel.conntrack_view(kernel.parse_conntrack(CT_LINES), "10.10.1.2", 10001,
-                                "10.10.3.2")
+    v = kernel.conntrack_view(kernel.parse_conntrack(CT_LINES), "10.10.1.2", 10001, "10.10.3.2")
     assert v["consistent"] and len(v["entries"]) == 1
 
 
 def test_conntrack_view_catches_the_seed_semantics() -> None:
     # Two entries for one connection, the old one still naming the old real server.
-    v = kernel.conntrack_view(kernel.parse_conntrack(CT_LINES), "10.10.1.2", 10002,
-                                "10.10.3.2")
+    v = kernel.conntrack_view(kernel.parse_conntrack(CT_LINES), "10.10.1.2", 10002, "10.10.3.2")
     assert not v["consistent"] and len(v["entries"]) == 2
     # One entry, but its reply side on the old real server: also inconsistent.
     one = kernel.parse_conntrack(CT_LINES.splitlines()[1])
@@ -287,9 +314,11 @@ def test_conntrack_view_catches_the_seed_semantics() -> None:
 
 
 def test_kernel_warnings_filter() -> None:
-    lines = ["[ 1.0] ip_vs: loading out-of-tree module taints kernel.",
-             "[ 2.0] WARNING: CPU: 0 PID: 1 at net/netfilter/ipvs/ip_vs_core.c:2100",
-             "[ 2.1] Call Trace:"]
+    lines = [
+        "[ 1.0] ip_vs: loading out-of-tree module taints kernel.",
+        "[ 2.0] WARNING: CPU: 0 PID: 1 at net/netfilter/ipvs/ip_vs_core.c:2100",
+        "[ 2.1] Call Trace:",
+    ]
     assert kernel.kernel_warnings(lines) == lines[1:]
 
 
@@ -304,16 +333,19 @@ def test_plan_validation_and_counts() -> None:
     assert Plan(scenarios={"A": 10}).estimate_s(slow=True) > 10
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"ruleset": "cilium"}, "ruleset must be one of minimal, kube-proxy"),
-    ({"iptables": "xtables"}, "iptables must be one of nft, legacy"),
-    ({"client": "remote"}, "client must be one of outside, pod, host"),
-    ({"family": 5}, "family must be one of 4, 6"),
-    ({"ftp": True, "ruleset": "kube-proxy"}, "ftp runs only with ruleset minimal"),
-    ({"ftp": True, "family": 6}, "ftp runs only with ruleset minimal"),
-    ({"settle": -1.0}, "settle must be 0..30"),
-    ({"scenarios": {"A": -3}}, "attempts must be a count"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"ruleset": "cilium"}, "ruleset must be one of minimal, kube-proxy"),
+        ({"iptables": "xtables"}, "iptables must be one of nft, legacy"),
+        ({"client": "remote"}, "client must be one of outside, pod, host"),
+        ({"family": 5}, "family must be one of 4, 6"),
+        ({"ftp": True, "ruleset": "kube-proxy"}, "ftp runs only with ruleset minimal"),
+        ({"ftp": True, "family": 6}, "ftp runs only with ruleset minimal"),
+        ({"settle": -1.0}, "settle must be 0..30"),
+        ({"scenarios": {"A": -3}}, "attempts must be a count"),
+    ],
+)
 def test_plan_rejects_unknown_cells_clearly(kw: dict[str, object], message: str) -> None:
     with pytest.raises(FleetError, match=message):
         Plan(**kw)  # type: ignore[arg-type]
@@ -322,7 +354,13 @@ def test_plan_rejects_unknown_cells_clearly(kw: dict[str, object], message: str)
 def test_plan_defaults_are_the_minimal_cell() -> None:
     p = Plan()
     assert (p.ruleset, p.iptables, p.client, p.family, p.rule, p.settle) == (
-        "minimal", "nft", "outside", 4, "drop", 0.0)
+        "minimal",
+        "nft",
+        "outside",
+        4,
+        "drop",
+        0.0,
+    )
     Plan(ruleset="calico", iptables="legacy", client="host", family=6, scenarios={"U": 3})
 
 
@@ -347,15 +385,22 @@ def test_plan_estimate_covers_udp_settle_and_failures() -> None:
 def test_parse_identity_long_and_bare() -> None:
     assert probe.parse_identity("rs1") == ("rs1", {})
     assert probe.parse_identity("rs2 peer=fd00:10:244:1::1 pport=40312 req=q2") == (
-        "rs2", {"peer": "fd00:10:244:1::1", "pport": "40312", "req": "q2"})
+        "rs2",
+        {"peer": "fd00:10:244:1::1", "pport": "40312", "req": "q2"},
+    )
     assert probe.parse_identity("") == ("", {})
 
 
 def test_identity_server_reports_the_peer_only_when_asked(identity_server: int) -> None:
     bare = probe.connect_once("127.0.0.1", identity_server, mode="rst")
     assert (bare.server, bare.peer, bare.peer_port) == ("rs-test", None, None)
-    a = probe.connect_once("127.0.0.1", identity_server, mode="rst", peer=True,
-                           src=("127.0.0.1", probe.pick_port("127.0.0.1")))
+    a = probe.connect_once(
+        "127.0.0.1",
+        identity_server,
+        mode="rst",
+        peer=True,
+        src=("127.0.0.1", probe.pick_port("127.0.0.1")),
+    )
     assert a.error is None and a.server == "rs-test"
     assert a.peer == "127.0.0.1" and a.peer_port == a.src_port
     # the first word is the mode: `rst peer` still aborts (the client sees the reset)
@@ -404,13 +449,22 @@ def test_probe_over_ipv6_loopback() -> None:
 
 
 def _run_result() -> dict[str, object]:
-    sc = _result(count=3, ok=3, slow=1, answered_by_live=3, moved=3, syn_retrans_delta=1,
-                 latency_ms={"p50": 3.0, "p99": 1010.0, "max": 1010.0},
-                 attempts=[{"total_ms": t, "connect_ms": t, "error": None}
-                           for t in (3.0, 4.0, 1010.0)])
-    return {"modules": {"kernel_release": "6.1.0-56-cloud-amd64", "knob_present": True},
-            "sysctls": {"conn_reuse_old_conntrack": 0}, "plan": {"rule": "drop"},
-            "scenarios": {"A": sc}}
+    sc = _result(
+        count=3,
+        ok=3,
+        slow=1,
+        answered_by_live=3,
+        moved=3,
+        syn_retrans_delta=1,
+        latency_ms={"p50": 3.0, "p99": 1010.0, "max": 1010.0},
+        attempts=[{"total_ms": t, "connect_ms": t, "error": None} for t in (3.0, 4.0, 1010.0)],
+    )
+    return {
+        "modules": {"kernel_release": "6.1.0-56-cloud-amd64", "knob_present": True},
+        "sysctls": {"conn_reuse_old_conntrack": 0},
+        "plan": {"rule": "drop"},
+        "scenarios": {"A": sc},
+    }
 
 
 def test_summarize_and_label() -> None:
@@ -426,23 +480,52 @@ def test_summarize_and_label() -> None:
 def test_summarize_cell_results() -> None:
     r = _run_result()
     sc = r["scenarios"]["A"]  # type: ignore[index]
-    sc.update(new_conns=6, rule_counters={"new": 6, "nat_new": 6,  # type: ignore[union-attr]
-                                          "masquerade": 6},
-              peer_sources={"10.244.1.1": 3}, masq_mismatch=0, killed_tcp=3, killed_udp=0,
-              old_conn_met=3)
-    u = _result(count=2, ok=2, slow=2, latency_ms={"p50": 1010.0, "p99": 1012.0, "max": 1012.0},
-                peer_sources={"10.244.1.1": 2}, masq_mismatch=0, new_conns=0,
-                rule_counters={"new": 0}, second_answered=0, third_answered=2,
-                answered_by_deleted=0, killed_tcp=None, killed_udp=None, old_conn_met=2)
+    sc.update(
+        new_conns=6,
+        rule_counters={
+            "new": 6,
+            "nat_new": 6,  # type: ignore[union-attr]
+            "masquerade": 6,
+        },
+        peer_sources={"10.244.1.1": 3},
+        masq_mismatch=0,
+        killed_tcp=3,
+        killed_udp=0,
+        old_conn_met=3,
+    )
+    u = _result(
+        count=2,
+        ok=2,
+        slow=2,
+        latency_ms={"p50": 1010.0, "p99": 1012.0, "max": 1012.0},
+        peer_sources={"10.244.1.1": 2},
+        masq_mismatch=0,
+        new_conns=0,
+        rule_counters={"new": 0},
+        second_answered=0,
+        third_answered=2,
+        answered_by_deleted=0,
+        killed_tcp=None,
+        killed_udp=None,
+        old_conn_met=2,
+    )
     r["scenarios"]["U"] = u  # type: ignore[index]
-    r["cell"] = {"ruleset": "kube-proxy", "backend": "legacy", "client": "outside",
-                 "family": 6, "masquerade_demanded": True}
+    r["cell"] = {
+        "ruleset": "kube-proxy",
+        "backend": "legacy",
+        "client": "outside",
+        "family": 6,
+        "masquerade_demanded": True,
+    }
     rows = summarize(r)
     assert rows["A"]["new_conns"] == 6 and rows["A"]["masq"] is True
     assert rows["A"]["peer_sources"] == {"10.244.1.1": 3} and rows["A"]["masq_mismatch"] == 0
     assert (rows["A"]["killed_tcp"], rows["A"]["old_conn_met"], rows["A"]["nat_new"]) == (3, 3, 6)
     assert (rows["U"]["killed_udp"], rows["U"]["old_conn_met"], rows["U"]["nat_new"]) == (
-        None, 2, None)
+        None,
+        2,
+        None,
+    )
     assert (rows["U"]["second_answered"], rows["U"]["third_answered"]) == (0, 2)
     assert cell_label(r) == "kube-proxy/legacy outside v6 INVALID-drop"
 
@@ -468,9 +551,12 @@ class StubTopology:
     def __init__(self, tcp_port: int, udp_port: int) -> None:
         lay = cells.cell_layout("minimal", "outside", 4)
         self.lay = dataclasses.replace(
-            lay, client_ip="127.0.0.1", real_servers={"rs-test": "127.0.0.1"},
+            lay,
+            client_ip="127.0.0.1",
+            real_servers={"rs-test": "127.0.0.1"},
             target=cells.Service("tcp", "127.0.0.1", tcp_port),
-            udp_target=cells.Service("udp", "127.0.0.1", udp_port))
+            udp_target=cells.Service("udp", "127.0.0.1", udp_port),
+        )
         self.calls: list[tuple[str, ...]] = []
 
     def set_weight(self, server: str, weight: int, proto: str = "tcp") -> None:
@@ -515,14 +601,22 @@ def test_scenario_counts_the_old_connection_before_each_reconnect(
 
 def test_udp_scenario_with_the_flush_held(stub_topology: StubTopology) -> None:
     topo = stub_topology
-    r = scenarios.run_udp(topo, 1, timeout=5, deadline=30,  # type: ignore[arg-type]
-                         hold_flush=True)
+    r = scenarios.run_udp(
+        topo,  # type: ignore[arg-type]
+        1,
+        timeout=5,
+        deadline=30,
+        hold_flush=True,
+    )
     assert (r["count"], r["setup_errors"], r["second_answered"]) == (1, 0, 1)
     assert (r["old_conn_met"], r["flush_held"]) == (1, True)
     port = str(cells.PORT_BASE + cells.SCENARIOS.index("U") * cells.PORT_SPAN)
     # deleted without queueing the flush, the old connection read, the server added back
-    assert topo.calls == [("remove_held", "rs-test", "udp"), ("read", port, "udp"),
-                          ("add", "rs-test", "udp")]
+    assert topo.calls == [
+        ("remove_held", "rs-test", "udp"),
+        ("read", port, "udp"),
+        ("add", "rs-test", "udp"),
+    ]
     topo.calls.clear()
     racing = scenarios.run_udp(topo, 1, timeout=5, deadline=30)  # type: ignore[arg-type]
     assert racing["old_conn_met"] is None  # no read: it would change the race

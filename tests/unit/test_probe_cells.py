@@ -19,8 +19,7 @@ TARGETS = {"ACCEPT", "DROP", "REJECT", "RETURN", "MARK", "MASQUERADE"}
 
 
 def _rules(ruleset: str, client: str, family: int, rule: str = "drop") -> str:
-    return rules.director_rules(cells.cell_layout(ruleset, client, family, "1234567"),
-                                   rule)
+    return rules.director_rules(cells.cell_layout(ruleset, client, family, "1234567"), rule)
 
 
 def _lines(text: str, table: str) -> list[str]:
@@ -31,8 +30,9 @@ def _lines(text: str, table: str) -> list[str]:
 
 def _chains(text: str, table: str) -> list[str]:
     m = re.search(rf"^\*{table}\n(.*?)^COMMIT$", text, re.S | re.M)
-    return [ln[1:].split()[0] for ln in (m.group(1).splitlines() if m else [])
-            if ln.startswith(":")]
+    return [
+        ln[1:].split()[0] for ln in (m.group(1).splitlines() if m else []) if ln.startswith(":")
+    ]
 
 
 # --- layouts --------------------------------------------------------------------------------
@@ -57,8 +57,9 @@ def test_k8s_addresses_fit_the_pod_cidr(family: int) -> None:
         for leaf in ("p", "r1", "r2"):  # pods and the node's side of their links
             assert ipaddress.ip_address(lay.links[leaf].leaf_ip) in cidr
             assert ipaddress.ip_address(lay.links[leaf].node_ip) in cidr
-            net = ipaddress.ip_network(f"{lay.links[leaf].node_ip}/{lay.links[leaf].plen}",
-                                       strict=False)
+            net = ipaddress.ip_network(
+                f"{lay.links[leaf].node_ip}/{lay.links[leaf].plen}", strict=False
+            )
             assert ipaddress.ip_address(lay.links[leaf].leaf_ip) in net
         # what kube-proxy's `! -s <pod cidr>` decides: only the pod client is inside
         inside = ipaddress.ip_address(lay.client_ip) in cidr
@@ -67,17 +68,19 @@ def test_k8s_addresses_fit_the_pod_cidr(family: int) -> None:
 
 
 @pytest.mark.parametrize(("ruleset", "client", "family"), CELLS)
-def test_layout_targets_and_masquerade_agree_with_the_plan(ruleset: str, client: str,
-                                                           family: int) -> None:
+def test_layout_targets_and_masquerade_agree_with_the_plan(
+    ruleset: str, client: str, family: int
+) -> None:
     lay = cells.cell_layout(ruleset, client, family)
-    assert lay.masquerade_demanded == Plan(ruleset=ruleset, client=client,
-                                           family=family).masquerade_demanded
+    assert (
+        lay.masquerade_demanded
+        == Plan(ruleset=ruleset, client=client, family=family).masquerade_demanded
+    )
     assert lay.expected_peer == ("node" if lay.masquerade_demanded else "client")
     if ruleset == "minimal":
         return
     if client == "outside":
-        assert (lay.target.port, lay.udp_target.port) == (cells.NODE_PORT,
-                                                          cells.NODE_PORT_UDP)
+        assert (lay.target.port, lay.udp_target.port) == (cells.NODE_PORT, cells.NODE_PORT_UDP)
         assert lay.target.vip == lay.links["c"].node_ip
     else:
         assert (lay.target.port, lay.udp_target.port) == (80, 53)
@@ -85,7 +88,11 @@ def test_layout_targets_and_masquerade_agree_with_the_plan(ruleset: str, client:
     if client == "host":  # the source of a local route: the ClusterIP itself
         assert lay.client_ip == lay.target.vip
     assert {(s.proto, s.port) for s in lay.services} == {
-        ("tcp", 80), ("tcp", 30080), ("udp", 53), ("udp", 30053)}
+        ("tcp", 80),
+        ("tcp", 30080),
+        ("udp", 53),
+        ("udp", 30053),
+    }
 
 
 def test_device_names_fit_ifnamsiz() -> None:
@@ -105,12 +112,17 @@ def test_peer_kind() -> None:
 
 def test_peer_summary_counts_mismatches() -> None:
     lay = cells.cell_layout("kube-proxy", "outside", 4)
-    att = [probe.Attempt(0, 1, 1.0, 1.0, "rs1", peer="10.244.1.1"),
-           probe.Attempt(1, 2, 1.0, 1.0, "rs2", peer="10.10.1.2"),  # skipped the masquerade
-           probe.Attempt(2, 3, 5000.0, 5000.0, None, "connect: timeout")]
+    att = [
+        probe.Attempt(0, 1, 1.0, 1.0, "rs1", peer="10.244.1.1"),
+        probe.Attempt(1, 2, 1.0, 1.0, "rs2", peer="10.10.1.2"),  # skipped the masquerade
+        probe.Attempt(2, 3, 5000.0, 5000.0, None, "connect: timeout"),
+    ]
     out = rules.peer_summary(lay, att)
-    assert out == {"peer_sources": {"10.244.1.1": 1, "10.10.1.2": 1},
-                   "peer_kinds": {"node": 1, "client": 1}, "masq_mismatch": 1}
+    assert out == {
+        "peer_sources": {"10.244.1.1": 1, "10.10.1.2": 1},
+        "peer_kinds": {"node": 1, "client": 1},
+        "masq_mismatch": 1,
+    }
 
 
 def test_ipvsadm_restore() -> None:
@@ -121,7 +133,8 @@ def test_ipvsadm_restore() -> None:
     assert cells.ipvsadm_restore(cells.cell_layout("minimal", "outside", 4)) == (
         "-A -t 10.10.9.1:8080 -s rr\n-a -t 10.10.9.1:8080 -r 10.10.2.2:8080 -m -w 1\n"
         "-a -t 10.10.9.1:8080 -r 10.10.3.2:8080 -m -w 1\n-A -u 10.10.9.1:53 -s rr\n"
-        "-a -u 10.10.9.1:53 -r 10.10.2.2:53 -m -w 1\n-a -u 10.10.9.1:53 -r 10.10.3.2:53 -m -w 1\n")
+        "-a -u 10.10.9.1:53 -r 10.10.2.2:53 -m -w 1\n-a -u 10.10.9.1:53 -r 10.10.3.2:53 -m -w 1\n"
+    )
 
 
 def test_check_cell_names_the_field() -> None:
@@ -142,7 +155,8 @@ def test_minimal_rules(rule: str) -> None:
     assert _lines(text, "filter") == [f"-A FORWARD -m conntrack --ctstate INVALID -j {verdict}"]
     assert _lines(text, "mangle") == [
         "-A PREROUTING -d 10.10.9.1/32 -p tcp -m tcp --dport 8080 -m conntrack --ctstate NEW "
-        "-m comment --comment ipvsp-count-new"]
+        "-m comment --comment ipvsp-count-new"
+    ]
     assert _lines(text, "nat") == [] and _lines(text, "raw") == []
 
 
@@ -188,13 +202,13 @@ KUBE_PROXY_FILTER = [
     "-A KUBE-IPVS-FILTER -m set --match-set KUBE-EXTERNAL-IP dst,dst -j RETURN",
     "-A KUBE-IPVS-FILTER -m set --match-set KUBE-EXTERNAL-IP-LOCAL dst,dst -j RETURN",
     "-A KUBE-IPVS-FILTER -m set --match-set KUBE-HEALTH-CHECK-NODE-PORT dst -j RETURN",
-    "-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set KUBE-IPVS-IPS dst "
-    "-j REJECT",
+    "-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set KUBE-IPVS-IPS dst -j REJECT",
 ]
 
 
-NAT_COUNT = ("-A PREROUTING -d 10.10.1.1/32 -p tcp -m tcp --dport 30080 "
-             "-m comment --comment ipvsp-count-nat")
+NAT_COUNT = (
+    "-A PREROUTING -d 10.10.1.1/32 -p tcp -m tcp --dport 30080 -m comment --comment ipvsp-count-nat"
+)
 
 
 def test_kube_proxy_rules_as_proxier_writes_them() -> None:
@@ -202,20 +216,28 @@ def test_kube_proxy_rules_as_proxier_writes_them() -> None:
     # the probe's nat counting rule first (no target: it only counts), then kube-proxy's
     assert _lines(text, "nat") == [NAT_COUNT, *KUBE_PROXY_NAT]
     assert _lines(text, "filter") == KUBE_PROXY_FILTER
-    assert _chains(text, "nat")[4:] == ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT",
-                                        "KUBE-LOAD-BALANCER", "KUBE-MARK-MASQ"]
+    assert _chains(text, "nat")[4:] == [
+        "KUBE-SERVICES",
+        "KUBE-POSTROUTING",
+        "KUBE-NODE-PORT",
+        "KUBE-LOAD-BALANCER",
+        "KUBE-MARK-MASQ",
+    ]
     # the probe's counting rule: NodePort on the node's address, in mangle PREROUTING
     assert _lines(text, "mangle") == [
         "-A PREROUTING -d 10.10.1.1/32 -p tcp -m tcp --dport 30080 -m conntrack --ctstate NEW "
-        "-m comment --comment ipvsp-count-new"]
+        "-m comment --comment ipvsp-count-new"
+    ]
     assert _lines(text, "raw") == []
 
 
 def test_kube_proxy_variants() -> None:
     masq_all = _lines(_rules("kube-proxy-masq-all", "pod", 4), "nat")
-    assert ('-A KUBE-SERVICES -m comment --comment "Kubernetes service cluster ip + port for '
-            'masquerade purpose" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ'
-            in masq_all)
+    assert (
+        '-A KUBE-SERVICES -m comment --comment "Kubernetes service cluster ip + port for '
+        'masquerade purpose" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ'
+        in masq_all
+    )
     assert not any("! -s" in ln for ln in masq_all)
     accept = _lines(_rules("kube-proxy", "outside", 4, "accept"), "filter")
     assert accept == [ln for ln in KUBE_PROXY_FILTER if "INVALID" not in ln]
@@ -230,7 +252,8 @@ def test_kube_proxy_ipv6_names() -> None:
     assert sets and all(s.startswith("KUBE-6-") for s in sets)
     assert "-d fd10:1::1/128 -p tcp -m tcp --dport 30080" in text
     assert rules.kube_set("KUBE-NODE-PORT-LOCAL-SCTP-HASH", 6) == (
-        "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS")  # kube-proxy cuts at 31 characters
+        "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS"
+    )  # kube-proxy cuts at 31 characters
     assert rules.kube_set("KUBE-CLUSTER-IP", 4) == "KUBE-CLUSTER-IP"
 
 
@@ -240,13 +263,15 @@ def test_host_client_rules() -> None:
     # conntrack
     assert _lines(text, "mangle") == [
         "-A OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m conntrack --ctstate NEW "
-        "-m comment --comment ipvsp-count-new"]
+        "-m comment --comment ipvsp-count-new"
+    ]
     assert _lines(text, "nat")[0] == (
-        "-A OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "
-        "ipvsp-count-nat")
+        "-A OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment ipvsp-count-nat"
+    )
     assert _lines(text, "raw") == [
         "-A OUTPUT -p tcp -m tcp --tcp-flags RST RST -m mark --mark 0x1d -j DROP",
-        "-A OUTPUT -p tcp -m tcp --tcp-flags FIN FIN -m mark --mark 0x1d -j DROP"]
+        "-A OUTPUT -p tcp -m tcp --tcp-flags FIN FIN -m mark --mark 0x1d -j DROP",
+    ]
     calico = _lines(_rules("calico", "host", 4), "raw")
     assert calico[:3] == _lines(text, "raw") + ["-A PREROUTING -j cali-PREROUTING"]
 
@@ -261,18 +286,20 @@ def test_calico_rules_shape() -> None:
     assert fwd[-1] == "-A FORWARD -j MARK --set-xmark 0x10000/0x10000"
     # the NEW-only side effect: the forward check returns early for RELATED,ESTABLISHED, so
     # only NEW packets get an endpoint mark; OUTPUT applies the pod policy by that mark
-    assert filt.index("-A cali-forward-check -m conntrack --ctstate RELATED,ESTABLISHED "
-                      "-j RETURN") < min(i for i, ln in enumerate(filt)
-                                         if ln.startswith("-A cali-forward-check -p tcp"))
-    assert ("-A cali-OUTPUT -m mark ! --mark 0x0/0xfff00000 -g cali-forward-endpoint-mark"
-            in filt)
+    assert filt.index(
+        "-A cali-forward-check -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+    ) < min(i for i, ln in enumerate(filt) if ln.startswith("-A cali-forward-check -p tcp"))
+    assert "-A cali-OUTPUT -m mark ! --mark 0x0/0xfff00000 -g cali-forward-endpoint-mark" in filt
     tw = [ln for ln in filt if ln.startswith("-A cali-tw-cali11234567")]
     assert tw[0].endswith("--ctstate RELATED,ESTABLISHED -j ACCEPT")
     assert tw[1].endswith("--ctstate INVALID -j DROP")
-    assert tw[-1] == ('-A cali-tw-cali11234567 -m comment --comment "Drop if no policies '
-                      'passed packet" -j DROP')
-    assert ("-A cali-pi-default.allow-svc -p tcp -m multiport --dports 8080 "
-            "-j MARK --set-xmark 0x10000/0x10000" in filt)
+    assert tw[-1] == (
+        '-A cali-tw-cali11234567 -m comment --comment "Drop if no policies passed packet" -j DROP'
+    )
+    assert (
+        "-A cali-pi-default.allow-svc -p tcp -m multiport --dports 8080 "
+        "-j MARK --set-xmark 0x10000/0x10000" in filt
+    )
     assert _lines(text, "raw")[2] == "-A cali-PREROUTING -j MARK --set-xmark 0x0/0xf0000"
     mangle = _lines(text, "mangle")
     assert mangle[0].endswith("ipvsp-count-new")  # the counter sees what Calico accepts
@@ -318,8 +345,13 @@ def test_ipsets_hold_the_services(ruleset: str, client: str, family: int) -> Non
     cip = lay.vips[0]
     assert f"create {p}CLUSTER-IP hash:ip,port family {inet} hashsize 1024 maxelem 65536" in text
     assert f"create {p}NODE-PORT-TCP bitmap:port range 0-65535" in text
-    for entry in (f"{p}CLUSTER-IP {cip},tcp:80", f"{p}CLUSTER-IP {cip},udp:53",
-                  f"{p}NODE-PORT-TCP 30080", f"{p}NODE-PORT-UDP 30053", f"{p}IPVS-IPS {cip}"):
+    for entry in (
+        f"{p}CLUSTER-IP {cip},tcp:80",
+        f"{p}CLUSTER-IP {cip},udp:53",
+        f"{p}NODE-PORT-TCP 30080",
+        f"{p}NODE-PORT-UDP 30053",
+        f"{p}IPVS-IPS {cip}",
+    ):
         assert f"add {entry}\n" in text
     rs1 = lay.real_servers["rs1"]
     assert f"add {p}LOOP-BACK {rs1},tcp:8080,{rs1}\n" in text
@@ -332,7 +364,8 @@ def test_client_rules_drop_the_vanishing_clients_fin_and_rst() -> None:
     text = rules.client_rules(cells.cell_layout("kube-proxy", "pod", 6))
     assert _lines(text, "filter") == [
         "-A OUTPUT -p tcp -m tcp --tcp-flags RST RST -m mark --mark 0x1d -j DROP",
-        "-A OUTPUT -p tcp -m tcp --tcp-flags FIN FIN -m mark --mark 0x1d -j DROP"]
+        "-A OUTPUT -p tcp -m tcp --tcp-flags FIN FIN -m mark --mark 0x1d -j DROP",
+    ]
 
 
 def test_rules_command_prints_a_cell(capsys: pytest.CaptureFixture[str]) -> None:
@@ -374,8 +407,14 @@ COMMIT
 def test_parse_counters() -> None:
     specs = rules.counter_specs(cells.cell_layout("calico", "outside", 4))
     assert rules.parse_counters(SAVE, specs) == {
-        "new": 7, "nat_new": 11, "invalid_drop": 2, "masquerade": 3, "calico_policy": 8,
-        "calico_invalid_drop": 1, "calico_policy_drop": 10}
+        "new": 7,
+        "nat_new": 11,
+        "invalid_drop": 2,
+        "masquerade": 3,
+        "calico_policy": 8,
+        "calico_invalid_drop": 1,
+        "calico_policy_drop": 10,
+    }
     host = rules.counter_specs(cells.cell_layout("minimal", "host", 4))
     assert host["new"] == [("mangle", "OUTPUT", ("ipvsp-count-new",))]
     assert rules.parse_counters(SAVE, host) == {"new": 0, "invalid_drop": 0}
@@ -421,6 +460,7 @@ def test_netlink_dest_messages() -> None:
     sent: list[tuple[int, int, bytes]] = []
     nl = kernel.IpvsNetlink.__new__(kernel.IpvsNetlink)
     nl.family_id = 0x22
+
     def request(typ: int, cmd: int, payload: bytes, version: int = 1) -> bytes:
         sent.append((typ, cmd, payload))
         return b""

@@ -21,9 +21,17 @@ def no_policy_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "packaged",
-    ["ansible_collections", "checks", "deploy.py", "deploy/rollback.py", "group_data/all.py",
-     "inventory/lab.py", "lab/fleet.yml", "policy/host_classes.yml"],
-)  # fmt: skip
+    [
+        "ansible_collections",
+        "checks",
+        "deploy.py",
+        "deploy/rollback.py",
+        "group_data/all.py",
+        "inventory/lab.py",
+        "lab/fleet.yml",
+        "policy/host_classes.yml",
+    ],
+)
 def test_package_data_is_the_top_level_file(packaged: str) -> None:
     """In a checkout each packaged path is the repository's own file, not a copy."""
     assert resources.data_path(packaged).resolve() == (REPO / packaged).resolve()

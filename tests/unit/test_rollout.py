@@ -51,9 +51,14 @@ def test_default_policy_file_parses():
 
 @pytest.mark.parametrize(
     ("spec", "msg"),
-    [("0", "at least 1"), ("150%", "1%..100%"), ("10 %", "not a wave"), ("", "no waves"),
-     ("a b", "not a wave")],
-)  # fmt: skip
+    [
+        ("0", "at least 1"),
+        ("150%", "1%..100%"),
+        ("10 %", "not a wave"),
+        ("", "no waves"),
+        ("a b", "not a wave"),
+    ],
+)
 def test_bad_wave_specs(spec, msg):
     with pytest.raises(ConfigError, match=msg):
         parse_waves(spec)
@@ -85,8 +90,11 @@ class FakeRunner:
 
     def __init__(self, fail_deploy=(), fail_gate=(), fail_rollback=(), interrupt_at=None):
         self.calls: list[tuple[str, tuple[str, ...]]] = []
-        self.fail = {"deploy": set(fail_deploy), "gate": set(fail_gate),
-                     "rollback": set(fail_rollback)}  # fmt: skip
+        self.fail = {
+            "deploy": set(fail_deploy),
+            "gate": set(fail_gate),
+            "rollback": set(fail_rollback),
+        }
         self.interrupt_at = interrupt_at
 
     def _step(self, what: str, hosts: Sequence[str]) -> StepResult:
@@ -110,11 +118,18 @@ class FakeRunner:
         return {h for _, hs in self.calls for h in hs}
 
 
-def rollout(tmp_path, runner, spec="1,10%,50%,100%", previous=None, mfp=0.0, rollback=True,
-            set_id="set-a"):
+def rollout(
+    tmp_path, runner, spec="1,10%,50%,100%", previous=None, mfp=0.0, rollback=True, set_id="set-a"
+):
     waves = plan_waves(HOSTS, parse_waves(spec), max_fail_percent=mfp)
-    return Rollout(waves, runner, Journal(tmp_path / "j.jsonl"), previous=previous,
-                   rollback=rollback, set_id=set_id)  # fmt: skip
+    return Rollout(
+        waves,
+        runner,
+        Journal(tmp_path / "j.jsonl"),
+        previous=previous,
+        rollback=rollback,
+        set_id=set_id,
+    )
 
 
 def test_all_waves_pass(tmp_path):
@@ -230,10 +245,15 @@ def test_journal_survives_a_torn_last_line(tmp_path):
 def test_gate_outcomes_unreached_host_fails():
     res: list[dict[str, Any]] = [
         {"host": "a", "check": "sysctls", "status": "passed"},
-        {"host": "b", "check": "latency_budget", "status": "failed", "message": "p99 above 1 ms",
-         "details": {"probe": {"count": 20, "slow": 0, "errors": 0}}},
+        {
+            "host": "b",
+            "check": "latency_budget",
+            "status": "failed",
+            "message": "p99 above 1 ms",
+            "details": {"probe": {"count": 20, "slow": 0, "errors": 0}},
+        },
         {"host": "c", "check": "sysctls", "status": "error", "message": "unreachable"},
-    ]  # fmt: skip
+    ]
     out = gate_outcomes(res, ["a", "b", "c", "d"])
     assert [out[h].ok for h in "abcd"] == [True, False, False, False]
     assert "p99" in out["b"].reason and out["b"].details["probe"]["count"] == 20
@@ -254,10 +274,12 @@ def write_inventory(tmp_path: Path, text: str = INVENTORY) -> Path:
 
 @pytest.mark.parametrize(
     ("extra", "msg"),
-    [(["--waves", "nosuch,100%"], "no such group"),
-     (["--waves", "canary,0"], "at least 1"),
-     (["--resume"], "no journal to resume")],
-)  # fmt: skip
+    [
+        (["--waves", "nosuch,100%"], "no such group"),
+        (["--waves", "canary,0"], "at least 1"),
+        (["--resume"], "no journal to resume"),
+    ],
+)
 def test_cli_bad_input_is_refused_before_any_host(tmp_path, capsys, extra, msg):
     inv = write_inventory(tmp_path)
     rc = main(["rollout", str(inv), "--journal", str(tmp_path / "j.jsonl"), *extra])

@@ -77,8 +77,17 @@ def cli(tmp_path, monkeypatch):
     inv.write_text(INVENTORY)
 
     def run(*args: str) -> int:
-        return main(["rollout", str(inv), "--journal", str(tmp_path / "j.jsonl"),
-                     "--waves", "canary,100%", *args])  # fmt: skip
+        return main(
+            [
+                "rollout",
+                str(inv),
+                "--journal",
+                str(tmp_path / "j.jsonl"),
+                "--waves",
+                "canary,100%",
+                *args,
+            ]
+        )
 
     return run
 
@@ -110,8 +119,13 @@ def test_resume_continues_only_an_unfinished_rollout(cli, tmp_path, capsys):
 def unfinished(tmp_path: Path) -> Path:
     """A journal whose controller died after the canary was verified."""
     j = J.Journal(tmp_path / "j.jsonl")
-    j.write("start", inventory="inv", resume=False,
-            waves=[["canary", ["c1"]], ["100%", ["n1", "n2", "f1"]]], limit=[])  # fmt: skip
+    j.write(
+        "start",
+        inventory="inv",
+        resume=False,
+        waves=[["canary", ["c1"]], ["100%", ["n1", "n2", "f1"]]],
+        limit=[],
+    )
     j.host("c1", J.VERIFIED, 1)
     j.host("n1", J.DEPLOYING, 2)
     j.close()
@@ -148,8 +162,9 @@ def test_limit_hosts_and_groups(cli, tmp_path):
 
 def test_resume_keeps_the_journals_limit(cli, tmp_path):
     j = J.Journal(tmp_path / "j.jsonl")
-    j.write("start", inventory="inv", resume=False, waves=[["100%", ["n1", "n2"]]],
-            limit=["k8s_nodes"])  # fmt: skip
+    j.write(
+        "start", inventory="inv", resume=False, waves=[["100%", ["n1", "n2"]]], limit=["k8s_nodes"]
+    )
     j.host("n1", J.VERIFIED, 1)
     j.close()
     assert cli("--resume") == 0
@@ -158,11 +173,13 @@ def test_resume_keeps_the_journals_limit(cli, tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "msg"),
-    [(["--limit", "nosuch"], "--limit nosuch: matches no host or group"),
-     (["--data", "novalue"], "must be KEY=VALUE"),
-     (["--data", "ipvs_activation=sometimes"], "host c1: ipvs_activation"),
-     (["--parallel", "0"], "--parallel")],
-)  # fmt: skip
+    [
+        (["--limit", "nosuch"], "--limit nosuch: matches no host or group"),
+        (["--data", "novalue"], "must be KEY=VALUE"),
+        (["--data", "ipvs_activation=sometimes"], "host c1: ipvs_activation"),
+        (["--parallel", "0"], "--parallel"),
+    ],
+)
 def test_bad_options_are_refused_before_any_host(cli, tmp_path, capsys, args, msg):
     assert cli(*args) == 2
     assert msg in capsys.readouterr().err
@@ -171,8 +188,18 @@ def test_bad_options_are_refused_before_any_host(cli, tmp_path, capsys, args, ms
 
 
 def test_pyinfra_options_reach_the_runner(cli):
-    assert cli("--parallel", "3", "--sudo", "--data", "ipvs_activation=next-boot",
-               "--data", "ssh_user=fleet") == 0  # fmt: skip
+    assert (
+        cli(
+            "--parallel",
+            "3",
+            "--sudo",
+            "--data",
+            "ipvs_activation=next-boot",
+            "--data",
+            "ssh_user=fleet",
+        )
+        == 0
+    )
     opts = StubRunner.made[-1].options
     assert opts["pyinfra_args"] == ("--sudo", "--parallel", "3")
     assert opts["data"] == {"ipvs_activation": "next-boot", "ssh_user": "fleet"}
@@ -187,10 +214,14 @@ def test_runner_command_lines(tmp_path, monkeypatch):
 
     monkeypatch.setattr(R, "run_child", child)
     r = PyinfraRunner(
-        inventory=tmp_path / "inv.py", rollback_data={"ipvs_activation": "reboot"},
-        data={"ipvs_activation": "next-boot", "x": "1"}, pyinfra_args=("--sudo",),
-        use_checks=False, env={"A": "1"}, host_command_timeout=900,
-    )  # fmt: skip
+        inventory=tmp_path / "inv.py",
+        rollback_data={"ipvs_activation": "reboot"},
+        data={"ipvs_activation": "next-boot", "x": "1"},
+        pyinfra_args=("--sudo",),
+        use_checks=False,
+        env={"A": "1"},
+        host_command_timeout=900,
+    )
     noop = lambda h, s: None  # noqa: E731
     r.deploy(["a", "b"], noop)
     r.rollback(["a"], noop)
@@ -239,24 +270,37 @@ def test_plan_exits_1_naming_a_refused_or_unplanned_host(cli, tmp_path, capsys):
     assert not (tmp_path / "j.jsonl").exists()
 
 
-PLAN_DOC = {"plan": [
-    {"name": "Roll out | Install the fix module",
-     "hosts_with_change": ["a", "b"], "hosts_with_conditional_change": []},
-    {"name": "Roll out | Set net.ipv4.vs.conntrack live",
-     "hosts_with_change": ["a"], "hosts_with_conditional_change": []},
-], "results": None}  # fmt: skip
+PLAN_DOC = {
+    "plan": [
+        {
+            "name": "Roll out | Install the fix module",
+            "hosts_with_change": ["a", "b"],
+            "hosts_with_conditional_change": [],
+        },
+        {
+            "name": "Roll out | Set net.ipv4.vs.conntrack live",
+            "hosts_with_change": ["a"],
+            "hosts_with_conditional_change": [],
+        },
+    ],
+    "results": None,
+}
 
 
 def test_plan_outcomes_from_pyinfras_dry_run():
-    err = "\n".join([
-        "    [a] will install patch set 3.0+x for 6.1.0-57-cloud-amd64: 1 modules",
-        "    \x1b[1m[a]\x1b[0m will set net.ipv4.vs.conntrack = 1 (live 0)",
-        "    [c] Could not connect (Timeout connecting to host)",
-        "    [d] refused: host d (kernel 5.10): kernel lockdown is integrity",
-    ])  # fmt: skip
+    err = "\n".join(
+        [
+            "    [a] will install patch set 3.0+x for 6.1.0-57-cloud-amd64: 1 modules",
+            "    \x1b[1m[a]\x1b[0m will set net.ipv4.vs.conntrack = 1 (live 0)",
+            "    [c] Could not connect (Timeout connecting to host)",
+            "    [d] refused: host d (kernel 5.10): kernel lockdown is integrity",
+        ]
+    )
     got = plan_outcomes(PLAN_DOC, err, ["a", "b", "c", "d", "e"])
-    assert got["a"].changes == ["install patch set 3.0+x for 6.1.0-57-cloud-amd64: 1 modules",
-                                "set net.ipv4.vs.conntrack = 1 (live 0)"]  # fmt: skip
+    assert got["a"].changes == [
+        "install patch set 3.0+x for 6.1.0-57-cloud-amd64: 1 modules",
+        "set net.ipv4.vs.conntrack = 1 (live 0)",
+    ]
     assert got["b"].changes == ["Install the fix module"]  # no preview line
     assert got["c"].error.startswith("Could not connect") and not got["c"].changes
     assert got["d"].refused == "host d (kernel 5.10): kernel lockdown is integrity"

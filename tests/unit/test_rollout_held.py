@@ -38,8 +38,13 @@ RESET = "ConnectionResetError: [Errno 104] Connection reset by peer"
 def result(broken: int = 0, count: int = 100, seconds: float = 23.4) -> dict[str, Any]:
     """What the guest's `down` prints."""
     failures = [{"conn": i, "round": 26, "at": 12.8 + i, "error": RESET} for i in range(broken)]
-    return {"connections": count, "broken": broken, "exchanges": 4600, "seconds": seconds,
-            "failures": failures}  # fmt: skip
+    return {
+        "connections": count,
+        "broken": broken,
+        "exchanges": 4600,
+        "seconds": seconds,
+        "failures": failures,
+    }
 
 
 # -- the setting ----------------------------------------------------------------------------
@@ -65,8 +70,9 @@ def test_a_bad_held_connections_value_names_the_file_and_the_key(tmp_path, bad):
     p = write(tmp_path, f"  held_connections: {bad}\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert str(e.value).startswith(f"{p}: gate.held_connections: must be a number of "
-                                   "connections 0..1000 (0: off), got ")  # fmt: skip
+    assert str(e.value).startswith(
+        f"{p}: gate.held_connections: must be a number of connections 0..1000 (0: off), got "
+    )
 
 
 def test_a_misspelt_gate_key_is_named(tmp_path):
@@ -83,32 +89,47 @@ def test_a_misspelt_gate_key_is_named(tmp_path):
 def test_none_broken_passes_with_a_note_saying_how_many_and_how_long():
     v = verdict(HeldHost("h", result=result()), 100)
     assert v.ok
-    assert v.reason == ("100 connections held through a private IPVS service for 23.4 s of "
-                        "the deploy: none broke")  # fmt: skip
-    assert v.details["held"] == {"connections": 100, "broken": 0, "exchanges": 4600,
-                                 "seconds": 23.4}  # fmt: skip
+    assert v.reason == (
+        "100 connections held through a private IPVS service for 23.4 s of the deploy: none broke"
+    )
+    assert v.details["held"] == {
+        "connections": 100,
+        "broken": 0,
+        "exchanges": 4600,
+        "seconds": 23.4,
+    }
 
 
 def test_any_broken_connection_fails_the_host_naming_the_first():
     v = verdict(HeldHost("h", result=result(broken=3)), 100)
     assert not v.ok
-    assert v.reason == ("3 of 100 connections held through a private IPVS service broke "
-                        f"during the deploy (first at 12.8 s: {RESET})")  # fmt: skip
+    assert v.reason == (
+        "3 of 100 connections held through a private IPVS service broke "
+        f"during the deploy (first at 12.8 s: {RESET})"
+    )
     assert v.details["held"]["broken"] == 3 and v.details["held"]["first"]["conn"] == 0
 
 
 @pytest.mark.parametrize(
     ("h", "why"),
-    [(HeldHost("h", error="sh: 1: python3: not found (exit 127)"),
-      "100 connections held through a private IPVS service could not be set up: sh: 1: "
-      "python3: not found (exit 127)"),
-     (HeldHost("h", lost="the host rebooted during the deploy, and the connections with it"),
-      "the result of the 100 connections held through a private IPVS service could not be "
-      "read: the host rebooted"),
-     (HeldHost("h", result={"error": "no result: the client had died or never started"}),
-      "the 100 connections held through a private IPVS service: no result: the client had "
-      "died")],
-)  # fmt: skip
+    [
+        (
+            HeldHost("h", error="sh: 1: python3: not found (exit 127)"),
+            "100 connections held through a private IPVS service could not be set up: sh: 1: "
+            "python3: not found (exit 127)",
+        ),
+        (
+            HeldHost("h", lost="the host rebooted during the deploy, and the connections with it"),
+            "the result of the 100 connections held through a private IPVS service could not be "
+            "read: the host rebooted",
+        ),
+        (
+            HeldHost("h", result={"error": "no result: the client had died or never started"}),
+            "the 100 connections held through a private IPVS service: no result: the client had "
+            "died",
+        ),
+    ],
+)
 def test_connections_not_set_up_or_without_a_result_fail_the_host(h, why):
     v = verdict(h, 100)
     assert not v.ok and v.reason.startswith(why), v.reason
@@ -116,12 +137,22 @@ def test_connections_not_set_up_or_without_a_result_fail_the_host(h, why):
 
 def test_judge_adds_the_verdicts_to_the_gate_outcomes():
     held = HeldConnections(100, connect=lambda name: FakeShell(name, {}), script=b"x")
-    held.verdicts = {"good": verdict(HeldHost("good", result=result()), 100),
-                     "broke": verdict(HeldHost("broke", result=result(broken=2)), 100),
-                     "both": verdict(HeldHost("both", result=result(broken=1)), 100)}  # fmt: skip
-    res = held.judge(StepResult({"good": Outcome(True), "broke": Outcome(True),
-                                 "both": Outcome(False, "patched_module: not loaded"),
-                                 "plain": Outcome(True)}, 1.0))  # fmt: skip
+    held.verdicts = {
+        "good": verdict(HeldHost("good", result=result()), 100),
+        "broke": verdict(HeldHost("broke", result=result(broken=2)), 100),
+        "both": verdict(HeldHost("both", result=result(broken=1)), 100),
+    }
+    res = held.judge(
+        StepResult(
+            {
+                "good": Outcome(True),
+                "broke": Outcome(True),
+                "both": Outcome(False, "patched_module: not loaded"),
+                "plain": Outcome(True),
+            },
+            1.0,
+        )
+    )
     o = res.hosts
     assert o["good"].ok and o["good"].details["note"].endswith("none broke")
     assert not o["broke"].ok and o["broke"].reason.startswith("2 of 100 connections")
@@ -173,8 +204,15 @@ class FakeShell:
         self.closed = False
 
     def run(self, cmd: str, timeout: float) -> tuple[int, str, str]:
-        step = ("install" if "base64 -d" in cmd else "up" if " up " in cmd
-                else "down" if cmd.rstrip().endswith(" down") else cmd)  # fmt: skip
+        step = (
+            "install"
+            if "base64 -d" in cmd
+            else "up"
+            if " up " in cmd
+            else "down"
+            if cmd.rstrip().endswith(" down")
+            else cmd
+        )
         self.log.append((self.name, step))
         if step == "install":
             return self.behave.get("install", (0, "", ""))
@@ -186,8 +224,12 @@ class FakeShell:
             boot = self.behave.get("boot", BOOT)
             if "down_raises" in self.behave:
                 raise self.behave.pop("down_raises")
-            return 0, f"{boot}\n" + ("" if boot != BOOT else json.dumps(
-                self.behave.get("result", result()))), ""  # fmt: skip
+            return (
+                0,
+                f"{boot}\n"
+                + ("" if boot != BOOT else json.dumps(self.behave.get("result", result()))),
+                "",
+            )
         raise AssertionError(cmd)
 
     def close(self) -> None:
@@ -245,8 +287,11 @@ def test_the_runner_holds_them_around_its_deploy_and_judges_them_in_its_gate(tmp
     """PyinfraRunner: up before the pyinfra deploy, down after it even when it raises; the
     gate's outcomes get the verdicts."""
     fleet = Fleet()
-    runner = PyinfraRunner(inventory=tmp_path / "inv.py", use_checks=False,
-                           held=HeldConnections(100, fleet.connect, script=b"guest"))  # fmt: skip
+    runner = PyinfraRunner(
+        inventory=tmp_path / "inv.py",
+        use_checks=False,
+        held=HeldConnections(100, fleet.connect, script=b"guest"),
+    )
 
     def pyinfra(deploy_file, hosts, progress, **kw):  # type: ignore[no-untyped-def]
         fleet.log.append(("pyinfra", str(deploy_file)))
@@ -270,9 +315,15 @@ def test_a_host_that_cannot_be_set_up_fails_alone_and_its_half_topology_is_remov
     fleet = Fleet(
         gone={"connect": OSError("no route to host")},
         noroot={"install": (1, "", "needs root: connect as root, or use sudo")},
-        noipvs={"up": (1, "", "inflight: `ipvsadm -A -t 10.253.10.1:7311 -s rr` failed: "
-                              "sh: 1: ipvsadm: not found")},
-    )  # fmt: skip
+        noipvs={
+            "up": (
+                1,
+                "",
+                "inflight: `ipvsadm -A -t 10.253.10.1:7311 -s rr` failed: "
+                "sh: 1: ipvsadm: not found",
+            )
+        },
+    )
     held, _ = hold(fleet, ["ok", "gone", "noroot", "noipvs"])
     assert fleet.steps("gone") == []
     assert fleet.steps("noroot") == ["install"]  # nothing made: nothing to remove
@@ -325,8 +376,7 @@ def test_the_verdict_is_the_hosts_journal_detail_and_a_broken_one_halts_the_wave
     bad = verdict(HeldHost("n1", result=result(broken=3)), 100)
     hosts = [("c", ("canary",)), ("n1", ()), ("n2", ())]
     waves = plan_waves(hosts, parse_waves("canary,100%"))
-    outcomes = {"c": Outcome(True, details={"note": good.reason}), "n1": bad,
-                "n2": Outcome(True)}  # fmt: skip
+    outcomes = {"c": Outcome(True, details={"note": good.reason}), "n1": bad, "n2": Outcome(True)}
     res = Rollout(waves, GateRunner(outcomes), Journal(tmp_path / "j.jsonl")).run()
     assert res.outcome == "halted" and res.halted_at == 2
     doc = res.to_dict()["hosts"]

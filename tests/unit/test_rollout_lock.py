@@ -40,8 +40,11 @@ def script(path: Path, body: str) -> Path:
 def controller(pyinfra: Path, inv: Path, journal: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", CONTROLLER, str(pyinfra), str(inv), str(journal), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_a_second_controller_refuses_at_once_naming_the_holder_and_a_dead_one_blocks_nothing(

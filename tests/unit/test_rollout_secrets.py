@@ -86,9 +86,12 @@ def test_a_secret_in_data_reaches_pyinfra_by_environment_and_is_masked_in_logs(
     logs = tmp_path / "j.logs"
     lines: list[str] = []
     r = PyinfraRunner(
-        inventory=inv, data={"_sudo_password": SECRET, "ssh_user": "fleet"},
-        use_checks=False, log_dir=logs, env=dict(os.environ),
-    )  # fmt: skip
+        inventory=inv,
+        data={"_sudo_password": SECRET, "ssh_user": "fleet"},
+        use_checks=False,
+        log_dir=logs,
+        env=dict(os.environ),
+    )
     res = r.deploy(["a"], lambda h, s: lines.append(s))
     assert res.hosts["a"].ok
     [run] = runs(fake_pyinfra)
@@ -122,11 +125,21 @@ def test_the_gate_runs_as_the_deploy_and_no_secret_reaches_journal_logs_or_repor
         with environ(env if env is not None else dict(os.environ)):
             hosts = load_inventory(inv)
         seen.extend(h.data for h in hosts)
-        ok = all(h.data.get("_sudo") is True and h.data.get("ssh_user") == "fleet"
-                 and h.data.get("ssh_password") == SECRET for h in hosts)  # fmt: skip
-        res = [{"host": h.name, "check": "identity", "status": "passed" if ok else "failed",
-                "message": "" if ok else f"not the deploy's identity: {h.data}"}
-               for h in hosts]  # fmt: skip
+        ok = all(
+            h.data.get("_sudo") is True
+            and h.data.get("ssh_user") == "fleet"
+            and h.data.get("ssh_password") == SECRET
+            for h in hosts
+        )
+        res = [
+            {
+                "host": h.name,
+                "check": "identity",
+                "status": "passed" if ok else "failed",
+                "message": "" if ok else f"not the deploy's identity: {h.data}",
+            }
+            for h in hosts
+        ]
         Path(out).write_text(json.dumps(res))
         return 0, "", ""
 
@@ -135,9 +148,23 @@ def test_the_gate_runs_as_the_deploy_and_no_secret_reaches_journal_logs_or_repor
     inv = tmp_path / "inv.py"
     inv.write_text(INVENTORY)
     j, report = tmp_path / "j.jsonl", tmp_path / "report.json"
-    rc = main(["rollout", str(inv), "--journal", str(j), "--waves", "100%", "--sudo",
-               "--data", "ssh_user=fleet", "--data", f"ssh_password={SECRET}",
-               "--json", str(report)])  # fmt: skip
+    rc = main(
+        [
+            "rollout",
+            str(inv),
+            "--journal",
+            str(j),
+            "--waves",
+            "100%",
+            "--sudo",
+            "--data",
+            "ssh_user=fleet",
+            "--data",
+            f"ssh_password={SECRET}",
+            "--json",
+            str(report),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err[-3000:]
     assert seen and all(d["_sudo"] is True for d in seen)

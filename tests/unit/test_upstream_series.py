@@ -78,8 +78,17 @@ def test_stored_series_has_no_author_date_sign_off_or_placeholder() -> None:
 
 def test_cover_letter_argues_the_design() -> None:
     text = (UPSTREAM / COVER).read_text()
-    for point in ("conn_reuse_mode", "sysctl", "Re-tracking", "netif_rx()", "Fixes:",
-                  "f0a5e4d7a594", "2020", "NF_IP_PRI_CONNTRACK - 1", "exported"):  # fmt: skip
+    for point in (
+        "conn_reuse_mode",
+        "sysctl",
+        "Re-tracking",
+        "netif_rx()",
+        "Fixes:",
+        "f0a5e4d7a594",
+        "2020",
+        "NF_IP_PRI_CONNTRACK - 1",
+        "exported",
+    ):
         assert point in text, point
     assert all(len(ln) <= 75 for ln in text.splitlines()), "cover letter wider than 75"
 
@@ -129,8 +138,12 @@ def test_kernel_code_kills_before_conntrack_and_keeps_the_drop_as_default() -> N
     assert "sysctl_conn_reuse_mode(ipvs) & IP_VS_CONN_REUSE_KILL_CT" in code
     assert "#define IP_VS_CONN_REUSE_KILL_CT\t4" in code
     # IPVS's own reschedule test and lookup
-    for internal in ("is_new_conn_expected(cp, conn_reuse_mode)", "ip_vs_conn_in_get_proto",
-                     "sysctl_expire_nodest_conn(ipvs)", "IP_VS_DEST_CF_AVAILABLE"):  # fmt: skip
+    for internal in (
+        "is_new_conn_expected(cp, conn_reuse_mode)",
+        "ip_vs_conn_in_get_proto",
+        "sysctl_expire_nodest_conn(ipvs)",
+        "IP_VS_DEST_CF_AVAILABLE",
+    ):
         assert internal in code, internal
     # nothing re-injected or re-tracked; ip_vs_in_hook() itself unchanged
     for gone in ("nf_conntrack_in(", "netif_rx(", "ip_local_out(", "nf_reset_ct("):
@@ -144,8 +157,14 @@ def test_kernel_code_uses_only_exported_conntrack_calls() -> None:
     exported (or a header inline over exported ones), as out-of-tree code could use it."""
     code = added(series_files()[1:2])
     calls = set(re.findall(r"\b((?:__)?nf_c(?:t|onntrack)\w*|nfct_\w+)\(", code))
-    allowed = {"nf_conntrack_find_get", "nf_ct_kill", "nf_ct_put", "nf_ct_tuplehash_to_ctrack",
-               "nf_ct_is_confirmed", "nfct_help"}  # fmt: skip
+    allowed = {
+        "nf_conntrack_find_get",
+        "nf_ct_kill",
+        "nf_ct_put",
+        "nf_ct_tuplehash_to_ctrack",
+        "nf_ct_is_confirmed",
+        "nfct_help",
+    }
     assert calls and calls <= allowed, calls - allowed
 
 
@@ -167,8 +186,12 @@ def test_conn_reuse_mode_value_range_is_bounded() -> None:
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t.dev", *args],
-        cwd=cwd, check=True, capture_output=True, text=True, timeout=60,
-    ).stdout  # fmt: skip
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 @pytest.fixture
@@ -193,8 +216,11 @@ def synthetic(tmp_path: Path) -> tuple[Path, Path]:
     fp = tmp_path / "fp"
     git(work, "format-patch", "-q", "--cover-letter", "-o", str(fp), "HEAD~2")
     cover = fp / COVER
-    cover.write_text(cover.read_text().replace("*** SUBJECT HERE ***", "net: b")
-                     .replace("*** BLURB HERE ***", "Why b."))  # fmt: skip
+    cover.write_text(
+        cover.read_text()
+        .replace("*** SUBJECT HERE ***", "net: b")
+        .replace("*** BLURB HERE ***", "Why b.")
+    )
     series = tmp_path / "series"
     series.mkdir()
     us.import_series(fp, series)
@@ -207,8 +233,7 @@ def use_git_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str) -
     cfg.write_text(text)
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
-                "GIT_COMMITTER_EMAIL"):  # fmt: skip
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -232,8 +257,9 @@ def test_generated_series_is_from_and_signed_off_by_the_git_identity(
     synthetic: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tree, series = synthetic
-    use_git_config(monkeypatch, tmp_path, f"[user]\n\tname = {SUBMITTER.name}\n"
-                   f"\temail = {SUBMITTER.email}\n")  # fmt: skip
+    use_git_config(
+        monkeypatch, tmp_path, f"[user]\n\tname = {SUBMITTER.name}\n\temail = {SUBMITTER.email}\n"
+    )
     files = us.generate(tree, tmp_path / "out", series=series)
     assert [f.name for f in files] == [COVER, *sorted(p.name for p in series.glob("00[0-9][1-9]*"))]
     for i, f in enumerate(files):
@@ -280,9 +306,7 @@ def test_generation_refuses_a_placeholder_identity(
         us.git_identity()
 
 
-def test_a_patch_that_does_not_apply_is_named(
-    synthetic: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_a_patch_that_does_not_apply_is_named(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
     tree, series = synthetic
     (tree / "net/a.c").write_text("int z;\n")
     with pytest.raises(us.FleetError, match=r"0001-net-add-b\.patch does not apply"):

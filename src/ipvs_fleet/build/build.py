@@ -199,7 +199,12 @@ def _inside(root: Path, path: Path) -> str:
 
 
 def compile_modules(
-    pin: KernelPin, root: Path, src: Sources, log: Path, *, expect: tuple[str, ...],
+    pin: KernelPin,
+    root: Path,
+    src: Sources,
+    log: Path,
+    *,
+    expect: tuple[str, ...],
     make_vars: tuple[str, ...] = (),
 ) -> list[Path]:
     """Compile and strip the modules of src.moddir against the pinned headers; the built
@@ -207,10 +212,17 @@ def compile_modules(
     headers = f"/usr/src/linux-headers-{pin.kernel_release}"
     _chroot(
         root,
-        ["make", "-C", headers, f"M={_inside(root, src.moddir)}", *make_vars,
-         f"-j{os.cpu_count() or 1}", "modules"],
+        [
+            "make",
+            "-C",
+            headers,
+            f"M={_inside(root, src.moddir)}",
+            *make_vars,
+            f"-j{os.cpu_count() or 1}",
+            "modules",
+        ],
         log,
-    )  # fmt: skip
+    )
     text = log.read_text()
     # modpost warnings (an undefined or GPL-only symbol) mean a module that will not load;
     # compiler warnings in a patched file mean a port to look at again.
@@ -269,8 +281,14 @@ def _module_sources(files: list[Path], moddir: Path, set_id: str) -> Sources:
 
 
 def _compile(
-    pin: KernelPin, root: Path, work: Path, files: list[Path], variant: str | None, sid: str,
-    log: Path, step: Callable[[str], None],
+    pin: KernelPin,
+    root: Path,
+    work: Path,
+    files: list[Path],
+    variant: str | None,
+    sid: str,
+    log: Path,
+    step: Callable[[str], None],
 ) -> tuple[list[Path], Path]:
     """Compile one build's modules; the `.ko` files and the one that declares the design."""
     if variant == "upstream":
@@ -281,17 +299,25 @@ def _compile(
         _kbuild_extras(src.moddir, sid)
         step(f"compiling the patched IPVS set (log {log})")
         kos = compile_modules(
-            pin, root, src, log, expect=("ip_vs.ko", "xt_ipvs.ko"),
+            pin,
+            root,
+            src,
+            log,
+            expect=("ip_vs.ko", "xt_ipvs.ko"),
             make_vars=(f"NOSTDINC_FLAGS+=-I{_inside(root, src.top / 'include')}",),
-        )  # fmt: skip
+        )
         return kos, src.moddir / "ip_vs.ko"
     src = _module_sources(files, work / kernel.MODULE_NAME, sid)
     define = kernel.MODULE_VARIANTS.get(variant or "")
     step(f"compiling {kernel.MODULE_NAME} against linux-headers-{pin.kernel_release} (log {log})")
     kos = compile_modules(
-        pin, root, src, log, expect=(f"{kernel.MODULE_NAME}.ko",),
+        pin,
+        root,
+        src,
+        log,
+        expect=(f"{kernel.MODULE_NAME}.ko",),
         make_vars=(f"ccflags-y=-D{define}",) if define else (),
-    )  # fmt: skip
+    )
     return kos, src.moddir / f"{kernel.MODULE_NAME}.ko"
 
 
@@ -328,8 +354,7 @@ def build_for(
     log = logs / f"{pin.kernel_release}{'.' + variant if variant else ''}.log"
     log.write_text("")
     step(f"builder root of {pin.release} (made once, then reused)")
-    root = builder_root(pin, log=logs / f"builder-{pin.release}.log",
-                        source=variant == "upstream")
+    root = builder_root(pin, log=logs / f"builder-{pin.release}.log", source=variant == "upstream")
     work = Path(tempfile.mkdtemp(prefix="ipvs-build-", dir=root / "tmp"))
     staging = Path(out_dir) / f".{pin.kernel_release}.partial-{os.getpid()}"
     try:

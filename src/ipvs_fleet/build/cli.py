@@ -64,15 +64,20 @@ def build_lines(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(build_one, i, pin) for i, pin in enumerate(pins, 1)]
         wait(futures)
-    failed = [(pin, f.exception()) for pin, f in zip(pins, futures, strict=True)
-              if f.exception() is not None]  # fmt: skip
+    failed = [
+        (pin, f.exception())
+        for pin, f in zip(pins, futures, strict=True)
+        if f.exception() is not None
+    ]
     for pin, exc in failed:
         print(f"{pin.line} {pin.kernel_release}: build failed: {exc}", flush=True)
     if failed:
         pin, exc = failed[0]
         if isinstance(exc, FleetError):
-            raise FleetError(f"{len(failed)} of {len(pins)} builds failed; first, "
-                             f"{pin.line} {pin.kernel_release}: {exc}") from exc  # fmt: skip
+            raise FleetError(
+                f"{len(failed)} of {len(pins)} builds failed; first, "
+                f"{pin.line} {pin.kernel_release}: {exc}"
+            ) from exc
         raise exc  # type: ignore[misc]
     return [f.result() for f in futures]
 
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         took = time.monotonic() - t0
         print(
             f"{pin.kernel_release}: {art.path} ({len(art.modules)} modules, "
-            f"{art.set_id}, reuse={art.reuse_design}, {took:.1f}s)", flush=True
+            f"{art.set_id}, reuse={art.reuse_design}, {took:.1f}s)",
+            flush=True,
         )
         return art
 

@@ -44,18 +44,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("inventory", type=Path, help="pyinfra inventory file (inventory/<env>.py)")
     p.add_argument("--limit", action="append", help="hosts or groups, comma-separated")
     p.add_argument("--policy", type=Path, help="host-class policy file (default: the role's)")
-    p.add_argument("--junitxml", type=Path,
-                   help="write pytest's JUnit XML (xunit2: a testcase per host/check, with "
-                   "host, host_class, check, drift and fix properties; waived = xfailed)")
+    p.add_argument(
+        "--junitxml",
+        type=Path,
+        help="write pytest's JUnit XML (xunit2: a testcase per host/check, with "
+        "host, host_class, check, drift and fix properties; waived = xfailed)",
+    )
     add_json(p, "write results as JSON", dest="json_path")
     p.add_argument("--report", type=Path, help="write a Markdown (.md) or HTML (.html) report")
     p.add_argument("--waivers", type=Path, help="waivers YAML file")
-    p.add_argument("--command-timeout", type=positive_seconds, default=COMMAND_TIMEOUT,
-                   metavar="SECONDS",
-                   help="bound of each remote command, the latency probe included (keep it "
-                   "above the probe's 40 s deadline); a host whose command gets no answer in "
-                   "time is 'could not check', the others are checked (default "
-                   f"{COMMAND_TIMEOUT:g})")  # fmt: skip
+    p.add_argument(
+        "--command-timeout",
+        type=positive_seconds,
+        default=COMMAND_TIMEOUT,
+        metavar="SECONDS",
+        help="bound of each remote command, the latency probe included (keep it "
+        "above the probe's 40 s deadline); a host whose command gets no answer in "
+        "time is 'could not check', the others are checked (default "
+        f"{COMMAND_TIMEOUT:g})",
+    )
     p.set_defaults(func=run)
 
 
@@ -69,14 +76,21 @@ def run(args: argparse.Namespace) -> int:
     if args.junitxml:
         extra += ["--junitxml", str(args.junitxml)]
     run_ = run_checks(
-        args.inventory, args.limit, args.policy, extra_args=extra,
+        args.inventory,
+        args.limit,
+        args.policy,
+        extra_args=extra,
         command_timeout=args.command_timeout,
-    )  # fmt: skip
+    )
     results, unused, wall = run_.results, run_.unused, run_.wall
     write_outputs(
-        results, args.inventory, json_path=args.json_path, report=args.report, unused=unused,
+        results,
+        args.inventory,
+        json_path=args.json_path,
+        report=args.report,
+        unused=unused,
         wall=wall,
-    )  # fmt: skip
+    )
     print(summary(results, args.inventory, unused, wall))
     unreachable = sorted({r.host for r in results if r.status == ERROR})
     if unreachable:

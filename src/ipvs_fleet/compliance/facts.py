@@ -31,7 +31,7 @@ TAINT_LETTERS = "PFSRMBUDAWCIOELKXTN"  # bit i -> letter, as /proc/sys/kernel/ta
 def _persisted_cmd() -> str:
     globs = " ".join(f"{d}/*.conf" for d in SYSCTL_DIRS)
     return (
-        f"for f in {globs} /etc/sysctl.conf; do [ -f \"$f\" ] && "
+        f'for f in {globs} /etc/sysctl.conf; do [ -f "$f" ] && '
         "grep -H -E '^[[:space:]]*-?net[./]ipv4[./]vs[./]' \"$f\"; done; "
         f"echo '## modules-load'; if [ -f {MODULES_FILE} ]; then cat {MODULES_FILE}; "
         "else echo '#absent'; fi; true"
@@ -44,9 +44,9 @@ def _netns_cmd(toggle: Iterable[str]) -> str:
     keys = " ".join(shlex.quote(k) for k in toggle)
     script = (
         "cd /proc/sys/net/ipv4/vs 2>/dev/null || { echo '#no-ipvs'; exit 0; }; "
-        "declare -A d; for f in *; do [ -r \"$f\" ] || continue; read -r v < \"$f\"; "
+        'declare -A d; for f in *; do [ -r "$f" ] || continue; read -r v < "$f"; '
         'd[$f]="$v"; echo "default $f=$v"; done; '
-        f"for k in {keys}; do [ -w \"$k\" ] || continue; o=${{d[$k]}}; "
+        f'for k in {keys}; do [ -w "$k" ] || continue; o=${{d[$k]}}; '
         'case "$o" in 0) n=1;; 1) n=0;; *) continue;; esac; '
         'if ! echo $n > "$k" 2>/dev/null; then echo "write-failed $k"; continue; fi; '
         'read -r b < "$k"; [ "$b" = "$n" ] || echo "readback $k $n $b"; '
@@ -189,9 +189,7 @@ def parse(output: str) -> HostFacts:
     effective, own, present = parse_persisted(sysctl_lines)
     modules_load = None
     if ml != ["#absent"]:
-        modules_load = [
-            x.split("#", 1)[0].strip() for x in ml if x.split("#", 1)[0].strip()
-        ]
+        modules_load = [x.split("#", 1)[0].strip() for x in ml if x.split("#", 1)[0].strip()]
     return HostFacts(
         kernel_release=kernel[0],
         tainted=int(kernel[1]),

@@ -53,9 +53,7 @@ def load_inventory(path: str | Path) -> list[FleetHost]:
         # name the one the file raised.
         inner = getattr(e, "exception", e)
         raise ConfigError(f"{p}: cannot load inventory: {type(inner).__name__}: {inner}") from e
-    hosts = [
-        FleetHost(h.name, tuple(g for g in h.groups), dict(h.data.dict())) for h in inv
-    ]
+    hosts = [FleetHost(h.name, tuple(g for g in h.groups), dict(h.data.dict())) for h in inv]
     if not hosts:
         raise ConfigError(f"{p}: inventory has no hosts")
     return hosts
@@ -71,9 +69,7 @@ def select_hosts(hosts: list[FleetHost], limit: str | list[str] | None) -> list[
     parts = limit.split(",") if isinstance(limit, str) else [x for s in limit for x in s.split(",")]
     patterns = [s.strip() for s in parts if s.strip()]
     chosen = [
-        h
-        for h in hosts
-        if any(fnmatch.fnmatch(h.name, pat) or pat in h.groups for pat in patterns)
+        h for h in hosts if any(fnmatch.fnmatch(h.name, pat) or pat in h.groups for pat in patterns)
     ]
     if not chosen:
         raise ConfigError(f"--limit {','.join(patterns)}: matches no host or group in inventory")

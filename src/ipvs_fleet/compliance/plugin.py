@@ -49,23 +49,30 @@ from ipvs_fleet.errors import ConfigError
 PLUGIN_NAME = "ipvs-fleet-results"
 RESULTS = pytest.StashKey["FleetResults"]()
 # Exit statuses pytest sets itself that are not a verdict about the fleet.
-_PYTEST_OWN = (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR,
-               pytest.ExitCode.USAGE_ERROR)  # fmt: skip
+_PYTEST_OWN = (
+    pytest.ExitCode.INTERRUPTED,
+    pytest.ExitCode.INTERNAL_ERROR,
+    pytest.ExitCode.USAGE_ERROR,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ipvs-fleet")
     group.addoption(
-        "--waivers", metavar="FILE",
+        "--waivers",
+        metavar="FILE",
         help="waivers YAML file: a failing check it covers is reported as xfailed (waived) with "
         "its justification and expiry; after the expiry it fails again",
-    )  # fmt: skip
+    )
     group.addoption(
-        "--command-timeout", metavar="SECONDS", type=positive_seconds, default=COMMAND_TIMEOUT,
+        "--command-timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=COMMAND_TIMEOUT,
         help="bound of each remote command (the latency probe included); a host whose command "
         f"gets no answer in time is 'could not check' (default {COMMAND_TIMEOUT:g}; "
         "checks/conftest.py hands it to the check session)",
-    )  # fmt: skip
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

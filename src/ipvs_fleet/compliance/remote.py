@@ -175,9 +175,11 @@ def open_client(fh: FleetHost) -> paramiko.SSHClient:
         assert transport is not None
         try:
             sock = transport.open_channel(
-                "direct-tcpip", (nxt.hostname, nxt.port), ("127.0.0.1", 0),
+                "direct-tcpip",
+                (nxt.hostname, nxt.port),
+                ("127.0.0.1", 0),
                 timeout=CONNECT_TIMEOUT,
-            )  # fmt: skip
+            )
         except (paramiko.SSHException, OSError) as e:
             raise HostUnreachable(
                 f"{hop.hostname}:{hop.port}: cannot reach {nxt.hostname}:{nxt.port}: {e}"
@@ -202,9 +204,13 @@ def connect(fh: FleetHost, command_timeout: float = COMMAND_TIMEOUT) -> testinfr
     client = open_client(fh)
     # With `_sudo` (pyinfra's host data) every command runs through sudo, as the deploy's do.
     backend = VerifiedBackend(
-        fh.name, client, lambda: open_client(fh), command_timeout,
-        sudo=bool(fh.data.get("_sudo")), sudo_user=fh.data.get("_sudo_user") or None,
-    )  # fmt: skip
+        fh.name,
+        client,
+        lambda: open_client(fh),
+        command_timeout,
+        sudo=bool(fh.data.get("_sudo")),
+        sudo_user=fh.data.get("_sudo_user") or None,
+    )
     return testinfra.host.Host(backend)
 
 
@@ -307,8 +313,11 @@ class VerifiedBackend(ParamikoBackend):
 def _check_sudo(client: paramiko.SSHClient, name: str, user: str) -> None:
     """HostUnreachable unless sudo runs without a password: the checks cannot answer one."""
     try:
-        with bounded(client, CONNECT_TIMEOUT, f"{name}: `sudo -n true` got no answer within "
-                     f"{CONNECT_TIMEOUT} s"):  # fmt: skip
+        with bounded(
+            client,
+            CONNECT_TIMEOUT,
+            f"{name}: `sudo -n true` got no answer within {CONNECT_TIMEOUT} s",
+        ):
             _, out, err = client.exec_command("sudo -n true", timeout=CONNECT_TIMEOUT)
             rc = out.channel.recv_exit_status()
             msg = " ".join(err.read().decode(errors="replace").split())[:200]

@@ -46,8 +46,10 @@ def _fixes() -> dict[str, str]:
 def fix_for(check: str, inventory: str | Path, host: str) -> str:
     """What to do about a failed check on a host (fixes.yml), commands filled in."""
     text = _fixes().get(check, "{converge}")
-    return text.format(converge=converge_command(inventory, host),
-                       rollback=f"pyinfra -y {inventory} deploy/rollback.py --limit {host}")
+    return text.format(
+        converge=converge_command(inventory, host),
+        rollback=f"pyinfra -y {inventory} deploy/rollback.py --limit {host}",
+    )
 
 
 def _converges(check: str) -> bool:
@@ -115,8 +117,9 @@ def summary(
     tail = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     took = f" in {wall:.1f} s" if wall is not None else ""
     out.append("")
-    out.append(f"{verdict(code)} (exit {code}): {n} checks on {len(by_host(results))} hosts, "
-               f"{tail}{took}")
+    out.append(
+        f"{verdict(code)} (exit {code}): {n} checks on {len(by_host(results))} hosts, {tail}{took}"
+    )
     return "\n".join(out)
 
 
@@ -146,7 +149,8 @@ def to_json(
                 **r.to_dict(),
                 "fix": fix_for(r.check, inventory, r.host) if r.status == FAILED else None,
                 "converge": converge_command(inventory, r.host)
-                if r.status == FAILED and _converges(r.check) else None,
+                if r.status == FAILED and _converges(r.check)
+                else None,
             }
             for r in results
         ],
@@ -210,8 +214,10 @@ def markdown(
         ok = [h.host for h in hosts if h.status in (PASSED, WAIVED)]
         bad = [h.host for h in hosts if h.status == FAILED]
         err = [h.host for h in hosts if h.status == ERROR]
-        lines.append(f"| {cls} | {', '.join(ok) or '-'} | {', '.join(bad) or '-'} | "
-                     f"{', '.join(err) or '-'} |")
+        lines.append(
+            f"| {cls} | {', '.join(ok) or '-'} | {', '.join(bad) or '-'} | "
+            f"{', '.join(err) or '-'} |"
+        )
     checks = list(dict.fromkeys(r.check for r in results))
     lines += ["", "| host | " + " | ".join(checks) + " |", "|---" * (len(checks) + 1) + "|"]
     for h in by_host(results):
@@ -228,8 +234,10 @@ def markdown(
             lines += ["", "```", r.message, "```"]
             if r.waiver:
                 w = r.waiver
-                lines.append(f"Waiver ({'expired' if w.get('expired') else 'valid'} "
-                             f"{w.get('expires')}): {w.get('justification')}")
+                lines.append(
+                    f"Waiver ({'expired' if w.get('expired') else 'valid'} "
+                    f"{w.get('expires')}): {w.get('justification')}"
+                )
             if r.status == FAILED:
                 lines.append(f"Fix: {fix_for(r.check, inventory, r.host)}")
             lines.append("")
@@ -255,9 +263,11 @@ def html_report(
     code = exit_code(results)
     path = report_template("check-report.html.j2")
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(path.parent)), autoescape=True,
-        keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
-    )  # fmt: skip
+        loader=jinja2.FileSystemLoader(str(path.parent)),
+        autoescape=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
     findings = [
         {**r.to_dict(), "fix": fix_for(r.check, inventory, r.host) if r.status == FAILED else None}
         for r in results
@@ -270,10 +280,13 @@ def html_report(
         wall=wall,
         checks=list(dict.fromkeys(r.check for r in results)),
         hosts=[
-            {"host": h.host, "host_class": h.host_class,
-             "statuses": {r.check: r.status for r in h.results}}
+            {
+                "host": h.host,
+                "host_class": h.host_class,
+                "statuses": {r.check: r.status for r in h.results},
+            }
             for h in by_host(results)
-        ],  # fmt: skip
+        ],
         colors={PASSED: "#2e7d32", FAILED: "#c62828", ERROR: "#6a1b9a", WAIVED: "#ef6c00"},
         findings=findings,
         unused=unused or [],

@@ -151,10 +151,13 @@ def parse_waivers(doc: Any, source: str) -> list[Waiver]:
     wf = validated(WaiversFile, doc, source, key=_labels(by_index))
     return [
         Waiver(
-            check=w.check, justification=w.justification, expires=w.expires, host=w.host,
+            check=w.check,
+            justification=w.justification,
+            expires=w.expires,
+            host=w.host,
             group=w.group,
             where=f"{source}: waivers[{i}] ({'host ' + w.host if w.host else f'group {w.group}'})",
-        )  # fmt: skip
+        )
         for i, w in enumerate(wf.waivers or [])
     ]
 

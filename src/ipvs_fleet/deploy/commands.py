@@ -43,7 +43,7 @@ def lock_preamble(what: str, wait: int) -> str:
     return (
         f"mkdir -p {q(STATE_DIR)} && exec 9>> {q(LOCK)} && {{ flock -w {wait} 9 || "
         f"{{ echo 'the host lock {LOCK} stayed held for {wait} s by:' \"$(cat "
-        f"{q(LOCK + '.holder')} 2>/dev/null)\" >&2; exit 1; }}; }} && echo \"ipvs-fleet "
+        f'{q(LOCK + ".holder")} 2>/dev/null)" >&2; exit 1; }}; }} && echo "ipvs-fleet '
         f'{what}, pid $$, since $(date -Is)" > {q(LOCK + ".holder")}'
     )
 
@@ -66,10 +66,14 @@ def upload_dir(dest: str) -> str:
 def unchanged_or_refused(path: str, sha256: str, what: str, refusal: str) -> str:
     """Fail, removing `path`, unless it holds the bytes of `sha256`: run as root right before
     `path` is used (an upload through sudo passes the SSH user's hands)."""
-    msg = (f"ipvs-fleet: {what}: the staged copy does not match the sha256 the controller "
-           f"sent ({sha256}): {refusal}")  # fmt: skip
-    return (f"{{ echo {q(f'{sha256}  {path}')} | sha256sum -c --status || {{ echo {q(msg)} "
-            f">&2; rm -f {q(path)} ; exit 1; }}; }}")  # fmt: skip
+    msg = (
+        f"ipvs-fleet: {what}: the staged copy does not match the sha256 the controller "
+        f"sent ({sha256}): {refusal}"
+    )
+    return (
+        f"{{ echo {q(f'{sha256}  {path}')} | sha256sum -c --status || {{ echo {q(msg)} "
+        f">&2; rm -f {q(path)} ; exit 1; }}; }}"
+    )
 
 
 def swap_in(staging: str, dest: str) -> str:
@@ -97,18 +101,26 @@ def vermagic_check(kernel_release: str) -> str:
 
 
 def install(
-    dest: str, kernel_release: str, remote_tar: str, tarball_sha256: str,
-    modules: Mapping[str, str], lock_wait: int,
+    dest: str,
+    kernel_release: str,
+    remote_tar: str,
+    tarball_sha256: str,
+    modules: Mapping[str, str],
+    lock_wait: int,
 ) -> str:
     """Install the uploaded archive `remote_tar` as the module folder `dest`: the archive
     checked as root, then under the lock every module checked and the folder exchanged in,
     depmod. A controller that waited for the lock may find this build installed already."""
     sums = "\n".join(f"{sha}  {name}" for name, sha in sorted(modules.items()))
     n, staging, old = len(modules), f"{dest}.new", f"{dest}.old"
-    refusal = (f"ipvs-fleet: {remote_tar} on the host does not match the sha256 the controller "
-               f"checked ({tarball_sha256}): nothing installed")  # fmt: skip
-    check = (f"chmod 600 {q(remote_tar)} && echo {q(f'{tarball_sha256}  {remote_tar}')} | "
-             f"sha256sum -c --quiet || {{ echo {q(refusal)} >&2; exit 1; }}")  # fmt: skip
+    refusal = (
+        f"ipvs-fleet: {remote_tar} on the host does not match the sha256 the controller "
+        f"checked ({tarball_sha256}): nothing installed"
+    )
+    check = (
+        f"chmod 600 {q(remote_tar)} && echo {q(f'{tarball_sha256}  {remote_tar}')} | "
+        f"sha256sum -c --quiet || {{ echo {q(refusal)} >&2; exit 1; }}"
+    )
     same = (
         f"[ -d {q(dest)} ] && [ $(ls {q(dest)} | wc -l) -eq {n} ] && (cd {q(dest)} && "
         f"printf '%s\\n' {q(sums)} | sha256sum -c --quiet --strict) >/dev/null 2>&1"
@@ -120,30 +132,44 @@ def install(
         f"-eq {n} ] && sync -f {q(staging)} && {{ {swap_in(staging, dest)} ; }} && rm -rf "
         f"{q(old)} {q(remote_tar)} && depmod {q(kernel_release)} && sync -f {q(dest)}"
     )
-    return check + "\n" + locked(
-        "install", lock_wait,
-        f"if {same} ; then rm -f {q(remote_tar)} && depmod {q(kernel_release)} ; else {swap} ; fi",
-    )  # fmt: skip
+    return (
+        check
+        + "\n"
+        + locked(
+            "install",
+            lock_wait,
+            f"if {same} ; then rm -f {q(remote_tar)} && depmod {q(kernel_release)} ; "
+            f"else {swap} ; fi",
+        )
+    )
 
 
 def dkms_install(script: str, script_sha256: str, args: Iterable[str], count: int) -> str:
     """Run the uploaded DKMS host script (checked first), removing it whatever its result."""
     words = " ".join(q(a) for a in args)
-    return (f"{unchanged_or_refused(script, script_sha256, script, 'not run')} && sh {q(script)} "
-            f"{words} {count} ; rc=$?; rm -f {q(script)} ; exit $rc")  # fmt: skip
+    return (
+        f"{unchanged_or_refused(script, script_sha256, script, 'not run')} && sh {q(script)} "
+        f"{words} {count} ; rc=$?; rm -f {q(script)} ; exit $rc"
+    )
 
 
 def remove_modules(dest: str, kernel_release: str, dkms: Iterable[str], lock_wait: int) -> str:
     """Remove the fix module's folder (and any DKMS registration), depmod."""
-    out = [f"dkms remove -m {DKMS_NAME} -v {q(v)} --all >/dev/null 2>&1; rm -rf "
-           f"{q(f'{DKMS_TREE}/{v}')} {q(f'{DKMS_SOURCE_PREFIX}{v}')}"
-           for v in dkms]  # fmt: skip
+    out = [
+        f"dkms remove -m {DKMS_NAME} -v {q(v)} --all >/dev/null 2>&1; rm -rf "
+        f"{q(f'{DKMS_TREE}/{v}')} {q(f'{DKMS_SOURCE_PREFIX}{v}')}"
+        for v in dkms
+    ]
     out.append(locked("remove", lock_wait, f"rm -rf {q(dest)} && depmod {q(kernel_release)}"))
     return "\n".join(out)
 
 
 def write_file(
-    path: str, lock_wait: int, backup: bool, staged: str = "", sha256: str = "",
+    path: str,
+    lock_wait: int,
+    backup: bool,
+    staged: str = "",
+    sha256: str = "",
     run_dir: str = "",
 ) -> str:
     """Under the lock: keep a one-time backup of `path` (or note it was absent) when `backup`,
@@ -152,12 +178,17 @@ def write_file(
     b = backup_path(path)
     steps = ["true"]
     if backup:
-        steps = [f"mkdir -p {q(posixpath.dirname(b))} && {{ if [ -f {q(path)} ]; then cp -p "
-                 f"{q(path)} {q(b)} ; else touch {q(b + '.absent')} ; fi; }}"]  # fmt: skip
+        steps = [
+            f"mkdir -p {q(posixpath.dirname(b))} && {{ if [ -f {q(path)} ]; then cp -p "
+            f"{q(path)} {q(b)} ; else touch {q(b + '.absent')} ; fi; }}"
+        ]
     if staged:
-        steps = [unchanged_or_refused(staged, sha256, path, "not installed"), *steps,
-                 f"chmod 644 {q(staged)} && mv -f {q(staged)} {q(path)} && rm -rf {q(run_dir)}",
-                 STALE_STAGING]  # fmt: skip
+        steps = [
+            unchanged_or_refused(staged, sha256, path, "not installed"),
+            *steps,
+            f"chmod 644 {q(staged)} && mv -f {q(staged)} {q(path)} && rm -rf {q(run_dir)}",
+            STALE_STAGING,
+        ]
     return locked("configure", lock_wait, " && ".join(steps))
 
 
@@ -184,9 +215,11 @@ def load_modules(modules: Iterable[str], lock_wait: int, unload: str = "") -> st
 
 def hook(what: str, n: int, command: str, timeout: int) -> str:
     """Drain hook `n` bounded by `timeout`; failing, it fails the host naming itself."""
-    return (f"timeout {int(timeout)} sh -c {q(command)} || {{ rc=$?; echo '{what} hook {n} "
-            f"failed (exit '$rc'; 124: timed out after {int(timeout)} s):' >&2; printf '%s\\n' "
-            f"{q(command)} >&2; exit 1; }}")  # fmt: skip
+    return (
+        f"timeout {int(timeout)} sh -c {q(command)} || {{ rc=$?; echo '{what} hook {n} "
+        f"failed (exit '$rc'; 124: timed out after {int(timeout)} s):' >&2; printf '%s\\n' "
+        f"{q(command)} >&2; exit 1; }}"
+    )
 
 
 def set_sysctl(key: str, value: int, lock_wait: int) -> str:
@@ -197,6 +230,15 @@ def set_sysctl(key: str, value: int, lock_wait: int) -> str:
 # What the Ansible role may run, by name (its filter `ipvs_fleet_command`).
 COMMANDS = {
     f.__name__: f
-    for f in (install, remove_modules, write_file, restore_file, load_modules, hook,
-              set_sysctl, upload_dir, staging_path)  # fmt: skip
+    for f in (
+        install,
+        remove_modules,
+        write_file,
+        restore_file,
+        load_modules,
+        hook,
+        set_sysctl,
+        upload_dir,
+        staging_path,
+    )
 }

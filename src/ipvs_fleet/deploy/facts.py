@@ -101,10 +101,15 @@ def _in_indexed_updates(kernel_release: str, listing: str) -> StringCommand:
     """
     dep = f"/lib/modules/{kernel_release}/modules.dep"
     return StringCommand(
-        "grep -q", QuoteString(f"^{UPDATES_SUBDIR}/{MODULE_NAME}.ko"), QuoteString(dep),
+        "grep -q",
+        QuoteString(f"^{UPDATES_SUBDIR}/{MODULE_NAME}.ko"),
+        QuoteString(dep),
         "2>/dev/null || echo depmod-missing;",
-        "cd", QuoteString(updates_dir(kernel_release)), "2>/dev/null &&", listing,
-    )  # fmt: skip
+        "cd",
+        QuoteString(updates_dir(kernel_release)),
+        "2>/dev/null &&",
+        listing,
+    )
 
 
 def _depmod_missing(output: list[str]) -> bool:
@@ -180,9 +185,7 @@ class DkmsVersions(FactBase[list[str]]):
     default = list
 
     def command(self) -> str:
-        return (
-            f"for d in {DKMS_TREE}/*/; do [ -d \"$d\" ] && basename \"$d\"; done; true"
-        )
+        return f'for d in {DKMS_TREE}/*/; do [ -d "$d" ] && basename "$d"; done; true'
 
     def process(self, output: list[str]) -> list[str]:
         return sorted(
@@ -384,7 +387,6 @@ class Lockdown(FactBase[dict[str, Any]]):
         }
 
 
-
 class DkmsReady(FactBase[dict[str, Any]]):
     """
     What build mode (`ipvs_install: dkms`) needs on the host: dkms and a compiler, and the
@@ -402,10 +404,14 @@ class DkmsReady(FactBase[dict[str, Any]]):
             "command -v dkms >/dev/null && echo dkms=yes || echo dkms=no;",
             "for t in gcc make; do command -v $t >/dev/null || echo missing=$t; done;",
             "echo running=$(uname -v | sed -n 's/.*Debian \\([^ ]*\\).*/\\1/p');",
-            "echo headers=$(dpkg-query -W -f '${Version}'", QuoteString(headers), "2>/dev/null);",
-            "[ -e", QuoteString(f"/lib/modules/{kernel_release}/build"), "] && echo build=yes;",
+            "echo headers=$(dpkg-query -W -f '${Version}'",
+            QuoteString(headers),
+            "2>/dev/null);",
+            "[ -e",
+            QuoteString(f"/lib/modules/{kernel_release}/build"),
+            "] && echo build=yes;",
             "true",
-        )  # fmt: skip
+        )
 
     def process(self, output: list[str]) -> dict[str, Any]:
         kv: dict[str, str] = {}

@@ -53,9 +53,18 @@ from ipvs_fleet.policy import KNOB, LOCK_WAIT_S, HostSettings
 from ipvs_fleet.resources import host_script, templates_dir
 
 # Re-exported: the commands' names as the deploy's callers know them.
-__all__ = ["EXCHANGE", "MODPROBE_FILE", "MODULES_LOAD_FILE", "STALE_STAGING", "SYSCTL_FILE",
-           "backup_path", "lock_preamble", "swap_in",
-           "unchanged_or_refused", "vermagic_check"]  # fmt: skip
+__all__ = [
+    "EXCHANGE",
+    "MODPROBE_FILE",
+    "MODULES_LOAD_FILE",
+    "STALE_STAGING",
+    "SYSCTL_FILE",
+    "backup_path",
+    "lock_preamble",
+    "swap_in",
+    "unchanged_or_refused",
+    "vermagic_check",
+]
 TEMPLATES = templates_dir()
 DKMS_SCRIPT = host_script("ipvs-dkms-install.sh")
 # Files the deploy owns: target path -> template; each is backed up once before the first
@@ -156,8 +165,9 @@ def modules_installed(
     yield from root_upload(tarball, remote_tar)
     # Verify the archive, as root where it now lies, then under the host lock every module,
     # before anything replaces the live set (commands.install).
-    yield StringCommand(cmd.install(dest, kernel_release, remote_tar, tarball_sha256, modules,
-                                    lock_wait))  # fmt: skip
+    yield StringCommand(
+        cmd.install(dest, kernel_release, remote_tar, tarball_sha256, modules, lock_wait)
+    )
 
 
 @operation()
@@ -192,9 +202,14 @@ def modules_built_on_host(
     yield from root_upload(DKMS_SCRIPT, script)
     # The script checks the archive; the script itself is checked, as root, in the command
     # that runs it.
-    yield StringCommand(cmd.dkms_install(script, sha256_of(DKMS_SCRIPT),
-                                         (remote_tar, tarball_sha256, set_id, kernel_release),
-                                         len(modules)))  # fmt: skip
+    yield StringCommand(
+        cmd.dkms_install(
+            script,
+            sha256_of(DKMS_SCRIPT),
+            (remote_tar, tarball_sha256, set_id, kernel_release),
+            len(modules),
+        )
+    )
 
 
 @operation()
@@ -290,11 +305,17 @@ def config_file(
     if write and host.state.config.DIFF:
         # pyinfra's own diff of the file against what it would write (--diff)
         list(files.template._inner(dest=path, mode="0644", **_template_kwargs(path, settings)))
-    what = [f"{'rewrite' if now['exists'] else 'create'} {path} ({settings.host_class})"] \
-        if write else []  # fmt: skip
+    what = (
+        [f"{'rewrite' if now['exists'] else 'create'} {path} ({settings.host_class})"]
+        if write
+        else []
+    )
     if need_backup:
-        what.append(f"keep the previous {path} for rollback" if now["exists"]
-                    else f"note for rollback that {path} did not exist")  # fmt: skip
+        what.append(
+            f"keep the previous {path} for rollback"
+            if now["exists"]
+            else f"note for rollback that {path} did not exist"
+        )
     will("; ".join(what))
     staged = ""
     if write:
@@ -303,8 +324,11 @@ def config_file(
         # waiting controller finds the file as the other one left it.
         staged = staging_path(path)
         yield from root_upload(StringIO(content), staged)
-    yield StringCommand(cmd.write_file(path, lock_wait, need_backup, staged, sha if write else "",
-                                       f"{STAGING_DIR}/{RUN_TOKEN}"))  # fmt: skip
+    yield StringCommand(
+        cmd.write_file(
+            path, lock_wait, need_backup, staged, sha if write else "", f"{STAGING_DIR}/{RUN_TOKEN}"
+        )
+    )
 
 
 @operation()
@@ -357,13 +381,17 @@ def verification_problems(
     if patchset and fix is None:
         problems.append(f"{MODULE_NAME} is not loaded")
     elif patchset and fix is not None and not is_current(fix, patchset):
-        problems.append(f"{MODULE_NAME}: the loaded build is not patch set {patchset} "
-                        f"(version {fix['version'] or '?'})")  # fmt: skip
+        problems.append(
+            f"{MODULE_NAME}: the loaded build is not patch set {patchset} "
+            f"(version {fix['version'] or '?'})"
+        )
     elif not patchset and fix is not None:
         problems.append(f"{MODULE_NAME} is still loaded")
     for m in foreign_modules(loaded):
-        problems.append(f"{m}: the loaded build is not the distro's own (taint "
-                        f"{loaded[m]['taint']}); a reboot loads the stock one")  # fmt: skip
+        problems.append(
+            f"{m}: the loaded build is not the distro's own (taint "
+            f"{loaded[m]['taint']}); a reboot loads the stock one"
+        )
     if not patchset and KNOB in live:
         problems.append(f"net.ipv4.vs.{KNOB} still exists")
     for key, value in sorted(sysctls.items()):
@@ -381,13 +409,17 @@ def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCo
 
 def foreign_refusal(foreign: Iterable[str]) -> str:
     """Why `reload` fails a host with loaded IPVS modules of another out-of-tree build."""
-    return (f"{_names(foreign)}: loaded from an out-of-tree build that is not the fix "
-            "module; replacing it would unload IPVS and drop its tables and connections: "
-            "reboot the host (host data ipvs_activation: reboot)")  # fmt: skip
+    return (
+        f"{_names(foreign)}: loaded from an out-of-tree build that is not the fix "
+        "module; replacing it would unload IPVS and drop its tables and connections: "
+        "reboot the host (host data ipvs_activation: reboot)"
+    )
 
 
 def activation(
-    loaded: Mapping[str, Mapping[str, Any]], modules: Iterable[str], patchset: str,
+    loaded: Mapping[str, Mapping[str, Any]],
+    modules: Iterable[str],
+    patchset: str,
     strategy: str,
 ) -> dict[str, Any]:
     """What modules_active decides for a host, as data (the Ansible role's filter reads the
@@ -433,8 +465,10 @@ def activation_steps(act: Mapping[str, Any], strategy: str, pre: int, post: int)
         what.append(f"reboot for {act['want']}{foreign}")
     else:
         if act["stale"]:
-            what.append(f"unload {MODULE_NAME} {act['fix_version'] or ''} (IPVS stays "
-                        "loaded, its tables untouched)")  # fmt: skip
+            what.append(
+                f"unload {MODULE_NAME} {act['fix_version'] or ''} (IPVS stays "
+                "loaded, its tables untouched)"
+            )
         if act["loads"]:
             what.append(f"load {_names(act['loads'])}")
     if act["change"] and post:
@@ -461,11 +495,15 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     """
     loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
     act = activation(loaded, settings.modules, patchset, settings.activation)
-    what = activation_steps(act, settings.activation, len(settings.pre_activate),
-                            len(settings.post_activate))  # fmt: skip
+    what = activation_steps(
+        act, settings.activation, len(settings.pre_activate), len(settings.post_activate)
+    )
     if not what:
-        host.noop(f"{act['want']} at next boot" if act["change"]
-                  else f"{act['want']} is active, IPVS modules stock")  # fmt: skip
+        host.noop(
+            f"{act['want']} at next boot"
+            if act["change"]
+            else f"{act['want']} is active, IPVS modules stock"
+        )
         return
     will("; ".join(what))  # a refusal says so, not "Load the fix module"
     if act["refusal"]:
@@ -480,15 +518,19 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
         if act["boot_loads"]:
             yield StringCommand(cmd.load_modules(act["boot_loads"], settings.lock_wait))
     else:
-        yield StringCommand(cmd.load_modules(act["loads"], settings.lock_wait,
-                                             MODULE_NAME if act["stale"] else ""))  # fmt: skip
+        yield StringCommand(
+            cmd.load_modules(act["loads"], settings.lock_wait, MODULE_NAME if act["stale"] else "")
+        )
     if act["change"]:
         yield from hooks("post-activation", settings.post_activate, settings.hook_timeout)
 
 
 @operation()
 def sysctl_live(
-    key: str, value: int, activation: str = "reload", lock_wait: int = LOCK_WAIT_S,
+    key: str,
+    value: int,
+    activation: str = "reload",
+    lock_wait: int = LOCK_WAIT_S,
     if_present: bool = False,
 ) -> Generator[Any, None, None]:
     """
@@ -515,8 +557,9 @@ def sysctl_live(
             host.noop(f"{name} appears with {MODULE_NAME} at next boot")
             return
         if not previewing():
-            yield fail(f"error: {name} does not exist: ip_vs (or, for {KNOB}, {MODULE_NAME}) "
-                       "is not loaded")  # fmt: skip
+            yield fail(
+                f"error: {name} does not exist: ip_vs (or, for {KNOB}, {MODULE_NAME}) is not loaded"
+            )
             return
         will(f"set {name} = {value} (the key appears once the modules above are active)")
     else:

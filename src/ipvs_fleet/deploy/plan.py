@@ -215,7 +215,7 @@ def running_kernel(host: Host) -> str:
 
 
 def kernel_line(kernel_release: str) -> str:
-    """"6.1.0-56-cloud-amd64" -> "6.1"."""
+    """ "6.1.0-56-cloud-amd64" -> "6.1"."""
     return ".".join(kernel_release.split(".")[:2])
 
 
@@ -234,16 +234,20 @@ def read_facts(host: Host, read: Callable[[], T]) -> T | None:
     try:
         value = read()
     except CONNECTION_LOST as e:
-        logger.error(f"[{host.name}] connection lost while reading its facts "
-                     f"({type(e).__name__}: {e}); this host fails, the others go on")  # fmt: skip
+        logger.error(
+            f"[{host.name}] connection lost while reading its facts "
+            f"({type(e).__name__}: {e}); this host fails, the others go on"
+        )
         # The set outlives this greenlet's host context: hold the Host, not pyinfra's proxy.
         real.state.fail_hosts({real})
         return None
     # pyinfra itself fails a host whose fact command hit an SSH error, and hands back the
     # fact's default (None, {}): no decision may be made from those.
     if real in real.state.failed_hosts:
-        logger.error(f"[{host.name}] a fact read failed (connection lost?); this host fails, "
-                     "the others go on")  # fmt: skip
+        logger.error(
+            f"[{host.name}] a fact read failed (connection lost?); this host fails, "
+            "the others go on"
+        )
         return None
     return value
 
@@ -287,11 +291,7 @@ def _plan_host(host: Host) -> HostPlan | None:
 
     def facts() -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any] | None]:
         kr = running_kernel(host)
-        ready = (
-            host.get_fact(DkmsReady, kernel_release=kr)
-            if settings.install == "dkms"
-            else None
-        )
+        ready = host.get_fact(DkmsReady, kernel_release=kr) if settings.install == "dkms" else None
         return kr, host.get_fact(Lockdown), host.get_fact(IpvsUsage), ready
 
     got = read_facts(host, facts)

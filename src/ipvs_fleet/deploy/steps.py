@@ -77,8 +77,12 @@ def rollout() -> None:
             lock_wait=plan.settings.lock_wait,
         )
     for path in host.loop(ipvs.MANAGED_FILES):
-        ipvs.config_file(name=f"Write {path}", path=path, settings=plan.settings,
-                         lock_wait=plan.settings.lock_wait)
+        ipvs.config_file(
+            name=f"Write {path}",
+            path=path,
+            settings=plan.settings,
+            lock_wait=plan.settings.lock_wait,
+        )
     _activate(plan.settings, plan.patchset)
     # Every key a policy may set, in the schema's order: the same list on every host.
     for key in host.loop(load_policy().schema):
@@ -104,13 +108,21 @@ def rollback() -> None:
     kr = read_facts(host, lambda: running_kernel(host))
     if kr is None:
         return  # lost while its facts were read: failed, no operation
-    ipvs.sysctl_live(name="Set net.ipv4.vs.conn_reuse_old_conntrack to 0", key=KNOB, value=0,
-                     if_present=True, lock_wait=settings.lock_wait)
+    ipvs.sysctl_live(
+        name="Set net.ipv4.vs.conn_reuse_old_conntrack to 0",
+        key=KNOB,
+        value=0,
+        if_present=True,
+        lock_wait=settings.lock_wait,
+    )
     ipvs.modules_removed(
-        name="Remove the fix module's files", kernel_release=kr, lock_wait=settings.lock_wait,
+        name="Remove the fix module's files",
+        kernel_release=kr,
+        lock_wait=settings.lock_wait,
     )
     for path in host.loop(ipvs.MANAGED_FILES):
-        ipvs.config_file_restored(name=f"Restore the previous {path}", path=path,
-                                  lock_wait=settings.lock_wait)
+        ipvs.config_file_restored(
+            name=f"Restore the previous {path}", path=path, lock_wait=settings.lock_wait
+        )
     _activate(settings, "")
     _verify(settings, "")

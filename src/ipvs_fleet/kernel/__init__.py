@@ -108,8 +108,10 @@ def reuse_designs() -> dict[str, dict[str, Any]]:
 
 # How each ruleset shape of `unsafe_with` is named in a refusal, and the IpvsUsage key that
 # holds the offending rule's text.
-_SHAPES = {"invalid_drop": ("an INVALID-drop rule", "invalid_drop_rule"),
-           "nat_rule": ("a nat-table rule", "nat_rule")}
+_SHAPES = {
+    "invalid_drop": ("an INVALID-drop rule", "invalid_drop_rule"),
+    "nat_rule": ("a nat-table rule", "nat_rule"),
+}
 
 
 def reuse_unsafe(design: str | None, usage: dict[str, Any]) -> str | None:
@@ -121,7 +123,9 @@ def reuse_unsafe(design: str | None, usage: dict[str, Any]) -> str | None:
         if usage.get(shape):
             what, key = _SHAPES[shape]
             rule = usage.get(key)
-            return (f"the loaded/installed ip_vs_reuse's reuse design is '{design or 'none'}' "
-                    f"({designs[name]['what']}), and the host has {what}"
-                    + (f": {rule}" if isinstance(rule, str) else ""))
+            return (
+                f"the loaded/installed ip_vs_reuse's reuse design is '{design or 'none'}' "
+                f"({designs[name]['what']}), and the host has {what}"
+                + (f": {rule}" if isinstance(rule, str) else "")
+            )
     return None

@@ -151,12 +151,22 @@ def _git(repo: Path, who: Identity, *args: str, stdin: str | None = None) -> str
         "GIT_COMMITTER_EMAIL": who.email,
     }
     # the scratch repository's commits: no signing, hooks or format.signOff of the user's
-    conf = [f"user.name={who.name}", f"user.email={who.email}", "commit.gpgSign=false",
-            "core.hooksPath=/dev/null", "format.signOff=false"]  # fmt: skip
+    conf = [
+        f"user.name={who.name}",
+        f"user.email={who.email}",
+        "commit.gpgSign=false",
+        "core.hooksPath=/dev/null",
+        "format.signOff=false",
+    ]
     r = subprocess.run(
         ["git", *(a for c in conf for a in ("-c", c)), *args],
-        cwd=repo, input=stdin, capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        cwd=repo,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     if r.returncode != 0:
         raise FleetError(f"git {args[0]}: {(r.stderr or r.stdout).strip()}")
     return r.stdout
@@ -196,12 +206,28 @@ def generate(
                 _git(repo, who, "apply", "--index", "-", stdin=p.diff)
             except FleetError as e:
                 raise FleetError(f"{p.name} does not apply to {tree}: {e}") from e
-            _git(repo, who, "commit", "-q", "-s", "--cleanup=whitespace", "-F", "-",
-                 stdin=f"{p.title}\n\n{p.message}\n")  # fmt: skip
+            _git(
+                repo,
+                who,
+                "commit",
+                "-q",
+                "-s",
+                "--cleanup=whitespace",
+                "-F",
+                "-",
+                stdin=f"{p.title}\n\n{p.message}\n",
+            )
         out.mkdir(parents=True, exist_ok=True)
-        names = _git(repo, who, "format-patch", "--cover-letter",
-                     f"--subject-prefix={subject_prefix}", "-o", str(out.resolve()),
-                     f"HEAD~{len(patches)}").split()  # fmt: skip
+        names = _git(
+            repo,
+            who,
+            "format-patch",
+            "--cover-letter",
+            f"--subject-prefix={subject_prefix}",
+            "-o",
+            str(out.resolve()),
+            f"HEAD~{len(patches)}",
+        ).split()
     files = [Path(n) for n in names]
     cover = files[0]
     text = cover.read_text()
@@ -220,8 +246,9 @@ def generate(
 def mail_from(text: str) -> Identity:
     """The From: of a format-patch file, decoded (git encodes non-ASCII names)."""
     header = text.split("\n", 1)[1].split("\n\n", 1)[0]
-    name, email = parseaddr(str(message_from_string(header + "\n\n", policy=policy.default)
-                                ["From"] or ""))  # fmt: skip
+    name, email = parseaddr(
+        str(message_from_string(header + "\n\n", policy=policy.default)["From"] or "")
+    )
     return Identity(name, email)
 
 
@@ -297,14 +324,23 @@ def add_parser(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tree", type=Path, help="kernel source to apply the series to "
-                   "(e.g. an nf-next checkout)")  # fmt: skip
+    p.add_argument(
+        "--tree", type=Path, help="kernel source to apply the series to (e.g. an nf-next checkout)"
+    )
     p.add_argument("--out", type=Path, help="folder for the mails (git format-patch -o)")
-    p.add_argument("--subject-prefix", default=SUBJECT_PREFIX,
-                   help=f"default {SUBJECT_PREFIX!r}; e.g. 'RFC PATCH nf-next'")  # fmt: skip
-    p.add_argument("--import", dest="import_dir", type=Path, metavar="DIR",
-                   help="store format-patch output of DIR as the series instead "
-                   "(authors, dates and sign-offs dropped)")  # fmt: skip
+    p.add_argument(
+        "--subject-prefix",
+        default=SUBJECT_PREFIX,
+        help=f"default {SUBJECT_PREFIX!r}; e.g. 'RFC PATCH nf-next'",
+    )
+    p.add_argument(
+        "--import",
+        dest="import_dir",
+        type=Path,
+        metavar="DIR",
+        help="store format-patch output of DIR as the series instead "
+        "(authors, dates and sign-offs dropped)",
+    )
     p.set_defaults(func=run)
 
 

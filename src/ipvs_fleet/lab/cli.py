@@ -38,8 +38,8 @@ def add_parser(subparsers: Any) -> None:
     status = sub.add_parser("status", help="state of each VM; exit 1 if one died")
     status.set_defaults(func=_status)
     prune = sub.add_parser(
-        "prune", help="remove cached images no current pin and fleet file use (running VMs' "
-        "images stay)"
+        "prune",
+        help="remove cached images no current pin and fleet file use (running VMs' images stay)",
     )
     add_dry(prune, "only list them", old=("-n", "--dry-run"))
     prune.set_defaults(func=_prune)

@@ -22,7 +22,13 @@ from ipvs_fleet.resources import data_path, policy_file
 DEFAULT_FLEET = data_path("lab/fleet.yml")
 
 HOST_FIELDS = {
-    "release", "host_class", "groups", "memory_mb", "kernel_args", "build_tools", "packages"
+    "release",
+    "host_class",
+    "groups",
+    "memory_mb",
+    "kernel_args",
+    "build_tools",
+    "packages",
 }
 # A Debian package name (Debian Policy 5.6.1).
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")

@@ -316,10 +316,22 @@ def build_image(
         shutil.copyfile(boot / f"initrd.img-{pin.kernel_release}", partial / "initrd.img")
         (root / ".complete").unlink(missing_ok=True)
         r = subprocess.run(
-            ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "labroot", "-d", str(root),
-             str(partial / "rootfs.img"), IMAGE_SIZE],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                "mke2fs",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                "labroot",
+                "-d",
+                str(root),
+                str(partial / "rootfs.img"),
+                IMAGE_SIZE,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise FleetError(f"mke2fs for {release} image failed: {r.stderr.strip()}")
         shutil.rmtree(root)
@@ -469,8 +481,10 @@ def prune_images(*, dry_run: bool = False, fleets: Sequence[Path] = ()) -> list[
         target = p.with_suffix("") if p.suffix == ".lock" else p
         if target in keep or _being_built(target):
             continue
-        why = "stale lock" if p.suffix == ".lock" else (
-            "unfinished build" if not (p / "image.json").exists() else "superseded image"
+        why = (
+            "stale lock"
+            if p.suffix == ".lock"
+            else ("unfinished build" if not (p / "image.json").exists() else "superseded image")
         )
         removed.append((p, why))
         if not dry_run:

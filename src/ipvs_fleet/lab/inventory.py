@@ -1,6 +1,6 @@
 """The running lab as a pyinfra inventory (`inventory/lab.py` is a thin wrapper).
 
-    IPVS_FLEET_LAB_DIR=.lab/test pyinfra inventory/lab.py exec -- uname -r
+IPVS_FLEET_LAB_DIR=.lab/test pyinfra inventory/lab.py exec -- uname -r
 """
 
 from __future__ import annotations

@@ -282,8 +282,10 @@ class Lab:
         for n in running:
             h, spec = st.hosts[n], fleet.hosts[n]
             if (h.release, h.host_class, tuple(h.groups)) != (
-                spec.release, spec.host_class, spec.groups
-            ):  # fmt: skip
+                spec.release,
+                spec.host_class,
+                spec.groups,
+            ):
                 differ.append(
                     f"{n} runs {h.release} as {h.host_class} (groups {', '.join(h.groups)}), "
                     f"the file wants {spec.release} as {spec.host_class} "
@@ -363,9 +365,9 @@ class Lab:
         argv = [*self.ssh_command(host, *opts), line]
         # Either input or stdin, never both: pyinfra's gevent patches subprocess.run, and
         # gevent's refuses `stdin=None` next to `input` (the stdlib's accepts it).
-        feed: dict[str, Any] = {"input": input} if input is not None else {
-            "stdin": subprocess.DEVNULL
-        }
+        feed: dict[str, Any] = (
+            {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        )
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **feed)
         except subprocess.TimeoutExpired as e:
@@ -444,8 +446,13 @@ class Lab:
             (logs / f"image-{label(k)}.log").unlink(missing_ok=True)  # progress shows this build's
 
         def one(kind: ImageKind) -> Image:
-            img = build_image(kind[0], fleet_packages(kind[2]), build_tools=kind[1], log=self.log,
-                              logfile=logs / f"image-{label(kind)}.log")  # fmt: skip
+            img = build_image(
+                kind[0],
+                fleet_packages(kind[2]),
+                build_tools=kind[1],
+                log=self.log,
+                logfile=logs / f"image-{label(kind)}.log",
+            )
             pending.discard(kind)
             return img
 
@@ -524,9 +531,7 @@ class Lab:
             if r.ok:
                 got = r.stdout.strip()
                 if got != h.kernel_release:
-                    raise FleetError(
-                        f"{h.name}: booted kernel {got}, expected {h.kernel_release}"
-                    )
+                    raise FleetError(f"{h.name}: booted kernel {got}, expected {h.kernel_release}")
                 self.log(f"{h.name}: ssh ok, kernel {got}")
                 return
             if time.monotonic() > deadline:

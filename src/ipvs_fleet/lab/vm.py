@@ -87,11 +87,27 @@ def kvm_usable(image: Image, timeout: float = 10.0) -> bool:
         return bool(known[key])
     try:
         r = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults",
-             "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(image.kernel),
-             "-append", "console=ttyS0 panic=-1"],
-            capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                str(image.kernel),
+                "-append",
+                "console=ttyS0 panic=-1",
+            ],
+            capture_output=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         ok = b"Unable to mount root" in r.stdout or b"Kernel panic" in r.stdout
     except subprocess.TimeoutExpired:
         ok = False
@@ -127,10 +143,21 @@ def start(
     files.dir.mkdir(parents=True, exist_ok=True)
     files.overlay.unlink(missing_ok=True)
     r = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs),
-         str(files.overlay)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            str(image.rootfs),
+            str(files.overlay),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise FleetError(f"{name}: qemu-img create failed: {r.stderr.strip()}")
     files.console.unlink(missing_ok=True)
@@ -146,23 +173,39 @@ def start(
     )
     cmd = [
         "qemu-system-x86_64",
-        "-name", name,
-        "-accel", accel_,
-        "-smp", "1",
-        "-m", str(memory_mb),
-        "-nodefaults", "-display", "none",
-        "-kernel", str(image.kernel),
-        "-initrd", str(image.initrd),
-        "-append", append,
-        "-drive", f"file={files.overlay},if=virtio,format=qcow2",
-        "-drive", f"file={files.seed},if=virtio,format=raw,readonly=on",
-        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
-        "-device", "virtio-net-pci,netdev=net0",
-        "-device", "virtio-rng-pci",
-        "-serial", f"file:{files.console}",
-        "-pidfile", str(files.pidfile),
+        "-name",
+        name,
+        "-accel",
+        accel_,
+        "-smp",
+        "1",
+        "-m",
+        str(memory_mb),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        append,
+        "-drive",
+        f"file={files.overlay},if=virtio,format=qcow2",
+        "-drive",
+        f"file={files.seed},if=virtio,format=raw,readonly=on",
+        "-netdev",
+        f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+        "-device",
+        "virtio-rng-pci",
+        "-serial",
+        f"file:{files.console}",
+        "-pidfile",
+        str(files.pidfile),
         "-daemonize",
-    ]  # fmt: skip
+    ]
     with files.qemu_log.open("w") as out:
         started = subprocess.run(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -31,27 +31,49 @@ def add_parser(subparsers: Any) -> None:
     s = sub.add_parser("scenario", help="run the reuse scenarios in a lab VM (JSON out)")
     s.add_argument("--lab-dir", type=Path, help="lab dir (default: $IPVS_FLEET_LAB_DIR)")
     s.add_argument("--host", required=True, help="lab host, e.g. k8s-canary")
-    s.add_argument("--modules", choices=("stock", "module", "patched", "loaded"),
-                   default="loaded",
-                   help="first load the stock IPVS modules, or the built fix module "
-                   "ip_vs_reuse on top of them (module; patched: its old name); IPVS stays "
-                   "loaded (default: keep what is loaded)")
-    s.add_argument("--artifacts", type=Path, default=Path("artifacts"),
-                   help="artifacts dir of 'ipvs-fleet build' (for --modules module)")
-    s.add_argument("--rule", choices=("drop", "accept"), default="drop",
-                   help="INVALID rule in the director's FORWARD chain")
+    s.add_argument(
+        "--modules",
+        choices=("stock", "module", "patched", "loaded"),
+        default="loaded",
+        help="first load the stock IPVS modules, or the built fix module "
+        "ip_vs_reuse on top of them (module; patched: its old name); IPVS stays "
+        "loaded (default: keep what is loaded)",
+    )
+    s.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path("artifacts"),
+        help="artifacts dir of 'ipvs-fleet build' (for --modules module)",
+    )
+    s.add_argument(
+        "--rule",
+        choices=("drop", "accept"),
+        default="drop",
+        help="INVALID rule in the director's FORWARD chain",
+    )
     s.add_argument("--knob", type=int, choices=(0, 1), help="conn_reuse_old_conntrack")
-    s.add_argument("--ruleset", choices=RULESETS, default="minimal",
-                   help="the director's rules: minimal (one FORWARD rule), kube-proxy (its "
-                   "IPVS-mode chains, ipsets and mark-based masquerade), kube-proxy-masq-all, "
-                   "calico (kube-proxy plus felix-style chains)")
+    s.add_argument(
+        "--ruleset",
+        choices=RULESETS,
+        default="minimal",
+        help="the director's rules: minimal (one FORWARD rule), kube-proxy (its "
+        "IPVS-mode chains, ipsets and mark-based masquerade), kube-proxy-masq-all, "
+        "calico (kube-proxy plus felix-style chains)",
+    )
     s.add_argument("--iptables", choices=BACKENDS, default="nft", help="iptables backend")
-    s.add_argument("--client", choices=CLIENTS, default="outside",
-                   help="outside (to a NodePort), pod (to a ClusterIP), host (a process on "
-                   "the node: IPVS's LOCAL_OUT path)")
+    s.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="outside",
+        help="outside (to a NodePort), pod (to a ClusterIP), host (a process on "
+        "the node: IPVS's LOCAL_OUT path)",
+    )
     s.add_argument("--family", type=int, choices=FAMILIES, default=4)
-    s.add_argument("--scenarios", default="A=50,B=50,B2=50,C1=50,C2=50",
-                   help="NAME=COUNT,... (A, B, B2, C1, C2; U: UDP)")
+    s.add_argument(
+        "--scenarios",
+        default="A=50,B=50,B2=50,C1=50,C2=50",
+        help="NAME=COUNT,... (A, B, B2, C1, C2; U: UDP)",
+    )
     s.add_argument("--ordinary", type=int, default=0, help="ordinary short connections")
     s.add_argument("--ftp", action="store_true", help="passive FTP through ip_vs_ftp")
     s.add_argument("--conntrack", action="store_true", help="conntrack view after a reuse")
@@ -93,10 +115,18 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
         from ipvs_fleet.build.artifact import load_artifact
 
         guest.load_modules(load_artifact(args.artifacts, guest.kernel_release))
-    plan = Plan(rule=args.rule, knob=args.knob, scenarios=parse_counts(args.scenarios),
-                ordinary=args.ordinary, ftp=args.ftp, conntrack_check=args.conntrack,
-                ruleset=args.ruleset, iptables=args.iptables, client=args.client,
-                family=args.family)
+    plan = Plan(
+        rule=args.rule,
+        knob=args.knob,
+        scenarios=parse_counts(args.scenarios),
+        ordinary=args.ordinary,
+        ftp=args.ftp,
+        conntrack_check=args.conntrack,
+        ruleset=args.ruleset,
+        iptables=args.iptables,
+        client=args.client,
+        family=args.family,
+    )
     result = guest.run_plan(plan)
     text = json.dumps(result, indent=1)
     if args.json:

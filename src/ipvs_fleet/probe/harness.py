@@ -93,22 +93,26 @@ class Plan:
         bad = [s for s in self.scenarios if s not in ALL_SCENARIOS]
         if bad:
             raise FleetError(f"unknown scenario {bad[0]!r} (known: {', '.join(ALL_SCENARIOS)})")
-        for name, val, known in (("ruleset", self.ruleset, RULESETS),
-                                 ("iptables", self.iptables, BACKENDS),
-                                 ("client", self.client, CLIENTS),
-                                 ("family", self.family, FAMILIES)):
+        for name, val, known in (
+            ("ruleset", self.ruleset, RULESETS),
+            ("iptables", self.iptables, BACKENDS),
+            ("client", self.client, CLIENTS),
+            ("family", self.family, FAMILIES),
+        ):
             if val not in known:
-                raise FleetError(f"{name} must be one of {', '.join(map(str, known))}, "
-                                 f"not {val!r}")
+                raise FleetError(f"{name} must be one of {', '.join(map(str, known))}, not {val!r}")
         if self.ftp and (self.ruleset, self.family, self.client) != ("minimal", 4, "outside"):
-            raise FleetError("ftp runs only with ruleset minimal, family 4, client outside "
-                             f"(not {self.ruleset}, {self.family}, {self.client})")
+            raise FleetError(
+                "ftp runs only with ruleset minimal, family 4, client outside "
+                f"(not {self.ruleset}, {self.family}, {self.client})"
+            )
         if not 0 <= self.settle <= 30:
             raise FleetError(f"settle must be 0..30 seconds, not {self.settle!r}")
         neg = [s for s, n in self.scenarios.items() if not isinstance(n, int) or n < 0]
         if neg:
-            raise FleetError(f"scenario {neg[0]}: attempts must be a count >= 0, "
-                             f"not {self.scenarios[neg[0]]!r}")
+            raise FleetError(
+                f"scenario {neg[0]}: attempts must be a count >= 0, not {self.scenarios[neg[0]]!r}"
+            )
 
     @property
     def masquerade_demanded(self) -> bool:
@@ -130,9 +134,16 @@ class Plan:
         edits = self.scenarios.get("B", 0) + self.scenarios.get("B2", 0) + udp
         setup = 60 if self.ruleset == "minimal" else 90  # ipsets, 4 tables, 2 backends
         per_scenario = 5 * len(self.scenarios)  # rule counters read before and after
-        return (setup + per_scenario + tcp * per + udp * (2 * 1.0 + 0.5)
-                + edits * self.settle + self.ordinary * 0.02 + (30 if self.ftp else 0)
-                + (2 * (self.timeout + 5) if self.conntrack_check else 0))
+        return (
+            setup
+            + per_scenario
+            + tcp * per
+            + udp * (2 * 1.0 + 0.5)
+            + edits * self.settle
+            + self.ordinary * 0.02
+            + (30 if self.ftp else 0)
+            + (2 * (self.timeout + 5) if self.conntrack_check else 0)
+        )
 
 
 class Guest:
@@ -152,19 +163,23 @@ class Guest:
         if self._pushed:
             return
         for name in GUEST_FILES:
-            self.sh(f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/{name}",
-                    input=(HERE / name).read_text())
+            self.sh(
+                f"mkdir -p {GUEST_DIR} && cat > {GUEST_DIR}/{name}", input=(HERE / name).read_text()
+            )
         self._pushed = True
 
     def _json(self, cmd: str, timeout: float, input: str | None = None) -> dict[str, Any]:
         self.push()
-        r = self.lab.run(self.host, f"cd {GUEST_DIR} && python3 {cmd}", check=False,
-                         timeout=timeout, input=input)
+        r = self.lab.run(
+            self.host, f"cd {GUEST_DIR} && python3 {cmd}", check=False, timeout=timeout, input=input
+        )
         try:
             out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError) as e:
-            raise FleetError(f"{self.host}: `{cmd}` exited {r.rc} without a JSON result: "
-                             f"{(r.stderr or r.stdout).strip()[-1500:]}") from e
+            raise FleetError(
+                f"{self.host}: `{cmd}` exited {r.rc} without a JSON result: "
+                f"{(r.stderr or r.stdout).strip()[-1500:]}"
+            ) from e
         if "error" in out:
             raise FleetError(f"{self.host}: {cmd}: {out['error']}")
         return out
@@ -187,8 +202,10 @@ class Guest:
         if artifact is None:
             return self._json("scenario.py modules stock", 120)
         if artifact.kernel_release != self.kernel_release:
-            raise FleetError(f"{self.host} runs {self.kernel_release}, the artifact is for "
-                             f"{artifact.kernel_release}")
+            raise FleetError(
+                f"{self.host} runs {self.kernel_release}, the artifact is for "
+                f"{artifact.kernel_release}"
+            )
         d = f"{GUEST_DIR}/ko-{artifact.tarball_sha256[:16]}"
         if d not in self._unpacked:  # alternating rounds load the same artifact again
             data = base64.b64encode(Path(artifact.tarball).read_bytes()).decode()
@@ -210,10 +227,13 @@ class Guest:
 
     def _untar(self, d: str, data: str) -> str:
         # The tarball's compression is whatever the build chose: let tar detect it.
-        return self.sh(f"rm -rf {d} && mkdir -p {d} && base64 -d > {d}.tar && "
-                       f"tar -xf {d}.tar -C {d} --no-same-owner && rm {d}.tar && "
-                       f"find {d} -name '*.ko' -exec mv -n {{}} {d}/ \\;",
-                       input=data, timeout=300)
+        return self.sh(
+            f"rm -rf {d} && mkdir -p {d} && base64 -d > {d}.tar && "
+            f"tar -xf {d}.tar -C {d} --no-same-owner && rm {d}.tar && "
+            f"find {d} -name '*.ko' -exec mv -n {{}} {d}/ \\;",
+            input=data,
+            timeout=300,
+        )
 
     def run_plan(self, plan: Plan) -> dict[str, Any]:
         st = self.status()
@@ -230,11 +250,14 @@ def check_fix_loaded(host: str, status: dict[str, Any], set_id: str) -> None:
     loaded, of set `set_id`."""
     rec = status.get("loaded_by_probe") or {}
     if not status.get("knob_present") or rec.get("module") != "ip_vs_reuse":
-        raise FleetError(f"{host}: the fix module ip_vs_reuse is not loaded after loading it "
-                         f"(loaded: {', '.join(status.get('loaded', [])) or 'nothing'})")
+        raise FleetError(
+            f"{host}: the fix module ip_vs_reuse is not loaded after loading it "
+            f"(loaded: {', '.join(status.get('loaded', [])) or 'nothing'})"
+        )
     if rec.get("set_id") != set_id:
-        raise FleetError(f"{host}: ip_vs_reuse loaded is of set {rec.get('set_id')}, the "
-                         f"artifact's is {set_id}")
+        raise FleetError(
+            f"{host}: ip_vs_reuse loaded is of set {rec.get('set_id')}, the artifact's is {set_id}"
+        )
 
 
 def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -272,15 +295,20 @@ def summarize(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if r.get("old_conn_met") is not None:
             rows[name]["old_conn_met"] = r["old_conn_met"]
         if "peer_sources" in r:
-            rows[name].update(new_conns=r.get("new_conns"),
-                              nat_new=(r.get("rule_counters") or {}).get("nat_new"),
-                              rule_counters=r.get("rule_counters"),
-                              peer_sources=r["peer_sources"], masq=masq,
-                              masq_mismatch=r.get("masq_mismatch"))
+            rows[name].update(
+                new_conns=r.get("new_conns"),
+                nat_new=(r.get("rule_counters") or {}).get("nat_new"),
+                rule_counters=r.get("rule_counters"),
+                peer_sources=r["peer_sources"],
+                masq=masq,
+                masq_mismatch=r.get("masq_mismatch"),
+            )
         if name == "U":
-            rows[name].update(second_answered=r.get("second_answered"),
-                              third_answered=r.get("third_answered"),
-                              answered_by_deleted=r.get("answered_by_deleted"))
+            rows[name].update(
+                second_answered=r.get("second_answered"),
+                third_answered=r.get("third_answered"),
+                answered_by_deleted=r.get("answered_by_deleted"),
+            )
     return rows
 
 

@@ -60,16 +60,24 @@ def sh(cmd: str, check: bool = True) -> str:
 
 def topology_up() -> None:
     topology_down()
-    for ns, (host_ip, ns_ip), dev in ((CLIENT_NS, CLIENT_NET, CLIENT_DEV),
-                                      (SERVER_NS, SERVER_NET, SERVER_DEV)):  # fmt: skip
+    for ns, (host_ip, ns_ip), dev in (
+        (CLIENT_NS, CLIENT_NET, CLIENT_DEV),
+        (SERVER_NS, SERVER_NET, SERVER_DEV),
+    ):
         sh(f"ip netns add {ns} && ip link add {dev} type veth peer name eth0 netns {ns}")
         sh(f"ip addr add {host_ip}/30 dev {dev} && ip link set {dev} up")
-        sh(f"ip -n {ns} addr add {ns_ip}/30 dev eth0 && ip -n {ns} link set eth0 up && "
-           f"ip -n {ns} link set lo up && ip -n {ns} route add default via {host_ip}")  # fmt: skip
-    sh(f"ip link add {DUMMY} type dummy && ip link set {DUMMY} up && "
-       f"ip addr add {VIP}/32 dev {DUMMY} && sysctl -qw net.ipv4.ip_forward=1")  # fmt: skip
-    sh(f"ipvsadm -A -t {VIP}:{PORT} -s rr && "
-       f"ipvsadm -a -t {VIP}:{PORT} -r {SERVER_NET[1]}:{PORT} -m")  # fmt: skip
+        sh(
+            f"ip -n {ns} addr add {ns_ip}/30 dev eth0 && ip -n {ns} link set eth0 up && "
+            f"ip -n {ns} link set lo up && ip -n {ns} route add default via {host_ip}"
+        )
+    sh(
+        f"ip link add {DUMMY} type dummy && ip link set {DUMMY} up && "
+        f"ip addr add {VIP}/32 dev {DUMMY} && sysctl -qw net.ipv4.ip_forward=1"
+    )
+    sh(
+        f"ipvsadm -A -t {VIP}:{PORT} -s rr && "
+        f"ipvsadm -a -t {VIP}:{PORT} -r {SERVER_NET[1]}:{PORT} -m"
+    )
 
 
 def topology_down() -> None:
@@ -79,8 +87,11 @@ def topology_down() -> None:
         if pids:
             sh(f"kill -9 {' '.join(pids)}", check=False)
         sh(f"ip netns del {ns}", check=False)
-    sh(f"ip link del {DUMMY} 2>/dev/null; ip link del {CLIENT_DEV} 2>/dev/null; "
-       f"ip link del {SERVER_DEV} 2>/dev/null", check=False)  # fmt: skip
+    sh(
+        f"ip link del {DUMMY} 2>/dev/null; ip link del {CLIENT_DEV} 2>/dev/null; "
+        f"ip link del {SERVER_DEV} 2>/dev/null",
+        check=False,
+    )
 
 
 def serve() -> None:
@@ -142,8 +153,14 @@ def hold(count: int, every: float, timeout: float) -> None:
                     raise ConnectionError(f"echo {got!r}, sent {line!r}")
                 exchanges += 1
             except (OSError, ConnectionError) as e:
-                broken.append({"conn": i, "round": n, "at": round(time.time() - started, 2),
-                               "error": f"{type(e).__name__}: {e}"})  # fmt: skip
+                broken.append(
+                    {
+                        "conn": i,
+                        "round": n,
+                        "at": round(time.time() - started, 2),
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+                )
                 s.close()
                 conns[i] = None
         if time.monotonic() - last_status >= 1:
@@ -156,10 +173,16 @@ def hold(count: int, every: float, timeout: float) -> None:
     write("result.json", summary(count, broken, exchanges, started))
 
 
-def summary(count: int, broken: list[dict[str, Any]], exchanges: int,
-            started: float) -> dict[str, Any]:  # fmt: skip
-    return {"connections": count, "broken": len(broken), "exchanges": exchanges,
-            "seconds": round(time.time() - started, 1), "failures": broken[:20]}  # fmt: skip
+def summary(
+    count: int, broken: list[dict[str, Any]], exchanges: int, started: float
+) -> dict[str, Any]:
+    return {
+        "connections": count,
+        "broken": len(broken),
+        "exchanges": exchanges,
+        "seconds": round(time.time() - started, 1),
+        "failures": broken[:20],
+    }
 
 
 def write(name: str, doc: dict[str, Any]) -> None:
@@ -173,9 +196,13 @@ def spawn(ns: str, target: str, *args: str) -> None:
     """Run this file's `target` in netns `ns`, detached (its own session: an SSH session
     may end)."""
     with open(f"{STATE}/{target}.log", "w") as log:
-        subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__),
-                          target, *args], start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), target, *args],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def connect_rate(seconds: float) -> None:
@@ -194,8 +221,16 @@ def connect_rate(seconds: float) -> None:
         except OSError:
             errors += 1
     took = time.monotonic() - t0
-    print(json.dumps({"connections": n, "seconds": round(took, 3),
-                      "per_second": round(n / took, 1), "errors": errors}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "connections": n,
+                "seconds": round(took, 3),
+                "per_second": round(n / took, 1),
+                "errors": errors,
+            }
+        )
+    )
 
 
 def rate(seconds: float) -> dict[str, Any]:
@@ -204,8 +239,10 @@ def rate(seconds: float) -> dict[str, Any]:
     try:
         spawn(SERVER_NS, "_serve")
         time.sleep(0.5)
-        out = sh(f"ip netns exec {CLIENT_NS} {sys.executable} {os.path.abspath(__file__)} "
-                 f"_rate {seconds}")  # fmt: skip
+        out = sh(
+            f"ip netns exec {CLIENT_NS} {sys.executable} {os.path.abspath(__file__)} "
+            f"_rate {seconds}"
+        )
         doc: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         return doc
     finally:
@@ -295,8 +332,15 @@ def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else ""
     if cmd == "up":
         count = int(argv[1]) if len(argv) > 1 else 100
-        print(json.dumps(up(count, every=float(os.environ.get("INFLIGHT_EVERY", "0.5")),
-                            timeout=float(os.environ.get("INFLIGHT_TIMEOUT", "5")))))
+        print(
+            json.dumps(
+                up(
+                    count,
+                    every=float(os.environ.get("INFLIGHT_EVERY", "0.5")),
+                    timeout=float(os.environ.get("INFLIGHT_TIMEOUT", "5")),
+                )
+            )
+        )
     elif cmd == "status":
         print(json.dumps(status()))
     elif cmd == "down":

@@ -43,8 +43,11 @@ def _label(result: dict[str, Any]) -> str:
     if not isinstance(m, dict):
         return ""
     line = ".".join(str(m.get("kernel_release", "")).split(".")[:2])
-    mods = "stock" if not m.get("knob_present") else (
-        f"knob={result.get('sysctls', {}).get('conn_reuse_old_conntrack')}")
+    mods = (
+        "stock"
+        if not m.get("knob_present")
+        else (f"knob={result.get('sysctls', {}).get('conn_reuse_old_conntrack')}")
+    )
     rule = result.get("plan", {}).get("rule", "")
     return f"{line} {mods} INVALID-{rule}"
 
@@ -61,8 +64,9 @@ def pyplot() -> Any | None:
     return plt
 
 
-def plot_files(paths: list[Path], out: Path, scenario: str | None = None,
-               title: str | None = None) -> int:
+def plot_files(
+    paths: list[Path], out: Path, scenario: str | None = None, title: str | None = None
+) -> int:
     """One CDF figure (log time axis, 900 ms marked) of every series in `paths`; # of curves."""
     plt = pyplot()
     if plt is None:
@@ -76,20 +80,31 @@ def plot_files(paths: list[Path], out: Path, scenario: str | None = None,
             raise FleetError(f"{p}: not a readable probe result: {e}") from e
         curves += series(data, scenario)
     if not curves:
-        raise FleetError(f"no latencies to plot in {', '.join(map(str, paths))}"
-                         + (f" for scenario {scenario}" if scenario else ""))
+        raise FleetError(
+            f"no latencies to plot in {', '.join(map(str, paths))}"
+            + (f" for scenario {scenario}" if scenario else "")
+        )
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     for label, times in curves:
         xs = sorted(times)
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
         ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
     ax.axvline(SLOW_MS, color="red", linestyle="--", linewidth=1)
-    ax.text(SLOW_MS * 0.93, 0.5, "900 ms: slow (SYN retransmit)", color="red", fontsize=8,
-            rotation=90, ha="right", va="center")
+    ax.text(
+        SLOW_MS * 0.93,
+        0.5,
+        "900 ms: slow (SYN retransmit)",
+        color="red",
+        fontsize=8,
+        rotation=90,
+        ha="right",
+        va="center",
+    )
     ax.set_xscale("log")
     longest = max(max(t) for _, t in curves)
-    ax.set_xlim(left=max(0.1, min(min(t) for _, t in curves) * 0.7),
-                right=max(2000.0, longest * 1.5))
+    ax.set_xlim(
+        left=max(0.1, min(min(t) for _, t in curves) * 0.7), right=max(2000.0, longest * 1.5)
+    )
     ax.set_xlabel("connect + request + response (ms, log scale)")
     ax.set_ylabel("fraction of connections")
     ax.set_ylim(0, 1.02)

@@ -122,9 +122,17 @@ def connect_once(
         time.sleep(0.02)
 
 
-def _connect_once(dst: str, port: int, mode: str, src: tuple[str, int] | None,
-                  timeout: float, close: str, mark: int | None, index: int,
-                  peer: bool = False) -> Attempt:
+def _connect_once(
+    dst: str,
+    port: int,
+    mode: str,
+    src: tuple[str, int] | None,
+    timeout: float,
+    close: str,
+    mark: int | None,
+    index: int,
+    peer: bool = False,
+) -> Attempt:
     s = socket.socket(family_of(dst), socket.SOCK_STREAM)
     src_port = 0
     t0 = time.monotonic()
@@ -152,16 +160,28 @@ def _connect_once(dst: str, port: int, mode: str, src: tuple[str, int] | None,
             s.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_QUICKACK", 12), 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         pport = kv.get("pport", "")
-        return Attempt(index, src_port or (src[1] if src else 0), _ms(t0, t_conn),
-                       _ms(t0, t_done), server or None, None if server else "no answer",
-                       peer=kv.get("peer"), peer_port=int(pport) if pport.isdigit() else None)
+        return Attempt(
+            index,
+            src_port or (src[1] if src else 0),
+            _ms(t0, t_conn),
+            _ms(t0, t_done),
+            server or None,
+            None if server else "no answer",
+            peer=kv.get("peer"),
+            peer_port=int(pport) if pport.isdigit() else None,
+        )
     except OSError as e:
         t_err = time.monotonic()
         connected = t_conn > t0
         name = "timeout" if isinstance(e, socket.timeout) else _errname(e)
-        return Attempt(index, src_port or (src[1] if src else 0),
-                       _ms(t0, t_conn if connected else t_err), _ms(t0, t_err), None,
-                       ("" if connected else "connect: ") + name)
+        return Attempt(
+            index,
+            src_port or (src[1] if src else 0),
+            _ms(t0, t_conn if connected else t_err),
+            _ms(t0, t_err),
+            None,
+            ("" if connected else "connect: ") + name,
+        )
     finally:
         s.close()
 
@@ -332,8 +352,9 @@ def run_probe(
             report.extra["stopped"] = f"deadline of {deadline} s reached"
             break
         src = (src_ip, src_port or 0) if reuse else None
-        a = connect_once(dst, port, mode=mode, src=src, timeout=min(timeout, left),
-                         close="wait", index=i)
+        a = connect_once(
+            dst, port, mode=mode, src=src, timeout=min(timeout, left), close="wait", index=i
+        )
         report.add(a)
         if on_attempt:
             on_attempt(a)
@@ -359,19 +380,25 @@ def evaluate_budget(result: dict[str, Any], budget: dict[str, Any]) -> list[str]
         # The budget's threshold differs from the probe's: recount from the attempts.
         attempts = result.get("attempts")
         if attempts is None:
-            out.append(f"probe used slow_ms={result.get('slow_ms')}, budget wants {slow_ms} "
-                       "and the result has no per-attempt times to recount")
+            out.append(
+                f"probe used slow_ms={result.get('slow_ms')}, budget wants {slow_ms} "
+                "and the result has no per-attempt times to recount"
+            )
         else:
             slow = sum(1 for a in attempts if a["connect_ms"] >= slow_ms)
     max_slow = budget.get("max_slow")
     if max_slow is not None and slow > max_slow:
-        out.append(f"{slow} connects at or above {slow_ms or result.get('slow_ms')} ms "
-                   f"(allowed {max_slow})")
+        out.append(
+            f"{slow} connects at or above {slow_ms or result.get('slow_ms')} ms "
+            f"(allowed {max_slow})"
+        )
     max_errors = budget.get("max_errors")
     if max_errors is not None and result.get("errors", 0) > max_errors:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(result.get("error_kinds", {}).items()))
-        out.append(f"{result['errors']} failed connections (allowed {max_errors})"
-                   + (f" [{kinds}]" if kinds else ""))
+        out.append(
+            f"{result['errors']} failed connections (allowed {max_errors})"
+            + (f" [{kinds}]" if kinds else "")
+        )
     p99_limit = budget.get("p99_ms")
     p99 = (result.get("latency_ms") or {}).get("p99")
     if p99_limit is not None:
@@ -393,8 +420,9 @@ class IdentityServer:
     + udp_port: also answer UDP datagrams there (identity plus the peer address)
     """
 
-    def __init__(self, addr: tuple[str, int], identity: str, hold: float = 30.0,
-                 udp_port: int | None = None) -> None:
+    def __init__(
+        self, addr: tuple[str, int], identity: str, hold: float = 30.0, udp_port: int | None = None
+    ) -> None:
         self.name = identity
         self.identity = identity.encode() + b"\n"
         self.hold = hold
@@ -501,8 +529,9 @@ class IdentityServer:
             self.usock.close()
 
 
-def serve(ip: str, port: int, identity: str, hold: float = 30.0,
-          udp_port: int | None = None) -> None:
+def serve(
+    ip: str, port: int, identity: str, hold: float = 30.0, udp_port: int | None = None
+) -> None:
     srv = IdentityServer((ip, port), identity, hold, udp_port)
     udp = f" (udp {udp_port})" if udp_port is not None else ""
     print(f"listening on {ip}:{port}{udp} as {identity}", flush=True)
@@ -515,8 +544,7 @@ def serve(ip: str, port: int, identity: str, hold: float = 30.0,
 # --- command line ---------------------------------------------------------------------------
 
 
-def _plain_alias(p: argparse.ArgumentParser, *old: str, new: str, dest: str,
-                 **kwargs: Any) -> None:  # fmt: skip
+def _plain_alias(p: argparse.ArgumentParser, *old: str, new: str, dest: str, **kwargs: Any) -> None:
     """A hidden old spelling of an option (a copied probe.py has no ipvs_fleet.cliopts)."""
     p.add_argument(*old, dest=dest, help=argparse.SUPPRESS, **kwargs)
 
@@ -528,12 +556,18 @@ def add_arguments(sub: Any, alias: Callable[..., None] = _plain_alias) -> None:
     c.add_argument("target", help="VIP:port")
     c.add_argument("-n", "--count", type=int, default=100)
     c.add_argument("--source-ip", default="0.0.0.0")
-    c.add_argument("--source-port", type=int, default=0,
-                   help="fixed source port to reuse (default: pick one)")
-    c.add_argument("--ephemeral", action="store_true",
-                   help="no source-port reuse: ordinary short connections")
-    c.add_argument("--mode", choices=MODES[:2], default="fin",
-                   help="fin: server closes first; rst: server aborts with RST")
+    c.add_argument(
+        "--source-port", type=int, default=0, help="fixed source port to reuse (default: pick one)"
+    )
+    c.add_argument(
+        "--ephemeral", action="store_true", help="no source-port reuse: ordinary short connections"
+    )
+    c.add_argument(
+        "--mode",
+        choices=MODES[:2],
+        default="fin",
+        help="fin: server closes first; rst: server aborts with RST",
+    )
     c.add_argument("--timeout", type=float, default=5.0, help="per connection, seconds")
     c.add_argument("--deadline", type=float, default=120.0, help="whole run, seconds")
     c.add_argument("--slow-ms", type=float, default=SLOW_MS)
@@ -546,8 +580,9 @@ def add_arguments(sub: Any, alias: Callable[..., None] = _plain_alias) -> None:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--udp-port", type=int, help="also answer UDP datagrams on this port")
     s.add_argument("--identity", default=socket.gethostname())
-    s.add_argument("--hold", type=float, default=30.0,
-                   help="seconds a 'hold' connection may stay idle")
+    s.add_argument(
+        "--hold", type=float, default=30.0, help="seconds a 'hold' connection may stay idle"
+    )
     s.set_defaults(func=_cmd_serve)
 
 
@@ -561,9 +596,17 @@ def split_target(target: str) -> tuple[str, int]:
 def _cmd_connect(args: argparse.Namespace) -> int:
     dst, port = split_target(args.target)
     result = run_probe(
-        dst, port, args.count, src_ip=args.source_ip, src_port=args.source_port or None,
-        reuse=not args.ephemeral, mode=args.mode, timeout=args.timeout,
-        deadline=args.deadline, slow_ms=args.slow_ms, with_attempts=not args.summary,
+        dst,
+        port,
+        args.count,
+        src_ip=args.source_ip,
+        src_port=args.source_port or None,
+        reuse=not args.ephemeral,
+        mode=args.mode,
+        timeout=args.timeout,
+        deadline=args.deadline,
+        slow_ms=args.slow_ms,
+        with_attempts=not args.summary,
     )
     text = json.dumps(result, indent=1)
     if args.json:

@@ -57,37 +57,66 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("inventory", type=Path, help="pyinfra inventory file, e.g. inventory/lab.py")
     p.add_argument("--waves", help="wave list, e.g. canary,1,10%%,100%% (default: the policy's)")
-    p.add_argument("--config", type=Path, default=None,
-                   help=f"rollout policy YAML (default: the policy directory's {ROLLOUT}, else "
-                        "the packaged one)")
-    add_dry(p, "print the waves and each host's pending changes (pyinfra's dry run); touch "
-               "nothing", old=("--plan",))
-    p.add_argument("--resume", action="store_true",
-                   help="continue the journal's unfinished rollout, skipping hosts already "
-                        "verified")
-    p.add_argument("--new", action="store_true",
-                   help="archive the journal of an unfinished rollout and start a new one")
-    p.add_argument("--limit", action="append", default=[], metavar="HOSTS",
-                   help="only these hosts: names, globs or group names, comma-separated or "
-                        "repeated (as pyinfra's --limit); --resume keeps the journal's")
-    p.add_argument("--journal", type=Path,
-                   help="journal file (default: reports/rollout/<inventory>.jsonl)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"rollout policy YAML (default: the policy directory's {ROLLOUT}, else "
+        "the packaged one)",
+    )
+    add_dry(
+        p,
+        "print the waves and each host's pending changes (pyinfra's dry run); touch nothing",
+        old=("--plan",),
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the journal's unfinished rollout, skipping hosts already verified",
+    )
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="archive the journal of an unfinished rollout and start a new one",
+    )
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="HOSTS",
+        help="only these hosts: names, globs or group names, comma-separated or "
+        "repeated (as pyinfra's --limit); --resume keeps the journal's",
+    )
+    p.add_argument(
+        "--journal", type=Path, help="journal file (default: reports/rollout/<inventory>.jsonl)"
+    )
     add_json(p, "write the JSON report here", dest="json_out")
     p.add_argument("--soak", type=float, help="seconds to wait after each wave's deploy")
     p.add_argument("--max-fail-percent", type=float, help="override the policy's default")
-    p.add_argument("--no-rollback", action="store_true",
-                   help="leave a failed wave's hosts as they are (report them failed-unknown)")
+    p.add_argument(
+        "--no-rollback",
+        action="store_true",
+        help="leave a failed wave's hosts as they are (report them failed-unknown)",
+    )
     p.add_argument("--log-dir", type=Path, help="pyinfra and gate logs (default: next to journal)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each host's pyinfra lines")
-    g = p.add_argument_group("pyinfra options", "passed to every pyinfra run: the deploy, the "
-                             "plan, the rollback and the verification gate")
-    g.add_argument("--parallel", type=int, metavar="N",
-                   help="pyinfra --parallel: at most N hosts at once")
+    g = p.add_argument_group(
+        "pyinfra options",
+        "passed to every pyinfra run: the deploy, the plan, the rollback and the verification gate",
+    )
+    g.add_argument(
+        "--parallel", type=int, metavar="N", help="pyinfra --parallel: at most N hosts at once"
+    )
     g.add_argument("--sudo", action="store_true", help="pyinfra --sudo: run operations with sudo")
-    g.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
-                   help="pyinfra --data: override host data of every host (repeatable); the "
-                        "policy's rollback_data win for the rollback")
-    p.set_defaults(func=run)  # fmt: skip
+    g.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pyinfra --data: override host data of every host (repeatable); the "
+        "policy's rollback_data win for the rollback",
+    )
+    p.set_defaults(func=run)
 
 
 # --data that says how the hosts are reached: the gate's checks and held connections use it
@@ -167,9 +196,11 @@ def effective_config(args: argparse.Namespace) -> RolloutConfig:
     if args.soak is not None:
         if args.soak < 0:
             raise ConfigError("--soak: must be >= 0 seconds")
-        cfg = dataclasses.replace(cfg, soak_seconds=args.soak,
-                                  waves=tuple(dataclasses.replace(w, soak_seconds=None)
-                                              for w in cfg.waves))  # fmt: skip
+        cfg = dataclasses.replace(
+            cfg,
+            soak_seconds=args.soak,
+            waves=tuple(dataclasses.replace(w, soak_seconds=None) for w in cfg.waves),
+        )
     if args.max_fail_percent is not None:
         if not 0 <= args.max_fail_percent <= 100:
             raise ConfigError("--max-fail-percent: must be 0..100")
@@ -250,10 +281,12 @@ def _run(
     hosts = apply_limit(all_hosts, limit)
     check_policy(hosts, data_values)
     waves = plan_waves(
-        [(n, g) for n, g, _ in hosts], cfg.waves,
-        max_fail_percent=cfg.max_fail_percent, soak_seconds=cfg.soak_seconds,
+        [(n, g) for n, g, _ in hosts],
+        cfg.waves,
+        max_fail_percent=cfg.max_fail_percent,
+        soak_seconds=cfg.soak_seconds,
         known_groups={g for _, gs, _ in all_hosts for g in gs},
-    )  # fmt: skip
+    )
     if args.resume:
         waves = resumed_plan(view, waves, {n for n, _, _ in hosts}, jpath)
     elif view.runs and not args.dry and not (view.completed or args.new):
@@ -263,8 +296,10 @@ def _run(
             "one with --new"
         )
     if any(str(k).startswith("ipvs_") for k in data) and cfg.gate.checks and checks_available():
-        console.print("[yellow]note: the checks gate reads the inventory's host data; --data "
-                      f"{', '.join(sorted(data))} applies to the pyinfra runs only[/]")  # fmt: skip
+        console.print(
+            "[yellow]note: the checks gate reads the inventory's host data; --data "
+            f"{', '.join(sorted(data))} applies to the pyinfra runs only[/]"
+        )
     log_dir = args.log_dir or jpath.with_suffix(".logs")
     if log_dir == jpath.with_suffix(".logs") and log_dir.is_dir():
         log_dir.chmod(0o700)  # made 0755 by older versions; the logs are the owner's
@@ -275,10 +310,14 @@ def _run(
     identity = identity_data(data, args.sudo)
     # the gate's held connections reach the hosts as the deploy and the checks do
     same = {k: v for k, v in data_values.items() if k in identity}
-    held = (HeldConnections(cfg.gate.held_connections,
-                            ssh_connector([(n, g, {**d, **same}) for n, g, d in hosts],
-                                          sudo=args.sudo))
-            if cfg.gate.held_connections else None)  # fmt: skip
+    held = (
+        HeldConnections(
+            cfg.gate.held_connections,
+            ssh_connector([(n, g, {**d, **same}) for n, g, d in hosts], sudo=args.sudo),
+        )
+        if cfg.gate.held_connections
+        else None
+    )
     runner = PyinfraRunner(
         inventory=inv.absolute(),
         deploy_file=cfg.deploy,
@@ -298,14 +337,18 @@ def _run(
     )
     if args.dry:
         states = {h: r.state for h, r in view.hosts.items()} if args.resume else None
-        console.print(f"[bold]Plan[/] for {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
-                      "pyinfra's dry run of the deploy (nothing is changed)...")  # fmt: skip
+        console.print(
+            f"[bold]Plan[/] for {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
+            "pyinfra's dry run of the deploy (nothing is changed)..."
+        )
         plans = runner.plan([h for w in waves for h in w.hosts], lambda h, s: None)
         print_plan(waves, make_console(), plans, states)
         bad = {h: p for h, p in plans.items() if not p.ok}
         for h, p in sorted(bad.items()):
-            why = f"the deploy would refuse it: {p.refused}" if p.refused else (
-                f"could not be planned: {p.error}"
+            why = (
+                f"the deploy would refuse it: {p.refused}"
+                if p.refused
+                else (f"could not be planned: {p.error}")
             )
             console.print(f"[red]{escape(h)}: {escape(why)}[/]", soft_wrap=True)
         return 0 if not bad else 1
@@ -315,13 +358,19 @@ def _run(
     ui = RichUI(console, verbose=args.verbose)
     journal = Journal(jpath)
     rollout = Rollout(
-        waves, runner, journal,
+        waves,
+        runner,
+        journal,
         rollback=cfg.rollback_failed_wave and not args.no_rollback,
-        previous=view if args.resume else None, ui=ui, inventory=str(inv), limit=limit,
+        previous=view if args.resume else None,
+        ui=ui,
+        inventory=str(inv),
+        limit=limit,
         set_id=artifacts_id(Path(env.get("IPVS_FLEET_ARTIFACTS", workdir() / "artifacts"))),
-    )  # fmt: skip
-    console.print(f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); "
-                  f"journal {jpath}")  # fmt: skip
+    )
+    console.print(
+        f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); journal {jpath}"
+    )
     result = rollout.run()
     print_summary(result, make_console())
     if args.json_out:

@@ -185,15 +185,17 @@ def _latency_hosts(value: Any) -> int | None:
 
 def _held(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_HELD:
-        raise ValueError(f"must be a number of connections 0..{MAX_HELD} (0: off), "
-                         f"got {shown(value)}")  # fmt: skip
+        raise ValueError(
+            f"must be a number of connections 0..{MAX_HELD} (0: off), got {shown(value)}"
+        )
     return value
 
 
 def _waves(value: Any) -> tuple[WaveSpec, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"must be a non-empty list, e.g. [canary, 1, '10%', '100%'], "
-                         f"got {shown(value)}")  # fmt: skip
+        raise ValueError(
+            f"must be a non-empty list, e.g. [canary, 1, '10%', '100%'], got {shown(value)}"
+        )
     return tuple(value)
 
 

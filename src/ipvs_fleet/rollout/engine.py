@@ -54,11 +54,16 @@ class WaveResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "index": self.index, "spec": self.spec, "hosts": self.hosts,
-            "skipped_verified": self.skipped, "failed": self.failed, "passed": self.passed,
-            "max_fail_percent": self.max_fail_percent, "rolled_back": self.rolled_back,
+            "index": self.index,
+            "spec": self.spec,
+            "hosts": self.hosts,
+            "skipped_verified": self.skipped,
+            "failed": self.failed,
+            "passed": self.passed,
+            "max_fail_percent": self.max_fail_percent,
+            "rolled_back": self.rolled_back,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -91,8 +96,9 @@ class RolloutResult:
             "seconds": round(self.seconds, 3),
             "counts": counts,
             "waves": [w.to_dict() for w in self.waves],
-            "plan": [{"index": w.index, "spec": w.spec, "hosts": list(w.hosts)}
-                     for w in self.planned],  # fmt: skip
+            "plan": [
+                {"index": w.index, "spec": w.spec, "hosts": list(w.hosts)} for w in self.planned
+            ],
             "hosts": {
                 h: {
                     "state": states[h],
@@ -220,8 +226,9 @@ class Rollout:
         todo = [h for h in wave.hosts if h not in done]
         self.ui.wave_start(wave, todo, len(self.waves))
         secs: dict[str, float] = {}
-        wr = WaveResult(wave.index, wave.spec, list(wave.hosts), done, [], True,
-                        wave.max_fail_percent, secs)  # fmt: skip
+        wr = WaveResult(
+            wave.index, wave.spec, list(wave.hosts), done, [], True, wave.max_fail_percent, secs
+        )
         again = [h for h in todo if self._state(h) == J.VERIFIED]
         if again:
             self.ui.message(
@@ -232,12 +239,19 @@ class Rollout:
         if caught and self.rollback_enabled:
             # An earlier run failed this wave and was stopped mid-rollback: finish the
             # rollback; the wave stays failed.
-            self.ui.message(f"{wave.name}: finishing the interrupted rollback of "
-                            f"{len(caught)} host(s)")  # fmt: skip
+            self.ui.message(
+                f"{wave.name}: finishing the interrupted rollback of {len(caught)} host(s)"
+            )
             wr.passed = False
             self._roll_back(wave, caught, [], wr, secs)
-            self.journal.write("wave", wave=wave.index, passed=False, failed=caught,
-                               skipped=done, resumed_rollback=caught)  # fmt: skip
+            self.journal.write(
+                "wave",
+                wave=wave.index,
+                passed=False,
+                failed=caught,
+                skipped=done,
+                resumed_rollback=caught,
+            )
             self.ui.wave_end(wave, False, caught)
             wr.failed = caught
             return wr
@@ -272,16 +286,24 @@ class Rollout:
         if back and self.rollback_enabled:
             self._roll_back(wave, back, failed, wr, secs)
         self.journal.write(
-            "wave", wave=wave.index, passed=wr.passed, failed=failed, skipped=done,
+            "wave",
+            wave=wave.index,
+            passed=wr.passed,
+            failed=failed,
+            skipped=done,
             seconds={k: round(v, 3) for k, v in secs.items()},
-        )  # fmt: skip
+        )
         self.ui.wave_end(wave, wr.passed, failed)
         return wr
 
     def _roll_back(
-        self, wave: Wave, back: list[str], failed: list[str], wr: WaveResult,
+        self,
+        wave: Wave,
+        back: list[str],
+        failed: list[str],
+        wr: WaveResult,
         secs: dict[str, float],
-    ) -> None:  # fmt: skip
+    ) -> None:
         t = time.monotonic()
         reasons = {h: self.records[h].detail for h in failed}
         self._set(back, J.ROLLING_BACK, wave)

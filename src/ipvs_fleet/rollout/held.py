@@ -122,8 +122,9 @@ def verdict(h: HeldHost, count: int) -> Outcome:
         first = (r.get("failures") or [{}])[0]
         held["first"] = first
         why = f"first at {first.get('at', '?')} s: {first.get('error', '?')}"
-        return Outcome(False, f"{broken} of {n} {WHAT} broke during the deploy ({why})",
-                       {"held": held})  # fmt: skip
+        return Outcome(
+            False, f"{broken} of {n} {WHAT} broke during the deploy ({why})", {"held": held}
+        )
     note = f"{n} {WHAT} for {r.get('seconds')} s of the deploy: none broke"
     return Outcome(True, note, {"held": held})
 
@@ -150,8 +151,10 @@ class HeldConnections:
             return
         self.verdicts = {}
         runs = [HeldHost(h) for h in hosts]
-        progress("", f"hold {self.count} connections through a private IPVS service on "
-                     f"{len(runs)} host(s)")  # fmt: skip
+        progress(
+            "",
+            f"hold {self.count} connections through a private IPVS service on {len(runs)} host(s)",
+        )
         pool = ThreadPoolExecutor(max_workers=min(len(runs), 16))
         try:
             futures = [pool.submit(self._up, h) for h in runs]
@@ -166,8 +169,11 @@ class HeldConnections:
                 list(down.map(self._down, runs))
             self.verdicts = {h.name: verdict(h, self.count) for h in runs}
             bad = sum(1 for v in self.verdicts.values() if not v.ok)
-            progress("", f"held connections: {len(runs) - bad} host(s) with none broken"
-                     + (f", {bad} FAILED" if bad else ""))  # fmt: skip
+            progress(
+                "",
+                f"held connections: {len(runs) - bad} host(s) with none broken"
+                + (f", {bad} FAILED" if bad else ""),
+            )
 
     def _up(self, h: HeldHost) -> None:
         try:
@@ -197,8 +203,11 @@ class HeldConnections:
             return
         down = guest_command(self.sha256, "down")
         # no boot id: the `up` failed half-way, and its topology goes whatever the boot
-        cmd = (f'b=$(cat {BOOT_ID}); echo "$b"; [ "$b" != {shlex.quote(h.boot_id)} ] || {down}'
-               if h.boot_id else f"cat {BOOT_ID}; {down}")  # fmt: skip
+        cmd = (
+            f'b=$(cat {BOOT_ID}); echo "$b"; [ "$b" != {shlex.quote(h.boot_id)} ] || {down}'
+            if h.boot_id
+            else f"cat {BOOT_ID}; {down}"
+        )
         try:
             for attempt in (1, 2):
                 try:

@@ -35,8 +35,16 @@ from ipvs_fleet.validation import invalid, shown
 DEPLOYING, DEPLOYED, GATING = "deploying", "deployed", "gating"
 VERIFIED, FAILED = "verified", "failed"
 ROLLING_BACK, ROLLED_BACK, ROLLBACK_FAILED = "rolling-back", "rolled-back", "rollback-failed"
-HOST_STATES = (DEPLOYING, DEPLOYED, GATING, VERIFIED, FAILED, ROLLING_BACK, ROLLED_BACK,
-               ROLLBACK_FAILED)  # fmt: skip
+HOST_STATES = (
+    DEPLOYING,
+    DEPLOYED,
+    GATING,
+    VERIFIED,
+    FAILED,
+    ROLLING_BACK,
+    ROLLED_BACK,
+    ROLLBACK_FAILED,
+)
 
 # What the report calls each journal state.
 OLD, NEW_VERIFIED = "old", "new-verified"
@@ -127,8 +135,15 @@ class Journal:
         ts = round(time.time(), 3)
         lines = "".join(
             json.dumps(
-                {"ts": ts, "event": "host", "host": h, "state": state, "wave": wave, "detail": "",
-                 **({"set": set_id} if set_id else {})},
+                {
+                    "ts": ts,
+                    "event": "host",
+                    "host": h,
+                    "state": state,
+                    "wave": wave,
+                    "detail": "",
+                    **({"set": set_id} if set_id else {}),
+                },
                 sort_keys=True,
             )
             + "\n"

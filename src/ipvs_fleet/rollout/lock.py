@@ -39,8 +39,10 @@ def _holder(path: Path) -> str:
         except (OSError, ValueError):
             h = None
         if isinstance(h, dict):
-            return (f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}: "
-                    f"{h.get('command')}")  # fmt: skip
+            return (
+                f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}: "
+                f"{h.get('command')}"
+            )
         time.sleep(0.05)
     return "holder unknown"
 

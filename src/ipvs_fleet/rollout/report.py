@@ -87,16 +87,24 @@ def print_plan(
     for col in ("wave", "spec", "hosts", "max fail", "soak", "pending"):
         t.add_column(col)
     for w in waves:
-        names = ", ".join(w.hosts) if len(w.hosts) <= 6 else (
-            ", ".join(w.hosts[:3]) + f" ... {w.hosts[-1]} ({len(w.hosts)})"
+        names = (
+            ", ".join(w.hosts)
+            if len(w.hosts) <= 6
+            else (", ".join(w.hosts[:3]) + f" ... {w.hosts[-1]} ({len(w.hosts)})")
         )
         if states:
             done = sum(1 for h in w.hosts if states.get(h) == J.VERIFIED)
             if done:
                 names += f" [green]({done} verified, skipped on resume)[/]"
         pending = "-" if plans is None else wave_summary(w.hosts, plans)
-        t.add_row(str(w.index), w.spec, names, f"{w.max_fail_percent:g}%",
-                  f"{w.soak_seconds:g} s", pending)  # fmt: skip
+        t.add_row(
+            str(w.index),
+            w.spec,
+            names,
+            f"{w.max_fail_percent:g}%",
+            f"{w.soak_seconds:g} s",
+            pending,
+        )
     console.print(t)
     if plans is None:
         return
@@ -117,13 +125,17 @@ def _verdict(p: PlannedHost | None) -> str:
 
 
 def wave_summary(hosts: Sequence[str], plans: Mapping[str, PlannedHost]) -> str:
-    """"2 to change, 1 converged, 1 REFUSED" for the plan table."""
+    """ "2 to change, 1 converged, 1 REFUSED" for the plan table."""
     counts: dict[str, int] = {}
     for h in hosts:
         v = _verdict(plans.get(h))
         counts[v] = counts.get(v, 0) + 1
-    words = {"changes": "{} to change", "converged": "[green]{} converged[/]",
-             "refused": "[red]{} REFUSED[/]", "unplanned": "[red]{} not planned[/]"}  # fmt: skip
+    words = {
+        "changes": "{} to change",
+        "converged": "[green]{} converged[/]",
+        "refused": "[red]{} REFUSED[/]",
+        "unplanned": "[red]{} not planned[/]",
+    }
     return ", ".join(words[k].format(counts[k]) for k in words if k in counts)
 
 
@@ -165,12 +177,19 @@ def print_summary(result: RolloutResult, console: Console) -> None:
     for w in result.waves:
         res = "[green]passed[/]" if w.passed else "[bold red]FAILED[/]"
         wt.add_row(
-            str(w.index), w.spec, str(len(w.hosts)), str(len(w.failed)), str(len(w.rolled_back)),
-            res, f"{w.seconds.get('deploy', 0):.1f}", f"{w.seconds.get('gate', 0):.1f}",
-        )  # fmt: skip
-    for pw in result.planned[len(result.waves):]:
-        wt.add_row(str(pw.index), pw.spec, str(len(pw.hosts)), "-", "-", "[dim]not started[/]",
-                   "-", "-")  # fmt: skip
+            str(w.index),
+            w.spec,
+            str(len(w.hosts)),
+            str(len(w.failed)),
+            str(len(w.rolled_back)),
+            res,
+            f"{w.seconds.get('deploy', 0):.1f}",
+            f"{w.seconds.get('gate', 0):.1f}",
+        )
+    for pw in result.planned[len(result.waves) :]:
+        wt.add_row(
+            str(pw.index), pw.spec, str(len(pw.hosts)), "-", "-", "[dim]not started[/]", "-", "-"
+        )
     console.print(wt)
     ht = Table(title="Hosts")
     for col in ("host", "wave", "state", "detail"):

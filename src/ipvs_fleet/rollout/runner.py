@@ -219,9 +219,9 @@ def plan_outcomes(doc: dict[str, Any], stderr: str, hosts: Sequence[str]) -> dic
             ops.setdefault(h, []).append(name)
     for h, msg in host_lines(stderr, hosts):
         if msg.startswith(WILL):
-            out[h].changes.append(msg[len(WILL):])
+            out[h].changes.append(msg[len(WILL) :])
         elif msg.startswith(REFUSED):
-            out[h].refused = msg[len(REFUSED):]
+            out[h].refused = msg[len(REFUSED) :]
     errors = _host_errors(stderr, hosts)
     for h, p in out.items():
         if p.refused:
@@ -321,8 +321,9 @@ class PyinfraRunner:
 
         with overlaid(self.inventory, secret, env) as (inventory, env):
             cmd += [str(inventory), str(deploy_file)]
-            rc, out, err = run_child(cmd, env=env, on_line=on_line, log_path=self._log(what),
-                                     secrets=self.secrets)  # fmt: skip
+            rc, out, err = run_child(
+                cmd, env=env, on_line=on_line, log_path=self._log(what), secrets=self.secrets
+            )
         secs = time.monotonic() - t0
         doc: dict[str, Any] = {}
         try:
@@ -383,13 +384,27 @@ class PyinfraRunner:
         t0 = time.monotonic()
         try:
             with overlaid(self.inventory, self.gate_data, self.env) as (inventory, env):
-                cmd = [sys.executable, "-m", "ipvs_fleet.rollout.gate_checks",
-                       "--inventory", str(inventory), "--limit", ",".join(hosts), "--out", out,
-                       "--", *self.check_args,
-                       *latency_deselect(hosts, self.latency_hosts)]  # fmt: skip
-                rc, _, err = run_child(cmd, env=env, timeout=self.gate_timeout,
-                                       log_path=self._log("gate"),
-                                       secrets=self.secrets)  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "ipvs_fleet.rollout.gate_checks",
+                    "--inventory",
+                    str(inventory),
+                    "--limit",
+                    ",".join(hosts),
+                    "--out",
+                    out,
+                    "--",
+                    *self.check_args,
+                    *latency_deselect(hosts, self.latency_hosts),
+                ]
+                rc, _, err = run_child(
+                    cmd,
+                    env=env,
+                    timeout=self.gate_timeout,
+                    log_path=self._log("gate"),
+                    secrets=self.secrets,
+                )
             try:
                 results = json.loads(Path(out).read_text() or "null")
             except (OSError, ValueError):
@@ -432,8 +447,9 @@ def gate_outcomes(results: list[dict[str, Any]], hosts: Sequence[str]) -> dict[s
             out[h] = Outcome(False, "no check result (host not reached)")
             continue
         bad = [r for r in rs if r.get("status") in ("failed", "error")]
-        probe = next((r["details"]["probe"] for r in rs if (r.get("details") or {}).get("probe")),
-                     None)  # fmt: skip
+        probe = next(
+            (r["details"]["probe"] for r in rs if (r.get("details") or {}).get("probe")), None
+        )
         details: dict[str, Any] = {"gate": "checks", "checks": len(rs)}
         if probe is not None:
             details["probe"] = {k: probe.get(k) for k in ("count", "slow", "errors", "latency_ms")}

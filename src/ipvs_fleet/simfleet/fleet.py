@@ -122,8 +122,10 @@ class SimFleet:
             "size": size,
             "vm_port": vm_port,
             "kernel_release": image.pin.kernel_release,
-            "hosts": {n: {"port": p, "ip": f"10.77.1.{i}", "index": i}
-                      for i, (n, p) in enumerate(ports.items(), 1)},  # fmt: skip
+            "hosts": {
+                n: {"port": p, "ip": f"10.77.1.{i}", "index": i}
+                for i, (n, p) in enumerate(ports.items(), 1)
+            },
         }
         self.state_path.write_text(json.dumps(st, indent=2))
         self._wait_vm(t0 + timeout)
@@ -168,12 +170,29 @@ class SimFleet:
         art.verify()
         data = art.tarball.read_bytes()
         r = subprocess.run(
-            ["ssh", "-i", str(self.key), "-p", str(self.state()["vm_port"]),
-             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "HostKeyAlias=simvm",
-             "-o", "LogLevel=ERROR", "root@127.0.0.1", "cat > /srv/simfleet/kmods.tar.gz"],
-            input=data, capture_output=True, timeout=120,
-        )  # fmt: skip
+            [
+                "ssh",
+                "-i",
+                str(self.key),
+                "-p",
+                str(self.state()["vm_port"]),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                f"UserKnownHostsFile={self.known_hosts}",
+                "-o",
+                "HostKeyAlias=simvm",
+                "-o",
+                "LogLevel=ERROR",
+                "root@127.0.0.1",
+                "cat > /srv/simfleet/kmods.tar.gz",
+            ],
+            input=data,
+            capture_output=True,
+            timeout=120,
+        )
         if r.returncode != 0:
             raise FleetError(f"simfleet: cannot copy the artifact: {r.stderr.decode()[-300:]}")
         self.vm_run(
@@ -193,17 +212,35 @@ class SimFleet:
 
     def _ssh(self, port: int, cmd: str, timeout: float) -> Result:
         argv = [
-            "ssh", "-i", str(self.key), "-p", str(port),
-            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=60",
-            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "HostKeyAlias=" + ("simvm" if port == self.state().get("vm_port") else
-                                     f"[127.0.0.1]:{port}"),
-            "-o", "LogLevel=ERROR", "root@127.0.0.1", "--", cmd,
-        ]  # fmt: skip
+            "ssh",
+            "-i",
+            str(self.key),
+            "-p",
+            str(port),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=60",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "HostKeyAlias="
+            + ("simvm" if port == self.state().get("vm_port") else f"[127.0.0.1]:{port}"),
+            "-o",
+            "LogLevel=ERROR",
+            "root@127.0.0.1",
+            "--",
+            cmd,
+        ]
         for attempt in range(3):
             try:
-                r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                   stdin=subprocess.DEVNULL)  # fmt: skip
+                r = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                )
             except subprocess.TimeoutExpired as e:
                 what = f"ssh port {port}: `{cmd[:80]}`"
                 raise FleetError(f"{what} timed out after {timeout} s") from e
@@ -258,8 +295,11 @@ class SimFleet:
         self.key.parent.chmod(0o700)
         for k in (self.key, self.dir / "ssh" / "vm_host_key"):
             if not k.exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
-                               check=True, capture_output=True)  # fmt: skip
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
+                    check=True,
+                    capture_output=True,
+                )
 
     def _start_vm(self, image: Image, vm_port: int, ports: dict[str, int], mem: int) -> None:
         f = self.vmfiles
@@ -269,23 +309,59 @@ class SimFleet:
         pub = vm_key.with_name("vm_host_key.pub").read_text().split()
         self.known_hosts.write_text(f"simvm {pub[0]} {pub[1]}\n")
         f.overlay.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                        str(image.rootfs), str(f.overlay)], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                str(image.rootfs),
+                str(f.overlay),
+            ],
+            check=True,
+        )
         fwd = [f"hostfwd=tcp:127.0.0.1:{vm_port}-:22"] + [
             f"hostfwd=tcp:127.0.0.1:{p}-:{22000 + i}" for i, p in enumerate(ports.values(), 1)
         ]
         cmd = [
-            "qemu-system-x86_64", "-name", "simfleet", "-accel", os.environ.get(
-                "IPVS_FLEET_ACCEL", "tcg"),
-            "-smp", "2", "-m", str(mem), "-nodefaults", "-display", "none",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname=simvm",
-            "-drive", f"file={f.overlay},if=virtio,format=qcow2",
-            "-drive", f"file={f.seed},if=virtio,format=raw,readonly=on",
-            "-netdev", "user,id=net0,restrict=on," + ",".join(fwd),
-            "-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci",
-            "-serial", f"file:{f.console}", "-pidfile", str(f.pidfile), "-daemonize",
-        ]  # fmt: skip
+            "qemu-system-x86_64",
+            "-name",
+            "simfleet",
+            "-accel",
+            os.environ.get("IPVS_FLEET_ACCEL", "tcg"),
+            "-smp",
+            "2",
+            "-m",
+            str(mem),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-kernel",
+            str(image.kernel),
+            "-initrd",
+            str(image.initrd),
+            "-append",
+            "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname=simvm",
+            "-drive",
+            f"file={f.overlay},if=virtio,format=qcow2",
+            "-drive",
+            f"file={f.seed},if=virtio,format=raw,readonly=on",
+            "-netdev",
+            "user,id=net0,restrict=on," + ",".join(fwd),
+            "-device",
+            "virtio-net-pci,netdev=net0",
+            "-device",
+            "virtio-rng-pci",
+            "-serial",
+            f"file:{f.console}",
+            "-pidfile",
+            str(f.pidfile),
+            "-daemonize",
+        ]
         with f.qemu_log.open("w") as out:
             r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
         if r.returncode != 0 or vm.pid_of(f) is None:
@@ -306,8 +382,12 @@ class SimFleet:
 
     def _setup(self, size: int) -> None:
         """Install the scripts, make/start the hosts, learn their host keys."""
-        files = {"setup.sh": scripts.SETUP_SH, "host-up.sh": scripts.HOST_UP_SH,
-                 "host.sh": scripts.HOST_SH, "host-down.sh": scripts.HOST_DOWN_SH}  # fmt: skip
+        files = {
+            "setup.sh": scripts.SETUP_SH,
+            "host-up.sh": scripts.HOST_UP_SH,
+            "host.sh": scripts.HOST_SH,
+            "host-down.sh": scripts.HOST_DOWN_SH,
+        }
         install = " && ".join(
             f"cat > /srv/simfleet/{n} <<'EOF_{n}'\n{body}EOF_{n}\nchmod 755 /srv/simfleet/{n}"
             for n, body in files.items()
@@ -330,8 +410,17 @@ class SimFleet:
     def _write_ssh_config(self) -> None:
         out = []
         for name, h in sorted(self.hosts.items()):
-            out += [f"Host {name}", "  HostName 127.0.0.1", f"  Port {h['port']}", "  User root",
-                    f"  IdentityFile {self.key}", "  IdentitiesOnly yes",
-                    f"  UserKnownHostsFile {self.known_hosts}", "  StrictHostKeyChecking yes",
-                    "  BatchMode yes", "  LogLevel ERROR", ""]  # fmt: skip
+            out += [
+                f"Host {name}",
+                "  HostName 127.0.0.1",
+                f"  Port {h['port']}",
+                "  User root",
+                f"  IdentityFile {self.key}",
+                "  IdentitiesOnly yes",
+                f"  UserKnownHostsFile {self.known_hosts}",
+                "  StrictHostKeyChecking yes",
+                "  BatchMode yes",
+                "  LogLevel ERROR",
+                "",
+            ]
         self.ssh_config.write_text("\n".join(out))

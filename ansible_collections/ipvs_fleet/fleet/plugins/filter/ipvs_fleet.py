@@ -281,8 +281,10 @@ def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
     """What a run would change on the host, one line each ([] = nothing), in the order the
     run changes it: the check-mode report, since the role's command tasks are skipped in
     check mode."""
-    values = [f"set net.ipv4.vs.{key}={value} (live: {st['sysctls'].get(key)})"
-              for key, value in st["sysctl_changes"].items()]  # fmt: skip
+    values = [
+        f"set net.ipv4.vs.{key}={value} (live: {st['sysctls'].get(key)})"
+        for key, value in st["sysctl_changes"].items()
+    ]
     if not plan["patchset"]:  # the rollback's plan: knob 0, files, then the activation
         out = list(values)
         if st["installed"] or st["on_disk"] or st["dkms"]:
@@ -300,8 +302,10 @@ def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
         )
     out += activation_steps(st, plan) + values
     if plan["activation"] != "next-boot":  # with next-boot they appear at the next boot
-        out += [f"set net.ipv4.vs.{key}={plan['sysctls'][key]} (absent until activated)"
-                for key in st["sysctl_absent"]]  # fmt: skip
+        out += [
+            f"set net.ipv4.vs.{key}={plan['sysctls'][key]} (absent until activated)"
+            for key in st["sysctl_absent"]
+        ]
     return out
 
 
