@@ -5,8 +5,9 @@ operation runs up to its first command against the host's current facts, changin
 `--dry` and `-y`: facts are read, never trusted across operations (pyinfra 3 reads them
 again when an operation executes), and nothing raises for a state that an earlier operation
 of the same run will have changed by the time this one executes. In a preview each operation
-that would change the host says what, as `[host] will ...`; verification is a step of the
-execution, a command that fails with the list of problems.
+that would change the host says what, as `[host] will ...` (in says.py's sentences, which the
+Ansible role's check-mode report uses too); verification is a step of the execution, a
+command that fails with the list of problems.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pyinfra.facts.files import Directory
 from pyinfra.operations import files, server
 
 from ipvs_fleet.deploy import commands as cmd
+from ipvs_fleet.deploy import says
 from ipvs_fleet.deploy.commands import (
     EXCHANGE,
     STAGING_DIR,
@@ -108,10 +110,6 @@ def fail(message: str) -> StringCommand:
     return StringCommand(cmd.fail(message))
 
 
-def _names(items: Iterable[str]) -> str:
-    return ", ".join(items)
-
-
 @operation()
 def modules_installed(
     kernel_release: str,
@@ -146,21 +144,10 @@ def modules_installed(
     """
     installed = host.get_fact(IpvsInstalledModules, kernel_release=kernel_release)
     if installed == dict(modules):
-        host.noop(f"the fix module ({_names(modules)}) is installed for {kernel_release}")
+        host.noop(f"the fix module ({says.names(modules)}) is installed for {kernel_release}")
         return
-    what = f"patch set {set_id}" if set_id else "the fix module"
-    if installed:
-        differ = sorted(set(installed.items()) ^ set(modules.items()))
-        will(
-            f"replace the installed build for {kernel_release} with {what} "
-            f"({len({n for n, _ in differ})} module file(s) differ)"
-        )
-    else:
-        will(
-            f"install {what} for {kernel_release}: {_names(modules)} into "
-            f"{updates_dir(kernel_release)} (sha256-verified), depmod"
-        )
     dest = updates_dir(kernel_release)
+    will(says.install(kernel_release, dest, modules, installed, set_id))
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     yield from root_upload(tarball, remote_tar)
     # Verify the archive, as root where it now lies, then under the host lock every module,
@@ -192,10 +179,7 @@ def modules_built_on_host(
     if installed == dict.fromkeys(modules, set_id):
         host.noop(f"patch set {set_id} is already built and installed for {kernel_release}")
         return
-    will(
-        f"build patch set {set_id} on the host with DKMS for {kernel_release} "
-        f"({_names(modules)}) and install it into {updates_dir(kernel_release)}"
-    )
+    will(says.build(set_id, kernel_release, modules, updates_dir(kernel_release)))
     remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
     script = f"{STATE_DIR}/ipvs-dkms-install.sh"
     yield from root_upload(tarball, remote_tar)
@@ -230,28 +214,28 @@ def modules_removed(
     if not dkms and not installed and not on_disk:
         host.noop(f"no ipvs-fleet modules are installed for {kernel_release}")
         return
-    parts = [f"{', '.join(sorted(installed)) or 'an unindexed copy'} in {dest}"]
-    if dkms:
-        parts.append(f"DKMS ipvs-fleet {_names(dkms)}")
-    will(f"remove the ipvs-fleet module set for {kernel_release} ({'; '.join(parts)}), depmod")
+    will(says.remove_modules(kernel_release, dest, installed, dkms))
     yield StringCommand(cmd.remove_modules(dest, kernel_release, dkms, lock_wait))
 
 
-def _template_kwargs(path: str, settings: HostSettings) -> dict[str, Any]:
+def _template_kwargs(
+    path: str, host_class: str, sysctls: Mapping[str, int], modules: Iterable[str]
+) -> dict[str, Any]:
     """files.template's arguments for `path` (a MANAGED_FILES key) and the host's class."""
     return {
         "src": str(TEMPLATES / MANAGED_FILES[path]),
         # as Ansible renders templates, so both engines write the same bytes
         "jinja_env_kwargs": {"trim_blocks": True},
-        "ipvs_host_class": settings.host_class,
-        "ipvs_sysctls": settings.sysctls,
-        "ipvs_modules": list(settings.modules),
+        "ipvs_host_class": host_class,
+        "ipvs_sysctls": dict(sysctls),
+        "ipvs_modules": list(modules),
     }
 
 
-def rendered(path: str, settings: HostSettings) -> str:
-    """The bytes the class's template for `path` renders to, as files.template renders them."""
-    kw = _template_kwargs(path, settings)
+def rendered(path: str, host_class: str, sysctls: Mapping[str, int], modules: Iterable[str]) -> str:
+    """The bytes the class's template for `path` renders to, as files.template renders them
+    (the role's check-mode report and its write decision render them the same way)."""
+    kw = _template_kwargs(path, host_class, sysctls, modules)
     src, env = kw.pop("src"), kw.pop("jinja_env_kwargs")
     return str(get_template(src, env).render(kw))
 
@@ -296,7 +280,8 @@ def config_file(
     # One fact command for what files.template and the backup test would read in five.
     now = host.get_fact(ManagedFile, path=path, backup=backup)
     need_backup = not now["backup"] and not now["absent"]
-    content = rendered(path, settings)
+    template = (path, settings.host_class, settings.sysctls, settings.modules)
+    content = rendered(*template)
     sha = hashlib.sha256(content.encode()).hexdigest()
     write = now["mode"] != "644" or now["sha256"] != sha
     if not need_backup and not write:
@@ -304,19 +289,8 @@ def config_file(
         return
     if write and host.state.config.DIFF:
         # pyinfra's own diff of the file against what it would write (--diff)
-        list(files.template._inner(dest=path, mode="0644", **_template_kwargs(path, settings)))
-    what = (
-        [f"{'rewrite' if now['exists'] else 'create'} {path} ({settings.host_class})"]
-        if write
-        else []
-    )
-    if need_backup:
-        what.append(
-            f"keep the previous {path} for rollback"
-            if now["exists"]
-            else f"note for rollback that {path} did not exist"
-        )
-    will("; ".join(what))
+        list(files.template._inner(dest=path, mode="0644", **_template_kwargs(*template)))
+    will(says.write_file(path, settings.host_class, now["exists"], write, need_backup))
     staged = ""
     if write:
         # Uploaded beside the state, then renamed into place under the host lock: a modprobe
@@ -340,14 +314,12 @@ def config_file_restored(path: str, lock_wait: int = LOCK_WAIT_S) -> Generator[A
     + lock_wait: seconds to wait for the host lock (another controller's step)
     """
     now = host.get_fact(ManagedFile, path=path, backup=backup_path(path))
-    if now["backup"]:
-        will(f"restore {path} from the copy kept by the first deploy")
-        yield StringCommand(cmd.restore_file(path, "file", lock_wait))
-    elif now["absent"]:
-        will(f"remove {path} (the deploy created it)")
-        yield StringCommand(cmd.restore_file(path, "absent", lock_wait))
-    else:
+    backup = "file" if now["backup"] else "absent" if now["absent"] else ""
+    if not backup:
         host.noop(f"{path} has no backup to restore")
+        return
+    will(says.restore_file(path, backup))
+    yield StringCommand(cmd.restore_file(path, backup, lock_wait))
 
 
 def is_current(info: Mapping[str, Any], patchset: str) -> bool:
@@ -407,15 +379,6 @@ def hooks(what: str, commands: Iterable[str], timeout: int) -> Iterator[StringCo
         yield StringCommand(cmd.hook(what, n, command, timeout))
 
 
-def foreign_refusal(foreign: Iterable[str]) -> str:
-    """Why `reload` fails a host with loaded IPVS modules of another out-of-tree build."""
-    return (
-        f"{_names(foreign)}: loaded from an out-of-tree build that is not the fix "
-        "module; replacing it would unload IPVS and drop its tables and connections: "
-        "reboot the host (host data ipvs_activation: reboot)"
-    )
-
-
 def activation(
     loaded: Mapping[str, Mapping[str, Any]],
     modules: Iterable[str],
@@ -444,36 +407,8 @@ def activation(
         # after a reboot: the class's modules (not the fix module in a rollback), whatever
         # was loaded before it
         "boot_loads": [m for m in modules if patchset or m != MODULE_NAME],
-        "refusal": foreign_refusal(foreign) if foreign and strategy == "reload" else "",
+        "refusal": says.refusal(foreign) if foreign and strategy == "reload" else "",
     }
-
-
-def activation_steps(act: Mapping[str, Any], strategy: str, pre: int, post: int) -> list[str]:
-    """What the activation does (`activation`'s result; `pre`, `post`: the number of drain
-    hooks), one text each: modules_active's preview line, the role's check-mode report."""
-    if not act["change"] and not act["missing"]:
-        return []
-    if act["change"] and strategy == "next-boot":
-        return []  # the running kernel keeps its modules until the next boot
-    if act["refusal"]:
-        return [f"fail the host: {act['refusal']}"]
-    what = []
-    if act["change"] and pre:
-        what.append(f"run {pre} pre-activation hook(s)")
-    if act["change"] and strategy == "reboot":
-        foreign = f" (and stock {_names(act['foreign'])})" if act["foreign"] else ""
-        what.append(f"reboot for {act['want']}{foreign}")
-    else:
-        if act["stale"]:
-            what.append(
-                f"unload {MODULE_NAME} {act['fix_version'] or ''} (IPVS stays "
-                "loaded, its tables untouched)"
-            )
-        if act["loads"]:
-            what.append(f"load {_names(act['loads'])}")
-    if act["change"] and post:
-        what.append(f"run {post} post-activation hook(s)")
-    return what
 
 
 @operation()
@@ -495,7 +430,7 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
     """
     loaded: dict[str, dict[str, Any]] = host.get_fact(IpvsLoadedModules)
     act = activation(loaded, settings.modules, patchset, settings.activation)
-    what = activation_steps(
+    what = says.activation(
         act, settings.activation, len(settings.pre_activate), len(settings.post_activate)
     )
     if not what:
@@ -505,7 +440,7 @@ def modules_active(settings: HostSettings, patchset: str) -> Generator[Any, None
             else f"{act['want']} is active, IPVS modules stock"
         )
         return
-    will("; ".join(what))  # a refusal says so, not "Load the fix module"
+    will(what)  # a refusal says so, not "Load the fix module"
     if act["refusal"]:
         yield fail(act["refusal"])
         return
@@ -561,9 +496,7 @@ def sysctl_live(
                 f"error: {name} does not exist: ip_vs (or, for {KNOB}, {MODULE_NAME}) is not loaded"
             )
             return
-        will(f"set {name} = {value} (the key appears once the modules above are active)")
-    else:
-        will(f"set {name} = {value} (live {live[key]})")
+    will(says.set_sysctl(key, value, live.get(key)))
     yield StringCommand(cmd.set_sysctl(key, value, lock_wait))
 
 

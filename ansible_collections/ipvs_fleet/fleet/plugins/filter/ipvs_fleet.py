@@ -14,14 +14,18 @@ ansible-core: a declared dependency (the collection's requirements.txt and READM
          hostvars[inventory_hostname], artifacts_dir, policy_file) }}  -> plan dict
     {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_state(plan) }}      -> state dict
     {{ 'set_sysctl' | ipvs_fleet.fleet.ipvs_fleet_command('timeout', 0, 30) }} -> shell text
+    {{ state | ipvs_fleet.fleet.ipvs_fleet_pending(plan) }}       -> the preview's lines
 
 Every command that changes a host is `ipvs_fleet.deploy.commands`' (the pyinfra operations
-yield the same texts): `ipvs_fleet_command` names one and passes its arguments.
+yield the same texts): `ipvs_fleet_command` names one and passes its arguments. What a run
+would change is said in `ipvs_fleet.deploy.says`' sentences, the pyinfra preview's.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ except ImportError:  # imported by the unit tests without Ansible's plugin loade
 REQUIREMENT = "ipvs-fleet"  # the PyPI name; the collection's requirements.txt pins it
 
 try:
+    from ipvs_fleet.deploy import says
     from ipvs_fleet.deploy.commands import COMMANDS, STATE_DIR, backup_path
     from ipvs_fleet.deploy.facts import (
         DkmsVersions,
@@ -43,12 +48,16 @@ try:
         Lockdown,
         updates_dir,
     )
-    from ipvs_fleet.deploy.operations import MANAGED_FILES, activation, verification_problems
-    from ipvs_fleet.deploy.operations import activation_steps as steps_of
+    from ipvs_fleet.deploy.operations import (
+        MANAGED_FILES,
+        activation,
+        rendered,
+        verification_problems,
+    )
     from ipvs_fleet.deploy.plan import decide
     from ipvs_fleet.errors import FleetError
     from ipvs_fleet.kernel import MODULE_NAME
-    from ipvs_fleet.policy import KNOB, load_policy
+    from ipvs_fleet.policy import KNOB, Policy, load_policy
 except ImportError as e:  # a clear error at the first filter use, not a plugin-load traceback
     _MISSING: str | None = (
         f"the ipvs_fleet.fleet collection needs the {REQUIREMENT} Python package on the "
@@ -136,6 +145,12 @@ def host_data(hostvars: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _sysctls(values: Mapping[str, int], policy: Policy) -> dict[str, int]:
+    """A class's values in the policy schema's order: the order the pyinfra deploy sets them
+    (and says so), which the check-mode report follows."""
+    return {k: values[k] for k in sorted(values, key=list(policy.schema).index)}
+
+
 def plan(
     stdout: str,
     host: str,
@@ -164,7 +179,7 @@ def plan(
     settings = hp.settings
     return {
         "host_class": settings.host_class,
-        "sysctls": dict(settings.sysctls),
+        "sysctls": _sysctls(settings.sysctls, load_policy(policy_file or None)),
         "modules": list(settings.modules),
         "activation": settings.activation,
         "pre_activate": list(settings.pre_activate),
@@ -202,7 +217,10 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     dkms (registered ipvs-fleet DKMS versions), install (bool), the activation's keys
     (`activation`: want, fix_version, stale, foreign, missing, change, loads, refusal),
     sysctl_changes {key: value} (the rollback's: the knob to 0 where it exists),
-    sysctl_absent, managed [{path, template, backup}], problems (verification, [] = ok).
+    sysctl_absent, managed [{path, template, backup, sha256, exists, write, keep}] (each
+    managed file as config_file decides: the sha256 of the class's rendering, whether to
+    write it and whether to keep its previous state for the rollback), problems
+    (verification, [] = ok).
     """
     facts = split_probe(stdout)
     want = plan["patchset"] if patchset is None else patchset
@@ -214,7 +232,7 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
     wanted: dict[str, int] = dict(plan["sysctls"]) if want else {}
     # the rollback sets the knob to 0 first where it exists (sysctl_live if_present)
     to_set = wanted if want else {KNOB: 0}
-    changes = {k: v for k, v in sorted(to_set.items()) if k in live and live[k] != v}
+    changes = {k: v for k, v in to_set.items() if k in live and live[k] != v}
     return {
         "installed": installed,
         "loaded": loaded,
@@ -227,10 +245,32 @@ def state(stdout: str, plan: Mapping[str, Any], patchset: str | None = None) -> 
         **activation(loaded, plan["modules"], want, plan["activation"]),
         "sysctl_changes": changes,
         "sysctl_absent": sorted(k for k in wanted if k not in live),
-        "managed": [
-            {"path": p, "template": t, "backup": backup_path(p)} for p, t in MANAGED_FILES.items()
-        ],
+        "managed": [_managed(p, plan, files[p], backups[p]) for p in MANAGED_FILES],
         "problems": verification_problems(loaded, live, want, wanted),
+    }
+
+
+@lru_cache(maxsize=64)
+def _rendered_sha256(
+    path: str, host_class: str, sysctls: tuple[tuple[str, int], ...], modules: tuple[str, ...]
+) -> str:
+    return hashlib.sha256(rendered(path, host_class, dict(sysctls), modules).encode()).hexdigest()
+
+
+def _managed(path: str, plan: Mapping[str, Any], now: str, backup: str) -> dict[str, Any]:
+    """One managed file and what config_file would do about it: `now` is the probe's
+    "<mode>:<sha256>" (":" when absent), `backup` its file|absent|none."""
+    sha = _rendered_sha256(
+        path, plan["host_class"], tuple(plan["sysctls"].items()), tuple(plan["modules"])
+    )
+    return {
+        "path": path,
+        "template": MANAGED_FILES[path],
+        "backup": backup_path(path),
+        "sha256": sha,
+        "exists": now != ":",
+        "write": now != f"644:{sha}",
+        "keep": backup == "none",
     }
 
 
@@ -240,7 +280,8 @@ def rollback_plan(
     """What rollback needs for a host (the pyinfra rollback's `settings_for`): its policy
     settings and kernel release; no artifact, no interlock. `patchset` "" = no fix module."""
     try:
-        s = load_policy(policy_file or None).for_host(host, host_data(hostvars))
+        policy = load_policy(policy_file or None)
+        s = policy.for_host(host, host_data(hostvars))
     except FleetError as e:
         raise AnsibleFilterError(f"ipvs-fleet preflight refused: {e}") from None
     kernel = (split_probe(stdout).get("kernel") or [""])[0].strip()
@@ -248,7 +289,7 @@ def rollback_plan(
         raise AnsibleFilterError(f"host {host}: the probe did not report a kernel release")
     return {
         "host_class": s.host_class,
-        "sysctls": dict(s.sysctls),
+        "sysctls": _sysctls(s.sysctls, policy),
         "modules": list(s.modules),
         "activation": s.activation,
         "pre_activate": list(s.pre_activate),
@@ -272,40 +313,37 @@ def command(name: str, *args: Any) -> str:
     return str(COMMANDS[name](*args))
 
 
-def activation_steps(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
-    """What the activation does, in modules_active's words ([] = nothing)."""
-    return steps_of(st, plan["activation"], len(plan["pre_activate"]), len(plan["post_activate"]))
-
-
 def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
-    """What a run would change on the host, one line each ([] = nothing), in the order the
-    run changes it: the check-mode report, since the role's command tasks are skipped in
-    check mode."""
-    values = [
-        f"set net.ipv4.vs.{key}={value} (live: {st['sysctls'].get(key)})"
-        for key, value in st["sysctl_changes"].items()
-    ]
-    if not plan["patchset"]:  # the rollback's plan: knob 0, files, then the activation
-        out = list(values)
+    """What a run would change on the host, one line per step that changes it, in the
+    order the run changes it, in the pyinfra preview's words (ipvs_fleet.deploy.says): the
+    check-mode report, since the role's command tasks are skipped in check mode."""
+    live, kr, dest = st["sysctls"], plan["kernel_release"], plan["updates_dir"]
+    act = says.activation(
+        st, plan["activation"], len(plan["pre_activate"]), len(plan["post_activate"])
+    )
+    if not plan["patchset"]:  # the rollback's plan: knob 0, the module set, files, activation
+        out = [says.set_sysctl(k, v, live[k]) for k, v in st["sysctl_changes"].items()]
         if st["installed"] or st["on_disk"] or st["dkms"]:
-            dkms = f"; DKMS ipvs-fleet {', '.join(st['dkms'])}" if st["dkms"] else ""
-            out.append(f"remove the fix module's files from {plan['updates_dir']}{dkms}, depmod")
-        for path, backup in st["backups"].items():
-            if backup != "none":
-                out.append(f"restore {path}" if backup == "file" else f"remove {path}")
-        return out + activation_steps(st, plan)
+            out.append(says.remove_modules(kr, dest, st["installed"], st["dkms"]))
+        for f in st["managed"]:
+            if st["backups"][f["path"]] != "none":
+                out.append(says.restore_file(f["path"], st["backups"][f["path"]]))
+        return [*out, *filter(None, [act])]
     out = []
     if st["install"]:
-        out.append(
-            f"install the fix module {MODULE_NAME} {plan['patchset']} for "
-            f"{plan['kernel_release']} in {plan['updates_dir']}"
-        )
-    out += activation_steps(st, plan) + values
-    if plan["activation"] != "next-boot":  # with next-boot they appear at the next boot
-        out += [
-            f"set net.ipv4.vs.{key}={plan['sysctls'][key]} (absent until activated)"
-            for key in st["sysctl_absent"]
-        ]
+        out.append(says.install(kr, dest, plan["module_sums"], st["installed"], plan["patchset"]))
+    for f in st["managed"]:
+        if f["write"] or f["keep"]:
+            out.append(
+                says.write_file(f["path"], plan["host_class"], f["exists"], f["write"], f["keep"])
+            )
+    out += filter(None, [act])
+    for key, value in plan["sysctls"].items():
+        if key in st["sysctl_changes"]:
+            out.append(says.set_sysctl(key, value, live[key]))
+        # with next-boot a key that needs the fix module appears at the next boot
+        elif key in st["sysctl_absent"] and plan["activation"] != "next-boot":
+            out.append(says.set_sysctl(key, value, None))
     return out
 
 
