@@ -125,3 +125,54 @@ def test_unknown_host_name_starts_nothing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no host named k8s-nope"):
         Lab(labdir, fleet_file=write(tmp_path, GOOD)).up(["k8s-nope"])
     assert not labdir.exists()
+
+
+def test_the_pair_fleet_has_two_directors_on_a_segment_and_a_lab_only_host() -> None:
+    """lab/fleet-pair.yml: lvs-a and lvs-b (lvs_director, keepalived in their image, eth1 on
+    the lab's segment, provisioned by lab/pair/director.sh) and `lan`, in no group."""
+    repo = Path(__file__).parents[2]
+    fleet = load_fleet(repo / "lab/fleet-pair.yml")
+    a, b, lan = fleet.hosts["lvs-a"], fleet.hosts["lvs-b"], fleet.hosts["lan"]
+    assert (a.host_class, a.packages, a.lan_address) == (
+        "lvs_director",
+        ("keepalived",),
+        "10.0.9.11/24",
+    )
+    assert a.provision == b.provision == repo / "lab/pair/director.sh"
+    assert (lan.lab_only, lan.groups, lan.host_class) == (True, (), "")
+    assert "lan" not in {h for g in fleet.all_groups() for h in g}
+
+
+@pytest.mark.parametrize(
+    "extra, field, message",
+    [
+        ("    lan_address: 10.0.9.11\n", "lan_address", "IPv4 address/prefix"),
+        ("    lan_address: fd00::1/64\n", "lan_address", "IPv4 address/prefix"),
+        ("    lan_address: 10.0.9.300/24\n", "lan_address", "IPv4 address/prefix"),
+        ("    provision: nowhere.sh\n", "provision", "no script"),
+        ("    lab_only: true\n", "host_class", "a lab_only host is in no inventory"),
+        ("    lab_only: yes please\n", "lab_only", "must be true or false"),
+    ],
+)
+def test_bad_pair_fields_are_named(tmp_path: Path, extra: str, field: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_fleet(write(tmp_path, GOOD + extra))
+    assert f"hosts.k8s-canary.{field}: " in str(e.value) and message in str(e.value)
+    assert str(tmp_path / "fleet.yml") in str(e.value)
+
+
+def test_a_lab_only_host_needs_no_class_and_joins_no_group(tmp_path: Path) -> None:
+    text = GOOD + "  lan:\n    release: bookworm\n    lab_only: true\n"
+    fleet = load_fleet(write(tmp_path, text))
+    assert fleet.hosts["lan"].groups == () and fleet.hosts["lan"].host_class == ""
+    assert fleet.all_groups() == ["k8s_node_hosts", "canary"]
+
+
+def test_each_lab_dir_has_a_segment_of_its_own_and_each_vm_its_own_mac(tmp_path: Path) -> None:
+    from ipvs_fleet.lab import vm
+
+    one, two = vm.lan_segment(tmp_path / "a"), vm.lan_segment(tmp_path / "b")
+    assert one != two and one.startswith("230.0.9.1:")
+    nic_a, nic_b = vm.lan_nic("lvs-a", one), vm.lan_nic("lvs-b", one)
+    assert nic_a[1] == f"socket,id=lan0,mcast={one},localaddr=127.0.0.1"
+    assert nic_a[3] != nic_b[3] and nic_a[3].startswith("virtio-net-pci,netdev=lan0,mac=52:54:00:")

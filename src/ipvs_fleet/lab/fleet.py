@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ HOST_FIELDS = {
     "kernel_args",
     "build_tools",
     "packages",
+    "lan_address",
+    "provision",
+    "lab_only",
 }
 # A Debian package name (Debian Policy 5.6.1).
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
@@ -52,6 +56,10 @@ class FleetHost:
     kernel_args: tuple[str, ...] = ()  # appended to the VM's kernel command line
     build_tools: bool = False  # image carries dkms, a compiler, the kernel's headers and source
     packages: tuple[str, ...] = ()  # Debian packages its image carries besides LAB_PACKAGES
+    # an address on the lab's own Ethernet segment (a second NIC, eth1), e.g. "10.0.9.11/24"
+    lan_address: str = ""
+    provision: Path | None = None  # a shell script run as root after each boot
+    lab_only: bool = False  # serves the others (clients, real servers): in no inventory
 
 
 @dataclass(frozen=True)
@@ -129,15 +137,34 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
             if key not in HOST_FIELDS:
                 known = ", ".join(sorted(HOST_FIELDS))
                 raise err(f"{field}.{key}", f"unknown field (known: {known})")
-        for key in ("release", "host_class"):
+        lab_only = spec.get("lab_only", False)
+        if not isinstance(lab_only, bool):
+            raise err(f"{field}.lab_only", f"must be true or false, not {lab_only!r}")
+        if lab_only and "host_class" in spec:
+            raise err(f"{field}.host_class", "a lab_only host is in no inventory: no class")
+        for key in ("release",) if lab_only else ("release", "host_class"):
             if key not in spec:
                 raise err(f"{field}.{key}", "missing")
             if not isinstance(spec[key], str):
                 raise err(f"{field}.{key}", f"must be a string, not {spec[key]!r}")
         check_release(spec["release"], where=f"{path}: {field}.release")
-        cls = spec["host_class"]
-        if cls not in classes:
+        cls = spec.get("host_class", "")
+        if not lab_only and cls not in classes:
             raise err(f"{field}.host_class", _unknown_class(cls, classes))
+        lan = spec.get("lan_address", "")
+        if lan != "":
+            try:
+                iface = ipaddress.ip_interface(lan)
+            except ValueError:
+                iface = None
+            if iface is None or iface.version != 4 or "/" not in str(lan):
+                raise err(f"{field}.lan_address", f"must be an IPv4 address/prefix, not {lan!r}")
+        provision = spec.get("provision")
+        script: Path | None = None
+        if provision is not None:
+            script = path.parent / str(provision)
+            if not isinstance(provision, str) or not script.is_file():
+                raise err(f"{field}.provision", f"no script {script}")
         extra = spec.get("groups") or []
         if not isinstance(extra, list) or not all(
             isinstance(g, str) and GROUP_RE.fullmatch(g) for g in extra
@@ -160,9 +187,19 @@ def load_fleet(path: Path | None = None, classes: set[str] | None = None) -> Fle
         ):
             raise err(f"{field}.packages", "must be a list of Debian package names")
         group = class_groups.get(cls, f"{cls}_hosts")
-        groups = (group, *[g for g in extra if g != group])
+        groups = () if lab_only else (group, *[g for g in extra if g != group])
         hosts[name] = FleetHost(
-            name, spec["release"], cls, groups, memory, tuple(kargs), tools, tuple(sorted(pkgs))
+            name,
+            spec["release"],
+            cls,
+            groups,
+            memory,
+            tuple(kargs),
+            tools,
+            tuple(sorted(pkgs)),
+            str(lan),
+            script,
+            lab_only,
         )
     return Fleet(path, hosts, dict(class_groups))
 

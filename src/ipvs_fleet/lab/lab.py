@@ -32,7 +32,7 @@ from typing import Any
 
 from ipvs_fleet.errors import ConfigError, FleetError
 from ipvs_fleet.lab import vm
-from ipvs_fleet.lab.fleet import Fleet, load_fleet
+from ipvs_fleet.lab.fleet import Fleet, FleetHost, load_fleet
 from ipvs_fleet.lab.image import Image, build_image, fleet_packages, seed_tar
 from ipvs_fleet.resources import data_path, workdir
 
@@ -63,6 +63,7 @@ class LabHost:
     groups: list[str]
     port: int  # SSH on 127.0.0.1
     memory_mb: int = 1024
+    lan_address: str = ""  # on eth1, the lab's own Ethernet segment ("" = no such NIC)
 
     @property
     def line(self) -> str:
@@ -247,7 +248,8 @@ class Lab:
                 files.dir.mkdir(parents=True, exist_ok=True)
                 seed_tar(files.seed, authorized, self.host_key(name), name)
                 port = vm.free_port()
-                vm.start(name, image, files, port, spec.memory_mb, accel, spec.kernel_args)
+                lan = vm.lan_segment(self.dir) if spec.lan_address else ""
+                vm.start(name, image, files, port, spec.memory_mb, accel, spec.kernel_args, lan)
                 self.log(f"{name}: started ({spec.release}, {accel}, ssh port {port})")
                 st.hosts[name] = LabHost(
                     name=name,
@@ -258,6 +260,7 @@ class Lab:
                     groups=list(spec.groups),
                     port=port,
                     memory_mb=spec.memory_mb,
+                    lan_address=spec.lan_address,
                 )
                 self._save(st)
             self._write_ssh_files(st)
@@ -272,6 +275,11 @@ class Lab:
 
             with self._ticker(progress), ThreadPoolExecutor(len(todo)) as pool:
                 list(pool.map(wait, todo))
+            ready = [n for n in todo if fleet.hosts[n].lan_address or fleet.hosts[n].provision]
+            if ready:
+                lans = {n: h.lan_address for n, h in fleet.hosts.items() if h.lan_address}
+                with ThreadPoolExecutor(len(ready)) as pool:
+                    list(pool.map(lambda n: self._provision(fleet.hosts[n], lans), ready))
         self.log(f"lab up: {', '.join(names)} reachable in {time.monotonic() - t0:.0f} s")
 
     def _check_same_hosts(self, fleet: Fleet, st: _State, running: Sequence[str]) -> None:
@@ -411,6 +419,35 @@ class Lab:
         return testinfra.get_host(f"ssh://{name}", ssh_config=str(self.ssh_config))
 
     # -- internals --------------------------------------------------------------------------
+
+    def _provision(self, spec: FleetHost, lans: dict[str, str]) -> None:
+        """Bring up a host's lan NIC (persistently: a reboot keeps it), then run its
+        provision script as root with LAB_HOST and LAB_LAN_<host> (every host's lan address,
+        '-' as '_') in its environment; its output goes to logs/<host>-provision.log."""
+        if spec.lan_address:
+            network = f"[Match]\nName=eth1\n\n[Network]\nAddress={spec.lan_address}\n"
+            self.run(
+                spec.name,
+                f"printf '{network}' > /etc/systemd/network/30-lab-lan.network && "
+                f"ip link set eth1 up && ip addr replace {spec.lan_address} dev eth1",
+            )
+        if spec.provision is None:
+            return
+        env = {"LAB_HOST": spec.name} | {
+            f"LAB_LAN_{n.replace('-', '_')}": a.split("/")[0] for n, a in lans.items()
+        }
+        line = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " sh -s"
+        t0 = time.monotonic()
+        r = self.run(spec.name, line, check=False, timeout=600, input=spec.provision.read_text())
+        log = self.dir / "logs" / f"{spec.name}-provision.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(r.stdout + r.stderr)
+        if not r.ok:
+            raise FleetError(
+                f"{spec.name}: provision script {spec.provision} failed with exit {r.rc} "
+                f"(log: {log}): {r.stderr.strip()[-1000:]}"
+            )
+        self.log(f"{spec.name}: provisioned ({spec.provision.name}, {time.monotonic() - t0:.0f} s)")
 
     def _ensure_keys(self, names: Sequence[str]) -> None:
         """The lab's client key and each host's SSH host key, made once per lab dir."""
@@ -586,4 +623,5 @@ def hosts_for_testinfra(labdir: Path | str | None = None) -> tuple[list[str], Pa
     >>> testinfra.get_host(hosts[0], ssh_config=str(cfg))
     """
     lab = Lab(labdir)
-    return [f"ssh://{n}" for n in lab.hosts], lab.ssh_config
+    # a lab_only host (clients, real servers) has no class: no fleet check applies to it
+    return [f"ssh://{n}" for n, h in lab.hosts.items() if h.host_class], lab.ssh_config

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,26 @@ def accel(image: Image) -> str:
     return want
 
 
+def lan_segment(labdir: Path) -> str:
+    """The Ethernet segment of one lab dir: a multicast group on the controller's loopback
+    that every lab VM with a lan_address joins (VRRP, the IPVS sync daemon and the clients
+    need one L2 segment; slirp gives each VM a network of its own). The port comes from
+    the lab dir, so that labs running at once do not hear each other."""
+    port = 20000 + zlib.crc32(str(labdir.absolute()).encode()) % 20000
+    return f"230.0.9.1:{port}"
+
+
+def lan_nic(name: str, segment: str) -> list[str]:
+    """QEMU's arguments for a VM's NIC on `segment`, its MAC derived from its name."""
+    mac = zlib.crc32(name.encode()).to_bytes(4, "big")[1:]
+    return [
+        "-netdev",
+        f"socket,id=lan0,mcast={segment},localaddr=127.0.0.1",
+        "-device",
+        "virtio-net-pci,netdev=lan0,mac=52:54:00:" + ":".join(f"{b:02x}" for b in mac),
+    ]
+
+
 def start(
     name: str,
     image: Image,
@@ -138,8 +159,12 @@ def start(
     memory_mb: int,
     accel_: str,
     kernel_args: Sequence[str] = (),
+    lan: str = "",
 ) -> int:
-    """Start the VM daemonized on a fresh overlay; return QEMU's pid."""
+    """Start the VM daemonized on a fresh overlay; return QEMU's pid.
+
+    + lan: the lab's Ethernet segment ("group:port", lan_segment()) for a second NIC, eth1
+    """
     files.dir.mkdir(parents=True, exist_ok=True)
     files.overlay.unlink(missing_ok=True)
     r = subprocess.run(
@@ -198,6 +223,7 @@ def start(
         f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
         "-device",
         "virtio-net-pci,netdev=net0",
+        *(lan_nic(name, lan) if lan else []),
         "-device",
         "virtio-rng-pci",
         "-serial",

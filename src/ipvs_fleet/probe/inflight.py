@@ -49,6 +49,11 @@ DUMMY, CLIENT_DEV, SERVER_DEV = f"ifl{SLOT}", f"iflc{SLOT}", f"ifls{SLOT}"
 # (host side, netns side) of each veth /30
 CLIENT_NET = (f"10.253.{10 * SLOT + 1}.1", f"10.253.{10 * SLOT + 1}.2")
 SERVER_NET = (f"10.253.{10 * SLOT + 2}.1", f"10.253.{10 * SLOT + 2}.2")
+# INFLIGHT_TARGET=ADDR:PORT: hold the connections to a service that exists already (the pair
+# lab's VIP, whose real servers echo each line), from the host's own network namespace; no
+# topology of this file's own is made or removed.
+_TARGET = os.environ.get("INFLIGHT_TARGET", "")
+TARGET = (_TARGET.rpartition(":")[0], int(_TARGET.rpartition(":")[2])) if _TARGET else None
 
 
 def sh(cmd: str, check: bool = True) -> str:
@@ -127,7 +132,7 @@ def hold(count: int, every: float, timeout: float) -> None:
     started = time.time()
     conns: list[socket.socket | None] = []
     for _ in range(count):
-        c = socket.create_connection((VIP, PORT), timeout=timeout)
+        c = socket.create_connection(TARGET or (VIP, PORT), timeout=timeout)
         c.settimeout(timeout)
         conns.append(c)
     broken: list[dict[str, Any]] = []
@@ -195,9 +200,10 @@ def write(name: str, doc: dict[str, Any]) -> None:
 def spawn(ns: str, target: str, *args: str) -> None:
     """Run this file's `target` in netns `ns`, detached (its own session: an SSH session
     may end)."""
+    netns = ["ip", "netns", "exec", ns] if ns else []
     with open(f"{STATE}/{target}.log", "w") as log:
         subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), target, *args],
+            [*netns, sys.executable, os.path.abspath(__file__), target, *args],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -251,10 +257,11 @@ def rate(seconds: float) -> dict[str, Any]:
 
 def up(count: int, every: float, timeout: float) -> dict[str, Any]:
     sh(f"rm -rf {STATE} && mkdir -p {STATE}")
-    topology_up()
-    spawn(SERVER_NS, "_serve")
-    time.sleep(0.5)
-    spawn(CLIENT_NS, "_hold", str(count), str(every), str(timeout))
+    if TARGET is None:
+        topology_up()
+        spawn(SERVER_NS, "_serve")
+        time.sleep(0.5)
+    spawn("" if TARGET else CLIENT_NS, "_hold", str(count), str(every), str(timeout))
     deadline = time.monotonic() + 30 + count * 0.1
     while not os.path.exists(f"{STATE}/status.json"):
         if time.monotonic() > deadline or os.path.exists(f"{STATE}/result.json"):
@@ -283,7 +290,8 @@ def down() -> dict[str, Any]:
             doc: dict[str, Any] = json.load(f)
     except OSError:
         doc = {"error": "no result: the client had died or never started"}
-    topology_down()
+    if TARGET is None:
+        topology_down()
     return doc
 
 
@@ -295,12 +303,14 @@ GUEST_PATH = "/root/ipvs-fleet-inflight.py"
 class Held:
     """The connections held on one host: `result` once the block has ended."""
 
-    def __init__(self, lab: Any, host: str) -> None:
+    def __init__(self, lab: Any, host: str, target: str = "") -> None:
         self.lab, self.host = lab, host
+        self.env = [f"INFLIGHT_TARGET={target}"] if target else []
         self.result: dict[str, Any] = {}
 
     def guest(self, *args: str) -> dict[str, Any]:
-        out = self.lab.run(self.host, ["python3", GUEST_PATH, *args], timeout=120).stdout
+        argv = [*(["env", *self.env] if self.env else []), "python3", GUEST_PATH, *args]
+        out = self.lab.run(self.host, argv, timeout=120).stdout
         doc: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         return doc
 
@@ -315,11 +325,15 @@ def install(lab: Any, host: str) -> None:
 
 
 @contextmanager
-def held(lab: Any, host: str, count: int = 100) -> Iterator[Held]:
+def held(lab: Any, host: str, count: int = 100, target: str = "") -> Iterator[Held]:
     """`count` connections held open through an IPVS NAT service on `host` for the block;
-    `Held.result` then says how many broke (the topology is removed either way)."""
+    `Held.result` then says how many broke (the topology is removed either way).
+
+    + target: "ADDR:PORT" of a service `host` reaches (its real servers echoing each line),
+      held from `host`'s own namespace instead of a private topology
+    """
     install(lab, host)
-    h = Held(lab, host)
+    h = Held(lab, host, target)
     h.guest("up", str(count))
     try:
         yield h
