@@ -1,12 +1,17 @@
 """What an IPVS host must look like once ipvs-fleet has converged it (one test per check).
 
 Each test gets `target` (inventory host + class settings), `facts` (read once per host) and
-`expect` (collects expected-vs-actual differences and fails once with all of them).
+`expect` (collects expected-vs-actual differences and fails once with all of them); the
+keepalived checks get `keepalived` (the host's keepalived, read once; None where it is not
+configured: they pass, `keepalived: not configured` in their details).
 """
 
 from __future__ import annotations
 
+import pytest
+
 from ipvs_fleet.compliance import artifacts, latency, sysctl_defaults
+from ipvs_fleet.compliance import keepalived as ka
 from ipvs_fleet.compliance.expect import Expect
 from ipvs_fleet.compliance.facts import (
     MODULES_FILE,
@@ -17,6 +22,7 @@ from ipvs_fleet.compliance.facts import (
 )
 from ipvs_fleet.compliance.session import CheckSession, Target
 from ipvs_fleet.deploy.facts import updates_dir
+from ipvs_fleet.keepalived.compare import Finding, compare_table, sync_daemon, vrrp_roles
 from ipvs_fleet.kernel import MODULE_NAME, reuse_unsafe
 from ipvs_fleet.policy import KNOB
 
@@ -184,3 +190,96 @@ def test_latency_budget(fleet: CheckSession, target: Target, expect: Expect) -> 
     expect.done(
         f"latency budget of class {target.settings.host_class} not met ({latency.describe(result)})"
     )
+
+
+# --- keepalived directors: the checks below apply where keepalived is configured ------------
+
+
+@pytest.fixture
+def keepalived(fleet: CheckSession, target: Target, facts: HostFacts) -> ka.Director | None:
+    """The host's keepalived (configuration, IPVS table, sync daemons, VRRP roles), read once
+    per host; None where keepalived is not configured."""
+    kf = facts.keepalived
+    if kf is None:
+        return None
+    name = target.host.name
+    conn = fleet.connection(name)
+    return fleet.after_facts(  # type: ignore[no-any-return]
+        name, "keepalived", lambda: ka.director(kf, ka.remote_reader(conn.run))
+    ).result()
+
+
+def _not_configured(expect: Expect) -> None:
+    expect.details(keepalived=ka.NOT_CONFIGURED)
+    expect.done("")
+
+
+def _findings(expect: Expect, findings: list[Finding]) -> None:
+    for f in findings:
+        if f.failure:
+            expect.problem(f.text)
+    notes = [f.text for f in findings if not f.failure]
+    if notes:
+        expect.details(keepalived_notes=notes)
+
+
+def _running(director: ka.Director, expect: Expect) -> bool:
+    if not director.running:
+        expect.problem("keepalived is not running")
+    return director.running
+
+
+def test_keepalived_config(keepalived: ka.Director | None, expect: Expect) -> None:
+    """`keepalived --config-test` passes on the file keepalived runs with (its `-f`, else
+    /etc/keepalived/keepalived.conf); keepalived 2.2 fails it on warnings too."""
+    if keepalived is None:
+        return _not_configured(expect)
+    f = keepalived.facts
+    expect.details(keepalived_conf=f.conf, keepalived_files=keepalived.config.files)
+    if f.config_test_rc != 0:
+        expect.differ(f"keepalived --config-test -f {f.conf}", "exit 0", f"exit {f.config_test_rc}")
+        # keepalived prints a message once per process that parses the file: once each here
+        for line in dict.fromkeys(f.config_test_out.splitlines()[-10:]):
+            expect.problem(line)
+    expect.done("keepalived's configuration fails its own test")
+
+
+def test_keepalived_table(keepalived: ka.Director | None, expect: Expect) -> None:
+    """The live IPVS table is what keepalived was configured to write: every virtual server
+    with its scheduler, persistence and forwarding method, no real server or service it did
+    not configure (a configured real server missing is a note: its health check fails)."""
+    if keepalived is None:
+        return _not_configured(expect)
+    _running(keepalived, expect)
+    if not keepalived.facts.ipvs_loaded:
+        expect.problem("ip_vs is not loaded: no IPVS table")
+    if keepalived.table_error:
+        expect.problem(f"cannot read the IPVS table: {keepalived.table_error}")
+    _findings(expect, compare_table(keepalived.config, keepalived.table))
+    expect.done("the IPVS table is not what keepalived was configured to write")
+
+
+def test_keepalived_vrrp(keepalived: ka.Director | None, expect: Expect) -> None:
+    """Each VRRP instance is MASTER or BACKUP (never FAULT): keepalived's own state since its
+    last start (its journal), else the one its VIPs show; a MASTER holds all its VIPs, a
+    BACKUP none of them."""
+    if keepalived is None:
+        return _not_configured(expect)
+    if _running(keepalived, expect):
+        roles, found = vrrp_roles(keepalived.config, keepalived.own_states, keepalived.addresses)
+        expect.details(vrrp=roles)
+        _findings(expect, found)
+    expect.done("keepalived's VRRP instances are not in a sound state")
+
+
+def test_keepalived_sync(keepalived: ka.Director | None, expect: Expect) -> None:
+    """The IPVS sync daemon keepalived runs for its sync instance's role (master daemon on
+    the VRRP master, backup daemon on a backup) on the configured interface and sync id."""
+    if keepalived is None:
+        return _not_configured(expect)
+    if _running(keepalived, expect):
+        c = keepalived.config
+        roles, _ = vrrp_roles(c, keepalived.own_states, keepalived.addresses)
+        expect.details(sync_daemons=[d.__dict__ for d in keepalived.daemons])
+        _findings(expect, sync_daemon(c, roles, keepalived.daemons))
+    expect.done("the IPVS sync daemon is not the one keepalived was configured to run")

@@ -71,7 +71,7 @@ def test_converged_lab_is_compliant(checker: Checker, lab: Any) -> None:
     assert run.rc == 0, run.out
     root = _valid_junit(run.junit)
     cases = root.findall(".//testcase")
-    assert len(cases) == 9 * len(lab.hosts)  # a testcase per host and check
+    assert len(cases) == 13 * len(lab.hosts)  # a testcase per host and check
     # pytest's JUnit: a passing testcase holds only its properties (host, class, check)
     assert all([k.tag for k in c] == ["properties"] for c in cases), "every testcase passes"
     # pytest's JUnit: the counts are on its one testsuite

@@ -65,7 +65,7 @@ def test_unreachable_host_is_could_not_check(
     out_json = tmp_path / "r.json"
     assert main(["check", str(inv), "--json", str(out_json)]) == 2
     cap = capsys.readouterr()
-    assert "gone: could not check (9 checks)" in cap.out
+    assert "gone: could not check (13 checks)" in cap.out
     assert "HostUnreachable: 127.0.0.1:" in cap.out and "Traceback" not in cap.out
     assert "could not check: gone" in cap.err
     doc = json.loads(out_json.read_text())

@@ -319,6 +319,6 @@ def test_real_checks_on_an_unreachable_host_give_one_verdict(tmp_path: Path) -> 
     assert plain.junit is not None and wrapped.junit is not None
     valid_junit(plain.junit)
     statuses = {(r["host"], r["check"]): r["status"] for r in doc["results"]}
-    assert len(statuses) == 9 and set(statuses.values()) == {"error"}
+    assert len(statuses) == 13 and set(statuses.values()) == {"error"}
     assert junit_statuses(plain.junit) == statuses == junit_statuses(wrapped.junit)
-    assert "gone: 9 error" in plain.out and "gone: 9 error" in wrapped.out
+    assert "gone: 13 error" in plain.out and "gone: 13 error" in wrapped.out

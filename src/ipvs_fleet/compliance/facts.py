@@ -4,7 +4,8 @@ Under QEMU TCG each remote command costs a process start and a channel; the chec
 about ten facts per host, so they run as sections of one shell script and are parsed here.
 The IPVS facts are the deploy's own pyinfra facts (`ipvs_fleet.deploy.facts`), so the deploy
 and the checks read a host the same way; this module adds what only the checks need: the
-persisted files, the sysctl table in a fresh network namespace, taint and kube-proxy.
+persisted files, the sysctl table in a fresh network namespace, taint, kube-proxy and
+keepalived (`compliance.keepalived`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from ipvs_fleet.compliance import keepalived
 from ipvs_fleet.deploy.facts import IpvsLoadedModules, IpvsSysctls, IpvsUsage
 from ipvs_fleet.paths import MODULES_LOAD_FILE, SYSCTL_DIR, SYSCTL_FILE
 
@@ -71,6 +73,7 @@ def gather_command(toggle: Iterable[str]) -> str:
         "persisted": _persisted_cmd(),
         "netns": _netns_cmd(toggle),
         "kube_proxy": "pgrep -x kube-proxy >/dev/null && echo running || echo absent",
+        "keepalived": keepalived.COMMAND,
     }
     return "; ".join(f"echo '{MARK}{n}'; ( {c} ) 2>/dev/null" for n, c in sections.items())
 
@@ -99,6 +102,8 @@ class HostFacts:
     modules_load: list[str] | None  # None: MODULES_FILE absent
     netns: NetnsTable
     kube_proxy: bool
+    # None: keepalived is not configured on the host (its checks do not apply)
+    keepalived: keepalived.KeepalivedFacts | None = None
 
     def taint_flags(self, mask: int | None = None) -> str:
         v = self.tainted if mask is None else mask
@@ -202,4 +207,5 @@ def parse(output: str) -> HostFacts:
         modules_load=modules_load,
         netns=parse_netns(s.get("netns", [])),
         kube_proxy=[x.strip() for x in s.get("kube_proxy", [])] == ["running"],
+        keepalived=keepalived.parse_section(s.get("keepalived", [])),
     )
