@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ipvs_fleet.errors import ConfigError, FleetError
-from ipvs_fleet.lab.inventory import lab_class_data
+from ipvs_fleet.lab.inventory import lab_class_data, lab_group_data
 from ipvs_fleet.redact import mask_assignments, masked_data
 from ipvs_fleet.resources import workdir
 
@@ -94,6 +94,8 @@ def lab_inventory(lab: Lab, user: str = "root") -> dict[str, Any]:
     for name, h in sorted(hosts.items()):
         for group in h.groups:
             entry = children.setdefault(group, {"hosts": {}})
+            if group in lab_group_data():
+                entry["vars"] = lab_group_data()[group]
             # A host's variables go with its first group only; Ansible merges the rest.
             if name in seen:
                 entry["hosts"][name] = None

@@ -43,6 +43,8 @@ HOST_KEYS = {
 }
 # Descriptive host data that inventories may carry (the lab records what a VM boots).
 INFO_KEYS = {"ipvs_release", "ipvs_kernel_release", "ipvs_kernel_version"}
+# Host data the rollout reads, not the policy (ipvs_fleet.validation checks it).
+ROLLOUT_KEYS = {"ipvs_failure_domain"}
 ACTIVATIONS = ("reload", "reboot", "next-boot")
 INSTALLS = ("artifact", "dkms")
 MODULE_RE = r"(ip_vs|ip_vs_[a-z0-9_]+|xt_ipvs)"
@@ -240,7 +242,12 @@ class HostData(StrictModel):
     def _known_keys(cls, data: Any) -> Any:
         if not isinstance(data, Mapping):
             return data
-        unknown = {str(k) for k in data if str(k).startswith("ipvs_")} - HOST_KEYS - INFO_KEYS
+        unknown = (
+            {str(k) for k in data if str(k).startswith("ipvs_")}
+            - HOST_KEYS
+            - INFO_KEYS
+            - ROLLOUT_KEYS
+        )
         if unknown:
             raise ValueError(
                 f"unknown host data {', '.join(sorted(unknown))} "

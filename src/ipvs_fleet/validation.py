@@ -8,6 +8,7 @@ is an error. A failed validation becomes one ConfigError naming the file and eac
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -114,3 +115,32 @@ def validated(
         return model.model_validate(doc, context=dict(context or {}))
     except ValidationError as e:
         raise invalid(e, source, key) from None
+
+
+# Host data the rollout reads (ipvs_fleet.rollout): hosts that must never change together (the
+# two directors of a keepalived pair) share a failure domain name.
+FAILURE_DOMAIN = "ipvs_failure_domain"
+DOMAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_failure_domain(value: Any) -> str:
+    """A failure domain name (ValueError otherwise)."""
+    if not isinstance(value, str) or not DOMAIN_RE.match(value):
+        raise ValueError(
+            f"must be a name (letters, digits, '_', '.', '-'; at most 64), got {shown(value)}"
+        )
+    return value
+
+
+def failure_domains(hosts: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, str]:
+    """{host: domain} of the hosts [(name, data)] with ipvs_failure_domain, or ConfigError
+    naming the host and the key."""
+    out: dict[str, str] = {}
+    for name, data in hosts:
+        if data.get(FAILURE_DOMAIN) is None:
+            continue
+        try:
+            out[name] = check_failure_domain(data[FAILURE_DOMAIN])
+        except ValueError as e:
+            raise ConfigError(f"host {name}: {FAILURE_DOMAIN}: {e}") from None
+    return out

@@ -19,6 +19,41 @@ from ipvs_fleet.policy import load_policy
 # needs another budget. A class without a p99 budget keeps none; a test's host data wins.
 LAB_P99_MS = 800
 
+# The pair lab's directors (lab/fleet-pair.yml, group director_pair; keepalived.conf in
+# lab/pair/director.sh): one failure domain, drained the operator's way. The drain file
+# (vrrp_track_file, weight 1) at -100 drops the director below its peer, which takes the VIPs
+# (no keepalived reload: the IPVS table and the sync daemon stay as they are); the hook waits
+# until the VIPs left and, if they did not within DRAIN_WAIT_S, gives the priority back and
+# fails the host (its modules as they were). After the activation 0 restores the priority
+# (the higher one, lvs-a, takes the VIPs back: keepalived preempts).
+PAIR_GROUP = "director_pair"
+PAIR_VIPS = ("10.0.9.100", "10.0.10.1")
+DRAIN_FILE = "/etc/keepalived/drain"
+DRAIN_WAIT_S = 30
+
+
+def drain_hooks(
+    vips: tuple[str, ...] = PAIR_VIPS, wait_s: int = DRAIN_WAIT_S
+) -> dict[str, list[str]]:
+    """ipvs_pre_activate / ipvs_post_activate of a keepalived director with a drain file."""
+    held = " || ".join(f"ip -o addr show | grep -q ' inet {v}/'" for v in vips)
+    wait = (
+        f"i=0; while {held}; do "
+        f'[ $i -lt {wait_s} ] || {{ echo 0 > {DRAIN_FILE}; echo "the VIPs {" ".join(vips)} '
+        f'did not leave $(hostname) within {wait_s} s of the drain" >&2; exit 1; }}; '
+        "i=$((i+1)); sleep 1; done"
+    )
+    return {
+        "ipvs_pre_activate": [f"echo -100 > {DRAIN_FILE}", wait],
+        "ipvs_post_activate": [f"echo 0 > {DRAIN_FILE}"],
+    }
+
+
+def lab_group_data() -> dict[str, dict[str, Any]]:
+    """Host data the lab gives a group's hosts (pyinfra: merged into each host's; Ansible:
+    the group's vars)."""
+    return {PAIR_GROUP: {"ipvs_failure_domain": PAIR_GROUP, **drain_hooks()}}
+
 
 def lab_class_data() -> dict[str, dict[str, Any]]:
     """The lab's own host data per host class, from one read of the policy: the latency
@@ -45,8 +80,10 @@ def host_data(
     h = lab.hosts[name]
     class_data = lab_class_data() if class_data is None else class_data
     sudo = {"_sudo": True} if user != "root" else {}
+    groups = lab_group_data()
     return {
         **class_data.get(h.host_class, {}),
+        **{k: v for g in h.groups for k, v in groups.get(g, {}).items()},
         "ipvs_host_class": h.host_class,
         "ipvs_release": h.release,
         "ipvs_kernel_release": h.kernel_release,

@@ -27,12 +27,21 @@ from ipvs_fleet.rollout.config import (
     parse_waves,
     plan_waves,
 )
+from ipvs_fleet.rollout.domains import DomainOrder
 from ipvs_fleet.rollout.engine import COMPLETED, Rollout
 from ipvs_fleet.rollout.held import HeldConnections, ssh_connector
 from ipvs_fleet.rollout.journal import Journal, JournalView, archive, read_journal
 from ipvs_fleet.rollout.lock import journal_lock
-from ipvs_fleet.rollout.report import RichUI, print_plan, print_summary, write_json
+from ipvs_fleet.rollout.report import (
+    RichUI,
+    print_domains,
+    print_plan,
+    print_summary,
+    write_json,
+)
 from ipvs_fleet.rollout.runner import PyinfraRunner, checks_available, require_pyinfra
+from ipvs_fleet.rollout.vrrp import state_reader
+from ipvs_fleet.validation import failure_domains
 
 EPILOG = """\
 waves: a group name (its hosts), a host count, or N% of the hosts outside the group waves;
@@ -280,12 +289,14 @@ def _run(
     all_hosts = load_hosts(inv)
     hosts = apply_limit(all_hosts, limit)
     check_policy(hosts, data_values)
+    domains = failure_domains([(n, d) for n, _, d in hosts])
     waves = plan_waves(
         [(n, g) for n, g, _ in hosts],
         cfg.waves,
         max_fail_percent=cfg.max_fail_percent,
         soak_seconds=cfg.soak_seconds,
         known_groups={g for _, gs, _ in all_hosts for g in gs},
+        domains=domains,
     )
     if args.resume:
         waves = resumed_plan(view, waves, {n for n, _, _ in hosts}, jpath)
@@ -310,12 +321,15 @@ def _run(
     identity = identity_data(data, args.sudo)
     # the gate's held connections reach the hosts as the deploy and the checks do
     same = {k: v for k, v in data_values.items() if k in identity}
+    connect = (
+        ssh_connector([(n, g, {**d, **same}) for n, g, d in hosts], sudo=args.sudo)
+        if domains or cfg.gate.held_connections
+        else None
+    )
+    order = DomainOrder(domains, state_reader(connect)) if domains and connect else None
     held = (
-        HeldConnections(
-            cfg.gate.held_connections,
-            ssh_connector([(n, g, {**d, **same}) for n, g, d in hosts], sudo=args.sudo),
-        )
-        if cfg.gate.held_connections
+        HeldConnections(cfg.gate.held_connections, connect)
+        if cfg.gate.held_connections and connect
         else None
     )
     runner = PyinfraRunner(
@@ -343,6 +357,8 @@ def _run(
         )
         plans = runner.plan([h for w in waves for h in w.hosts], lambda h, s: None)
         print_plan(waves, make_console(), plans, states)
+        if order is not None:
+            print_domains(order, waves, make_console())
         bad = {h: p for h, p in plans.items() if not p.ok}
         for h, p in sorted(bad.items()):
             why = (
@@ -367,10 +383,14 @@ def _run(
         inventory=str(inv),
         limit=limit,
         set_id=artifacts_id(Path(env.get("IPVS_FLEET_ARTIFACTS", workdir() / "artifacts"))),
+        domains=order,
     )
     console.print(
         f"[bold]Rollout[/] of {inv}: {len(hosts)} host(s) in {len(waves)} wave(s); journal {jpath}"
     )
+    if order is not None:  # the plan as the domains shaped it
+        print_plan(waves, make_console())
+        print_domains(order, waves, make_console(), read=False)
     result = rollout.run()
     print_summary(result, make_console())
     if args.json_out:

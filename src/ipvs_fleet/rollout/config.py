@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -274,6 +274,7 @@ def plan_waves(
     max_fail_percent: float = 0,
     soak_seconds: float = 0,
     known_groups: Collection[str] = (),
+    domains: Mapping[str, str] | None = None,
 ) -> list[Wave]:
     """Split inventory hosts [(name, groups)] into waves, deterministically, in inventory order.
 
@@ -282,7 +283,13 @@ def plan_waves(
     last entry repeats until every host is in a wave. Raises ConfigError for a group the
     inventory does not have; a group of `known_groups` (the whole inventory's, when `hosts`
     is a --limit of it) with none of `hosts` gives no wave.
+
+    `domains` ({host: failure domain}): no wave holds two hosts of one domain. A group wave
+    that would is refused (ConfigError naming the wave and the hosts: the operator asked for
+    them together); a count or percentage wave defers the second member to the next wave
+    and takes the next host instead (its size is a cap, as Ansible's `serial`).
     """
+    domain_of = dict(domains or {})
     names = [h for h, _ in hosts]
     if len(set(names)) != len(names):
         raise ConfigError("inventory: duplicate host names")
@@ -302,6 +309,7 @@ def plan_waves(
         members = groups.get(v, [v] if v in names else [])
         group_hosts[i] = [h for h in members if h not in taken]
         taken.update(group_hosts[i])
+        _refuse_shared_domain(i, s, group_hosts, domain_of, specs)
     rest = [h for h in names if h not in taken]
     pool = len(rest)
 
@@ -319,15 +327,30 @@ def plan_waves(
         soak = s.soak_seconds if s.soak_seconds is not None else soak_seconds
         waves.append(Wave(len(waves) + 1, str(s), tuple(members), mfp, soak))
 
+    def cut(n: int) -> list[str]:
+        """The first n hosts of `rest` with at most one per failure domain; the others stay."""
+        nonlocal rest
+        took: list[str] = []
+        seen: set[str] = set()
+        for h in rest:
+            if len(took) == n:
+                break
+            d = domain_of.get(h)
+            if d is not None and d in seen:
+                continue  # deferred to a later wave
+            took.append(h)
+            if d is not None:
+                seen.add(d)
+        rest = [h for h in rest if h not in took]
+        return took
+
     last: WaveSpec | None = None
     for i, s in enumerate(specs):
         if s.kind == "group":
             add(s, group_hosts[i])
             continue
         last = s
-        n = size(s)
-        add(s, rest[:n])
-        rest = rest[n:]
+        add(s, cut(size(s)))
     if rest:
         if last is None:
             unplanned = ", ".join(rest[:5]) + (" ..." if len(rest) > 5 else "")
@@ -336,7 +359,30 @@ def plan_waves(
                 "end the list with a count or a percentage, e.g. '100%'"
             )
         while rest:
-            n = size(last)
-            add(last, rest[:n])
-            rest = rest[n:]
+            add(last, cut(size(last)))
     return waves
+
+
+def _refuse_shared_domain(
+    i: int,
+    spec: WaveSpec,
+    group_hosts: Mapping[int, Sequence[str]],
+    domain_of: Mapping[str, str],
+    specs: Sequence[WaveSpec],
+) -> None:
+    """ConfigError when group wave `i` holds two hosts of one failure domain."""
+    by_domain: dict[str, list[str]] = {}
+    for h in group_hosts[i]:
+        if h in domain_of:
+            by_domain.setdefault(domain_of[h], []).append(h)
+    for d, members in by_domain.items():
+        if len(members) > 1:
+            # its number in the plan: the group waves before it that take a host, plus one
+            n = 1 + sum(1 for j in range(i) if specs[j].kind != "group" or group_hosts[j])
+            raise ConfigError(
+                f"wave {n} ({spec}) would take {', '.join(members)} of failure domain {d} "
+                "(ipvs_failure_domain) together: the rollout never changes two hosts of one "
+                "failure domain at once; refused before any host is touched. Plan them apart: "
+                "one member per group wave, or a count or percentage wave (it defers the "
+                "second member to the next wave)"
+            )

@@ -18,8 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.markup import escape
+
 from ipvs_fleet.rollout import journal as J
 from ipvs_fleet.rollout.config import Wave
+from ipvs_fleet.rollout.domains import DomainOrder
 from ipvs_fleet.rollout.journal import Journal, JournalView
 from ipvs_fleet.rollout.runner import Outcome, Progress, Runner
 
@@ -51,6 +54,7 @@ class WaveResult:
     max_fail_percent: float
     seconds: dict[str, float] = field(default_factory=dict)
     rolled_back: list[str] = field(default_factory=list)
+    refused: str = ""  # why the wave did not start (its failure domain's VRRP state)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +66,7 @@ class WaveResult:
             "passed": self.passed,
             "max_fail_percent": self.max_fail_percent,
             "rolled_back": self.rolled_back,
+            **({"refused": self.refused} if self.refused else {}),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -127,6 +132,7 @@ class Rollout:
         limit: Sequence[str] = (),
         sleep: Callable[[float], None] = time.sleep,
         set_id: str = "",
+        domains: DomainOrder | None = None,
     ) -> None:
         self.waves = list(waves)
         self.runner = runner
@@ -141,6 +147,9 @@ class Rollout:
         # The artifacts this run deploys (artifact.artifacts_id): a host verified with other
         # ones by an earlier run is deployed again.
         self.set_id = set_id
+        # Failure domains: before a wave that takes a member, its VRRP roles are read (the
+        # backup goes first; a split brain refuses the wave).
+        self.domains = domains
 
     # -- journal helpers -------------------------------------------------------------------
 
@@ -199,8 +208,10 @@ class Rollout:
         results: list[WaveResult] = []
         outcome, halted_at = COMPLETED, None
         try:
-            for wave in self.waves:
-                wr = self._wave(wave)
+            for i in range(len(self.waves)):
+                refused = self._arrange(i)
+                wave = self.waves[i]
+                wr = self._refused(wave, refused) if refused else self._wave(wave)
                 results.append(wr)
                 if not wr.passed:
                     outcome, halted_at = HALTED, wave.index
@@ -212,6 +223,42 @@ class Rollout:
         self.journal.close()
         return RolloutResult(
             outcome, results, self.waves, dict(self.records), time.monotonic() - t0, halted_at
+        )
+
+    def _arrange(self, i: int) -> list[str]:
+        """Order wave i's failure domain members by their VRRP roles, read now; journal the
+        roles; return why the wave must not start ([]: it may)."""
+        if self.domains is None:
+            return []
+        self.waves, records, problems = self.domains.arrange(self.waves, i, self._verified)
+        for rec in records:
+            self.journal.write("domain", **rec)
+            if rec.get("instead_of"):
+                self.ui.message(
+                    f"{self.waves[i].name}: failure domain {rec['domain']}: "
+                    f"{rec['takes'][0]} (VRRP backup) before {rec['instead_of']} (master)"
+                )
+        return problems
+
+    def _refused(self, wave: Wave, problems: list[str]) -> WaveResult:
+        """A wave not started: its hosts untouched, the rollout halted."""
+        done = [h for h in wave.hosts if self._verified(h)]
+        self.ui.wave_start(wave, [h for h in wave.hosts if h not in done], len(self.waves))
+        why = "; ".join(problems)
+        self.ui.message(f"[red]{wave.name} refused, no host touched: {escape(why)}[/]")
+        self.journal.write(
+            "wave", wave=wave.index, passed=False, failed=[], skipped=done, refused=why
+        )
+        self.ui.wave_end(wave, False, [])
+        return WaveResult(
+            wave.index,
+            wave.spec,
+            list(wave.hosts),
+            done,
+            [],
+            False,
+            wave.max_fail_percent,
+            refused=why,
         )
 
     def _verified(self, host: str) -> bool:

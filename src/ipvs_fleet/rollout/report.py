@@ -14,6 +14,7 @@ from rich.table import Table
 from ipvs_fleet.console import console as make_console
 from ipvs_fleet.rollout import journal as J
 from ipvs_fleet.rollout.config import Wave
+from ipvs_fleet.rollout.domains import DomainOrder, domain_problems, vrrp_order
 from ipvs_fleet.rollout.engine import UI, RolloutResult
 from ipvs_fleet.rollout.runner import PlannedHost
 
@@ -211,3 +212,31 @@ def write_json(result: RolloutResult, path: Path | str, **extra: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps({**extra, **result.to_dict()}, indent=2) + "\n")
+
+
+def print_domains(
+    order: DomainOrder, waves: Sequence[Wave], console: Console, read: bool = True
+) -> None:
+    """The failure domains of the plan, one line each: their waves and, when `read`, the
+    VRRP roles now (which member goes first, or why its wave would be refused)."""
+    wave_of = {h: w.index for w in waves for h in w.hosts}
+    domains: dict[str, list[str]] = {}
+    for h, d in order.members.items():
+        if h in wave_of:
+            domains.setdefault(d, []).append(h)
+    for d, members in sorted(domains.items()):
+        members.sort(key=lambda h: wave_of[h])
+        where = ", ".join(f"{h} (wave {wave_of[h]})" for h in members)
+        line = f"failure domain {d}: {where}: one member per wave, the VRRP backup first"
+        if read:
+            states = order.read(members)
+            bad = domain_problems(d, states)
+            roles = ", ".join(f"{h} {states[h].role}" for h in members)
+            line += (
+                f"; now {roles}: " + ("[red]refused: " + escape("; ".join(bad)) + "[/]")
+                if bad
+                else f"; now {roles}: {vrrp_order(members, states)[0]} goes first"
+            )
+        else:
+            line += " (roles read before each wave)"
+        console.print(line, soft_wrap=True)
