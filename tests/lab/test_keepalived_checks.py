@@ -24,7 +24,7 @@ from ipvs_fleet.compliance import keepalived as ka
 from ipvs_fleet.keepalived.compare import vrrp_roles
 from tests.fixtures.checks import Checker, CheckRun
 
-pytestmark = [pytest.mark.lab, pytest.mark.pair_lab]
+pytestmark = [pytest.mark.lab, pytest.mark.destructive, pytest.mark.pair_lab]
 
 CHECKS = ("keepalived_config", "keepalived_table", "keepalived_vrrp", "keepalived_sync")
 CONF = ka.DEFAULT_CONF
