@@ -88,22 +88,27 @@ def test_bad_policy_file(tmp_path):
 class FakeRunner:
     """Records every call; fails the hosts it is told to, per step."""
 
-    def __init__(self, fail_deploy=(), fail_gate=(), fail_rollback=(), interrupt_at=None):
+    def __init__(
+        self, fail_deploy=(), fail_gate=(), fail_rollback=(), interrupt_at=None, refuse=()
+    ):
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.fail = {
             "deploy": set(fail_deploy),
             "gate": set(fail_gate),
             "rollback": set(fail_rollback),
         }
+        self.refuse = set(refuse)  # the deploy's preflight refuses these (nothing changed)
         self.interrupt_at = interrupt_at
 
     def _step(self, what: str, hosts: Sequence[str]) -> StepResult:
         self.calls.append((what, tuple(hosts)))
         if self.interrupt_at and (what, hosts[0]) == self.interrupt_at:
             raise KeyboardInterrupt
-        return StepResult(
-            {h: Outcome(h not in self.fail[what], f"{what} failed") for h in hosts}, 0.0
-        )
+        out = {h: Outcome(h not in self.fail[what], f"{what} failed") for h in hosts}
+        if what == "deploy":
+            for h in self.refuse & set(hosts):
+                out[h] = Outcome(False, f"refused: host {h}: uses ftp", refused=True)
+        return StepResult(out, 0.0)
 
     def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult:
         return self._step("deploy", hosts)
@@ -162,6 +167,23 @@ def test_unreachable_host_counts_as_failed_and_its_rollback_leaves_it_unknown(tm
     assert res.outcome == HALTED and res.halted_at == 1
     assert ("gate", ("h01",)) not in r.calls  # a host that failed its deploy is never gated
     assert res.states()["h01"] == J.FAILED_UNKNOWN
+
+
+def test_a_refused_host_fails_its_wave_but_is_never_rolled_back(tmp_path):
+    """The deploy's preflight refused h03: its wave fails and halts, its other hosts (deployed)
+    roll back, h03 is left alone on its old state, the record says why."""
+    r = FakeRunner(refuse={"h03"})
+    res = rollout(tmp_path, r).run()
+    assert res.outcome == HALTED and res.halted_at == 2
+    assert r.calls[-1] == ("rollback", ("h02", "h04", "h05", "h06"))
+    assert ("gate", ("h02", "h04", "h05", "h06")) in r.calls
+    doc = res.to_dict()["hosts"]["h03"]
+    assert doc["state"] == J.OLD and doc["journal_state"] == J.REFUSED
+    assert "refused: host h03: uses ftp" in doc["detail"]
+    assert res.states()["h02"] == J.REPORT_ROLLED_BACK
+    # a resume deploys it again (it never was)
+    res2 = rollout(tmp_path, FakeRunner(), previous=read_journal(tmp_path / "j.jsonl")).run()
+    assert res2.outcome == COMPLETED and res2.states()["h03"] == J.NEW_VERIFIED
 
 
 def test_within_threshold_the_wave_passes_and_only_failed_hosts_roll_back(tmp_path):

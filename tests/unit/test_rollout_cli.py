@@ -239,8 +239,26 @@ def test_runner_command_lines(tmp_path, monkeypatch):
     assert "--sudo" in verify and verify[-1].endswith("verify_deploy.py")
     # the plan: pyinfra's dry run WITH change detection (no -y), refusals reported per host
     assert "-y" not in plan and "--dry" in plan and "--json" in plan
-    assert penv == {"A": "1", "IPVS_FLEET_PREFLIGHT": "report"} and denv == {"A": "1"}
+    # the deploy too: a refused host fails alone, untouched, and its wave goes on
+    assert penv == denv == {"A": "1", "IPVS_FLEET_PREFLIGHT": "report"}
     assert plans == {"a": PlannedHost()}
+
+
+def test_a_host_the_deploy_refused_is_an_outcome_of_its_own(tmp_path, monkeypatch):
+    """pyinfra stops a run whose every host was refused ("No hosts remaining"): no result,
+    yet each refused host is known by its `[host] refused:` line; the others failed."""
+    err = (
+        "--> Preparing operation files...\n"
+        "    [a] refused: host a: net.ipv4.vs.conn_reuse_old_conntrack=1 refused: host uses "
+        "ftp (FTP virtual service: 10.0.9.100:21)\n"
+        "    [b] Error: could not connect\n"
+        "--> pyinfra error: No hosts remaining!\n"
+    )
+    monkeypatch.setattr(R, "run_child", lambda cmd, **kw: (1, "", err))
+    r = PyinfraRunner(inventory=tmp_path / "inv.py", use_checks=False)
+    got = r.deploy(["a", "b"], lambda h, s: None).hosts
+    assert got["a"].refused and not got["a"].ok and "10.0.9.100:21" in got["a"].reason
+    assert not got["b"].refused and not got["b"].ok and "could not connect" in got["b"].reason
 
 
 def test_plan_lists_each_hosts_pending_changes_per_wave(cli, capsys):

@@ -177,9 +177,10 @@ class Rollout:
         failed = []
         for h, o in outcomes.items():
             if not o.ok:
-                self._set([h], J.FAILED, wave, o.reason or "failed")
+                state = J.REFUSED if o.refused else J.FAILED
+                self._set([h], state, wave, o.reason or "failed")
                 failed.append(h)
-                self.ui.host_done(wave, h, J.FAILED, o.reason)
+                self.ui.host_done(wave, h, state, o.reason)
                 continue
             if notes[h]:
                 self._set([h], ok_state, wave, notes[h])
@@ -328,8 +329,10 @@ class Rollout:
             secs["gate"] = time.monotonic() - t
         wr.failed = failed
         wr.passed = wave.passes(len(failed))
-        # A failed wave rolls back all its hosts; a passing wave only its failed ones.
+        # A failed wave rolls back all its hosts; a passing wave only its failed ones. Never
+        # a refused host: this run changed nothing there, it stays on its old state.
         back = list(wave.hosts) if not wr.passed else failed
+        back = [h for h in back if self._state(h) != J.REFUSED]
         if back and self.rollback_enabled:
             self._roll_back(wave, back, failed, wr, secs)
         self.journal.write(

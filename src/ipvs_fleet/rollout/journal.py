@@ -35,7 +35,10 @@ from ipvs_fleet.validation import invalid, shown
 DEPLOYING, DEPLOYED, GATING = "deploying", "deployed", "gating"
 VERIFIED, FAILED = "verified", "failed"
 ROLLING_BACK, ROLLED_BACK, ROLLBACK_FAILED = "rolling-back", "rolled-back", "rollback-failed"
+# The deploy's preflight refused the host: nothing was changed on it, it is on its old state.
+REFUSED = "refused"
 HOST_STATES = (
+    REFUSED,
     DEPLOYING,
     DEPLOYED,
     GATING,
@@ -53,7 +56,7 @@ REPORT_ROLLED_BACK, FAILED_UNKNOWN = "rolled-back", "failed-unknown"
 
 def report_state(journal_state: str | None) -> str:
     """old | new-verified | rolled-back | failed-unknown, from a host's last journal state."""
-    if journal_state is None:
+    if journal_state is None or journal_state == REFUSED:
         return OLD
     if journal_state == VERIFIED:
         return NEW_VERIFIED

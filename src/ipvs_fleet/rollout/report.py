@@ -54,7 +54,9 @@ class RichUI(UI):
             self.console.print(f"  [cyan]w{wave.index}[/] {step}")
 
     def host_done(self, wave: Wave, host: str, state: str, reason: str = "") -> None:
-        colour = {J.VERIFIED: "green", J.ROLLED_BACK: "yellow"}.get(state, "red")
+        colour = {J.VERIFIED: "green", J.ROLLED_BACK: "yellow", J.REFUSED: "yellow"}.get(
+            state, "red"
+        )
         why = f" - {reason[:160]}" if reason else ""
         self.console.print(f"  [cyan]w{wave.index}[/] {host}: [{colour}]{state}[/]{why}")
 

@@ -62,6 +62,8 @@ class Outcome:
     ok: bool
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    # The deploy's preflight refused the host: it failed before any operation ran there.
+    refused: bool = False
 
 
 @dataclass
@@ -306,7 +308,9 @@ class PyinfraRunner:
             # pyinfra reads a global argument's default from host data: every command
             cmd += ["--data", f"_timeout={int(self.host_command_timeout)}"]
         env = self.env
-        if dry:
+        if dry or what == "deploy":
+            # A refused host fails alone, untouched (the others of its wave go on), and says
+            # so: the wave counts it failed, its rollback leaves it alone.
             env = {**(self.env if self.env is not None else os.environ), PREFLIGHT_ENV: "report"}
         t0 = time.monotonic()
 
@@ -346,6 +350,9 @@ class PyinfraRunner:
                     outcomes[h] = Outcome(False, errors.get(h, "pyinfra marked the host failed"))
                 else:
                     outcomes[h] = Outcome(True)
+        for h, msg in host_lines(err, hosts):
+            if msg.startswith(REFUSED):
+                outcomes[h] = Outcome(False, msg[:500], refused=True)
         return StepResult(outcomes, secs, err), doc
 
     def deploy(self, hosts: Sequence[str], progress: Progress) -> StepResult:
