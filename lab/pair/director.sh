@@ -3,7 +3,9 @@
 # VI_1 holds the VIP 10.0.9.100 (clients) and the real servers' gateway 10.0.10.1, the
 # higher priority (lvs-a) master; a drain file lowers it (the operator's way to hand the
 # VIPs over without a reload: echo -100 > /etc/keepalived/drain). The IPVS sync daemon
-# runs on eth1 with sync id 51 (master on the VRRP master, backup on the other).
+# runs on eth1 with sync id 51 (master on the VRRP master, backup on the other). The FTP
+# service is the operator's, for the ftp class: /etc/keepalived/ftp.conf.lab, included once
+# copied into /etc/keepalived/conf.d/ (with ip_vs_ftp loaded and keepalived reloaded).
 set -eu
 case "$LAB_HOST" in
     lvs-a) prio=150 inner=10.0.10.11/24 ;;
@@ -24,6 +26,29 @@ iptables -w -t nat -C POSTROUTING -s 10.0.10.0/24 -o eth0 -j MASQUERADE 2>/dev/n
 # without entries, none). Liberal window tracking keeps them: 0 of 30.
 sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1
 echo 0 > /etc/keepalived/drain
+mkdir -p /etc/keepalived/conf.d
+cat > /etc/keepalived/ftp.conf.lab <<CONF
+virtual_server 10.0.9.100 21 {
+    delay_loop 2
+    lb_algo rr
+    lb_kind NAT
+    protocol TCP
+    real_server 10.0.10.21 21 {
+        weight 1
+        TCP_CHECK {
+            connect_timeout 1
+            retry 0
+        }
+    }
+    real_server 10.0.10.22 21 {
+        weight 1
+        TCP_CHECK {
+            connect_timeout 1
+            retry 0
+        }
+    }
+}
+CONF
 cat > /etc/keepalived/keepalived.conf <<CONF
 global_defs {
     router_id $LAB_HOST
@@ -91,6 +116,8 @@ virtual_server 10.0.9.100 81 {
         }
     }
 }
+
+include /etc/keepalived/conf.d/*.conf
 CONF
 keepalived --config-test
 systemctl enable --now keepalived

@@ -2,7 +2,8 @@
 # The pair lab's serving host: the clients use its own address on eth1 (the VIPs' subnet
 # only); two real servers, rs1 and rs2, live in network namespaces on macvlan links of eth1
 # in the real servers' subnet, their gateway the directors' inner VIP (LVS-NAT). Each
-# answers on 8080 with one line per line received: "<name> <line>".
+# answers on 8080 with one line per line received: "<name> <line>", and serves passive FTP
+# on 21 (vsftpd, anonymous, read-only: probe.bin) for the FTP service of the ftp class.
 set -eu
 serve='
 import socket, sys, threading
@@ -43,7 +44,34 @@ Description=pair lab probe server %i
 ExecStart=/usr/bin/ip netns exec %i /usr/bin/python3 /usr/local/lib/ipvs-fleet-lab/probe.py serve --port 8081 --identity %i
 UNIT
 done
+# the FTP real servers (lab-ftp@rsN): the passive replies name the real server's address,
+# which the directors' ip_vs_ftp rewrites to the VIP
+mkdir -p /srv/lab-ftp
+[ -s /srv/lab-ftp/probe.bin ] || head -c 262144 /dev/urandom > /srv/lab-ftp/probe.bin
+chmod 755 /srv/lab-ftp; chmod 644 /srv/lab-ftp/probe.bin
+cat > /etc/vsftpd-lab.conf <<CONF
+listen=YES
+listen_ipv6=NO
+background=NO
+anonymous_enable=YES
+local_enable=NO
+write_enable=NO
+anon_root=/srv/lab-ftp
+pasv_enable=YES
+pasv_min_port=30000
+pasv_max_port=30100
+seccomp_sandbox=NO
+secure_chroot_dir=/var/run/vsftpd/empty
+xferlog_enable=NO
+connect_from_port_20=NO
+CONF
+cat > "/etc/systemd/system/lab-ftp@.service" <<UNIT
+[Unit]
+Description=pair lab FTP server %i
+[Service]
+ExecStart=/usr/bin/ip netns exec %i /usr/sbin/vsftpd /etc/vsftpd-lab.conf
+UNIT
 systemctl daemon-reload
-systemctl start lab-rs@rs1 lab-rs@rs2
+systemctl start lab-rs@rs1 lab-rs@rs2 lab-ftp@rs1 lab-ftp@rs2
 # the same-port reconnects of the measurements need a free choice of client ports
 sysctl -qw net.ipv4.ip_local_port_range="20000 60999"

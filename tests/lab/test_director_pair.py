@@ -3,15 +3,17 @@ VRRP failover in the middle of it break none of the client connections held thro
 keepalived's table is the same before and after (the fix module touches no table); a real
 server killed during the rollout leaves the table within its health check's interval; a
 same-port reconnect to the VIP is not delayed where the class sets the knob to 1
-(lvs_director) and is delayed as stock where it sets 0 (ftp).
+(lvs_director) and is delayed as stock where it sets 0 (ftp), whose FTP service (keepalived's,
+with ip_vs_ftp) carries passive transfers through the VIP and refuses knob 1 beside it.
 
 The clients run on the lab_only host `lan` (10.0.9.50), the real servers in its network
 namespaces rs1 and rs2 behind the directors' gateway VIP (LVS-NAT). Port 80: the echo servers
 the held connections talk to; port 81: the probe's identity servers, for the reconnects and
-the killed real server. `make test` runs this on the pair lab after the main lab's tests.
+the killed real server; port 21: vsftpd, on the ftp class only. `make test` runs this on the
+pair lab after the side lab's tests.
 
 Cost on 2 cores (TCG): the pair's rollout with 100 connections held and a failover
-(~1.5 min), the ftp class's rollout and the rollback (~1.5 min).
+(~1.5 min), the ftp class's rollout, the refused one and the rollback (~2 min).
 """
 
 from __future__ import annotations
@@ -116,9 +118,16 @@ def pair(lab, artifacts):
     lab.run("lan", "cat > /usr/local/lib/ipvs-fleet-lab/probe.py", input=PROBE.read_text())
     lab.run("lan", "systemctl start lab-probe@rs1 lab-probe@rs2 lab-rs@rs1 lab-rs@rs2")
     for h in DIRECTORS:
-        # no drain, and no ip_vs_ftp (left by an ftp-class run; lvs_director refuses knob 1
-        # beside it)
-        lab.run(h, "echo 0 > /etc/keepalived/drain; modprobe -r ip_vs_ftp")
+        # no drain, no FTP service and no ip_vs_ftp (left by an interrupted ftp-class run;
+        # lvs_director refuses knob 1 beside them), which FTP connections' entries hold for
+        # IPVS's TIME_WAIT
+        lab.run(
+            h,
+            "echo 0 > /etc/keepalived/drain; rm -f /etc/keepalived/conf.d/ftp.conf; "
+            "systemctl reload keepalived; "
+            "timeout 150 sh -c 'until modprobe -r ip_vs_ftp; do sleep 2; done'",
+            timeout=180,
+        )
     wait_for("lvs-a master", lambda: holds_vip(lab, "lvs-a"), 30)
     wait_for(
         "both real servers in the table",
@@ -172,7 +181,11 @@ def test_rollout_through_the_pair_with_a_failover_breaks_no_connection(lab, pair
         mid = h.status()
     result = h.result
     lab.run("lan", "systemctl start lab-probe@rs2")
-    wait_for(f"{KILLED} back", lambda: KILLED in lab.run("lvs-a", "ipvsadm -Ln").stdout, 30)
+    wait_for(
+        f"{KILLED} back in both tables",
+        lambda: all(KILLED in lab.run(d, "ipvsadm -Ln").stdout for d in DIRECTORS),
+        30,
+    )
     after = {h: table(lab, h) for h in DIRECTORS}
     order = sorted(doc["hosts"], key=lambda n: doc["hosts"][n]["wave"])
     probe = reconnects(lab, 20)
@@ -200,12 +213,87 @@ def test_rollout_through_the_pair_with_a_failover_breaks_no_connection(lab, pair
     assert probe["slow"] == 0 and probe["errors"] == 0, probe
 
 
-def test_the_ftp_class_keeps_the_stock_delay_and_the_rollback_restores_the_pair(
-    lab, pair, tmp_path
-):
-    """The pair rolled out as the ftp class (knob 0): a same-port reconnect to the VIP waits
-    for the SYN's retransmission as on a stock director; then the rollback, connections held,
-    leaves the pair as before the first rollout (no fix module, no knob)."""
+def ftp_get(lab) -> dict:
+    """A passive FTP download of probe.bin from `lan` through the VIP, the data connection to
+    the address the 227 reply names (ip_vs_ftp rewrites the real server's to the VIP)."""
+    doc: dict = json.loads(lab.run("lan", ["python3", "-c", FTP_GET, VIP], timeout=60).stdout)
+    return doc
+
+
+# The client aborts its sockets at the end (RST): IPVS then forgets the connections within
+# 10 s (its CLOSE state) instead of 2 min (TIME_WAIT; an unused PASV entry as long), and with
+# them ip_vs_ftp is free to unload for the later tests, whose class refuses knob 1 beside it.
+FTP_GET = """
+import ftplib, hashlib, json, socket, struct, sys, time
+t0, out = time.monotonic(), {}
+ftp = ftplib.FTP(timeout=5)
+ftp.trust_server_pasv_ipv4_address = True
+abort = struct.pack("ii", 1, 0)
+try:
+    ftp.connect(sys.argv[1], 21)
+    ftp.login()
+    ftp.voidcmd("TYPE I")
+    send = ftp.sendcmd  # the transfer's own PASV: another would leave an unused entry
+    ftp.sendcmd = lambda cmd: out.setdefault(cmd.lower(), send(cmd))
+    data = bytearray()
+    with ftp.transfercmd("RETR probe.bin") as conn:
+        while chunk := conn.recv(65536):
+            data += chunk
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, abort)
+    ftp.voidresp()
+    out.update(ok=True, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+except (OSError, ftplib.Error, EOFError) as e:
+    out.update(ok=False, error=f"{type(e).__name__}: {e}")
+finally:
+    if ftp.sock is not None:
+        ftp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, abort)
+    ftp.close()
+out["seconds"] = round(time.monotonic() - t0, 3)
+print(json.dumps(out))
+"""
+
+
+def ftp_service(lab, on: bool) -> None:
+    """The operator's FTP service (lab/pair/director.sh's ftp.conf.lab) added to or removed
+    from keepalived's configuration on both directors, keepalived reloaded."""
+    conf = "/etc/keepalived/conf.d/ftp.conf"
+    edit = f"cp /etc/keepalived/ftp.conf.lab {conf}" if on else f"rm -f {conf}"
+    for d in DIRECTORS:
+        lab.run(d, f"{edit} && keepalived --config-test && systemctl reload keepalived")
+    want = 2 if on else 0
+    wait_for(
+        f"the FTP service with {want} real servers on both directors",
+        lambda: all(len(re.findall(r" -r \S+:21 ", table(lab, d))) == want for d in DIRECTORS),
+        30,
+    )
+
+
+def test_the_ftp_class_serves_ftp_keeps_the_stock_delay_and_refuses_knob_1(lab, pair, tmp_path):
+    """The operator's FTP service on the pair (keepalived, :21 to vsftpd on rs1 and rs2):
+    without ip_vs_ftp the passive reply names an unreachable real server; rolled out as the
+    ftp class (knob 0, ip_vs_ftp among its modules) the transfer works through the VIP and a
+    same-port reconnect waits for the SYN's retransmission as on a stock director; the
+    lvs_director class (knob 1) is then refused beside the FTP service before any director
+    changes; the rollback, connections held, leaves the pair as before (no fix module, no
+    knob) and FTP working."""
+    ftp_service(lab, on=True)
+    try:
+        _ftp_class(lab, pair, tmp_path)
+    finally:
+        ftp_service(lab, on=False)
+        for d in DIRECTORS:
+            # the class's ip_vs_ftp, which the rollback leaves (not the fix module's); the
+            # deploy of lvs_director refuses knob 1 beside it. The FTP connections' entries
+            # hold it until IPVS forgets them.
+            lab.run(
+                d, "timeout 40 sh -c 'until modprobe -r ip_vs_ftp; do sleep 2; done'", timeout=60
+            )
+
+
+def _ftp_class(lab, pair, tmp_path: Path) -> None:
+    want = lab.run("lan", "sha256sum /srv/lab-ftp/probe.bin").stdout.split()[0]
+    before = ftp_get(lab)
+    assert not before["ok"] and "10,0,10,2" in before.get("pasv", ""), before
     # the class comes with the host's data, as a user's inventory gives it; the lab's raised
     # p99 budget of lvs_director (lab_class_data) does not go with it: ftp budgets no p99
     ftp = {
@@ -218,13 +306,39 @@ def test_the_ftp_class_keeps_the_stock_delay_and_the_rollback_restores_the_pair(
         d: lab.run(d, "sysctl -n net.ipv4.vs.conn_reuse_old_conntrack").stdout.strip()
         for d in DIRECTORS
     }
+    got = [ftp_get(lab) for _ in range(2)]  # rr: one transfer from each real server
     stock = reconnects(lab, 3)
     print(
-        f"ftp class (knob {knobs}): {stock['slow']} slow of {stock['count']} same-port "
-        f"reconnects, connect max {stock['connect_ms']['max']} ms"
+        f"ftp class (knob {knobs}): FTP through the VIP before the rollout (no ip_vs_ftp): "
+        f"{before.get('pasv')} {before.get('error')}; after: "
+        + "; ".join(f"{g.get('pasv')} {g.get('size')} bytes in {g['seconds']} s" for g in got)
+        + f"; {stock['slow']} slow of {stock['count']} same-port reconnects, connect max "
+        f"{stock['connect_ms']['max']} ms"
     )
     assert set(knobs.values()) == {"0"}
+    for g in got:
+        assert g["ok"] and g["sha256"] == want and "10,0,9,100," in g["pasv"], g
     assert stock["slow"] >= 1 and stock["connect_ms"]["max"] >= 900, stock
+
+    # the lab's own inventory gives the directors lvs_director: knob 1 beside the FTP service
+    refused = rollout(lab, pair, tmp_path, "knob1")
+    out, _ = refused.communicate(timeout=900)
+    flat = " ".join(out.split())
+    print(f"lvs_director beside the FTP service: exit {refused.returncode}; {flat[-600:]}")
+    assert refused.returncode == 1, out[-4000:]
+    assert "refused: host uses ftp" in flat and "10.0.9.100:21" in flat, out[-4000:]
+    doc = json.loads((tmp_path / "knob1.json").read_text())
+    assert doc["halted_at_wave"] == 1, doc
+    first = doc["plan"][0]["hosts"][0]
+    # the refused director stays on its old, working state: not rolled back (to stock)
+    assert doc["hosts"][first]["journal_state"] == "refused", doc["hosts"]
+    assert {x["state"] for x in doc["hosts"].values()} == {"old"}, doc["hosts"]
+    for d in DIRECTORS:
+        knob = lab.run(d, "sysctl -n net.ipv4.vs.conn_reuse_old_conntrack").stdout.strip()
+        assert knob == "0", f"{d}: the refused rollout changed the knob to {knob}"
+        assert re.search(r"^ip_vs_reuse ", lab.run(d, "lsmod").stdout, re.M), d
+    assert ftp_get(lab)["ok"]
+
     with held(lab, "lan", HELD, f"{VIP}:{ECHO}") as h:
         r = subprocess.run(
             ["pyinfra", "-y", str(lab.inventory_path), "deploy/rollback.py"],
@@ -238,6 +352,13 @@ def test_the_ftp_class_keeps_the_stock_delay_and_the_rollback_restores_the_pair(
     assert h.result["broken"] == 0, h.result
     for d in DIRECTORS:
         assert not re.search(r"^ip_vs_reuse ", lab.run(d, "lsmod").stdout, re.M), d
-        # the ftp class loaded the distro's ip_vs_ftp, which the rollback leaves (not the
-        # fix module's); the deploy of the class lvs_director refuses knob 1 beside it
-        lab.run(d, "modprobe -r ip_vs_ftp")
+    # the rollback's drain hooks moved the VIPs; a connection opened while they move back
+    # meets a director without its entry (not yet synced) and is reset, as on any failover
+    wait_for(
+        "lvs-a master again",
+        lambda: holds_vip(lab, "lvs-a") and not holds_vip(lab, "lvs-b"),
+        30,
+    )
+    time.sleep(2)
+    after = ftp_get(lab)
+    assert after["ok"] and after["sha256"] == want, after
