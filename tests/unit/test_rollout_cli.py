@@ -203,6 +203,8 @@ def test_pyinfra_options_reach_the_runner(cli):
     opts = StubRunner.made[-1].options
     assert opts["pyinfra_args"] == ("--sudo", "--parallel", "3")
     assert opts["data"] == {"ipvs_activation": "next-boot", "ssh_user": "fleet"}
+    # the gate's checks get all of it: a host is judged by the data its deploy got
+    assert opts["gate_data"] == {**opts["data"], "_sudo": "True"}
 
 
 def test_runner_command_lines(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from ipvs_fleet.rollout.report import (
     print_summary,
     write_json,
 )
-from ipvs_fleet.rollout.runner import PyinfraRunner, checks_available, require_pyinfra
+from ipvs_fleet.rollout.runner import PyinfraRunner, require_pyinfra
 from ipvs_fleet.rollout.vrrp import state_reader
 from ipvs_fleet.validation import failure_domains
 
@@ -306,11 +306,6 @@ def _run(
             f"{_when(view.last_ts)}); continue it with --resume, or archive it and start a new "
             "one with --new"
         )
-    if any(str(k).startswith("ipvs_") for k in data) and cfg.gate.checks and checks_available():
-        console.print(
-            "[yellow]note: the checks gate reads the inventory's host data; --data "
-            f"{', '.join(sorted(data))} applies to the pyinfra runs only[/]"
-        )
     log_dir = args.log_dir or jpath.with_suffix(".logs")
     if log_dir == jpath.with_suffix(".logs") and log_dir.is_dir():
         log_dir.chmod(0o700)  # made 0755 by older versions; the logs are the owner's
@@ -339,7 +334,9 @@ def _run(
         rollback_data=cfg.rollback_data,
         data=data,
         pyinfra_args=tuple(pyinfra_args),
-        gate_data=identity,
+        # the checks judge each host by the data its deploy got (a class or knob given
+        # with --data included), reaching it as the deploy does
+        gate_data={**data, **identity},
         use_checks=cfg.gate.checks,
         check_args=cfg.gate.check_args,
         gate_timeout=cfg.gate.timeout_seconds,
