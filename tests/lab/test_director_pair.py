@@ -277,8 +277,9 @@ def test_the_ftp_class_serves_ftp_keeps_the_stock_delay_and_refuses_knob_1(lab, 
     ftp class (knob 0, ip_vs_ftp among its modules) the transfer works through the VIP and a
     same-port reconnect waits for the SYN's retransmission as on a stock director; the
     lvs_director class (knob 1) is then refused beside the FTP service before any director
-    changes; the rollback, connections held, leaves the pair as before (no fix module, no
-    knob) and FTP working."""
+    changes; pyinfra's rollback of both directors in one run is refused (one failure domain);
+    the rollback one director at a time, connections held, leaves the pair as before (no fix
+    module, no knob) and FTP working."""
     ftp_service(lab, on=True)
     try:
         _ftp_class(lab, pair, tmp_path)
@@ -342,16 +343,26 @@ def _ftp_class(lab, pair, tmp_path: Path) -> None:
         assert re.search(r"^ip_vs_reuse ", lab.run(d, "lsmod").stdout, re.M), d
     assert ftp_get(lab)["ok"]
 
-    with held(lab, "lan", HELD, f"{VIP}:{ECHO}") as h:
-        r = subprocess.run(
-            ["pyinfra", "-y", str(lab.inventory_path), "deploy/rollback.py"],
+    def rollback(*limit: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["pyinfra", "-y", str(lab.inventory_path), "deploy/rollback.py", *limit],
             cwd=REPO,
             env={**pair, "PATH": f"{CLI.parent}:{pair['PATH']}"},
             capture_output=True,
             text=True,
             timeout=900,
         )
-        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    # pyinfra on both directors at once would drain and unload them together: refused
+    r = rollback()
+    flat = " ".join(r.stderr.split())
+    assert r.returncode != 0 and "ipvs_failure_domain director_pair: this run" in flat, flat
+    for d in DIRECTORS:
+        assert re.search(r"^ip_vs_reuse ", lab.run(d, "lsmod").stdout, re.M), d
+    with held(lab, "lan", HELD, f"{VIP}:{ECHO}") as h:
+        for d in ("lvs-b", "lvs-a"):  # one member per run, the backup first
+            r = rollback("--limit", d)
+            assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert h.result["broken"] == 0, h.result
     for d in DIRECTORS:
         assert not re.search(r"^ip_vs_reuse ", lab.run(d, "lsmod").stdout, re.M), d

@@ -75,6 +75,7 @@ class FakeHost:
     files: bool = False  # the managed files written and their backups kept
     usage: list[str] = field(default_factory=list)  # IpvsUsage output lines
     unloaded: tuple[str, ...] = ()  # class modules not loaded, whatever `loaded` says
+    data: dict[str, Any] = field(default_factory=dict)  # more host data
 
     def loaded_rows(self) -> list[str]:
         """IpvsLoadedModules rows (tests.fixtures.loaded) of the loaded modules."""
@@ -206,10 +207,13 @@ def fleet(tmp_path):
         env: dict[str, str] | None = None,
         stdin: str | None = None,
     ) -> Run:
-        spec = {
+        spec: dict[str, Any] = {
             "groups": groups or {"fleet": list(hosts)},
             "hosts": {
-                n: {"data": {"ipvs_host_class": h.host_class}, "responses": h.responses()}
+                n: {
+                    "data": {"ipvs_host_class": h.host_class, **h.data},
+                    "responses": h.responses(),
+                }
                 for n, h in hosts.items()
             },
         }
@@ -521,3 +525,28 @@ def test_a_plan_reports_each_refusal_and_plans_the_other_hosts(fleet):
     assert plans["@fake/drifted"].ok
     assert plans["@fake/drifted"].changes == ["set net.ipv4.vs.conntrack = 1 (live 0)"]
     assert plans["@fake/ok"].ok and plans["@fake/ok"].changes == []
+
+
+@pytest.mark.parametrize("deploy", ["deploy.py", ROLLBACK])
+def test_a_run_taking_both_members_of_a_failure_domain_is_refused(fleet, deploy):
+    """pyinfra runs each operation on all its hosts at once: both directors of a pair would
+    drain and activate together. The run is refused before any operation, naming the
+    domain and its members; one member per run goes, and so does the rollout's plan of all
+    hosts (it puts the members in waves of their own)."""
+    pair = {"ipvs_failure_domain": "pair-1"}
+
+    def hosts() -> dict[str, FakeHost]:
+        return {n: FakeHost(data=pair) for n in ("lvs-a", "lvs-b")} | {"other": FakeHost()}
+
+    r = fleet(hosts(), "-y", "-vv", deploy=deploy)
+    assert r.rc != 0
+    flat = " ".join(ANSI.sub("", r.stderr).split())
+    assert re.search(
+        r"host @fake/lvs-(a|b): ipvs_failure_domain pair-1: this run also takes @fake/lvs-(b|a);",
+        flat,
+    ), flat[-2000:]
+    assert "Starting operation" not in flat  # refused while preparing: nothing ran
+    one = fleet(hosts(), "--limit", "@fake/lvs-a", "--dry", "--json", deploy=deploy)
+    assert one.rc == 0, one.stderr[-2000:]
+    planned = fleet(hosts(), "--dry", "--json", env={"IPVS_FLEET_DOMAINS": "planned"})
+    assert planned.rc == 0, planned.stderr[-2000:]

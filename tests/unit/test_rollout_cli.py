@@ -229,7 +229,7 @@ def test_runner_command_lines(tmp_path, monkeypatch):
     r.rollback(["a"], noop)
     r.gate(["a"], noop)
     plans = r.plan(["a"], noop)
-    (deploy, denv), (rollback, _), (verify, _), (plan, penv) = seen
+    (deploy, denv), (rollback, renv), (verify, _), (plan, penv) = seen
     assert deploy[1:4] == ["-y", "--json", "--sudo"]
     assert deploy[-6:-2] == ["--data", "x=1", "--data", "_timeout=900"]
     assert "ipvs_activation=next-boot" in deploy
@@ -241,8 +241,10 @@ def test_runner_command_lines(tmp_path, monkeypatch):
     assert "--sudo" in verify and verify[-1].endswith("verify_deploy.py")
     # the plan: pyinfra's dry run WITH change detection (no -y), refusals reported per host
     assert "-y" not in plan and "--dry" in plan and "--json" in plan
-    # the deploy too: a refused host fails alone, untouched, and its wave goes on
-    assert penv == denv == {"A": "1", "IPVS_FLEET_PREFLIGHT": "report"}
+    # the deploy too: a refused host fails alone, untouched, and its wave goes on; every run
+    # leaves failure domains to the rollout's waves
+    planned = {"A": "1", "IPVS_FLEET_DOMAINS": "planned"}
+    assert penv == denv == {**planned, "IPVS_FLEET_PREFLIGHT": "report"} and renv == planned
     assert plans == {"a": PlannedHost()}
 
 

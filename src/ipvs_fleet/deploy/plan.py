@@ -47,6 +47,10 @@ ARTIFACTS = Path(os.environ.get("IPVS_FLEET_ARTIFACTS", workdir() / "artifacts")
 # $IPVS_FLEET_PREFLIGHT=report: a refused host fails alone (a plan), instead of the run.
 PREFLIGHT_ENV = "IPVS_FLEET_PREFLIGHT"
 REFUSED = "refused: "
+DOMAIN_KEY = "ipvs_failure_domain"
+# $IPVS_FLEET_DOMAINS=planned: the caller (ipvs-fleet rollout) never runs two members of a
+# failure domain at once; a run holding both is then its plan of all hosts.
+DOMAINS_ENV = "IPVS_FLEET_DOMAINS"
 
 
 class DeployRefused(PyinfraError):
@@ -86,6 +90,27 @@ def check_host_keys(host: Host) -> None:
     why = unchecked(host.name, host.data.get(KEY), host.data.get("ssh_known_hosts_file"))
     if why:
         raise DeployRefused(why)
+
+
+def check_failure_domain(host: Host) -> None:
+    """DeployRefused when this run takes another member of the host's failure domain too
+    (host data ipvs_failure_domain): pyinfra runs each operation on all its hosts at once, so
+    both directors of a pair would drain and activate together."""
+    domain = host.data.get(DOMAIN_KEY)
+    if not domain or os.environ.get(DOMAINS_ENV) == "planned":
+        return
+    real = host._get_module() if isinstance(host, ContextObject) else host
+    others = sorted(
+        h.name
+        for h in real.state.activated_hosts
+        if h is not real and h.data.get(DOMAIN_KEY) == domain
+    )
+    if others:
+        raise DeployRefused(
+            f"host {host.name}: {DOMAIN_KEY} {domain}: this run also takes {', '.join(others)}; "
+            "a failure domain is changed one member at a time: `ipvs-fleet rollout` (backup "
+            "first), or one run per member with --limit"
+        )
 
 
 def settings_for(host: Host) -> HostSettings:
@@ -285,6 +310,7 @@ def check_sudo(host: Host) -> bool:
 
 def _plan_host(host: Host) -> HostPlan | None:
     check_host_keys(host)  # before anything is read from or decided for the host
+    check_failure_domain(host)
     settings = settings_for(host)  # policy errors first: they need no fact
     if not check_sudo(host):
         return None

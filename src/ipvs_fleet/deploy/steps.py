@@ -15,6 +15,7 @@ from pyinfra.api import deploy
 from ipvs_fleet.deploy import operations as ipvs
 from ipvs_fleet.deploy.plan import (
     HostPlan,
+    check_failure_domain,
     check_host_keys,
     check_sudo,
     plan_host,
@@ -102,6 +103,7 @@ def rollback() -> None:
     """The knob to 0, the fix module unloaded (IPVS stays), its files and the previous
     config files back, verified: the knob is gone."""
     check_host_keys(host)  # a host reached trusting a new key gets no operation
+    check_failure_domain(host)
     settings = settings_for(host)
     if not check_sudo(host):
         return  # lost while its facts were read: failed, no operation

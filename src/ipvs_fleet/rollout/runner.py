@@ -49,8 +49,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 GENERIC_ERROR = re.compile(r"^Error: executed \d+ commands?\b")
 # What the deploy says in a preview, and how a plan asks it to report refusals one host at a
 # time (ipvs_fleet.deploy: operations.WILL, plan.REFUSED, plan.PREFLIGHT_ENV; not imported:
-# the controller stays free of pyinfra).
+# the controller stays free of pyinfra). DOMAINS_ENV (plan.DOMAINS_ENV): the rollout plans
+# failure domains itself (never two members in one wave), so a plan of all hosts at once
+# is not refused for holding a pair.
 WILL, REFUSED, PREFLIGHT_ENV = "will ", "refused: ", "IPVS_FLEET_PREFLIGHT"
+DOMAINS_ENV = "IPVS_FLEET_DOMAINS"
 
 Progress = Callable[[str, str], None]  # (host or "", step)
 
@@ -307,11 +310,11 @@ class PyinfraRunner:
         if self.host_command_timeout and not dry:
             # pyinfra reads a global argument's default from host data: every command
             cmd += ["--data", f"_timeout={int(self.host_command_timeout)}"]
-        env = self.env
+        env = {**(self.env if self.env is not None else os.environ), DOMAINS_ENV: "planned"}
         if dry or what == "deploy":
             # A refused host fails alone, untouched (the others of its wave go on), and says
             # so: the wave counts it failed, its rollback leaves it alone.
-            env = {**(self.env if self.env is not None else os.environ), PREFLIGHT_ENV: "report"}
+            env[PREFLIGHT_ENV] = "report"
         t0 = time.monotonic()
 
         def on_line(line: str) -> None:
@@ -323,10 +326,14 @@ class PyinfraRunner:
             if hm and hm.group(1) in hosts:
                 progress(hm.group(1), hm.group(2).strip()[:80])
 
-        with overlaid(self.inventory, secret, env) as (inventory, env):
+        with overlaid(self.inventory, secret, env) as (inventory, child_env):
             cmd += [str(inventory), str(deploy_file)]
             rc, out, err = run_child(
-                cmd, env=env, on_line=on_line, log_path=self._log(what), secrets=self.secrets
+                cmd,
+                env=child_env,
+                on_line=on_line,
+                log_path=self._log(what),
+                secrets=self.secrets,
             )
         secs = time.monotonic() - t0
         doc: dict[str, Any] = {}
