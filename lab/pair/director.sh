@@ -27,6 +27,24 @@ iptables -w -t nat -C POSTROUTING -s 10.0.10.0/24 -o eth0 -j MASQUERADE 2>/dev/n
 sysctl -qw net.netfilter.nf_conntrack_tcp_be_liberal=1
 echo 0 > /etc/keepalived/drain
 mkdir -p /etc/keepalived/conf.d
+# the VRRP instance in an included file, as many directors have it (keepalived.conf includes
+# conf.d/*.conf): the rollout's VRRP read and the checks expand includes as keepalived does
+cat > /etc/keepalived/conf.d/vrrp.conf <<CONF
+vrrp_instance VI_1 {
+    state BACKUP
+    interface eth1
+    virtual_router_id 51
+    priority $prio
+    advert_int 1
+    track_file {
+        drain weight 1
+    }
+    virtual_ipaddress {
+        10.0.9.100/24 dev eth1
+        10.0.10.1/24 dev eth1
+    }
+}
+CONF
 cat > /etc/keepalived/ftp.conf.lab <<CONF
 virtual_server 10.0.9.100 21 {
     delay_loop 2
@@ -57,21 +75,6 @@ global_defs {
 
 vrrp_track_file drain {
     file /etc/keepalived/drain
-}
-
-vrrp_instance VI_1 {
-    state BACKUP
-    interface eth1
-    virtual_router_id 51
-    priority $prio
-    advert_int 1
-    track_file {
-        drain weight 1
-    }
-    virtual_ipaddress {
-        10.0.9.100/24 dev eth1
-        10.0.10.1/24 dev eth1
-    }
 }
 
 virtual_server 10.0.9.100 80 {

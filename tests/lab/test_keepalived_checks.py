@@ -36,7 +36,8 @@ STRAY = "192.0.2.99:443"  # a service keepalived does not configure (TEST-NET-1)
 def director(lab: Any, host: str) -> ka.Director:
     kf = ka.parse_section(lab.run(host, ka.COMMAND).stdout.splitlines())
     assert kf is not None, f"{host}: keepalived is not configured"
-    return ka.director(kf, None)
+    # the pair's VRRP instance is in an included file, read as the checks read it
+    return ka.director(kf, ka.remote_reader(lambda cmd: lab.run(host, cmd)))
 
 
 def role(lab: Any, host: str) -> str:

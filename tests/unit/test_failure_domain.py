@@ -10,6 +10,7 @@ addresses over SSH: tests/lab/test_pair_rollout.py); these tests pin the decisio
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,13 @@ from ipvs_fleet.rollout.domains import DomainOrder, domain_problems, vrrp_order
 from ipvs_fleet.rollout.engine import COMPLETED, HALTED, Rollout
 from ipvs_fleet.rollout.journal import Journal, read_journal
 from ipvs_fleet.rollout.runner import Outcome, PlannedHost, Progress, StepResult
-from ipvs_fleet.rollout.vrrp import ROLE_MARK, VrrpState, parse_vips, vrrp_state
+from ipvs_fleet.rollout.vrrp import (
+    ROLE_MARK,
+    VrrpState,
+    parse_vips,
+    role_command,
+    vrrp_state,
+)
 from ipvs_fleet.validation import failure_domains
 
 PAIR = {"lvs-a": "pair", "lvs-b": "pair"}
@@ -131,6 +138,42 @@ def test_vrrp_state_from_the_probe_output():
     assert st.held == {"VI_1": "none", "VI_2": "none"} and not st.master
     assert vrrp_state(CONF + ROLE_MARK + "\n" + addrs("10.0.9.100")).held["VI_1"] == "part"
     assert "no virtual_ipaddress" in vrrp_state("global_defs {\n}\n" + ROLE_MARK + "\n").error
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_the_read_expands_includes_in_place_as_keepalived(tmp_path, shell):
+    """Instances in included files (a glob relative to the including file's directory, an
+    absolute path, nested) are read; a last line without newline too; an include loop is an
+    error, not a hang."""
+    (tmp_path / "conf.d" / "sub").mkdir(parents=True)
+    (tmp_path / "keepalived.conf").write_text(
+        "global_defs {\n  router_id x  # include nothing\n}\n"
+        "include conf.d/*.conf\n"
+        f"include {tmp_path}/other.conf"  # no newline at the end
+    )
+    (tmp_path / "conf.d" / "10-vi1.conf").write_text(
+        "vrrp_instance VI_1 {\n  virtual_ipaddress {\n    10.0.9.100/24 dev eth1\n"
+        "    include sub/vips\n  }\n}\n"
+    )
+    (tmp_path / "conf.d" / "sub" / "vips").write_text("10.0.10.1/24 dev eth1\n")
+    (tmp_path / "conf.d" / "20-none.conf.disabled").write_text("vrrp_instance VI_9 {\n}\n")
+    (tmp_path / "other.conf").write_text(
+        "vrrp_instance VI_2 {\n  virtual_ipaddress {\n    192.0.2.7\n  }\n}\n"
+    )
+    cmd = role_command(str(tmp_path / "keepalived.conf"))
+    r = subprocess.run([shell, "-c", cmd], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert parse_vips(r.stdout.partition(ROLE_MARK)[0]) == {
+        "VI_1": ("10.0.9.100", "10.0.10.1"),
+        "VI_2": ("192.0.2.7",),
+    }
+    (tmp_path / "conf.d" / "30-loop.conf").write_text("include 30-loop.conf\n")
+    r = subprocess.run([shell, "-c", cmd], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "include nested deeper than 8" in r.stderr
+    assert ROLE_MARK not in r.stdout
+    missing = role_command(str(tmp_path / "nothing.conf"))
+    r = subprocess.run([shell, "-c", missing], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and ROLE_MARK not in r.stdout
 
 
 def state(*held_vi1: str) -> VrrpState:

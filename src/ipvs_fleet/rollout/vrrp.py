@@ -2,9 +2,12 @@
 
 The VIPs are the `virtual_ipaddress` blocks of each `vrrp_instance` of the host's own
 /etc/keepalived/keepalived.conf (not inventory data, which could drift from what keepalived
-runs); the held addresses are `ip -o addr show`'s. A host holding all VIPs of an instance is
-its master. This is a deliberately tiny reader (blocks and first words only; no `include`,
-no `@` conditionals): the full parser is ipvs_fleet.keepalived.config's.
+runs, its `include`s expanded on the host); the held addresses are `ip -o addr show`'s. A
+host holding all VIPs of an instance is its master. This is a deliberately tiny reader
+(blocks and first words only; no `@` conditionals): the full parser is
+ipvs_fleet.keepalived.config's. The includes are expanded by the host in the one command
+(the Ansible role gets one command's output, the rollout one round trip per member); the
+checks, which name files and lines, read them file by file (compliance.keepalived).
 
     >>> vrrp_state(run(ROLE_COMMAND)).master
     True
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -21,8 +25,33 @@ from typing import Any
 
 CONF = "/etc/keepalived/keepalived.conf"
 ROLE_MARK = "@@ipvs-fleet-addrs@@"
-# keepalived.conf (readable by root: run as the deploy runs), a mark, the host's addresses
-ROLE_COMMAND = f"cat {CONF} && echo {ROLE_MARK} && ip -o addr show"
+MAX_INCLUDE_DEPTH = 8
+
+
+def role_command(conf: str = CONF) -> str:
+    """keepalived.conf with its `include`s expanded in place (glob, relative to the including
+    file's directory, as keepalived; readable by root: run as the deploy runs), a mark, the
+    host's addresses. POSIX sh, no process per line."""
+    return f"""ipvs_fleet_conf() (
+  file=$1 depth=$2 dir=${{1%/*}}
+  while IFS= read -r line || [ -n "$line" ]; do
+    set -f; set -- ${{line%%[#!]*}}; set +f
+    if [ "${{1-}}" = include ] && [ -n "${{2-}}" ]; then
+      [ "$depth" -lt {MAX_INCLUDE_DEPTH} ] || {{
+        echo "$file: include nested deeper than {MAX_INCLUDE_DEPTH}" >&2; exit 3; }}
+      case $2 in /*) pat=$2 ;; *) pat=$dir/$2 ;; esac
+      for f in $pat; do
+        [ ! -f "$f" ] || ipvs_fleet_conf "$f" $((depth + 1)) || exit $?
+      done
+    else
+      printf '%s\\n' "$line"
+    fi
+  done < "$file"
+)
+ipvs_fleet_conf {shlex.quote(conf)} 0 && echo {ROLE_MARK} && ip -o addr show"""
+
+
+ROLE_COMMAND = role_command()
 ALL, NONE, PART = "all", "none", "part"
 _COMMENT = re.compile(r"[#!].*$")
 _INET = re.compile(r"\binet6?\s+(\S+)")
