@@ -12,7 +12,7 @@ import pytest
 
 from ipvs_fleet.errors import FleetError
 from ipvs_fleet.probe import cells, kernel, modules, probe, scenarios
-from ipvs_fleet.probe.cli import parse_counts
+from ipvs_fleet.probe.cli import parse_counts, parse_sysctls
 from ipvs_fleet.probe.harness import (
     Plan,
     cell_label,
@@ -324,6 +324,10 @@ def test_kernel_warnings_filter() -> None:
 
 def test_plan_validation_and_counts() -> None:
     assert parse_counts("A=200, B=10") == {"A": 200, "B": 10}
+    assert parse_sysctls(["conn_lfactor=4", "conn_max=-1"]) == {"conn_lfactor": 4, "conn_max": -1}
+    for bad in ("conn_lfactor", "conn_lfactor=x"):
+        with pytest.raises(FleetError, match="is not NAME=INT"):
+            parse_sysctls([bad])
     with pytest.raises(FleetError):
         Plan(scenarios={"Z": 1})
     with pytest.raises(FleetError):
@@ -344,6 +348,10 @@ def test_plan_validation_and_counts() -> None:
         ({"ftp": True, "family": 6}, "ftp runs only with ruleset minimal"),
         ({"settle": -1.0}, "settle must be 0..30"),
         ({"scenarios": {"A": -3}}, "attempts must be a count"),
+        ({"ipvs_sysctls": {"conn_reuse_old_conntrack": 1}}, "not an IPVS sysctl name"),
+        ({"ipvs_sysctls": {"../../kernel/x": 1}}, "not an IPVS sysctl name"),
+        ({"ipvs_sysctls": {"conn_lfactor": "4"}}, "conn_lfactor must be an integer"),
+        ({"ipvs_sysctls": {"conn_lfactor": True}}, "conn_lfactor must be an integer"),
     ],
 )
 def test_plan_rejects_unknown_cells_clearly(kw: dict[str, object], message: str) -> None:

@@ -53,6 +53,13 @@ def add_parser(subparsers: Any) -> None:
     )
     s.add_argument("--knob", type=int, choices=(0, 1), help="conn_reuse_old_conntrack")
     s.add_argument(
+        "--sysctl",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="another net.ipv4.vs sysctl of the director netns, e.g. conn_lfactor=4 (repeatable)",
+    )
+    s.add_argument(
         "--ruleset",
         choices=RULESETS,
         default="minimal",
@@ -104,17 +111,25 @@ def parse_counts(text: str) -> dict[str, int]:
     return out
 
 
+def parse_sysctls(items: list[str]) -> dict[str, int]:
+    """[`conn_lfactor=4`] -> {"conn_lfactor": 4}."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise ConfigError(f"--sysctl: {item!r} is not NAME=INT")
+    return out
+
+
 def _cmd_scenario(args: argparse.Namespace) -> int:
     from ipvs_fleet.lab.lab import Lab
     from ipvs_fleet.probe.harness import Guest, Plan, summarize
 
-    guest = Guest(Lab(args.lab_dir), args.host)
-    if args.modules == "stock":
-        guest.load_modules(None)
-    elif args.modules in ("module", "patched"):
-        from ipvs_fleet.build.artifact import load_artifact
-
-        guest.load_modules(load_artifact(args.artifacts, guest.kernel_release))
+    # bad input is refused before the host is touched
     plan = Plan(
         rule=args.rule,
         knob=args.knob,
@@ -126,7 +141,15 @@ def _cmd_scenario(args: argparse.Namespace) -> int:
         iptables=args.iptables,
         client=args.client,
         family=args.family,
+        ipvs_sysctls=parse_sysctls(args.sysctl),
     )
+    guest = Guest(Lab(args.lab_dir), args.host)
+    if args.modules == "stock":
+        guest.load_modules(None)
+    elif args.modules in ("module", "patched"):
+        from ipvs_fleet.build.artifact import load_artifact
+
+        guest.load_modules(load_artifact(args.artifacts, guest.kernel_release))
     result = guest.run_plan(plan)
     text = json.dumps(result, indent=1)
     if args.json:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class Plan:
       flushes its connections (and their conntrack entries) within milliseconds: B2 and U
       see the stock drop only while racing it (settle 0); kube-proxy deletes endpoints long
       before a client's next packet, which `settle` of a few tenths of a second models
+    + ipvs_sysctls: more net.ipv4.vs sysctls of the director netns, {name: int} (e.g.
+      conn_lfactor, whose growth points race a reuse on 7.2: bench/resize_race.py)
     + hold_flush: B2 and U delete the server with `expire_nodest_conn` 0 around the
       deletion, so no flush is queued and the measured packet meets the old connection every
       time (racing it, the outcome depends on the host's load under TCG and the kernel's
@@ -84,6 +87,7 @@ class Plan:
     family: int = 4
     settle: float = 0.0
     hold_flush: bool = False
+    ipvs_sysctls: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rule not in ("drop", "accept"):
@@ -106,6 +110,14 @@ class Plan:
                 "ftp runs only with ruleset minimal, family 4, client outside "
                 f"(not {self.ruleset}, {self.family}, {self.client})"
             )
+        for k, v in self.ipvs_sysctls.items():
+            if not re.fullmatch(r"[a-z][a-z_]{0,39}", k) or k == "conn_reuse_old_conntrack":
+                raise FleetError(
+                    f"ipvs_sysctls: {k!r} is not an IPVS sysctl name here "
+                    "(the knob has its own setting, --knob)"
+                )
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise FleetError(f"ipvs_sysctls: {k} must be an integer, not {v!r}")
         if not 0 <= self.settle <= 30:
             raise FleetError(f"settle must be 0..30 seconds, not {self.settle!r}")
         neg = [s for s, n in self.scenarios.items() if not isinstance(n, int) or n < 0]

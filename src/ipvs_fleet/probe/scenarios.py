@@ -404,7 +404,11 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
     settle = float(plan.get("settle", 0.0))
     hold_flush = bool(plan.get("hold_flush", False))
     topo = topology.Topology(
-        cell, plan.get("knob"), float(plan.get("hold", 10)), plan.get("ipvs_edits", "sockopt")
+        cell,
+        plan.get("knob"),
+        float(plan.get("hold", 10)),
+        plan.get("ipvs_edits", "sockopt"),
+        plan.get("ipvs_sysctls") or {},
     )
     out: dict[str, Any] = {
         "plan": plan,

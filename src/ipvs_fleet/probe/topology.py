@@ -121,6 +121,7 @@ class Topology:
         knob: int | None,
         hold: float = 10.0,
         ipvs_edits: str = "sockopt",
+        ipvs_sysctls: dict[str, int] | None = None,
     ) -> None:
         if isinstance(cell, str):  # the old signature: the minimal ruleset's rule
             cell = cells.Cell(rule=cell)
@@ -128,6 +129,7 @@ class Topology:
         self.rid = f"{os.getpid() % 1000:03d}{int(time.time() * 10) % 10000:04d}"
         self.cell, self.knob, self.hold = cell, knob, hold
         self.ipvs_edits = ipvs_edits
+        self.ipvs_sysctls = dict(ipvs_sysctls or {})
         self.rule = cell.rule
         self.lay = cells.cell_layout(cell.ruleset, cell.client, cell.family, self.rid)
         self.ns = {k: f"{modules.NETNS_PREFIX}{self.rid}{k}" for k in ("c", "p", "d", "r1", "r2")}
@@ -183,7 +185,10 @@ class Topology:
         kernel.sh("ip -batch -", input="\n".join(top) + "\n")
         for ns in [n["d"], *(v for v in n.values() if v != n["d"])]:
             kernel.sh(f"ip {six}-n {ns} -batch -", input="\n".join(per_ns[ns]) + "\n")
-        sysctls = dict(cells.K8S_SYSCTLS if lay.k8s else cells.SYSCTLS)
+        sysctls = {**(cells.K8S_SYSCTLS if lay.k8s else cells.SYSCTLS), **self.ipvs_sysctls}
+        missing = [k for k in self.ipvs_sysctls if not os.path.exists(f"/proc/sys/net/ipv4/vs/{k}")]
+        if missing:
+            raise cells.Failed(f"ipvs_sysctls: net.ipv4.vs.{missing[0]} does not exist here")
         if self.knob is not None:
             if not os.path.exists(f"/proc/sys/net/ipv4/vs/{cells.KNOB}"):
                 raise cells.Failed(
