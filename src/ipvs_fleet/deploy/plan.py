@@ -92,6 +92,12 @@ def check_host_keys(host: Host) -> None:
         raise DeployRefused(why)
 
 
+def _real(host: Host) -> Host:
+    """The Host behind pyinfra's context proxy (its state and identity), or `host` itself."""
+    real: Host = host._get_module() if isinstance(host, ContextObject) else host
+    return real
+
+
 def check_failure_domain(host: Host) -> None:
     """DeployRefused when this run takes another member of the host's failure domain too
     (host data ipvs_failure_domain): pyinfra runs each operation on all its hosts at once, so
@@ -99,7 +105,7 @@ def check_failure_domain(host: Host) -> None:
     domain = host.data.get(DOMAIN_KEY)
     if not domain or os.environ.get(DOMAINS_ENV) == "planned":
         return
-    real = host._get_module() if isinstance(host, ContextObject) else host
+    real = _real(host)
     others = sorted(
         h.name
         for h in real.state.activated_hosts
@@ -255,7 +261,7 @@ def read_facts(host: Host, read: Callable[[], T]) -> T | None:
     a host lost after connecting is no reason to abort the others (as a host that does not
     connect at all is not): it is marked failed, gets no operation, and the run exits 1.
     """
-    real = host._get_module() if isinstance(host, ContextObject) else host
+    real = _real(host)
     try:
         value = read()
     except CONNECTION_LOST as e:
@@ -292,7 +298,7 @@ def plan_host(host: Host) -> HostPlan | None:
         if not refusals_reported():
             raise
         logger.error(f"{host.print_prefix}{REFUSED}{e}")
-        real = host._get_module() if isinstance(host, ContextObject) else host
+        real = _real(host)
         real.state.fail_hosts({real})
         return None
 
