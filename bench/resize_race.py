@@ -14,8 +14,11 @@ first, and the request goes to the old real server (connected, then no answer). 
 alternate two sides on the same VM: the default load factor (the baseline; growth during the
 run) and `conn_lfactor=4` (256 << 4 = 4,096 connections before the first growth: none in the
 run). Scenario B (real server set to weight 0, the client gone) under the kube-proxy ruleset,
-knob=1 when the fix module is loaded (`--artifacts`), else the stock modules. Prints the
-failed reconnects per side, the attempt indices where they failed, and the ratio.
+knob=1 when the fix module is loaded (`--artifacts`), else the stock modules; with
+`--upstream`, the upstream series' patched IPVS set (build variant `upstream`, from
+`--artifacts`) in place of the stack, bit 3 of conn_reuse_mode set (5), to measure the series'
+fix of this race (patch 0002). Prints the failed reconnects per side, the attempt indices where
+they failed, and the ratio.
 """
 
 from __future__ import annotations
@@ -42,34 +45,54 @@ def main() -> int:
     ap.add_argument("--artifacts", type=Path, help="the fix module's artifacts (knob=1)")
     ap.add_argument("--attempts", type=int, default=300, help="B reconnects per run")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument(
+        "--upstream", action="store_true", help="the series' patched set (--artifacts/variants)"
+    )
     ap.add_argument("--json", type=Path, help="write the result here")
     args = ap.parse_args()
     g = Guest(Lab(args.lab_dir), args.host)
-    fix = load_artifact(args.artifacts, g.kernel_release) if args.artifacts else None
-    g.load_modules(fix)
-    out: dict[str, dict[str, list[int]]] = {s: {"failed_at": [], "runs": []} for s in SIDES}
+    if args.upstream and not args.artifacts:
+        ap.error("--upstream needs --artifacts (the folder its variants/ are under)")
+    extra: dict[str, int] = {}
+    if args.upstream:
+        fix = load_artifact(args.artifacts, g.kernel_release, "upstream")
+        g.load_modules(fix, knob=False)
+        extra = {"conn_reuse_mode": 5}  # bit 3: the series' kill before conntrack
+    else:
+        fix = load_artifact(args.artifacts, g.kernel_release) if args.artifacts else None
+        g.load_modules(fix)
+    out: dict[str, dict[str, list[int]]] = {
+        s: {"failed_at": [], "runs": [], "slow": []} for s in SIDES
+    }
     for i in range(args.rounds):
         for side in list(SIDES)[i % 2 :] + list(SIDES)[: i % 2]:
             plan = Plan(
                 rule="drop",
-                knob=1 if fix else None,
+                knob=1 if fix and not args.upstream else None,
                 scenarios={"B": args.attempts},
                 ruleset="kube-proxy",
-                ipvs_sysctls=SIDES[side],
+                ipvs_sysctls={**SIDES[side], **extra},
             )
             b = g.run_plan(plan)["scenarios"]["B"]
             failed = [a["index"] for a in b["attempts"] if a["error"]]
             out[side]["failed_at"] += failed
             out[side]["runs"].append(len(failed))
-            print(f"round {i + 1} {side:<15} {len(failed)} failed at {failed}", flush=True)
+            out[side]["slow"].append(b["slow"])
+            print(
+                f"round {i + 1} {side:<15} {len(failed)} failed at {failed}, {b['slow']} slow",
+                flush=True,
+            )
     total = args.rounds * args.attempts
     base = len(out["default"]["failed_at"])
     for side, r in out.items():
         n = len(r["failed_at"])
         ratio = f"{n / base:.2f}" if base else "-"
-        print(f"{side:<15} {n} of {total} failed (ratio to default {ratio})")
+        slow = sum(r["slow"])
+        print(f"{side:<15} {n} of {total} failed (ratio to default {ratio}), {slow} slow")
     if args.json:
-        args.json.write_text(json.dumps({"kernel": g.kernel_release, **out}, indent=1) + "\n")
+        modules = "upstream series set" if args.upstream else "fix module" if fix else "stock"
+        doc = {"kernel": g.kernel_release, "modules": modules, **out}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The upstream series' kselftest (`kernel/upstream/0002`, ipvs_conn_reuse.sh) in the lab VM of
+"""The upstream series' kselftest (`kernel/upstream/0003`, ipvs_conn_reuse.sh) in the lab VM of
 the series' kernel line (kernel.UPSTREAM_LINE, 7.2: lab/fleet-7.2.yml, `make test-7.2`).
 
 The selftest is taken from the series itself: its patch is applied to the selftests folder of
