@@ -696,3 +696,58 @@ def test_the_state_is_read_again_by_a_task_after_each_change_not_by_a_handler():
     assert set(rereads) == {"install.yml", "activate.yml", "sysctls.yml", "rollback.yml"}
     # a phase skipped by its tag registered nothing: not changed
     assert all(" | default({}) is changed" in w for w in rereads.values()), rereads
+
+
+# The rollout play's serial: the rollout policy's waves, or ipvs_fleet_serial, checked.
+
+
+def test_waves_default_to_the_rollout_policy_with_the_canary_group_counted():
+    from ipvs_fleet.rollout.config import load_config
+
+    policy = [str(w) for w in load_config().waves]
+    assert policy[0] == "canary"  # the shipped policy starts with the canary group
+    got = F.waves("", 2)
+    assert got[0] == 2 and [str(w) for w in got[1:]] == policy[1:]
+    assert F.waves(None, 0) == got[1:]  # no canary host: the group wave is left out
+    assert F.waves([1, "50%", "100%"], 1) == [1, "50%", "100%"]
+    assert F.waves("3", 1) == [3]  # -e ipvs_fleet_serial=3 arrives as text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "ipvs_fleet_serial[0]: a host count must be at least 1, got 0"),
+        ("0", "ipvs_fleet_serial[0]: a host count must be at least 1, got 0"),
+        ([1, "0%"], "ipvs_fleet_serial[1]: '0%': a percentage must be 1%..100%"),
+        ([1, "all"], "ipvs_fleet_serial[1]: group 'all': the site playbook takes only"),
+        ([{"hosts": 1, "soak_seconds": 60}], "ipvs_fleet_serial[0]: per-wave max_fail_percent"),
+        (["canary"], "ipvs_fleet_serial: no wave but the canary group, and it has no hosts"),
+    ],
+)
+def test_waves_refuse_what_would_skip_the_canary_or_cannot_be_done(value, message):
+    with pytest.raises(F.FleetError, match=re.escape(message)):
+        F.waves(value, 0)
+
+
+def test_a_serial_of_0_stops_the_site_playbook_before_any_host(tmp_path):
+    """Ansible takes `serial: 0` as every host at once: the preflight refuses it first."""
+    inv = tmp_path / "inv.yml"
+    host = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+        "ipvs_host_class": "k8s_node",
+    }
+    inv.write_text(json.dumps({"all": {"hosts": {"solo": host}}}))
+    r = subprocess.run(
+        [str(PLAYBOOK), "-i", str(inv), "ipvs_fleet.fleet.site", "-e", "ipvs_fleet_serial=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "ipvs_fleet_serial[0]: a host count must be at least 1, got 0" in out, out[-3000:]
+    # stopped at its first task: no host probed, none changed
+    assert "Check policy, artifact, lockdown" not in out and "Roll out in waves" not in out

@@ -15,6 +15,7 @@ ansible-core: a declared dependency (the collection's requirements.txt and READM
     {{ probe.stdout | ipvs_fleet.fleet.ipvs_fleet_state(plan) }}      -> state dict
     {{ 'set_sysctl' | ipvs_fleet.fleet.ipvs_fleet_command('timeout', 0, 30) }} -> shell text
     {{ state | ipvs_fleet.fleet.ipvs_fleet_pending(plan) }}       -> the preview's lines
+    {{ ipvs_fleet_serial | default('') | ipvs_fleet.fleet.ipvs_fleet_waves(2) }} -> serial
 
 Every command that changes a host is `ipvs_fleet.deploy.commands`' (the pyinfra operations
 yield the same texts): `ipvs_fleet_command` names one and passes its arguments. What a run
@@ -58,6 +59,7 @@ try:
     from ipvs_fleet.errors import FleetError
     from ipvs_fleet.kernel import MODULE_NAME
     from ipvs_fleet.policy import KNOB, Policy, load_policy
+    from ipvs_fleet.rollout.config import load_config, parse_waves
 except ImportError as e:  # a clear error at the first filter use, not a plugin-load traceback
     _MISSING: str | None = (
         f"the ipvs_fleet.fleet collection needs the {REQUIREMENT} Python package on the "
@@ -347,6 +349,41 @@ def pending(st: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def waves(value: Any = None, canary_hosts: int = 0, rollout_file: str = "") -> list[int | str]:
+    """`serial` of the site playbook's rollout play: `ipvs_fleet_serial` when it is set, else
+    the waves of the rollout policy (policy/rollout.yml, the `ipvs-fleet rollout` waves), each
+    checked as `ipvs-fleet rollout --waves` checks a wave: a count of at least 1 or 1%..100%
+    (a serial of 0 would take every host at once). The play's hosts are `canary:all`, so the
+    one group wave it can follow is `canary`: it becomes the count of the canary hosts, and is
+    left out when there are none. Per-wave thresholds have no Ansible equivalent: refused."""
+    if value is None or value == "":
+        cfg = load_config(rollout_file or None)
+        specs, where = cfg.waves, f"{cfg.source}: waves"
+    else:
+        where = "ipvs_fleet_serial"
+        specs = parse_waves(value if isinstance(value, list) else [value], where)
+    out: list[int | str] = []
+    for i, w in enumerate(specs):
+        if w.max_fail_percent is not None or w.soak_seconds is not None:
+            raise FleetError(
+                f"{where}[{i}]: per-wave max_fail_percent and soak_seconds are the "
+                "`ipvs-fleet rollout` engine's; Ansible's serial has no equivalent"
+            )
+        if w.kind == "group":
+            if w.value != "canary":
+                raise FleetError(
+                    f"{where}[{i}]: group {w.value!r}: the site playbook takes only group "
+                    "canary first (hosts: canary:all); use a count or 'N%'"
+                )
+            if canary_hosts:
+                out.append(int(canary_hosts))
+            continue
+        out.append(int(w.value) if w.kind == "count" else str(w))
+    if not out:
+        raise FleetError(f"{where}: no wave but the canary group, and it has no hosts")
+    return out
+
+
 def _guarded(f: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if _MISSING:
@@ -370,5 +407,6 @@ class FilterModule:
                 "ipvs_fleet_rollback_plan": rollback_plan,
                 "ipvs_fleet_pending": pending,
                 "ipvs_fleet_command": command,
+                "ipvs_fleet_waves": waves,
             }.items()
         }
