@@ -249,7 +249,9 @@ def test_an_archive_changed_after_the_controller_checked_it_is_refused_on_the_ho
     assert "will install patch set" in out, out[-4000:]
     assert "on the host does not match the sha256 the controller checked" in out, out[-4000:]
     # the changed bytes did reach the host: its own check is what stopped them
-    on_host = lab.run(canary, f"sha256sum /var/lib/ipvs-fleet/incoming/{tarball.name}").stdout
+    # (the run's own upload name: the archive's, a dot and a token)
+    newest = f"ls -t /var/lib/ipvs-fleet/incoming/{tarball.name}.* | head -1"
+    on_host = lab.run(canary, f"sha256sum $({newest})").stdout
     assert on_host.split()[0] == hashlib.sha256(tarball.read_bytes()).hexdigest()
     assert on_host.split()[0] != artifacts[kr].tarball_sha256
     after = lab.run(canary, FINGERPRINT).stdout

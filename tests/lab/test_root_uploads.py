@@ -106,7 +106,7 @@ def test_a_tampered_host_script_is_refused_before_it_runs(lab, deployer, tmp_pat
     deploy = tmp_path / "dkms_step.py"
     deploy.write_text(DKMS_DEPLOY)
     kr = lab.run(HOST, "uname -r").stdout.strip()
-    incoming = f"/var/lib/ipvs-fleet/incoming/{dkms_bundle().tarball.name}"
+    incoming = f"/var/lib/ipvs-fleet/incoming/{dkms_bundle().tarball.name}"  # + "." + token
     try:
         # untouched, the script runs (and stops at its own check of the archive: the sha256
         # given here is wrong, so nothing is built or installed)
@@ -131,7 +131,7 @@ def test_a_tampered_host_script_is_refused_before_it_runs(lab, deployer, tmp_pat
     finally:
         lab.run(
             HOST,
-            f"rm -f {WRAPPER} {MARKER} {STAMP} /tmp/pyinfra-* {shlex.quote(incoming)} "
+            f"rm -f {WRAPPER} {MARKER} {STAMP} /tmp/pyinfra-* {shlex.quote(incoming)}.* "
             "/var/lib/ipvs-fleet/ipvs-dkms-install.sh",
         )
 

@@ -9,6 +9,7 @@ Plain text: pyinfra wraps it in sudo, Ansible in become.
 from __future__ import annotations
 
 import posixpath
+import secrets
 from collections.abc import Iterable, Mapping
 from shlex import quote as q
 
@@ -58,9 +59,24 @@ def fail(message: str) -> str:
     return f"printf '%s\\n' {q(message)} >&2; exit 1"
 
 
+INCOMING = f"{STATE_DIR}/incoming"
+
+
+def incoming(name: str) -> str:
+    """Where one run uploads the archive `name` on a host: a name of its own (two controllers
+    deploying a host at once each check and install their own upload; with one shared name
+    the first one's install removed the file the second was about to check)."""
+    return f"{INCOMING}/{name}.{secrets.token_hex(6)}"
+
+
 def upload_dir(dest: str) -> str:
-    """Before an upload to `dest`: STATE_DIR made (again) root's alone, dest's folder made."""
-    return f"install -d -m 0700 {q(STATE_DIR)} && mkdir -p {q(posixpath.dirname(dest))}"
+    """Before an upload to `dest`: STATE_DIR made (again) root's alone, dest's folder made; in
+    INCOMING, uploads left for over a day (a run killed before its install, or refused) go."""
+    return (
+        f"install -d -m 0700 {q(STATE_DIR)} && mkdir -p {q(posixpath.dirname(dest))} && "
+        f"{{ ! [ -d {q(INCOMING)} ] || find {q(INCOMING)} -maxdepth 1 -type f -mtime +0 "
+        "-delete ; }"
+    )
 
 
 def unchanged_or_refused(path: str, sha256: str, what: str, refusal: str) -> str:

@@ -148,7 +148,7 @@ def modules_installed(
         return
     dest = updates_dir(kernel_release)
     will(says.install(kernel_release, dest, modules, installed, set_id))
-    remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
+    remote_tar = cmd.incoming(posixpath.basename(tarball))
     yield from root_upload(tarball, remote_tar)
     # Verify the archive, as root where it now lies, then under the host lock every module,
     # before anything replaces the live set (commands.install).
@@ -180,7 +180,7 @@ def modules_built_on_host(
         host.noop(f"patch set {set_id} is already built and installed for {kernel_release}")
         return
     will(says.build(set_id, kernel_release, modules, updates_dir(kernel_release)))
-    remote_tar = f"{STATE_DIR}/incoming/{posixpath.basename(tarball)}"
+    remote_tar = cmd.incoming(posixpath.basename(tarball))
     script = f"{STATE_DIR}/ipvs-dkms-install.sh"
     yield from root_upload(tarball, remote_tar)
     yield from root_upload(DKMS_SCRIPT, script)

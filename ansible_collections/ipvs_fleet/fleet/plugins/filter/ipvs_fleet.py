@@ -39,7 +39,7 @@ REQUIREMENT = "ipvs-fleet"  # the PyPI name; the collection's requirements.txt p
 
 try:
     from ipvs_fleet.deploy import says
-    from ipvs_fleet.deploy.commands import COMMANDS, STATE_DIR, backup_path
+    from ipvs_fleet.deploy.commands import COMMANDS, STATE_DIR, backup_path, incoming
     from ipvs_fleet.deploy.facts import (
         DkmsVersions,
         IpvsInstalledModules,
@@ -192,6 +192,8 @@ def plan(
         "kernel_release": kernel,
         "tarball": hp.tarball,
         "tarball_name": Path(hp.tarball).name,
+        # this run's own upload path on the host (ipvs_fleet.deploy.commands.incoming)
+        "remote_tar": incoming(Path(hp.tarball).name),
         "tarball_sha256": hp.tarball_sha256,
         "module_sums": hp.modules,
         # `sha256sum -c` input for the modules, as the pyinfra install writes it
