@@ -81,11 +81,14 @@ def test_unknown_and_removed_variants_are_clear_errors() -> None:
 
 
 def test_upstream_variant_is_the_series_module_patch_on_its_line_only() -> None:
-    """The `upstream` variant builds the upstream series' IPVS patch alone (bit 3 of
-    conn_reuse_mode), not the product's knob, and only on the line the series is against."""
+    """The `upstream` variant builds the upstream series' IPVS patches (bit 3 of
+    conn_reuse_mode, then the lookups that skip a connection rescheduled away from), not the
+    product's knob nor the selftest's patch, and only on the line the series is against."""
     files = kernel.build_inputs(kernel.UPSTREAM_LINE, "upstream")
-    assert [p.parent for p in files] == [kernel.UPSTREAM]
-    assert "conn_reuse_old_conntrack" not in files[0].read_text()
+    assert [p.parent for p in files] == [kernel.UPSTREAM] * 2
+    assert [p.name[:4] for p in files] == ["0001", "0002"]
+    assert "IP_VS_CONN_F_RESCHED" in files[1].read_text()
+    assert not any("conn_reuse_old_conntrack" in p.read_text() for p in files)
     assert "sysctl_conn_reuse_mode(ipvs) & IP_VS_CONN_REUSE_KILL_CT" in files[0].read_text()
     assert kernel.reuse_design(files) == "none"
     with pytest.raises(ConfigError, match="upstream series is against 7.2, not 6.12"):

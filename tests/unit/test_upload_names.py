@@ -35,9 +35,10 @@ def test_the_upload_folder_drops_uploads_older_than_a_day(tmp_path) -> None:
     inc.mkdir()
     (inc / "old").write_text("x")
     (inc / "new").write_text("x")
-    subprocess.run(["touch", "-d", "2 days ago", str(inc / "old")], check=True)
+    subprocess.run(["touch", "-d", "2 days ago", str(inc / "old")], check=True, timeout=60)
     line = commands.upload_dir(f"{commands.INCOMING}/{NAME}.abc")
     cleanup = line.split(" && ", 2)[2].replace(commands.INCOMING, str(inc))
-    subprocess.run(["sh", "-c", cleanup], check=True)
+    subprocess.run(["sh", "-c", cleanup], check=True, timeout=60)
     assert sorted(p.name for p in inc.iterdir()) == ["new"]
-    subprocess.run(["sh", "-c", cleanup.replace(str(inc), str(tmp_path / "absent"))], check=True)
+    absent = cleanup.replace(str(inc), str(tmp_path / "absent"))
+    subprocess.run(["sh", "-c", absent], check=True, timeout=60)
