@@ -291,9 +291,12 @@ def test_playbooks_parse():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def run_site(tmp_path: Path, hosts: dict[str, dict[str, Any]], artifacts: Path) -> tuple[int, str]:
+def run_site(
+    tmp_path: Path, hosts: dict[str, dict[str, Any]], artifacts: Path, *extra: str
+) -> tuple[int, str]:
     """The site playbook (by FQCN, the checkout's collection through ansible.cfg) against
-    hosts that are this machine (connection local, as root: no become)."""
+    hosts that are this machine (connection local, as root: no become); `extra`: more
+    ansible-playbook arguments."""
     inv = tmp_path / "inv.yml"
     local = {
         "ansible_connection": "local",
@@ -309,6 +312,7 @@ def run_site(tmp_path: Path, hosts: dict[str, dict[str, Any]], artifacts: Path) 
             "ipvs_fleet.fleet.site",
             "-e",
             f"ipvs_fleet_artifacts_dir={artifacts}",
+            *extra,
         ],
         cwd=REPO,
         capture_output=True,
@@ -731,23 +735,9 @@ def test_waves_refuse_what_would_skip_the_canary_or_cannot_be_done(value, messag
 
 def test_a_serial_of_0_stops_the_site_playbook_before_any_host(tmp_path):
     """Ansible takes `serial: 0` as every host at once: the preflight refuses it first."""
-    inv = tmp_path / "inv.yml"
-    host = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": sys.executable,
-        "ansible_become": False,
-        "ipvs_host_class": "k8s_node",
-    }
-    inv.write_text(json.dumps({"all": {"hosts": {"solo": host}}}))
-    r = subprocess.run(
-        [str(PLAYBOOK), "-i", str(inv), "ipvs_fleet.fleet.site", "-e", "ipvs_fleet_serial=0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = r.stdout + r.stderr
-    assert r.returncode != 0, out
+    host = {"solo": {"ipvs_host_class": "k8s_node"}}
+    rc, out = run_site(tmp_path, host, tmp_path, "-e", "ipvs_fleet_serial=0")
+    assert rc != 0, out
     assert "ipvs_fleet_serial[0]: a host count must be at least 1, got 0" in out, out[-3000:]
     # stopped at its first task: no host probed, none changed
     assert "Check policy, artifact, lockdown" not in out and "Roll out in waves" not in out
