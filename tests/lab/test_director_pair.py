@@ -132,9 +132,12 @@ def pair(lab, artifacts):
             timeout=180,
         )
     wait_for("lvs-a master", lambda: holds_vip(lab, "lvs-a"), 30)
+    # On both directors: the test compares their tables before and after the rollout, and
+    # keepalived adds the probe servers just started at its next check (in CI lvs-b's table
+    # was read a check before it had rs2:8081, and "changed" across the rollout).
     wait_for(
-        "both real servers in the table",
-        lambda: table(lab, "lvs-a").count(":808") == 4,
+        "both real servers in both tables",
+        lambda: all(table(lab, d).count(":808") == 4 for d in DIRECTORS),
         30,
     )
     env = {
