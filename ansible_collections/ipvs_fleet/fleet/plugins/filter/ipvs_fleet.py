@@ -191,7 +191,6 @@ def plan(
         "allow_reuse_with": settings.allow_reuse_with,
         "kernel_release": kernel,
         "tarball": hp.tarball,
-        "tarball_name": Path(hp.tarball).name,
         # this run's own upload path on the host (ipvs_fleet.deploy.commands.incoming)
         "remote_tar": incoming(Path(hp.tarball).name),
         "tarball_sha256": hp.tarball_sha256,
