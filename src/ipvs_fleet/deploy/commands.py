@@ -70,13 +70,13 @@ def incoming(name: str) -> str:
 
 
 def upload_dir(dest: str) -> str:
-    """Before an upload to `dest`: STATE_DIR made (again) root's alone, dest's folder made; in
-    INCOMING, uploads left for over a day (a run killed before its install, or refused) go."""
-    return (
-        f"install -d -m 0700 {q(STATE_DIR)} && mkdir -p {q(posixpath.dirname(dest))} && "
-        f"{{ ! [ -d {q(INCOMING)} ] || find {q(INCOMING)} -maxdepth 1 -type f -mtime +0 "
-        "-delete ; }"
-    )
+    """Before an upload to `dest`: STATE_DIR made (again) root's alone, dest's folder made;
+    before an upload into INCOMING, uploads left there for over a day (a run killed before its
+    install, or refused) go."""
+    made = f"install -d -m 0700 {q(STATE_DIR)} && mkdir -p {q(posixpath.dirname(dest))}"
+    if posixpath.dirname(dest) != INCOMING:
+        return made
+    return f"{made} && find {q(INCOMING)} -maxdepth 1 -type f -mtime +0 -delete"
 
 
 def unchanged_or_refused(path: str, sha256: str, what: str, refusal: str) -> str:
