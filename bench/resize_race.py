@@ -54,13 +54,15 @@ def main() -> int:
     if args.upstream and not args.artifacts:
         ap.error("--upstream needs --artifacts (the folder its variants/ are under)")
     extra: dict[str, int] = {}
+    knob: int | None = None
     if args.upstream:
-        fix = load_artifact(args.artifacts, g.kernel_release, "upstream")
-        g.load_modules(fix, knob=False)
+        g.load_modules(load_artifact(args.artifacts, g.kernel_release, "upstream"), knob=False)
         extra = {"conn_reuse_mode": 5}  # bit 3: the series' kill before conntrack
+        modules = "upstream series set"
     else:
         fix = load_artifact(args.artifacts, g.kernel_release) if args.artifacts else None
         g.load_modules(fix)
+        knob, modules = (1, "fix module") if fix else (None, "stock")
     out: dict[str, dict[str, list[int]]] = {
         s: {"failed_at": [], "runs": [], "slow": []} for s in SIDES
     }
@@ -68,7 +70,7 @@ def main() -> int:
         for side in list(SIDES)[i % 2 :] + list(SIDES)[: i % 2]:
             plan = Plan(
                 rule="drop",
-                knob=1 if fix and not args.upstream else None,
+                knob=knob,
                 scenarios={"B": args.attempts},
                 ruleset="kube-proxy",
                 ipvs_sysctls={**SIDES[side], **extra},
@@ -90,7 +92,6 @@ def main() -> int:
         slow = sum(r["slow"])
         print(f"{side:<15} {n} of {total} failed (ratio to default {ratio}), {slow} slow")
     if args.json:
-        modules = "upstream series set" if args.upstream else "fix module" if fix else "stock"
         doc = {"kernel": g.kernel_release, "modules": modules, **out}
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
